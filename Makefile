@@ -1,0 +1,36 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create the virtualenv
+# and install into it first, so they work on a fresh machine.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.installed
+
+.PHONY: demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test,bench]' --config-settings editable_mode=strict
+	touch $(STAMP)
+
+# Strict editable mode (so mypy sees the package-dir mapping) keeps a link tree that must be
+# refreshed when modules are added; it is cheap, so every run refreshes it.
+install: $(STAMP)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+
+demo: install
+	$(PY) -m multikernel.endpoints.demo
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check shm protocol endpoints bus services upgrade
+	$(VENV)/bin/mypy
+
+test: lint
+	$(VENV)/bin/pytest
+
+bench: install
+	$(PY) benchmarks/bench_transport.py --quick
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The hub: sessions, router, names, access control and monitor."""

@@ -1,0 +1,1 @@
+"""Endpoints: channels over shared memory carrying the protocol, the application client, mkctl."""

@@ -1,0 +1,1 @@
+"""Bus actors (lifecycle, resource, fault), the platform layer, the instance agent, the host."""
