@@ -1,7 +1,107 @@
-"""The typed contract of the multikernel bus (no I/O).
+"""The typed contract of the multikernel bus: everything on the wire, and no I/O.
 
-Every frame on a ring is an envelope: a fixed binary header the hub routes on, followed by a
-msgspec-encoded body. This package holds the envelope, the bus control messages and every
-actor's request/response/event types, so clients, the CLI and actors share one contract without
-importing each other.
+Every frame on a ring is an **envelope**: a fixed 48-byte little-endian header, the subject, and a
+msgpack body. The hub routes on the header alone (``decode_header`` is one ``struct`` unpack) and
+forwards the frame's bytes untouched; only the endpoint that owns a body decodes it
+(``decode_body``), with the one decoder of the message union the frame's kind calls for::
+
+    frame = encode(Kind.CONTROL, Subscribe("mk.instance.*.state"), source=7)
+    header = decode_header(frame)              # the hub's routing path
+    match decode_body(header, frame, CONTROL_DECODER):
+        case Subscribe(subject=pattern): ...
+
+The **kinds** are publish, request, reply, error and control. Control bodies (``Control``) attach
+an endpoint (Hello/Welcome with version and feature negotiation), subscribe with queue groups,
+own well-known names with ordered hand-off (NameRequest/NameRelease/NameOwnerChanged), beat and
+drain. Error bodies (``ErrorBody``) carry a code that maps back to the same exception class on
+the other side (``error_to_body``, ``raise_for_error``), under the project's one root error,
+``MultikernelError``. The resource and lifecycle vocabulary (``KernelMessage``) mirrors the
+multikernel kernel's ``mk_message`` ABI, subtype for subtype.
+
+Every number on the wire lives in one table (``Kind``, ``Flag``, ``Feature``, ``ErrorCode``, the
+``MK_*`` enums); ``docs/protocol.md`` is the specification, checked against that table by tests,
+and says how messages may evolve. Subjects are dot-separated tokens with ``*`` and ``>``
+wildcards (``validate_subject``, ``validate_pattern``, ``subject_matches``).
 """
+
+from multikernel.protocol._codes import MAGIC as MAGIC
+from multikernel.protocol._codes import PROTOCOL_VERSION as PROTOCOL_VERSION
+from multikernel.protocol._codes import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS
+from multikernel.protocol._codes import CpuFlag as CpuFlag
+from multikernel.protocol._codes import DeviceFlag as DeviceFlag
+from multikernel.protocol._codes import ErrorCode as ErrorCode
+from multikernel.protocol._codes import Feature as Feature
+from multikernel.protocol._codes import Flag as Flag
+from multikernel.protocol._codes import InstanceState as InstanceState
+from multikernel.protocol._codes import Kind as Kind
+from multikernel.protocol._codes import MemType as MemType
+from multikernel.protocol._codes import MsgType as MsgType
+from multikernel.protocol._codes import NameFlag as NameFlag
+from multikernel.protocol._codes import ReleaseNameResult as ReleaseNameResult
+from multikernel.protocol._codes import RequestNameResult as RequestNameResult
+from multikernel.protocol._codes import ResourceOp as ResourceOp
+from multikernel.protocol._codes import ShutdownFlag as ShutdownFlag
+from multikernel.protocol._codes import SystemOp as SystemOp
+from multikernel.protocol._control import CONTROL_DECODER as CONTROL_DECODER
+from multikernel.protocol._control import Control as Control
+from multikernel.protocol._control import Drain as Drain
+from multikernel.protocol._control import Heartbeat as Heartbeat
+from multikernel.protocol._control import Hello as Hello
+from multikernel.protocol._control import NameOwnerChanged as NameOwnerChanged
+from multikernel.protocol._control import NameRelease as NameRelease
+from multikernel.protocol._control import NameReleaseReply as NameReleaseReply
+from multikernel.protocol._control import NameRequest as NameRequest
+from multikernel.protocol._control import NameRequestReply as NameRequestReply
+from multikernel.protocol._control import Subscribe as Subscribe
+from multikernel.protocol._control import Unsubscribe as Unsubscribe
+from multikernel.protocol._control import Welcome as Welcome
+from multikernel.protocol._envelope import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY
+from multikernel.protocol._envelope import HEADER_SIZE as HEADER_SIZE
+from multikernel.protocol._envelope import Header as Header
+from multikernel.protocol._envelope import body_view as body_view
+from multikernel.protocol._envelope import deadline_after as deadline_after
+from multikernel.protocol._envelope import decode as decode
+from multikernel.protocol._envelope import decode_body as decode_body
+from multikernel.protocol._envelope import decode_header as decode_header
+from multikernel.protocol._envelope import encode as encode
+from multikernel.protocol._envelope import seconds_left as seconds_left
+from multikernel.protocol._envelope import stamp_source as stamp_source
+from multikernel.protocol._errors import ERROR_DECODER as ERROR_DECODER
+from multikernel.protocol._errors import AccessDeniedError as AccessDeniedError
+from multikernel.protocol._errors import BusyError as BusyError
+from multikernel.protocol._errors import DeadlineExceededError as DeadlineExceededError
+from multikernel.protocol._errors import ErrorBody as ErrorBody
+from multikernel.protocol._errors import InvalidSubjectError as InvalidSubjectError
+from multikernel.protocol._errors import MalformedFrameError as MalformedFrameError
+from multikernel.protocol._errors import MultikernelError as MultikernelError
+from multikernel.protocol._errors import NoRespondersError as NoRespondersError
+from multikernel.protocol._errors import ProtocolError as ProtocolError
+from multikernel.protocol._errors import RemoteError as RemoteError
+from multikernel.protocol._errors import TooLargeError as TooLargeError
+from multikernel.protocol._errors import UnsupportedVersionError as UnsupportedVersionError
+from multikernel.protocol._errors import error_from_body as error_from_body
+from multikernel.protocol._errors import error_to_body as error_to_body
+from multikernel.protocol._errors import raise_for_error as raise_for_error
+from multikernel.protocol._kernel_abi import KERNEL_DECODER as KERNEL_DECODER
+from multikernel.protocol._kernel_abi import CpuAdd as CpuAdd
+from multikernel.protocol._kernel_abi import CpuRemove as CpuRemove
+from multikernel.protocol._kernel_abi import DeviceAdd as DeviceAdd
+from multikernel.protocol._kernel_abi import DeviceRemove as DeviceRemove
+from multikernel.protocol._kernel_abi import Halted as Halted
+from multikernel.protocol._kernel_abi import KernelMessage as KernelMessage
+from multikernel.protocol._kernel_abi import MemAdd as MemAdd
+from multikernel.protocol._kernel_abi import MemRemove as MemRemove
+from multikernel.protocol._kernel_abi import ResourceAck as ResourceAck
+from multikernel.protocol._kernel_abi import ResourceMessage as ResourceMessage
+from multikernel.protocol._kernel_abi import ResourceQuery as ResourceQuery
+from multikernel.protocol._kernel_abi import Shutdown as Shutdown
+from multikernel.protocol._kernel_abi import ShutdownAck as ShutdownAck
+from multikernel.protocol._kernel_abi import SystemHeartbeat as SystemHeartbeat
+from multikernel.protocol._kernel_abi import SystemMessage as SystemMessage
+from multikernel.protocol._kernel_abi import msg_type_of as msg_type_of
+from multikernel.protocol._kernel_abi import op_of as op_of
+from multikernel.protocol._subjects import MAX_SUBJECT_BYTES as MAX_SUBJECT_BYTES
+from multikernel.protocol._subjects import MAX_SUBJECT_TOKENS as MAX_SUBJECT_TOKENS
+from multikernel.protocol._subjects import subject_matches as subject_matches
+from multikernel.protocol._subjects import validate_pattern as validate_pattern
+from multikernel.protocol._subjects import validate_subject as validate_subject

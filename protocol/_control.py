@@ -1,0 +1,132 @@
+"""Bus control messages: the body of every ``Kind.CONTROL`` frame.
+
+An endpoint attaches with ``Hello`` (the versions it speaks and the features it wants) and the hub
+answers ``Welcome`` (the version and features chosen, and the endpoint's unique id, never reused)
+or an ``UnsupportedVersionError`` error frame. Then: subscriptions with optional queue groups,
+well-known names with D-Bus's ordered ownership hand-off, heartbeats, and drain (lame duck).
+
+All control messages share one tagged union, ``Control``, and one decoder, ``CONTROL_DECODER``,
+because heartbeat and drain travel in both directions; tags are unique across the union either
+way. Every struct is frozen and does *not* forbid unknown fields, so an older decoder skips fields
+a newer peer added (docs/protocol.md, evolution rules).
+"""
+
+from __future__ import annotations
+
+from typing import Final, TypeAlias
+
+import msgspec
+
+from multikernel.protocol._codes import ReleaseNameResult, RequestNameResult
+from multikernel.protocol._envelope import DEFAULT_MAX_BODY
+from multikernel.protocol._fields import U8, U32, U64, ShortStr
+
+
+class _ControlMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Common configuration: frozen, defaults left off the wire, unknown fields skipped."""
+
+
+class Hello(_ControlMessage, tag="hello"):
+    """Endpoint → hub, first frame on a channel: the versions spoken and the features wanted.
+
+    ``name`` is diagnostic only: identity is bound by the hub when it creates the channel.
+    """
+
+    min_version: U8
+    max_version: U8
+    features: U64 = 0
+    name: ShortStr = ""
+
+
+class Welcome(_ControlMessage, tag="welcome"):
+    """Hub → endpoint: the chosen version, the granted features and the endpoint's unique id."""
+
+    version: U8
+    endpoint_id: U64
+    features: U64 = 0
+    max_body: U32 = DEFAULT_MAX_BODY
+
+
+class Subscribe(_ControlMessage, tag="subscribe"):
+    """Deliver frames whose subject matches ``subject`` (a pattern; ``*`` and ``>`` allowed).
+
+    Within one ``queue_group`` each message goes to one member only.
+    """
+
+    subject: ShortStr
+    queue_group: ShortStr | None = None
+
+
+class Unsubscribe(_ControlMessage, tag="unsubscribe"):
+    """Undo the Subscribe with the same subject and queue group."""
+
+    subject: ShortStr
+    queue_group: ShortStr | None = None
+
+
+class NameRequest(_ControlMessage, tag="name_request"):
+    """Ask to own a well-known name (``flags``: NameFlag bits, D-Bus semantics)."""
+
+    name: ShortStr
+    flags: U32 = 0
+
+
+class NameRequestReply(_ControlMessage, tag="name_request_reply"):
+    """Hub → endpoint: the outcome of a NameRequest."""
+
+    name: ShortStr
+    result: RequestNameResult
+
+
+class NameRelease(_ControlMessage, tag="name_release"):
+    """Give up a well-known name (or leave its queue); the next queued owner gets it."""
+
+    name: ShortStr
+
+
+class NameReleaseReply(_ControlMessage, tag="name_release_reply"):
+    """Hub → endpoint: the outcome of a NameRelease."""
+
+    name: ShortStr
+    result: ReleaseNameResult
+
+
+class NameOwnerChanged(_ControlMessage, tag="name_owner_changed"):
+    """Hub → subscribers: a well-known name moved; 0 means "no owner" on either side."""
+
+    name: ShortStr
+    old_owner: U64 = 0
+    new_owner: U64 = 0
+
+
+class Heartbeat(_ControlMessage, tag="heartbeat"):
+    """Liveness, either direction; ``sent_ns`` is CLOCK_MONOTONIC at the sender."""
+
+    seq: U64 = 0
+    sent_ns: U64 = 0
+
+
+class Drain(_ControlMessage, tag="drain"):
+    """Lame-duck mode, either direction: take no new work, finish what is in flight.
+
+    ``deadline_ns`` (CLOCK_MONOTONIC, 0 = none) is when the sender will stop waiting.
+    """
+
+    deadline_ns: U64 = 0
+
+
+Control: TypeAlias = (
+    Hello
+    | Welcome
+    | Subscribe
+    | Unsubscribe
+    | NameRequest
+    | NameRequestReply
+    | NameRelease
+    | NameReleaseReply
+    | NameOwnerChanged
+    | Heartbeat
+    | Drain
+)
+
+CONTROL_DECODER: Final = msgspec.msgpack.Decoder(Control)
