@@ -26,7 +26,7 @@ class _ControlMessage(msgspec.Struct, frozen=True, omit_defaults=True):
     """Common configuration: frozen, defaults left off the wire, unknown fields skipped."""
 
 
-class Hello(_ControlMessage, tag="hello"):
+class Hello(_ControlMessage, frozen=True, tag="hello"):
     """Endpoint → hub, first frame on a channel: the versions spoken and the features wanted.
 
     ``name`` is diagnostic only: identity is bound by the hub when it creates the channel.
@@ -38,7 +38,7 @@ class Hello(_ControlMessage, tag="hello"):
     name: ShortStr = ""
 
 
-class Welcome(_ControlMessage, tag="welcome"):
+class Welcome(_ControlMessage, frozen=True, tag="welcome"):
     """Hub → endpoint: the chosen version, the granted features and the endpoint's unique id."""
 
     version: U8
@@ -47,7 +47,7 @@ class Welcome(_ControlMessage, tag="welcome"):
     max_body: U32 = DEFAULT_MAX_BODY
 
 
-class Subscribe(_ControlMessage, tag="subscribe"):
+class Subscribe(_ControlMessage, frozen=True, tag="subscribe"):
     """Deliver frames whose subject matches ``subject`` (a pattern; ``*`` and ``>`` allowed).
 
     Within one ``queue_group`` each message goes to one member only.
@@ -57,41 +57,41 @@ class Subscribe(_ControlMessage, tag="subscribe"):
     queue_group: ShortStr | None = None
 
 
-class Unsubscribe(_ControlMessage, tag="unsubscribe"):
+class Unsubscribe(_ControlMessage, frozen=True, tag="unsubscribe"):
     """Undo the Subscribe with the same subject and queue group."""
 
     subject: ShortStr
     queue_group: ShortStr | None = None
 
 
-class NameRequest(_ControlMessage, tag="name_request"):
+class NameRequest(_ControlMessage, frozen=True, tag="name_request"):
     """Ask to own a well-known name (``flags``: NameFlag bits, D-Bus semantics)."""
 
     name: ShortStr
     flags: U32 = 0
 
 
-class NameRequestReply(_ControlMessage, tag="name_request_reply"):
+class NameRequestReply(_ControlMessage, frozen=True, tag="name_request_reply"):
     """Hub → endpoint: the outcome of a NameRequest."""
 
     name: ShortStr
     result: RequestNameResult
 
 
-class NameRelease(_ControlMessage, tag="name_release"):
+class NameRelease(_ControlMessage, frozen=True, tag="name_release"):
     """Give up a well-known name (or leave its queue); the next queued owner gets it."""
 
     name: ShortStr
 
 
-class NameReleaseReply(_ControlMessage, tag="name_release_reply"):
+class NameReleaseReply(_ControlMessage, frozen=True, tag="name_release_reply"):
     """Hub → endpoint: the outcome of a NameRelease."""
 
     name: ShortStr
     result: ReleaseNameResult
 
 
-class NameOwnerChanged(_ControlMessage, tag="name_owner_changed"):
+class NameOwnerChanged(_ControlMessage, frozen=True, tag="name_owner_changed"):
     """Hub → subscribers: a well-known name moved; 0 means "no owner" on either side."""
 
     name: ShortStr
@@ -99,14 +99,14 @@ class NameOwnerChanged(_ControlMessage, tag="name_owner_changed"):
     new_owner: U64 = 0
 
 
-class Heartbeat(_ControlMessage, tag="heartbeat"):
+class Heartbeat(_ControlMessage, frozen=True, tag="heartbeat"):
     """Liveness, either direction; ``sent_ns`` is CLOCK_MONOTONIC at the sender."""
 
     seq: U64 = 0
     sent_ns: U64 = 0
 
 
-class Drain(_ControlMessage, tag="drain"):
+class Drain(_ControlMessage, frozen=True, tag="drain"):
     """Lame-duck mode, either direction: take no new work, finish what is in flight.
 
     ``deadline_ns`` (CLOCK_MONOTONIC, 0 = none) is when the sender will stop waiting.

@@ -30,7 +30,7 @@ class _KernelMessage(msgspec.Struct, frozen=True, omit_defaults=True, tag_field=
     instance: U32
 
 
-class CpuAdd(_KernelMessage, tag=int(ResourceOp.MK_RES_CPU_ADD)):
+class CpuAdd(_KernelMessage, frozen=True, tag=int(ResourceOp.MK_RES_CPU_ADD)):
     """Give a physical CPU to an instance (``mk_cpu_resource_payload``)."""
 
     cpu_id: U64
@@ -38,13 +38,13 @@ class CpuAdd(_KernelMessage, tag=int(ResourceOp.MK_RES_CPU_ADD)):
     flags: U32 = 0  # CpuFlag bits
 
 
-class CpuRemove(_KernelMessage, tag=int(ResourceOp.MK_RES_CPU_REMOVE)):
+class CpuRemove(_KernelMessage, frozen=True, tag=int(ResourceOp.MK_RES_CPU_REMOVE)):
     """Take a physical CPU back from an instance."""
 
     cpu_id: U64
 
 
-class MemAdd(_KernelMessage, tag=int(ResourceOp.MK_RES_MEM_ADD)):
+class MemAdd(_KernelMessage, frozen=True, tag=int(ResourceOp.MK_RES_MEM_ADD)):
     """Give a range of page frames to an instance (``mk_mem_resource_payload``)."""
 
     start_pfn: U64
@@ -53,14 +53,14 @@ class MemAdd(_KernelMessage, tag=int(ResourceOp.MK_RES_MEM_ADD)):
     mem_type: U32 = int(MemType.MK_MEM_NORMAL)  # MemType bits
 
 
-class MemRemove(_KernelMessage, tag=int(ResourceOp.MK_RES_MEM_REMOVE)):
+class MemRemove(_KernelMessage, frozen=True, tag=int(ResourceOp.MK_RES_MEM_REMOVE)):
     """Take a range of page frames back from an instance."""
 
     start_pfn: U64
     nr_pages: U64
 
 
-class DeviceAdd(_KernelMessage, tag=int(ResourceOp.MK_RES_DEVICE_ADD)):
+class DeviceAdd(_KernelMessage, frozen=True, tag=int(ResourceOp.MK_RES_DEVICE_ADD)):
     """Give a PCI device to an instance (``mk_device_resource_payload``)."""
 
     domain: U16
@@ -70,7 +70,7 @@ class DeviceAdd(_KernelMessage, tag=int(ResourceOp.MK_RES_DEVICE_ADD)):
     driver_override: Annotated[str, msgspec.Meta(max_length=63)] = ""  # char[64] in the kernel
 
 
-class DeviceRemove(_KernelMessage, tag=int(ResourceOp.MK_RES_DEVICE_REMOVE)):
+class DeviceRemove(_KernelMessage, frozen=True, tag=int(ResourceOp.MK_RES_DEVICE_REMOVE)):
     """Take a PCI device back from an instance."""
 
     domain: U16
@@ -78,11 +78,11 @@ class DeviceRemove(_KernelMessage, tag=int(ResourceOp.MK_RES_DEVICE_REMOVE)):
     devfn: U8
 
 
-class ResourceQuery(_KernelMessage, tag=int(ResourceOp.MK_RES_QUERY)):
+class ResourceQuery(_KernelMessage, frozen=True, tag=int(ResourceOp.MK_RES_QUERY)):
     """Ask an instance which resources it holds."""
 
 
-class ResourceAck(_KernelMessage, tag=int(ResourceOp.MK_RES_ACK)):
+class ResourceAck(_KernelMessage, frozen=True, tag=int(ResourceOp.MK_RES_ACK)):
     """The answer to a resource operation (``mk_resource_ack``)."""
 
     operation: U32  # the ResourceOp being acknowledged
@@ -90,23 +90,23 @@ class ResourceAck(_KernelMessage, tag=int(ResourceOp.MK_RES_ACK)):
     resource_id: U64 = 0  # the CPU id, first PFN or PCI address concerned
 
 
-class SystemHeartbeat(_KernelMessage, tag=int(SystemOp.MK_SYS_HEARTBEAT)):
+class SystemHeartbeat(_KernelMessage, frozen=True, tag=int(SystemOp.MK_SYS_HEARTBEAT)):
     """An instance is alive."""
 
     seq: U64 = 0
 
 
-class Shutdown(_KernelMessage, tag=int(SystemOp.MK_SYS_SHUTDOWN)):
+class Shutdown(_KernelMessage, frozen=True, tag=int(SystemOp.MK_SYS_SHUTDOWN)):
     """Ask an instance to shut down (``mk_shutdown_payload``)."""
 
     flags: U32 = int(ShutdownFlag.MK_SHUTDOWN_GRACEFUL)  # ShutdownFlag bits
 
 
-class ShutdownAck(_KernelMessage, tag=int(SystemOp.MK_SYS_SHUTDOWN_ACK)):
+class ShutdownAck(_KernelMessage, frozen=True, tag=int(SystemOp.MK_SYS_SHUTDOWN_ACK)):
     """The instance accepted a shutdown and is going down."""
 
 
-class Halted(_KernelMessage, tag=int(SystemOp.MK_SYS_HALTED)):
+class Halted(_KernelMessage, frozen=True, tag=int(SystemOp.MK_SYS_HALTED)):
     """The instance has stopped; its resources may be reclaimed."""
 
 
