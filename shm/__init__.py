@@ -1,0 +1,58 @@
+"""Shared-memory transport: regions, rings, doorbells and channels. Bytes only.
+
+A `Region` is a shared mapping of any mmap-able file (memfd by default). A ring is a
+single-producer single-consumer queue of variable-length frames laid out in a region with a
+documented binary format (docs/shm-layout.md); `RingWriter` and `RingReader` are its two sides,
+each in its own process. A doorbell (an eventfd) wakes a side that sleeps; the "sleeping" flag in
+the ring header lets the other side skip the doorbell while it is awake, and a short adaptive spin
+(`WaitPolicy`) keeps a busy side from sleeping at all. A `Channel` is two rings in one region, one
+per direction: an anyio `ObjectStream[bytes]` that works under asyncio, uvloop and trio.
+
+Errors use anyio's vocabulary (`ClosedResourceError`, `BrokenResourceError`, `EndOfStream`,
+`BusyResourceError`); the ones defined here derive from `ShmError`.
+"""
+
+from multikernel.shm._channel import (
+    Channel as Channel,
+)
+from multikernel.shm._channel import (
+    ChannelHandle as ChannelHandle,
+)
+from multikernel.shm._channel import (
+    ChannelStatistics as ChannelStatistics,
+)
+from multikernel.shm._channel import (
+    channel_size as channel_size,
+)
+from multikernel.shm._channel import (
+    create_channel as create_channel,
+)
+from multikernel.shm._channel import (
+    format_channel as format_channel,
+)
+from multikernel.shm._doorbell import Doorbell as Doorbell
+from multikernel.shm._errors import (
+    FrameTooLargeError as FrameTooLargeError,
+)
+from multikernel.shm._errors import (
+    LayoutError as LayoutError,
+)
+from multikernel.shm._errors import (
+    PeerDiedError as PeerDiedError,
+)
+from multikernel.shm._errors import (
+    RingCorruptedError as RingCorruptedError,
+)
+from multikernel.shm._errors import (
+    ShmError as ShmError,
+)
+from multikernel.shm._layout import max_payload as max_payload
+from multikernel.shm._layout import ring_size as ring_size
+from multikernel.shm._reader import RingReader as RingReader
+from multikernel.shm._region import Region as Region
+from multikernel.shm._region import find_orphans as find_orphans
+from multikernel.shm._region import remove_orphans as remove_orphans
+from multikernel.shm._ring import RingStatistics as RingStatistics
+from multikernel.shm._ring import format_ring as format_ring
+from multikernel.shm._wait import WaitPolicy as WaitPolicy
+from multikernel.shm._writer import RingWriter as RingWriter

@@ -1,0 +1,345 @@
+"""Channels: two rings (one per direction) in one region, with a doorbell per ring direction.
+
+Region layout: a 256-byte channel header, then ring A (side 0 writes, side 1 reads), then ring B
+(side 1 writes, side 0 reads). The header makes a region self-describing, so a peer that maps the
+same file by path needs nothing else to attach:
+
+    offset 0   u64 magic b"MKCHAN\\0\\0"     offset 16  u64 offset of ring A
+    offset 8   u64 version (1)               offset 24  u64 offset of ring B
+
+Setting up a channel between two processes: `create_channel` returns our end, open, and a
+`ChannelHandle` holding the fds the other side needs (the region, four eventfds, and the peer's
+end of a socketpair that tells each side when the other process is gone). Hand it over by
+inheritance (`handle.fds` in `pass_fds`, `handle.to_argument()` on the command line) or over a
+Unix socket (`handle.send_over(sock)`), then `handle.close()` our copies. The other side calls
+`Channel.attach(handle)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any, Self
+
+import anyio
+import anyio.lowlevel
+from anyio.abc import ObjectStream
+
+from multikernel.shm import _layout as L
+from multikernel.shm._doorbell import Doorbell
+from multikernel.shm._errors import LayoutError
+from multikernel.shm._reader import RingReader
+from multikernel.shm._region import Backing, Region
+from multikernel.shm._ring import Buffer, RingStatistics, format_ring
+from multikernel.shm._wait import WaitPolicy
+from multikernel.shm._writer import RingWriter
+
+CHANNEL_MAGIC = int.from_bytes(b"MKCHAN\x00\x00", "little")
+CHANNEL_VERSION = 1
+CHANNEL_HEADER = 256
+DEFAULT_CAPACITY = 1 << 20
+
+
+def format_channel(region: Region, capacity: int) -> None:
+    """Lay out an empty channel with two rings of `capacity` bytes each in `region`."""
+    ring_a = CHANNEL_HEADER
+    ring_b = ring_a + L.ring_size(capacity)
+    if ring_b + L.ring_size(capacity) > region.size:
+        raise LayoutError(f"a channel of capacity {capacity} needs {channel_size(capacity)} bytes")
+    format_ring(region, ring_a, capacity)
+    format_ring(region, ring_b, capacity)
+    with memoryview(region.mmap) as whole, whole[:32].cast("Q") as q:
+        q[1], q[2], q[3] = CHANNEL_VERSION, ring_a, ring_b
+        q[0] = CHANNEL_MAGIC
+
+
+def channel_size(capacity: int) -> int:
+    """Bytes a region needs for a channel whose rings hold `capacity` bytes each."""
+    return CHANNEL_HEADER + 2 * L.ring_size(capacity)
+
+
+def _ring_offsets(region: Region) -> tuple[int, int]:
+    if region.size < CHANNEL_HEADER:
+        raise LayoutError(f"{region} is too small to hold a channel")
+    with memoryview(region.mmap) as whole, whole[:32].cast("Q") as q:
+        magic, version, ring_a, ring_b = q[0], q[1], q[2], q[3]
+    if magic != CHANNEL_MAGIC:
+        raise LayoutError(f"{region} holds no channel (magic {magic:#x})")
+    if version != CHANNEL_VERSION:
+        raise LayoutError(f"channel version {version}; this build speaks {CHANNEL_VERSION}")
+    return ring_a, ring_b
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelStatistics:
+    """The two directions of a channel, as seen from this end."""
+
+    sent: RingStatistics
+    received: RingStatistics
+
+
+@dataclass(slots=True)
+class ChannelHandle:
+    """The fds one end of a channel needs, owned until handed over and closed (or attached).
+
+    fds: region, then the doorbells of ring A (data, space) and ring B (data, space), then the
+    liveness fd; a missing doorbell or liveness fd is -1.
+    """
+
+    side: int
+    fds: list[int]
+
+    def to_argument(self) -> str:
+        """A string for a child that inherits `self.fds` unchanged (e.g. via `pass_fds`)."""
+        return json.dumps({"side": self.side, "fds": self.fds})
+
+    @classmethod
+    def from_argument(cls, text: str) -> Self:
+        try:
+            data = json.loads(text)
+            side, fds = int(data["side"]), [int(fd) for fd in data["fds"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a channel handle argument: {text!r}") from exc
+        if side not in (0, 1) or len(fds) != 6:
+            raise ValueError(f"not a channel handle argument: {text!r}")
+        return cls(side, fds)
+
+    def send_over(self, sock: socket.socket) -> None:
+        """Pass the handle to the process at the other end of a Unix socket (SCM_RIGHTS)."""
+        present = [fd for fd in self.fds if fd >= 0]
+        mask = [fd >= 0 for fd in self.fds]
+        socket.send_fds(sock, [json.dumps({"side": self.side, "mask": mask}).encode()], present)
+
+    @classmethod
+    def receive_from(cls, sock: socket.socket) -> Self:
+        data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 6)
+        try:
+            meta = json.loads(data)
+            received = iter(fds)
+            return cls(int(meta["side"]), [next(received) if m else -1 for m in meta["mask"]])
+        except (ValueError, KeyError, TypeError, StopIteration) as exc:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError("the peer sent something that is not a channel handle") from exc
+
+    def close(self) -> None:
+        """Close our copies of the fds (after handing them over). Idempotent."""
+        for i, fd in enumerate(self.fds):
+            if fd >= 0:
+                os.close(fd)
+                self.fds[i] = -1
+
+
+class Channel(ObjectStream[bytes]):
+    """One end of a bidirectional, message-oriented channel over shared memory.
+
+    An anyio `ObjectStream[bytes]`: `send`, `receive`, `send_eof`, `aclose`, async iteration; plus
+    batch (`send_many`, `receive_many`), non-blocking (`try_send`, `try_receive`) and blocking
+    (`send_blocking`, `receive_blocking`) forms, and `statistics()`.
+    """
+
+    def __init__(
+        self,
+        region: Region,
+        writer: RingWriter,
+        reader: RingReader,
+        owned: list[Doorbell],
+        liveness: int | None,
+    ) -> None:
+        self.region = region
+        self.writer = writer
+        self.reader = reader
+        self._owned = owned
+        self._liveness = liveness
+        self._closed = False
+
+    @classmethod
+    def _open(
+        cls,
+        region: Region,
+        side: int,
+        bells: list[Doorbell | None],
+        liveness: int | None,
+        policy: WaitPolicy | None,
+    ) -> Self:
+        try:
+            ring_a, ring_b = _ring_offsets(region)
+            a_data, a_space, b_data, b_space = bells
+            if side == 0:
+                writer = RingWriter(
+                    region,
+                    ring_a,
+                    bell=a_space,
+                    peer_bell=a_data,
+                    liveness_fd=liveness,
+                    policy=policy,
+                )
+                try:
+                    reader = RingReader(
+                        region,
+                        ring_b,
+                        bell=b_data,
+                        peer_bell=b_space,
+                        liveness_fd=liveness,
+                        policy=policy,
+                    )
+                except BaseException:
+                    writer.close()
+                    raise
+            else:
+                writer = RingWriter(
+                    region,
+                    ring_b,
+                    bell=b_space,
+                    peer_bell=b_data,
+                    liveness_fd=liveness,
+                    policy=policy,
+                )
+                try:
+                    reader = RingReader(
+                        region,
+                        ring_a,
+                        bell=a_data,
+                        peer_bell=a_space,
+                        liveness_fd=liveness,
+                        policy=policy,
+                    )
+                except BaseException:
+                    writer.close()
+                    raise
+        except BaseException:
+            for bell in bells:
+                if bell is not None:
+                    bell.close()
+            if liveness is not None:
+                os.close(liveness)
+            region.close()
+            raise
+        return cls(region, writer, reader, [b for b in bells if b is not None], liveness)
+
+    @classmethod
+    def attach(cls, handle: ChannelHandle, policy: WaitPolicy | None = None) -> Self:
+        """Open the end a `ChannelHandle` describes; the channel takes ownership of its fds."""
+        fds = list(handle.fds)
+        handle.fds[:] = [-1] * len(fds)
+        region = Region.from_fd(fds[0])
+        bells = [Doorbell(fd) if fd >= 0 else None for fd in fds[1:5]]
+        return cls._open(region, handle.side, bells, fds[5] if fds[5] >= 0 else None, policy)
+
+    @classmethod
+    def open_path(
+        cls, path: str | os.PathLike[str], side: int, policy: WaitPolicy | None = None
+    ) -> Self:
+        """Open one end of a channel laid out in a file, with no doorbells (polling with back-off).
+
+        For regions with no interrupt userspace can see: a DAX-backed file, a PCI BAR. The
+        file must already hold a channel (`format_channel`), e.g. made by `create_channel(
+        backing="shm", doorbells=False)` in the peer.
+        """
+        if side not in (0, 1):
+            raise ValueError(f"a channel has sides 0 and 1, not {side}")
+        return cls._open(Region.open(path), side, [None] * 4, None, policy)
+
+    # -- anyio ObjectStream -------------------------------------------------------------------
+
+    async def send(self, item: Buffer) -> None:
+        await self.writer.send(item)
+
+    async def receive(self) -> bytes:
+        return await self.reader.receive()
+
+    async def send_eof(self) -> None:
+        self.writer.close()
+        await anyio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        self.close()
+        await anyio.lowlevel.checkpoint()
+
+    # -- batch, non-blocking and blocking forms -----------------------------------------------
+
+    async def send_many(self, items: list[Buffer]) -> None:
+        await self.writer.send_many(items)
+
+    async def receive_many(self, max_frames: int = 256) -> list[bytes]:
+        return await self.reader.receive_many(max_frames)
+
+    def try_send(self, item: Buffer) -> bool:
+        return self.writer.try_send(item)
+
+    def try_receive(self) -> bytes | None:
+        return self.reader.try_receive()
+
+    def send_blocking(self, item: Buffer, timeout: float | None = None) -> None:
+        self.writer.send_blocking(item, timeout)
+
+    def receive_blocking(self, timeout: float | None = None) -> bytes:
+        return self.reader.receive_blocking(timeout)
+
+    def statistics(self) -> ChannelStatistics:
+        return ChannelStatistics(self.writer.statistics(), self.reader.statistics())
+
+    def close(self) -> None:
+        """Close both directions (the peer sees end-of-stream), release everything. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.writer.close()
+            self.reader.close()
+        finally:
+            for bell in self._owned:
+                bell.close()
+            if self._liveness is not None:
+                os.close(self._liveness)
+            self.region.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def extra_attributes(self) -> Any:
+        return {}
+
+
+def create_channel(
+    capacity: int = DEFAULT_CAPACITY,
+    *,
+    backing: Backing = "memfd",
+    doorbells: bool = True,
+    policy: WaitPolicy | None = None,
+) -> tuple[Channel, ChannelHandle]:
+    """Create a channel; returns our end (side 0, open) and the handle for the other end."""
+    L.check_capacity(capacity)
+    region = Region.create(channel_size(capacity), backing=backing)
+    handle_fds: list[int] = []
+    bells: list[Doorbell | None] = [None] * 4
+    ours = theirs = None
+    try:
+        format_channel(region, capacity)
+        if doorbells:
+            bells = [Doorbell() for _ in range(4)]
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        handle_fds.append(os.dup(region.fd))
+        handle_fds.extend(os.dup(b.fd) if b is not None else -1 for b in bells)
+        handle_fds.append(theirs.detach() if theirs is not None else -1)
+        liveness = ours.detach() if ours is not None else None
+    except BaseException:
+        for fd in handle_fds:
+            if fd >= 0:
+                os.close(fd)
+        for bell in bells:
+            if bell is not None:
+                bell.close()
+        for sock in (ours, theirs):
+            if sock is not None:
+                sock.close()
+        region.close()
+        raise
+    channel = Channel._open(region, 0, bells, liveness, policy)
+    return channel, ChannelHandle(1, handle_fds)
