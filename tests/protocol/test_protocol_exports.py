@@ -1,0 +1,60 @@
+"""The public API of multikernel.protocol is exactly what we mean it to be."""
+
+import ast
+import sys
+from pathlib import Path
+
+import multikernel.protocol as protocol
+
+PUBLIC = {
+    # envelope
+    "DEFAULT_MAX_BODY", "HEADER_SIZE", "Header", "body_view", "deadline_after", "decode",
+    "decode_body", "decode_header", "encode", "seconds_left", "stamp_source",
+    # the one table of codes
+    "MAGIC", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "CpuFlag", "DeviceFlag", "ErrorCode",
+    "Feature", "Flag", "InstanceState", "Kind", "MemType", "MsgType", "NameFlag",
+    "ReleaseNameResult", "RequestNameResult", "ResourceOp", "ShutdownFlag", "SystemOp",
+    # control messages
+    "CONTROL_DECODER", "Control", "Drain", "Heartbeat", "Hello", "NameOwnerChanged",
+    "NameRelease", "NameReleaseReply", "NameRequest", "NameRequestReply", "Subscribe",
+    "Unsubscribe", "Welcome",
+    # errors
+    "ERROR_DECODER", "AccessDeniedError", "BusyError", "DeadlineExceededError", "ErrorBody",
+    "InvalidSubjectError", "MalformedFrameError", "MultikernelError", "NoRespondersError",
+    "ProtocolError", "RemoteError", "TooLargeError", "UnsupportedVersionError",
+    "error_from_body", "error_to_body", "raise_for_error",
+    # kernel ABI
+    "KERNEL_DECODER", "CpuAdd", "CpuRemove", "DeviceAdd", "DeviceRemove", "Halted",
+    "KernelMessage", "MemAdd", "MemRemove", "ResourceAck", "ResourceMessage", "ResourceQuery",
+    "Shutdown", "ShutdownAck", "SystemHeartbeat", "SystemMessage", "msg_type_of", "op_of",
+    # subjects
+    "MAX_SUBJECT_BYTES", "MAX_SUBJECT_TOKENS", "subject_matches", "validate_pattern",
+    "validate_subject",
+}  # fmt: skip
+
+
+def test_public_names_are_exactly_the_curated_set() -> None:
+    exported = {name for name in dir(protocol) if not name.startswith("_")}
+    assert exported == PUBLIC
+
+
+def test_public_classes_and_functions_come_from_private_modules() -> None:
+    for name in PUBLIC:
+        module = getattr(getattr(protocol, name), "__module__", None)
+        if module is not None and module.startswith("multikernel"):
+            assert module.startswith("multikernel.protocol._"), name
+
+
+def test_package_imports_only_the_stdlib_msgspec_and_itself() -> None:
+    allowed = set(sys.stdlib_module_names) | {"msgspec"}
+    for path in Path(protocol.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                ok = name.split(".")[0] in allowed or name.startswith("multikernel.protocol")
+                assert ok, f"{path.name} imports {name}"
