@@ -216,6 +216,8 @@ class _RingSide:
         return result
 
     def _woken(self) -> None:
+        if self._closed:  # closed while we slept: the views and the doorbell are gone
+            return
         q, slot = self._q, self._my_flags
         q[slot] = q[slot] & ~L.SIDE_SLEEPING
         self._waits += 1

@@ -1,0 +1,172 @@
+"""The async channel API under asyncio, uvloop and trio (both ends in this process)."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from multikernel.shm import Channel, ChannelHandle, WaitPolicy, create_channel, max_payload
+
+pytestmark = pytest.mark.anyio
+
+NO_SPIN = WaitPolicy(spin=0)
+
+
+@pytest.fixture
+async def pair() -> AsyncIterator[tuple[Channel, Channel]]:
+    ours, handle = create_channel(1024, policy=NO_SPIN)
+    theirs = Channel.attach(handle, policy=NO_SPIN)
+    async with ours, theirs:
+        yield ours, theirs
+
+
+async def test_frames_flow_both_ways(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    await a.send(b"ping")
+    assert await b.receive() == b"ping"
+    await b.send(b"pong")
+    assert await a.receive() == b"pong"
+
+
+async def test_receiver_sleeps_until_the_doorbell_rings(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    received: list[bytes] = []
+
+    async def receive_one() -> None:
+        received.append(await b.receive())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receive_one)
+        await anyio.wait_all_tasks_blocked()
+        await a.send(b"wake up")
+    assert received == [b"wake up"]
+    assert a.statistics().sent.wakeups_sent == 1
+    assert b.statistics().received.waits == 1
+
+
+async def test_busy_receiver_costs_the_sender_no_doorbell(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    for i in range(20):
+        await a.send(bytes([i]))
+        assert await b.receive() == bytes([i])
+    assert a.statistics().sent.wakeups_sent == 0
+
+
+async def test_full_ring_makes_the_sender_wait_until_room(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    frames = [bytes([i]) * 100 for i in range(30)]  # far more than a 1 KiB ring holds
+    got: list[bytes] = []
+
+    async def drain() -> None:
+        async for frame in b:
+            got.append(frame)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(drain)
+        for frame in frames:
+            await a.send(frame)
+        await a.send_eof()
+    assert got == frames
+    assert a.statistics().sent.full_events > 0
+
+
+async def test_cancel_scope_bounds_a_blocked_sender_and_nothing_is_lost(
+    pair: tuple[Channel, Channel],
+) -> None:
+    a, b = pair
+    accepted = []
+    with anyio.move_on_after(0.05) as scope:
+        for i in range(100):
+            await a.send(bytes([i]) * 100)
+            accepted.append(bytes([i]) * 100)
+    assert scope.cancelled_caught
+    assert await b.receive_many(100) == accepted
+
+
+async def test_batches_round_trip(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    frames = [bytes([i]) * (i % 50) for i in range(200)]
+    got: list[bytes] = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(a.send_many, frames)
+        while len(got) < len(frames):
+            got.extend(await b.receive_many(16))
+    assert got == frames
+
+
+async def test_closing_wakes_a_waiting_receiver(pair: tuple[Channel, Channel]) -> None:
+    _, b = pair
+    with pytest.RaisesGroup(anyio.ClosedResourceError):
+        async with anyio.create_task_group() as tg:
+
+            async def close_soon() -> None:
+                await anyio.wait_all_tasks_blocked()
+                await b.aclose()
+
+            tg.start_soon(close_soon)
+            await b.receive()
+
+
+async def test_two_tasks_cannot_wait_on_one_receiver(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    with pytest.RaisesGroup(anyio.BusyResourceError):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(b.receive)
+            await anyio.wait_all_tasks_blocked()
+            await b.receive()
+    await a.aclose()
+
+
+async def test_iteration_ends_when_the_peer_sends_eof(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    await a.send(b"one")
+    await a.send(b"two")
+    await a.send_eof()
+    assert [frame async for frame in b] == [b"one", b"two"]
+
+
+async def test_handle_travels_over_a_unix_socket() -> None:
+    ours, handle = create_channel(4096)
+    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    with left, right:
+        handle.send_over(left)
+        handle.close()
+        theirs = Channel.attach(ChannelHandle.receive_from(right))
+    async with ours, theirs:
+        await theirs.send(b"via SCM_RIGHTS")
+        assert await ours.receive() == b"via SCM_RIGHTS"
+
+
+async def test_channel_without_doorbells_polls_any_mmapable_file(tmp_path: Path) -> None:
+    from multikernel.shm import Region, channel_size, format_channel
+
+    path = tmp_path / "dax-like-region"
+    path.write_bytes(bytes(channel_size(4096)))
+    with Region.open(path) as region:
+        format_channel(region, 4096)
+    policy = WaitPolicy(spin=0, poll_max=2e-3)
+    async with Channel.open_path(path, 0, policy) as a, Channel.open_path(path, 1, policy) as b:
+        got: list[bytes] = []
+
+        async def receive_two() -> None:
+            got.append(await b.receive())
+            got.append(await b.receive())
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(receive_two)
+            await a.send(b"polled")
+            await anyio.wait_all_tasks_blocked()
+            await a.send(b"again")
+        assert got == [b"polled", b"again"]
+        assert b.statistics().received.waits >= 1
+
+
+async def test_maximum_payload_is_half_the_capacity(pair: tuple[Channel, Channel]) -> None:
+    a, b = pair
+    big = b"m" * max_payload(1024)
+    await a.send(big)
+    assert await b.receive() == big
