@@ -56,9 +56,13 @@ def test_head_moving_backwards_quarantines_the_writer() -> None:
             writer.try_send(bytes(40))
             reader.try_receive()
         poke(region.mmap, HEAD, 0)
-        with pytest.raises(RingCorruptedError):
+
+        def fill() -> None:
             while writer.try_send(bytes(400)):
                 pass
+
+        with pytest.raises(RingCorruptedError):
+            fill()
 
 
 def test_quarantined_ring_still_closes_cleanly() -> None:

@@ -76,9 +76,14 @@ async def test_producer_killed_mid_stream_ends_in_peer_died_after_its_frames() -
                 while expected < 5000:
                     expected = check_sequence(await ours.receive_many(), expected)
                 proc.send_signal(signal.SIGKILL)
-                with pytest.raises(PeerDiedError):
+
+                async def drain() -> None:
+                    nonlocal expected
                     while True:  # every frame it published before dying still arrives, in order
                         expected = check_sequence(await ours.receive_many(), expected)
+
+                with pytest.raises(PeerDiedError):
+                    await drain()
             assert proc.wait(timeout=30) == -signal.SIGKILL
 
 
