@@ -46,7 +46,7 @@ def _frame(**overrides: object) -> bytearray:
         "flags": Flag.MORE,
     }
     fields.update(overrides)
-    return encode(Kind.REQUEST, REQUEST, **fields)  # type: ignore[arg-type]
+    return bytearray(encode(Kind.REQUEST, REQUEST, **fields))  # type: ignore[arg-type]
 
 
 def test_header_is_48_bytes_and_8_byte_aligned() -> None:

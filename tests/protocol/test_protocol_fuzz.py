@@ -32,10 +32,10 @@ fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[Hea
 DECODERS: list[msgspec.msgpack.Decoder[object]] = [CONTROL_DECODER, KERNEL_DECODER, ERROR_DECODER]  # type: ignore[list-item]
 
 VALID_FRAMES = [
-    bytes(encode(Kind.CONTROL, Hello(1, 1, name="x"), source=1)),
-    bytes(encode(Kind.REQUEST, CpuAdd(instance=1, cpu_id=2), subject="mk.res", correlation=5)),
-    bytes(encode(Kind.ERROR, error_to_body(ValueError("no")), flags=Flag.MORE)),
-    bytes(encode(Kind.PUBLISH, msgspec.Raw(b""), subject="a.b")),
+    encode(Kind.CONTROL, Hello(1, 1, name="x"), source=1),
+    encode(Kind.REQUEST, CpuAdd(instance=1, cpu_id=2), subject="mk.res", correlation=5),
+    encode(Kind.ERROR, error_to_body(ValueError("no")), flags=Flag.MORE),
+    encode(Kind.PUBLISH, msgspec.Raw(b""), subject="a.b"),
 ]
 
 
@@ -101,7 +101,7 @@ def test_random_bodies_behind_a_valid_header_raise_only_protocol_errors(
     frame: bytes, body: bytes
 ) -> None:
     header = decode_header(frame)
-    _decode_fully(bytes(encode(header.kind, msgspec.Raw(body), subject=header.subject)))
+    _decode_fully(encode(header.kind, msgspec.Raw(body), subject=header.subject))
 
 
 @fuzz
