@@ -9,7 +9,7 @@ STAMP   = $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --upgrade pip "setuptools>=68" wheel
 	$(PY) -m pip install --quiet -e '.[test,bench]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
@@ -31,6 +31,7 @@ test: lint
 
 bench: install
 	$(PY) benchmarks/bench_transport.py --quick
+	$(PY) benchmarks/bench_protocol.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

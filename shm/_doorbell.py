@@ -17,7 +17,6 @@ import threading
 
 import anyio
 import anyio.lowlevel
-import sniffio
 
 _fence_lock = threading.Lock()
 _fence_acquire = _fence_lock.acquire
@@ -107,11 +106,9 @@ class WaitSet:
         if self._closed:
             return
         self._closed = True
-        try:
-            sniffio.current_async_library()
-        except sniffio.AsyncLibraryNotFoundError:
-            pass  # closed from synchronous code: no event loop can be waiting on it
-        else:
+        # Outside an event loop (closed from synchronous code) nobody can be waiting on it, and
+        # anyio says so with NoEventLoopError (a RuntimeError).
+        with contextlib.suppress(RuntimeError):
             anyio.notify_closing(self.fileno)
         if self._epoll is not None:
             self._epoll.close()

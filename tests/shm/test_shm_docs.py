@@ -52,4 +52,4 @@ def test_documented_constants_match() -> None:
     assert f"`{L.RING_MAGIC:#018x}`" in text
     assert f"Ring A starts at {C.CHANNEL_HEADER}" in text
     assert f"Frames (in the data area, starting at offset {L.HEADER_SIZE})" in text
-    assert L.FLAG_PADDING == 1 and L.SIDE_SLEEPING == 1 and L.SIDE_CLOSED == 2
+    assert (L.FLAG_PADDING, L.SIDE_SLEEPING, L.SIDE_CLOSED) == (1, 1, 2)
