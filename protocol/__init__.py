@@ -24,6 +24,21 @@ and says how messages may evolve. Subjects are dot-separated tokens with ``*`` a
 wildcards (``validate_subject``, ``validate_pattern``, ``subject_matches``).
 """
 
+from multikernel.protocol._bus import BusSnapshot as BusSnapshot
+from multikernel.protocol._bus import ChannelInfo as ChannelInfo
+from multikernel.protocol._bus import ChannelOpen as ChannelOpen
+from multikernel.protocol._bus import ChannelReady as ChannelReady
+from multikernel.protocol._bus import ChannelRevoke as ChannelRevoke
+from multikernel.protocol._bus import EndpointInfo as EndpointInfo
+from multikernel.protocol._bus import Introspect as Introspect
+from multikernel.protocol._bus import MethodInfo as MethodInfo
+from multikernel.protocol._bus import Mirror as Mirror
+from multikernel.protocol._bus import MonitorRecord as MonitorRecord
+from multikernel.protocol._bus import MonitorStart as MonitorStart
+from multikernel.protocol._bus import MonitorStop as MonitorStop
+from multikernel.protocol._bus import Ok as Ok
+from multikernel.protocol._bus import ServiceInfo as ServiceInfo
+from multikernel.protocol._bus import SubscriptionInfo as SubscriptionInfo
 from multikernel.protocol._codes import MAGIC as MAGIC
 from multikernel.protocol._codes import PROTOCOL_VERSION as PROTOCOL_VERSION
 from multikernel.protocol._codes import SUPPORTED_VERSIONS as SUPPORTED_VERSIONS

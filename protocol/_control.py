@@ -17,6 +17,19 @@ from typing import Final, TypeAlias
 
 import msgspec
 
+from multikernel.protocol._bus import (
+    BusSnapshot,
+    ChannelOpen,
+    ChannelReady,
+    ChannelRevoke,
+    Introspect,
+    Mirror,
+    MonitorRecord,
+    MonitorStart,
+    MonitorStop,
+    Ok,
+    ServiceInfo,
+)
 from multikernel.protocol._codes import ReleaseNameResult, RequestNameResult
 from multikernel.protocol._envelope import DEFAULT_MAX_BODY
 from multikernel.protocol._fields import U8, U32, U64, ShortStr
@@ -50,18 +63,22 @@ class Welcome(_ControlMessage, frozen=True, tag="welcome"):
 class Subscribe(_ControlMessage, frozen=True, tag="subscribe"):
     """Deliver frames whose subject matches ``subject`` (a pattern; ``*`` and ``>`` allowed).
 
-    Within one ``queue_group`` each message goes to one member only.
+    Within one ``queue_group`` each message goes to one member only. ``sid`` is the endpoint's
+    own number for the subscription; the hub puts it in the destination field of every frame it
+    delivers for this subscription.
     """
 
     subject: ShortStr
     queue_group: ShortStr | None = None
+    sid: U64 = 0
 
 
 class Unsubscribe(_ControlMessage, frozen=True, tag="unsubscribe"):
-    """Undo the Subscribe with the same subject and queue group."""
+    """Undo the Subscribe with the same ``sid`` (or, without one, subject and queue group)."""
 
-    subject: ShortStr
+    subject: ShortStr = ""
     queue_group: ShortStr | None = None
+    sid: U64 = 0
 
 
 class NameRequest(_ControlMessage, frozen=True, tag="name_request"):
@@ -116,7 +133,18 @@ class Drain(_ControlMessage, frozen=True, tag="drain"):
 
 
 Control: TypeAlias = (
-    Hello
+    Ok
+    | ChannelOpen
+    | ChannelReady
+    | ChannelRevoke
+    | ServiceInfo
+    | MonitorStart
+    | MonitorStop
+    | Mirror
+    | MonitorRecord
+    | Introspect
+    | BusSnapshot
+    | Hello
     | Welcome
     | Subscribe
     | Unsubscribe

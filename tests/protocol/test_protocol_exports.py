@@ -18,6 +18,10 @@ PUBLIC = {
     "CONTROL_DECODER", "Control", "Drain", "Heartbeat", "Hello", "NameOwnerChanged",
     "NameRelease", "NameReleaseReply", "NameRequest", "NameRequestReply", "Subscribe",
     "Unsubscribe", "Welcome",
+    # direct channels, services, monitor, introspection
+    "BusSnapshot", "ChannelInfo", "ChannelOpen", "ChannelReady", "ChannelRevoke", "EndpointInfo",
+    "Introspect", "MethodInfo", "Mirror", "MonitorRecord", "MonitorStart", "MonitorStop", "Ok",
+    "ServiceInfo", "SubscriptionInfo",
     # errors
     "ERROR_DECODER", "AccessDeniedError", "BusyError", "DeadlineExceededError", "ErrorBody",
     "InvalidSubjectError", "MalformedFrameError", "MultikernelError", "NoRespondersError",
