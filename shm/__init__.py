@@ -28,6 +28,9 @@ from multikernel.shm._channel import (
     create_channel as create_channel,
 )
 from multikernel.shm._channel import (
+    create_channel_handles as create_channel_handles,
+)
+from multikernel.shm._channel import (
     format_channel as format_channel,
 )
 from multikernel.shm._doorbell import Doorbell as Doorbell

@@ -307,6 +307,43 @@ class Channel(ObjectStream[bytes]):
         return {}
 
 
+def create_channel_handles(
+    capacity: int = DEFAULT_CAPACITY, *, backing: Backing = "memfd", doorbells: bool = True
+) -> tuple[ChannelHandle, ChannelHandle]:
+    """Create a channel and return the handles of both ends, keeping nothing open ourselves.
+
+    For a broker (the hub) that sets up a channel between two other processes: hand each
+    handle to its process, then close both. With doorbells, each end's liveness fd is its end of
+    a socketpair whose other end only the other process holds.
+    """
+    L.check_capacity(capacity)
+    region = Region.create(channel_size(capacity), backing=backing)
+    handles = (ChannelHandle(0, []), ChannelHandle(1, []))
+    bells: list[Doorbell] = []
+    try:
+        format_channel(region, capacity)
+        if doorbells:
+            bells = [Doorbell() for _ in range(4)]
+            pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            liveness = [pair[0].detach(), pair[1].detach()]
+        else:
+            liveness = [-1, -1]
+        for handle, alive in zip(handles, liveness, strict=True):
+            handle.fds.append(os.dup(region.fd))
+            handle.fds.extend(os.dup(b.fd) for b in bells)
+            handle.fds.extend([-1] * (4 - len(bells)))
+            handle.fds.append(alive)
+    except BaseException:
+        for handle in handles:
+            handle.close()
+        raise
+    finally:
+        for bell in bells:
+            bell.close()
+        region.close()
+    return handles
+
+
 def create_channel(
     capacity: int = DEFAULT_CAPACITY,
     *,
@@ -315,31 +352,9 @@ def create_channel(
     policy: WaitPolicy | None = None,
 ) -> tuple[Channel, ChannelHandle]:
     """Create a channel; returns our end (side 0, open) and the handle for the other end."""
-    L.check_capacity(capacity)
-    region = Region.create(channel_size(capacity), backing=backing)
-    handle_fds: list[int] = []
-    bells: list[Doorbell | None] = [None] * 4
-    ours = theirs = None
+    ours, theirs = create_channel_handles(capacity, backing=backing, doorbells=doorbells)
     try:
-        format_channel(region, capacity)
-        if doorbells:
-            bells = [Doorbell() for _ in range(4)]
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        handle_fds.append(os.dup(region.fd))
-        handle_fds.extend(os.dup(b.fd) if b is not None else -1 for b in bells)
-        handle_fds.append(theirs.detach() if theirs is not None else -1)
-        liveness = ours.detach() if ours is not None else None
+        return Channel.attach(ours, policy), theirs
     except BaseException:
-        for fd in handle_fds:
-            if fd >= 0:
-                os.close(fd)
-        for bell in bells:
-            if bell is not None:
-                bell.close()
-        for sock in (ours, theirs):
-            if sock is not None:
-                sock.close()
-        region.close()
+        theirs.close()
         raise
-    channel = Channel._open(region, 0, bells, liveness, policy)
-    return channel, ChannelHandle(1, handle_fds)

@@ -170,3 +170,14 @@ async def test_maximum_payload_is_half_the_capacity(pair: tuple[Channel, Channel
     big = b"m" * max_payload(1024)
     await a.send(big)
     assert await b.receive() == big
+
+
+async def test_a_broker_can_create_both_ends_and_keep_nothing() -> None:
+    from multikernel.shm import create_channel_handles
+
+    left, right = create_channel_handles(4096)
+    async with Channel.attach(left) as a, Channel.attach(right) as b:
+        await a.send(b"brokered")
+        assert await b.receive() == b"brokered"
+        await b.send(b"reply")
+        assert await a.receive() == b"reply"
