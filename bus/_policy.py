@@ -1,0 +1,206 @@
+"""Access control: who may publish, subscribe, call, own names and monitor, from a TOML policy.
+
+The hub binds an ``Identity`` to each endpoint when it attaches (never from what a sender writes)
+and asks a ``Policy`` for a ``Decision`` when a subscription or a direct channel is set up, and
+again for everything when it reloads the policy. Traffic within one instance is allowed by
+default; across instances it is denied unless a rule allows it. Explicit ``[[deny]]`` rules come
+first, then ``[[rule]]`` allows, then the defaults; docs/access-control.md is the reference::
+
+    policy = Policy.load("/etc/multikernel/policy.toml")
+    decision = policy.may_connect(caller, callee, "resource")
+    if not decision:
+        raise AccessDeniedError(f"call 'resource' refused: {decision.reason}")
+
+Decisions are pure and cached per (who, what), so asking again is one dict lookup. Rules are parsed
+and checked by ``multikernel.bus._rules``; pattern containment lives in ``_patterns``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+from multikernel.bus._patterns import pattern_contains, patterns_overlap
+from multikernel.bus._rules import (
+    BUILTIN_RULES,
+    Action,
+    PolicyError,
+    Rule,
+    parse_policy,
+)
+from multikernel.protocol import validate_pattern, validate_subject
+
+#: Decisions kept per policy before the cache starts over (it never grows without bound).
+CACHE_LIMIT: Final = 1 << 16
+
+_VERB: Final = {"publish": "publish", "subscribe": "subscribe to", "call": "call", "own": "own"}
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who an endpoint is, as the hub bound it at attach time.
+
+    ``name`` is the endpoint's self-chosen display name (diagnostic only, never used to decide);
+    ``names`` are the well-known names it owns right now, which ``name:`` selectors look at.
+    """
+
+    endpoint_id: int
+    instance: int
+    uid: int
+    pid: int
+    name: str
+    names: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """An answer and why: ``reason`` names the rule or default that decided. Truthy iff allowed."""
+
+    allowed: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.allowed
+
+
+_Key = tuple[str, int, int, frozenset[str], str, bool]
+
+
+class Policy:
+    """Immutable rules and a decision cache; build with ``default``, ``from_toml`` or ``load``.
+
+    ``within_instance=True`` asks about traffic that stays inside ``who``'s own instance, where
+    ``[defaults] same_instance`` applies; without it the question is about other instances. The
+    ``may_deliver`` and ``may_connect`` combinators pick the right one from the two identities.
+    """
+
+    def __init__(self, text: str = "", *, source: str = "<default>") -> None:
+        parsed = parse_policy(text, source)
+        self.source: Final = source
+        self.same_instance_allowed: Final = parsed.same_instance_allowed
+        self._deny: tuple[Rule, ...] = parsed.deny
+        self._allow: tuple[Rule, ...] = parsed.allow + (BUILTIN_RULES if parsed.builtin else ())
+        self._cache: dict[_Key, Decision] = {}
+
+    @classmethod
+    def default(cls) -> Policy:
+        """The policy without a file: the defaults and the built-in rules only."""
+        return cls()
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "<string>") -> Policy:
+        """Parse a policy; ``source`` names it in errors and reasons. Raises ``PolicyError``."""
+        return cls(text, source=source)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Policy:
+        """Read and parse a policy file. Raises ``PolicyError`` if unreadable or malformed."""
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PolicyError(
+                f"{os.fspath(path)}: cannot read the policy file: {exc}",
+                details={"source": os.fspath(path)},
+            ) from exc
+        return cls(text, source=os.fspath(path))
+
+    def __repr__(self) -> str:
+        return (
+            f"<Policy from {self.source}: {len(self._deny)} deny, {len(self._allow)} allow rules>"
+        )
+
+    # -- questions about one endpoint ------------------------------------------------------------
+
+    def may_publish(
+        self, who: Identity, subject: str, *, within_instance: bool = False
+    ) -> Decision:
+        """May ``who`` publish on ``subject`` (a concrete subject)?"""
+        return self._decide("publish", who, subject, within_instance)
+
+    def may_subscribe(
+        self, who: Identity, pattern: str, *, within_instance: bool = False
+    ) -> Decision:
+        """May ``who`` subscribe to ``pattern``: is it contained in one allowed pattern and does
+        it overlap no denied one?"""
+        return self._decide("subscribe", who, pattern, within_instance)
+
+    def may_call(self, who: Identity, service: str, *, within_instance: bool = False) -> Decision:
+        """May ``who`` open a channel to (call) the service or well-known name ``service``?"""
+        return self._decide("call", who, service, within_instance)
+
+    def may_own(self, who: Identity, name: str) -> Decision:
+        """May ``who`` own the well-known ``name``? Names are hub-wide: no same-instance default."""
+        return self._decide("own", who, name, False)
+
+    def may_monitor(self, who: Identity) -> Decision:
+        """May ``who`` use the privileged monitor mode (see all traffic)?"""
+        return self._decide("monitor", who, "", False)
+
+    # -- questions about a pair --------------------------------------------------------------------
+
+    def may_deliver(
+        self, publisher: Identity, subscriber: Identity, subject: str, pattern: str
+    ) -> Decision:
+        """May a publication on ``subject`` reach ``subscriber``'s subscription ``pattern``?
+
+        Both sides must be allowed: the publisher to publish, the subscriber to subscribe, each
+        under the same-instance default when they share an instance.
+        """
+        within = publisher.instance == subscriber.instance
+        sent = self.may_publish(publisher, subject, within_instance=within)
+        if not sent:
+            return sent
+        return self.may_subscribe(subscriber, pattern, within_instance=within)
+
+    def may_connect(self, caller: Identity, callee: Identity, service: str) -> Decision:
+        """May ``caller`` get a direct channel to ``callee``, which serves ``service``?
+
+        Replies need no check: a callee may always answer on a channel it was called on.
+        """
+        within = caller.instance == callee.instance
+        return self.may_call(caller, service, within_instance=within)
+
+    # -- evaluation --------------------------------------------------------------------------------
+
+    def _decide(self, action: Action, who: Identity, thing: str, within: bool) -> Decision:
+        key = (action, who.instance, who.uid, who.names, thing, within)
+        decision = self._cache.get(key)
+        if decision is None:
+            decision = self._evaluate(action, who, thing, within)
+            if len(self._cache) >= CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = decision
+        return decision
+
+    def _evaluate(self, action: Action, who: Identity, thing: str, within: bool) -> Decision:
+        if action == "subscribe":
+            validate_pattern(thing)
+        elif action != "monitor":
+            validate_subject(thing)
+        what = "monitor" if action == "monitor" else f"{_VERB[action]} {thing!r}"
+        for rule in self._deny:
+            found = rule.find(action, who.instance, who.uid, who.names, thing, patterns_overlap)
+            if found is not None:
+                return Decision(False, f"{rule.label} denies {_granted(action, found)}")
+        if within and self.same_instance_allowed:
+            return Decision(
+                True, 'same-instance traffic is allowed ([defaults] same_instance = "allow")'
+            )
+        for rule in self._allow:
+            found = rule.find(action, who.instance, who.uid, who.names, thing, pattern_contains)
+            if found is not None:
+                return Decision(True, f"{rule.label} allows {_granted(action, found)}")
+        subject = f"instance {who.instance} (uid {who.uid})"
+        if within:
+            default = 'same-instance traffic is denied ([defaults] same_instance = "deny")'
+        elif action in ("own", "monitor"):
+            default = "denied by default"
+        else:
+            default = "cross-instance traffic is denied by default"
+        return Decision(False, f"no rule in {self.source} allows {subject} to {what}; {default}")
+
+
+def _granted(action: Action, pattern: str) -> str:
+    return "monitor" if action == "monitor" else f"{_VERB[action]} {pattern!r}"
