@@ -1,0 +1,65 @@
+"""`python -m multikernel.bus`: run the hub in the foreground until SIGTERM/SIGINT.
+
+SIGHUP reloads the policy file (a bad file keeps the old policy and logs why); SIGTERM drains
+(endpoints are told to hand over their names and finish in-flight work) before exiting.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import anyio
+import structlog
+
+from multikernel.bus._hub import Hub
+from multikernel.bus._policy import Policy
+from multikernel.bus._rules import PolicyError
+from multikernel.bus._session import Limits
+from multikernel.endpoints._wire import default_socket_path
+
+log = structlog.get_logger("multikernel.bus")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m multikernel.bus", description=__doc__)
+    parser.add_argument("--socket", type=Path, default=None, help="control socket path")
+    parser.add_argument("--policy", type=Path, default=None, help="access policy (TOML)")
+    parser.add_argument("--max-pending", type=int, default=Limits.max_pending)
+    parser.add_argument("--slow-consumer", choices=["drop", "disconnect"], default="drop")
+    parser.add_argument("--grace", type=float, default=5.0, help="drain time on SIGTERM (s)")
+    return parser.parse_args(argv)
+
+
+async def run(args: argparse.Namespace) -> None:
+    policy = Policy.load(args.policy) if args.policy else Policy.default()
+    limits = Limits(max_pending=args.max_pending, slow_consumer=args.slow_consumer)
+    hub = Hub(args.socket or default_socket_path(), policy=policy, limits=limits)
+    async with anyio.create_task_group() as tg:
+        await tg.start(hub.serve)
+        with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP and args.policy:
+                    try:
+                        hub.reload_policy(Policy.load(args.policy))
+                    except PolicyError as exc:
+                        log.warning("policy not reloaded; the old one stays", error=str(exc))
+                elif signum != signal.SIGHUP:
+                    await hub.drain(args.grace)
+                    tg.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        anyio.run(run, args, backend="asyncio", backend_options={"use_uvloop": True})
+    except (PolicyError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

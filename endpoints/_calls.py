@@ -1,0 +1,89 @@
+"""Waiting for answers: one slot per control request or RPC, resolved by a reader task.
+
+anyio has no futures; a `Reply` is an `anyio.Event` plus the frames that arrived for one
+correlation id. Streams of replies (`Flag.MORE`) queue in it until the last one.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from typing import Any
+
+import anyio
+
+from multikernel.protocol import ERROR_DECODER, Flag, Header, Kind, decode_body, raise_for_error
+
+
+class Reply:
+    """The answer(s) to one request: frames pushed by a reader, awaited by the requester."""
+
+    __slots__ = ("_event", "_failure", "_frames", "done")
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+        self._frames: deque[tuple[Header, Any]] = deque()
+        self._failure: BaseException | None = None
+        self.done = False
+
+    def push(self, header: Header, frame: Any) -> None:
+        """One reply: a frame, or (for answers that came with fds) a decoded value."""
+        self._frames.append((header, frame))
+        if header.kind == Kind.ERROR or not header.flags & Flag.MORE:
+            self.done = True
+        self._event.set()
+
+    def fail(self, failure: BaseException) -> None:
+        """The path the reply would come on broke: wake the requester with `failure`."""
+        if not self.done:
+            self._failure = failure
+            self.done = True
+            self._event.set()
+
+    async def next(self) -> tuple[Header, Any] | None:
+        """The next reply frame, None after the last; raises the remote error if one came."""
+        while not self._frames:
+            if self.done and self._failure is None:
+                return None
+            if self._failure is not None:
+                raise self._failure
+            await self._event.wait()
+            self._event = anyio.Event()
+        header, frame = self._frames.popleft()
+        if header.kind == Kind.ERROR:
+            raise_for_error(decode_body(header, frame, ERROR_DECODER))
+        return header, frame
+
+
+class Correlations:
+    """Correlation ids and their pending replies, for one path (session or direct channel)."""
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self.pending: dict[int, Reply] = {}
+
+    def open(self) -> tuple[int, Reply]:
+        correlation = next(self._ids)
+        reply = self.pending[correlation] = Reply()
+        return correlation, reply
+
+    def close(self, correlation: int) -> None:
+        self.pending.pop(correlation, None)
+
+    def deliver(self, header: Header, frame: bytes) -> bool:
+        reply = self.pending.get(header.correlation)
+        if reply is None:
+            return False
+        reply.push(header, frame)
+        if reply.done:
+            del self.pending[header.correlation]
+        return True
+
+    def deliver_value(self, header: Header, value: object) -> bool:
+        """Like `deliver`, for an answer already decoded (it came over the control socket)."""
+        return self.deliver(header, value)  # type: ignore[arg-type]
+
+    def fail_all(self, failure: BaseException) -> None:
+        pending, self.pending = self.pending, {}
+        for reply in pending.values():
+            reply.fail(failure)

@@ -1,0 +1,159 @@
+"""Direct channels: a client and the owner of a well-known name, talking without the hub.
+
+The hub creates the channel and tells each side who the other is (`Peer`); after that, requests
+and replies flow only here. The reader task of a direct channel resolves the client's pending
+calls, or (on the server side) starts a handler per request. A request the client abandons is
+cancelled on the server with an ERROR frame carrying its correlation id; when either process goes
+away the other side's calls fail and its handlers are cancelled.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+import anyio.abc
+
+from multikernel.endpoints._calls import Correlations
+from multikernel.protocol import (
+    ChannelReady,
+    Kind,
+    MonitorRecord,
+    NoRespondersError,
+    ProtocolError,
+    decode_header,
+    encode,
+    error_to_body,
+)
+from multikernel.shm import Channel
+
+if TYPE_CHECKING:
+    from multikernel.endpoints._service import Service
+
+
+@dataclass(frozen=True)
+class Peer:
+    """Who is at the other end of a direct channel, as the hub bound it (never self-declared)."""
+
+    endpoint_id: int
+    name: str
+    instance: int
+    uid: int
+    pid: int
+
+
+_caller: contextvars.ContextVar[Peer] = contextvars.ContextVar("multikernel_caller")
+
+
+def current_caller() -> Peer:
+    """Inside a service method: the endpoint that called it."""
+    try:
+        return _caller.get()
+    except LookupError:
+        raise RuntimeError("current_caller() is only available inside a service method") from None
+
+
+class DirectChannel:
+    """One direct channel, from one side."""
+
+    def __init__(self, ready: ChannelReady, channel: Channel, mirror: Mirroring) -> None:
+        self.token = ready.token
+        self.target = ready.target
+        self.role = ready.role
+        self.peer = Peer(
+            ready.peer_id, ready.peer_name, ready.peer_instance, ready.peer_uid, ready.peer_pid
+        )
+        self.channel = channel
+        self.calls = Correlations()
+        self.handlers: dict[int, anyio.CancelScope] = {}
+        self.stale = False
+        self.closed = False
+        self._mirror = mirror
+        self._send_lock = anyio.Lock()
+
+    async def send(self, frame: bytes) -> None:
+        """Send a frame; only a full ring (rare) takes the lock and waits."""
+        if not self.channel.try_send(frame):
+            async with self._send_lock:
+                await self.channel.send(frame)
+        if self._mirror.on:
+            self._mirror.copy(self, frame)
+
+    def send_nowait(self, frame: bytes) -> bool:
+        try:
+            return self.channel.try_send(frame)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return False
+
+    async def run(self, service: Service | None) -> None:
+        """Read until the channel ends; then fail pending calls and cancel running handlers."""
+        failure: BaseException = NoRespondersError(
+            f"the direct channel to {self.target!r} closed: its owner went away"
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                try:
+                    while True:
+                        for frame in await self.channel.receive_many():
+                            self._dispatch(frame, service, tg)
+                except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError) as exc:
+                    if isinstance(exc, ProtocolError):
+                        failure = exc
+                tg.cancel_scope.cancel()  # the caller is gone: so is the point of its handlers
+        finally:
+            self.closed = True
+            self.calls.fail_all(failure)
+            with anyio.CancelScope(shield=True):
+                await self.channel.aclose()
+
+    def _dispatch(self, frame: bytes, service: Service | None, tg: anyio.abc.TaskGroup) -> None:
+        header = decode_header(frame)
+        kind = header.kind
+        if kind == Kind.REQUEST:
+            if service is None:
+                error = ProtocolError("this side of the channel serves no methods")
+                self.send_nowait(
+                    encode(Kind.ERROR, error_to_body(error), correlation=header.correlation)
+                )
+            else:
+                tg.start_soon(service.handle, self, header, frame)
+        elif self.role == "server" and kind == Kind.ERROR:
+            scope = self.handlers.get(header.correlation)  # the client abandoned that request
+            if scope is not None:
+                scope.cancel()
+        elif kind in (Kind.REPLY, Kind.ERROR):
+            self.calls.deliver(header, frame)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        await self.channel.aclose()
+
+
+class Mirroring:
+    """Copies of direct-channel frames for the hub's monitors, while a monitor is attached."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.queue: list[bytes] = []
+        self.dropped = 0
+        self._wake = anyio.Event()
+
+    def copy(self, channel: DirectChannel, frame: bytes) -> None:
+        if len(self.queue) >= 4096:
+            self.dropped += 1
+            return
+        record = MonitorRecord(
+            time.monotonic_ns(), "direct", 0, channel.peer.endpoint_id, frame, channel.token
+        )
+        self.queue.append(encode(Kind.CONTROL, record))
+        self._wake.set()
+
+    async def next_batch(self) -> list[bytes]:
+        while not self.queue:
+            await self._wake.wait()
+            self._wake = anyio.Event()
+        batch, self.queue = self.queue, []
+        return batch

@@ -1,0 +1,584 @@
+"""The application's handle on the bus: `async with connect() as endpoint`.
+
+An endpoint attaches to the hub over its control socket (or a socket it inherited at spawn), gets
+a session channel in shared memory, and then: publishes and subscribes through the hub, calls
+services over direct channels the hub sets up (lazily, on first use, following the name's owner
+when it moves), and serves its own methods. If the hub restarts, the endpoint re-attaches and
+re-registers its subscriptions, names and services; direct channels keep flowing meanwhile.
+Works under asyncio, uvloop and trio (anyio).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager, suppress
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import anyio
+import anyio.abc
+import msgspec
+import structlog
+
+from multikernel.endpoints._calls import Correlations
+from multikernel.endpoints._direct import DirectChannel, Mirroring
+from multikernel.endpoints._service import Service
+from multikernel.endpoints._subscription import Message, Subscription
+from multikernel.endpoints._wire import ENV_FD, close_fds, default_socket_path, receive_handle
+from multikernel.protocol import (
+    CONTROL_DECODER,
+    DEFAULT_MAX_BODY,
+    ERROR_DECODER,
+    PROTOCOL_VERSION,
+    BusSnapshot,
+    ChannelOpen,
+    ChannelReady,
+    ChannelRevoke,
+    Drain,
+    Feature,
+    Flag,
+    Header,
+    Hello,
+    Introspect,
+    Kind,
+    Mirror,
+    MonitorRecord,
+    MonitorStart,
+    MonitorStop,
+    NameOwnerChanged,
+    NameRelease,
+    NameRequest,
+    NameRequestReply,
+    ProtocolError,
+    RequestNameResult,
+    Subscribe,
+    Unsubscribe,
+    Welcome,
+    decode_body,
+    decode_header,
+    encode,
+    raise_for_error,
+    validate_subject,
+)
+from multikernel.shm import Channel, ChannelHandle, WaitPolicy
+
+T = TypeVar("T")
+log = structlog.get_logger("multikernel.endpoints")
+
+FEATURES = Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
+_RAW = msgspec.msgpack.Decoder()
+
+
+async def _connect(sock: socket.socket, path: str) -> None:
+    """Connect a non-blocking Unix socket without blocking the event loop."""
+    try:
+        sock.connect(path)
+    except BlockingIOError:
+        await anyio.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error), path) from None
+
+
+def _unexpected(body: object, kind: type) -> NoReturn:
+    raise ProtocolError(f"the hub answered with {type(body).__name__}, not {kind.__name__}")
+
+
+class HubUnavailableError(anyio.BrokenResourceError):
+    """The hub went away and the endpoint could not re-attach (or was not allowed to retry)."""
+
+
+class Endpoint:
+    """One attachment to the bus. Create it with `connect()`."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path | None,
+        fd: int | None,
+        wait: WaitPolicy | None,
+        reconnect: bool,
+    ) -> None:
+        self.name = name
+        self.id = 0
+        self.max_body = DEFAULT_MAX_BODY
+        self._path = path
+        self._fd = fd
+        self._wait = wait
+        self._reconnect = reconnect and fd is None
+        self._session: Channel | None = None
+        self._attached = anyio.Event()
+        self._calls = Correlations()
+        self._subs: dict[int, Subscription] = {}
+        self._next_sid = 1
+        self._services: dict[str, Service] = {}
+        self._direct: dict[str, DirectChannel] = {}
+        self._opening: dict[str, anyio.Event] = {}
+        self._mirror = Mirroring()
+        self._monitor: Subscription | None = None
+        self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+        self._encoder = msgspec.msgpack.Encoder()
+        self._send_lock = anyio.Lock()
+        self._valid_subjects: set[str] = set()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closing = False
+        self.drain_requested = anyio.Event()
+        self.async_errors = 0
+
+    # -- publish / subscribe ------------------------------------------------------------------
+
+    async def publish(self, subject: str, body: object = None) -> None:
+        """Publish `body` (any msgspec-encodable value) on `subject` to every subscriber."""
+        if subject not in self._valid_subjects:
+            validate_subject(subject)
+            self._valid_subjects.add(subject)
+        await self._to_hub(encode(Kind.PUBLISH, body, subject=subject, max_body=self.max_body))
+
+    async def subscribe(
+        self, pattern: str, *, queue_group: str | None = None, max_pending: int = 1024
+    ) -> Subscription:
+        """Subscribe to `pattern` (`*` one token, `>` the rest); use as `async with`."""
+        sid = self._next_sid
+        self._next_sid += 1
+        sub = Subscription(sid, pattern, queue_group, max_pending, self._unsubscribe)
+        self._subs[sid] = sub
+        try:
+            ok = await self._control(Subscribe(pattern, queue_group, sid))
+        except BaseException:
+            del self._subs[sid]
+            raise
+        sub.cross_instance = bool(getattr(ok, "value", 0))
+        return sub
+
+    async def _unsubscribe(self, sub: Subscription) -> None:
+        if self._subs.pop(sub.sid, None) is not None and not self._closing:
+            # If the hub is gone, it forgot the subscription with the session.
+            with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self._control(Unsubscribe(sid=sub.sid))
+
+    # -- requests -----------------------------------------------------------------------------
+
+    def _decoder(self, kind: Any) -> msgspec.msgpack.Decoder[Any]:
+        decoder = self._decoders.get(kind)
+        if decoder is None:
+            decoder = self._decoders[kind] = msgspec.msgpack.Decoder(kind)
+        return decoder
+
+    async def request(
+        self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
+    ) -> T:
+        """Call `method` of the service `target`; the caller's cancel scope is the deadline.
+
+        Raises NoRespondersError at once if nobody owns `target`, AccessDeniedError if the
+        policy forbids the call, and the service's own error (same class, remote message) if the
+        method failed.
+        """
+        async for header, frame in self._call(target, method, body, single=True):
+            return decode_body(header, frame, self._decoder(response))  # type: ignore[no-any-return]
+        raise ProtocolError(f"{target}.{method} answered with an empty stream")
+
+    async def request_stream(
+        self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
+    ) -> AsyncIterator[T]:
+        """Call a streaming method: yields each reply until the service ends the stream."""
+        decoder = self._decoder(response)
+        async for header, frame in self._call(target, method, body, single=False):
+            if header.flags & Flag.MORE:
+                yield decoder.decode(frame[header.body_offset :])
+
+    async def _call(
+        self, target: str, method: str, body: object, *, single: bool
+    ) -> AsyncIterator[Any]:
+        direct = await self._direct_to(target)
+        correlation, reply = direct.calls.open()
+        deadline = anyio.current_effective_deadline()
+        deadline_ns = 0
+        if deadline != float("inf"):
+            deadline_ns = time.monotonic_ns() + max(0, int((deadline - anyio.current_time()) * 1e9))
+        frame = encode(
+            Kind.REQUEST, body, subject=method, correlation=correlation,
+            deadline_ns=deadline_ns, max_body=self.max_body,
+        )  # fmt: skip
+        try:
+            await direct.send(frame)
+            while (item := await reply.next()) is not None:
+                yield item
+                if single:
+                    return
+        finally:
+            if not reply.done:  # abandoned (cancelled, deadline): tell the server to stop
+                direct.send_nowait(encode(Kind.ERROR, None, correlation=correlation))
+            direct.calls.close(correlation)
+
+    async def _direct_to(self, target: str) -> DirectChannel:
+        """The current direct channel to `target`'s owner, opened on first use."""
+        while True:
+            direct = self._direct.get(target)
+            if direct is not None and not direct.stale and not direct.closed:
+                return direct
+            opening = self._opening.get(target)
+            if opening is not None:
+                await opening.wait()
+                continue
+            self._opening[target] = event = anyio.Event()
+            try:
+                ready, handle = await self._open(target)
+                direct = DirectChannel(ready, Channel.attach(handle, self._wait), self._mirror)
+                self._direct[target] = direct
+                assert self._tg is not None
+                self._tg.start_soon(self._run_direct, direct, None)
+                return direct
+            finally:
+                del self._opening[target]
+                event.set()
+
+    async def _open(self, target: str) -> tuple[ChannelReady, ChannelHandle]:
+        result = await self._control(ChannelOpen(target))
+        assert isinstance(result, tuple)
+        ready, handle = result
+        return ready, handle
+
+    async def _run_direct(self, direct: DirectChannel, service: Service | None) -> None:
+        try:
+            await direct.run(service)
+        finally:
+            if self._direct.get(direct.target) is direct:
+                del self._direct[direct.target]
+            if not self._closing and self._session is not None:
+                with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                    await self._to_hub(encode(Kind.CONTROL, ChannelRevoke(direct.token)))
+
+    # -- services -----------------------------------------------------------------------------
+
+    def service(self, name: str, *, concurrency: int = 64, flags: int = 0) -> Service:
+        """A service to serve under the well-known `name`; add methods, then `await start()`."""
+        if name in self._services:
+            raise ValueError(f"this endpoint already serves {name!r}")
+        service = self._services[name] = Service(self, name, concurrency=concurrency, flags=flags)
+        return service
+
+    async def _start_service(self, service: Service) -> RequestNameResult:
+        reply = await self._control(NameRequest(service.name, service.flags))
+        assert isinstance(reply, NameRequestReply)
+        if reply.result in (RequestNameResult.PRIMARY_OWNER, RequestNameResult.ALREADY_OWNER):
+            service.primary = True
+            await self._control(service.info())
+        return reply.result
+
+    async def _release_service(self, service: Service) -> None:
+        service.primary = False
+        await self._control(NameRelease(service.name))
+
+    async def drain(self) -> None:
+        """Lame duck: hand every service's name to the next owner, finish requests in flight."""
+        async with anyio.create_task_group() as tg:
+            for service in self._services.values():
+                tg.start_soon(service.drain)
+
+    # -- introspection and monitor ------------------------------------------------------------
+
+    async def introspect(self) -> BusSnapshot:
+        """What the hub knows: endpoints, names, services, subscriptions, counters."""
+        snapshot = await self._control(Introspect())
+        assert isinstance(snapshot, BusSnapshot)
+        return snapshot
+
+    @asynccontextmanager
+    async def monitor(
+        self, pattern: str = ">", *, max_pending: int = 65536
+    ) -> AsyncIterator[AsyncIterator[MonitorRecord]]:
+        """(Privileged) every frame the bus carries whose subject matches, with timestamps."""
+        sub = Subscription(0, pattern, None, max_pending, self._stop_monitor)
+        self._monitor = sub
+        await self._control(MonitorStart(pattern))
+
+        async def records() -> AsyncIterator[MonitorRecord]:
+            async for message in sub:
+                yield msgspec.msgpack.decode(message.data, type=MonitorRecord)
+
+        try:
+            yield records()
+        finally:
+            await sub.aclose()
+
+    async def _stop_monitor(self, sub: Subscription) -> None:
+        self._monitor = None
+        if not self._closing:
+            with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                await self._control(MonitorStop())
+
+    # -- talking to the hub -------------------------------------------------------------------
+
+    async def _to_hub(self, frame: bytes) -> None:
+        while True:
+            await self._attached.wait()
+            session = self._session
+            if session is None:
+                continue
+            try:
+                if not session.try_send(frame):
+                    async with self._send_lock:
+                        await session.send(frame)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                if not self._reconnect or self._closing:
+                    raise HubUnavailableError("the hub went away") from None
+                if self._session is session and self._attached.is_set():
+                    self._attached = anyio.Event()  # wait below until the session loop re-attaches
+            else:
+                return  # the session loop notices and re-attaches
+
+    async def _control(self, body: object) -> Any:
+        """Send a control request to the hub and wait for its answer (or raise its error)."""
+        correlation, reply = self._calls.open()
+        try:
+            await self._to_hub(encode(Kind.CONTROL, body, correlation=correlation))
+            answer = await reply.next()
+        finally:
+            self._calls.close(correlation)
+        if answer is None:
+            raise ProtocolError(f"the hub answered {type(body).__name__} with nothing")
+        header, payload = answer
+        if isinstance(payload, tuple):  # ChannelReady and its handle, from the control socket
+            return payload
+        return decode_body(header, payload, CONTROL_DECODER)
+
+    def _encode_reply(self, body: object, correlation: int, flags: int) -> bytes:
+        return encode(
+            Kind.REPLY, body, correlation=correlation, flags=flags, max_body=self.max_body
+        )
+
+    # -- the session: attach, read, re-attach -------------------------------------------------
+
+    async def _connect_socket(self) -> socket.socket:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            sock = socket.socket(fileno=fd)
+        elif self._path is None:
+            raise HubUnavailableError("the inherited bus socket is gone and there is no path")
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await _connect(sock, str(self._path))
+            except BaseException:
+                sock.close()
+                raise
+        sock.setblocking(False)
+        return sock
+
+    async def _attach(self, sock: socket.socket) -> Channel:
+        frame, fds = await receive_handle(sock)
+        header = decode_header(frame)
+        ready = decode_body(header, frame, CONTROL_DECODER)
+        if not isinstance(ready, ChannelReady) or ready.role != "session":
+            close_fds(fds)
+            raise ProtocolError("the hub's first message was not a session channel")
+        session = Channel.attach(ChannelHandle(1, fds), self._wait)
+        try:
+            hello = Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, FEATURES, self.name)
+            await session.send(encode(Kind.CONTROL, hello))
+            with anyio.fail_after(10):
+                frame = await session.receive()
+            header = decode_header(frame)
+            if header.kind == Kind.ERROR:
+                raise_for_error(decode_body(header, frame, ERROR_DECODER))
+            welcome = decode_body(header, frame, CONTROL_DECODER)
+            if not isinstance(welcome, Welcome):
+                _unexpected(welcome, Welcome)
+        except BaseException:
+            await session.aclose()
+            raise
+        self.id = welcome.endpoint_id
+        self.max_body = welcome.max_body
+        return session
+
+    async def _run_sessions(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+        first = True
+        backoff = 0.02
+        while not self._closing:
+            try:
+                sock = await self._connect_socket()
+            except OSError:
+                if first:
+                    raise
+                await anyio.sleep(backoff)  # the hub is restarting: try again, backing off
+                backoff = min(backoff * 2, 1.0)
+                continue
+            with sock:
+                try:
+                    session = await self._attach(sock)
+                except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
+                    if first:
+                        raise
+                    await anyio.sleep(backoff)
+                    continue
+                backoff = 0.02
+                async with session, anyio.create_task_group() as tg:
+                    self._session = session
+                    tg.start_soon(self._read_socket, sock, tg.cancel_scope)
+                    tg.start_soon(self._flush_mirror)
+                    if not first:
+                        tg.start_soon(self._restore)
+                    self._attached.set()
+                    log.debug("attached", endpoint=self.id, name=self.name)
+                    if first:
+                        first = False
+                        task_status.started()
+                    await self._read_session(session)
+                    tg.cancel_scope.cancel()
+                self._session = None
+                if self._attached.is_set():
+                    self._attached = anyio.Event()
+                self._calls.fail_all(HubUnavailableError("the hub went away; re-attaching"))
+            if not self._reconnect:
+                break
+            log.warning("hub went away; re-attaching", endpoint=self.id, name=self.name)
+
+    async def _restore(self) -> None:
+        """After re-attaching to a (new) hub: subscriptions, names and services as they were."""
+        for sub in list(self._subs.values()):
+            await self._control(Subscribe(sub.pattern, sub.queue_group, sub.sid))
+        for service in self._services.values():
+            if service.started and not service.draining:
+                service.primary = False
+                await self._start_service(service)
+        if self._monitor is not None:
+            await self._control(MonitorStart(self._monitor.pattern))
+
+    async def _read_session(self, session: Channel) -> None:
+        try:
+            while True:
+                for frame in await session.receive_many():
+                    self._on_session_frame(frame)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
+            return
+
+    def _on_session_frame(self, frame: bytes) -> None:
+        header = decode_header(frame)
+        kind = header.kind
+        if kind == Kind.PUBLISH:
+            sub = self._subs.get(header.destination)
+            if sub is not None:
+                sub.push(Message(header.subject, header.source, frame[header.body_offset :]))
+            return
+        if header.correlation and self._calls.deliver(header, frame):
+            return
+        if kind == Kind.ERROR:
+            self.async_errors += 1  # e.g. a publication the policy kept from some subscribers
+            error = decode_body(header, frame, ERROR_DECODER)
+            log.warning("hub reported an error", code=error.code, message=error.message)
+            return
+        if kind == Kind.CONTROL:
+            self._on_notice(header, frame, decode_body(header, frame, CONTROL_DECODER))
+
+    def _on_notice(self, header: Header, frame: bytes, body: object) -> None:
+        """Control frames the hub sends unasked."""
+        match body:
+            case MonitorRecord() if self._monitor is not None:
+                data = frame[header.body_offset :]
+                self._monitor.push(Message(header.subject, header.source, data))
+            case NameOwnerChanged(name=name, new_owner=new):
+                direct = self._direct.get(name)
+                if direct is not None and direct.peer.endpoint_id != new:
+                    direct.stale = True  # new calls go to the new owner; in-flight ones finish
+                service = self._services.get(name)
+                if service is not None and new == self.id and not service.primary:
+                    service.primary = True
+                    self._spawn(self._describe, service)
+                elif service is not None and new != self.id:
+                    service.primary = False
+            case ChannelRevoke(token=token):
+                for direct in list(self._direct.values()):
+                    if direct.token == token:
+                        direct.stale = True
+            case Mirror(on=on):
+                self._mirror.on = on
+            case Drain():
+                self.drain_requested.set()
+                self._spawn(self.drain)
+            case _:
+                pass
+
+    def _spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        if self._tg is None:
+            raise RuntimeError("the endpoint is not connected")
+        self._tg.start_soon(func, *args)
+
+    async def _describe(self, service: Service) -> None:
+        try:
+            await self._control(service.info())
+        except (anyio.BrokenResourceError, ProtocolError) as exc:
+            log.warning("could not describe service", service=service.name, error=str(exc))
+
+    async def _read_socket(self, sock: socket.socket, scope: anyio.CancelScope) -> None:
+        """Channel handles from the hub: answers to our ChannelOpen, and callers of our services."""
+        try:
+            while True:
+                frame, fds = await receive_handle(sock)
+                header = decode_header(frame)
+                ready = decode_body(header, frame, CONTROL_DECODER)
+                if not isinstance(ready, ChannelReady):
+                    close_fds(fds)
+                elif ready.role == "server":
+                    channel = Channel.attach(ChannelHandle(1, fds), self._wait)
+                    direct = DirectChannel(ready, channel, self._mirror)
+                    self._spawn(self._run_direct, direct, self._services.get(ready.target))
+                elif not self._calls.deliver_value(header, (ready, ChannelHandle(0, fds))):
+                    close_fds(fds)  # nobody waits for it any more (the caller gave up)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
+            scope.cancel()
+
+    async def _flush_mirror(self) -> None:
+        while True:
+            for frame in await self._mirror.next_batch():
+                await self._to_hub(frame)
+
+    def statistics(self) -> dict[str, Any]:
+        """Counters of this endpoint, its session channel and its direct channels."""
+        return {
+            "id": self.id,
+            "session": self._session.statistics() if self._session is not None else None,
+            "direct": {t: d.channel.statistics() for t, d in self._direct.items()},
+            "subscriptions": {s.pattern: s.statistics() for s in self._subs.values()},
+            "services": {
+                n: {"served": s.served, "failed": s.failed, "in_flight": s.in_flight}
+                for n, s in self._services.items()
+            },
+            "async_errors": self.async_errors,
+            "mirror_dropped": self._mirror.dropped,
+        }
+
+
+@asynccontextmanager
+async def connect(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    name: str = "",
+    wait: WaitPolicy | None = None,
+    reconnect: bool = True,
+) -> AsyncIterator[Endpoint]:
+    """Attach to the hub; detach (closing subscriptions and channels) on exit.
+
+    The hub is found at `path`, else on the socket this process inherited ($MULTIKERNEL_BUS_FD,
+    set for processes started inside an instance), else at `default_socket_path()`. With
+    `reconnect`, a hub restart is survived: the endpoint re-attaches and re-registers.
+    """
+    fd = None
+    if path is None and (env_fd := os.environ.get(ENV_FD)):
+        fd = int(env_fd)
+        os.environ.pop(ENV_FD)  # one owner: children do not inherit a claim to it
+    where = Path(path) if path is not None else (None if fd is not None else default_socket_path())
+    endpoint = Endpoint(name or f"pid{os.getpid()}", where, fd, wait, reconnect)
+    async with anyio.create_task_group() as tg:
+        endpoint._tg = tg
+        await tg.start(endpoint._run_sessions)
+        try:
+            yield endpoint
+        finally:
+            endpoint._closing = True
+            for sub in list(endpoint._subs.values()):
+                await sub.aclose()
+            tg.cancel_scope.cancel()

@@ -1,0 +1,196 @@
+"""Services: typed methods served under a well-known name, with a concurrency limit.
+
+    svc = endpoint.service("resource", concurrency=32)
+
+    @svc.method
+    async def grant(request: GrantRequest) -> Grant: ...
+
+    @svc.method
+    async def watch(request: WatchRequest) -> AsyncIterator[Event]:   # many replies
+        yield ...
+
+    await svc.start()          # own the name (queueing behind a current owner, D-Bus style)
+
+Request and response types come from the annotations (msgspec types); they are published to the
+hub as JSON schemas for introspection. A request's deadline (from the caller's cancel scope) bounds
+its handler; `current_caller()` tells the handler who called, as the hub bound it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import typing
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import msgspec
+
+from multikernel.endpoints._direct import DirectChannel, _caller
+from multikernel.protocol import (
+    BusyError,
+    DeadlineExceededError,
+    Flag,
+    Header,
+    Kind,
+    MethodInfo,
+    NoRespondersError,
+    RequestNameResult,
+    ServiceInfo,
+    decode_body,
+    encode,
+    error_to_body,
+    seconds_left,
+)
+
+if TYPE_CHECKING:
+    from multikernel.endpoints._endpoint import Endpoint
+
+Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], AsyncIterator[Any]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    handler: Handler
+    decoder: msgspec.msgpack.Decoder[Any]
+    streaming: bool
+    info: MethodInfo
+
+
+def _schema(kind: object) -> str:
+    try:
+        return json.dumps(msgspec.json.schema(kind), separators=(",", ":"))
+    except (TypeError, ValueError):
+        return ""
+
+
+def describe(handler: Handler, name: str) -> Method:
+    """A method from a handler's annotations: one argument in, a value (or values) out."""
+    hints = typing.get_type_hints(handler)
+    params = [p for p in inspect.signature(handler).parameters.values() if p.name != "self"]
+    if len(params) > 1:
+        raise TypeError(f"method {name!r} must take one argument (the request), not {len(params)}")
+    request_type: Any = hints.get(params[0].name, Any) if params else type(None)
+    returns: Any = hints.get("return", Any)
+    streaming = inspect.isasyncgenfunction(handler)
+    if not streaming and not inspect.iscoroutinefunction(handler):
+        raise TypeError(f"method {name!r} must be an async function or async generator")
+    if streaming and typing.get_origin(returns) is not None:
+        returns = typing.get_args(returns)[0] if typing.get_args(returns) else Any
+    info = MethodInfo(name, _schema(request_type), _schema(returns))
+    return Method(name, handler, msgspec.msgpack.Decoder(request_type), streaming, info)
+
+
+class Service:
+    """Methods served under one well-known name by one endpoint."""
+
+    def __init__(self, endpoint: Endpoint, name: str, *, concurrency: int, flags: int) -> None:
+        self.endpoint = endpoint
+        self.name = name
+        self.flags = flags
+        self.concurrency = concurrency
+        self.methods: dict[str, Method] = {}
+        self.limiter = anyio.CapacityLimiter(concurrency)
+        self.started = False
+        self.draining = False
+        self.primary = False
+        self.in_flight = 0
+        self.served = self.failed = 0
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def method(self, handler: Handler | None = None, *, name: str | None = None) -> Any:
+        """Register an async function (or async generator, for many replies) as a method."""
+
+        def register(fn: Handler) -> Handler:
+            method_name = name or fn.__name__
+            if method_name in self.methods:
+                raise ValueError(f"{self.name!r} already has a method {method_name!r}")
+            self.methods[method_name] = describe(fn, method_name)
+            return fn
+
+        return register(handler) if handler is not None else register
+
+    def info(self) -> ServiceInfo:
+        return ServiceInfo(
+            self.name, tuple(m.info for m in self.methods.values()), self.concurrency
+        )
+
+    async def start(self) -> RequestNameResult:
+        """Own the name (or queue for it) and start serving; returns the hub's answer."""
+        self.started = True
+        return await self.endpoint._start_service(self)
+
+    async def drain(self) -> None:
+        """Lame duck: give the name to the next owner in line, finish the requests in flight."""
+        self.draining = True
+        if self.started:
+            await self.endpoint._release_service(self)
+        await self._idle.wait()
+
+    async def handle(self, direct: DirectChannel, header: Header, frame: bytes) -> None:
+        """Run one request to completion and send its reply (or error), unless abandoned."""
+        correlation = header.correlation
+        self.in_flight += 1
+        self._idle = anyio.Event() if self.in_flight == 1 else self._idle
+        with anyio.CancelScope() as scope:
+            direct.handlers[correlation] = scope
+            try:
+                argument = decode_body(header, frame, self._method(header.subject).decoder)
+                token = _caller.set(direct.peer)
+                try:
+                    await self._run(direct, self._method(header.subject), argument, header)
+                finally:
+                    _caller.reset(token)
+                self.served += 1
+            except TimeoutError:
+                self.failed += 1
+                error = DeadlineExceededError(f"{self.name}.{header.subject} ran past its deadline")
+                await self._send_error(direct, correlation, error)
+            except Exception as exc:  # the handler's failure is the caller's answer
+                self.failed += 1
+                await self._send_error(direct, correlation, exc)
+            finally:
+                direct.handlers.pop(correlation, None)
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self._idle.set()
+        if scope.cancelled_caught:
+            self.failed += 1
+
+    def _method(self, name: str) -> Method:
+        method = self.methods.get(name)
+        if method is None:
+            raise NoRespondersError(f"{self.name!r} has no method {name!r}")
+        return method
+
+    async def _run(
+        self, direct: DirectChannel, method: Method, argument: Any, header: Header
+    ) -> None:
+        left = seconds_left(header.deadline_ns) if header.deadline_ns else None
+        if self.limiter.available_tokens == 0 and self.draining:
+            raise BusyError(f"{self.name!r} is draining and at its concurrency limit")
+        with anyio.fail_after(left):
+            async with self.limiter:
+                correlation = header.correlation
+                encode_reply = self.endpoint._encode_reply
+                if method.streaming:
+                    stream = typing.cast(AsyncIterator[Any], method.handler(argument))
+                    async for item in stream:
+                        await direct.send(encode_reply(item, correlation, Flag.MORE))
+                    await direct.send(encode_reply(None, correlation, 0))
+                else:
+                    result = await typing.cast(Awaitable[Any], method.handler(argument))
+                    await direct.send(encode_reply(result, correlation, 0))
+
+    async def _send_error(
+        self, direct: DirectChannel, correlation: int, exc: BaseException
+    ) -> None:
+        frame = encode(Kind.ERROR, error_to_body(exc), correlation=correlation)
+        # If the caller is gone, nobody is waiting for this error.
+        with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await direct.send(frame)

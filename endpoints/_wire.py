@@ -1,0 +1,98 @@
+"""The control socket between an endpoint and the hub: where it is and how frames cross it.
+
+The socket carries only what shared memory cannot: file descriptors. Every message on it is one
+envelope frame (length-prefixed, so a short read is detected) sent with the fds of one channel
+handle: the session channel at attach, then a ``ChannelReady`` for each direct channel the hub
+sets up. Everything else travels on the session channel (a shared-memory ring pair).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from pathlib import Path
+
+import anyio
+
+from multikernel.protocol import MalformedFrameError
+from multikernel.shm import ChannelHandle
+
+ENV_SOCKET = "MULTIKERNEL_BUS"
+ENV_FD = "MULTIKERNEL_BUS_FD"
+HANDLE_FDS = 6
+_LENGTH = struct.Struct("<I")
+
+
+def default_socket_path() -> Path:
+    """$MULTIKERNEL_BUS, else /run/multikernel/bus.sock as root, else a per-user runtime dir."""
+    if env := os.environ.get(ENV_SOCKET):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/run/multikernel/bus.sock")
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/multikernel-{os.geteuid()}"
+    return Path(runtime) / "multikernel" / "bus.sock"
+
+
+async def send_handle(sock: socket.socket, frame: bytes, handle: ChannelHandle) -> None:
+    """Send one frame with the fds of `handle` (which the caller still closes afterwards).
+
+    `sock` is non-blocking; we wait with `anyio.wait_writable`, so this works under any loop.
+    """
+    message = _LENGTH.pack(len(frame)) + frame
+    while True:
+        try:
+            sent = socket.send_fds(sock, [message], handle.fds)
+        except BlockingIOError:
+            await anyio.wait_writable(sock)
+            continue
+        if sent != len(message):  # a few hundred bytes into an empty socket buffer
+            raise MalformedFrameError("the control socket took only part of a frame")
+        return
+
+
+async def receive_handle(sock: socket.socket) -> tuple[bytes, list[int]]:
+    """Receive one frame and the fds of the channel handle that came with it (we own them).
+
+    Raises `anyio.EndOfStream` when the peer closed the socket.
+    """
+    while True:
+        try:
+            message, fds, _flags, _addr = socket.recv_fds(sock, 1 << 16, HANDLE_FDS)
+        except BlockingIOError:
+            await anyio.wait_readable(sock)
+            continue
+        break
+    if not message and not fds:
+        raise anyio.EndOfStream
+    for fd in fds:
+        os.set_inheritable(fd, False)
+    problem = None
+    if len(fds) != HANDLE_FDS or len(message) < _LENGTH.size:
+        problem = f"{len(message)} bytes with {len(fds)} fds, not a frame with {HANDLE_FDS} fds"
+    elif _LENGTH.unpack_from(message)[0] != len(message) - _LENGTH.size:
+        problem = "a frame whose length prefix does not match what arrived"
+    if problem is not None:
+        close_fds(fds)
+        raise MalformedFrameError(f"control socket carried {problem}")
+    return message[_LENGTH.size :], fds
+
+
+async def wait_closed(sock: socket.socket) -> None:
+    """Return when the peer has closed `sock` (nothing else is ever read from it here)."""
+    while True:
+        await anyio.wait_readable(sock)
+        try:
+            if not sock.recv(1, socket.MSG_PEEK):
+                return
+        except BlockingIOError:
+            continue
+        except OSError:
+            return
+        await anyio.sleep(0.05)  # unexpected data: the peer is alive; look again later
+
+
+def close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        if fd >= 0:
+            os.close(fd)
