@@ -33,6 +33,11 @@ class Reply:
             self.done = True
         self._event.set()
 
+    @property
+    def ready(self) -> bool:
+        """True when `next()` would return without waiting."""
+        return bool(self._frames) or self.done
+
     def fail(self, failure: BaseException) -> None:
         """The path the reply would come on broke: wake the requester with `failure`."""
         if not self.done:
@@ -61,6 +66,10 @@ class Correlations:
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self.pending: dict[int, Reply] = {}
+
+    def __bool__(self) -> bool:
+        """True while replies are due."""
+        return bool(self.pending)
 
     def open(self) -> tuple[int, Reply]:
         correlation = next(self._ids)

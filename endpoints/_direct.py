@@ -12,14 +12,14 @@ from __future__ import annotations
 import contextvars
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
-import anyio.abc
 
-from multikernel.endpoints._calls import Correlations
+from multikernel.endpoints._calls import Correlations, Reply
 from multikernel.protocol import (
     ChannelReady,
+    Header,
     Kind,
     MonitorRecord,
     NoRespondersError,
@@ -68,11 +68,18 @@ class DirectChannel:
         )
         self.channel = channel
         self.calls = Correlations()
+        if self.role == "client":  # spin for a reply only while one is due
+            channel.reader.spin_gate = self.calls.__bool__
         self.handlers: dict[int, anyio.CancelScope] = {}
         self.stale = False
         self.closed = False
         self._mirror = mirror
         self._send_lock = anyio.Lock()
+        self._reading = False
+        self._progress = anyio.Event()
+        self._failure: BaseException = NoRespondersError(
+            f"the direct channel to {self.target!r} closed: its owner went away"
+        )
 
     async def send(self, frame: bytes) -> None:
         """Send a frame; only a full ring (rare) takes the lock and waits."""
@@ -89,27 +96,59 @@ class DirectChannel:
             return False
 
     async def run(self, service: Service | None) -> None:
-        """Read until the channel ends; then fail pending calls and cancel running handlers."""
-        failure: BaseException = NoRespondersError(
-            f"the direct channel to {self.target!r} closed: its owner went away"
-        )
+        """Server side: read requests until the channel ends, then cancel running handlers."""
         try:
-            async with anyio.create_task_group() as tg:
-                try:
-                    while True:
-                        for frame in await self.channel.receive_many():
-                            self._dispatch(frame, service, tg)
-                except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError) as exc:
-                    if isinstance(exc, ProtocolError):
-                        failure = exc
-                tg.cancel_scope.cancel()  # the caller is gone: so is the point of its handlers
+            while True:
+                for frame in await self.channel.receive_many():
+                    self._dispatch(frame, service)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
+            pass
         finally:
             self.closed = True
-            self.calls.fail_all(failure)
-            with anyio.CancelScope(shield=True):
-                await self.channel.aclose()
+            for scope in self.handlers.values():
+                scope.cancel()  # the caller is gone: so is the point of its requests
+            self.channel.close()
 
-    def _dispatch(self, frame: bytes, service: Service | None, tg: anyio.abc.TaskGroup) -> None:
+    async def next_reply(self, reply: Reply) -> tuple[Header, Any] | None:
+        """Client side: the next answer for `reply`.
+
+        A client channel has no reader task: whoever waits for an answer reads the channel
+        (one at a time) and hands out what it finds to every waiting call, so the requester that
+        spins for its reply gets it without a hop through another task.
+        """
+        while not reply.ready:
+            if self.closed:
+                reply.fail(self._failure)
+            elif not self._reading:
+                await self._read_once()
+            else:
+                await self._progress.wait()
+        return await reply.next()
+
+    async def _read_once(self) -> None:
+        self._reading = True
+        try:
+            for frame in await self.channel.receive_many():
+                self._dispatch(frame, None)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError) as exc:
+            if isinstance(exc, ProtocolError):
+                self._failure = exc
+            self.closed = True
+            self.calls.fail_all(self._failure)
+        finally:
+            self._reading = False
+            progress, self._progress = self._progress, anyio.Event()
+            progress.set()
+
+    def release_if_idle(self) -> bool:
+        """Client side: close the channel if it is retired (stale or closed) and unused."""
+        if (self.stale or self.closed) and not self.calls and not self._reading:
+            self.closed = True
+            self.channel.close()
+            return True
+        return False
+
+    def _dispatch(self, frame: bytes, service: Service | None) -> None:
         header = decode_header(frame)
         kind = header.kind
         if kind == Kind.REQUEST:
@@ -119,7 +158,7 @@ class DirectChannel:
                     encode(Kind.ERROR, error_to_body(error), correlation=header.correlation)
                 )
             else:
-                tg.start_soon(service.handle, self, header, frame)
+                service.submit(self, header, frame)
         elif self.role == "server" and kind == Kind.ERROR:
             scope = self.handlers.get(header.correlation)  # the client abandoned that request
             if scope is not None:
@@ -127,9 +166,10 @@ class DirectChannel:
         elif kind in (Kind.REPLY, Kind.ERROR):
             self.calls.deliver(header, frame)
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         self.closed = True
-        await self.channel.aclose()
+        self.calls.fail_all(self._failure)
+        self.channel.close()
 
 
 class Mirroring:

@@ -10,6 +10,7 @@ Works under asyncio, uvloop and trio (anyio).
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -23,7 +24,7 @@ import anyio.abc
 import msgspec
 import structlog
 
-from multikernel.endpoints._calls import Correlations
+from multikernel.endpoints._calls import Correlations, Reply
 from multikernel.endpoints._direct import DirectChannel, Mirroring
 from multikernel.endpoints._service import Service
 from multikernel.endpoints._subscription import Message, Subscription
@@ -68,6 +69,10 @@ from multikernel.shm import Channel, ChannelHandle, WaitPolicy
 T = TypeVar("T")
 log = structlog.get_logger("multikernel.endpoints")
 
+#: Endpoints spin up to 100 µs for an imminent answer (a requester with calls in flight, a
+#: server that just replied): a Python round trip takes 30-50 µs here, so a 50 µs window missed
+#: often and every miss cost a ~60 µs cross-core wake-up (docs/bus.md, "Waiting").
+ENDPOINT_WAIT = WaitPolicy(spin=100e-6)
 FEATURES = Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
 _RAW = msgspec.msgpack.Decoder()
 
@@ -107,7 +112,7 @@ class Endpoint:
         self.max_body = DEFAULT_MAX_BODY
         self._path = path
         self._fd = fd
-        self._wait = wait
+        self._wait = wait or ENDPOINT_WAIT
         self._reconnect = reconnect and fd is None
         self._session: Channel | None = None
         self._attached = anyio.Event()
@@ -176,9 +181,48 @@ class Endpoint:
         policy forbids the call, and the service's own error (same class, remote message) if the
         method failed.
         """
-        async for header, frame in self._call(target, method, body, single=True):
-            return decode_body(header, frame, self._decoder(response))  # type: ignore[no-any-return]
-        raise ProtocolError(f"{target}.{method} answered with an empty stream")
+        direct = await self._direct_to(target)
+        correlation, reply = direct.calls.open()
+        try:
+            await direct.send(self._request_frame(method, body, correlation))
+            direct.channel.reader.nudge()  # the reply is imminent: spin for it
+            answer = await direct.next_reply(reply)
+        finally:
+            self._abandon(direct, correlation, reply)
+        if answer is None:
+            raise ProtocolError(f"{target}.{method} answered with an empty stream")
+        header, frame = answer
+        return decode_body(header, frame, self._decoder(response))  # type: ignore[no-any-return]
+
+    def _request_frame(self, method: str, body: object, correlation: int) -> bytes:
+        """A request frame carrying the caller's deadline (its innermost cancel scope's)."""
+        deadline = anyio.current_effective_deadline()
+        deadline_ns = 0
+        if deadline != math.inf:
+            left = max(0.0, deadline - anyio.current_time())
+            deadline_ns = time.monotonic_ns() + int(left * 1e9)
+        return encode(
+            Kind.REQUEST, body, subject=method, correlation=correlation,
+            deadline_ns=deadline_ns, max_body=self.max_body,
+        )  # fmt: skip
+
+    def _abandon(self, direct: DirectChannel, correlation: int, reply: Reply) -> None:
+        if not reply.done:  # abandoned (cancelled, deadline): tell the server to stop
+            direct.send_nowait(encode(Kind.ERROR, None, correlation=correlation))
+        direct.calls.close(correlation)
+        self._retire(direct)
+
+    def _retire(self, direct: DirectChannel) -> None:
+        """Close a client channel that is stale (the name moved) or broken, once unused."""
+        if direct.release_if_idle():
+            if self._direct.get(direct.target) is direct:
+                del self._direct[direct.target]
+            if not self._closing and self._tg is not None:
+                self._tg.start_soon(self._forget_channel, direct.token)
+
+    async def _forget_channel(self, token: int) -> None:
+        with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self._to_hub(encode(Kind.CONTROL, ChannelRevoke(token)))
 
     async def request_stream(
         self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
@@ -194,24 +238,15 @@ class Endpoint:
     ) -> AsyncIterator[Any]:
         direct = await self._direct_to(target)
         correlation, reply = direct.calls.open()
-        deadline = anyio.current_effective_deadline()
-        deadline_ns = 0
-        if deadline != float("inf"):
-            deadline_ns = time.monotonic_ns() + max(0, int((deadline - anyio.current_time()) * 1e9))
-        frame = encode(
-            Kind.REQUEST, body, subject=method, correlation=correlation,
-            deadline_ns=deadline_ns, max_body=self.max_body,
-        )  # fmt: skip
         try:
-            await direct.send(frame)
-            while (item := await reply.next()) is not None:
+            await direct.send(self._request_frame(method, body, correlation))
+            direct.channel.reader.nudge()
+            while (item := await direct.next_reply(reply)) is not None:
                 yield item
                 if single:
                     return
         finally:
-            if not reply.done:  # abandoned (cancelled, deadline): tell the server to stop
-                direct.send_nowait(encode(Kind.ERROR, None, correlation=correlation))
-            direct.calls.close(correlation)
+            self._abandon(direct, correlation, reply)
 
     async def _direct_to(self, target: str) -> DirectChannel:
         """The current direct channel to `target`'s owner, opened on first use."""
@@ -226,10 +261,11 @@ class Endpoint:
             self._opening[target] = event = anyio.Event()
             try:
                 ready, handle = await self._open(target)
+                old = self._direct.get(target)
                 direct = DirectChannel(ready, Channel.attach(handle, self._wait), self._mirror)
                 self._direct[target] = direct
-                assert self._tg is not None
-                self._tg.start_soon(self._run_direct, direct, None)
+                if old is not None:
+                    self._retire(old)
                 return direct
             finally:
                 del self._opening[target]
@@ -241,15 +277,14 @@ class Endpoint:
         ready, handle = result
         return ready, handle
 
-    async def _run_direct(self, direct: DirectChannel, service: Service | None) -> None:
+    async def _serve_direct(self, direct: DirectChannel, service: Service | None) -> None:
+        """Serve the requests of one caller until it goes away."""
         try:
             await direct.run(service)
         finally:
-            if self._direct.get(direct.target) is direct:
-                del self._direct[direct.target]
             if not self._closing and self._session is not None:
-                with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
-                    await self._to_hub(encode(Kind.CONTROL, ChannelRevoke(direct.token)))
+                with anyio.CancelScope(shield=True):
+                    await self._forget_channel(direct.token)
 
     # -- services -----------------------------------------------------------------------------
 
@@ -484,6 +519,7 @@ class Endpoint:
                 direct = self._direct.get(name)
                 if direct is not None and direct.peer.endpoint_id != new:
                     direct.stale = True  # new calls go to the new owner; in-flight ones finish
+                    self._retire(direct)
                 service = self._services.get(name)
                 if service is not None and new == self.id and not service.primary:
                     service.primary = True
@@ -494,6 +530,7 @@ class Endpoint:
                 for direct in list(self._direct.values()):
                     if direct.token == token:
                         direct.stale = True
+                        self._retire(direct)
             case Mirror(on=on):
                 self._mirror.on = on
             case Drain():
@@ -525,7 +562,7 @@ class Endpoint:
                 elif ready.role == "server":
                     channel = Channel.attach(ChannelHandle(1, fds), self._wait)
                     direct = DirectChannel(ready, channel, self._mirror)
-                    self._spawn(self._run_direct, direct, self._services.get(ready.target))
+                    self._spawn(self._serve_direct, direct, self._services.get(ready.target))
                 elif not self._calls.deliver_value(header, (ready, ChannelHandle(0, fds))):
                     close_fds(fds)  # nobody waits for it any more (the caller gave up)
         except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
@@ -572,13 +609,18 @@ async def connect(
         os.environ.pop(ENV_FD)  # one owner: children do not inherit a claim to it
     where = Path(path) if path is not None else (None if fd is not None else default_socket_path())
     endpoint = Endpoint(name or f"pid{os.getpid()}", where, fd, wait, reconnect)
-    async with anyio.create_task_group() as tg:
-        endpoint._tg = tg
-        await tg.start(endpoint._run_sessions)
-        try:
-            yield endpoint
-        finally:
-            endpoint._closing = True
-            for sub in list(endpoint._subs.values()):
-                await sub.aclose()
-            tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            endpoint._tg = tg
+            await tg.start(endpoint._run_sessions)
+            try:
+                yield endpoint
+            finally:
+                endpoint._closing = True
+                for sub in list(endpoint._subs.values()):
+                    await sub.aclose()
+                tg.cancel_scope.cancel()
+    finally:
+        for direct in endpoint._direct.values():
+            direct.close()
+        endpoint._direct.clear()

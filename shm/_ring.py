@@ -146,6 +146,10 @@ class _RingSide:
         self._liveness_fd = liveness_fd
         self.policy = policy or WaitPolicy()
         self._governor = SpinGovernor(self.policy)
+        #: If set, a wait spins only while this returns True: e.g. a requester spins only while it
+        #: has requests in flight, since only then is something imminent.
+        self.spin_gate: Callable[[], bool] | None = None
+        self._nudged = False
         self._closed = False
         self._broken: RingCorruptedError | None = None
         self._busy = False
@@ -180,11 +184,32 @@ class _RingSide:
 
     def _spin(self, attempt: Callable[[], T | None]) -> T | None:
         governor = self._governor
-        if not governor.should_spin():
+        if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
             return None
         deadline = _now() + governor.spin_ns
         while _now() < deadline:
             _yield()
+            result = attempt()
+            if result is not None:
+                governor.record(hit=True)
+                self._spins += 1
+                return result
+        governor.record(hit=False)
+        return None
+
+    async def _spin_async(self, attempt: Callable[[], T | None]) -> T | None:
+        governor = self._governor
+        if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
+            return None
+        checkpoint = anyio.lowlevel.checkpoint
+        self._nudged = False
+        deadline = _now() + governor.spin_ns
+        while _now() < deadline:
+            await checkpoint()
+            _yield()
+            if self._nudged:  # something was just sent that the peer will answer: spin on
+                self._nudged = False
+                deadline = _now() + governor.spin_ns
             result = attempt()
             if result is not None:
                 governor.record(hit=True)
@@ -258,14 +283,18 @@ class _RingSide:
                 return result
 
     async def _await(self, attempt: Callable[[], T | None], at_end: Callable[[], T | None]) -> T:
-        """Wait until `attempt` returns a result; only the spin window blocks the event loop."""
+        """Wait until `attempt` returns a result, never blocking the event loop.
+
+        The spin yields to the event loop on every turn (a checkpoint, then `sched_yield`), so
+        the task that will produce what we wait for (often in this very process: a handler about
+        to reply) runs while we spin.
+        """
         if self._busy:
             raise anyio.BusyResourceError("waiting on this ring side")
         self._busy = True
         try:
-            result = self._spin(attempt)
             backoff = self.policy.poll_min
-            while result is None:
+            while (result := await self._spin_async(attempt)) is None:
                 result = self._announce_sleep(attempt, at_end)
                 if result is not None:
                     break
@@ -279,9 +308,25 @@ class _RingSide:
                     self._woken()
                 self._check_usable()
                 result = attempt()
+                if result is not None:
+                    break
             return result
         finally:
             self._busy = False
+
+    def nudge(self) -> None:
+        """Something this side waits for is now imminent (we just sent a request or a reply).
+
+        A wait in progress restarts its spin window; a side asleep on its doorbell is woken (a
+        cheap, same-process wake-up) so that it spins for the answer instead of sleeping.
+        """
+        self._nudged = True
+        if (
+            self._bell is not None
+            and not self._closed
+            and self._q[self._my_flags] & L.SIDE_SLEEPING
+        ):
+            self._bell.ring()
 
     def _set_closed_flag(self) -> None:
         q, slot = self._q, self._my_flags
