@@ -12,15 +12,15 @@ import sys
 from pathlib import Path
 
 import anyio
-import structlog
 
 from multikernel.bus._hub import Hub
 from multikernel.bus._policy import Policy
 from multikernel.bus._rules import PolicyError
 from multikernel.bus._session import Limits
+from multikernel.endpoints._logging import configure, get_logger
 from multikernel.endpoints._wire import default_socket_path
 
-log = structlog.get_logger("multikernel.bus")
+log = get_logger("multikernel.bus")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -53,6 +53,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    configure()
     try:
         anyio.run(run, args, backend="asyncio", backend_options={"use_uvloop": True})
     except (PolicyError, RuntimeError) as exc:

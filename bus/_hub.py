@@ -21,12 +21,12 @@ from pathlib import Path
 
 import anyio
 import anyio.abc
-import structlog
 
 from multikernel.bus._names import NameRegistry
 from multikernel.bus._policy import Identity, Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
+from multikernel.endpoints._logging import get_logger
 from multikernel.endpoints._wire import default_socket_path, send_handle, wait_closed
 from multikernel.protocol import (
     CONTROL_DECODER,
@@ -74,7 +74,7 @@ from multikernel.protocol import (
 )
 from multikernel.shm import WaitPolicy, create_channel, create_channel_handles
 
-log = structlog.get_logger("multikernel.bus")
+log = get_logger("multikernel.bus")
 
 #: The hub never spins: on an oversubscribed host it would steal the CPU its endpoints need.
 HUB_WAIT = WaitPolicy(spin=0)

@@ -22,10 +22,10 @@ from typing import Any, NoReturn, TypeVar
 import anyio
 import anyio.abc
 import msgspec
-import structlog
 
 from multikernel.endpoints._calls import Correlations, Reply
 from multikernel.endpoints._direct import DirectChannel, Mirroring
+from multikernel.endpoints._logging import get_logger
 from multikernel.endpoints._service import Service
 from multikernel.endpoints._subscription import Message, Subscription
 from multikernel.endpoints._wire import ENV_FD, close_fds, default_socket_path, receive_handle
@@ -67,7 +67,7 @@ from multikernel.protocol import (
 from multikernel.shm import Channel, ChannelHandle, WaitPolicy
 
 T = TypeVar("T")
-log = structlog.get_logger("multikernel.endpoints")
+log = get_logger("multikernel.endpoints")
 
 #: Endpoints spin up to 100 µs for an imminent answer (a requester with calls in flight, a
 #: server that just replied): a Python round trip takes 30-50 µs here, so a 50 µs window missed

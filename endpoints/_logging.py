@@ -1,0 +1,47 @@
+"""Structured logs that behave like a library's: through stdlib logging, JSON off a terminal.
+
+Our modules log with `get_logger(__name__)`: structlog renders each event (JSON when stderr is not
+a terminal, readable key=value on one) and hands it to the stdlib logger of that name, so the
+application decides what is shown and where, as with any library. Unconfigured, Python shows
+warnings and errors on stderr only. Our entry points (`python -m multikernel.bus`, `mkctl`, the
+demo) call `configure()` to show info and above on stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+
+def _renderer() -> Any:
+    if sys.stderr.isatty():
+        return structlog.dev.ConsoleRenderer(colors=False)
+    return structlog.processors.JSONRenderer()
+
+
+def get_logger(name: str) -> Any:
+    """A structlog logger that writes through `logging.getLogger(name)`."""
+    return structlog.wrap_logger(
+        logging.getLogger(name),
+        processors=[
+            structlog.stdlib.filter_by_level,
+            structlog.stdlib.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso"),
+            _renderer(),
+        ],
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=True,
+    )
+
+
+def configure(level: int | str = logging.INFO) -> None:
+    """For entry points: our events at `level` and above, one per line on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root = logging.getLogger("multikernel")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False

@@ -1,0 +1,157 @@
+"""Requests and replies between processes, over direct channels the hub sets up."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import anyio
+import msgspec
+import pytest
+
+from multikernel.bus import Hub
+from multikernel.endpoints import connect
+from multikernel.protocol import DeadlineExceededError, NoRespondersError, RemoteError
+
+from .conftest import spawn
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_request_reaches_a_service_in_another_process(hub: Hub, socket_path: Path) -> None:
+    with spawn("serve", socket_path, "demo") as server:
+        await server.expect("ready")
+        async with connect(socket_path, name="client") as ep:
+            assert await ep.request("demo", "echo", b"ping") == b"ping"
+            who = await ep.request("demo", "whoami", None)
+            assert who["caller"] == ep.id  # the server learned who called from the hub
+        assert await server.stop() == 0
+
+
+async def test_typed_response_is_decoded_into_the_requested_type(
+    hub: Hub, socket_path: Path
+) -> None:
+    class Who(msgspec.Struct):
+        server: int
+        caller: int
+        instance: int
+
+    with spawn("serve", socket_path, "demo") as server:
+        ready = await server.expect("ready")
+        async with connect(socket_path) as ep:
+            who = await ep.request("demo", "whoami", None, response=Who)
+            assert who == Who(server=ready["id"], caller=ep.id, instance=0)
+
+
+async def test_a_stream_of_replies_arrives_in_order(hub: Hub, socket_path: Path) -> None:
+    with spawn("serve", socket_path, "demo") as server:
+        await server.expect("ready")
+        async with connect(socket_path) as ep:
+            got = [i async for i in ep.request_stream("demo", "count", 500, response=int)]
+        assert got == list(range(500))
+
+
+async def test_no_responders_is_immediate(hub: Hub, socket_path: Path) -> None:
+    async with connect(socket_path) as ep:
+        with anyio.fail_after(2), pytest.raises(NoRespondersError, match="nobody owns"):
+            await ep.request("absent", "anything", None)
+
+
+async def test_unknown_method_is_no_responders(hub: Hub, socket_path: Path) -> None:
+    with spawn("serve", socket_path, "demo") as server:
+        await server.expect("ready")
+        async with connect(socket_path) as ep:
+            with pytest.raises(NoRespondersError, match="no method 'nope'"):
+                await ep.request("demo", "nope", None)
+
+
+async def test_remote_exception_keeps_its_type_name_and_message(
+    hub: Hub, socket_path: Path
+) -> None:
+    with spawn("serve", socket_path, "demo") as server:
+        await server.expect("ready")
+        async with connect(socket_path) as ep:
+            with pytest.raises(RemoteError, match="bad input") as caught:
+                await ep.request("demo", "fail", "bad input")
+            assert caught.value.remote_type == "ValueError"
+
+
+async def test_caller_deadline_cancels_the_handler(hub: Hub, socket_path: Path) -> None:
+    with spawn("serve", socket_path, "demo") as server:
+        await server.expect("ready")
+        async with connect(socket_path) as ep:
+            with pytest.raises(TimeoutError):
+                with anyio.fail_after(0.2):
+                    await ep.request("demo", "sleep", 30.0)
+            cancelled = await server.expect("cancelled")
+            assert cancelled["seconds"] == 30.0
+            assert await ep.request("demo", "echo", b"still fine") == b"still fine"
+
+
+async def test_deadline_travels_in_the_envelope(hub: Hub, socket_path: Path) -> None:
+    """A handler that overruns the caller's deadline is stopped by the server itself."""
+    with spawn("serve", socket_path, "demo") as server:
+        await server.expect("ready")
+        async with connect(socket_path) as ep:
+            direct = await ep._direct_to("demo")
+            correlation, reply = direct.calls.open()
+            from multikernel.protocol import Kind, deadline_after, encode
+
+            frame = encode(
+                Kind.REQUEST, 30.0, subject="sleep", correlation=correlation,
+                deadline_ns=deadline_after(0.1),
+            )  # fmt: skip
+            await direct.send(frame)
+            with anyio.fail_after(10), pytest.raises(DeadlineExceededError):
+                await direct.next_reply(reply)
+            await server.expect("cancelled")
+
+
+async def test_killed_server_fails_the_pending_request_instead_of_hanging(
+    hub: Hub, socket_path: Path
+) -> None:
+    with spawn("serve", socket_path, "demo") as server:
+        await server.expect("ready")
+        async with connect(socket_path) as ep:
+            assert await ep.request("demo", "echo", b"warm") == b"warm"
+            async with anyio.create_task_group() as tg:
+
+                async def kill_when_waiting() -> None:
+                    await anyio.wait_all_tasks_blocked()
+                    server.proc.send_signal(signal.SIGKILL)
+
+                tg.start_soon(kill_when_waiting)
+                with anyio.fail_after(20), pytest.raises(NoRespondersError, match="went away"):
+                    await ep.request("demo", "sleep", 30.0)
+            assert await server.exited() == -signal.SIGKILL
+            with pytest.raises(NoRespondersError):  # the hub released its name
+                await ep.request("demo", "echo", b"x")
+
+
+async def test_requester_process_dying_cancels_its_handler(hub: Hub, socket_path: Path) -> None:
+    with spawn("serve", socket_path, "demo") as server:
+        await server.expect("ready")
+        with spawn("call", socket_path, "demo", "sleep", "30") as caller:
+            await caller.expect("ready")
+            async with connect(socket_path) as ep:
+                with anyio.fail_after(20):
+                    while not (await ep.introspect()).channels:
+                        await anyio.wait_all_tasks_blocked()
+            caller.proc.send_signal(signal.SIGKILL)
+            await server.expect("cancelled")
+
+
+async def test_concurrent_requests_share_one_channel(hub: Hub, socket_path: Path) -> None:
+    with spawn("serve", socket_path, "demo") as server:
+        await server.expect("ready")
+        async with connect(socket_path) as ep:
+            results: dict[int, bytes] = {}
+
+            async def one(i: int) -> None:
+                results[i] = await ep.request("demo", "echo", i.to_bytes(2, "little"))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(64):
+                    tg.start_soon(one, i)
+            assert results == {i: i.to_bytes(2, "little") for i in range(64)}
+            assert len((await ep.introspect()).channels) == 1
