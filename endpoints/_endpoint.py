@@ -62,6 +62,7 @@ from multikernel.protocol import (
     decode_header,
     encode,
     raise_for_error,
+    validate_pattern,
     validate_subject,
 )
 from multikernel.shm import Channel, ChannelHandle, WaitPolicy
@@ -146,6 +147,7 @@ class Endpoint:
         self, pattern: str, *, queue_group: str | None = None, max_pending: int = 1024
     ) -> Subscription:
         """Subscribe to `pattern` (`*` one token, `>` the rest); use as `async with`."""
+        validate_pattern(pattern)
         sid = self._next_sid
         self._next_sid += 1
         sub = Subscription(sid, pattern, queue_group, max_pending, self._unsubscribe)
@@ -154,6 +156,7 @@ class Endpoint:
             ok = await self._control(Subscribe(pattern, queue_group, sid))
         except BaseException:
             del self._subs[sid]
+            sub.discard()
             raise
         sub.cross_instance = bool(getattr(ok, "value", 0))
         return sub

@@ -90,6 +90,12 @@ class Subscription:
         buffered = self._receive.statistics().current_buffer_used
         return SubscriptionStatistics(self.delivered, self.dropped, buffered)
 
+    def discard(self) -> None:
+        """Close the buffer without telling the hub (it never accepted the subscription)."""
+        self.active = False
+        self._send.close()
+        self._receive.close()
+
     async def aclose(self) -> None:
         if self.active:
             self.active = False

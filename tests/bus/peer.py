@@ -38,7 +38,7 @@ async def until_stdin_closes() -> None:
 
 
 async def serve(ep: Endpoint, name: str, flags: str = "0") -> None:
-    svc = ep.service(name)
+    svc = ep.service(name, flags=int(flags))
 
     @svc.method
     async def echo(data: bytes) -> bytes:
