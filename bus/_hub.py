@@ -318,10 +318,10 @@ class Hub:
             self._unsubscribe(session, sid)
         if self._monitors.pop(session.id, None) is not None and not self._monitors:
             self._broadcast(Mirror(on=False))
+        self._owner_changes(self._names.remove_owner(session.id))  # clients hear of it first
         for token, channel in list(self._channels.items()):
             if session.id in (channel.client, channel.server):
                 del self._channels[token]
-        self._owner_changes(self._names.remove_owner(session.id))
         log.info("endpoint detached", endpoint=session.id, overflowed=session.overflowed)
 
     # -- frames from endpoints ----------------------------------------------------------------

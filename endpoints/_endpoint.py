@@ -53,6 +53,7 @@ from multikernel.protocol import (
     NameRelease,
     NameRequest,
     NameRequestReply,
+    NoRespondersError,
     ProtocolError,
     RequestNameResult,
     Subscribe,
@@ -184,11 +185,8 @@ class Endpoint:
         policy forbids the call, and the service's own error (same class, remote message) if the
         method failed.
         """
-        direct = await self._direct_to(target)
-        correlation, reply = direct.calls.open()
+        direct, correlation, reply = await self._send_request(target, method, body)
         try:
-            await direct.send(self._request_frame(method, body, correlation))
-            direct.channel.reader.nudge()  # the reply is imminent: spin for it
             answer = await direct.next_reply(reply)
         finally:
             self._abandon(direct, correlation, reply)
@@ -196,6 +194,33 @@ class Endpoint:
             raise ProtocolError(f"{target}.{method} answered with an empty stream")
         header, frame = answer
         return decode_body(header, frame, self._decoder(response))  # type: ignore[no-any-return]
+
+    async def _send_request(
+        self, target: str, method: str, body: object
+    ) -> tuple[DirectChannel, int, Reply]:
+        """Send a request on the channel to `target`'s owner, opening one if needed.
+
+        A channel whose server side is closed (the owner left, and the hub's notice has not
+        reached us yet) did not take the request: retire it and ask the hub again, once.
+        """
+        for attempt in (1, 2):
+            direct = await self._direct_to(target)
+            correlation, reply = direct.calls.open()
+            try:
+                await direct.send(self._request_frame(method, body, correlation))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                direct.calls.close(correlation)
+                direct.closed = True
+                self._retire(direct)
+                if attempt == 2:
+                    raise NoRespondersError(f"the owner of {target!r} went away") from None
+                continue
+            except BaseException:
+                self._abandon(direct, correlation, reply)
+                raise
+            direct.channel.reader.nudge()  # the reply is imminent: spin for it
+            return direct, correlation, reply
+        raise AssertionError("unreachable")
 
     def _request_frame(self, method: str, body: object, correlation: int) -> bytes:
         """A request frame carrying the caller's deadline (its innermost cancel scope's)."""
@@ -239,11 +264,8 @@ class Endpoint:
     async def _call(
         self, target: str, method: str, body: object, *, single: bool
     ) -> AsyncIterator[Any]:
-        direct = await self._direct_to(target)
-        correlation, reply = direct.calls.open()
+        direct, correlation, reply = await self._send_request(target, method, body)
         try:
-            await direct.send(self._request_frame(method, body, correlation))
-            direct.channel.reader.nudge()
             while (item := await direct.next_reply(reply)) is not None:
                 yield item
                 if single:
