@@ -512,6 +512,12 @@ class Hub:
     def _owner_changes(self, changes: list[NameOwnerChanged]) -> None:
         """Publish each change on mk.bus.names.<name> and tell the clients of direct channels."""
         for change in changes:
+            for owner in (change.old_owner, change.new_owner):
+                session = self._sessions.get(owner)
+                if session is not None:  # `name:` selectors look at the names an endpoint owns
+                    names = frozenset(self._names.names_of(owner))
+                    session.identity = dataclasses.replace(session.identity, names=names)
+                    session.publish_decisions.clear()
             frame = encode(Kind.CONTROL, change)
             notified = set()
             for record in self._channels.values():

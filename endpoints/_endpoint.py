@@ -353,7 +353,12 @@ class Endpoint:
         """(Privileged) every frame the bus carries whose subject matches, with timestamps."""
         sub = Subscription(0, pattern, None, max_pending, self._stop_monitor)
         self._monitor = sub
-        await self._control(MonitorStart(pattern))
+        try:
+            await self._control(MonitorStart(pattern))
+        except BaseException:
+            self._monitor = None
+            sub.discard()
+            raise
 
         async def records() -> AsyncIterator[MonitorRecord]:
             async for message in sub:
@@ -618,18 +623,19 @@ class Endpoint:
 async def connect(
     path: str | os.PathLike[str] | None = None,
     *,
+    fd: int | None = None,
     name: str = "",
     wait: WaitPolicy | None = None,
     reconnect: bool = True,
 ) -> AsyncIterator[Endpoint]:
     """Attach to the hub; detach (closing subscriptions and channels) on exit.
 
-    The hub is found at `path`, else on the socket this process inherited ($MULTIKERNEL_BUS_FD,
-    set for processes started inside an instance), else at `default_socket_path()`. With
-    `reconnect`, a hub restart is survived: the endpoint re-attaches and re-registers.
+    The hub is found at `path`, else on the connected socket `fd` (which the endpoint then owns),
+    else on the socket this process inherited ($MULTIKERNEL_BUS_FD, set for processes started
+    inside an instance), else at `default_socket_path()`. With `reconnect`, a hub restart is
+    survived: the endpoint re-attaches and re-registers (not possible over an inherited socket).
     """
-    fd = None
-    if path is None and (env_fd := os.environ.get(ENV_FD)):
+    if path is None and fd is None and (env_fd := os.environ.get(ENV_FD)):
         fd = int(env_fd)
         os.environ.pop(ENV_FD)  # one owner: children do not inherit a claim to it
     where = Path(path) if path is not None else (None if fd is not None else default_socket_path())
