@@ -10,6 +10,7 @@ endpoints, so a hub restart does not interrupt them: endpoints re-attach and re-
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import socket
