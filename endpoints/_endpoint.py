@@ -460,27 +460,36 @@ class Endpoint:
         self.max_body = welcome.max_body
         return session
 
-    async def _run_sessions(self, *, task_status: anyio.abc.TaskStatus[None]) -> None:
+    async def _open_session(self) -> tuple[socket.socket, Channel]:
+        """Connect to the hub and attach; raises HubUnavailableError saying what to do."""
+        where = self._path or "the inherited bus socket"
+        try:
+            sock = await self._connect_socket()
+        except OSError as exc:
+            raise HubUnavailableError(
+                f"no hub is listening on {where} ({exc.strerror}); start one with "
+                "`mkctl host up` or `python -m multikernel.bus`, or set $MULTIKERNEL_BUS"
+            ) from None
+        try:
+            return sock, await self._attach(sock)
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            sock.close()
+            raise HubUnavailableError(f"the hub on {where} dropped us while attaching") from exc
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _run_sessions(
+        self,
+        sock: socket.socket,
+        session: Channel,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the session we have; when the hub goes, re-attach (with back-off) and restore."""
         first = True
-        backoff = 0.02
-        while not self._closing:
-            try:
-                sock = await self._connect_socket()
-            except OSError:
-                if first:
-                    raise
-                await anyio.sleep(backoff)  # the hub is restarting: try again, backing off
-                backoff = min(backoff * 2, 1.0)
-                continue
+        while True:
             with sock:
-                try:
-                    session = await self._attach(sock)
-                except (OSError, anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
-                    if first:
-                        raise
-                    await anyio.sleep(backoff)
-                    continue
-                backoff = 0.02
                 async with session, anyio.create_task_group() as tg:
                     self._session = session
                     tg.start_soon(self._read_socket, sock, tg.cancel_scope)
@@ -498,9 +507,17 @@ class Endpoint:
                 if self._attached.is_set():
                     self._attached = anyio.Event()
                 self._calls.fail_all(HubUnavailableError("the hub went away; re-attaching"))
-            if not self._reconnect:
-                break
+            if not self._reconnect or self._closing:
+                return
             log.warning("hub went away; re-attaching", endpoint=self.id, name=self.name)
+            backoff = 0.02
+            while True:
+                try:
+                    sock, session = await self._open_session()
+                    break
+                except (HubUnavailableError, ProtocolError):
+                    await anyio.sleep(backoff)  # the hub is restarting: try again, backing off
+                    backoff = min(backoff * 2, 1.0)
 
     async def _restore(self) -> None:
         """After re-attaching to a (new) hub: subscriptions, names and services as they were."""
@@ -640,10 +657,11 @@ async def connect(
         os.environ.pop(ENV_FD)  # one owner: children do not inherit a claim to it
     where = Path(path) if path is not None else (None if fd is not None else default_socket_path())
     endpoint = Endpoint(name or f"pid{os.getpid()}", where, fd, wait, reconnect)
+    sock, session = await endpoint._open_session()  # before the task group: a clean error
     try:
         async with anyio.create_task_group() as tg:
             endpoint._tg = tg
-            await tg.start(endpoint._run_sessions)
+            await tg.start(endpoint._run_sessions, sock, session)
             try:
                 yield endpoint
             finally:
