@@ -13,11 +13,15 @@ Header slots (index = byte offset / 8):
       3  header    header size in bytes (256), i.e. where the data area starts
     cache line 1, written only by the consumer
       8  head            total bytes consumed since creation (monotonic)
-      9  consumer_flags  bit 0: may be asleep on the data doorbell; bit 1: closed
     cache line 2, written only by the producer
      16  tail            total bytes published since creation (monotonic)
-     17  producer_flags  bit 0: may be asleep on the space doorbell; bit 1: closed
-    cache line 3: reserved, zero
+    cache line 3, written rarely (going to sleep, closing), read after every publish/consume
+     24  consumer_flags  bit 0: may be asleep on the data doorbell; bit 1: closed
+     25  producer_flags  bit 0: may be asleep on the space doorbell; bit 1: closed
+
+The flags live apart from the counters: each side reads the other's flags after every
+publish or consume, and a flag word on the peer's counter line would drag that line across cores
+on every message.
 
 A frame starts at an 8-byte-aligned offset of the data area with an 8-byte header slot whose low
 32 bits are the payload length and whose high 32 bits are flags (bit 0: padding), followed by the
@@ -41,9 +45,9 @@ SLOT_VERSION = 1
 SLOT_CAPACITY = 2
 SLOT_HEADER = 3
 SLOT_HEAD = 8
-SLOT_CONSUMER_FLAGS = 9
+SLOT_CONSUMER_FLAGS = 24
 SLOT_TAIL = 16
-SLOT_PRODUCER_FLAGS = 17
+SLOT_PRODUCER_FLAGS = 25
 
 SIDE_SLEEPING = 1
 SIDE_CLOSED = 2
