@@ -6,7 +6,9 @@ import anyio
 import anyio.lowlevel
 
 from multikernel.shm import _layout as L
+from multikernel.shm._doorbell import _fence_acquire, _fence_release
 from multikernel.shm._errors import PeerDiedError
+from multikernel.shm._layout import FRAME_HEADER, SIDE_SLEEPING, SLOT_HEAD, SLOT_PRODUCER_FLAGS
 from multikernel.shm._ring import _DATA_SLOT, _MASK32, _RingSide
 
 
@@ -52,7 +54,7 @@ class RingReader(_RingSide):
         size = (word + 15) & ~7
         if word > self.max_payload or head + size > self._tail or off + size > capacity:
             raise self._corrupt(f"frame length {word} at offset {off} runs past the data")
-        start = self._data + off + L.FRAME_HEADER
+        start = self._data + off + FRAME_HEADER
         frame = self._mm[start : start + word]
         self._head = head + size
         self._frames += 1
@@ -61,12 +63,17 @@ class RingReader(_RingSide):
 
     def _consumed(self) -> None:
         """Publish the local head with one 8-byte store, then wake the writer if it sleeps."""
-        self._q[L.SLOT_HEAD] = self._head
-        self._ring_peer()
+        q = self._q
+        q[SLOT_HEAD] = self._head
+        _fence_acquire()  # orders the head store before the load of the writer's flags
+        _fence_release()
+        if q[SLOT_PRODUCER_FLAGS] & SIDE_SLEEPING and self._peer_bell is not None:
+            self._wakeups += 1
+            self._peer_bell.ring()
 
     def try_receive(self) -> bytes | None:
         """The next frame if one is there now, else None."""
-        if self._broken is not None or self._closed:
+        if self._unusable:
             self._check_usable()
         if self._head == self._tail and self._head == self._load_tail():
             return None
@@ -76,7 +83,7 @@ class RingReader(_RingSide):
 
     def try_receive_many(self, max_frames: int = 256) -> list[bytes]:
         """Up to `max_frames` frames that are there now (maybe none), consumed in one publish."""
-        if self._broken is not None or self._closed:
+        if self._unusable:
             self._check_usable()
         if self._head == self._tail and self._head == self._load_tail():
             return []

@@ -152,12 +152,14 @@ class _RingSide:
         self._nudged = False
         self._closed = False
         self._broken: RingCorruptedError | None = None
+        self._unusable = False  # closed or broken: one check on the hot paths
         self._busy = False
         self._frames = self._bytes = self._waits = self._wakeups = self._full = self._spins = 0
 
     # -- shared plumbing ----------------------------------------------------------------------
 
     def _corrupt(self, what: str) -> RingCorruptedError:
+        self._unusable = True
         self._broken = RingCorruptedError(
             f"peer corrupted the ring at offset {self._offset}: {what}; the ring is quarantined"
         )
@@ -348,7 +350,7 @@ class _RingSide:
         """
         if self._closed:
             return
-        self._closed = True
+        self._closed = self._unusable = True
         try:
             if self._broken is None:
                 self._set_closed_flag()

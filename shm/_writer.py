@@ -9,13 +9,25 @@ import anyio
 import anyio.lowlevel
 
 from multikernel.shm import _layout as L
+from multikernel.shm._doorbell import _fence_acquire, _fence_release
 from multikernel.shm._errors import FrameTooLargeError
+from multikernel.shm._layout import (
+    FLAG_PADDING,
+    FRAME_HEADER,
+    SIDE_CLOSED,
+    SIDE_SLEEPING,
+    SLOT_CONSUMER_FLAGS,
+    SLOT_TAIL,
+)
 from multikernel.shm._ring import _DATA_SLOT, _RingSide
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from multikernel.shm._ring import Buffer
+
+
+_PADDING_WORD = FLAG_PADDING << 32
 
 
 class RingWriter(_RingSide):
@@ -52,10 +64,10 @@ class RingWriter(_RingSide):
             return False
         q = self._q
         if pad:
-            q[_DATA_SLOT + (off >> 3)] = (pad - L.FRAME_HEADER) | (L.FLAG_PADDING << 32)
+            q[_DATA_SLOT + (off >> 3)] = (pad - FRAME_HEADER) | _PADDING_WORD
             tail += pad
             off = 0
-        start = self._data + off + L.FRAME_HEADER
+        start = self._data + off + FRAME_HEADER
         self._mm[start : start + n] = data
         q[_DATA_SLOT + (off >> 3)] = n
         self._tail = tail + size
@@ -64,14 +76,23 @@ class RingWriter(_RingSide):
         return True
 
     def _publish(self) -> None:
-        """Publish the local tail with one 8-byte store, then wake the reader if it sleeps."""
+        """Publish the local tail with one 8-byte store, then wake the reader if it sleeps.
+
+        The fence orders our tail store before the load of the reader's flags (see _ring.py).
+        """
         q = self._q
-        q[L.SLOT_TAIL] = self._tail
-        self._ring_peer()
-        if q[L.SLOT_CONSUMER_FLAGS] & L.SIDE_CLOSED:
-            raise anyio.BrokenResourceError(
-                "the reader closed its side of the ring; frames sent now are not delivered"
-            )
+        q[SLOT_TAIL] = self._tail
+        _fence_acquire()
+        _fence_release()
+        flags = q[SLOT_CONSUMER_FLAGS]
+        if flags:
+            if flags & SIDE_SLEEPING and self._peer_bell is not None:
+                self._wakeups += 1
+                self._peer_bell.ring()
+            if flags & SIDE_CLOSED:
+                raise anyio.BrokenResourceError(
+                    "the reader closed its side of the ring; frames sent now are not delivered"
+                )
 
     def _too_large(self, n: int) -> FrameTooLargeError:
         return FrameTooLargeError(
@@ -81,7 +102,7 @@ class RingWriter(_RingSide):
 
     def try_send(self, data: Buffer) -> bool:
         """Send one frame if there is room now; False (nothing written) if the ring is full."""
-        if self._broken is not None or self._closed:
+        if self._unusable:
             self._check_usable()
         n = len(data)
         if n > self.max_payload:
@@ -94,7 +115,7 @@ class RingWriter(_RingSide):
 
     def try_send_many(self, frames: Sequence[Buffer], start: int = 0) -> int:
         """Send as many of `frames[start:]` as fit now, publishing once; returns how many."""
-        if self._broken is not None or self._closed:
+        if self._unusable:
             self._check_usable()
         put = self._put
         count = 0
