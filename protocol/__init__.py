@@ -24,6 +24,7 @@ and says how messages may evolve. Subjects are dot-separated tokens with ``*`` a
 wildcards (``validate_subject``, ``validate_pattern``, ``subject_matches``).
 """
 
+from multikernel.protocol._bus import AttachRequest as AttachRequest
 from multikernel.protocol._bus import BusSnapshot as BusSnapshot
 from multikernel.protocol._bus import ChannelInfo as ChannelInfo
 from multikernel.protocol._bus import ChannelOpen as ChannelOpen
@@ -115,6 +116,20 @@ from multikernel.protocol._kernel_abi import SystemHeartbeat as SystemHeartbeat
 from multikernel.protocol._kernel_abi import SystemMessage as SystemMessage
 from multikernel.protocol._kernel_abi import msg_type_of as msg_type_of
 from multikernel.protocol._kernel_abi import op_of as op_of
+from multikernel.protocol._lifecycle import AgentHello as AgentHello
+from multikernel.protocol._lifecycle import AgentStatus as AgentStatus
+from multikernel.protocol._lifecycle import CreateInstance as CreateInstance
+from multikernel.protocol._lifecycle import DeleteInstance as DeleteInstance
+from multikernel.protocol._lifecycle import ExecRequest as ExecRequest
+from multikernel.protocol._lifecycle import ExecResult as ExecResult
+from multikernel.protocol._lifecycle import InstanceInfo as InstanceInfo
+from multikernel.protocol._lifecycle import InstanceList as InstanceList
+from multikernel.protocol._lifecycle import InstanceStateChanged as InstanceStateChanged
+from multikernel.protocol._lifecycle import KillInstance as KillInstance
+from multikernel.protocol._lifecycle import LoadImage as LoadImage
+from multikernel.protocol._lifecycle import ShowInstances as ShowInstances
+from multikernel.protocol._lifecycle import StartInstance as StartInstance
+from multikernel.protocol._lifecycle import UpdateInstance as UpdateInstance
 from multikernel.protocol._subjects import MAX_SUBJECT_BYTES as MAX_SUBJECT_BYTES
 from multikernel.protocol._subjects import MAX_SUBJECT_TOKENS as MAX_SUBJECT_TOKENS
 from multikernel.protocol._subjects import subject_matches as subject_matches

@@ -65,6 +65,11 @@ class ChannelRevoke(_BusMessage, frozen=True, tag="channel_revoke"):
     reason: str = ""
 
 
+class AttachRequest(_BusMessage, frozen=True, tag="attach_request"):
+    """Endpoint → hub: another attachment for my own instance (a socket, sent over the control
+    socket with a ChannelReady of role "attach"), for a process I start inside the instance."""
+
+
 class MethodInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     """One method of a service: its name and the JSON schemas of its request and response."""
 

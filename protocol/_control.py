@@ -18,6 +18,7 @@ from typing import Final, TypeAlias
 import msgspec
 
 from multikernel.protocol._bus import (
+    AttachRequest,
     BusSnapshot,
     ChannelOpen,
     ChannelReady,
@@ -134,6 +135,7 @@ class Drain(_ControlMessage, frozen=True, tag="drain"):
 
 Control: TypeAlias = (
     Ok
+    | AttachRequest
     | ChannelOpen
     | ChannelReady
     | ChannelRevoke

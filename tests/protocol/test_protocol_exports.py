@@ -19,9 +19,13 @@ PUBLIC = {
     "NameRelease", "NameReleaseReply", "NameRequest", "NameRequestReply", "Subscribe",
     "Unsubscribe", "Welcome",
     # direct channels, services, monitor, introspection
-    "BusSnapshot", "ChannelInfo", "ChannelOpen", "ChannelReady", "ChannelRevoke", "EndpointInfo",
-    "Introspect", "MethodInfo", "Mirror", "MonitorRecord", "MonitorStart", "MonitorStop", "Ok",
-    "ServiceInfo", "SubscriptionInfo",
+    "AttachRequest", "BusSnapshot", "ChannelInfo", "ChannelOpen", "ChannelReady",
+    "ChannelRevoke", "EndpointInfo", "Introspect", "MethodInfo", "Mirror", "MonitorRecord",
+    "MonitorStart", "MonitorStop", "Ok", "ServiceInfo", "SubscriptionInfo",
+    # the lifecycle actor's contract
+    "AgentHello", "AgentStatus", "CreateInstance", "DeleteInstance", "ExecRequest", "ExecResult",
+    "InstanceInfo", "InstanceList", "InstanceStateChanged", "KillInstance", "LoadImage",
+    "ShowInstances", "StartInstance", "UpdateInstance",
     # errors
     "ERROR_DECODER", "AccessDeniedError", "BusyError", "DeadlineExceededError", "ErrorBody",
     "InvalidSubjectError", "MalformedFrameError", "MultikernelError", "NoRespondersError",

@@ -1,0 +1,160 @@
+"""The lifecycle actor's contract: instances, their states, and what mkctl asks of it.
+
+An instance moves through the kernel's own states (``InstanceState``): ``empty`` (created, no
+resources), ``ready`` (resources reserved), ``loaded`` (a verified image is unpacked for it),
+``active`` (its agent runs), and ``failed``. A halted or crashed instance returns to ``loaded`` and
+can be started again. Every change is published as ``InstanceStateChanged`` on
+``mk.instance.<name>.state``.
+
+The service is ``lifecycle``; its methods take the request structs below and answer
+``InstanceInfo`` (``show`` answers ``InstanceList``). Resource sizes are bytes; CPUs are host CPU
+ids (on a real multikernel host, the CPUs the instance owns).
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from multikernel.protocol._fields import U32, U64, ShortStr
+
+
+class _LifecycleMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Frozen, defaults left off the wire, unknown fields skipped (evolution rules)."""
+
+
+class CreateInstance(_LifecycleMessage, frozen=True):
+    """Create an instance; with resources it is ``ready`` at once, else ``empty``.
+
+    ``cpus`` names host CPUs; ``cpu_count`` asks the actor to pick that many.
+    """
+
+    name: ShortStr
+    cpus: tuple[U32, ...] = ()
+    cpu_count: U32 = 0
+    memory: U64 = 0
+
+
+class UpdateInstance(_LifecycleMessage, frozen=True):
+    """Change an instance's resources (live when it is active)."""
+
+    name: ShortStr
+    cpus: tuple[U32, ...] = ()
+    cpu_count: U32 = 0
+    memory: U64 = 0
+
+
+class LoadImage(_LifecycleMessage, frozen=True):
+    """Verify an image's signature and unpack it for the instance (``ready`` → ``loaded``)."""
+
+    name: ShortStr
+    image: str
+    allow_unsigned: bool = False
+
+
+class StartInstance(_LifecycleMessage, frozen=True):
+    """Launch the instance's agent and workload (``loaded`` → ``active``).
+
+    ``command`` replaces the image's entry command when given.
+    """
+
+    name: ShortStr
+    command: tuple[str, ...] = ()
+
+
+class KillInstance(_LifecycleMessage, frozen=True):
+    """Stop an instance: negotiated shutdown within ``grace`` seconds, then forced.
+
+    ``force`` skips the negotiation.
+    """
+
+    name: ShortStr
+    force: bool = False
+    grace: float = 5.0
+
+
+class DeleteInstance(_LifecycleMessage, frozen=True):
+    """Forget an instance that is not active; its resources and unpacked image are released."""
+
+    name: ShortStr
+
+
+class ShowInstances(_LifecycleMessage, frozen=True):
+    """Describe one instance (``name``) or all of them."""
+
+    name: ShortStr = ""
+
+
+class InstanceInfo(_LifecycleMessage, frozen=True):
+    """What the lifecycle actor knows of one instance."""
+
+    name: str
+    id: U32
+    state: str
+    cpus: tuple[U32, ...] = ()
+    memory: U64 = 0
+    image: str = ""
+    image_version: str = ""
+    signer: str = ""
+    pid: U32 = 0
+    agent: U64 = 0
+    started_ns: U64 = 0
+    restarts: U32 = 0
+    last_exit: str = ""
+    isolation: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+class InstanceList(_LifecycleMessage, frozen=True):
+    """The answer to ``show``."""
+
+    instances: tuple[InstanceInfo, ...] = ()
+
+
+class InstanceStateChanged(_LifecycleMessage, frozen=True):
+    """Published on ``mk.instance.<name>.state`` at every transition."""
+
+    name: str
+    id: U32
+    old: str
+    new: str
+    reason: str = ""
+
+
+class AgentHello(_LifecycleMessage, frozen=True):
+    """The agent, first process of an instance, is up: published on ``mk.instance.<id>.hello``.
+
+    It reports what it sees from inside: its pid there, hostname, CPUs it may run on.
+    """
+
+    instance: U32
+    pid: U32
+    hostname: str
+    cpus: tuple[U32, ...] = ()
+    sent_ns: U64 = 0
+
+
+class ExecRequest(_LifecycleMessage, frozen=True):
+    """Run a command inside the instance (the agent's ``exec`` method)."""
+
+    argv: tuple[str, ...]
+    timeout: float = 30.0
+
+
+class ExecResult(_LifecycleMessage, frozen=True):
+    """What a command run inside the instance did."""
+
+    status: int
+    stdout: bytes = b""
+    stderr: bytes = b""
+
+
+class AgentStatus(_LifecycleMessage, frozen=True):
+    """The agent's ``status`` method: its view of the instance."""
+
+    instance: U32
+    pid: U32
+    hostname: str
+    cpus: tuple[U32, ...] = ()
+    workload_pid: U32 = 0
+    workload_running: bool = False
+    uptime: float = 0.0
