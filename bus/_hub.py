@@ -28,12 +28,18 @@ from multikernel.bus._policy import Identity, Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
 from multikernel.endpoints._logging import get_logger
-from multikernel.endpoints._wire import default_socket_path, send_handle, wait_closed
+from multikernel.endpoints._wire import (
+    default_socket_path,
+    send_handle,
+    send_with_fds,
+    wait_closed,
+)
 from multikernel.protocol import (
     CONTROL_DECODER,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
     AccessDeniedError,
+    AttachRequest,
     BusSnapshot,
     BusyError,
     ChannelInfo,
@@ -456,6 +462,9 @@ class Hub:
                 self._owner_changes(changes)
             case ChannelOpen(target=target):
                 self._open_channel(session, target, correlation)
+            case AttachRequest():
+                assert self._tg is not None
+                self._tg.start_soon(self._hand_over_attachment, session, correlation)
             case ChannelRevoke(token=token):
                 channel = self._channels.get(token)
                 if channel is not None and session.id in (channel.client, channel.server):
@@ -586,6 +595,20 @@ class Hub:
         finally:
             left.close()
             right.close()
+
+    async def _hand_over_attachment(self, session: Session, correlation: int) -> None:
+        """A new socket bound to the requester's own instance, for a process it starts there."""
+        instance = session.identity.instance
+        theirs = self.open_instance_socket(instance)
+        try:
+            ready = ChannelReady(0, "attach", "", session.id, peer_instance=instance)
+            frame = encode(Kind.CONTROL, ready, correlation=correlation)
+            async with session.socket_lock:
+                await send_with_fds(session.sock, frame, [theirs.fileno()])
+        except (anyio.BrokenResourceError, OSError):
+            pass  # the requester went away; the served end sees EOF and ends
+        finally:
+            theirs.close()
 
     # -- introspection ------------------------------------------------------------------------
 

@@ -34,6 +34,7 @@ from multikernel.protocol import (
     DEFAULT_MAX_BODY,
     ERROR_DECODER,
     PROTOCOL_VERSION,
+    AttachRequest,
     BusSnapshot,
     ChannelOpen,
     ChannelReady,
@@ -338,6 +339,19 @@ class Endpoint:
             for service in self._services.values():
                 tg.start_soon(service.drain)
 
+    async def attachment(self) -> socket.socket:
+        """A new, connected bus socket for a process this endpoint starts in its own instance.
+
+        Pass it to the child (`pass_fds`, and its number in $MULTIKERNEL_BUS_FD); the child's
+        `connect()` attaches through it and the hub binds it to this endpoint's instance.
+        """
+        result = await self._control(AttachRequest())
+        if not isinstance(result, tuple) or not isinstance(result[1], socket.socket):
+            raise ProtocolError("the hub answered AttachRequest without a socket")
+        sock: socket.socket = result[1]
+        sock.setblocking(True)
+        return sock
+
     # -- introspection and monitor ------------------------------------------------------------
 
     async def introspect(self) -> BusSnapshot:
@@ -438,7 +452,7 @@ class Endpoint:
         frame, fds = await receive_handle(sock)
         header = decode_header(frame)
         ready = decode_body(header, frame, CONTROL_DECODER)
-        if not isinstance(ready, ChannelReady) or ready.role != "session":
+        if not isinstance(ready, ChannelReady) or ready.role != "session" or len(fds) != 6:
             close_fds(fds)
             raise ProtocolError("the hub's first message was not a session channel")
         session = Channel.attach(ChannelHandle(1, fds), self._wait)
@@ -604,8 +618,14 @@ class Endpoint:
                 frame, fds = await receive_handle(sock)
                 header = decode_header(frame)
                 ready = decode_body(header, frame, CONTROL_DECODER)
-                if not isinstance(ready, ChannelReady):
+                if not isinstance(ready, ChannelReady) or len(fds) != (
+                    1 if ready.role == "attach" else 6
+                ):
                     close_fds(fds)
+                elif ready.role == "attach":
+                    attached = socket.socket(fileno=fds[0])
+                    if not self._calls.deliver_value(header, (ready, attached)):
+                        attached.close()
                 elif ready.role == "server":
                     channel = Channel.attach(ChannelHandle(1, fds), self._wait)
                     direct = DirectChannel(ready, channel, self._mirror)

@@ -35,14 +35,19 @@ def default_socket_path() -> Path:
 
 
 async def send_handle(sock: socket.socket, frame: bytes, handle: ChannelHandle) -> None:
-    """Send one frame with the fds of `handle` (which the caller still closes afterwards).
+    """Send one frame with the fds of `handle` (which the caller still closes afterwards)."""
+    await send_with_fds(sock, frame, handle.fds)
+
+
+async def send_with_fds(sock: socket.socket, frame: bytes, fds: list[int]) -> None:
+    """Send one frame with `fds` (which the caller still closes afterwards).
 
     `sock` is non-blocking; we wait with `anyio.wait_writable`, so this works under any loop.
     """
     message = _LENGTH.pack(len(frame)) + frame
     while True:
         try:
-            sent = socket.send_fds(sock, [message], handle.fds)
+            sent = socket.send_fds(sock, [message], fds)
         except BlockingIOError:
             await anyio.wait_writable(sock)
             continue
@@ -52,7 +57,8 @@ async def send_handle(sock: socket.socket, frame: bytes, handle: ChannelHandle) 
 
 
 async def receive_handle(sock: socket.socket) -> tuple[bytes, list[int]]:
-    """Receive one frame and the fds of the channel handle that came with it (we own them).
+    """Receive one frame and the fds that came with it (we own them): a channel handle's six,
+    or one socket for an attachment; the caller checks the count against the frame's role.
 
     Raises `anyio.EndOfStream` when the peer closed the socket.
     """
@@ -68,8 +74,8 @@ async def receive_handle(sock: socket.socket) -> tuple[bytes, list[int]]:
     for fd in fds:
         os.set_inheritable(fd, False)
     problem = None
-    if len(fds) != HANDLE_FDS or len(message) < _LENGTH.size:
-        problem = f"{len(message)} bytes with {len(fds)} fds, not a frame with {HANDLE_FDS} fds"
+    if not fds or len(message) < _LENGTH.size:
+        problem = f"{len(message)} bytes with {len(fds)} fds, not a frame with its fds"
     elif _LENGTH.unpack_from(message)[0] != len(message) - _LENGTH.size:
         problem = "a frame whose length prefix does not match what arrived"
     if problem is not None:

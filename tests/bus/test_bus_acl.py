@@ -105,3 +105,19 @@ async def test_monitor_is_refused_to_an_unprivileged_instance(hub: Hub) -> None:
         with pytest.raises(AccessDeniedError, match="monitor"):
             async with guest.monitor():
                 pass
+
+
+async def test_an_attachment_for_a_child_is_bound_to_the_parents_instance(
+    hub: Hub, socket_path: Path
+) -> None:
+    hub.reload_policy(Policy.from_toml(GUEST_MAY_CALL))
+    with spawn("serve", socket_path, "svc") as server:
+        await server.expect("ready")
+        async with connect(fd=hub.open_instance_socket(instance=7).detach()) as agent:
+            child_socket = await agent.attachment()
+            with (
+                child_socket,
+                spawn("call", "-", "svc", "whoami", "null", fd=child_socket.fileno()) as child,
+            ):
+                await child.expect("ready")
+                assert (await child.expect("result"))["value"]["instance"] == 7

@@ -1,0 +1,379 @@
+"""The hub's half of the in-memory bus: routing, names, policy and introspection, without I/O.
+
+`MemoryBus` keeps what `multikernel.bus.Hub` keeps, with the same pieces: a `SubjectRouter` of
+subscriptions keyed ``(endpoint id, sid)``, a `NameRegistry` of well-known names, a `Policy` asked
+about the `Identity` it binds to each endpoint, and the hub's counters. Each method here is the
+hub's handling of one control message or publication, in the hub's order, raising the hub's
+errors with its messages; an error the hub would send back over the bus makes the same round trip
+through `error_to_body`/`error_from_body`, so the caller sees a remote error, as it would.
+
+What is gone is the transport: a publication is routed in the publisher's task straight into the
+subscribers' bounded buffers, and a request reaches the owner's `Service` through a `Link`
+(`_memory_link`), an in-memory stand-in for a direct channel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import anyio
+import msgspec
+import structlog
+
+from multikernel.bus import Decision, Identity, Limits, NameRegistry, Policy, SubjectRouter
+from multikernel.endpoints._memory_endpoint import MemoryEndpoint
+from multikernel.endpoints._memory_link import Link
+from multikernel.endpoints._service import Service
+from multikernel.endpoints._subscription import Message, Subscription
+from multikernel.protocol import (
+    AccessDeniedError,
+    BusSnapshot,
+    BusyError,
+    ChannelInfo,
+    EndpointInfo,
+    MultikernelError,
+    NameOwnerChanged,
+    NoRespondersError,
+    ReleaseNameResult,
+    RequestNameResult,
+    ServiceInfo,
+    SubscriptionInfo,
+    error_from_body,
+    error_to_body,
+    validate_pattern,
+)
+
+log = structlog.get_logger("multikernel.endpoints.testing")
+
+#: Where the hub publishes name-owner changes (``mk.bus.names.<name>``), as `Hub` does.
+NAMES_SUBJECT = "mk.bus.names"
+
+
+@dataclass
+class _SubscriptionRecord:
+    session: _Session
+    subscription: Subscription
+    within: Decision
+    across: Decision
+    delivered: int = 0
+
+
+@dataclass
+class _Session:
+    """The bus's record of one endpoint, like the hub's `Session` without a channel."""
+
+    identity: Identity
+    endpoint: MemoryEndpoint
+    subscriptions: dict[int, _SubscriptionRecord] = field(default_factory=dict)
+    services: dict[str, ServiceInfo] = field(default_factory=dict)
+    publish_decisions: dict[str, tuple[Decision, Decision]] = field(default_factory=dict)
+    denials_reported: set[str] = field(default_factory=set)
+    frames_in: int = 0
+    frames_out: int = 0
+    denied: int = 0
+
+
+class MemoryBus:
+    """A bus in one process: `connect()` endpoints to it; `snapshot()` is what `Introspect` says.
+
+    `policy` defaults to `Policy.default()` (same-instance traffic allowed, cross-instance
+    denied); `limits` are the hub's (`max_body`, `max_names`, `max_subscriptions` apply here).
+    """
+
+    def __init__(self, policy: Policy | None = None, *, limits: Limits | None = None) -> None:
+        self.policy = policy or Policy.default()
+        self.limits = limits or Limits()
+        self._sessions: dict[int, _Session] = {}
+        self._router: SubjectRouter[tuple[int, int]] = SubjectRouter()
+        self._subs: dict[tuple[int, int], _SubscriptionRecord] = {}
+        self._names = NameRegistry()
+        self._links: dict[int, Link] = {}
+        self._ids = itertools.count(1)
+        self._tokens = itertools.count(1)
+        self._started = time.monotonic()
+        self._draining = False
+        self._emptied: anyio.Event | None = None  # made by `drain`: MemoryBus() may be made sync
+        self.counters = dict.fromkeys(
+            ("sessions", "published", "delivered", "dropped", "denied", "channels", "errors"), 0
+        )
+
+    @asynccontextmanager
+    async def connect(
+        self, name: str = "", *, instance: int = 0, uid: int = 0, pid: int | None = None
+    ) -> AsyncIterator[MemoryEndpoint]:
+        """Attach an endpoint as (`instance`, `uid`, `pid`), the identity the policy decides on.
+
+        The real hub binds these from the socket's credentials and the instance the process runs
+        in. The default, instance 0 and uid 0, is the host's privileged endpoint, which the
+        built-in rules allow everything, whoever runs the tests; pass `instance` and `uid` to test
+        as a guest or an ordinary user. Detaches on exit: subscriptions end, names pass to the
+        next in line, calls in flight to this endpoint fail with NoRespondersError.
+        """
+        if self._draining:
+            raise ConnectionRefusedError("the bus is draining and accepts no new endpoints")
+        await anyio.lowlevel.checkpoint()
+        pid = os.getpid() if pid is None else pid
+        identity = Identity(next(self._ids), instance, uid, pid, name or f"pid{pid}")
+        endpoint = MemoryEndpoint(self, identity)
+        session = self._sessions[identity.endpoint_id] = _Session(identity, endpoint)
+        self.counters["sessions"] += 1
+        try:
+            async with anyio.create_task_group() as tg:
+                endpoint._tg = tg
+                try:
+                    yield endpoint
+                finally:
+                    endpoint._closing = True
+                    self._detach(session)
+                    await endpoint._close()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._detach(session)
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """Like `Hub.drain`: refuse newcomers, ask every endpoint to drain, wait for them to go."""
+        self._draining = True
+        for session in list(self._sessions.values()):
+            session.endpoint.drain_requested.set()
+            session.endpoint._spawn(session.endpoint.drain)
+        with anyio.move_on_after(grace):
+            while self._sessions:
+                self._emptied = emptied = anyio.Event()
+                await emptied.wait()
+
+    def reload_policy(self, policy: Policy) -> None:
+        """Swap the policy and re-check subscriptions and direct channels, as `Hub` does."""
+        self.policy = policy
+        for session in self._sessions.values():
+            session.publish_decisions.clear()
+            session.denials_reported.clear()
+        for record in self._subs.values():
+            who, pattern = record.session.identity, record.subscription.pattern
+            record.within = policy.may_subscribe(who, pattern, within_instance=True)
+            record.across = policy.may_subscribe(who, pattern)
+        for token, link in list(self._links.items()):
+            if not policy.may_connect(link.client.identity, link.server.identity, link.target):
+                del self._links[token]
+                link.retire()  # calls in flight finish; the next call asks again, and is refused
+
+    # -- what the hub does for each message from an endpoint ---------------------------------
+
+    def _fail(self, session: _Session, error: MultikernelError) -> MultikernelError:
+        """Count an error the hub would send back, and make it arrive as a remote one."""
+        self.counters["errors"] += 1
+        if isinstance(error, AccessDeniedError):
+            session.denied += 1
+            self.counters["denied"] += 1
+        session.frames_out += 1
+        return error_from_body(error_to_body(error))
+
+    def _answer(self, session: _Session) -> None:
+        session.frames_in += 1
+        session.frames_out += 1
+
+    def _subscribe(self, endpoint_id: int, subscription: Subscription) -> bool:
+        """Register a subscription; True if it may also hear other instances (`Ok.value`)."""
+        session = self._sessions[endpoint_id]
+        session.frames_in += 1
+        who, pattern = session.identity, subscription.pattern
+        try:
+            validate_pattern(pattern)
+            if len(session.subscriptions) >= self.limits.max_subscriptions:
+                raise BusyError(
+                    f"an endpoint may hold {self.limits.max_subscriptions} subscriptions"
+                )
+            within = self.policy.may_subscribe(who, pattern, within_instance=True)
+            across = self.policy.may_subscribe(who, pattern)
+            if not within and not across:
+                raise AccessDeniedError(f"subscribe to {pattern!r} refused: {across.reason}")
+            key = (endpoint_id, subscription.sid)
+            self._router.subscribe(key, pattern, subscription.queue_group)
+        except MultikernelError as exc:
+            raise self._fail(session, exc) from None
+        record = _SubscriptionRecord(session, subscription, within, across)
+        self._subs[key] = session.subscriptions[subscription.sid] = record
+        session.frames_out += 1
+        return bool(across)
+
+    def _unsubscribe(self, endpoint_id: int, sid: int) -> None:
+        session = self._sessions.get(endpoint_id)
+        if session is not None and session.subscriptions.pop(sid, None) is not None:
+            del self._subs[(endpoint_id, sid)]
+            self._router.unsubscribe((endpoint_id, sid))
+
+    def _publish(self, endpoint_id: int, subject: str, data: bytes) -> None:
+        """Route a publication as `Hub._publish` does: policy per side, one per queue group."""
+        session = self._sessions[endpoint_id]
+        session.frames_in += 1
+        self.counters["published"] += 1
+        decisions = session.publish_decisions.get(subject)
+        if decisions is None:
+            who = session.identity
+            decisions = (
+                self.policy.may_publish(who, subject, within_instance=True),
+                self.policy.may_publish(who, subject),
+            )
+            session.publish_decisions[subject] = decisions
+        denied = 0
+        instance = session.identity.instance
+
+        def allowed(key: tuple[int, int]) -> bool:
+            nonlocal denied
+            record = self._subs[key]
+            if record.session.identity.instance == instance:
+                ok = bool(decisions[0]) and bool(record.within)
+            else:
+                ok = bool(decisions[1]) and bool(record.across)
+            denied += not ok
+            return ok
+
+        for key in self._router.match_filtered(subject, allowed):
+            record = self._subs[key]
+            record.subscription.push(Message(subject, endpoint_id, data))
+            record.delivered += 1
+            record.session.frames_out += 1
+            self.counters["delivered"] += 1
+        if denied:
+            session.denied += denied
+            self.counters["denied"] += denied
+            if subject not in session.denials_reported:  # once per subject per policy
+                session.denials_reported.add(subject)
+                reason = decisions[1].reason if not decisions[1] else "subscribers' rules"
+                error = AccessDeniedError(
+                    f"publication on {subject!r} not delivered to some subscribers: {reason}"
+                )
+                session.frames_out += 1
+                session.endpoint._async_error(error_from_body(error_to_body(error)))
+
+    def _request_name(self, endpoint_id: int, service: Service) -> RequestNameResult:
+        session = self._sessions[endpoint_id]
+        self._answer(session)
+        name = service.name
+        try:
+            decision = self.policy.may_own(session.identity, name)
+            if not decision:
+                raise AccessDeniedError(f"owning {name!r} refused: {decision.reason}")
+            if len(self._names.names_of(endpoint_id)) >= self.limits.max_names:
+                raise BusyError(f"an endpoint may own at most {self.limits.max_names} names")
+            result, changes = self._names.request(name, endpoint_id, service.flags)
+        except MultikernelError as exc:
+            raise self._fail(session, exc) from None
+        self._owner_changes(changes)
+        if result in (RequestNameResult.PRIMARY_OWNER, RequestNameResult.ALREADY_OWNER):
+            service.primary = True
+            session.services[name] = service.info()
+        return result
+
+    def _release_name(self, endpoint_id: int, name: str) -> ReleaseNameResult:
+        session = self._sessions.get(endpoint_id)
+        if session is None:
+            return ReleaseNameResult.NOT_OWNER
+        self._answer(session)
+        released, changes = self._names.release(name, endpoint_id)
+        self._owner_changes(changes)
+        return released
+
+    def _open_link(self, client: MemoryEndpoint, target: str) -> Link:
+        """A direct channel to `target`'s owner, after the hub's checks (`ChannelOpen`)."""
+        session = self._sessions[client.id]
+        self._answer(session)
+        owner = self._names.owner(target)
+        server = self._sessions.get(owner) if owner is not None else None
+        try:
+            if server is None:
+                raise NoRespondersError(f"nobody owns {target!r}; the request was not delivered")
+            decision = self.policy.may_connect(session.identity, server.identity, target)
+            if not decision:
+                raise AccessDeniedError(f"calling {target!r} refused: {decision.reason}")
+        except MultikernelError as exc:
+            raise self._fail(session, exc) from None
+        service = server.endpoint._services[target]  # names are owned only through services
+        link = Link(next(self._tokens), target, client, server.endpoint, service)
+        self._links[link.token] = link
+        self.counters["channels"] += 1
+        return link
+
+    def _owner_changes(self, changes: list[NameOwnerChanged]) -> None:
+        """Promote the new owner's service, move channels, publish on mk.bus.names.<name>."""
+        for change in changes:
+            old, new = self._sessions.get(change.old_owner), self._sessions.get(change.new_owner)
+            if old is not None and (service := old.endpoint._services.get(change.name)) is not None:
+                service.primary = False
+            if new is not None and (service := new.endpoint._services.get(change.name)) is not None:
+                service.primary = True
+                new.services[change.name] = service.info()
+            for token, link in list(self._links.items()):
+                if link.target == change.name and link.server.id != change.new_owner:
+                    del self._links[token]
+                    link.retire()  # calls in flight finish; new ones go to the new owner
+            subject = f"{NAMES_SUBJECT}.{change.name}"
+            data = msgspec.msgpack.encode(change)
+            for key in self._router.match(subject):
+                self._subs[key].subscription.push(Message(subject, 0, data))
+            log.debug(
+                "name owner changed", name=change.name, old=change.old_owner, new=change.new_owner
+            )
+
+    def _detach(self, session: _Session) -> None:
+        """The endpoint went away: forget its subscriptions and channels, pass its names on."""
+        if self._sessions.pop(session.identity.endpoint_id, None) is None:
+            return
+        for sid in list(session.subscriptions):
+            self._unsubscribe(session.identity.endpoint_id, sid)
+            session.subscriptions.pop(sid, None)
+        for token, link in list(self._links.items()):
+            if session.endpoint in (link.client, link.server):
+                del self._links[token]
+        self._owner_changes(self._names.remove_owner(session.identity.endpoint_id))
+        if not self._sessions and self._emptied is not None:
+            self._emptied.set()
+
+    # -- introspection --------------------------------------------------------------------------
+
+    def snapshot(self) -> BusSnapshot:
+        """What the hub's `Introspect` answers: endpoints, names, services, subscriptions."""
+        endpoints = tuple(
+            EndpointInfo(
+                s.identity.endpoint_id,
+                s.identity.name,
+                s.identity.instance,
+                s.identity.uid,
+                s.identity.pid,
+                tuple(self._names.names_of(s.identity.endpoint_id)),
+                tuple(r.subscription.pattern for r in s.subscriptions.values()),
+                s.frames_in,
+                s.frames_out,
+                0,
+                0,
+                s.denied,
+            )
+            for s in self._sessions.values()
+        )
+        subscriptions = tuple(
+            SubscriptionInfo(
+                r.session.identity.endpoint_id,
+                r.subscription.sid,
+                r.subscription.pattern,
+                r.subscription.queue_group or "",
+                r.delivered,
+            )
+            for r in self._subs.values()
+        )
+        return BusSnapshot(
+            os.getpid(),
+            time.monotonic() - self._started,
+            endpoints,
+            {name: tuple(line) for name, line in self._names.snapshot().items()},
+            tuple(info for s in self._sessions.values() for info in s.services.values()),
+            subscriptions,
+            tuple(
+                ChannelInfo(c.token, c.target, c.client.id, c.server.id)
+                for c in self._links.values()
+            ),
+            dict(self.counters),
+        )
