@@ -14,6 +14,7 @@ subscribers' bounded buffers, and a request reaches the owner's `Service` throug
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import time
@@ -23,9 +24,9 @@ from dataclasses import dataclass, field
 
 import anyio
 import msgspec
-import structlog
 
 from multikernel.bus import Decision, Identity, Limits, NameRegistry, Policy, SubjectRouter
+from multikernel.endpoints._logging import get_logger
 from multikernel.endpoints._memory_endpoint import MemoryEndpoint
 from multikernel.endpoints._memory_link import Link
 from multikernel.endpoints._service import Service
@@ -48,7 +49,7 @@ from multikernel.protocol import (
     validate_pattern,
 )
 
-log = structlog.get_logger("multikernel.endpoints.testing")
+log = get_logger("multikernel.endpoints.testing")
 
 #: Where the hub publishes name-owner changes (``mk.bus.names.<name>``), as `Hub` does.
 NAMES_SUBJECT = "mk.bus.names"
@@ -302,6 +303,11 @@ class MemoryBus:
         """Promote the new owner's service, move channels, publish on mk.bus.names.<name>."""
         for change in changes:
             old, new = self._sessions.get(change.old_owner), self._sessions.get(change.new_owner)
+            for session in (old, new):
+                if session is not None:  # `name:` selectors look at the names an endpoint owns
+                    names = frozenset(self._names.names_of(session.identity.endpoint_id))
+                    session.identity = dataclasses.replace(session.identity, names=names)
+                    session.publish_decisions.clear()
             if old is not None and (service := old.endpoint._services.get(change.name)) is not None:
                 service.primary = False
             if new is not None and (service := new.endpoint._services.get(change.name)) is not None:
@@ -325,11 +331,10 @@ class MemoryBus:
             return
         for sid in list(session.subscriptions):
             self._unsubscribe(session.identity.endpoint_id, sid)
-            session.subscriptions.pop(sid, None)
+        self._owner_changes(self._names.remove_owner(session.identity.endpoint_id))
         for token, link in list(self._links.items()):
             if session.endpoint in (link.client, link.server):
                 del self._links[token]
-        self._owner_changes(self._names.remove_owner(session.identity.endpoint_id))
         if not self._sessions and self._emptied is not None:
             self._emptied.set()
 

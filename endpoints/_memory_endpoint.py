@@ -22,11 +22,11 @@ import anyio
 import anyio.abc
 import anyio.lowlevel
 import msgspec
-import structlog
 
 from multikernel.bus import Identity
 from multikernel.endpoints._direct import DirectChannel
 from multikernel.endpoints._endpoint import HubUnavailableError
+from multikernel.endpoints._logging import get_logger
 from multikernel.endpoints._memory_link import REPLY_BUFFER, Call, Link
 from multikernel.endpoints._service import Service
 from multikernel.endpoints._subscription import Subscription
@@ -39,6 +39,7 @@ from multikernel.protocol import (
     decode_body,
     decode_header,
     encode,
+    validate_pattern,
     validate_subject,
 )
 
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
     from multikernel.endpoints._memory_bus import MemoryBus
 
 T = TypeVar("T")
-log = structlog.get_logger("multikernel.endpoints.testing")
+log = get_logger("multikernel.endpoints.testing")
 
 
 class MemoryEndpoint:
@@ -95,13 +96,14 @@ class MemoryEndpoint:
         """Subscribe to `pattern` (`*` one token, `>` the rest); use as `async with`."""
         await anyio.lowlevel.checkpoint()
         self._check_open()
+        validate_pattern(pattern)
         sid = self._next_sid
         self._next_sid += 1
         sub = Subscription(sid, pattern, queue_group, max_pending, self._unsubscribe)
         try:
             sub.cross_instance = self._bus._subscribe(self.id, sub)
         except BaseException:
-            await sub.aclose()
+            sub.discard()
             raise
         self._subs[sid] = sub
         return sub
