@@ -158,7 +158,8 @@ class MemoryBus:
             record.within = policy.may_subscribe(who, pattern, within_instance=True)
             record.across = policy.may_subscribe(who, pattern)
         for token, link in list(self._links.items()):
-            if not policy.may_connect(link.client.identity, link.server.identity, link.target):
+            client, server = self._sessions[link.client.id], self._sessions[link.server.id]
+            if not policy.may_connect(client.identity, server.identity, link.target):
                 del self._links[token]
                 link.retire()  # calls in flight finish; the next call asks again, and is refused
 

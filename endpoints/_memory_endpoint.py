@@ -58,7 +58,7 @@ class MemoryEndpoint:
     def __init__(self, bus: MemoryBus, identity: Identity) -> None:
         self.name = identity.name
         self.id = identity.endpoint_id
-        self.identity = identity
+        self.identity = identity  # as bound at connect; the bus's copy also lists owned names
         self.max_body = bus.limits.max_body
         self.drain_requested = anyio.Event()
         self.async_errors = 0
