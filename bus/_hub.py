@@ -530,6 +530,13 @@ class Hub:
                     session.publish_decisions.clear()
             frame = encode(Kind.CONTROL, change)
             notified = set()
+            for owner in (change.old_owner, change.new_owner):  # the owners hear of it too
+                session = self._sessions.get(owner)
+                if session is not None:
+                    notified.add(owner)
+                    session.deliver(frame, droppable=False)
+                    if owner == change.old_owner:
+                        session.services.pop(change.name, None)  # its description goes too
             for record in self._channels.values():
                 if record.target == change.name and record.client not in notified:
                     notified.add(record.client)

@@ -71,6 +71,7 @@ class DirectChannel:
         if self.role == "client":  # spin for a reply only while one is due
             channel.reader.spin_gate = self.calls.__bool__
         self.handlers: dict[int, anyio.CancelScope] = {}
+        self.abandoned: set[int] = set()  # requests cancelled before a worker picked them up
         self.stale = False
         self.closed = False
         self._mirror = mirror
@@ -163,6 +164,8 @@ class DirectChannel:
             scope = self.handlers.get(header.correlation)  # the client abandoned that request
             if scope is not None:
                 scope.cancel()
+            else:  # still queued for a worker: it must not run at all
+                self.abandoned.add(header.correlation)
         elif kind in (Kind.REPLY, Kind.ERROR):
             self.calls.deliver(header, frame)
 

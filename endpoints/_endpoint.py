@@ -335,6 +335,8 @@ class Endpoint:
 
     async def drain(self) -> None:
         """Lame duck: hand every service's name to the next owner, finish requests in flight."""
+        with suppress(anyio.BrokenResourceError, HubUnavailableError):
+            await self._control(Drain())  # the hub shows us as draining
         async with anyio.create_task_group() as tg:
             for service in self._services.values():
                 tg.start_soon(service.drain)

@@ -57,6 +57,7 @@ class Link:
         who = client.identity
         self.peer = Peer(who.endpoint_id, who.name, who.instance, who.uid, who.pid)
         self.handlers: dict[int, anyio.CancelScope] = {}  # the server's running requests
+        self.abandoned: set[int] = set()  # requests given up before a worker picked them up
         self.calls: dict[int, MemoryObjectSendStream[bytes]] = {}  # the client's, by correlation
         self.stale = self.closed = False
         self.channel = self.reader = self  # `Service` nudges `channel.reader` after replying
@@ -93,8 +94,11 @@ class Link:
         stream = self.calls.pop(correlation, None)
         if stream is not None:
             stream.close()
-        if not done and (scope := self.handlers.get(correlation)) is not None:
-            scope.cancel()
+        if not done:
+            if (scope := self.handlers.get(correlation)) is not None:
+                scope.cancel()
+            else:  # still queued for a worker: it must not run at all
+                self.abandoned.add(correlation)
         if self.stale and not self.calls:
             self.close()
 

@@ -192,9 +192,10 @@ class Service:
 
     async def _handle(self, direct: DirectChannel, header: Header, frame: bytes) -> None:
         """Run one request to completion and send its reply (or error), unless abandoned."""
-        if direct.closed:
-            return  # its caller went away while it waited
         correlation = header.correlation
+        if direct.closed or correlation in direct.abandoned:
+            direct.abandoned.discard(correlation)
+            return  # its caller went away, or gave up on it, while it waited
         left = seconds_left(header.deadline_ns) if header.deadline_ns else None
         deadline = anyio.current_time() + left if left is not None else math.inf
         with anyio.CancelScope(deadline=deadline) as scope:

@@ -51,6 +51,7 @@ async def serve(ep: Endpoint, name: str, flags: str = "0") -> None:
 
     @svc.method
     async def sleep(seconds: float) -> str:
+        say("sleeping", seconds=seconds)
         try:
             await anyio.sleep(seconds)
         except anyio.get_cancelled_exc_class():
