@@ -124,6 +124,7 @@ class Hub:
         self._sessions: dict[int, Session] = {}
         self._router: SubjectRouter[tuple[int, int]] = SubjectRouter()
         self._subs: dict[tuple[int, int], SubscriptionRecord] = {}
+        self._restricted = 0  # subscriptions some publisher may be denied: the slow path
         self._names = NameRegistry()
         self._channels: dict[int, ChannelRecord] = {}
         self._monitors: dict[int, Session] = {}
@@ -211,6 +212,7 @@ class Hub:
             who = record.session.identity
             record.within = policy.may_subscribe(who, record.pattern, within_instance=True)
             record.across = policy.may_subscribe(who, record.pattern)
+        self._restricted = sum(not (r.within and r.across) for r in self._subs.values())
         for sid, monitor in list(self._monitors.items()):
             if not policy.may_monitor(monitor.identity):
                 del self._monitors[sid]
@@ -376,27 +378,33 @@ class Hub:
             session.publish_decisions[subject] = decisions
         denied = 0
         subs = self._subs
-        instance = session.identity.instance
+        if decisions[0] and decisions[1] and not self._restricted:
+            keys = self._router.match(subject)  # nobody to filter out: skip the per-key check
+        else:
+            instance = session.identity.instance
 
-        def allowed(key: tuple[int, int]) -> bool:
-            nonlocal denied
-            record = subs[key]
-            if record.session.identity.instance == instance:
-                ok = bool(decisions[0]) and bool(record.within)
-            else:
-                ok = bool(decisions[1]) and bool(record.across)
-            denied += not ok
-            return ok
+            def allowed(key: tuple[int, int]) -> bool:
+                nonlocal denied
+                record = subs[key]
+                if record.session.identity.instance == instance:
+                    ok = bool(decisions[0]) and bool(record.within)
+                else:
+                    ok = bool(decisions[1]) and bool(record.across)
+                denied += not ok
+                return ok
 
-        for key in self._router.match_filtered(subject, allowed):
+            keys = self._router.match_filtered(subject, allowed)
+        delivered = 0
+        for key in keys:
             record = subs[key]
             stamped[_DESTINATION_OFFSET : _DESTINATION_OFFSET + 8] = key[1].to_bytes(8, "little")
-            if record.session.deliver(bytes(stamped)):
+            if record.session.deliver(stamped):  # copied into its ring (or queue) at once
                 record.delivered += 1
-                self.counters["delivered"] += 1
+                delivered += 1
             else:
                 record.dropped += 1
                 self.counters["dropped"] += 1
+        self.counters["delivered"] += delivered
         if denied:
             session.denied += denied
             self.counters["denied"] += denied
@@ -443,6 +451,7 @@ class Hub:
                 self._router.subscribe(key, pattern, group)
                 record = SubscriptionRecord(session, sid, pattern, group, within, across)
                 self._subs[key] = session.subscriptions[sid] = record
+                self._restricted += not (within and across)
                 self._reply(session, correlation, Ok(value=int(bool(across))))
             case Unsubscribe(sid=sid):
                 self._unsubscribe(session, sid)
@@ -510,7 +519,9 @@ class Hub:
                 raise ProtocolError(f"unexpected {type(body).__name__} from an attached endpoint")
 
     def _unsubscribe(self, session: Session, sid: int) -> None:
-        if session.subscriptions.pop(sid, None) is not None:
+        record = session.subscriptions.pop(sid, None)
+        if record is not None:
+            self._restricted -= not (record.within and record.across)
             self._subs.pop((session.id, sid), None)
             self._router.unsubscribe((session.id, sid))
 
@@ -573,6 +584,8 @@ class Hub:
     ) -> None:
         token = next(self._tokens)
         left, right = create_channel_handles(self.limits.channel_capacity)
+        # Recorded before the hand-over: if the name moves meanwhile, the client is told.
+        self._channels[token] = ChannelRecord(token, target, client.id, server.id)
         try:
             for session, peer, role, handle, corr in (
                 (server, client, "server", right, 0),
@@ -592,9 +605,9 @@ class Hub:
                     await send_handle(
                         session.sock, encode(Kind.CONTROL, ready, correlation=corr), handle
                     )
-            self._channels[token] = ChannelRecord(token, target, client.id, server.id)
             self.counters["channels"] += 1
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self._channels.pop(token, None)
             if not client.closed:
                 self._fail(
                     client, correlation, NoRespondersError(f"the owner of {target!r} went away")

@@ -86,13 +86,14 @@ class Session:
     def pending(self) -> int:
         return len(self._pending)
 
-    def deliver(self, frame: bytes, *, droppable: bool = True) -> bool:
+    def deliver(self, frame: bytes | bytearray, *, droppable: bool = True) -> bool:
         """Queue a frame for the endpoint without waiting; False if it was dropped."""
         if self.closed:
             return False
-        if not self._pending and self.channel.try_send(frame):
+        if not self._pending and self.channel.try_send(frame):  # copies into the ring now
             self.frames_out += 1
             return True
+        frame = bytes(frame)  # the caller may reuse its buffer: the queue keeps a copy
         if droppable and len(self._pending) >= self.limits.max_pending:
             self.dropped += 1
             if self.limits.slow_consumer == "disconnect" and not self.overflowed:

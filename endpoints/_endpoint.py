@@ -125,6 +125,7 @@ class Endpoint:
         self._services: dict[str, Service] = {}
         self._direct: dict[str, DirectChannel] = {}
         self._opening: dict[str, anyio.Event] = {}
+        self._moved_while_opening: dict[str, set[int]] = {}
         self._mirror = Mirroring()
         self._monitor: Subscription | None = None
         self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
@@ -285,6 +286,8 @@ class Endpoint:
                 await opening.wait()
                 continue
             self._opening[target] = event = anyio.Event()
+            moved: set[int] = set()
+            self._moved_while_opening[target] = moved
             try:
                 ready, handle = await self._open(target)
                 old = self._direct.get(target)
@@ -292,9 +295,16 @@ class Endpoint:
                 self._direct[target] = direct
                 if old is not None:
                     self._retire(old)
+                if ready.peer_id in moved:
+                    # The name left that owner while the hub handed us the channel (the notice
+                    # and the channel travel on different paths): retire it and ask again.
+                    direct.stale = True
+                    self._retire(direct)
+                    continue
                 return direct
             finally:
                 del self._opening[target]
+                del self._moved_while_opening[target]
                 event.set()
 
     async def _open(self, target: str) -> tuple[ChannelReady, ChannelHandle]:
@@ -395,7 +405,8 @@ class Endpoint:
 
     async def _to_hub(self, frame: bytes) -> None:
         while True:
-            await self._attached.wait()
+            if not self._attached.is_set():  # an awaited set Event still costs a loop pass
+                await self._attached.wait()
             session = self._session
             if session is None:
                 continue
@@ -578,7 +589,9 @@ class Endpoint:
             case MonitorRecord() if self._monitor is not None:
                 data = frame[header.body_offset :]
                 self._monitor.push(Message(header.subject, header.source, data))
-            case NameOwnerChanged(name=name, new_owner=new):
+            case NameOwnerChanged(name=name, old_owner=old, new_owner=new):
+                if (moved := self._moved_while_opening.get(name)) is not None:
+                    moved.add(old)
                 direct = self._direct.get(name)
                 if direct is not None and direct.peer.endpoint_id != new:
                     direct.stale = True  # new calls go to the new owner; in-flight ones finish

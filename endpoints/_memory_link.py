@@ -64,7 +64,7 @@ class Link:
         client._links[target] = self
         server._served.add(self)
 
-    def nudge(self) -> None:
+    def nudge(self, *, wake: bool = True) -> None:
         """A real channel would spin for the caller's next request; memory needs nothing."""
 
     async def send(self, frame: bytes) -> None:

@@ -238,7 +238,7 @@ class Service:
         else:
             result = await typing.cast(Awaitable[Any], method.handler(argument))
             await direct.send(encode_reply(result, correlation, 0))
-        direct.channel.reader.nudge()  # a caller that was just answered often calls again
+        direct.channel.reader.nudge(wake=False)  # a caller just answered often calls again
 
     async def _send_error(
         self, direct: DirectChannel, correlation: int, exc: BaseException

@@ -13,8 +13,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
+class Message(msgspec.Struct, frozen=True, gc=False):
     """One publication: its subject, who published it (as the hub stamped it) and its body."""
 
     subject: str
@@ -63,6 +62,7 @@ class Subscription:
         self._unsubscribe = unsubscribe
         self.delivered = self.dropped = 0
         self.active = True
+        self._streak = 0
 
     def push(self, message: Message) -> None:
         try:
@@ -77,6 +77,18 @@ class Subscription:
         return self
 
     async def __anext__(self) -> Message:
+        # Messages already buffered are handed out without a trip through the event loop (a
+        # checkpoint costs ~2 µs, more than the rest of a delivery); every 64th still yields,
+        # so a subscriber that never waits cannot starve the other tasks.
+        self._streak += 1
+        if self._streak < 64:
+            try:
+                return self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                pass
+            except anyio.EndOfStream:
+                raise StopAsyncIteration from None
+        self._streak = 0
         try:
             return await self._receive.receive()
         except anyio.EndOfStream:

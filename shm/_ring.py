@@ -316,15 +316,18 @@ class _RingSide:
         finally:
             self._busy = False
 
-    def nudge(self) -> None:
-        """Something this side waits for is now imminent (we just sent a request or a reply).
+    def nudge(self, *, wake: bool = True) -> None:
+        """Something this side waits for is likely soon (we just sent a request or a reply).
 
-        A wait in progress restarts its spin window; a side asleep on its doorbell is woken (a
-        cheap, same-process wake-up) so that it spins for the answer instead of sleeping.
+        A wait in progress restarts its spin window. With `wake`, a side asleep on its doorbell
+        is woken (a cheap, same-process wake-up) so that it spins instead of sleeping: right
+        for a requester, whose answer is certain; a server only guesses that another request
+        follows, and waking itself for a guess costs CPU at every reply under sparse traffic.
         """
         self._nudged = True
         if (
-            self._bell is not None
+            wake
+            and self._bell is not None
             and not self._closed
             and self._q[self._my_flags] & L.SIDE_SLEEPING
         ):

@@ -64,10 +64,11 @@ async def test_draining_service_hands_over_and_finishes_in_flight_work(
 
     async with connect(socket_path, name="old") as old_ep, connect(socket_path) as client:
         old = old_ep.service("svc")
-        release = anyio.Event()
+        started, release = anyio.Event(), anyio.Event()
 
         @old.method
         async def work(_: None) -> str:
+            started.set()
             await release.wait()
             return "old finished"
 
@@ -81,11 +82,12 @@ async def test_draining_service_hands_over_and_finishes_in_flight_work(
                     results.append(await client.request("svc", "work", None))
 
                 tg.start_soon(call_old)
-                await anyio.wait_all_tasks_blocked()
+                await started.wait()  # the call is running at the old owner
                 async with anyio.create_task_group() as drain_group:
                     drain_group.start_soon(old.drain)
-                    await anyio.wait_all_tasks_blocked()
-                    assert (await client.introspect()).names == {"svc": (b["id"],)}
+                    with anyio.fail_after(20):
+                        while (await client.introspect()).names != {"svc": (b["id"],)}:
+                            pass  # the drain handed the name over (each look is a round trip)
                     release.set()
             assert results == ["old finished"]
             assert (await client.request("svc", "whoami", None))["server"] == b["id"]
