@@ -1,0 +1,165 @@
+"""The instance agent: the first process of every instance.
+
+It attaches to the bus through the socket the instance inherited at spawn (so the hub binds it to
+its instance), serves `instance.<id>.agent` (status, exec, shutdown), announces itself with an
+`AgentHello` on `mk.instance.<id>.hello`, beats on `mk.instance.<id>.system`, and runs the
+instance's workload: the image's entry command, in the unpacked image, with a bus attachment of
+its own. Shutdown is negotiated the way the multikernel kernel does it: `Shutdown` is answered
+with `ShutdownAck`, the workload is stopped (SIGTERM, then SIGKILL after the grace), `Halted` is
+published and the agent exits. If the workload ends by itself, the instance halts too.
+
+Environment (set by the lifecycle actor): MULTIKERNEL_BUS_FD, MULTIKERNEL_INSTANCE (id),
+MULTIKERNEL_INSTANCE_NAME, MULTIKERNEL_WORKLOAD (JSON argv, may be empty), MULTIKERNEL_IMAGE_DIR,
+MULTIKERNEL_WORKLOAD_ENV (JSON object).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import anyio
+import anyio.abc
+
+from multikernel.endpoints import Endpoint, Service, connect
+from multikernel.endpoints._logging import configure, get_logger
+from multikernel.protocol import (
+    AgentHello,
+    AgentStatus,
+    ExecRequest,
+    ExecResult,
+    Halted,
+    Shutdown,
+    ShutdownAck,
+    SystemHeartbeat,
+)
+
+log = get_logger("multikernel.agent")
+HEARTBEAT_SECONDS = 1.0
+WORKLOAD_GRACE = 3.0
+
+
+@dataclass
+class AgentState:
+    instance: int
+    name: str
+    started: float = field(default_factory=time.monotonic)
+    workload: anyio.abc.Process | None = None
+    stop: anyio.Event = field(default_factory=anyio.Event)
+    halted_reason: str = ""
+
+
+def _cpus() -> tuple[int, ...]:
+    return tuple(sorted(os.sched_getaffinity(0)))
+
+
+async def _run_workload(ep: Endpoint, state: AgentState, argv: list[str], cwd: str) -> int:
+    """Start the workload with its own bus attachment; return its exit status."""
+    attachment = await ep.attachment()
+    env = dict(os.environ)
+    env.pop("MULTIKERNEL_WORKLOAD", None)
+    env.update(json.loads(os.environ.get("MULTIKERNEL_WORKLOAD_ENV", "{}")))
+    env["MULTIKERNEL_BUS_FD"] = str(attachment.fileno())
+    with attachment:
+        state.workload = await anyio.open_process(
+            argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
+            stdin=subprocess.DEVNULL, stdout=None, stderr=None,
+        )  # fmt: skip
+    log.info("workload started", instance=state.instance, argv=argv, pid=state.workload.pid)
+    return await state.workload.wait()
+
+
+async def _stop_workload(state: AgentState) -> None:
+    proc = state.workload
+    if proc is None or proc.returncode is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    with anyio.move_on_after(WORKLOAD_GRACE):
+        await proc.wait()
+        return
+    proc.kill()
+    await proc.wait()
+
+
+def _serve(ep: Endpoint, state: AgentState) -> Service:
+    svc = ep.service(f"instance.{state.instance}.agent")
+
+    @svc.method
+    async def status(_: None) -> AgentStatus:
+        proc = state.workload
+        return AgentStatus(
+            instance=state.instance, pid=os.getpid(), hostname=socket.gethostname(),
+            cpus=_cpus(), workload_pid=proc.pid if proc else 0,
+            workload_running=proc is not None and proc.returncode is None,
+            uptime=time.monotonic() - state.started,
+        )  # fmt: skip
+
+    @svc.method
+    async def exec(request: ExecRequest) -> ExecResult:
+        with anyio.fail_after(request.timeout):
+            done = await anyio.run_process(list(request.argv), check=False)
+        return ExecResult(done.returncode, done.stdout[-65536:], done.stderr[-65536:])
+
+    @svc.method
+    async def shutdown(request: Shutdown) -> ShutdownAck:
+        state.halted_reason = "shutdown requested"
+        state.stop.set()
+        return ShutdownAck(instance=state.instance)
+
+    return svc
+
+
+async def run_agent() -> int:
+    instance = int(os.environ["MULTIKERNEL_INSTANCE"])
+    name = os.environ.get("MULTIKERNEL_INSTANCE_NAME", f"instance-{instance}")
+    workload = json.loads(os.environ.get("MULTIKERNEL_WORKLOAD", "[]"))
+    image_dir = os.environ.get("MULTIKERNEL_IMAGE_DIR", "")
+    state = AgentState(instance, name)
+    status = 0
+    async with connect(name=f"agent-{name}", reconnect=False) as ep:
+        await _serve(ep, state).start()
+        hello = AgentHello(
+            instance, os.getpid(), socket.gethostname(), _cpus(), time.monotonic_ns()
+        )
+        await ep.publish(f"mk.instance.{instance}.hello", hello)
+        async with anyio.create_task_group() as tg:
+
+            async def beat() -> None:
+                seq = 0
+                while True:
+                    await ep.publish(
+                        f"mk.instance.{instance}.system", SystemHeartbeat(instance, seq)
+                    )
+                    seq += 1
+                    await anyio.sleep(HEARTBEAT_SECONDS)
+
+            async def workload_then_stop() -> None:
+                nonlocal status
+                if workload:
+                    status = await _run_workload(ep, state, workload, image_dir)
+                    state.halted_reason = state.halted_reason or f"workload exited with {status}"
+                    state.stop.set()
+
+            tg.start_soon(beat)
+            tg.start_soon(workload_then_stop)
+            await state.stop.wait()
+            await _stop_workload(state)
+            tg.cancel_scope.cancel()
+        await ep.publish(f"mk.instance.{instance}.system", Halted(instance))
+        log.info("instance halted", instance=instance, reason=state.halted_reason)
+    return 0 if state.halted_reason == "shutdown requested" else status
+
+
+def main() -> None:
+    configure()
+    sys.exit(anyio.run(run_agent, backend="asyncio", backend_options={"use_uvloop": True}))
+
+
+if __name__ == "__main__":
+    main()

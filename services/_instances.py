@@ -1,0 +1,99 @@
+"""The lifecycle actor's records: one `Instance` per name, its state machine and its resources."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+
+from multikernel.protocol import InstanceInfo, InstanceState, MultikernelError
+from multikernel.services._image import LoadedImage
+from multikernel.services._platform import InstanceProcess, Resources
+
+
+class InstanceError(MultikernelError):
+    """A lifecycle request that cannot be done in the instance's state or with its arguments.
+
+    The message says what state the instance is in and which command gets it where it needs to
+    be (e.g. "load an image first: mkctl load NAME --image PATH").
+    """
+
+
+EMPTY = "empty"
+READY = "ready"
+LOADED = "loaded"
+ACTIVE = "active"
+FAILED = "failed"
+
+#: The kernel's state numbers (protocol InstanceState), by our names.
+STATE_CODES = {
+    EMPTY: InstanceState.MK_STATE_EMPTY,
+    READY: InstanceState.MK_STATE_READY,
+    LOADED: InstanceState.MK_STATE_LOADED,
+    ACTIVE: InstanceState.MK_STATE_ACTIVE,
+    FAILED: InstanceState.MK_STATE_FAILED,
+}
+
+#: What each verb needs, and the hint when the instance is elsewhere.
+NEXT_STEP = {
+    EMPTY: "give it resources: mkctl update {name} --cpus N --memory SIZE",
+    READY: "load an image: mkctl load {name} --image PATH",
+    LOADED: "start it: mkctl start {name}",
+    ACTIVE: "stop it first: mkctl kill {name}",
+    FAILED: "kill it to reclaim what it holds (mkctl kill {name}), then start it again",
+}
+
+
+@dataclass
+class Instance:
+    """Everything the lifecycle actor knows about one instance."""
+
+    name: str
+    id: int
+    state: str = EMPTY
+    resources: Resources | None = None
+    image: LoadedImage | None = None
+    image_dir: Path | None = None
+    proc: InstanceProcess | None = None
+    agent: int = 0
+    hello: anyio.Event = field(default_factory=anyio.Event)
+    stopping: bool = False
+    exited: anyio.Event = field(default_factory=anyio.Event)
+    started_ns: int = 0
+    restarts: int = 0
+    last_exit: str = ""
+    lock: anyio.Lock = field(default_factory=anyio.Lock)
+    created: float = field(default_factory=time.monotonic)
+
+    def require(self, *states: str, verb: str) -> None:
+        """Raise InstanceError unless the instance is in one of `states`, saying what to do."""
+        if self.state not in states:
+            hint = NEXT_STEP[self.state].format(name=self.name)
+            raise InstanceError(
+                f"cannot {verb} {self.name!r}: it is {self.state}, and {verb} needs "
+                f"{' or '.join(states)}; {hint}"
+            )
+
+    def info(self, isolation: tuple[str, ...] = (), warnings: tuple[str, ...] = ()) -> InstanceInfo:
+        image, signer = self.image, ""
+        if image is not None and image.signer is not None:
+            signer = image.signer.subject
+        return InstanceInfo(
+            name=self.name,
+            id=self.id,
+            state=self.state,
+            cpus=tuple(sorted(self.resources.cpus)) if self.resources else (),
+            memory=self.resources.memory if self.resources else 0,
+            image=image.manifest.name if image else "",
+            image_version=image.manifest.version if image else "",
+            signer=signer or ("unsigned" if image else ""),
+            pid=self.proc.pid if self.proc is not None and self.state == ACTIVE else 0,
+            agent=self.agent,
+            started_ns=self.started_ns,
+            restarts=self.restarts,
+            last_exit=self.last_exit,
+            isolation=isolation,
+            warnings=warnings,
+        )

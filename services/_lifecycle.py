@@ -1,0 +1,408 @@
+"""The lifecycle actor: kernel instances from `create` to `delete`, as a bus service.
+
+Requests (`lifecycle.create|update|load|start|kill|delete|show`) come from `mkctl` or any
+endpoint the policy lets call `lifecycle`. The actor keeps one `Instance` per name, runs it
+through the kernel's states (empty → ready → loaded → active, and failed), verifies images
+against the host's trusted certificates before unpacking them, launches each instance's agent
+through a `Platform` with the socket the hub binds to that instance, and publishes every state
+change on `mk.instance.<id>.state`.
+
+Stopping is negotiated like the kernel's SHUTDOWN → SHUTDOWN_ACK → HALTED, bounded by a grace
+period, then forced; resources and the unpacked image are given back on every path, including
+when the agent is SIGKILLed (the platform's pidfd says so at once, and the instance returns to
+`loaded`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+import socket
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import anyio.abc
+import msgspec
+
+from multikernel.endpoints import Endpoint, Subscription
+from multikernel.endpoints._logging import get_logger
+from multikernel.protocol import (
+    AgentHello,
+    CreateInstance,
+    DeleteInstance,
+    InstanceInfo,
+    InstanceList,
+    InstanceStateChanged,
+    KillInstance,
+    LoadImage,
+    ShowInstances,
+    Shutdown,
+    StartInstance,
+    UpdateInstance,
+)
+from multikernel.services._image import load_image
+from multikernel.services._instances import (
+    ACTIVE,
+    EMPTY,
+    FAILED,
+    LOADED,
+    READY,
+    Instance,
+    InstanceError,
+)
+from multikernel.services._platform import LaunchSpec, Platform, Resources, check_name
+
+log = get_logger("multikernel.lifecycle")
+
+DEFAULT_HELLO_TIMEOUT = 15.0
+
+
+class LifecycleActor:
+    """Serves `lifecycle` on the bus; owns the instances and their processes."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        platform: Platform,
+        *,
+        open_instance_socket: Callable[[int], socket.socket],
+        state_dir: Path,
+        trusted_certs: list[bytes],
+        allow_unsigned: bool = False,
+        hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+        online_cpus: frozenset[int] | None = None,
+    ) -> None:
+        self.ep = endpoint
+        self.platform = platform
+        self._open_socket = open_instance_socket
+        self.state_dir = state_dir
+        self.trusted = trusted_certs
+        self.allow_unsigned = allow_unsigned
+        self.hello_timeout = hello_timeout
+        self._cpus = online_cpus
+        self.instances: dict[str, Instance] = {}
+        self._ids = itertools.count(1)
+        self._tg: anyio.abc.TaskGroup | None = None
+        self.timings: dict[str, list[float]] = {"hello": [], "reclaim": []}
+
+    # -- running ------------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled; then stop every instance and give back what they hold."""
+        svc = self.ep.service("lifecycle", concurrency=16)
+        for method in (
+            self.create,
+            self.update,
+            self.load,
+            self.start,
+            self.kill,
+            self.delete,
+            self.show,
+        ):
+            svc.method(method, name=method.__name__)
+        try:
+            async with (
+                anyio.create_task_group() as tg,
+                await self.ep.subscribe("mk.instance.*.hello") as hellos,
+            ):
+                self._tg = tg
+                await svc.start()
+                tg.start_soon(self._hellos, hellos)
+                task_status.started()
+                await anyio.sleep_forever()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._stop_all()
+
+    async def _hellos(self, hellos: Subscription) -> None:
+        """Agents announce themselves; the hub bound the publisher to its instance."""
+        async for message in hellos:
+            try:
+                hello = message.decode(AgentHello)
+            except msgspec.ValidationError:  # a malformed hello is that instance's problem
+                continue
+            for inst in self.instances.values():
+                if inst.id == hello.instance and inst.proc is not None:
+                    inst.agent = message.source
+                    inst.hello.set()
+
+    async def _stop_all(self) -> None:
+        for inst in list(self.instances.values()):
+            if inst.proc is not None:
+                inst.stopping = True
+                await self._force_stop(inst)
+            self._drop_image(inst)
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def create(self, request: CreateInstance) -> InstanceInfo:
+        name = check_name(request.name)
+        if name in self.instances:
+            raise InstanceError(
+                f"an instance named {name!r} exists: pick another name or delete it"
+            )
+        inst = Instance(name, next(self._ids))
+        self.instances[name] = inst
+        await self._set(inst, EMPTY, "created")
+        resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
+        if resources is not None:
+            inst.resources = resources
+            await self._set(inst, READY, "resources reserved")
+        return self._info(inst)
+
+    async def update(self, request: UpdateInstance) -> InstanceInfo:
+        inst = self._get(request.name)
+        async with inst.lock:
+            resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
+            if resources is None:
+                raise InstanceError("update needs --cpus and/or --memory")
+            if inst.state == ACTIVE and inst.proc is not None:
+                await self.platform.update(inst.proc, resources)  # live: cpuset, memory limit
+            inst.resources = resources
+            if inst.state == EMPTY:
+                await self._set(inst, READY, "resources reserved")
+            return self._info(inst)
+
+    async def load(self, request: LoadImage) -> InstanceInfo:
+        inst = self._get(request.name)
+        async with inst.lock:
+            inst.require(READY, LOADED, verb="load")
+            allow = self.allow_unsigned and request.allow_unsigned
+            dest = self.state_dir / "instances" / inst.name / "image"
+            self._drop_image(inst)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            image = await anyio.to_thread.run_sync(
+                lambda: load_image(
+                    request.image, dest, trusted_certs=self.trusted, allow_unsigned=allow
+                )
+            )
+            inst.image, inst.image_dir = image, dest
+            assert inst.resources is not None
+            manifest = image.manifest
+            if (
+                len(inst.resources.cpus) < manifest.min_cpus
+                or inst.resources.memory < manifest.min_memory
+            ):
+                self._drop_image(inst)
+                raise InstanceError(
+                    f"image {manifest.name} needs {manifest.min_cpus} CPU(s) and "
+                    f"{manifest.min_memory} bytes; {inst.name!r} has "
+                    f"{len(inst.resources.cpus)} and {inst.resources.memory}: "
+                    f"mkctl update {inst.name} --cpus N --memory SIZE"
+                )
+            await self._set(inst, LOADED, f"image {manifest.name} {manifest.version} verified")
+            return self._info(inst)
+
+    async def start(self, request: StartInstance) -> InstanceInfo:
+        inst = self._get(request.name)
+        async with inst.lock:
+            inst.require(LOADED, verb="start")
+            await self._launch(inst, request.command)
+            return self._info(inst)
+
+    async def kill(self, request: KillInstance) -> InstanceInfo:
+        inst = self._get(request.name)
+        async with inst.lock:
+            if inst.state == FAILED and inst.proc is None:
+                await self._set(inst, LOADED if inst.image else READY, "reset after failure")
+                return self._info(inst)
+            inst.require(ACTIVE, FAILED, verb="kill")
+            inst.stopping = True
+            if not request.force:
+                await self._negotiate(inst, request.grace)
+            if inst.proc is not None and inst.proc.returncode is None:
+                await self._force_stop(inst)
+            await inst.exited.wait()
+            return self._info(inst)
+
+    async def delete(self, request: DeleteInstance) -> InstanceInfo:
+        inst = self._get(request.name)
+        async with inst.lock:
+            if inst.state == ACTIVE:
+                raise InstanceError(
+                    f"{inst.name!r} is active: stop it first: mkctl kill {inst.name}"
+                )
+            info = self._info(inst)
+            self._drop_image(inst)
+            shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
+            del self.instances[inst.name]
+            await self._publish(inst, inst.state, "deleted", "deleted")
+            return info
+
+    async def show(self, request: ShowInstances) -> InstanceList:
+        if request.name:
+            return InstanceList((self._info(self._get(request.name)),))
+        return InstanceList(tuple(self._info(i) for i in self.instances.values()))
+
+    # -- state and resources ------------------------------------------------------------------
+
+    def _get(self, name: str) -> Instance:
+        inst = self.instances.get(name)
+        if inst is None:
+            known = ", ".join(sorted(self.instances)) or "none"
+            raise InstanceError(f"no instance named {name!r} (known: {known}); mkctl create {name}")
+        return inst
+
+    def _info(self, inst: Instance) -> InstanceInfo:
+        caps = self.platform.capabilities()
+        mechanisms = {
+            "namespaces": caps.namespaces,
+            "cpuset": caps.cpuset,
+            "memory-limit": caps.memory_limit,
+            "affinity": caps.affinity,
+        }
+        applied = tuple(kind for kind, on in mechanisms.items() if on)
+        return inst.info(applied, caps.warnings)
+
+    def _resources(
+        self, inst: Instance, cpus: tuple[int, ...], cpu_count: int, memory: int
+    ) -> Resources | None:
+        if not cpus and not cpu_count and not memory:
+            return None
+        current = inst.resources
+        if cpus:
+            chosen = frozenset(cpus)
+        elif cpu_count:
+            chosen = self._pick_cpus(inst, cpu_count)
+        elif current is not None:
+            chosen = current.cpus
+        else:
+            chosen = self._pick_cpus(inst, 1)
+        size = memory or (current.memory if current is not None else 0)
+        if not size:
+            raise InstanceError(
+                f"say how much memory {inst.name!r} gets: --memory SIZE (e.g. 256M)"
+            )
+        resources = Resources(chosen, size)
+        check = getattr(self.platform, "check", None)
+        if check is not None:
+            check(resources)
+        return resources
+
+    def _pick_cpus(self, inst: Instance, count: int) -> frozenset[int]:
+        """The `count` least used online CPUs (instances may share CPUs on the local platform)."""
+        online = sorted(self._cpus or _online_cpus())
+        if count > len(online):
+            raise InstanceError(f"{count} CPUs asked, this host has {len(online)} online")
+        use = Counter(
+            cpu for other in self.instances.values() if other is not inst and other.resources
+            for cpu in other.resources.cpus
+        )  # fmt: skip
+        return frozenset(sorted(online, key=lambda cpu: (use[cpu], cpu))[:count])
+
+    async def _set(self, inst: Instance, new: str, reason: str) -> None:
+        old, inst.state = inst.state, new
+        await self._publish(inst, old, new, reason)
+
+    async def _publish(self, inst: Instance, old: str, new: str, reason: str) -> None:
+        log.info("instance state", instance=inst.name, id=inst.id, old=old, new=new, reason=reason)
+        change = InstanceStateChanged(inst.name, inst.id, old, new, reason)
+        await self.ep.publish(f"mk.instance.{inst.id}.state", change)
+
+    def _drop_image(self, inst: Instance) -> None:
+        if inst.image_dir is not None:
+            shutil.rmtree(inst.image_dir, ignore_errors=True)
+        inst.image = inst.image_dir = None
+
+    # -- running instances --------------------------------------------------------------------
+
+    async def _launch(self, inst: Instance, command: tuple[str, ...]) -> None:
+        assert inst.image is not None
+        assert inst.resources is not None
+        assert inst.image_dir is not None
+        manifest = inst.image.manifest
+        entry = list(command or manifest.entry)
+        entry = [
+            arg.replace("{python}", sys.executable).replace("{image}", str(inst.image_dir))
+            for arg in entry
+        ]
+        sock = self._open_socket(inst.id)
+        env = {
+            "MULTIKERNEL_BUS_FD": str(sock.fileno()),
+            "MULTIKERNEL_INSTANCE": str(inst.id),
+            "MULTIKERNEL_INSTANCE_NAME": inst.name,
+            "MULTIKERNEL_WORKLOAD": json.dumps(entry),
+            "MULTIKERNEL_WORKLOAD_ENV": json.dumps(
+                {**manifest.env, "MULTIKERNEL_PARAMETERS": json.dumps(manifest.parameters)}
+            ),
+            "MULTIKERNEL_IMAGE_DIR": str(inst.image_dir),
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+        }
+        spec = LaunchSpec(
+            inst.name, inst.id, [sys.executable, "-m", "multikernel.services.agent"], env,
+            (sock.fileno(),), inst.resources, cwd=str(inst.image_dir),
+        )  # fmt: skip
+        inst.hello, inst.exited, inst.stopping, inst.agent = anyio.Event(), anyio.Event(), False, 0
+        t0 = time.monotonic()
+        try:
+            inst.proc = await self.platform.launch(spec)
+        finally:
+            sock.close()  # the agent holds its end now
+        inst.started_ns = time.monotonic_ns()
+        assert self._tg is not None
+        self._tg.start_soon(self._watch, inst, inst.proc)
+        with anyio.move_on_after(self.hello_timeout):
+            await inst.hello.wait()
+        if not inst.hello.is_set():
+            inst.stopping = True
+            await self._force_stop(inst)
+            await self._set(
+                inst, FAILED, f"no hello from the agent within {self.hello_timeout:.0f} s"
+            )
+            raise InstanceError(
+                f"{inst.name!r} did not come up: its agent never said hello; see the host log"
+            )
+        self.timings["hello"].append(time.monotonic() - t0)
+        await self._set(inst, ACTIVE, f"agent up (pid {inst.proc.pid})")
+
+    async def _watch(self, inst: Instance, proc: object) -> None:
+        """Wait for the instance to end (pidfd), reclaim it, and move it back to `loaded`."""
+        assert inst.proc is not None
+        status = await self.platform.wait(inst.proc)
+        t0 = time.monotonic()
+        await self.platform.reclaim(inst.proc)
+        self.timings["reclaim"].append(time.monotonic() - t0)
+        inst.proc = None
+        inst.agent = 0
+        inst.last_exit = _describe_exit(status)
+        if not inst.stopping:
+            inst.restarts += 1
+        if inst.state != FAILED:
+            reason = "halted" if inst.stopping else f"crashed ({inst.last_exit})"
+            await self._set(inst, LOADED, f"{reason}; resources reclaimed")
+        inst.exited.set()
+
+    async def _negotiate(self, inst: Instance, grace: float) -> None:
+        """SHUTDOWN → SHUTDOWN_ACK → exit, within `grace` seconds; on timeout the caller forces."""
+        with anyio.move_on_after(grace):
+            try:
+                await self.ep.request(f"instance.{inst.id}.agent", "shutdown", Shutdown(inst.id))
+            except Exception as exc:  # the agent is wedged or gone: force it
+                log.warning("negotiated shutdown failed", instance=inst.name, error=str(exc))
+                return
+            await inst.exited.wait()
+
+    async def _force_stop(self, inst: Instance) -> None:
+        if inst.proc is not None:
+            await self.platform.kill(inst.proc)
+            with anyio.fail_after(30):
+                await inst.exited.wait()
+
+
+def _online_cpus() -> frozenset[int]:
+    from multikernel.services._local import online_cpus
+
+    return online_cpus()
+
+
+def _describe_exit(status: int) -> str:
+    if status < 0:
+        return f"killed by signal {-status}"
+    return f"exit status {status}"

@@ -1,0 +1,82 @@
+"""`python -m multikernel.services.host`: run a multikernel host (hub + actors) in the foreground.
+
+Usually started by `mkctl host up`. With `--ready-fd N` it writes "ready <pid>\\n" to fd N once
+its control socket listens, then closes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import anyio
+
+from multikernel.endpoints._logging import configure
+from multikernel.endpoints._wire import default_socket_path
+from multikernel.protocol import MultikernelError
+from multikernel.services._host import HostConfig, run_host
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m multikernel.services.host", description=__doc__)
+    p.add_argument("--socket", type=Path, default=None, help="the bus control socket")
+    p.add_argument("--state-dir", type=Path, default=None, help="where instances' files live")
+    p.add_argument("--policy", type=Path, default=None, help="access policy (TOML)")
+    p.add_argument(
+        "--trusted-keys",
+        type=Path,
+        action="append",
+        default=[],
+        help="certificate file or directory of certificates trusted to sign images",
+    )
+    p.add_argument("--allow-unsigned", action="store_true", help="accept unsigned images")
+    p.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="no namespaces or cgroups for instances (CPU affinity only)",
+    )
+    p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def config_from(args: argparse.Namespace) -> HostConfig:
+    socket_path = args.socket or default_socket_path()
+    policy_text, source = "", "<default>"
+    if args.policy is not None:
+        policy_text, source = args.policy.read_text(), str(args.policy)
+    return HostConfig(
+        socket=socket_path,
+        state_dir=args.state_dir or socket_path.parent,
+        policy_text=policy_text,
+        policy_source=source,
+        trusted=list(args.trusted_keys),
+        allow_unsigned=args.allow_unsigned,
+        isolate=not args.no_isolation,
+    )
+
+
+async def _serve(config: HostConfig, ready_fd: int | None) -> None:
+    async with anyio.create_task_group() as tg:
+        await tg.start(run_host, config)
+        if ready_fd is not None:
+            os.write(ready_fd, f"ready {os.getpid()}\n".encode())
+            os.close(ready_fd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    configure()
+    try:
+        config = config_from(args)
+        anyio.run(_serve, config, args.ready_fd, backend="asyncio",
+                  backend_options={"use_uvloop": True})  # fmt: skip
+    except (MultikernelError, OSError, RuntimeError) as exc:
+        print(f"host: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
