@@ -19,7 +19,7 @@ install: $(STAMP)
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 
 demo: install
-	$(PY) -m multikernel.endpoints.demo
+	$(PY) -m multikernel.services.demo
 
 lint: install
 	$(VENV)/bin/ruff check .

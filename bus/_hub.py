@@ -10,6 +10,7 @@ endpoints, so a hub restart does not interrupt them: endpoints re-attach and re-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -148,13 +149,19 @@ class Hub:
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
-                tg.start_soon(listener.serve, self._accept_any, tg)
+                tg.start_soon(self._accept_until_closed, listener, tg)
                 log.info("hub listening", socket=str(self.path), pid=os.getpid())
                 task_status.started()
         finally:
             with anyio.CancelScope(shield=True):
                 await listener.aclose()
             self.path.unlink(missing_ok=True)
+
+    async def _accept_until_closed(
+        self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup
+    ) -> None:
+        with contextlib.suppress(anyio.ClosedResourceError):  # drain() closed it: no newcomers
+            await listener.serve(self._accept_any, tg)
 
     async def _listen(self) -> anyio.abc.SocketListener:
         self.path.parent.mkdir(parents=True, exist_ok=True)

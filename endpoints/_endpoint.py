@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -178,9 +178,17 @@ class Endpoint:
             decoder = self._decoders[kind] = msgspec.msgpack.Decoder(kind)
         return decoder
 
+    @overload
+    async def request(self, target: str, method: str, body: object = None) -> Any: ...
+
+    @overload
     async def request(
-        self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
-    ) -> T:
+        self, target: str, method: str, body: object = None, *, response: type[T]
+    ) -> T: ...
+
+    async def request(
+        self, target: str, method: str, body: object = None, *, response: Any = Any
+    ) -> Any:
         """Call `method` of the service `target`; the caller's cancel scope is the deadline.
 
         Raises NoRespondersError at once if nobody owns `target`, AccessDeniedError if the
@@ -195,7 +203,7 @@ class Endpoint:
         if answer is None:
             raise ProtocolError(f"{target}.{method} answered with an empty stream")
         header, frame = answer
-        return decode_body(header, frame, self._decoder(response))  # type: ignore[no-any-return]
+        return decode_body(header, frame, self._decoder(response))
 
     async def _send_request(
         self, target: str, method: str, body: object
@@ -254,9 +262,15 @@ class Endpoint:
         with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
             await self._to_hub(encode(Kind.CONTROL, ChannelRevoke(token)))
 
-    async def request_stream(
+    def request_stream(
         self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
     ) -> AsyncIterator[T]:
+        """Call a streaming method: yields each reply until the service ends the stream."""
+        return self._stream(target, method, body, response)
+
+    async def _stream(
+        self, target: str, method: str, body: object, response: Any
+    ) -> AsyncIterator[Any]:
         """Call a streaming method: yields each reply until the service ends the stream."""
         decoder = self._decoder(response)
         async for header, frame in self._call(target, method, body, single=False):

@@ -10,6 +10,7 @@ demo) call `configure()` to show info and above on stderr.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any
 
@@ -37,8 +38,13 @@ def get_logger(name: str) -> Any:
     )
 
 
-def configure(level: int | str = logging.INFO) -> None:
-    """For entry points: our events at `level` and above, one per line on stderr."""
+def configure(level: int | str | None = None) -> None:
+    """For entry points: our events at `level` and above, one per line on stderr.
+
+    The level defaults to $MULTIKERNEL_LOG_LEVEL, else INFO.
+    """
+    if level is None:
+        level = os.environ.get("MULTIKERNEL_LOG_LEVEL", "INFO").upper()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("multikernel")

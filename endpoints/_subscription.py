@@ -113,7 +113,9 @@ class Subscription:
             self.active = False
             self._send.close()
             self._receive.close()
-            with anyio.CancelScope(shield=True):
+            # Shielded, so a cancelled owner still tells the hub; bounded, so a hub that is going
+            # away too cannot hold us (it forgets the subscription with the session anyway).
+            with anyio.move_on_after(2, shield=True):
                 await self._unsubscribe(self)
 
     async def __aenter__(self) -> Self:

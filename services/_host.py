@@ -29,6 +29,26 @@ from multikernel.services._local import LocalPlatform
 log = get_logger("multikernel.host")
 
 
+async def _until_stopped(stop: anyio.Event | None) -> None:
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+
+            async def on_signal() -> None:
+                async for signum in signals:
+                    log.info("host stopping", signal=signal.Signals(signum).name)
+                    break
+                tg.cancel_scope.cancel()
+
+            async def on_event() -> None:
+                if stop is not None:
+                    await stop.wait()
+                    log.info("host stopping", reason="asked to")
+                    tg.cancel_scope.cancel()
+
+            tg.start_soon(on_signal)
+            tg.start_soon(on_event)
+
+
 def host_rule(uid: int) -> str:
     """The policy rule that makes the host's own user privileged on instance 0."""
     return f"""
@@ -73,9 +93,15 @@ class HostConfig:
 
 
 async def run_host(
-    config: HostConfig, *, task_status: anyio.abc.TaskStatus[Hub] = anyio.TASK_STATUS_IGNORED
+    config: HostConfig,
+    stop: anyio.Event | None = None,
+    *,
+    task_status: anyio.abc.TaskStatus[Hub] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled (or SIGTERM/SIGINT); stop every instance on the way out."""
+    """Serve until SIGTERM/SIGINT or `stop` is set: stop every instance, drain, return.
+
+    Cancelling it also stops the instances (forcibly: the bus is going away with it).
+    """
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
     platform = LocalPlatform(isolate=config.isolate)
     for warning in platform.capabilities().warnings:
@@ -97,10 +123,7 @@ async def run_host(
                 await actors.start(actor.run)
                 log.info("host up", socket=str(config.socket), pid=os.getpid())
                 task_status.started(hub)
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                    async for signum in signals:
-                        log.info("host stopping", signal=signal.Signals(signum).name)
-                        break
+                await _until_stopped(stop)
                 actors.cancel_scope.cancel()  # the actor stops its instances on the way out
         await hub.drain(grace=2.0)
         tg.cancel_scope.cancel()

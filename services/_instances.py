@@ -52,7 +52,7 @@ class Instance:
 
     name: str
     id: int
-    state: str = EMPTY
+    state: str = "none"  # until created
     resources: Resources | None = None
     image: LoadedImage | None = None
     image_dir: Path | None = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 import socket
 import sys
@@ -335,6 +336,8 @@ class LifecycleActor:
             "MULTIKERNEL_IMAGE_DIR": str(inst.image_dir),
             "PATH": "/usr/local/bin:/usr/bin:/bin",
         }
+        if level := os.environ.get("MULTIKERNEL_LOG_LEVEL"):
+            env["MULTIKERNEL_LOG_LEVEL"] = level
         spec = LaunchSpec(
             inst.name, inst.id, [sys.executable, "-m", "multikernel.services.agent"], env,
             (sock.fileno(),), inst.resources, cwd=str(inst.image_dir),

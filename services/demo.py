@@ -1,0 +1,245 @@
+"""`make demo`: a multikernel host with three instances, live.
+
+What happens, step by step (each step prints the `mkctl` command that does the same by hand):
+a host starts (the bus hub and the lifecycle actor); a throwaway key signs three images; three
+instances are created, loaded (signatures verified) and started, each an isolated process tree
+with its own agent: `alpha` serves a key-value service, `beta` is an application that calls it
+over the bus (inter-instance RPC on a direct shared-memory channel) and publishes what it sees,
+`gamma` watches those publications. After a few seconds of live figures every instance is shut
+down (SHUTDOWN, SHUTDOWN_ACK, HALTED), deleted, and the host stops, leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import anyio
+
+from multikernel.endpoints import Endpoint, connect
+from multikernel.protocol import (
+    CreateInstance,
+    DeleteInstance,
+    InstanceInfo,
+    InstanceStateChanged,
+    KillInstance,
+    LoadImage,
+    StartInstance,
+)
+from multikernel.services._host import HostConfig, run_host
+from multikernel.services._image import sign_image
+from multikernel.services._signature import make_signing_key
+
+SECONDS = 6
+
+POLICY = """
+# The demo's guests (instances 1..) may serve, call and talk about demo.* across instances.
+[[rule]]
+who = "guest"
+own = ["demo.>"]
+call = ["demo.>"]
+publish = ["demo.>"]
+subscribe = ["demo.>"]
+"""
+
+KV = """
+import anyio
+from multikernel.endpoints import connect, current_caller
+
+async def main():
+    store = {}
+    async with connect(name="kv-server") as bus:
+        kv = bus.service("demo.kv", concurrency=32)
+
+        @kv.method
+        async def put(item: list) -> int:
+            store[item[0]] = item[1]
+            return len(store)
+
+        @kv.method
+        async def get(key: str) -> object:
+            return store.get(key)
+
+        await kv.start()
+        await anyio.sleep_forever()
+
+anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+"""
+
+CLIENT = """
+import time
+import anyio
+from multikernel.endpoints import connect
+
+async def main():
+    async with connect(name="kv-client") as bus:
+        while True:  # wait until the service is up (it lives in another instance)
+            try:
+                await bus.request("demo.kv", "get", "nothing")
+                break
+            except Exception:
+                await anyio.sleep(0.05)
+        i = 0
+        while True:
+            started, latencies = time.monotonic(), []
+            while time.monotonic() - started < 1.0:
+                t0 = time.perf_counter_ns()
+                await bus.request("demo.kv", "put", [f"key{i % 100}", i])
+                assert await bus.request("demo.kv", "get", f"key{i % 100}") == i
+                latencies.append((time.perf_counter_ns() - t0) / 2000)
+                i += 1
+            latencies.sort()
+            await bus.publish("demo.stats", {
+                "calls": 2 * len(latencies), "p50_us": latencies[len(latencies) // 2],
+                "p99_us": latencies[int(len(latencies) * 0.99)],
+            })
+
+anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+"""
+
+WATCHER = """
+import anyio
+from multikernel.endpoints import connect
+
+async def main():
+    async with connect(name="watcher") as bus, await bus.subscribe("demo.stats") as stats:
+        async for message in stats:
+            figures = message.value()
+            await bus.publish("demo.seen", {"from": message.source, **figures})
+
+anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
+"""
+
+
+def _image(root: Path, name: str, source: str, key: bytes, cert: bytes) -> Path:
+    image = root / name
+    image.mkdir()
+    (image / "manifest.toml").write_text(
+        f'name = "{name}"\nversion = "1.0"\nentry = ["{{python}}", "main.py"]\n'
+    )
+    (image / "main.py").write_text(textwrap.dedent(source))
+    sign_image(image, key, cert)
+    return image
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def _lifecycle(bus: Endpoint, method: str, body: object, command: str) -> InstanceInfo:
+    say(f"$ mkctl {command}")
+    info: InstanceInfo = await bus.request("lifecycle", method, body, response=InstanceInfo)
+    return info
+
+
+async def demo(root: Path) -> None:
+    key, cert = make_signing_key("demo signing key", algorithm="ec-p256")
+    (root / "cert.pem").write_bytes(cert)
+    images = {
+        name: _image(root, name, src, key, cert)
+        for name, src in (("kv", KV), ("client", CLIENT), ("watcher", WATCHER))
+    }
+    say(f"signed three images with a throwaway key ({root / 'cert.pem'} is trusted)")
+    config = HostConfig(
+        socket=root / "bus.sock",
+        state_dir=root / "state",
+        policy_text=POLICY,
+        policy_source="demo policy",
+        trusted=[root / "cert.pem"],
+    )
+    stop = anyio.Event()
+    async with anyio.create_task_group() as host:
+        await host.start(run_host, config, stop)
+        say(f"host up: bus hub and lifecycle actor on {config.socket}\n")
+        async with connect(config.socket, name="demo") as bus:
+            await _watch(bus, images)
+        stop.set()  # as `mkctl host down` would: instances stopped, bus drained
+    say("host stopped")
+
+
+async def _watch(bus: Endpoint, images: dict[str, Path]) -> None:
+    reached: dict[tuple[str, str], anyio.Event] = {}
+
+    def event(name: str, state: str) -> anyio.Event:
+        return reached.setdefault((name, state), anyio.Event())
+
+    async def step(method: str, body: object, command: str, name: str) -> InstanceInfo:
+        info = await _lifecycle(bus, method, body, command)
+        with anyio.fail_after(10):  # the state change travels apart from the reply: show it first
+            await event(name, "deleted" if method == "delete" else info.state).wait()
+        return info
+
+    async with (
+        await bus.subscribe("mk.instance.*.state") as states,
+        await bus.subscribe("demo.seen") as seen,
+        anyio.create_task_group() as tg,
+    ):
+
+        async def print_states() -> None:
+            async for message in states:
+                change = message.decode(InstanceStateChanged)
+                say(f"    [{change.name}] {change.old} -> {change.new}: {change.reason}")
+                event(change.name, change.new).set()
+
+        tg.start_soon(print_states)
+        plan = (("alpha", "kv"), ("beta", "client"), ("gamma", "watcher"))
+        for name, image in plan:
+            create = CreateInstance(name, cpu_count=1, memory=256 << 20)
+            await step("create", create, f"create {name} --cpus 1 --memory 256M", name)
+            await step(
+                "load", LoadImage(name, str(images[image])), f"load {name} --image {image}", name
+            )
+            info = await step("start", StartInstance(name), f"start {name}", name)
+            say(
+                f"    {name} is instance {info.id} on CPU {list(info.cpus)}, agent pid {info.pid}, "
+                f"isolation: {', '.join(info.isolation) or 'none'}"
+            )
+        say(f"\nbeta calls alpha's demo.kv service; gamma relays beta's figures ({SECONDS} s):")
+        say(f"{'second':>6} {'calls/s':>8} {'p50 us':>8} {'p99 us':>8}   relayed from endpoint")
+        with anyio.move_on_after(SECONDS + 1):
+            for second in range(1, SECONDS + 1):
+                figures = (await seen.receive()).value()
+                say(
+                    f"{second:>6} {figures['calls']:>8} {figures['p50_us']:>8.1f} "
+                    f"{figures['p99_us']:>8.1f}   {figures['from']}"
+                )
+        say("")
+        for name, _ in reversed(plan):  # the service last: its callers go first
+            await step("kill", KillInstance(name), f"kill {name}", name)
+            await step("delete", DeleteInstance(name), f"delete {name}", name)
+        tg.cancel_scope.cancel()
+
+
+def _leftovers() -> list[str]:
+    found = [str(p) for p in Path("/dev/shm").glob("multikernel-*")]
+    for root in ("/sys/fs/cgroup/cpuset/multikernel",):
+        if Path(root).exists():
+            found += [str(p) for p in Path(root).iterdir() if p.is_dir()]
+    return found
+
+
+def main() -> None:
+    os.environ.setdefault("MULTIKERNEL_LOG_LEVEL", "WARNING")  # the story is on stdout
+    root = Path(tempfile.mkdtemp(prefix="multikernel-demo-"))
+    started = time.monotonic()
+    try:
+        anyio.run(demo, root, backend="asyncio", backend_options={"use_uvloop": True})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    left = _leftovers()
+    say(
+        f"done in {time.monotonic() - started:.1f} s; "
+        + ("nothing left behind" if not left else f"LEFT BEHIND: {left}")
+    )
+    if os.geteuid() != 0:
+        say("(not root: instances ran without namespaces and cgroups; see docs/platform.md)")
+    sys.exit(1 if left else 0)
+
+
+if __name__ == "__main__":
+    main()
