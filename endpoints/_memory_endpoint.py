@@ -120,9 +120,17 @@ class MemoryEndpoint:
             decoder = self._decoders[kind] = msgspec.msgpack.Decoder(kind)
         return decoder
 
+    @typing.overload
+    async def request(self, target: str, method: str, body: object = None) -> Any: ...
+
+    @typing.overload
     async def request(
-        self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
-    ) -> T:
+        self, target: str, method: str, body: object = None, *, response: type[T]
+    ) -> T: ...
+
+    async def request(
+        self, target: str, method: str, body: object = None, *, response: Any = Any
+    ) -> Any:
         """Call `method` of the service `target`; the caller's cancel scope is the deadline.
 
         Raises NoRespondersError at once if nobody owns `target`, AccessDeniedError if the
@@ -136,12 +144,17 @@ class MemoryEndpoint:
             call.close()
         assert answer is not None  # the first answer is a reply or an error, never nothing
         header, frame = answer
-        return decode_body(header, frame, self._decoder(response))  # type: ignore[no-any-return]
+        return decode_body(header, frame, self._decoder(response))
 
-    async def request_stream(
+    def request_stream(
         self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
     ) -> AsyncIterator[T]:
         """Call a streaming method: yields each reply until the service ends the stream."""
+        return self._stream(target, method, body, response)
+
+    async def _stream(
+        self, target: str, method: str, body: object, response: Any
+    ) -> AsyncIterator[Any]:
         decoder = self._decoder(response)
         call = await self._call(target, method, body)
         try:
