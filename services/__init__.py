@@ -1,1 +1,38 @@
-"""Bus actors (lifecycle, resource, fault), the platform layer, the instance agent, the host."""
+"""Bus actors, the platform layer, the instance agent and the host process.
+
+- `LifecycleActor`: kernel instances from create to delete (the `lifecycle` service), through the
+  kernel's states, with verified images and negotiated shutdown (docs/lifecycle.md).
+- `LocalPlatform`: an instance as an isolated process tree: PID/UTS/mount namespaces, cpuset and
+  memory cgroups, CPU affinity (docs/platform.md); `Platform` is the interface.
+- Images in the kernel's appended-signature format: `sign_image`, `verify_image`, `load_image`,
+  `make_signing_key` (docs/images.md).
+- `run_host` / `python -m multikernel.services.host`: hub + actors in one process (`mkctl host up`).
+- `python -m multikernel.services.agent`: the first process of every instance.
+"""
+
+from multikernel.services._host import HostConfig as HostConfig
+from multikernel.services._host import run_host as run_host
+from multikernel.services._image import ImageError as ImageError
+from multikernel.services._image import LoadedImage as LoadedImage
+from multikernel.services._image import Manifest as Manifest
+from multikernel.services._image import VerifiedImage as VerifiedImage
+from multikernel.services._image import load_image as load_image
+from multikernel.services._image import pack as pack
+from multikernel.services._image import sign_image as sign_image
+from multikernel.services._image import verify_image as verify_image
+from multikernel.services._instances import InstanceError as InstanceError
+from multikernel.services._lifecycle import LifecycleActor as LifecycleActor
+from multikernel.services._local import LocalPlatform as LocalPlatform
+from multikernel.services._platform import Capabilities as Capabilities
+from multikernel.services._platform import InstanceProcess as InstanceProcess
+from multikernel.services._platform import IsolationReport as IsolationReport
+from multikernel.services._platform import LaunchSpec as LaunchSpec
+from multikernel.services._platform import Platform as Platform
+from multikernel.services._platform import PlatformError as PlatformError
+from multikernel.services._platform import Resources as Resources
+from multikernel.services._signature import BadSignatureError as BadSignatureError
+from multikernel.services._signature import SignatureError as SignatureError
+from multikernel.services._signature import SignerInfo as SignerInfo
+from multikernel.services._signature import UnsignedImageError as UnsignedImageError
+from multikernel.services._signature import UntrustedSignerError as UntrustedSignerError
+from multikernel.services._signature import make_signing_key as make_signing_key
