@@ -382,7 +382,7 @@ def create(kind: Kind, workdir: Path) -> Created:
     if key.startswith("ring"):
         from multikernel.shm import create_channel
 
-        ch, handle = create_channel(RING_CAPACITY)
+        ch, handle = create_channel(RING_CAPACITY, policy=_policy(kind))
         opener = RingAsync if kind.is_async else RingSync
         return Created(
             open=lambda: opener(ch),
@@ -486,7 +486,7 @@ def attach(kind: Kind, argument: str) -> Any:
     if key.startswith("ring"):
         from multikernel.shm import Channel, ChannelHandle
 
-        ch = Channel.attach(ChannelHandle.from_argument(argument))
+        ch = Channel.attach(ChannelHandle.from_argument(argument), _policy(kind))
         return RingAsync(ch) if kind.is_async else RingSync(ch)
     if key == "eventfd":
         out_fd, in_fd = (int(x) for x in argument.split(","))
@@ -563,3 +563,11 @@ def remove_iceoryx2_files(prefix: str, root: Path | str) -> None:
 
 def make_workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="mkbench-"))
+
+
+def _policy(kind: Kind) -> Any:
+    """Each side of the benchmark is a process whose only job is its channel: the async variant
+    spins without a round trip through the event loop (WaitPolicy.cooperative=False)."""
+    from multikernel.shm import WaitPolicy
+
+    return WaitPolicy(cooperative=False) if kind.is_async else WaitPolicy()

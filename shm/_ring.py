@@ -200,6 +200,8 @@ class _RingSide:
         return None
 
     async def _spin_async(self, attempt: Callable[[], T | None]) -> T | None:
+        if not self.policy.cooperative:
+            return self._spin(attempt)
         governor = self._governor
         if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
             return None
