@@ -168,6 +168,22 @@ class Service:
             self._workers += 1
             self.endpoint._spawn(self._work)
 
+    def has_capacity(self) -> bool:
+        """Whether a request may start now (under the concurrency limit, none waiting)."""
+        return self.in_flight < self.concurrency and not self._queue
+
+    async def run_inline(self, direct: DirectChannel, header: Header, frame: bytes) -> None:
+        """Run a request in the calling task (a channel's crew member), counted like a worker's."""
+        if self.in_flight == 0:
+            self._idle = anyio.Event()
+        self.in_flight += 1
+        try:
+            await self._handle(direct, header, frame)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
     async def _work(self) -> None:
         try:
             while True:
