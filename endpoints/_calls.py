@@ -21,7 +21,7 @@ class Reply:
     __slots__ = ("_event", "_failure", "_frames", "done")
 
     def __init__(self) -> None:
-        self._event = anyio.Event()
+        self._event: anyio.Event | None = None  # made only if someone has to wait
         self._frames: deque[tuple[Header, Any]] = deque()
         self._failure: BaseException | None = None
         self.done = False
@@ -31,7 +31,8 @@ class Reply:
         self._frames.append((header, frame))
         if header.kind == Kind.ERROR or not header.flags & Flag.MORE:
             self.done = True
-        self._event.set()
+        if self._event is not None:
+            self._event.set()
 
     @property
     def ready(self) -> bool:
@@ -43,7 +44,8 @@ class Reply:
         if not self.done:
             self._failure = failure
             self.done = True
-            self._event.set()
+            if self._event is not None:
+                self._event.set()
 
     async def next(self) -> tuple[Header, Any] | None:
         """The next reply frame, None after the last; raises the remote error if one came."""
@@ -52,8 +54,8 @@ class Reply:
                 return None
             if self._failure is not None:
                 raise self._failure
-            await self._event.wait()
-            self._event = anyio.Event()
+            self._event = event = anyio.Event()
+            await event.wait()
         header, frame = self._frames.popleft()
         if header.kind == Kind.ERROR:
             raise_for_error(decode_body(header, frame, ERROR_DECODER))

@@ -79,6 +79,7 @@ class DirectChannel:
         self._send_lock = anyio.Lock()
         self._reading = False
         self._progress = anyio.Event()
+        self._followers = 0
         self._crew: anyio.abc.TaskGroup | None = None
         self._crew_size = 0
         self._standby = anyio.Event()
@@ -188,7 +189,11 @@ class DirectChannel:
             elif not self._reading:
                 await self._read_once()
             else:
-                await self._progress.wait()
+                self._followers += 1
+                try:
+                    await self._progress.wait()
+                finally:
+                    self._followers -= 1
         return await reply.next()
 
     async def _read_once(self) -> None:
@@ -203,8 +208,9 @@ class DirectChannel:
             self.calls.fail_all(self._failure)
         finally:
             self._reading = False
-            progress, self._progress = self._progress, anyio.Event()
-            progress.set()
+            if self._followers:  # other requesters wait for their replies: wake them
+                progress, self._progress = self._progress, anyio.Event()
+                progress.set()
 
     def release_if_idle(self) -> bool:
         """Client side: close the channel if it is retired (stale or closed) and unused."""
