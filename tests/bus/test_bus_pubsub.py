@@ -80,7 +80,9 @@ async def test_slow_subscriber_loses_only_its_own_messages(socket_path: Path) ->
     from multikernel.bus import Limits, Policy
 
     hub = Hub(
-        socket_path, policy=Policy.default(), limits=Limits(max_pending=8, session_capacity=4096)
+        socket_path,
+        policy=Policy.default(),
+        limits=Limits(max_pending=8, session_capacity=4096, max_body=512),
     )
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
@@ -132,3 +134,17 @@ async def test_trio_client_publishes_and_subscribes(hub: Hub, socket_path: Path)
         return anyio.run(client, backend="trio")
 
     assert await anyio.to_thread.run_sync(run_trio) == [1, [2]]
+
+
+async def test_bodies_over_the_hubs_limit_are_refused_before_sending(
+    hub: Hub, socket_path: Path
+) -> None:
+    from multikernel.protocol import TooLargeError
+
+    async with connect(socket_path) as ep:
+        assert ep.max_body == hub.limits.max_body  # learned at attach
+        with pytest.raises(TooLargeError, match="over the limit"):
+            await ep.publish("big.thing", b"x" * (hub.limits.max_body + 1))
+        async with await ep.subscribe("big.thing") as sub:
+            await ep.publish("big.thing", b"x" * (hub.limits.max_body - 64))  # just fits
+            assert len((await sub.receive()).value()) == hub.limits.max_body - 64
