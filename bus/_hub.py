@@ -24,6 +24,12 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
+from multikernel.bus._delivery import (
+    denial_message,
+    publish_decisions,
+    route,
+    subscribe_decisions,
+)
 from multikernel.bus._names import NameRegistry
 from multikernel.bus._policy import Identity, Policy
 from multikernel.bus._router import SubjectRouter
@@ -379,32 +385,18 @@ class Hub:
         self._published += 1
         stamped = bytearray(frame)
         stamped[_SOURCE_OFFSET : _SOURCE_OFFSET + 8] = session.id_bytes
-        decisions = session.publish_decisions.get(subject)
-        if decisions is None:
-            who = session.identity
-            decisions = (
-                self.policy.may_publish(who, subject, within_instance=True),
-                self.policy.may_publish(who, subject),
-            )
-            session.publish_decisions[subject] = decisions
-        denied = 0
+        decisions = publish_decisions(
+            self.policy, session.publish_decisions, session.identity, subject
+        )
         subs = self._subs
-        if decisions[0] and decisions[1] and not self._restricted:
-            keys = self._router.match(subject)  # nobody to filter out: skip the per-key check
-        else:
-            instance = session.identity.instance
-
-            def allowed(key: tuple[int, int]) -> bool:
-                nonlocal denied
-                record = subs[key]
-                if record.session.identity.instance == instance:
-                    ok = bool(decisions[0]) and bool(record.within)
-                else:
-                    ok = bool(decisions[1]) and bool(record.across)
-                denied += not ok
-                return ok
-
-            keys = self._router.match_filtered(subject, allowed)
+        keys, denied = route(
+            self._router,
+            subs,
+            subject,
+            session.identity.instance,
+            decisions,
+            anyone_restricted=bool(self._restricted),
+        )
         dirty = self._dirty
         for key in keys:
             record = subs[key]
@@ -418,8 +410,9 @@ class Hub:
             self.counters["denied"] += denied
             if subject not in session.denials_reported:  # once per subject per policy
                 session.denials_reported.add(subject)
-                reason = decisions[1].reason if not decisions[1] else "subscribers' rules"
-                self._fail_quietly(session, correlation, subject, reason)
+                error = AccessDeniedError(denial_message(subject, decisions))
+                frame = encode(Kind.ERROR, error_to_body(error), correlation=correlation)
+                session.deliver(frame, droppable=False)
         if self._monitors:
             self._to_monitors(subject, "hub", session.id, 0, frame)
 
@@ -441,14 +434,6 @@ class Hub:
         self._delivered += delivered
         self.counters["dropped"] += dropped
 
-    def _fail_quietly(self, session: Session, correlation: int, subject: str, reason: str) -> None:
-        error = AccessDeniedError(
-            f"publication on {subject!r} not delivered to some subscribers: {reason}"
-        )
-        session.deliver(
-            encode(Kind.ERROR, error_to_body(error), correlation=correlation), droppable=False
-        )
-
     def _to_monitors(
         self, subject: str, path: str, source: int, destination: int, frame: bytes, channel: int = 0
     ) -> None:
@@ -462,15 +447,13 @@ class Hub:
         who = session.identity
         match body:
             case Subscribe(subject=pattern, queue_group=group, sid=sid):
-                validate_pattern(pattern)
-                if len(session.subscriptions) >= self.limits.max_subscriptions:
-                    raise BusyError(
-                        f"an endpoint may hold {self.limits.max_subscriptions} subscriptions"
-                    )
-                within = self.policy.may_subscribe(who, pattern, within_instance=True)
-                across = self.policy.may_subscribe(who, pattern)
-                if not within and not across:
-                    raise AccessDeniedError(f"subscribe to {pattern!r} refused: {across.reason}")
+                within, across = subscribe_decisions(
+                    self.policy,
+                    who,
+                    pattern,
+                    len(session.subscriptions),
+                    self.limits.max_subscriptions,
+                )
                 key = (session.id, sid)
                 if key in self._subs:
                     raise ProtocolError(f"subscription id {sid} is already in use on this endpoint")

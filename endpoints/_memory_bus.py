@@ -26,6 +26,12 @@ import anyio
 import msgspec
 
 from multikernel.bus import Decision, Identity, Limits, NameRegistry, Policy, SubjectRouter
+from multikernel.bus._delivery import (
+    denial_message,
+    publish_decisions,
+    route,
+    subscribe_decisions,
+)
 from multikernel.endpoints._logging import get_logger
 from multikernel.endpoints._memory_endpoint import MemoryEndpoint
 from multikernel.endpoints._memory_link import Link
@@ -46,7 +52,6 @@ from multikernel.protocol import (
     SubscriptionInfo,
     error_from_body,
     error_to_body,
-    validate_pattern,
 )
 
 log = get_logger("multikernel.endpoints.testing")
@@ -184,15 +189,13 @@ class MemoryBus:
         session.frames_in += 1
         who, pattern = session.identity, subscription.pattern
         try:
-            validate_pattern(pattern)
-            if len(session.subscriptions) >= self.limits.max_subscriptions:
-                raise BusyError(
-                    f"an endpoint may hold {self.limits.max_subscriptions} subscriptions"
-                )
-            within = self.policy.may_subscribe(who, pattern, within_instance=True)
-            across = self.policy.may_subscribe(who, pattern)
-            if not within and not across:
-                raise AccessDeniedError(f"subscribe to {pattern!r} refused: {across.reason}")
+            within, across = subscribe_decisions(
+                self.policy,
+                who,
+                pattern,
+                len(session.subscriptions),
+                self.limits.max_subscriptions,
+            )
             key = (endpoint_id, subscription.sid)
             self._router.subscribe(key, pattern, subscription.queue_group)
         except MultikernelError as exc:
@@ -213,28 +216,13 @@ class MemoryBus:
         session = self._sessions[endpoint_id]
         session.frames_in += 1
         self.counters["published"] += 1
-        decisions = session.publish_decisions.get(subject)
-        if decisions is None:
-            who = session.identity
-            decisions = (
-                self.policy.may_publish(who, subject, within_instance=True),
-                self.policy.may_publish(who, subject),
-            )
-            session.publish_decisions[subject] = decisions
-        denied = 0
-        instance = session.identity.instance
-
-        def allowed(key: tuple[int, int]) -> bool:
-            nonlocal denied
-            record = self._subs[key]
-            if record.session.identity.instance == instance:
-                ok = bool(decisions[0]) and bool(record.within)
-            else:
-                ok = bool(decisions[1]) and bool(record.across)
-            denied += not ok
-            return ok
-
-        for key in self._router.match_filtered(subject, allowed):
+        decisions = publish_decisions(
+            self.policy, session.publish_decisions, session.identity, subject
+        )
+        keys, denied = route(
+            self._router, self._subs, subject, session.identity.instance, decisions
+        )
+        for key in keys:
             record = self._subs[key]
             record.subscription.push(Message(subject, endpoint_id, data))
             record.delivered += 1
@@ -245,10 +233,7 @@ class MemoryBus:
             self.counters["denied"] += denied
             if subject not in session.denials_reported:  # once per subject per policy
                 session.denials_reported.add(subject)
-                reason = decisions[1].reason if not decisions[1] else "subscribers' rules"
-                error = AccessDeniedError(
-                    f"publication on {subject!r} not delivered to some subscribers: {reason}"
-                )
+                error = AccessDeniedError(denial_message(subject, decisions))
                 session.frames_out += 1
                 session.endpoint._async_error(error_from_body(error_to_body(error)))
 

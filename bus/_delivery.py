@@ -1,0 +1,100 @@
+"""Who receives a publication: the one routing rule the hub and the in-memory double share.
+
+A publication reaches every matching subscription the policy lets it reach: within one instance
+both sides need the same-instance permission, across instances the publisher needs the right to
+publish the subject and the subscriber the right to subscribe its pattern (deny by default). The
+publisher's two decisions are cached per subject on its session; the subscriber's were taken when
+it subscribed. Queue groups still deliver once whenever an allowed member matches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping
+from typing import Protocol, TypeVar
+
+from multikernel.bus._policy import Decision, Identity, Policy
+from multikernel.bus._router import SubjectRouter
+from multikernel.protocol import AccessDeniedError, BusyError, validate_pattern
+
+K = TypeVar("K", bound=Hashable)
+
+
+class _Subscriber(Protocol):
+    identity: Identity
+
+
+class Receiver(Protocol):
+    """What routing needs to know of a subscription."""
+
+    @property
+    def session(self) -> _Subscriber: ...
+
+    within: Decision
+    across: Decision
+
+
+def subscribe_decisions(
+    policy: Policy, who: Identity, pattern: str, held: int, limit: int
+) -> tuple[Decision, Decision]:
+    """May `who` subscribe `pattern` within its instance, and across: refused (AccessDenied)
+    only if neither, since a subscription limited to its own instance is still useful."""
+    validate_pattern(pattern)
+    if held >= limit:
+        raise BusyError(f"an endpoint may hold {limit} subscriptions")
+    within = policy.may_subscribe(who, pattern, within_instance=True)
+    across = policy.may_subscribe(who, pattern)
+    if not within and not across:
+        raise AccessDeniedError(f"subscribe to {pattern!r} refused: {across.reason}")
+    return within, across
+
+
+def publish_decisions(
+    policy: Policy, cache: dict[str, tuple[Decision, Decision]], who: Identity, subject: str
+) -> tuple[Decision, Decision]:
+    """May `who` publish `subject` within its instance, and across instances (cached)."""
+    decisions = cache.get(subject)
+    if decisions is None:
+        decisions = cache[subject] = (
+            policy.may_publish(who, subject, within_instance=True),
+            policy.may_publish(who, subject),
+        )
+    return decisions
+
+
+def route(
+    router: SubjectRouter[K],
+    receivers: Mapping[K, Receiver],
+    subject: str,
+    instance: int,
+    decisions: tuple[Decision, Decision],
+    *,
+    anyone_restricted: bool = True,
+) -> tuple[list[K], int]:
+    """The subscriptions a publication from `instance` reaches, and how many it was denied.
+
+    `anyone_restricted=False` (no subscription lacks a permission) skips the per-key check when
+    the publisher may publish everywhere: the common case costs one cached router lookup.
+    """
+    within, across = decisions
+    if within and across and not anyone_restricted:
+        return router.match(subject), 0
+    denied = 0
+
+    def allowed(key: K) -> bool:
+        nonlocal denied
+        record = receivers[key]
+        if record.session.identity.instance == instance:
+            ok = bool(within) and bool(record.within)
+        else:
+            ok = bool(across) and bool(record.across)
+        denied += not ok
+        return ok
+
+    keys = router.match_filtered(subject, allowed)
+    return keys, denied
+
+
+def denial_message(subject: str, decisions: tuple[Decision, Decision]) -> str:
+    """What the publisher is told (once per subject per policy) when some deliveries were denied."""
+    reason = decisions[1].reason if not decisions[1] else "subscribers' rules"
+    return f"publication on {subject!r} not delivered to some subscribers: {reason}"
