@@ -401,9 +401,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--memory", type=parse_size, default=0, help="e.g. 256M, 1G")
     load = instance_verb("load", "verify an image's signature and load it into an instance")
     load.add_argument("--image", required=True, help="image directory or archive")
-    load.add_argument(
-        "--allow-unsigned", action="store_true", help="if the host allows unsigned images"
-    )
     start = instance_verb("start", "start a loaded instance (its agent, then its workload)")
     start.add_argument(
         "command", nargs=argparse.REMAINDER, help="-- CMD... instead of the image's entry"
@@ -465,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             return _lifecycle(args, "update", UpdateInstance(args.name, cpus, count, args.memory))
         case "load":
             image = str(Path(args.image).resolve())
-            return _lifecycle(args, "load", LoadImage(args.name, image, args.allow_unsigned))
+            return _lifecycle(args, "load", LoadImage(args.name, image))
         case "start":
             return _lifecycle(args, "start", StartInstance(args.name, tuple(args.command)))
         case "kill":

@@ -44,11 +44,13 @@ class UpdateInstance(_LifecycleMessage, frozen=True):
 
 
 class LoadImage(_LifecycleMessage, frozen=True):
-    """Verify an image's signature and unpack it for the instance (``ready`` → ``loaded``)."""
+    """Verify an image's signature and unpack it for the instance (``ready`` → ``loaded``).
+
+    Whether unsigned images are accepted is the host's setting, not the requester's.
+    """
 
     name: ShortStr
     image: str
-    allow_unsigned: bool = False
 
 
 class StartInstance(_LifecycleMessage, frozen=True):

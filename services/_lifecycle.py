@@ -175,7 +175,7 @@ class LifecycleActor:
         inst = self._get(request.name)
         async with inst.lock:
             inst.require(READY, LOADED, verb="load")
-            allow = self.allow_unsigned and request.allow_unsigned
+            allow = self.allow_unsigned  # the host decides (mkctl host up --allow-unsigned)
             dest = self.state_dir / "instances" / inst.name / "image"
             self._drop_image(inst)
             dest.parent.mkdir(parents=True, exist_ok=True)

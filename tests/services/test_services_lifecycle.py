@@ -257,3 +257,13 @@ async def test_isolation_is_applied_and_read_back(host: Host, keys: tuple[bytes,
     if host.actor.platform.capabilities().memory_limit:
         assert host.actor.platform.inspect(proc).memory_limit == 128 * MB  # live
     await host.call("kill", KillInstance("theta"))
+
+
+async def test_a_host_that_allows_unsigned_images_loads_them_and_says_so(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    host.actor.allow_unsigned = True  # mkctl host up --allow-unsigned
+    image = make_image(host.root, keys, body=SLEEPER, sign=False)
+    await host.call("create", CreateInstance("iota", cpu_count=1, memory=128 * MB))
+    info = await host.call("load", LoadImage("iota", str(image)))
+    assert (info.state, info.signer) == ("loaded", "unsigned")
