@@ -11,8 +11,8 @@ runs under asyncio, uvloop and trio; errors are the protocol's (`NoRespondersErr
 from multikernel.endpoints._direct import Peer as Peer
 from multikernel.endpoints._direct import current_caller as current_caller
 from multikernel.endpoints._endpoint import Endpoint as Endpoint
-from multikernel.endpoints._endpoint import HubUnavailableError as HubUnavailableError
 from multikernel.endpoints._endpoint import connect as connect
+from multikernel.endpoints._hublink import HubUnavailableError as HubUnavailableError
 from multikernel.endpoints._service import Service as Service
 from multikernel.endpoints._subscription import Message as Message
 from multikernel.endpoints._subscription import Subscription as Subscription

@@ -14,36 +14,31 @@ import math
 import os
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar, overload
+from typing import Any, TypeVar, overload
 
 import anyio
 import anyio.abc
 import msgspec
 
-from multikernel.endpoints._calls import Correlations, Reply
+from multikernel.endpoints._calls import Reply
 from multikernel.endpoints._direct import DirectChannel, Mirroring
+from multikernel.endpoints._hublink import HubLink, HubUnavailableError
 from multikernel.endpoints._logging import get_logger
 from multikernel.endpoints._service import Service
 from multikernel.endpoints._subscription import Message, Subscription
-from multikernel.endpoints._wire import ENV_FD, close_fds, default_socket_path, receive_handle
+from multikernel.endpoints._wire import ENV_FD, default_socket_path
 from multikernel.protocol import (
-    CONTROL_DECODER,
-    DEFAULT_MAX_BODY,
-    ERROR_DECODER,
-    PROTOCOL_VERSION,
     AttachRequest,
     BusSnapshot,
     ChannelOpen,
     ChannelReady,
     ChannelRevoke,
     Drain,
-    Feature,
     Flag,
     Header,
-    Hello,
     Introspect,
     Kind,
     Mirror,
@@ -59,11 +54,8 @@ from multikernel.protocol import (
     RequestNameResult,
     Subscribe,
     Unsubscribe,
-    Welcome,
     decode_body,
-    decode_header,
     encode,
-    raise_for_error,
     validate_pattern,
     validate_subject,
 )
@@ -76,30 +68,10 @@ log = get_logger("multikernel.endpoints")
 #: server that just replied): a Python round trip takes 30-50 µs here, so a 50 µs window missed
 #: often and every miss cost a ~60 µs cross-core wake-up (docs/bus.md, "Waiting").
 ENDPOINT_WAIT = WaitPolicy(spin=100e-6)
-FEATURES = Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
 _RAW = msgspec.msgpack.Decoder()
 
 
-async def _connect(sock: socket.socket, path: str) -> None:
-    """Connect a non-blocking Unix socket without blocking the event loop."""
-    try:
-        sock.connect(path)
-    except BlockingIOError:
-        await anyio.wait_writable(sock)
-        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if error:
-            raise OSError(error, os.strerror(error), path) from None
-
-
-def _unexpected(body: object, kind: type) -> NoReturn:
-    raise ProtocolError(f"the hub answered with {type(body).__name__}, not {kind.__name__}")
-
-
-class HubUnavailableError(anyio.BrokenResourceError):
-    """The hub went away and the endpoint could not re-attach (or was not allowed to retry)."""
-
-
-class Endpoint:
+class Endpoint(HubLink):
     """One attachment to the bus. Create it with `connect()`."""
 
     def __init__(
@@ -110,16 +82,7 @@ class Endpoint:
         wait: WaitPolicy | None,
         reconnect: bool,
     ) -> None:
-        self.name = name
-        self.id = 0
-        self.max_body = DEFAULT_MAX_BODY
-        self._path = path
-        self._fd = fd
-        self._wait = wait or ENDPOINT_WAIT
-        self._reconnect = reconnect and fd is None
-        self._session: Channel | None = None
-        self._attached = anyio.Event()
-        self._calls = Correlations()
+        super().__init__(name, path, fd, wait or ENDPOINT_WAIT, reconnect)
         self._subs: dict[int, Subscription] = {}
         self._next_sid = 1
         self._services: dict[str, Service] = {}
@@ -130,12 +93,8 @@ class Endpoint:
         self._monitor: Subscription | None = None
         self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
         self._encoder = msgspec.msgpack.Encoder()
-        self._send_lock = anyio.Lock()
         self._valid_subjects: set[str] = set()
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._closing = False
         self.drain_requested = anyio.Event()
-        self.async_errors = 0
 
     # -- publish / subscribe ------------------------------------------------------------------
 
@@ -415,150 +374,21 @@ class Endpoint:
             with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await self._control(MonitorStop())
 
-    # -- talking to the hub -------------------------------------------------------------------
+    # -- what arrives from the hub ------------------------------------------------------------
 
-    async def _to_hub(self, frame: bytes) -> None:
-        while True:
-            if not self._attached.is_set():  # an awaited set Event still costs a loop pass
-                await self._attached.wait()
-            session = self._session
-            if session is None:
-                continue
-            try:
-                if not session.try_send(frame):
-                    async with self._send_lock:
-                        await session.send(frame)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                if not self._reconnect or self._closing:
-                    raise HubUnavailableError("the hub went away") from None
-                if self._session is session and self._attached.is_set():
-                    self._attached = anyio.Event()  # wait below until the session loop re-attaches
-            else:
-                return  # the session loop notices and re-attaches
+    def _on_publication(self, header: Header, frame: bytes) -> None:
+        sub = self._subs.get(header.destination)
+        if sub is not None:
+            sub.push(Message(header.subject, header.source, frame[header.body_offset :]))
 
-    async def _control(self, body: object) -> Any:
-        """Send a control request to the hub and wait for its answer (or raise its error)."""
-        correlation, reply = self._calls.open()
-        try:
-            await self._to_hub(encode(Kind.CONTROL, body, correlation=correlation))
-            answer = await reply.next()
-        finally:
-            self._calls.close(correlation)
-        if answer is None:
-            raise ProtocolError(f"the hub answered {type(body).__name__} with nothing")
-        header, payload = answer
-        if isinstance(payload, tuple):  # ChannelReady and its handle, from the control socket
-            return payload
-        return decode_body(header, payload, CONTROL_DECODER)
+    def _on_server_channel(self, ready: ChannelReady, channel: Channel) -> None:
+        direct = DirectChannel(ready, channel, self._mirror)
+        self._spawn(self._serve_direct, direct, self._services.get(ready.target))
 
     def _encode_reply(self, body: object, correlation: int, flags: int) -> bytes:
         return encode(
             Kind.REPLY, body, correlation=correlation, flags=flags, max_body=self.max_body
         )
-
-    # -- the session: attach, read, re-attach -------------------------------------------------
-
-    async def _connect_socket(self) -> socket.socket:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            sock = socket.socket(fileno=fd)
-        elif self._path is None:
-            raise HubUnavailableError("the inherited bus socket is gone and there is no path")
-        else:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.setblocking(False)
-            try:
-                await _connect(sock, str(self._path))
-            except BaseException:
-                sock.close()
-                raise
-        sock.setblocking(False)
-        return sock
-
-    async def _attach(self, sock: socket.socket) -> Channel:
-        frame, fds = await receive_handle(sock)
-        header = decode_header(frame)
-        ready = decode_body(header, frame, CONTROL_DECODER)
-        if not isinstance(ready, ChannelReady) or ready.role != "session" or len(fds) != 6:
-            close_fds(fds)
-            raise ProtocolError("the hub's first message was not a session channel")
-        session = Channel.attach(ChannelHandle(1, fds), self._wait)
-        try:
-            hello = Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, FEATURES, self.name)
-            await session.send(encode(Kind.CONTROL, hello))
-            with anyio.fail_after(10):
-                frame = await session.receive()
-            header = decode_header(frame)
-            if header.kind == Kind.ERROR:
-                raise_for_error(decode_body(header, frame, ERROR_DECODER))
-            welcome = decode_body(header, frame, CONTROL_DECODER)
-            if not isinstance(welcome, Welcome):
-                _unexpected(welcome, Welcome)
-        except BaseException:
-            await session.aclose()
-            raise
-        self.id = welcome.endpoint_id
-        self.max_body = welcome.max_body
-        return session
-
-    async def _open_session(self) -> tuple[socket.socket, Channel]:
-        """Connect to the hub and attach; raises HubUnavailableError saying what to do."""
-        where = self._path or "the inherited bus socket"
-        try:
-            sock = await self._connect_socket()
-        except OSError as exc:
-            raise HubUnavailableError(
-                f"no hub is listening on {where} ({exc.strerror}); start one with "
-                "`mkctl host up` or `python -m multikernel.bus`, or set $MULTIKERNEL_BUS"
-            ) from None
-        try:
-            return sock, await self._attach(sock)
-        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
-            sock.close()
-            raise HubUnavailableError(f"the hub on {where} dropped us while attaching") from exc
-        except BaseException:
-            sock.close()
-            raise
-
-    async def _run_sessions(
-        self,
-        sock: socket.socket,
-        session: Channel,
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """Serve the session we have; when the hub goes, re-attach (with back-off) and restore."""
-        first = True
-        while True:
-            with sock:
-                async with session, anyio.create_task_group() as tg:
-                    self._session = session
-                    tg.start_soon(self._read_socket, sock, tg.cancel_scope)
-                    tg.start_soon(self._flush_mirror)
-                    if not first:
-                        tg.start_soon(self._restore)
-                    self._attached.set()
-                    log.debug("attached", endpoint=self.id, name=self.name)
-                    if first:
-                        first = False
-                        task_status.started()
-                    await self._read_session(session)
-                    tg.cancel_scope.cancel()
-                self._session = None
-                if self._attached.is_set():
-                    self._attached = anyio.Event()
-                self._calls.fail_all(HubUnavailableError("the hub went away; re-attaching"))
-            if not self._reconnect or self._closing:
-                return
-            log.warning("hub went away; re-attaching", endpoint=self.id, name=self.name)
-            backoff = 0.02
-            while True:
-                try:
-                    sock, session = await self._open_session()
-                    break
-                except (HubUnavailableError, ProtocolError):
-                    await anyio.sleep(backoff)  # the hub is restarting: try again, backing off
-                    backoff = min(backoff * 2, 1.0)
 
     async def _restore(self) -> None:
         """After re-attaching to a (new) hub: subscriptions, names and services as they were."""
@@ -570,32 +400,6 @@ class Endpoint:
                 await self._start_service(service)
         if self._monitor is not None:
             await self._control(MonitorStart(self._monitor.pattern))
-
-    async def _read_session(self, session: Channel) -> None:
-        try:
-            while True:
-                for frame in await session.receive_many():
-                    self._on_session_frame(frame)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
-            return
-
-    def _on_session_frame(self, frame: bytes) -> None:
-        header = decode_header(frame)
-        kind = header.kind
-        if kind == Kind.PUBLISH:
-            sub = self._subs.get(header.destination)
-            if sub is not None:
-                sub.push(Message(header.subject, header.source, frame[header.body_offset :]))
-            return
-        if header.correlation and self._calls.deliver(header, frame):
-            return
-        if kind == Kind.ERROR:
-            self.async_errors += 1  # e.g. a publication the policy kept from some subscribers
-            error = decode_body(header, frame, ERROR_DECODER)
-            log.warning("hub reported an error", code=error.code, message=error.message)
-            return
-        if kind == Kind.CONTROL:
-            self._on_notice(header, frame, decode_body(header, frame, CONTROL_DECODER))
 
     def _on_notice(self, header: Header, frame: bytes, body: object) -> None:
         """Control frames the hub sends unasked."""
@@ -629,40 +433,11 @@ class Endpoint:
             case _:
                 pass
 
-    def _spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        if self._tg is None:
-            raise RuntimeError("the endpoint is not connected")
-        self._tg.start_soon(func, *args)
-
     async def _describe(self, service: Service) -> None:
         try:
             await self._control(service.info())
         except (anyio.BrokenResourceError, ProtocolError) as exc:
             log.warning("could not describe service", service=service.name, error=str(exc))
-
-    async def _read_socket(self, sock: socket.socket, scope: anyio.CancelScope) -> None:
-        """Channel handles from the hub: answers to our ChannelOpen, and callers of our services."""
-        try:
-            while True:
-                frame, fds = await receive_handle(sock)
-                header = decode_header(frame)
-                ready = decode_body(header, frame, CONTROL_DECODER)
-                if not isinstance(ready, ChannelReady) or len(fds) != (
-                    1 if ready.role == "attach" else 6
-                ):
-                    close_fds(fds)
-                elif ready.role == "attach":
-                    attached = socket.socket(fileno=fds[0])
-                    if not self._calls.deliver_value(header, (ready, attached)):
-                        attached.close()
-                elif ready.role == "server":
-                    channel = Channel.attach(ChannelHandle(1, fds), self._wait)
-                    direct = DirectChannel(ready, channel, self._mirror)
-                    self._spawn(self._serve_direct, direct, self._services.get(ready.target))
-                elif not self._calls.deliver_value(header, (ready, ChannelHandle(0, fds))):
-                    close_fds(fds)  # nobody waits for it any more (the caller gave up)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
-            scope.cancel()
 
     async def _flush_mirror(self) -> None:
         while True:

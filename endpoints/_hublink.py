@@ -1,0 +1,294 @@
+"""The endpoint's link to the hub: attach, the session channel, control requests, re-attach.
+
+`HubLink` is what every endpoint does with the hub itself, whoever it is: connect to the control
+socket (or use the one it inherited), take the session channel the hub hands over, say Hello,
+send control requests and wait for their answers, read what the hub sends (publications, notices,
+channel handles on the socket), and when the hub goes away, re-attach with back-off and let the
+endpoint restore what it had registered. `Endpoint` builds the user's API on top of it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, NoReturn
+
+import anyio
+import anyio.abc
+
+from multikernel.endpoints._calls import Correlations
+from multikernel.endpoints._logging import get_logger
+from multikernel.endpoints._wire import close_fds, receive_handle
+from multikernel.protocol import (
+    CONTROL_DECODER,
+    DEFAULT_MAX_BODY,
+    ERROR_DECODER,
+    PROTOCOL_VERSION,
+    ChannelReady,
+    Feature,
+    Header,
+    Hello,
+    Kind,
+    ProtocolError,
+    Welcome,
+    decode_body,
+    decode_header,
+    encode,
+    raise_for_error,
+)
+from multikernel.shm import Channel, ChannelHandle, WaitPolicy
+
+log = get_logger("multikernel.endpoints")
+
+FEATURES = Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
+
+
+async def _connect(sock: socket.socket, path: str) -> None:
+    """Connect a non-blocking Unix socket without blocking the event loop."""
+    try:
+        sock.connect(path)
+    except BlockingIOError:
+        await anyio.wait_writable(sock)
+        error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if error:
+            raise OSError(error, os.strerror(error), path) from None
+
+
+def _unexpected(body: object, kind: type) -> NoReturn:
+    raise ProtocolError(f"the hub answered with {type(body).__name__}, not {kind.__name__}")
+
+
+class HubUnavailableError(anyio.BrokenResourceError):
+    """The hub went away and the endpoint could not re-attach (or was not allowed to retry)."""
+
+
+class HubLink:
+    """An endpoint's session with the hub; subclasses handle what arrives on it."""
+
+    def __init__(
+        self, name: str, path: Path | None, fd: int | None, wait: WaitPolicy, reconnect: bool
+    ) -> None:
+        self.name = name
+        self.id = 0
+        self.max_body = DEFAULT_MAX_BODY
+        self._path = path
+        self._fd = fd
+        self._wait = wait
+        self._reconnect = reconnect and fd is None
+        self._session: Channel | None = None
+        self._attached = anyio.Event()
+        self._calls = Correlations()
+        self._send_lock = anyio.Lock()
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._closing = False
+        self.async_errors = 0
+
+    # -- what the endpoint does with what arrives (overridden) --------------------------------
+
+    def _on_publication(self, header: Header, frame: bytes) -> None:
+        raise NotImplementedError
+
+    def _on_notice(self, header: Header, frame: bytes, body: object) -> None:
+        raise NotImplementedError
+
+    def _on_server_channel(self, ready: ChannelReady, channel: Channel) -> None:
+        raise NotImplementedError
+
+    async def _restore(self) -> None:
+        raise NotImplementedError
+
+    async def _flush_mirror(self) -> None:
+        raise NotImplementedError
+
+    # -- the link -----------------------------------------------------------------------------
+
+    async def _to_hub(self, frame: bytes) -> None:
+        while True:
+            if not self._attached.is_set():  # an awaited set Event still costs a loop pass
+                await self._attached.wait()
+            session = self._session
+            if session is None:
+                continue
+            try:
+                if not session.try_send(frame):
+                    async with self._send_lock:
+                        await session.send(frame)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                if not self._reconnect or self._closing:
+                    raise HubUnavailableError("the hub went away") from None
+                if self._session is session and self._attached.is_set():
+                    self._attached = anyio.Event()  # wait below until the session loop re-attaches
+            else:
+                return  # the session loop notices and re-attaches
+
+    async def _control(self, body: object) -> Any:
+        """Send a control request to the hub and wait for its answer (or raise its error)."""
+        correlation, reply = self._calls.open()
+        try:
+            await self._to_hub(encode(Kind.CONTROL, body, correlation=correlation))
+            answer = await reply.next()
+        finally:
+            self._calls.close(correlation)
+        if answer is None:
+            raise ProtocolError(f"the hub answered {type(body).__name__} with nothing")
+        header, payload = answer
+        if isinstance(payload, tuple):  # ChannelReady and its handle, from the control socket
+            return payload
+        return decode_body(header, payload, CONTROL_DECODER)
+
+    async def _connect_socket(self) -> socket.socket:
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            sock = socket.socket(fileno=fd)
+        elif self._path is None:
+            raise HubUnavailableError("the inherited bus socket is gone and there is no path")
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                await _connect(sock, str(self._path))
+            except BaseException:
+                sock.close()
+                raise
+        sock.setblocking(False)
+        return sock
+
+    async def _attach(self, sock: socket.socket) -> Channel:
+        frame, fds = await receive_handle(sock)
+        header = decode_header(frame)
+        ready = decode_body(header, frame, CONTROL_DECODER)
+        if not isinstance(ready, ChannelReady) or ready.role != "session" or len(fds) != 6:
+            close_fds(fds)
+            raise ProtocolError("the hub's first message was not a session channel")
+        session = Channel.attach(ChannelHandle(1, fds), self._wait)
+        try:
+            hello = Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, FEATURES, self.name)
+            await session.send(encode(Kind.CONTROL, hello))
+            with anyio.fail_after(10):
+                frame = await session.receive()
+            header = decode_header(frame)
+            if header.kind == Kind.ERROR:
+                raise_for_error(decode_body(header, frame, ERROR_DECODER))
+            welcome = decode_body(header, frame, CONTROL_DECODER)
+            if not isinstance(welcome, Welcome):
+                _unexpected(welcome, Welcome)
+        except BaseException:
+            await session.aclose()
+            raise
+        self.id = welcome.endpoint_id
+        self.max_body = welcome.max_body
+        return session
+
+    async def _open_session(self) -> tuple[socket.socket, Channel]:
+        """Connect to the hub and attach; raises HubUnavailableError saying what to do."""
+        where = self._path or "the inherited bus socket"
+        try:
+            sock = await self._connect_socket()
+        except OSError as exc:
+            raise HubUnavailableError(
+                f"no hub is listening on {where} ({exc.strerror}); start one with "
+                "`mkctl host up` or `python -m multikernel.bus`, or set $MULTIKERNEL_BUS"
+            ) from None
+        try:
+            return sock, await self._attach(sock)
+        except (OSError, anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+            sock.close()
+            raise HubUnavailableError(f"the hub on {where} dropped us while attaching") from exc
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _run_sessions(
+        self,
+        sock: socket.socket,
+        session: Channel,
+        *,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Serve the session we have; when the hub goes, re-attach (with back-off) and restore."""
+        first = True
+        while True:
+            with sock:
+                async with session, anyio.create_task_group() as tg:
+                    self._session = session
+                    tg.start_soon(self._read_socket, sock, tg.cancel_scope)
+                    tg.start_soon(self._flush_mirror)
+                    if not first:
+                        tg.start_soon(self._restore)
+                    self._attached.set()
+                    log.debug("attached", endpoint=self.id, name=self.name)
+                    if first:
+                        first = False
+                        task_status.started()
+                    await self._read_session(session)
+                    tg.cancel_scope.cancel()
+                self._session = None
+                if self._attached.is_set():
+                    self._attached = anyio.Event()
+                self._calls.fail_all(HubUnavailableError("the hub went away; re-attaching"))
+            if not self._reconnect or self._closing:
+                return
+            log.warning("hub went away; re-attaching", endpoint=self.id, name=self.name)
+            backoff = 0.02
+            while True:
+                try:
+                    sock, session = await self._open_session()
+                    break
+                except (HubUnavailableError, ProtocolError):
+                    await anyio.sleep(backoff)  # the hub is restarting: try again, backing off
+                    backoff = min(backoff * 2, 1.0)
+
+    async def _read_session(self, session: Channel) -> None:
+        try:
+            while True:
+                for frame in await session.receive_many():
+                    self._on_session_frame(frame)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
+            return
+
+    def _on_session_frame(self, frame: bytes) -> None:
+        header = decode_header(frame)
+        kind = header.kind
+        if kind == Kind.PUBLISH:
+            self._on_publication(header, frame)
+            return
+        if header.correlation and self._calls.deliver(header, frame):
+            return
+        if kind == Kind.ERROR:
+            self.async_errors += 1  # e.g. a publication the policy kept from some subscribers
+            error = decode_body(header, frame, ERROR_DECODER)
+            log.warning("hub reported an error", code=error.code, message=error.message)
+            return
+        if kind == Kind.CONTROL:
+            self._on_notice(header, frame, decode_body(header, frame, CONTROL_DECODER))
+
+    def _spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        if self._tg is None:
+            raise RuntimeError("the endpoint is not connected")
+        self._tg.start_soon(func, *args)
+
+    async def _read_socket(self, sock: socket.socket, scope: anyio.CancelScope) -> None:
+        """Channel handles from the hub: answers to our ChannelOpen, and callers of our services."""
+        try:
+            while True:
+                frame, fds = await receive_handle(sock)
+                header = decode_header(frame)
+                ready = decode_body(header, frame, CONTROL_DECODER)
+                if not isinstance(ready, ChannelReady) or len(fds) != (
+                    1 if ready.role == "attach" else 6
+                ):
+                    close_fds(fds)
+                elif ready.role == "attach":
+                    attached = socket.socket(fileno=fds[0])
+                    if not self._calls.deliver_value(header, (ready, attached)):
+                        attached.close()
+                elif ready.role == "server":
+                    self._on_server_channel(
+                        ready, Channel.attach(ChannelHandle(1, fds), self._wait)
+                    )
+                elif not self._calls.deliver_value(header, (ready, ChannelHandle(0, fds))):
+                    close_fds(fds)  # nobody waits for it any more (the caller gave up)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
+            scope.cancel()
