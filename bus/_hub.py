@@ -10,16 +10,9 @@ endpoints, so a hub restart does not interrupt them: endpoints re-attach and re-
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import itertools
 import os
-import socket
-import struct
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -30,21 +23,15 @@ from multikernel.bus._delivery import (
     route,
     subscribe_decisions,
 )
-from multikernel.bus._names import NameRegistry
-from multikernel.bus._policy import Identity, Policy
-from multikernel.bus._router import SubjectRouter
-from multikernel.bus._session import Limits, Session, SubscriptionRecord
+from multikernel.bus._hub_sessions import NAMES_SUBJECT, ChannelRecord, HubSessions
+from multikernel.bus._policy import Policy
+from multikernel.bus._session import Session, SubscriptionRecord
 from multikernel.endpoints._logging import get_logger
 from multikernel.endpoints._wire import (
-    default_socket_path,
     send_handle,
     send_with_fds,
-    wait_closed,
 )
 from multikernel.protocol import (
-    CONTROL_DECODER,
-    PROTOCOL_VERSION,
-    SUPPORTED_VERSIONS,
     AccessDeniedError,
     AttachRequest,
     BusSnapshot,
@@ -55,16 +42,13 @@ from multikernel.protocol import (
     ChannelRevoke,
     Drain,
     EndpointInfo,
-    Feature,
     Heartbeat,
-    Hello,
     Introspect,
     Kind,
     Mirror,
     MonitorRecord,
     MonitorStart,
     MonitorStop,
-    MultikernelError,
     NameOwnerChanged,
     NameRelease,
     NameReleaseReply,
@@ -77,145 +61,24 @@ from multikernel.protocol import (
     Subscribe,
     SubscriptionInfo,
     Unsubscribe,
-    UnsupportedVersionError,
-    Welcome,
-    decode_body,
     decode_header,
     encode,
     error_to_body,
     subject_matches,
     validate_pattern,
 )
-from multikernel.shm import WaitPolicy, create_channel, create_channel_handles
+from multikernel.shm import create_channel_handles
 
 log = get_logger("multikernel.bus")
 
-#: The hub never spins: on an oversubscribed host it would steal the CPU its endpoints need.
-HUB_WAIT = WaitPolicy(spin=0)
-FEATURES = Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
-NAMES_SUBJECT = "mk.bus.names"
-_DESTINATION = struct.Struct("<Q")
-_DESTINATION_OFFSET = 24
+#: Where the hub stamps a routed frame: the publisher it came from and the subscription it is for
+#: (docs/protocol.md, header table).
 _SOURCE_OFFSET = 16
-_PEERCRED = struct.Struct("3i")
+_DESTINATION_OFFSET = 24
 
 
-@dataclass(frozen=True)
-class ChannelRecord:
-    token: int
-    target: str
-    client: int
-    server: int
-
-
-def _new_ids() -> itertools.count[int]:
-    """Endpoint ids are never reused, not even by a restarted hub: they start at the clock (µs)."""
-    return itertools.count(time.time_ns() // 1000)
-
-
-class Hub:
+class Hub(HubSessions):
     """The bus hub. Run it with `serve()` inside a task group, or `python -m multikernel.bus`."""
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str] | None = None,
-        *,
-        policy: Policy | None = None,
-        limits: Limits | None = None,
-        instance_of: Callable[[int], int] | None = None,
-    ) -> None:
-        self.path = Path(path) if path is not None else default_socket_path()
-        self.policy = policy or Policy.default()
-        self.limits = limits or Limits()
-        self._instance_of = instance_of or (lambda pid: 0)
-        self._sessions: dict[int, Session] = {}
-        self._router: SubjectRouter[tuple[int, int]] = SubjectRouter()
-        self._subs: dict[tuple[int, int], SubscriptionRecord] = {}
-        self._restricted = 0  # subscriptions some publisher may be denied: the slow path
-        self._names = NameRegistry()
-        self._channels: dict[int, ChannelRecord] = {}
-        self._monitors: dict[int, Session] = {}
-        self._ids = _new_ids()
-        self._tokens = itertools.count(1)
-        self._started = time.monotonic()
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._emptied = anyio.Event()
-        self._listener: anyio.abc.SocketListener | None = None
-        self._published = self._delivered = 0  # hot counters, merged into `counters` on read
-        self._dirty: list[Session] = []  # sessions with staged publications
-        self.counters = dict.fromkeys(
-            ("sessions", "published", "delivered", "dropped", "denied", "channels", "errors"), 0
-        )
-
-    # -- running ------------------------------------------------------------------------------
-
-    async def serve(
-        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
-        """Listen on the control socket and serve until cancelled (or drained)."""
-        listener = await self._listen()
-        try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                tg.start_soon(self._accept_until_closed, listener, tg)
-                log.info("hub listening", socket=str(self.path), pid=os.getpid())
-                task_status.started()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await listener.aclose()
-            self.path.unlink(missing_ok=True)
-
-    async def _accept_until_closed(
-        self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup
-    ) -> None:
-        with contextlib.suppress(anyio.ClosedResourceError):  # drain() closed it: no newcomers
-            await listener.serve(self._accept_any, tg)
-
-    async def _listen(self) -> anyio.abc.SocketListener:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.exists():
-            try:
-                probe = await anyio.connect_unix(self.path)
-            except OSError:
-                self.path.unlink()  # a stale socket left by a hub that died
-            else:
-                await probe.aclose()
-                raise RuntimeError(f"a hub is already running on {self.path}; stop it first")
-        listener = await anyio.create_unix_listener(self.path, mode=0o666)
-        self._listener = listener
-        return listener
-
-    def open_instance_socket(self, instance: int) -> socket.socket:
-        """A socket for a process we spawn as part of `instance` (it inherits it at spawn).
-
-        The hub serves the other end as a session bound to `instance`: the identity comes from
-        how the socket was made, not from anything the process says.
-        """
-        if self._tg is None:
-            raise RuntimeError("the hub is not serving yet")
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-
-        async def serve_it() -> None:
-            with ours:
-                await self._serve_socket(ours, instance)
-
-        ours.setblocking(False)
-        self._tg.start_soon(serve_it)
-        return theirs
-
-    async def drain(self, grace: float = 10.0) -> None:
-        """Lame duck: accept no one new, ask every endpoint to drain, wait `grace` s for them."""
-        if self._listener is not None:
-            await self._listener.aclose()
-        deadline = time.monotonic_ns() + int(grace * 1e9)
-        for session in list(self._sessions.values()):
-            session.deliver(encode(Kind.CONTROL, Drain(deadline_ns=deadline)), droppable=False)
-        with anyio.move_on_after(grace):
-            while self._sessions:
-                self._emptied = anyio.Event()
-                await self._emptied.wait()
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
 
     def reload_policy(self, policy: Policy) -> None:
         """Swap the policy and re-check every subscription, monitor and direct channel."""
@@ -244,142 +107,7 @@ class Hub:
                 server.deliver(revoke, droppable=False)
         log.info("policy reloaded", policy=repr(policy))
 
-    # -- sessions -----------------------------------------------------------------------------
-
-    async def _accept_any(self, stream: anyio.abc.SocketStream) -> None:
-        async with stream:
-            await self._serve_socket(stream.extra(anyio.abc.SocketAttribute.raw_socket), None)
-
-    async def _serve_socket(self, sock: socket.socket, instance: int | None) -> None:
-        pid, uid, _gid = _PEERCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
-        if instance is None:
-            instance = self._instance_of(pid)
-        try:
-            await self._run_session(sock, pid, uid, instance)
-        except (anyio.BrokenResourceError, anyio.EndOfStream, anyio.ClosedResourceError, OSError):
-            pass  # the endpoint went away during attach
-        except (ProtocolError, TimeoutError) as exc:
-            log.warning("endpoint refused at attach", pid=pid, error=str(exc))
-
-    async def _run_session(self, sock: socket.socket, pid: int, uid: int, instance: int) -> None:
-        ours, theirs = create_channel(self.limits.session_capacity, policy=HUB_WAIT)
-        async with ours:
-            try:
-                ready = ChannelReady(token=0, role="session", target="", peer_id=0)
-                await send_handle(sock, encode(Kind.CONTROL, ready), theirs)
-            finally:
-                theirs.close()
-            with anyio.fail_after(self.limits.hello_timeout):
-                frame = await ours.receive()
-            header = decode_header(frame, max_body=self.limits.max_body)
-            hello = (
-                decode_body(header, frame, CONTROL_DECODER) if header.kind == Kind.CONTROL else None
-            )
-            if not isinstance(hello, Hello):
-                raise ProtocolError("the first frame on a session must be a Hello control message")
-            version = min(hello.max_version, PROTOCOL_VERSION)
-            if version < hello.min_version or version not in SUPPORTED_VERSIONS:
-                error = UnsupportedVersionError(
-                    f"this hub speaks protocol versions {sorted(SUPPORTED_VERSIONS)}, the "
-                    f"endpoint {hello.min_version}..{hello.max_version}"
-                )
-                ours.try_send(
-                    encode(Kind.ERROR, error_to_body(error), correlation=header.correlation)
-                )
-                raise error
-            identity = Identity(next(self._ids), instance, uid, pid, hello.name)
-            session = Session(identity, ours, sock, self.limits)
-            self._sessions[session.id] = session
-            self.counters["sessions"] += 1
-            welcome = encode(
-                Kind.CONTROL,
-                Welcome(version, session.id, hello.features & FEATURES, self.limits.max_body),
-                correlation=header.correlation,
-            )
-            session.deliver(welcome, droppable=False)
-            if self._monitors:
-                session.deliver(encode(Kind.CONTROL, Mirror(on=True)), droppable=False)
-            log.info(
-                "endpoint attached",
-                endpoint=session.id,
-                name=hello.name,
-                pid=pid,
-                instance=instance,
-            )
-            try:
-                async with anyio.create_task_group() as tg:
-                    session.cancel_scope = tg.cancel_scope
-                    tg.start_soon(session.flush_forever)
-                    tg.start_soon(self._watch_socket, session.sock, tg.cancel_scope)
-                    await self._receive_loop(session, tg.cancel_scope)
-            finally:
-                self._end_session(session)
-
-    async def _watch_socket(self, sock: socket.socket, scope: anyio.CancelScope) -> None:
-        await wait_closed(sock)  # the endpoint never writes here: this returns when it goes
-        scope.cancel()
-
-    async def _receive_loop(self, session: Session, scope: anyio.CancelScope) -> None:
-        dispatch, flush = self._dispatch, self._flush
-        try:
-            while True:
-                for frame in await session.channel.receive_many():
-                    dispatch(session, frame)
-                flush()
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            pass
-        except ProtocolError as exc:
-            self.counters["errors"] += 1
-            log.warning("endpoint cut off", endpoint=session.id, error=str(exc))
-        scope.cancel()
-
-    def _end_session(self, session: Session) -> None:
-        session.closed = True
-        self._sessions.pop(session.id, None)
-        if not self._sessions:
-            self._emptied.set()
-        for sid in list(session.subscriptions):
-            self._unsubscribe(session, sid)
-        if self._monitors.pop(session.id, None) is not None and not self._monitors:
-            self._broadcast(Mirror(on=False))
-        self._owner_changes(self._names.remove_owner(session.id))  # clients hear of it first
-        for token, channel in list(self._channels.items()):
-            if session.id in (channel.client, channel.server):
-                del self._channels[token]
-        log.info("endpoint detached", endpoint=session.id, overflowed=session.overflowed)
-
     # -- frames from endpoints ----------------------------------------------------------------
-
-    def _reply(self, session: Session, correlation: int, body: object) -> None:
-        session.deliver(encode(Kind.CONTROL, body, correlation=correlation), droppable=False)
-
-    def _fail(self, session: Session, correlation: int, error: MultikernelError) -> None:
-        self.counters["errors"] += 1
-        if isinstance(error, AccessDeniedError):
-            session.denied += 1
-            self.counters["denied"] += 1
-        frame = encode(Kind.ERROR, error_to_body(error), correlation=correlation)
-        session.deliver(frame, droppable=False)
-
-    def _dispatch(self, session: Session, frame: bytes) -> None:
-        session.frames_in += 1
-        header = decode_header(frame, max_body=self.limits.max_body)  # garbage ends the session
-        try:
-            if header.kind == Kind.PUBLISH:
-                self._publish(session, header.subject, header.correlation, frame)
-            elif header.kind == Kind.CONTROL:
-                self._control(
-                    session, header.correlation, decode_body(header, frame, CONTROL_DECODER)
-                )
-            else:
-                raise ProtocolError(
-                    f"{header.kind.name.lower()} frames travel on direct channels, not through "
-                    "the hub; open one with ChannelOpen"
-                )
-        except MultikernelError as exc:
-            self._fail(session, header.correlation, exc)
 
     def _publish(self, session: Session, subject: str, correlation: int, frame: bytes) -> None:
         self._published += 1

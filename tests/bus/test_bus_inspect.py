@@ -105,3 +105,19 @@ async def test_a_killed_endpoint_releases_its_names(hub: Hub, socket_path: Path)
             server.proc.send_signal(signal.SIGKILL)
             change = (await names.receive()).decode(NameOwnerChanged)
         assert change == NameOwnerChanged("svc", ready["id"], 0)
+
+
+def test_the_hub_stamps_the_header_fields_the_protocol_defines() -> None:
+    import struct
+
+    from multikernel.bus import _hub
+    from multikernel.protocol._envelope import HEADER_FIELDS
+
+    offsets, offset = {}, 0
+    for field, code in HEADER_FIELDS:
+        offsets[field] = offset
+        offset += struct.calcsize("<" + code)
+    assert (_hub._SOURCE_OFFSET, _hub._DESTINATION_OFFSET) == (
+        offsets["source"],
+        offsets["destination"],
+    )
