@@ -117,7 +117,7 @@ def test_the_hub_stamps_the_header_fields_the_protocol_defines() -> None:
     for field, code in HEADER_FIELDS:
         offsets[field] = offset
         offset += struct.calcsize("<" + code)
-    assert (_hub._SOURCE_OFFSET, _hub._DESTINATION_OFFSET) == (
+    assert (
         offsets["source"],
         offsets["destination"],
-    )
+    ) == (_hub._SOURCE_OFFSET, _hub._DESTINATION_OFFSET)
