@@ -4,19 +4,21 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+# setuptools explains strict editable installs at length on every install; the venv is ours.
+PIP     = PYTHONWARNINGS=ignore $(PY) -m pip
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test lint bench clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip "setuptools>=68" wheel
-	$(PY) -m pip install --quiet -e '.[test,bench]' --config-settings editable_mode=strict
+	$(PIP) install --quiet --upgrade pip "setuptools>=68" wheel
+	$(PIP) install --quiet -e '.[test,bench]' --config-settings editable_mode=strict
 	touch $(STAMP)
 
 # Strict editable mode (so mypy sees the package-dir mapping) keeps a link tree that must be
 # refreshed when modules are added; it is cheap, so every run refreshes it.
 install: $(STAMP)
-	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
+	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 
 demo: install
 	$(PY) -m multikernel.services.demo
@@ -32,6 +34,9 @@ test: lint
 bench: install
 	$(PY) benchmarks/bench_transport.py --quick
 	$(PY) benchmarks/bench_protocol.py --quick
+	$(PY) benchmarks/bench_router.py --quick
+	$(PY) benchmarks/bench_bus.py --quick
+	$(PY) benchmarks/bench_lifecycle.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
