@@ -123,14 +123,19 @@ class LifecycleActor:
                 await self._stop_all()
 
     async def _hellos(self, hellos: Subscription) -> None:
-        """Agents announce themselves; the hub bound the publisher to its instance."""
+        """Agents announce themselves on mk.instance.<id>.hello.
+
+        The instance is read from the subject, not the body: the policy lets a guest publish only
+        under its own `mk.instance.<id>`, so the subject is what the hub vouches for.
+        """
         async for message in hellos:
             try:
-                hello = message.decode(AgentHello)
-            except msgspec.ValidationError:  # a malformed hello is that instance's problem
-                continue
+                message.decode(AgentHello)
+                instance = int(message.subject.split(".")[2])
+            except (msgspec.ValidationError, ValueError, IndexError):
+                continue  # a malformed hello is that instance's problem
             for inst in self.instances.values():
-                if inst.id == hello.instance and inst.proc is not None:
+                if inst.id == instance:
                     inst.agent = message.source
                     inst.hello.set()
 
