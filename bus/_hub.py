@@ -238,15 +238,13 @@ class Hub(HubSessions):
                 if self._monitors.pop(session.id, None) is not None and not self._monitors:
                     self._broadcast(Mirror(on=False))
                 self._reply(session, correlation, Ok())
-            case MonitorRecord(destination=destination, frame=frame, channel=token):
-                if self._monitors:
-                    try:
-                        subject = decode_header(frame).subject
-                    except ProtocolError:
-                        subject = ""
-                    self._to_monitors(
-                        subject or "mk.direct", "direct", session.id, destination, frame, token
-                    )
+            case MonitorRecord(frame=frame, channel=token):
+                channel = self._channels.get(token)
+                if channel is not None and session.id in (channel.client, channel.server):
+                    # Only a side of that channel may report its frames, and the other side is
+                    # what the hub recorded, not what the record says.
+                    other = channel.server if session.id == channel.client else channel.client
+                    self._mirrored(session, other, frame, token)
             case Introspect():
                 self._reply(session, correlation, self.snapshot())
             case Heartbeat(seq=seq):
@@ -256,6 +254,14 @@ class Hub(HubSessions):
                 self._reply(session, correlation, Ok())
             case _:
                 raise ProtocolError(f"unexpected {type(body).__name__} from an attached endpoint")
+
+    def _mirrored(self, session: Session, other: int, frame: bytes, token: int) -> None:
+        if self._monitors:
+            try:
+                subject = decode_header(frame).subject
+            except ProtocolError:
+                subject = ""
+            self._to_monitors(subject or "mk.direct", "direct", session.id, other, frame, token)
 
     def _unsubscribe(self, session: Session, sid: int) -> None:
         record = session.subscriptions.pop(sid, None)
@@ -358,7 +364,8 @@ class Hub(HubSessions):
     async def _hand_over_attachment(self, session: Session, correlation: int) -> None:
         """A new socket bound to the requester's own instance, for a process it starts there."""
         instance = session.identity.instance
-        theirs = self.open_instance_socket(instance)
+        # Bound to the requester's instance and uid: an attachment never widens who it is.
+        theirs = self.open_instance_socket(instance, uid=session.identity.uid)
         try:
             ready = ChannelReady(0, "attach", "", session.id, peer_instance=instance)
             frame = encode(Kind.CONTROL, ready, correlation=correlation)

@@ -147,19 +147,24 @@ class HubSessions:
         self._listener = listener
         return listener
 
-    def open_instance_socket(self, instance: int) -> socket.socket:
+    def open_instance_socket(
+        self, instance: int, *, uid: int | None = None, pid: int = 0
+    ) -> socket.socket:
         """A socket for a process we spawn as part of `instance` (it inherits it at spawn).
 
-        The hub serves the other end as a session bound to `instance`: the identity comes from
-        how the socket was made, not from anything the process says.
+        The hub serves the other end as a session bound to `instance` and to `uid` (default: the
+        hub's own, for the host's actors' processes): the identity comes from how the socket was
+        made, not from anything the process says. SO_PEERCRED cannot tell us here, since for a
+        socketpair it names its creator, the hub.
         """
         if self._tg is None:
             raise RuntimeError("the hub is not serving yet")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        credentials = (pid, os.getuid() if uid is None else uid)
 
         async def serve_it() -> None:
             with ours:
-                await self._serve_socket(ours, instance)
+                await self._serve_socket(ours, instance, credentials)
 
         ours.setblocking(False)
         self._tg.start_soon(serve_it)
@@ -183,10 +188,18 @@ class HubSessions:
         async with stream:
             await self._serve_socket(stream.extra(anyio.abc.SocketAttribute.raw_socket), None)
 
-    async def _serve_socket(self, sock: socket.socket, instance: int | None) -> None:
-        pid, uid, _gid = _PEERCRED.unpack(
-            sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
-        )
+    async def _serve_socket(
+        self,
+        sock: socket.socket,
+        instance: int | None,
+        credentials: tuple[int, int] | None = None,
+    ) -> None:
+        if credentials is not None:
+            pid, uid = credentials
+        else:
+            pid, uid, _gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
         if instance is None:
             instance = self._instance_of(pid)
         try:

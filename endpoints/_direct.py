@@ -137,7 +137,11 @@ class DirectChannel:
                     self._reading = False
                 mine = None
                 for frame in frames:
-                    header = decode_header(frame)
+                    try:
+                        header = decode_header(frame)
+                    except ProtocolError:  # the caller wrote garbage: cut off this channel only
+                        self._end()
+                        return
                     if (
                         mine is None
                         and service is not None
@@ -174,7 +178,9 @@ class DirectChannel:
     def _hand_over_reading(self, service: Service) -> None:
         if self._standbys:
             self._standby.set()
-        elif self._crew_size < service.concurrency and self._crew is not None:
+        elif self._crew_size <= service.concurrency and self._crew is not None:
+            # One more than the concurrency: with every other member running a request, one
+            # is still free to read, so cancellations and the caller's departure are seen.
             self._crew_size += 1  # grows once per extra concurrent request, then stays
             self._crew.start_soon(self._serve, service)
 

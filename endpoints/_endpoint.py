@@ -292,7 +292,7 @@ class Endpoint(HubLink):
             await direct.run(service)
         finally:
             if not self._closing and self._session is not None:
-                with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(1, shield=True):  # bounded: the hub may be going too
                     await self._forget_channel(direct.token)
 
     # -- services -----------------------------------------------------------------------------
@@ -315,6 +315,11 @@ class Endpoint(HubLink):
     async def _release_service(self, service: Service) -> None:
         service.primary = False
         await self._control(NameRelease(service.name))
+
+    async def _drain_quietly(self) -> None:
+        """The hub asked us to drain; if it goes away meanwhile, there is nobody to answer."""
+        with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self.drain()
 
     async def drain(self) -> None:
         """Lame duck: hand every service's name to the next owner, finish requests in flight."""
@@ -429,7 +434,7 @@ class Endpoint(HubLink):
                 self._mirror.on = on
             case Drain():
                 self.drain_requested.set()
-                self._spawn(self.drain)
+                self._spawn(self._drain_quietly)
             case _:
                 pass
 

@@ -107,6 +107,8 @@ class HubLink:
     async def _to_hub(self, frame: bytes) -> None:
         while True:
             if not self._attached.is_set():  # an awaited set Event still costs a loop pass
+                if self._closing:
+                    raise HubUnavailableError("the endpoint is closing: nothing goes to the hub")
                 await self._attached.wait()
             session = self._session
             if session is None:

@@ -56,7 +56,13 @@ from multikernel.services._instances import (
     Instance,
     InstanceError,
 )
-from multikernel.services._platform import LaunchSpec, Platform, Resources, check_name
+from multikernel.services._platform import (
+    InstanceProcess,
+    LaunchSpec,
+    Platform,
+    Resources,
+    check_name,
+)
 
 log = get_logger("multikernel.lifecycle")
 
@@ -140,11 +146,20 @@ class LifecycleActor:
                     inst.hello.set()
 
     async def _stop_all(self) -> None:
+        """On the way out (the watchers are gone): kill, wait and reclaim each instance here."""
         for inst in list(self.instances.values()):
-            if inst.proc is not None:
-                inst.stopping = True
-                await self._force_stop(inst)
-            self._drop_image(inst)
+            proc, inst.proc = inst.proc, None
+            try:
+                if proc is not None:
+                    inst.stopping = True
+                    await self.platform.kill(proc)
+                    with anyio.move_on_after(30):
+                        await self.platform.wait(proc)
+                    await self.platform.reclaim(proc)
+            except Exception as exc:  # one instance's trouble must not strand the others
+                log.exception("could not stop instance", instance=inst.name, error=str(exc))
+            finally:
+                self._drop_image(inst)
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -350,33 +365,43 @@ class LifecycleActor:
         inst.hello, inst.exited, inst.stopping, inst.agent = anyio.Event(), anyio.Event(), False, 0
         t0 = time.monotonic()
         try:
-            inst.proc = await self.platform.launch(spec)
+            proc = await self.platform.launch(spec)
         finally:
             sock.close()  # the agent holds its end now
+        inst.proc = proc
         inst.started_ns = time.monotonic_ns()
         assert self._tg is not None
-        self._tg.start_soon(self._watch, inst, inst.proc)
-        with anyio.move_on_after(self.hello_timeout):
-            await inst.hello.wait()
+        self._tg.start_soon(self._watch, inst, proc, inst.exited)
+        try:
+            with anyio.move_on_after(self.hello_timeout):
+                await inst.hello.wait()
+        except BaseException:  # the caller gave up: leave no agent running behind `loaded`
+            with anyio.CancelScope(shield=True):
+                inst.stopping = True
+                await self._set(inst, FAILED, "start abandoned by its caller")
+                await self._force_stop(inst)
+            raise
         if not inst.hello.is_set():
             inst.stopping = True
-            await self._force_stop(inst)
             await self._set(
                 inst, FAILED, f"no hello from the agent within {self.hello_timeout:.0f} s"
             )
+            await self._force_stop(inst)
             raise InstanceError(
                 f"{inst.name!r} did not come up: its agent never said hello; see the host log"
             )
         self.timings["hello"].append(time.monotonic() - t0)
         await self._set(inst, ACTIVE, f"agent up (pid {inst.proc.pid})")
 
-    async def _watch(self, inst: Instance, proc: object) -> None:
-        """Wait for the instance to end (pidfd), reclaim it, and move it back to `loaded`."""
-        assert inst.proc is not None
-        status = await self.platform.wait(inst.proc)
+    async def _watch(self, inst: Instance, proc: InstanceProcess, exited: anyio.Event) -> None:
+        """Wait for this launch to end (pidfd), reclaim it, and move the instance to `loaded`."""
+        status = await self.platform.wait(proc)
         t0 = time.monotonic()
-        await self.platform.reclaim(inst.proc)
+        await self.platform.reclaim(proc)
         self.timings["reclaim"].append(time.monotonic() - t0)
+        exited.set()
+        if inst.proc is not proc:
+            return  # a later launch owns the instance now (or the host is stopping it)
         inst.proc = None
         inst.agent = 0
         inst.last_exit = _describe_exit(status)
@@ -385,7 +410,6 @@ class LifecycleActor:
         if inst.state != FAILED:
             reason = "halted" if inst.stopping else f"crashed ({inst.last_exit})"
             await self._set(inst, LOADED, f"{reason}; resources reclaimed")
-        inst.exited.set()
 
     async def _negotiate(self, inst: Instance, grace: float) -> None:
         """SHUTDOWN → SHUTDOWN_ACK → exit, within `grace` seconds; on timeout the caller forces."""
@@ -398,10 +422,12 @@ class LifecycleActor:
             await inst.exited.wait()
 
     async def _force_stop(self, inst: Instance) -> None:
+        """Kill the current launch and wait for its watcher to reclaim it."""
         if inst.proc is not None:
+            exited = inst.exited
             await self.platform.kill(inst.proc)
             with anyio.fail_after(30):
-                await inst.exited.wait()
+                await exited.wait()
 
 
 def _online_cpus() -> frozenset[int]:

@@ -121,3 +121,30 @@ async def test_an_attachment_for_a_child_is_bound_to_the_parents_instance(
             ):
                 await child.expect("ready")
                 assert (await child.expect("result"))["value"]["instance"] == 7
+
+
+async def test_instance_sockets_carry_the_identity_the_hub_was_given(hub: Hub) -> None:
+    async with connect(fd=hub.open_instance_socket(5, uid=1234).detach()) as guest:
+        child_socket = await guest.attachment()
+        async with connect(fd=child_socket.detach()) as child:
+            snapshot = await child.introspect()
+    seen = {e.endpoint_id: (e.instance, e.uid) for e in snapshot.endpoints}
+    assert seen[guest.id] == (5, 1234)  # not the hub's own uid (SO_PEERCRED names the hub)
+    assert seen[child.id] == (5, 1234)  # an attachment never widens who it is
+
+
+async def test_a_forged_monitor_record_is_not_passed_on(hub: Hub, socket_path: Path) -> None:
+    from multikernel.protocol import Kind, MonitorRecord, encode
+
+    async with (
+        connect(socket_path, name="watcher") as watcher,
+        connect(socket_path, name="forger") as forger,
+        watcher.monitor("forged.>") as records,
+    ):
+        fake = encode(Kind.PUBLISH, "lies", subject="forged.claim")
+        await forger._to_hub(encode(Kind.CONTROL, MonitorRecord(1, "direct", 0, 99, fake, 12345)))
+        await forger.publish("forged.real", "truth")  # routed by the hub: monitored
+        first = await anext(records)
+    from multikernel.protocol import decode_header
+
+    assert decode_header(first.frame).subject == "forged.real"

@@ -162,3 +162,50 @@ async def test_concurrent_requests_share_one_channel(hub: Hub, socket_path: Path
                     tg.start_soon(one, i)
             assert results == {i: i.to_bytes(2, "little") for i in range(64)}
             assert len((await ep.introspect()).channels) == 1
+
+
+async def test_a_caller_writing_garbage_loses_its_channel_not_the_server(
+    hub: Hub, socket_path: Path
+) -> None:
+    async with connect(socket_path, name="server") as server, connect(socket_path) as vandal:
+        svc = server.service("svc")
+
+        @svc.method
+        async def ping(_: None) -> str:
+            return "pong"
+
+        await svc.start()
+        assert await vandal.request("svc", "ping", None) == "pong"
+        spoiled = vandal._direct["svc"]
+        spoiled.channel.try_send(b"not an envelope")
+        async with connect(socket_path) as honest:
+            assert await honest.request("svc", "ping", None) == "pong"  # the server lives on
+        # The spoiled channel was cut off; the vandal's next call goes on a fresh one.
+        assert await vandal.request("svc", "ping", None) == "pong"
+        assert vandal._direct["svc"].token != spoiled.token
+
+
+async def test_a_service_at_its_concurrency_limit_still_sees_a_caller_give_up(
+    hub: Hub, socket_path: Path
+) -> None:
+    async with connect(socket_path, name="server") as server, connect(socket_path) as client:
+        svc = server.service("slow", concurrency=1)
+        started, cancelled = anyio.Event(), anyio.Event()
+
+        @svc.method
+        async def wait(seconds: float) -> str:
+            started.set()
+            try:
+                await anyio.sleep(seconds)
+            except anyio.get_cancelled_exc_class():
+                cancelled.set()
+                raise
+            return "done"
+
+        await svc.start()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(client.request, "slow", "wait", 30.0)
+            await started.wait()
+            tg.cancel_scope.cancel()  # no deadline in the request: only the abandon frame tells
+        with anyio.fail_after(10):
+            await cancelled.wait()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,9 +88,13 @@ async def host(tmp_path: Path, keys: tuple[bytes, bytes]) -> AsyncIterator[Host]
         await tg.start(hub.serve)
         async with connect(hub.path, name="lifecycle") as ep, connect(hub.path, name="test") as bus:
             actor = LifecycleActor(
-                ep, LocalPlatform(), open_instance_socket=hub.open_instance_socket,
-                state_dir=tmp_path / "state", trusted_certs=[keys[1]], hello_timeout=20,
-            )  # fmt: skip
+                ep,
+                LocalPlatform(),
+                open_instance_socket=hub.open_instance_socket,
+                state_dir=tmp_path / "state",
+                trusted_certs=[keys[1]],
+                hello_timeout=20,
+            )
             async with anyio.create_task_group() as actors:
                 await actors.start(actor.run)
                 yield Host(hub, actor, bus, tmp_path)
@@ -267,3 +272,61 @@ async def test_a_host_that_allows_unsigned_images_loads_them_and_says_so(
     await host.call("create", CreateInstance("iota", cpu_count=1, memory=128 * MB))
     info = await host.call("load", LoadImage("iota", str(image)))
     assert (info.state, info.signer) == ("loaded", "unsigned")
+
+
+async def test_an_abandoned_start_leaves_no_agent_running(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    await host.call("create", CreateInstance("kappa", cpu_count=1, memory=128 * MB))
+    await host.call("load", LoadImage("kappa", str(make_image(host.root, keys, body=SLEEPER))))
+    inst = host.actor.instances["kappa"]
+    async with await host.bus.subscribe(f"mk.instance.{inst.id}.state") as states:
+        with anyio.move_on_after(0.05):  # the caller gives up while the agent starts
+            await host.call("start", StartInstance("kappa"))
+        if inst.state != "loaded":  # the request ran: it must end failed, with nothing left
+            while (await states.receive()).decode(InstanceStateChanged).new != "failed":
+                pass
+    if inst.proc is not None:  # killed: its watcher reclaims it
+        with anyio.fail_after(30):
+            await inst.exited.wait()
+    assert inst.proc is None
+    assert not leftover_cgroups()
+    assert (await host.call("kill", KillInstance("kappa"))).state in ("loaded", "ready")
+
+
+async def test_stopping_the_actor_stops_and_reclaims_every_instance(
+    tmp_path: Path, keys: tuple[bytes, bytes]
+) -> None:
+    hub = Hub(tmp_path / "bus.sock", policy=Policy.from_toml(host_rule(os.getuid())))
+    image = make_image(tmp_path, keys, body=SLEEPER)
+    async with anyio.create_task_group() as tg:
+        await tg.start(hub.serve)
+        async with connect(hub.path, name="lifecycle") as ep, connect(hub.path) as bus:
+            platform = LocalPlatform()
+            actor = LifecycleActor(
+                ep,
+                platform,
+                open_instance_socket=hub.open_instance_socket,
+                state_dir=tmp_path / "state",
+                trusted_certs=[keys[1]],
+            )
+            async with anyio.create_task_group() as actors:
+                await actors.start(actor.run)
+                pids = []
+                for name in ("lam", "mu"):
+                    await bus.request(
+                        "lifecycle", "create", CreateInstance(name, cpu_count=1, memory=128 * MB)
+                    )
+                    await bus.request("lifecycle", "load", LoadImage(name, str(image)))
+                    info = await bus.request(
+                        "lifecycle", "start", StartInstance(name), response=InstanceInfo
+                    )
+                    pids.append(info.pid)
+                stopping = time.monotonic()
+                actors.cancel_scope.cancel()
+            assert time.monotonic() - stopping < 20  # no 30 s wait on watchers that are gone
+            for pid in pids:
+                with pytest.raises(ProcessLookupError):
+                    os.kill(pid, 0)
+        tg.cancel_scope.cancel()
+    assert not leftover_cgroups()
