@@ -68,7 +68,6 @@ log = get_logger("multikernel.endpoints")
 #: server that just replied): a Python round trip takes 30-50 µs here, so a 50 µs window missed
 #: often and every miss cost a ~60 µs cross-core wake-up (docs/bus.md, "Waiting").
 ENDPOINT_WAIT = WaitPolicy(spin=100e-6)
-_RAW = msgspec.msgpack.Decoder()
 
 
 class Endpoint(HubLink):
@@ -92,7 +91,6 @@ class Endpoint(HubLink):
         self._mirror = Mirroring()
         self._monitor: Subscription | None = None
         self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
-        self._encoder = msgspec.msgpack.Encoder()
         self._valid_subjects: set[str] = set()
         self.drain_requested = anyio.Event()
 
