@@ -47,6 +47,17 @@ class Reply:
             if self._event is not None:
                 self._event.set()
 
+    async def wait(self) -> None:
+        """Until something is pushed, the path fails, or `wake()` is called."""
+        if not self.ready:
+            self._event = event = anyio.Event()
+            await event.wait()
+
+    def wake(self) -> None:
+        """Wake whoever is in `wait()` (the reading is theirs to take over)."""
+        if self._event is not None:
+            self._event.set()
+
     async def next(self) -> tuple[Header, Any] | None:
         """The next reply frame, None after the last; raises the remote error if one came."""
         while not self._frames:

@@ -78,8 +78,7 @@ class DirectChannel:
         self._mirror = mirror
         self._send_lock = anyio.Lock()
         self._reading = False
-        self._progress = anyio.Event()
-        self._followers = 0
+        self._followers: set[Reply] = set()
         self._crew: anyio.abc.TaskGroup | None = None
         self._crew_size = 0
         self._standby = anyio.Event()
@@ -201,30 +200,38 @@ class DirectChannel:
             if self.closed:
                 reply.fail(self._failure)
             elif not self._reading:
-                await self._read_once()
+                await self._read_once(reply)
             else:
-                self._followers += 1
+                self._followers.add(reply)  # woken by its own reply, or to take over reading
                 try:
-                    await self._progress.wait()
+                    await reply.wait()
                 finally:
-                    self._followers -= 1
+                    self._followers.discard(reply)
         return await reply.next()
 
-    async def _read_once(self) -> None:
+    async def _read_once(self, mine: Reply) -> None:
         self._reading = True
         try:
             for frame in await self._next_frames():
-                self._dispatch(frame, None)
+                self._dispatch(frame, None)  # each reply wakes its own requester
         except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError) as exc:
             if isinstance(exc, ProtocolError):
                 self._failure = exc
             self.closed = True
             self.calls.fail_all(self._failure)
-        finally:
+        except BaseException:  # cancelled: someone else must read from now on
             self._reading = False
-            if self._followers:  # other requesters wait for their replies: wake them
-                progress, self._progress = self._progress, anyio.Event()
-                progress.set()
+            self._hand_over_reading_to_a_follower()
+            raise
+        self._reading = False
+        if mine.ready or self.closed:  # we are done reading: hand it to one still waiting
+            self._hand_over_reading_to_a_follower()
+
+    def _hand_over_reading_to_a_follower(self) -> None:
+        for follower in self._followers:
+            if not follower.ready:
+                follower.wake()
+                return
 
     def release_if_idle(self) -> bool:
         """Client side: close the channel if it is retired (stale or closed) and unused."""

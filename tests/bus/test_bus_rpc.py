@@ -209,3 +209,43 @@ async def test_a_service_at_its_concurrency_limit_still_sees_a_caller_give_up(
             tg.cancel_scope.cancel()  # no deadline in the request: only the abandon frame tells
         with anyio.fail_after(10):
             await cancelled.wait()
+
+
+async def test_when_the_caller_reading_for_everyone_gives_up_the_others_still_get_replies(
+    hub: Hub, socket_path: Path
+) -> None:
+    async with connect(socket_path, name="server") as server, connect(socket_path) as client:
+        svc = server.service("svc")
+        release, all_in, first_gone = anyio.Event(), anyio.Event(), anyio.Event()
+        arrived = 0
+
+        @svc.method
+        async def hold(i: int) -> int:
+            nonlocal arrived
+            arrived += 1
+            if arrived == 8:
+                all_in.set()
+            await release.wait()
+            return i
+
+        await svc.start()
+        results: dict[int, int] = {}
+        first = anyio.CancelScope()
+
+        async def call(i: int) -> None:
+            try:
+                with first if i == 0 else anyio.CancelScope():
+                    results[i] = await client.request("svc", "hold", i)
+            finally:
+                if i == 0:
+                    first_gone.set()
+
+        with anyio.fail_after(20):  # the others hang if nobody takes over the reading
+            async with anyio.create_task_group() as tg:
+                for i in range(8):  # the first caller reads the channel for all of them
+                    tg.start_soon(call, i)
+                await all_in.wait()
+                first.cancel()  # the reader gives up...
+                await first_gone.wait()
+                release.set()  # ...and the others' replies must still be read
+        assert results == {i: i for i in range(1, 8)}
