@@ -278,21 +278,20 @@ class Hub(HubSessions):
     def _owner_changes(self, changes: list[NameOwnerChanged]) -> None:
         """Publish each change on mk.bus.names.<name> and tell the clients of direct channels."""
         for change in changes:
-            for owner in (change.old_owner, change.new_owner):
-                session = self._sessions.get(owner)
-                if session is not None:  # `name:` selectors look at the names an endpoint owns
-                    names = frozenset(self._names.names_of(owner))
-                    session.identity = dataclasses.replace(session.identity, names=names)
-                    session.publish_decisions.clear()
             frame = encode(Kind.CONTROL, change)
             notified = set()
             for owner in (change.old_owner, change.new_owner):  # the owners hear of it too
                 session = self._sessions.get(owner)
-                if session is not None:
-                    notified.add(owner)
-                    session.deliver(frame, droppable=False)
-                    if owner == change.old_owner:
-                        session.services.pop(change.name, None)  # its description goes too
+                if session is None:
+                    continue
+                # `name:` selectors look at the names an endpoint owns
+                names = frozenset(self._names.names_of(owner))
+                session.identity = dataclasses.replace(session.identity, names=names)
+                session.publish_decisions.clear()
+                if owner == change.old_owner:
+                    session.services.pop(change.name, None)  # its description goes too
+                notified.add(owner)
+                session.deliver(frame, droppable=False)
             for record in self._channels.values():
                 if record.target == change.name and record.client not in notified:
                     notified.add(record.client)
@@ -301,12 +300,11 @@ class Hub(HubSessions):
                         client.deliver(frame, droppable=False)
             subject = f"{NAMES_SUBJECT}.{change.name}"
             event = encode(Kind.PUBLISH, change, subject=subject)
+            stamped = bytearray(event)
             for key in self._router.match(subject):
-                stamped = bytearray(event)
-                stamped[_DESTINATION_OFFSET : _DESTINATION_OFFSET + 8] = key[1].to_bytes(
-                    8, "little"
-                )
-                self._subs[key].session.deliver(bytes(stamped))
+                subscription = self._subs[key]
+                stamped[_DESTINATION_OFFSET : _DESTINATION_OFFSET + 8] = subscription.sid_bytes
+                subscription.session.deliver(stamped)  # copied into its ring (or queue) at once
             log.info(
                 "name owner changed", name=change.name, old=change.old_owner, new=change.new_owner
             )

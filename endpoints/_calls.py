@@ -92,7 +92,9 @@ class Correlations:
     def close(self, correlation: int) -> None:
         self.pending.pop(correlation, None)
 
-    def deliver(self, header: Header, frame: bytes) -> bool:
+    def deliver(self, header: Header, frame: Any) -> bool:
+        """Hand an answer to its request: a frame, or a value already decoded (an answer that
+        came over the control socket with fds); False if nobody waits for it any more."""
         reply = self.pending.get(header.correlation)
         if reply is None:
             return False
@@ -100,10 +102,6 @@ class Correlations:
         if reply.done:
             del self.pending[header.correlation]
         return True
-
-    def deliver_value(self, header: Header, value: object) -> bool:
-        """Like `deliver`, for an answer already decoded (it came over the control socket)."""
-        return self.deliver(header, value)  # type: ignore[arg-type]
 
     def fail_all(self, failure: BaseException) -> None:
         pending, self.pending = self.pending, {}

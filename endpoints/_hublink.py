@@ -284,13 +284,13 @@ class HubLink:
                     close_fds(fds)
                 elif ready.role == "attach":
                     attached = socket.socket(fileno=fds[0])
-                    if not self._calls.deliver_value(header, (ready, attached)):
+                    if not self._calls.deliver(header, (ready, attached)):
                         attached.close()
                 elif ready.role == "server":
                     self._on_server_channel(
                         ready, Channel.attach(ChannelHandle(1, fds), self._wait)
                     )
-                elif not self._calls.deliver_value(header, (ready, ChannelHandle(0, fds))):
+                elif not self._calls.deliver(header, (ready, ChannelHandle(0, fds))):
                     close_fds(fds)  # nobody waits for it any more (the caller gave up)
         except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
             scope.cancel()
