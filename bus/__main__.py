@@ -17,8 +17,8 @@ from multikernel.bus._hub import Hub
 from multikernel.bus._policy import Policy
 from multikernel.bus._rules import PolicyError
 from multikernel.bus._session import Limits
-from multikernel.endpoints._logging import configure, get_logger
-from multikernel.endpoints._wire import default_socket_path
+from multikernel.endpoints.log import configure, get_logger
+from multikernel.endpoints.wire import default_socket_path
 
 log = get_logger("multikernel.bus")
 

@@ -26,8 +26,8 @@ from multikernel.bus._delivery import (
 from multikernel.bus._hub_sessions import NAMES_SUBJECT, ChannelRecord, HubSessions
 from multikernel.bus._policy import Policy
 from multikernel.bus._session import Session, SubscriptionRecord
-from multikernel.endpoints._logging import get_logger
-from multikernel.endpoints._wire import (
+from multikernel.endpoints.log import get_logger
+from multikernel.endpoints.wire import (
     send_handle,
     send_with_fds,
 )

@@ -26,8 +26,8 @@ from multikernel.bus._names import NameRegistry
 from multikernel.bus._policy import Identity, Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
-from multikernel.endpoints._logging import get_logger
-from multikernel.endpoints._wire import (
+from multikernel.endpoints.log import get_logger
+from multikernel.endpoints.wire import (
     default_socket_path,
     send_handle,
     wait_closed,

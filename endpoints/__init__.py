@@ -19,4 +19,4 @@ from multikernel.endpoints._subscription import Subscription as Subscription
 from multikernel.endpoints._subscription import (
     SubscriptionStatistics as SubscriptionStatistics,
 )
-from multikernel.endpoints._wire import default_socket_path as default_socket_path
+from multikernel.endpoints.wire import default_socket_path as default_socket_path

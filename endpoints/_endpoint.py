@@ -26,10 +26,10 @@ import msgspec
 from multikernel.endpoints._calls import Reply
 from multikernel.endpoints._direct import DirectChannel, Mirroring
 from multikernel.endpoints._hublink import HubLink, HubUnavailableError
-from multikernel.endpoints._logging import get_logger
 from multikernel.endpoints._service import Service
 from multikernel.endpoints._subscription import Message, Subscription
-from multikernel.endpoints._wire import ENV_FD, default_socket_path
+from multikernel.endpoints.log import get_logger
+from multikernel.endpoints.wire import ENV_FD, default_socket_path
 from multikernel.protocol import (
     AttachRequest,
     BusSnapshot,

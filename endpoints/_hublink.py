@@ -19,8 +19,8 @@ import anyio
 import anyio.abc
 
 from multikernel.endpoints._calls import Correlations
-from multikernel.endpoints._logging import get_logger
-from multikernel.endpoints._wire import close_fds, receive_handle
+from multikernel.endpoints.log import get_logger
+from multikernel.endpoints.wire import close_fds, receive_handle
 from multikernel.protocol import (
     CONTROL_DECODER,
     DEFAULT_MAX_BODY,

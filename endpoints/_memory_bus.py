@@ -32,11 +32,11 @@ from multikernel.bus._delivery import (
     route,
     subscribe_decisions,
 )
-from multikernel.endpoints._logging import get_logger
 from multikernel.endpoints._memory_endpoint import MemoryEndpoint
 from multikernel.endpoints._memory_link import Link
 from multikernel.endpoints._service import Service
 from multikernel.endpoints._subscription import Message, Subscription
+from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
     AccessDeniedError,
     BusSnapshot,

@@ -26,10 +26,10 @@ import msgspec
 from multikernel.bus import Identity
 from multikernel.endpoints._direct import DirectChannel
 from multikernel.endpoints._hublink import HubUnavailableError
-from multikernel.endpoints._logging import get_logger
 from multikernel.endpoints._memory_link import REPLY_BUFFER, Call, Link
 from multikernel.endpoints._service import Service
 from multikernel.endpoints._subscription import Subscription
+from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
     BusSnapshot,
     Flag,

@@ -24,7 +24,7 @@ import msgspec
 
 from multikernel.endpoints._endpoint import Endpoint, connect
 from multikernel.endpoints._hublink import HubUnavailableError
-from multikernel.endpoints._wire import default_socket_path
+from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import (
     AgentStatus,
     CreateInstance,

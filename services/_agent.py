@@ -28,7 +28,7 @@ import anyio
 import anyio.abc
 
 from multikernel.endpoints import Endpoint, Service, connect
-from multikernel.endpoints._logging import configure, get_logger
+from multikernel.endpoints.log import configure, get_logger
 from multikernel.protocol import (
     AgentHello,
     AgentStatus,

@@ -22,7 +22,7 @@ import anyio.abc
 
 from multikernel.bus import Hub, Policy
 from multikernel.endpoints import connect
-from multikernel.endpoints._logging import get_logger
+from multikernel.endpoints.log import get_logger
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 

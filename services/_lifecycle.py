@@ -31,7 +31,7 @@ import anyio.abc
 import msgspec
 
 from multikernel.endpoints import Endpoint, Subscription
-from multikernel.endpoints._logging import get_logger
+from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
     AgentHello,
     CreateInstance,

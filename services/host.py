@@ -13,8 +13,8 @@ from pathlib import Path
 
 import anyio
 
-from multikernel.endpoints._logging import configure
-from multikernel.endpoints._wire import default_socket_path
+from multikernel.endpoints.log import configure
+from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import MultikernelError
 from multikernel.services._host import HostConfig, run_host
 

@@ -1,4 +1,4 @@
-"""Structured logs that behave like a library's: through stdlib logging, JSON off a terminal.
+"""Structured logs for every layer above shm: structlog through stdlib logging, JSON off a terminal.
 
 Our modules log with `get_logger(__name__)`: structlog renders each event (JSON when stderr is not
 a terminal, readable key=value on one) and hands it to the stdlib logger of that name, so the
