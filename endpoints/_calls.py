@@ -1,4 +1,5 @@
-"""Waiting for answers: one slot per control request or RPC, resolved by a reader task.
+"""Calls: waiting for answers (one slot per control request or RPC, resolved by a reader task),
+and the decoders of typed replies.
 
 anyio has no futures; a `Reply` is an `anyio.Event` plus the frames that arrived for one
 correlation id. Streams of replies (`Flag.MORE`) queue in it until the last one.
@@ -11,8 +12,16 @@ from collections import deque
 from typing import Any
 
 import anyio
+import msgspec
 
-from multikernel.protocol import ERROR_DECODER, Flag, Header, Kind, decode_body, raise_for_error
+from multikernel.protocol import (
+    ERROR_DECODER,
+    Flag,
+    Header,
+    Kind,
+    decode_body,
+    raise_for_error,
+)
 
 
 class Reply:
@@ -107,3 +116,18 @@ class Correlations:
         pending, self.pending = self.pending, {}
         for reply in pending.values():
             reply.fail(failure)
+
+
+class Decoders:
+    """One msgspec decoder per response type a caller asked for, made on first use."""
+
+    __slots__ = ("_decoders",)
+
+    def __init__(self) -> None:
+        self._decoders: dict[Any, msgspec.msgpack.Decoder[Any]] = {}
+
+    def __call__(self, kind: Any) -> msgspec.msgpack.Decoder[Any]:
+        decoder = self._decoders.get(kind)
+        if decoder is None:
+            decoder = self._decoders[kind] = msgspec.msgpack.Decoder(kind)
+        return decoder

@@ -95,6 +95,10 @@ class DirectChannel:
         if self._mirror.on:
             self._mirror.copy(self, frame)
 
+    def nudge(self) -> None:
+        """A reply just went out: a caller just answered often calls again, so spin for it."""
+        self.channel.reader.nudge(wake=False)
+
     def send_nowait(self, frame: bytes) -> bool:
         try:
             return self.channel.try_send(frame)

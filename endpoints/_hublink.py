@@ -4,7 +4,7 @@
 socket (or use the one it inherited), take the session channel the hub hands over, say Hello,
 send control requests and wait for their answers, read what the hub sends (publications, notices,
 channel handles on the socket), and when the hub goes away, re-attach with back-off and let the
-endpoint restore what it had registered. `Endpoint` builds the user's API on top of it.
+endpoint restore what it had registered. The `Endpoint` owns one and builds the user's API on it.
 """
 
 from __future__ import annotations
@@ -12,8 +12,9 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Coroutine
+from contextlib import suppress
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import anyio
 import anyio.abc
@@ -27,6 +28,7 @@ from multikernel.protocol import (
     ERROR_DECODER,
     PROTOCOL_VERSION,
     ChannelReady,
+    ChannelRevoke,
     Feature,
     Header,
     Hello,
@@ -64,53 +66,59 @@ class HubUnavailableError(anyio.BrokenResourceError):
     """The hub went away and the endpoint could not re-attach (or was not allowed to retry)."""
 
 
+class LinkOwner(Protocol):
+    """What an endpoint does with what arrives on its link (the `Endpoint` implements it)."""
+
+    def _on_publication(self, header: Header, frame: bytes) -> None: ...
+
+    def _on_notice(self, header: Header, frame: bytes, body: object) -> None: ...
+
+    def _on_server_channel(self, ready: ChannelReady, channel: Channel) -> None: ...
+
+    async def _restore(self) -> None:
+        """After re-attaching to a (new) hub: register again what was registered."""
+
+    async def _flush_mirror(self) -> None:
+        """Runs for the life of each session: copies of direct-channel frames for a monitor."""
+
+
 class HubLink:
-    """An endpoint's session with the hub; subclasses handle what arrives on it."""
+    """An endpoint's session with the hub; its owner handles what arrives on it."""
 
     def __init__(
-        self, name: str, path: Path | None, fd: int | None, wait: WaitPolicy, reconnect: bool
+        self,
+        owner: LinkOwner,
+        name: str,
+        path: Path | None,
+        fd: int | None,
+        wait: WaitPolicy,
+        reconnect: bool,
     ) -> None:
+        self.owner = owner
         self.name = name
         self.id = 0
         self.max_body = DEFAULT_MAX_BODY
         self._path = path
         self._fd = fd
-        self._wait = wait
+        self.wait = wait
         self._reconnect = reconnect and fd is None
-        self._session: Channel | None = None
+        self.session: Channel | None = None
         self._attached = anyio.Event()
         self._calls = Correlations()
         self._send_lock = anyio.Lock()
-        self._tg: anyio.abc.TaskGroup | None = None
-        self._closing = False
+        self.tg: anyio.abc.TaskGroup | None = None
+        self.closing = False
         self.async_errors = 0
-
-    # -- what the endpoint does with what arrives (overridden) --------------------------------
-
-    def _on_publication(self, header: Header, frame: bytes) -> None:
-        raise NotImplementedError
-
-    def _on_notice(self, header: Header, frame: bytes, body: object) -> None:
-        raise NotImplementedError
-
-    def _on_server_channel(self, ready: ChannelReady, channel: Channel) -> None:
-        raise NotImplementedError
-
-    async def _restore(self) -> None:
-        raise NotImplementedError
-
-    async def _flush_mirror(self) -> None:
-        raise NotImplementedError
 
     # -- the link -----------------------------------------------------------------------------
 
-    async def _to_hub(self, frame: bytes) -> None:
+    async def to_hub(self, frame: bytes) -> None:
         while True:
             if not self._attached.is_set():  # an awaited set Event still costs a loop pass
-                if self._closing:
+                if self.closing:
                     raise HubUnavailableError("the endpoint is closing: nothing goes to the hub")
                 await self._attached.wait()
-            session = self._session
+            session = self.session
             if session is None:
                 continue
             try:
@@ -118,18 +126,23 @@ class HubLink:
                     async with self._send_lock:
                         await session.send(frame)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                if not self._reconnect or self._closing:
+                if not self._reconnect or self.closing:
                     raise HubUnavailableError("the hub went away") from None
-                if self._session is session and self._attached.is_set():
+                if self.session is session and self._attached.is_set():
                     self._attached = anyio.Event()  # wait below until the session loop re-attaches
             else:
                 return  # the session loop notices and re-attaches
 
-    async def _control(self, body: object) -> Any:
+    async def forget_channel(self, token: int) -> None:
+        """Tell the hub a direct channel is gone (a hub that went away forgot it anyway)."""
+        with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+            await self.to_hub(encode(Kind.CONTROL, ChannelRevoke(token)))
+
+    async def control(self, body: object) -> Any:
         """Send a control request to the hub and wait for its answer (or raise its error)."""
         correlation, reply = self._calls.open()
         try:
-            await self._to_hub(encode(Kind.CONTROL, body, correlation=correlation))
+            await self.to_hub(encode(Kind.CONTROL, body, correlation=correlation))
             answer = await reply.next()
         finally:
             self._calls.close(correlation)
@@ -164,7 +177,7 @@ class HubLink:
         if not isinstance(ready, ChannelReady) or ready.role != "session" or len(fds) != 6:
             close_fds(fds)
             raise ProtocolError("the hub's first message was not a session channel")
-        session = Channel.attach(ChannelHandle(1, fds), self._wait)
+        session = Channel.attach(ChannelHandle(1, fds), self.wait)
         try:
             hello = Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, FEATURES, self.name)
             await session.send(encode(Kind.CONTROL, hello))
@@ -183,7 +196,7 @@ class HubLink:
         self.max_body = welcome.max_body
         return session
 
-    async def _open_session(self) -> tuple[socket.socket, Channel]:
+    async def open_session(self) -> tuple[socket.socket, Channel]:
         """Connect to the hub and attach; raises HubUnavailableError saying what to do."""
         where = self._path or "the inherited bus socket"
         try:
@@ -202,7 +215,7 @@ class HubLink:
             sock.close()
             raise
 
-    async def _run_sessions(
+    async def run_sessions(
         self,
         sock: socket.socket,
         session: Channel,
@@ -214,11 +227,11 @@ class HubLink:
         while True:
             with sock:
                 async with session, anyio.create_task_group() as tg:
-                    self._session = session
+                    self.session = session
                     tg.start_soon(self._read_socket, sock, tg.cancel_scope)
-                    tg.start_soon(self._flush_mirror)
+                    tg.start_soon(self.owner._flush_mirror)
                     if not first:
-                        tg.start_soon(self._restore)
+                        tg.start_soon(self.owner._restore)
                     self._attached.set()
                     log.debug("attached", endpoint=self.id, name=self.name)
                     if first:
@@ -226,17 +239,17 @@ class HubLink:
                         task_status.started()
                     await self._read_session(session)
                     tg.cancel_scope.cancel()
-                self._session = None
+                self.session = None
                 if self._attached.is_set():
                     self._attached = anyio.Event()
                 self._calls.fail_all(HubUnavailableError("the hub went away; re-attaching"))
-            if not self._reconnect or self._closing:
+            if not self._reconnect or self.closing:
                 return
             log.warning("hub went away; re-attaching", endpoint=self.id, name=self.name)
             backoff = 0.02
             while True:
                 try:
-                    sock, session = await self._open_session()
+                    sock, session = await self.open_session()
                     break
                 except (HubUnavailableError, ProtocolError):
                     await anyio.sleep(backoff)  # the hub is restarting: try again, backing off
@@ -254,7 +267,7 @@ class HubLink:
         header = decode_header(frame)
         kind = header.kind
         if kind == Kind.PUBLISH:
-            self._on_publication(header, frame)
+            self.owner._on_publication(header, frame)
             return
         if header.correlation and self._calls.deliver(header, frame):
             return
@@ -264,12 +277,12 @@ class HubLink:
             log.warning("hub reported an error", code=error.code, message=error.message)
             return
         if kind == Kind.CONTROL:
-            self._on_notice(header, frame, decode_body(header, frame, CONTROL_DECODER))
+            self.owner._on_notice(header, frame, decode_body(header, frame, CONTROL_DECODER))
 
-    def _spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
-        if self._tg is None:
+    def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
+        if self.tg is None:
             raise RuntimeError("the endpoint is not connected")
-        self._tg.start_soon(func, *args)
+        self.tg.start_soon(func, *args)
 
     async def _read_socket(self, sock: socket.socket, scope: anyio.CancelScope) -> None:
         """Channel handles from the hub: answers to our ChannelOpen, and callers of our services."""
@@ -287,8 +300,8 @@ class HubLink:
                     if not self._calls.deliver(header, (ready, attached)):
                         attached.close()
                 elif ready.role == "server":
-                    self._on_server_channel(
-                        ready, Channel.attach(ChannelHandle(1, fds), self._wait)
+                    self.owner._on_server_channel(
+                        ready, Channel.attach(ChannelHandle(1, fds), self.wait)
                     )
                 elif not self._calls.deliver(header, (ready, ChannelHandle(0, fds))):
                     close_fds(fds)  # nobody waits for it any more (the caller gave up)

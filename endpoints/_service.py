@@ -26,12 +26,13 @@ import typing
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import msgspec
 
-from multikernel.endpoints._direct import DirectChannel, _caller
+from multikernel.endpoints._contracts import ReplyChannel, ServiceHost
+from multikernel.endpoints._direct import _caller
 from multikernel.protocol import (
     BusyError,
     DeadlineExceededError,
@@ -47,9 +48,6 @@ from multikernel.protocol import (
     error_to_body,
     seconds_left,
 )
-
-if TYPE_CHECKING:
-    from multikernel.endpoints._endpoint import Endpoint
 
 Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], AsyncIterator[Any]]
 
@@ -92,7 +90,7 @@ class Service:
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        endpoint: ServiceHost,
         name: str,
         *,
         concurrency: int,
@@ -105,7 +103,7 @@ class Service:
         self.concurrency = concurrency
         self.methods: dict[str, Method] = {}
         self.max_queue = max_queue
-        self._queue: deque[tuple[DirectChannel, Header, bytes]] = deque()
+        self._queue: deque[tuple[ReplyChannel, Header, bytes]] = deque()
         self._workers = self._parked = 0
         self._wake = anyio.Event()
         self.started = False
@@ -145,7 +143,7 @@ class Service:
             await self.endpoint._release_service(self)
         await self._idle.wait()
 
-    def submit(self, direct: DirectChannel, header: Header, frame: bytes) -> None:
+    def submit(self, direct: ReplyChannel, header: Header, frame: bytes) -> None:
         """Queue a request for a worker (called by the channel's reader, without waiting).
 
         Up to `concurrency` worker tasks, started on demand and kept, run the requests: spawning
@@ -172,7 +170,7 @@ class Service:
         """Whether a request may start now (under the concurrency limit, none waiting)."""
         return self.in_flight < self.concurrency and not self._queue
 
-    async def run_inline(self, direct: DirectChannel, header: Header, frame: bytes) -> None:
+    async def run_inline(self, direct: ReplyChannel, header: Header, frame: bytes) -> None:
         """Run a request in the calling task (a channel's crew member), counted like a worker's."""
         if self.in_flight == 0:
             self._idle = anyio.Event()
@@ -206,7 +204,7 @@ class Service:
         finally:
             self._workers -= 1
 
-    async def _handle(self, direct: DirectChannel, header: Header, frame: bytes) -> None:
+    async def _handle(self, direct: ReplyChannel, header: Header, frame: bytes) -> None:
         """Run one request to completion and send its reply (or error), unless abandoned."""
         correlation = header.correlation
         if direct.closed or correlation in direct.abandoned:
@@ -243,7 +241,7 @@ class Service:
         return method
 
     async def _run(
-        self, direct: DirectChannel, method: Method, argument: Any, correlation: int
+        self, direct: ReplyChannel, method: Method, argument: Any, correlation: int
     ) -> None:
         encode_reply = self.endpoint._encode_reply
         if method.streaming:
@@ -254,11 +252,9 @@ class Service:
         else:
             result = await typing.cast(Awaitable[Any], method.handler(argument))
             await direct.send(encode_reply(result, correlation, 0))
-        direct.channel.reader.nudge(wake=False)  # a caller just answered often calls again
+        direct.nudge()
 
-    async def _send_error(
-        self, direct: DirectChannel, correlation: int, exc: BaseException
-    ) -> None:
+    async def _send_error(self, direct: ReplyChannel, correlation: int, exc: BaseException) -> None:
         frame = encode(Kind.ERROR, error_to_body(exc), correlation=correlation)
         # If the caller is gone, nobody is waiting for this error.
         with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):

@@ -22,7 +22,8 @@ from typing import Any
 import anyio
 import msgspec
 
-from multikernel.endpoints._endpoint import Endpoint, connect
+from multikernel.endpoints._connect import connect
+from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints._hublink import HubUnavailableError
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import (

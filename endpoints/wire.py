@@ -1,4 +1,5 @@
-"""The control socket between an endpoint and the hub: where it is and how frames cross it.
+"""The wire, as both sides of the bus make it: the control socket (where it is and how frames
+with fds cross it) and the request frame every endpoint sends, real or in-memory.
 
 The socket carries only what shared memory cannot: file descriptors. Every message on it is one
 envelope frame (length-prefixed, so a short read is detected) sent with the fds of one channel
@@ -8,14 +9,16 @@ sets up. Everything else travels on the session channel (a shared-memory ring pa
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
+import time
 from pathlib import Path
 
 import anyio
 
-from multikernel.protocol import MalformedFrameError
+from multikernel.protocol import Kind, MalformedFrameError, encode
 from multikernel.shm import ChannelHandle
 
 ENV_SOCKET = "MULTIKERNEL_BUS"
@@ -102,3 +105,16 @@ def close_fds(fds: list[int]) -> None:
     for fd in fds:
         if fd >= 0:
             os.close(fd)
+
+
+def request_frame(method: str, body: object, correlation: int, max_body: int) -> bytes:
+    """A request frame carrying the caller's deadline (its innermost cancel scope's)."""
+    deadline = anyio.current_effective_deadline()
+    deadline_ns = 0
+    if deadline != math.inf:
+        left = max(0.0, deadline - anyio.current_time())
+        deadline_ns = time.monotonic_ns() + int(left * 1e9)
+    return encode(
+        Kind.REQUEST, body, subject=method, correlation=correlation,
+        deadline_ns=deadline_ns, max_body=max_body,
+    )  # fmt: skip

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 
-from multikernel.endpoints import Endpoint, Service, connect
+from multikernel.endpoints import Bus, Endpoint, Service, connect
 from multikernel.endpoints.log import configure, get_logger
 from multikernel.protocol import (
     AgentHello,
@@ -87,7 +87,7 @@ async def _stop_workload(state: AgentState) -> None:
     await proc.wait()
 
 
-def _serve(ep: Endpoint, state: AgentState) -> Service:
+def _serve(ep: Bus, state: AgentState) -> Service:
     svc = ep.service(f"instance.{state.instance}.agent")
 
     @svc.method

@@ -30,7 +30,7 @@ import anyio
 import anyio.abc
 import msgspec
 
-from multikernel.endpoints import Endpoint, Subscription
+from multikernel.endpoints import Bus, Subscription
 from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
     AgentHello,
@@ -74,7 +74,7 @@ class LifecycleActor:
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        endpoint: Bus,
         platform: Platform,
         *,
         open_instance_socket: Callable[[int], socket.socket],

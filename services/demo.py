@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from multikernel.endpoints import Endpoint, connect
+from multikernel.endpoints import Bus, connect
 from multikernel.protocol import (
     CreateInstance,
     DeleteInstance,
@@ -131,7 +131,7 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-async def _lifecycle(bus: Endpoint, method: str, body: object, command: str) -> InstanceInfo:
+async def _lifecycle(bus: Bus, method: str, body: object, command: str) -> InstanceInfo:
     say(f"$ mkctl {command}")
     info: InstanceInfo = await bus.request("lifecycle", method, body, response=InstanceInfo)
     return info
@@ -162,7 +162,7 @@ async def demo(root: Path) -> None:
     say("host stopped")
 
 
-async def _watch(bus: Endpoint, images: dict[str, Path]) -> None:
+async def _watch(bus: Bus, images: dict[str, Path]) -> None:
     reached: dict[tuple[str, str], anyio.Event] = {}
 
     def event(name: str, state: str) -> anyio.Event:

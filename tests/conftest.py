@@ -71,13 +71,15 @@ def no_leaks(_process_wide_allocations: None) -> Iterator[None]:
         pytest.fail("test leaked " + "; ".join(problems))
 
 
-@pytest.fixture(
-    params=[
-        pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
-        pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
-        pytest.param(("trio", {}), id="trio"),
-    ]
-)
+#: APIs that promise trio support run under asyncio, uvloop and trio (anyio's plugin).
+ALL_BACKENDS = [
+    pytest.param(("asyncio", {"use_uvloop": False}), id="asyncio"),
+    pytest.param(("asyncio", {"use_uvloop": True}), id="uvloop"),
+    pytest.param(("trio", {}), id="trio"),
+]
+
+
+@pytest.fixture(params=ALL_BACKENDS)
 def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
     """APIs that promise trio support run under asyncio, uvloop and trio (anyio's plugin)."""
     return request.param  # type: ignore[no-any-return]

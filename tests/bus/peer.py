@@ -129,7 +129,7 @@ async def calls(ep: Endpoint, name: str) -> None:
 
 async def garbage(ep: Endpoint) -> None:
     say("ready", id=ep.id)
-    session = ep._session
+    session = ep._link.session
     assert session is not None
     session.try_send(b"\xff" * 64)  # not an envelope: the hub must cut us off, no one else
     await until_stdin_closes()

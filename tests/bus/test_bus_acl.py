@@ -142,7 +142,8 @@ async def test_a_forged_monitor_record_is_not_passed_on(hub: Hub, socket_path: P
         watcher.monitor("forged.>") as records,
     ):
         fake = encode(Kind.PUBLISH, "lies", subject="forged.claim")
-        await forger._to_hub(encode(Kind.CONTROL, MonitorRecord(1, "direct", 0, 99, fake, 12345)))
+        record = MonitorRecord(1, "direct", 0, 99, fake, 12345)
+        await forger._link.to_hub(encode(Kind.CONTROL, record))
         await forger.publish("forged.real", "truth")  # routed by the hub: monitored
         first = await anext(records)
     from multikernel.protocol import decode_header

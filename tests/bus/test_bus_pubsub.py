@@ -61,7 +61,7 @@ async def test_the_hub_stamps_the_publisher_so_a_forged_source_changes_nothing(
     async with connect(socket_path) as victim, connect(socket_path) as forger:
         async with await victim.subscribe("audit.>") as sub:
             frame = encode(Kind.PUBLISH, "i am the victim", subject="audit.log", source=victim.id)
-            await forger._to_hub(frame)
+            await forger._link.to_hub(frame)
             message = await sub.receive()
         assert message.source == forger.id != victim.id
 

@@ -102,7 +102,7 @@ async def test_deadline_travels_in_the_envelope(hub: Hub, socket_path: Path) -> 
     with spawn("serve", socket_path, "demo") as server:
         await server.expect("ready")
         async with connect(socket_path) as ep:
-            direct = await ep._direct_to("demo")
+            direct = await ep._clients._direct_to("demo")
             correlation, reply = direct.calls.open()
             from multikernel.protocol import Kind, deadline_after, encode
 
@@ -176,13 +176,13 @@ async def test_a_caller_writing_garbage_loses_its_channel_not_the_server(
 
         await svc.start()
         assert await vandal.request("svc", "ping", None) == "pong"
-        spoiled = vandal._direct["svc"]
+        spoiled = vandal._clients.by_target["svc"]
         spoiled.channel.try_send(b"not an envelope")
         async with connect(socket_path) as honest:
             assert await honest.request("svc", "ping", None) == "pong"  # the server lives on
         # The spoiled channel was cut off; the vandal's next call goes on a fresh one.
         assert await vandal.request("svc", "ping", None) == "pong"
-        assert vandal._direct["svc"].token != spoiled.token
+        assert vandal._clients.by_target["svc"].token != spoiled.token
 
 
 async def test_a_service_at_its_concurrency_limit_still_sees_a_caller_give_up(

@@ -3,7 +3,7 @@
 Test a plugin's services and subscribers in one process, under asyncio, uvloop or trio, with no
 hub, socket or shared-memory region::
 
-    from multikernel.endpoints.testing import MemoryBus
+    from multikernel.bus.testing import MemoryBus
 
     bus = MemoryBus()                                  # or MemoryBus(Policy.from_toml(...))
     async with bus.connect("plugin") as server, bus.connect("test", instance=1) as client:
@@ -20,7 +20,7 @@ deadlines and errors behave as on the real bus. docs/testing.md says what differ
 a publication is in the subscribers' buffers when `publish` returns).
 """
 
-from multikernel.endpoints._memory_bus import MemoryBus as MemoryBus
-from multikernel.endpoints._memory_endpoint import MemoryEndpoint as MemoryEndpoint
+from multikernel.bus._memory_bus import MemoryBus as MemoryBus
+from multikernel.bus._memory_endpoint import MemoryEndpoint as MemoryEndpoint
 
 __all__ = ["MemoryBus", "MemoryEndpoint"]

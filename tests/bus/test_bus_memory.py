@@ -1,4 +1,4 @@
-"""The in-memory bus (`multikernel.endpoints.testing`) behaves as the real bus does."""
+"""The in-memory bus (`multikernel.bus.testing`) behaves as the real bus does."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import msgspec
 import pytest
 
 from multikernel.bus import Hub, Limits, Policy
-from multikernel.endpoints import Endpoint, Service, connect, current_caller
-from multikernel.endpoints.testing import MemoryBus, MemoryEndpoint
+from multikernel.bus.testing import MemoryBus, MemoryEndpoint
+from multikernel.endpoints import Bus, Endpoint, Service, connect, current_caller
 from multikernel.protocol import (
     AccessDeniedError,
     BusyError,
@@ -30,8 +30,15 @@ from multikernel.protocol import (
     RequestNameResult,
     TooLargeError,
 )
+from tests.conftest import ALL_BACKENDS
 
 pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object]]:
+    """The double promises what the client API does: asyncio, uvloop and trio."""
+    return request.param  # type: ignore[no-any-return]
 
 #: An ordinary (not root) uid: the built-in policy lets root on the host do everything.
 USER = 1000
@@ -42,7 +49,7 @@ class Point(msgspec.Struct, frozen=True):
     y: int
 
 
-def serve_math(endpoint: MemoryEndpoint | Endpoint, name: str = "math", flags: int = 0) -> Service:
+def serve_math(endpoint: Bus, name: str = "math", flags: int = 0) -> Service:
     svc = endpoint.service(name, flags=flags)
 
     @svc.method

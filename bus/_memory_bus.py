@@ -25,17 +25,19 @@ from dataclasses import dataclass, field
 import anyio
 import msgspec
 
-from multikernel.bus import Decision, Identity, Limits, NameRegistry, Policy, SubjectRouter
 from multikernel.bus._delivery import (
     denial_message,
     publish_decisions,
     route,
     subscribe_decisions,
 )
-from multikernel.endpoints._memory_endpoint import MemoryEndpoint
-from multikernel.endpoints._memory_link import Link
-from multikernel.endpoints._service import Service
-from multikernel.endpoints._subscription import Message, Subscription
+from multikernel.bus._memory_endpoint import MemoryEndpoint
+from multikernel.bus._memory_link import Link
+from multikernel.bus._names import NameRegistry
+from multikernel.bus._policy import Decision, Identity, Policy
+from multikernel.bus._router import SubjectRouter
+from multikernel.bus._session import Limits
+from multikernel.endpoints import Message, Service, Subscription
 from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
     AccessDeniedError,
@@ -54,7 +56,7 @@ from multikernel.protocol import (
     error_to_body,
 )
 
-log = get_logger("multikernel.endpoints.testing")
+log = get_logger("multikernel.bus.testing")
 
 #: Where the hub publishes name-owner changes (``mk.bus.names.<name>``), as `Hub` does.
 NAMES_SUBJECT = "mk.bus.names"

@@ -1,6 +1,6 @@
 """Direct channels of the in-memory bus: a `Link` between a caller and a name's owner.
 
-To the owner's real `Service`, a `Link` looks like the `DirectChannel` it would be handed (the
+To the owner's real `Service`, a `Link` is the `ReplyChannel` a `DirectChannel` would be (the
 caller as a `Peer`, the running handlers' cancel scopes, `send` for replies); to the caller, each
 call is a bounded stream of reply frames (`Call`). As on the real bus, a call the caller abandons
 cancels its handler, a link whose caller or owner goes away cancels every handler and fails every
@@ -17,8 +17,7 @@ import anyio
 import anyio.lowlevel
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from multikernel.endpoints._direct import Peer
-from multikernel.endpoints._service import Service
+from multikernel.endpoints import Peer, Service
 from multikernel.protocol import (
     ERROR_DECODER,
     Flag,
@@ -31,7 +30,7 @@ from multikernel.protocol import (
 )
 
 if TYPE_CHECKING:
-    from multikernel.endpoints._memory_endpoint import MemoryEndpoint
+    from multikernel.bus._memory_endpoint import MemoryEndpoint
 
 #: Reply frames a call buffers before a streaming method waits for its caller (backpressure,
 #: as a full direct-channel ring would give).
@@ -60,11 +59,10 @@ class Link:
         self.abandoned: set[int] = set()  # requests given up before a worker picked them up
         self.calls: dict[int, MemoryObjectSendStream[bytes]] = {}  # the client's, by correlation
         self.stale = self.closed = False
-        self.channel = self.reader = self  # `Service` nudges `channel.reader` after replying
         client._links[target] = self
         server._served.add(self)
 
-    def nudge(self, *, wake: bool = True) -> None:
+    def nudge(self) -> None:
         """A real channel would spin for the caller's next request; memory needs nothing."""
 
     async def send(self, frame: bytes) -> None:

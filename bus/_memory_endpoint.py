@@ -12,8 +12,6 @@ looks like a `DirectChannel`; to the caller each call is a bounded stream of rep
 from __future__ import annotations
 
 import itertools
-import math
-import time
 import typing
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -23,13 +21,11 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
-from multikernel.bus import Identity
-from multikernel.endpoints._direct import DirectChannel
-from multikernel.endpoints._hublink import HubUnavailableError
-from multikernel.endpoints._memory_link import REPLY_BUFFER, Call, Link
-from multikernel.endpoints._service import Service
-from multikernel.endpoints._subscription import Subscription
+from multikernel.bus._memory_link import REPLY_BUFFER, Call, Link
+from multikernel.bus._policy import Identity
+from multikernel.endpoints import Bus, HubUnavailableError, Service, Subscription
 from multikernel.endpoints.log import get_logger
+from multikernel.endpoints.wire import request_frame
 from multikernel.protocol import (
     BusSnapshot,
     Flag,
@@ -44,11 +40,10 @@ from multikernel.protocol import (
 )
 
 if TYPE_CHECKING:
-    from multikernel.endpoints._endpoint import Endpoint
-    from multikernel.endpoints._memory_bus import MemoryBus
+    from multikernel.bus._memory_bus import MemoryBus
 
 T = TypeVar("T")
-log = get_logger("multikernel.endpoints.testing")
+log = get_logger("multikernel.bus.testing")
 
 
 class MemoryEndpoint:
@@ -175,23 +170,11 @@ class MemoryEndpoint:
             if old is not None:
                 old.retire()
         correlation = next(self._correlations)
-        frame = self._request_frame(method, body, correlation)
+        frame = request_frame(method, body, correlation, self.max_body)
         replies, frames = anyio.create_memory_object_stream[bytes](REPLY_BUFFER)
         link.calls[correlation] = replies
-        link.service.submit(typing.cast(DirectChannel, link), decode_header(frame), frame)
+        link.service.submit(link, decode_header(frame), frame)
         return Call(link, correlation, frames)
-
-    def _request_frame(self, method: str, body: object, correlation: int) -> bytes:
-        """A request frame carrying the caller's deadline (its innermost cancel scope's)."""
-        deadline = anyio.current_effective_deadline()
-        deadline_ns = 0
-        if deadline != math.inf:
-            left = max(0.0, deadline - anyio.current_time())
-            deadline_ns = time.monotonic_ns() + int(left * 1e9)
-        return encode(
-            Kind.REQUEST, body, subject=method, correlation=correlation,
-            deadline_ns=deadline_ns, max_body=self.max_body,
-        )  # fmt: skip
 
     # -- services -----------------------------------------------------------------------------
 
@@ -199,8 +182,7 @@ class MemoryEndpoint:
         """A service to serve under the well-known `name`; add methods, then `await start()`."""
         if name in self._services:
             raise ValueError(f"this endpoint already serves {name!r}")
-        host = typing.cast("Endpoint", self)  # `Service` uses only what both endpoints have
-        service = Service(host, name, concurrency=concurrency, flags=flags)
+        service = Service(self, name, concurrency=concurrency, flags=flags)
         self._services[name] = service
         return service
 
@@ -266,3 +248,7 @@ class MemoryEndpoint:
             link.close()
         for sub in list(self._subs.values()):
             await sub.aclose()
+
+
+def _is_a_bus(endpoint: MemoryEndpoint) -> Bus:
+    return endpoint  # mypy checks here that `MemoryEndpoint` satisfies `Bus`

@@ -1,0 +1,139 @@
+"""The caller's side of RPC: one direct channel per service name, opened on first use.
+
+A request to `target` goes on the direct channel to the name's current owner, which the hub sets
+up on first use (`ChannelOpen`, the handle arriving on the control socket). Concurrent first calls
+share one opening. When the name moves (`NameOwnerChanged`) or the policy withdraws the channel
+(`ChannelRevoke`), the channel is marked stale: new calls open a channel to the new owner while
+calls in flight finish on the old one, which is closed (and the hub told) once it is idle. The
+notice and the handle travel on different paths, so a channel whose owner lost the name while it
+was being handed over is retired at once and asked for again.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from multikernel.endpoints._calls import Reply
+from multikernel.endpoints._direct import DirectChannel, Mirroring
+from multikernel.endpoints._hublink import HubLink
+from multikernel.endpoints.wire import request_frame
+from multikernel.protocol import ChannelOpen, ChannelReady, Kind, NoRespondersError, encode
+from multikernel.shm import Channel, ChannelHandle
+
+
+class ClientChannels:
+    """The direct channels an endpoint calls services on, by service name."""
+
+    def __init__(self, link: HubLink, mirror: Mirroring) -> None:
+        self._link = link
+        self._mirror = mirror
+        self.by_target: dict[str, DirectChannel] = {}
+        self._opening: dict[str, anyio.Event] = {}
+        self._moved_while_opening: dict[str, set[int]] = {}
+
+    async def send_request(
+        self, target: str, method: str, body: object
+    ) -> tuple[DirectChannel, int, Reply]:
+        """Send a request on the channel to `target`'s owner, opening one if needed.
+
+        A channel whose server side is closed (the owner left, and the hub's notice has not
+        reached us yet) did not take the request: retire it and ask the hub again, once.
+        """
+        for attempt in (1, 2):
+            direct = await self._direct_to(target)
+            correlation, reply = direct.calls.open()
+            try:
+                await direct.send(request_frame(method, body, correlation, self._link.max_body))
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                direct.calls.close(correlation)
+                direct.closed = True
+                self.retire(direct)
+                if attempt == 2:
+                    raise NoRespondersError(f"the owner of {target!r} went away") from None
+                continue
+            except BaseException:
+                self.abandon(direct, correlation, reply)
+                raise
+            direct.channel.reader.nudge()  # the reply is imminent: spin for it
+            return direct, correlation, reply
+        raise AssertionError("unreachable")
+
+    def abandon(self, direct: DirectChannel, correlation: int, reply: Reply) -> None:
+        """The caller is done with a call; if no answer ended it, tell the server to stop."""
+        if not reply.done:  # abandoned (cancelled, deadline)
+            direct.send_nowait(encode(Kind.ERROR, None, correlation=correlation))
+        direct.calls.close(correlation)
+        self.retire(direct)
+
+    def retire(self, direct: DirectChannel) -> None:
+        """Close a client channel that is stale (the name moved) or broken, once unused."""
+        if direct.release_if_idle():
+            if self.by_target.get(direct.target) is direct:
+                del self.by_target[direct.target]
+            if not self._link.closing and self._link.tg is not None:
+                self._link.tg.start_soon(self._link.forget_channel, direct.token)
+
+    async def _direct_to(self, target: str) -> DirectChannel:
+        """The current direct channel to `target`'s owner, opened on first use."""
+        while True:
+            direct = self.by_target.get(target)
+            if direct is not None and not direct.stale and not direct.closed:
+                return direct
+            opening = self._opening.get(target)
+            if opening is not None:
+                await opening.wait()
+                continue
+            self._opening[target] = event = anyio.Event()
+            moved: set[int] = set()
+            self._moved_while_opening[target] = moved
+            try:
+                ready, handle = await self._open(target)
+                old = self.by_target.get(target)
+                channel = Channel.attach(handle, self._link.wait)
+                direct = DirectChannel(ready, channel, self._mirror)
+                self.by_target[target] = direct
+                if old is not None:
+                    self.retire(old)
+                if ready.peer_id in moved:
+                    # The name left that owner while the hub handed us the channel (the notice
+                    # and the channel travel on different paths): retire it and ask again.
+                    direct.stale = True
+                    self.retire(direct)
+                    continue
+                return direct
+            finally:
+                del self._opening[target]
+                del self._moved_while_opening[target]
+                event.set()
+
+    async def _open(self, target: str) -> tuple[ChannelReady, ChannelHandle]:
+        result = await self._link.control(ChannelOpen(target))
+        assert isinstance(result, tuple)
+        ready, handle = result
+        return ready, handle
+
+    def name_moved(self, name: str, old: int, new: int) -> None:
+        """`name` moved: new calls go to the new owner; calls in flight finish on the old."""
+        if (moved := self._moved_while_opening.get(name)) is not None:
+            moved.add(old)
+        direct = self.by_target.get(name)
+        if direct is not None and direct.peer.endpoint_id != new:
+            direct.stale = True
+            self.retire(direct)
+
+    def revoke(self, token: int) -> None:
+        """The hub withdrew a channel (the policy changed): no new calls on it."""
+        for direct in list(self.by_target.values()):
+            if direct.token == token:
+                direct.stale = True
+                self.retire(direct)
+
+    def statistics(self) -> dict[str, Any]:
+        return {t: d.channel.statistics() for t, d in self.by_target.items()}
+
+    def close(self) -> None:
+        for direct in self.by_target.values():
+            direct.close()
+        self.by_target.clear()

@@ -1,0 +1,58 @@
+"""`connect()`: find the hub, attach, and hand the caller an `Endpoint` for the block's life.
+
+The hub is found, in order, at the path given, on a connected socket given as `fd`, on the socket
+this process inherited at spawn ($MULTIKERNEL_BUS_FD: processes started inside an instance), or at
+`default_socket_path()` ($MULTIKERNEL_BUS, else a per-user or system path). Attaching happens
+before the endpoint's task group starts, so a missing hub is one clean `HubUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import anyio
+
+from multikernel.endpoints._endpoint import Endpoint
+from multikernel.endpoints.wire import ENV_FD, default_socket_path
+from multikernel.shm import WaitPolicy
+
+
+@asynccontextmanager
+async def connect(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    fd: int | None = None,
+    name: str = "",
+    wait: WaitPolicy | None = None,
+    reconnect: bool = True,
+) -> AsyncIterator[Endpoint]:
+    """Attach to the hub; detach (closing subscriptions and channels) on exit.
+
+    The hub is found at `path`, else on the connected socket `fd` (which the endpoint then owns),
+    else on the socket this process inherited ($MULTIKERNEL_BUS_FD, set for processes started
+    inside an instance), else at `default_socket_path()`. With `reconnect`, a hub restart is
+    survived: the endpoint re-attaches and re-registers (not possible over an inherited socket).
+    """
+    if path is None and fd is None and (env_fd := os.environ.get(ENV_FD)):
+        fd = int(env_fd)
+        os.environ.pop(ENV_FD)  # one owner: children do not inherit a claim to it
+    where = Path(path) if path is not None else (None if fd is not None else default_socket_path())
+    endpoint = Endpoint(name or f"pid{os.getpid()}", where, fd, wait, reconnect)
+    link = endpoint._link
+    sock, session = await link.open_session()  # before the task group: a clean error
+    try:
+        async with anyio.create_task_group() as tg:
+            link.tg = tg
+            await tg.start(link.run_sessions, sock, session)
+            try:
+                yield endpoint
+            finally:
+                link.closing = True
+                for sub in list(endpoint._subs.values()):
+                    await sub.aclose()
+                tg.cancel_scope.cancel()
+    finally:
+        endpoint._clients.close()
