@@ -12,62 +12,62 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import anyio.abc
 
+from multikernel.bus._channels import ChannelBroker
 from multikernel.bus._delivery import (
     denial_message,
     publish_decisions,
     route,
     subscribe_decisions,
 )
-from multikernel.bus._hub_sessions import NAMES_SUBJECT, ChannelRecord, HubSessions
+from multikernel.bus._hub_sessions import NAMES_SUBJECT, Sessions
+from multikernel.bus._monitors import Monitors
+from multikernel.bus._names import NameRegistry
 from multikernel.bus._policy import Policy
-from multikernel.bus._session import Session, SubscriptionRecord
+from multikernel.bus._router import SubjectRouter
+from multikernel.bus._session import Limits, Session, SubscriptionRecord
+from multikernel.bus._snapshot import build_snapshot
 from multikernel.endpoints.log import get_logger
-from multikernel.endpoints.wire import (
-    send_handle,
-    send_with_fds,
-)
+from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import (
+    CONTROL_DECODER,
     AccessDeniedError,
     AttachRequest,
     BusSnapshot,
     BusyError,
-    ChannelInfo,
     ChannelOpen,
-    ChannelReady,
     ChannelRevoke,
     Drain,
-    EndpointInfo,
     Heartbeat,
     Introspect,
     Kind,
-    Mirror,
     MonitorRecord,
     MonitorStart,
     MonitorStop,
+    MultikernelError,
     NameOwnerChanged,
     NameRelease,
     NameReleaseReply,
     NameRequest,
     NameRequestReply,
-    NoRespondersError,
     Ok,
     ProtocolError,
     ServiceInfo,
     Subscribe,
-    SubscriptionInfo,
     Unsubscribe,
+    decode_body,
     decode_header,
     encode,
     error_to_body,
-    subject_matches,
     validate_pattern,
 )
-from multikernel.shm import create_channel_handles
 
 log = get_logger("multikernel.bus")
 
@@ -77,8 +77,64 @@ _SOURCE_OFFSET = 16
 _DESTINATION_OFFSET = 24
 
 
-class Hub(HubSessions):
+class Hub:
     """The bus hub. Run it with `serve()` inside a task group, or `python -m multikernel.bus`."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None = None,
+        *,
+        policy: Policy | None = None,
+        limits: Limits | None = None,
+        instance_of: Callable[[int], int] | None = None,
+    ) -> None:
+        self.policy = policy or Policy.default()
+        self.limits = limits or Limits()
+        self.counters = dict.fromkeys(
+            ("sessions", "published", "delivered", "dropped", "denied", "channels", "errors"), 0
+        )
+        where = Path(path) if path is not None else default_socket_path()
+        self._endpoints = Sessions(
+            self, where, self.limits, instance_of or (lambda pid: 0), self.counters
+        )
+        self._sessions = self._endpoints.by_id
+        self._router: SubjectRouter[tuple[int, int]] = SubjectRouter()
+        self._subs: dict[tuple[int, int], SubscriptionRecord] = {}
+        self._restricted = 0  # subscriptions some publisher may be denied: the slow path
+        self._names = NameRegistry()
+        self._channels = ChannelBroker(
+            self._sessions, self.limits, self.counters, self._fail, self.open_instance_socket
+        )
+        self._monitors = Monitors(self._sessions)
+        self._started = time.monotonic()
+        self._published = self._delivered = 0  # hot counters, merged into `counters` on read
+        self._dirty: list[Session] = []  # sessions with staged publications
+
+    @property
+    def path(self) -> Path:
+        """The control socket endpoints attach on."""
+        return self._endpoints.path
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Listen on the control socket and serve until cancelled (or drained)."""
+        await self._endpoints.serve(task_status=task_status)
+
+    def open_instance_socket(
+        self, instance: int, *, uid: int | None = None, pid: int = 0
+    ) -> socket.socket:
+        """A socket for a process we spawn as part of `instance` (it inherits it at spawn).
+
+        The hub serves the other end as a session bound to `instance` and to `uid` (default: the
+        hub's own, for the host's actors' processes): the identity comes from how the socket was
+        made, not from anything the process says.
+        """
+        return self._endpoints.open_instance_socket(instance, uid=uid, pid=pid)
+
+    async def drain(self, grace: float = 10.0) -> None:
+        """Lame duck: accept no one new, ask every endpoint to drain, wait `grace` s for them."""
+        await self._endpoints.drain(grace)
 
     def reload_policy(self, policy: Policy) -> None:
         """Swap the policy and re-check every subscription, monitor and direct channel."""
@@ -91,21 +147,51 @@ class Hub(HubSessions):
             record.within = policy.may_subscribe(who, record.pattern, within_instance=True)
             record.across = policy.may_subscribe(who, record.pattern)
         self._restricted = sum(not (r.within and r.across) for r in self._subs.values())
-        for sid, monitor in list(self._monitors.items()):
-            if not policy.may_monitor(monitor.identity):
-                del self._monitors[sid]
-                monitor.monitor = None
-        for token, channel in list(self._channels.items()):
-            client, server = self._sessions.get(channel.client), self._sessions.get(channel.server)
-            if client is None or server is None:
-                continue
-            decision = policy.may_connect(client.identity, server.identity, channel.target)
-            if not decision:
-                del self._channels[token]
-                revoke = encode(Kind.CONTROL, ChannelRevoke(token, reason=decision.reason))
-                client.deliver(revoke, droppable=False)
-                server.deliver(revoke, droppable=False)
+        self._monitors.recheck(policy)
+        self._channels.recheck(policy)
         log.info("policy reloaded", policy=repr(policy))
+
+    # -- sessions -----------------------------------------------------------------------------
+
+    def attached(self, session: Session) -> None:
+        self._monitors.attached(session)
+
+    def detached(self, session: Session) -> None:
+        """An endpoint went: its subscriptions, monitor, names and channels go with it."""
+        for sid in list(session.subscriptions):
+            self._unsubscribe(session, sid)
+        self._monitors.stop(session)
+        self._owner_changes(self._names.remove_owner(session.id))  # clients hear of it first
+        self._channels.forget_endpoint(session.id)
+
+    def dispatch(self, session: Session, frame: bytes) -> None:
+        session.frames_in += 1
+        header = decode_header(frame, max_body=self.limits.max_body)  # garbage ends the session
+        try:
+            if header.kind == Kind.PUBLISH:
+                self._publish(session, header.subject, header.correlation, frame)
+            elif header.kind == Kind.CONTROL:
+                self._control(
+                    session, header.correlation, decode_body(header, frame, CONTROL_DECODER)
+                )
+            else:
+                raise ProtocolError(
+                    f"{header.kind.name.lower()} frames travel on direct channels, not through "
+                    "the hub; open one with ChannelOpen"
+                )
+        except MultikernelError as exc:
+            self._fail(session, header.correlation, exc)
+
+    def _reply(self, session: Session, correlation: int, body: object) -> None:
+        session.deliver(encode(Kind.CONTROL, body, correlation=correlation), droppable=False)
+
+    def _fail(self, session: Session, correlation: int, error: MultikernelError) -> None:
+        self.counters["errors"] += 1
+        if isinstance(error, AccessDeniedError):
+            session.denied += 1
+            self.counters["denied"] += 1
+        frame = encode(Kind.ERROR, error_to_body(error), correlation=correlation)
+        session.deliver(frame, droppable=False)
 
     # -- frames from endpoints ----------------------------------------------------------------
 
@@ -142,9 +228,9 @@ class Hub(HubSessions):
                 frame = encode(Kind.ERROR, error_to_body(error), correlation=correlation)
                 session.deliver(frame, droppable=False)
         if self._monitors:
-            self._to_monitors(subject, "hub", session.id, 0, frame)
+            self._monitors.copy(subject, "hub", session.id, 0, frame)
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Send the publications staged while dispatching a batch: one ring publish (and at
         most one doorbell) per subscriber per batch instead of one per message."""
         dirty, self._dirty = self._dirty, []
@@ -161,15 +247,6 @@ class Hub(HubSessions):
             dropped += len(staged) - sent
         self._delivered += delivered
         self.counters["dropped"] += dropped
-
-    def _to_monitors(
-        self, subject: str, path: str, source: int, destination: int, frame: bytes, channel: int = 0
-    ) -> None:
-        record = MonitorRecord(time.monotonic_ns(), path, source, destination, frame, channel)
-        out = encode(Kind.CONTROL, record, subject=subject)
-        for monitor in self._monitors.values():
-            if monitor.monitor is not None and subject_matches(monitor.monitor, subject):
-                monitor.deliver(out)
 
     def _control(self, session: Session, correlation: int, body: object) -> None:
         who = session.identity
@@ -209,14 +286,13 @@ class Hub(HubSessions):
                 self._reply(session, correlation, NameReleaseReply(name, released))
                 self._owner_changes(changes)
             case ChannelOpen(target=target):
-                self._open_channel(session, target, correlation)
+                owner = self._names.owner(target)
+                self._channels.open(self._tg(), self.policy, session, owner, target, correlation)
             case AttachRequest():
-                assert self._tg is not None
-                self._tg.start_soon(self._hand_over_attachment, session, correlation)
+                self._tg().start_soon(self._channels.hand_over_attachment, session, correlation)
             case ChannelRevoke(token=token):
-                channel = self._channels.get(token)
-                if channel is not None and session.id in (channel.client, channel.server):
-                    del self._channels[token]
+                if self._channels.side_of(session, token) is not None:
+                    del self._channels.records[token]
             case ServiceInfo(name=name):
                 if self._names.owner(name) != session.id:
                     raise ProtocolError(f"describe {name!r} after owning it (NameRequest)")
@@ -227,24 +303,18 @@ class Hub(HubSessions):
                 if not decision:
                     raise AccessDeniedError(f"monitor refused: {decision.reason}")
                 validate_pattern(pattern)
-                first = not self._monitors
-                session.monitor = pattern
-                self._monitors[session.id] = session
-                if first:
-                    self._broadcast(Mirror(on=True))
+                self._monitors.start(session, pattern)
                 self._reply(session, correlation, Ok())
             case MonitorStop():
-                session.monitor = None
-                if self._monitors.pop(session.id, None) is not None and not self._monitors:
-                    self._broadcast(Mirror(on=False))
+                self._monitors.stop(session)
                 self._reply(session, correlation, Ok())
             case MonitorRecord(frame=frame, channel=token):
-                channel = self._channels.get(token)
-                if channel is not None and session.id in (channel.client, channel.server):
+                channel = self._channels.side_of(session, token)
+                if channel is not None:
                     # Only a side of that channel may report its frames, and the other side is
                     # what the hub recorded, not what the record says.
                     other = channel.server if session.id == channel.client else channel.client
-                    self._mirrored(session, other, frame, token)
+                    self._monitors.mirrored(session, other, frame, token)
             case Introspect():
                 self._reply(session, correlation, self.snapshot())
             case Heartbeat(seq=seq):
@@ -255,25 +325,12 @@ class Hub(HubSessions):
             case _:
                 raise ProtocolError(f"unexpected {type(body).__name__} from an attached endpoint")
 
-    def _mirrored(self, session: Session, other: int, frame: bytes, token: int) -> None:
-        if self._monitors:
-            try:
-                subject = decode_header(frame).subject
-            except ProtocolError:
-                subject = ""
-            self._to_monitors(subject or "mk.direct", "direct", session.id, other, frame, token)
-
     def _unsubscribe(self, session: Session, sid: int) -> None:
         record = session.subscriptions.pop(sid, None)
         if record is not None:
             self._restricted -= not (record.within and record.across)
             self._subs.pop((session.id, sid), None)
             self._router.unsubscribe((session.id, sid))
-
-    def _broadcast(self, body: object) -> None:
-        frame = encode(Kind.CONTROL, body)
-        for session in self._sessions.values():
-            session.deliver(frame, droppable=False)
 
     def _owner_changes(self, changes: list[NameOwnerChanged]) -> None:
         """Publish each change on mk.bus.names.<name> and tell the clients of direct channels."""
@@ -292,10 +349,10 @@ class Hub(HubSessions):
                     session.services.pop(change.name, None)  # its description goes too
                 notified.add(owner)
                 session.deliver(frame, droppable=False)
-            for record in self._channels.values():
-                if record.target == change.name and record.client not in notified:
-                    notified.add(record.client)
-                    client = self._sessions.get(record.client)
+            for endpoint in self._channels.clients_of(change.name):
+                if endpoint not in notified:
+                    notified.add(endpoint)
+                    client = self._sessions.get(endpoint)
                     if client is not None:
                         client.deliver(frame, droppable=False)
             subject = f"{NAMES_SUBJECT}.{change.name}"
@@ -309,110 +366,20 @@ class Hub(HubSessions):
                 "name owner changed", name=change.name, old=change.old_owner, new=change.new_owner
             )
 
-    # -- direct channels ----------------------------------------------------------------------
-
-    def _open_channel(self, client: Session, target: str, correlation: int) -> None:
-        owner = self._names.owner(target)
-        server = self._sessions.get(owner) if owner is not None else None
-        if server is None:
-            raise NoRespondersError(f"nobody owns {target!r}; the request was not delivered")
-        decision = self.policy.may_connect(client.identity, server.identity, target)
-        if not decision:
-            raise AccessDeniedError(f"calling {target!r} refused: {decision.reason}")
-        assert self._tg is not None
-        self._tg.start_soon(self._hand_over_channel, client, server, target, correlation)
-
-    async def _hand_over_channel(
-        self, client: Session, server: Session, target: str, correlation: int
-    ) -> None:
-        token = next(self._tokens)
-        left, right = create_channel_handles(self.limits.channel_capacity)
-        # Recorded before the hand-over: if the name moves meanwhile, the client is told.
-        self._channels[token] = ChannelRecord(token, target, client.id, server.id)
-        try:
-            for session, peer, role, handle, corr in (
-                (server, client, "server", right, 0),
-                (client, server, "client", left, correlation),
-            ):
-                ready = ChannelReady(
-                    token,
-                    role,
-                    target,
-                    peer.id,
-                    peer.identity.name,
-                    peer.identity.instance,
-                    peer.identity.uid,
-                    peer.identity.pid,
-                )
-                async with session.socket_lock:
-                    await send_handle(
-                        session.sock, encode(Kind.CONTROL, ready, correlation=corr), handle
-                    )
-            self.counters["channels"] += 1
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            self._channels.pop(token, None)
-            if not client.closed:
-                self._fail(
-                    client, correlation, NoRespondersError(f"the owner of {target!r} went away")
-                )
-        finally:
-            left.close()
-            right.close()
-
-    async def _hand_over_attachment(self, session: Session, correlation: int) -> None:
-        """A new socket bound to the requester's own instance, for a process it starts there."""
-        instance = session.identity.instance
-        # Bound to the requester's instance and uid: an attachment never widens who it is.
-        theirs = self.open_instance_socket(instance, uid=session.identity.uid)
-        try:
-            ready = ChannelReady(0, "attach", "", session.id, peer_instance=instance)
-            frame = encode(Kind.CONTROL, ready, correlation=correlation)
-            async with session.socket_lock:
-                await send_with_fds(session.sock, frame, [theirs.fileno()])
-        except (anyio.BrokenResourceError, OSError):
-            pass  # the requester went away; the served end sees EOF and ends
-        finally:
-            theirs.close()
+    def _tg(self) -> anyio.abc.TaskGroup:
+        if self._endpoints.tg is None:
+            raise RuntimeError("the hub is not serving yet")
+        return self._endpoints.tg
 
     # -- introspection ------------------------------------------------------------------------
 
     def snapshot(self) -> BusSnapshot:
-        endpoints = tuple(
-            EndpointInfo(
-                s.id,
-                s.identity.name,
-                s.identity.instance,
-                s.identity.uid,
-                s.identity.pid,
-                tuple(self._names.names_of(s.id)),
-                tuple(r.pattern for r in s.subscriptions.values()),
-                s.frames_in,
-                s.frames_out,
-                s.dropped,
-                s.pending,
-                s.denied,
-                s.draining,
-            )
-            for s in self._sessions.values()
-        )
-        subscriptions = tuple(
-            SubscriptionInfo(
-                r.session.id, r.sid, r.pattern, r.queue_group or "", r.delivered, r.dropped
-            )
-            for r in self._subs.values()
-        )
-        services = tuple(info for s in self._sessions.values() for info in s.services.values())
-        channels = tuple(
-            ChannelInfo(c.token, c.target, c.client, c.server) for c in self._channels.values()
-        )
-        names = {name: tuple(line) for name, line in self._names.snapshot().items()}
-        return BusSnapshot(
-            os.getpid(),
+        """What the hub knows now: endpoints, names, services, subscriptions, channels, counters."""
+        return build_snapshot(
+            self._sessions.values(),
+            self._subs.values(),
+            self._names,
+            self._channels.info(),
+            self.counters,
             time.monotonic() - self._started,
-            endpoints,
-            names,
-            services,
-            subscriptions,
-            channels,
-            dict(self.counters),
         )

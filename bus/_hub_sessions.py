@@ -1,10 +1,10 @@
 """The hub's sessions: listening, attaching endpoints, reading their frames, letting them go.
 
-`HubSessions` holds the hub's state and everything about one endpoint's session from accept to
-detach: the control socket (or a socket made for an instance), the session channel it hands over,
-Hello/Welcome, the read loop that dispatches each batch of frames, and the clean-up when an
-endpoint goes (its subscriptions, names and channels). `Hub` adds what the frames ask for:
-routing, control requests, names and direct channels (bus/_hub.py).
+`Sessions` is everything about one endpoint's session from accept to detach: the control socket
+(or a socket made for an instance), the session channel it hands over, Hello/Welcome, the read
+loop that hands each frame to the hub and flushes after each batch, and telling the hub when an
+endpoint goes. What the frames ask for (routing, control requests, names, direct channels) is
+the hub's (bus/_hub.py), through the `SessionHandler` it implements.
 """
 
 from __future__ import annotations
@@ -16,19 +16,16 @@ import socket
 import struct
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import anyio
 import anyio.abc
 
-from multikernel.bus._names import NameRegistry
-from multikernel.bus._policy import Identity, Policy
-from multikernel.bus._router import SubjectRouter
-from multikernel.bus._session import Limits, Session, SubscriptionRecord
+from multikernel.bus._policy import Identity
+from multikernel.bus._session import Limits, Session
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import (
-    default_socket_path,
     send_handle,
     wait_closed,
 )
@@ -36,15 +33,11 @@ from multikernel.protocol import (
     CONTROL_DECODER,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
-    AccessDeniedError,
     ChannelReady,
     Drain,
     Feature,
     Hello,
     Kind,
-    Mirror,
-    MultikernelError,
-    NameOwnerChanged,
     ProtocolError,
     UnsupportedVersionError,
     Welcome,
@@ -64,52 +57,46 @@ NAMES_SUBJECT = "mk.bus.names"
 _PEERCRED = struct.Struct("3i")
 
 
-@dataclass(frozen=True)
-class ChannelRecord:
-    token: int
-    target: str
-    client: int
-    server: int
-
-
 def _new_ids() -> itertools.count[int]:
     """Endpoint ids are never reused, not even by a restarted hub: they start at the clock (µs)."""
     return itertools.count(time.time_ns() // 1000)
 
 
-class HubSessions:
-    """The hub's state and its endpoints' sessions (see the module docstring)."""
+class SessionHandler(Protocol):
+    """What the hub does with its sessions (the `Hub` implements it)."""
+
+    def attached(self, session: Session) -> None: ...
+
+    def dispatch(self, session: Session, frame: bytes) -> None:
+        """One frame from an endpoint; a ProtocolError cuts the endpoint off."""
+
+    def flush(self) -> None:
+        """After each batch of frames: send what the batch staged for other sessions."""
+
+    def detached(self, session: Session) -> None: ...
+
+
+class Sessions:
+    """The hub's endpoints' sessions, by endpoint id (see the module docstring)."""
 
     def __init__(
         self,
-        path: str | os.PathLike[str] | None = None,
-        *,
-        policy: Policy | None = None,
-        limits: Limits | None = None,
-        instance_of: Callable[[int], int] | None = None,
+        handler: SessionHandler,
+        path: Path,
+        limits: Limits,
+        instance_of: Callable[[int], int],
+        counters: dict[str, int],
     ) -> None:
-        self.path = Path(path) if path is not None else default_socket_path()
-        self.policy = policy or Policy.default()
-        self.limits = limits or Limits()
-        self._instance_of = instance_of or (lambda pid: 0)
-        self._sessions: dict[int, Session] = {}
-        self._router: SubjectRouter[tuple[int, int]] = SubjectRouter()
-        self._subs: dict[tuple[int, int], SubscriptionRecord] = {}
-        self._restricted = 0  # subscriptions some publisher may be denied: the slow path
-        self._names = NameRegistry()
-        self._channels: dict[int, ChannelRecord] = {}
-        self._monitors: dict[int, Session] = {}
+        self._handler = handler
+        self.path = path
+        self.limits = limits
+        self._instance_of = instance_of
+        self.counters = counters
+        self.by_id: dict[int, Session] = {}
         self._ids = _new_ids()
-        self._tokens = itertools.count(1)
-        self._started = time.monotonic()
-        self._tg: anyio.abc.TaskGroup | None = None
+        self.tg: anyio.abc.TaskGroup | None = None
         self._emptied = anyio.Event()
         self._listener: anyio.abc.SocketListener | None = None
-        self._published = self._delivered = 0  # hot counters, merged into `counters` on read
-        self._dirty: list[Session] = []  # sessions with staged publications
-        self.counters = dict.fromkeys(
-            ("sessions", "published", "delivered", "dropped", "denied", "channels", "errors"), 0
-        )
 
     async def serve(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -118,7 +105,7 @@ class HubSessions:
         listener = await self._listen()
         try:
             async with anyio.create_task_group() as tg:
-                self._tg = tg
+                self.tg = tg
                 tg.start_soon(self._accept_until_closed, listener, tg)
                 log.info("hub listening", socket=str(self.path), pid=os.getpid())
                 task_status.started()
@@ -157,7 +144,7 @@ class HubSessions:
         made, not from anything the process says. SO_PEERCRED cannot tell us here, since for a
         socketpair it names its creator, the hub.
         """
-        if self._tg is None:
+        if self.tg is None:
             raise RuntimeError("the hub is not serving yet")
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         credentials = (pid, os.getuid() if uid is None else uid)
@@ -167,7 +154,7 @@ class HubSessions:
                 await self._serve_socket(ours, instance, credentials)
 
         ours.setblocking(False)
-        self._tg.start_soon(serve_it)
+        self.tg.start_soon(serve_it)
         return theirs
 
     async def drain(self, grace: float = 10.0) -> None:
@@ -175,14 +162,14 @@ class HubSessions:
         if self._listener is not None:
             await self._listener.aclose()
         deadline = time.monotonic_ns() + int(grace * 1e9)
-        for session in list(self._sessions.values()):
+        for session in list(self.by_id.values()):
             session.deliver(encode(Kind.CONTROL, Drain(deadline_ns=deadline)), droppable=False)
         with anyio.move_on_after(grace):
-            while self._sessions:
+            while self.by_id:
                 self._emptied = anyio.Event()
                 await self._emptied.wait()
-        if self._tg is not None:
-            self._tg.cancel_scope.cancel()
+        if self.tg is not None:
+            self.tg.cancel_scope.cancel()
 
     async def _accept_any(self, stream: anyio.abc.SocketStream) -> None:
         async with stream:
@@ -237,7 +224,7 @@ class HubSessions:
                 raise error
             identity = Identity(next(self._ids), instance, uid, pid, hello.name)
             session = Session(identity, ours, sock, self.limits)
-            self._sessions[session.id] = session
+            self.by_id[session.id] = session
             self.counters["sessions"] += 1
             welcome = encode(
                 Kind.CONTROL,
@@ -245,8 +232,7 @@ class HubSessions:
                 correlation=header.correlation,
             )
             session.deliver(welcome, droppable=False)
-            if self._monitors:
-                session.deliver(encode(Kind.CONTROL, Mirror(on=True)), droppable=False)
+            self._handler.attached(session)
             log.info(
                 "endpoint attached",
                 endpoint=session.id,
@@ -268,7 +254,7 @@ class HubSessions:
         scope.cancel()
 
     async def _receive_loop(self, session: Session, scope: anyio.CancelScope) -> None:
-        dispatch, flush = self._dispatch, self._flush
+        dispatch, flush = self._handler.dispatch, self._handler.flush
         try:
             while True:
                 for frame in await session.channel.receive_many():
@@ -283,64 +269,8 @@ class HubSessions:
 
     def _end_session(self, session: Session) -> None:
         session.closed = True
-        self._sessions.pop(session.id, None)
-        if not self._sessions:
+        self.by_id.pop(session.id, None)
+        if not self.by_id:
             self._emptied.set()
-        for sid in list(session.subscriptions):
-            self._unsubscribe(session, sid)
-        if self._monitors.pop(session.id, None) is not None and not self._monitors:
-            self._broadcast(Mirror(on=False))
-        self._owner_changes(self._names.remove_owner(session.id))  # clients hear of it first
-        for token, channel in list(self._channels.items()):
-            if session.id in (channel.client, channel.server):
-                del self._channels[token]
+        self._handler.detached(session)
         log.info("endpoint detached", endpoint=session.id, overflowed=session.overflowed)
-
-    def _reply(self, session: Session, correlation: int, body: object) -> None:
-        session.deliver(encode(Kind.CONTROL, body, correlation=correlation), droppable=False)
-
-    def _fail(self, session: Session, correlation: int, error: MultikernelError) -> None:
-        self.counters["errors"] += 1
-        if isinstance(error, AccessDeniedError):
-            session.denied += 1
-            self.counters["denied"] += 1
-        frame = encode(Kind.ERROR, error_to_body(error), correlation=correlation)
-        session.deliver(frame, droppable=False)
-
-    def _dispatch(self, session: Session, frame: bytes) -> None:
-        session.frames_in += 1
-        header = decode_header(frame, max_body=self.limits.max_body)  # garbage ends the session
-        try:
-            if header.kind == Kind.PUBLISH:
-                self._publish(session, header.subject, header.correlation, frame)
-            elif header.kind == Kind.CONTROL:
-                self._control(
-                    session, header.correlation, decode_body(header, frame, CONTROL_DECODER)
-                )
-            else:
-                raise ProtocolError(
-                    f"{header.kind.name.lower()} frames travel on direct channels, not through "
-                    "the hub; open one with ChannelOpen"
-                )
-        except MultikernelError as exc:
-            self._fail(session, header.correlation, exc)
-
-    # -- what the hub does with frames (bus/_hub.py) ------------------------------------------
-
-    def _publish(self, session: Session, subject: str, correlation: int, frame: bytes) -> None:
-        raise NotImplementedError
-
-    def _flush(self) -> None:
-        raise NotImplementedError
-
-    def _control(self, session: Session, correlation: int, body: object) -> None:
-        raise NotImplementedError
-
-    def _unsubscribe(self, session: Session, sid: int) -> None:
-        raise NotImplementedError
-
-    def _broadcast(self, body: object) -> None:
-        raise NotImplementedError
-
-    def _owner_changes(self, changes: list[NameOwnerChanged]) -> None:
-        raise NotImplementedError

@@ -1,4 +1,4 @@
-"""The import direction of DESIGN.md §3 holds, and no package reaches into another's private modules.
+"""The import direction of DESIGN.md §3 holds; no package reaches into another's private modules.
 
 `lint-imports` (import-linter, configured in pyproject.toml) checks the layers; these tests run it,
 show that the same contract fails on a tree that breaks it, and add what import-linter does not

@@ -1,0 +1,168 @@
+"""Direct channels: the hub sets up a ring pair between a caller and a name's owner, then leaves.
+
+`ChannelOpen` from a caller is checked (someone owns the name; the policy lets this caller reach
+that owner), a channel is created in shared memory, and each side gets its handle over its control
+socket with a `ChannelReady` saying who the other side is, as the hub bound it. The record is kept
+before the hand-over, so a name that moves meanwhile is reported to the caller; a policy reload
+re-checks every record and revokes what the new policy refuses. Attachments (`AttachRequest`) are
+the same hand-over for a socket bound to the requester's instance.
+"""
+
+from __future__ import annotations
+
+import itertools
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+import anyio.abc
+
+from multikernel.bus._policy import Policy
+from multikernel.bus._session import Limits, Session
+from multikernel.endpoints.log import get_logger
+from multikernel.endpoints.wire import send_handle, send_with_fds
+from multikernel.protocol import (
+    AccessDeniedError,
+    ChannelInfo,
+    ChannelReady,
+    ChannelRevoke,
+    Kind,
+    MultikernelError,
+    NoRespondersError,
+    encode,
+)
+from multikernel.shm import create_channel_handles
+
+log = get_logger("multikernel.bus")
+
+
+@dataclass(frozen=True)
+class ChannelRecord:
+    token: int
+    target: str
+    client: int
+    server: int
+
+
+class ChannelBroker:
+    """The direct channels the hub has set up, by token."""
+
+    def __init__(
+        self,
+        sessions: dict[int, Session],
+        limits: Limits,
+        counters: dict[str, int],
+        fail: Callable[[Session, int, MultikernelError], None],
+        open_instance_socket: Callable[..., socket.socket],
+    ) -> None:
+        self._sessions = sessions
+        self._limits = limits
+        self._counters = counters
+        self._fail = fail
+        self._open_instance_socket = open_instance_socket
+        self.records: dict[int, ChannelRecord] = {}
+        self._tokens = itertools.count(1)
+
+    def open(
+        self,
+        tg: anyio.abc.TaskGroup,
+        policy: Policy,
+        client: Session,
+        owner: int | None,
+        target: str,
+        correlation: int,
+    ) -> None:
+        """A caller asks for a channel to `target`'s `owner`: check, then hand it over."""
+        server = self._sessions.get(owner) if owner is not None else None
+        if server is None:
+            raise NoRespondersError(f"nobody owns {target!r}; the request was not delivered")
+        decision = policy.may_connect(client.identity, server.identity, target)
+        if not decision:
+            raise AccessDeniedError(f"calling {target!r} refused: {decision.reason}")
+        tg.start_soon(self._hand_over, client, server, target, correlation)
+
+    async def _hand_over(
+        self, client: Session, server: Session, target: str, correlation: int
+    ) -> None:
+        token = next(self._tokens)
+        left, right = create_channel_handles(self._limits.channel_capacity)
+        # Recorded before the hand-over: if the name moves meanwhile, the client is told.
+        self.records[token] = ChannelRecord(token, target, client.id, server.id)
+        try:
+            for session, peer, role, handle, corr in (
+                (server, client, "server", right, 0),
+                (client, server, "client", left, correlation),
+            ):
+                ready = ChannelReady(
+                    token,
+                    role,
+                    target,
+                    peer.id,
+                    peer.identity.name,
+                    peer.identity.instance,
+                    peer.identity.uid,
+                    peer.identity.pid,
+                )
+                async with session.socket_lock:
+                    await send_handle(
+                        session.sock, encode(Kind.CONTROL, ready, correlation=corr), handle
+                    )
+            self._counters["channels"] += 1
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            self.records.pop(token, None)
+            if not client.closed:
+                self._fail(
+                    client, correlation, NoRespondersError(f"the owner of {target!r} went away")
+                )
+        finally:
+            left.close()
+            right.close()
+
+    async def hand_over_attachment(self, session: Session, correlation: int) -> None:
+        """A new socket bound to the requester's own instance, for a process it starts there."""
+        instance = session.identity.instance
+        # Bound to the requester's instance and uid: an attachment never widens who it is.
+        theirs = self._open_instance_socket(instance, uid=session.identity.uid)
+        try:
+            ready = ChannelReady(0, "attach", "", session.id, peer_instance=instance)
+            frame = encode(Kind.CONTROL, ready, correlation=correlation)
+            async with session.socket_lock:
+                await send_with_fds(session.sock, frame, [theirs.fileno()])
+        except (anyio.BrokenResourceError, OSError):
+            pass  # the requester went away; the served end sees EOF and ends
+        finally:
+            theirs.close()
+
+    def side_of(self, session: Session, token: int) -> ChannelRecord | None:
+        """The record of channel `token` if `session` is one of its two sides, else None."""
+        record = self.records.get(token)
+        if record is not None and session.id in (record.client, record.server):
+            return record
+        return None
+
+    def forget_endpoint(self, endpoint: int) -> None:
+        for token, record in list(self.records.items()):
+            if endpoint in (record.client, record.server):
+                del self.records[token]
+
+    def recheck(self, policy: Policy) -> None:
+        """After a policy reload: revoke every channel the new policy refuses, on both sides."""
+        for token, record in list(self.records.items()):
+            client, server = self._sessions.get(record.client), self._sessions.get(record.server)
+            if client is None or server is None:
+                continue
+            decision = policy.may_connect(client.identity, server.identity, record.target)
+            if not decision:
+                del self.records[token]
+                revoke = encode(Kind.CONTROL, ChannelRevoke(token, reason=decision.reason))
+                client.deliver(revoke, droppable=False)
+                server.deliver(revoke, droppable=False)
+
+    def clients_of(self, name: str) -> list[int]:
+        """The endpoints that hold a channel to `name` (they hear when its owner changes)."""
+        return [r.client for r in self.records.values() if r.target == name]
+
+    def info(self) -> tuple[ChannelInfo, ...]:
+        records = self.records.values()
+        return tuple(ChannelInfo(c.token, c.target, c.client, c.server) for c in records)
