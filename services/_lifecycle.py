@@ -431,7 +431,7 @@ class LifecycleActor:
 
 
 def _online_cpus() -> frozenset[int]:
-    from multikernel.services._local import online_cpus
+    from multikernel.services._local_probe import online_cpus
 
     return online_cpus()
 
