@@ -22,7 +22,6 @@ processes, behind their pidfds, are `_local_process`'s.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +30,7 @@ from signal import SIGKILL, pidfd_send_signal
 import anyio
 import anyio.lowlevel
 
+from multikernel.endpoints.log import get_logger
 from multikernel.services._cgroups import InstanceCgroups, kill_all, process_tree
 from multikernel.services._local_probe import check_resources, probe_isolation
 from multikernel.services._local_process import (
@@ -53,7 +53,8 @@ from multikernel.services._platform import (
     Resources,
 )
 
-logger = logging.getLogger("multikernel.services.local")
+# The platform's logger (docs/platform.md), whichever of its modules logs.
+log = get_logger("multikernel.services.local")
 
 
 class LocalPlatform:
@@ -97,7 +98,7 @@ class LocalPlatform:
         if self._capabilities.warnings and not self._warned:
             self._warned = True
             for warning in self._capabilities.warnings:
-                logger.warning("local platform: %s", warning)
+                log.warning("isolation missing", platform=self.name, warning=warning)
         groups = None
         if self._layout.dirs_possible:
             groups = InstanceCgroups.create(self._layout, spec.name, spec.resources)

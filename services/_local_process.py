@@ -13,7 +13,6 @@ in `reap`, which never blocks.
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 from pathlib import Path
@@ -21,11 +20,13 @@ from signal import SIGKILL
 
 import anyio
 
+from multikernel.endpoints.log import get_logger
 from multikernel.services._cgroups import InstanceCgroups
 from multikernel.services._namespaces import keeper_argv
 from multikernel.services._platform import InstanceProcess, LaunchError, LaunchSpec, Platform
 
-logger = logging.getLogger("multikernel.services.local")
+# The platform's logger (docs/platform.md), whichever of its modules logs.
+log = get_logger("multikernel.services.local")
 
 
 class LocalInstance(InstanceProcess):
@@ -59,7 +60,7 @@ class LocalInstance(InstanceProcess):
         try:
             result = os.waitid(os.P_PIDFD, self.keeper_fd, os.WEXITED | os.WNOHANG)
         except ChildProcessError:  # somebody else reaped it: the status is lost
-            logger.warning("instance %s: its exit status was collected elsewhere", self.name)
+            log.warning("exit status collected elsewhere", instance=self.name, pid=self.keeper.pid)
             self.returncode = self.keeper.returncode = -SIGKILL
             return
         if result is None:
