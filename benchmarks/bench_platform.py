@@ -22,7 +22,8 @@ import time
 
 import anyio
 
-from multikernel.services._local import LocalPlatform, online_cpus
+from multikernel.services._local import LocalPlatform
+from multikernel.services._local_probe import online_cpus
 from multikernel.services._platform import LaunchSpec, Resources
 
 AGENT = "import os, time; os.write(1, b'up\\n'); time.sleep(600)"

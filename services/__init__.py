@@ -18,9 +18,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from multikernel.services._host import HostConfig as HostConfig
     from multikernel.services._host import run_host as run_host
-    from multikernel.services._image import ImageError as ImageError
     from multikernel.services._image import LoadedImage as LoadedImage
-    from multikernel.services._image import Manifest as Manifest
     from multikernel.services._image import VerifiedImage as VerifiedImage
     from multikernel.services._image import load_image as load_image
     from multikernel.services._image import pack as pack
@@ -29,6 +27,8 @@ if TYPE_CHECKING:
     from multikernel.services._instances import InstanceError as InstanceError
     from multikernel.services._lifecycle import LifecycleActor as LifecycleActor
     from multikernel.services._local import LocalPlatform as LocalPlatform
+    from multikernel.services._manifest import ImageError as ImageError
+    from multikernel.services._manifest import Manifest as Manifest
     from multikernel.services._platform import Capabilities as Capabilities
     from multikernel.services._platform import InstanceProcess as InstanceProcess
     from multikernel.services._platform import IsolationReport as IsolationReport
@@ -47,7 +47,7 @@ _LAZY = {
     "BadSignatureError": "multikernel.services._signature",
     "Capabilities": "multikernel.services._platform",
     "HostConfig": "multikernel.services._host",
-    "ImageError": "multikernel.services._image",
+    "ImageError": "multikernel.services._manifest",
     "InstanceError": "multikernel.services._instances",
     "InstanceProcess": "multikernel.services._platform",
     "IsolationReport": "multikernel.services._platform",
@@ -55,7 +55,7 @@ _LAZY = {
     "LifecycleActor": "multikernel.services._lifecycle",
     "LoadedImage": "multikernel.services._image",
     "LocalPlatform": "multikernel.services._local",
-    "Manifest": "multikernel.services._image",
+    "Manifest": "multikernel.services._manifest",
     "Platform": "multikernel.services._platform",
     "PlatformError": "multikernel.services._platform",
     "Resources": "multikernel.services._platform",

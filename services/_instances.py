@@ -1,4 +1,9 @@
-"""The lifecycle actor's records: one `Instance` per name, its state machine and its resources."""
+"""The lifecycle actor's records: one `Instance` per name, its state machine and its resources.
+
+`Instance.require` is the transition rule (which states a verb needs, and the command that gets
+the instance there); `StateChanges` makes each move and announces it on `mk.instance.<id>.state`,
+so the request handlers and the `Supervisor` of the agents change state the same way.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,13 @@ from pathlib import Path
 
 import anyio
 
-from multikernel.protocol import InstanceInfo, InstanceState, MultikernelError
+from multikernel.endpoints import Endpoint
+from multikernel.endpoints.log import get_logger
+from multikernel.protocol import InstanceInfo, InstanceState, InstanceStateChanged, MultikernelError
 from multikernel.services._image import LoadedImage
 from multikernel.services._platform import InstanceProcess, Resources
+
+log = get_logger("multikernel.lifecycle")
 
 
 class InstanceError(MultikernelError):
@@ -97,3 +106,20 @@ class Instance:
             isolation=isolation,
             warnings=warnings,
         )
+
+
+class StateChanges:
+    """Moves instances between states, each move logged and published for subscribers."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.ep = endpoint
+
+    async def move(self, inst: Instance, new: str, reason: str) -> None:
+        old, inst.state = inst.state, new
+        await self.announce(inst, old, new, reason)
+
+    async def announce(self, inst: Instance, old: str, new: str, reason: str) -> None:
+        """Log and publish a change (also one that is no state, such as "deleted")."""
+        log.info("instance state", instance=inst.name, id=inst.id, old=old, new=new, reason=reason)
+        change = InstanceStateChanged(inst.name, inst.id, old, new, reason)
+        await self.ep.publish(f"mk.instance.{inst.id}.state", change)

@@ -11,17 +11,17 @@ Stopping is negotiated like the kernel's SHUTDOWN → SHUTDOWN_ACK → HALTED, b
 period, then forced; resources and the unpacked image are given back on every path, including
 when the agent is SIGKILLed (the platform's pidfd says so at once, and the instance returns to
 `loaded`).
+
+This module is the service: its requests, the checks each one makes and the resources it picks.
+Running the agents (launch, hello, watch, negotiated stop) is the `Supervisor`'s (`_supervisor`);
+the state machine, and the announcing of every move, are `_instances`'.
 """
 
 from __future__ import annotations
 
 import itertools
-import json
-import os
 import shutil
 import socket
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -38,11 +38,9 @@ from multikernel.protocol import (
     DeleteInstance,
     InstanceInfo,
     InstanceList,
-    InstanceStateChanged,
     KillInstance,
     LoadImage,
     ShowInstances,
-    Shutdown,
     StartInstance,
     UpdateInstance,
 )
@@ -55,14 +53,10 @@ from multikernel.services._instances import (
     READY,
     Instance,
     InstanceError,
+    StateChanges,
 )
-from multikernel.services._platform import (
-    InstanceProcess,
-    LaunchSpec,
-    Platform,
-    Resources,
-    check_name,
-)
+from multikernel.services._platform import Platform, Resources, check_name
+from multikernel.services._supervisor import Supervisor
 
 log = get_logger("multikernel.lifecycle")
 
@@ -86,7 +80,6 @@ class LifecycleActor:
     ) -> None:
         self.ep = endpoint
         self.platform = platform
-        self._open_socket = open_instance_socket
         self.state_dir = state_dir
         self.trusted = trusted_certs
         self.allow_unsigned = allow_unsigned
@@ -96,6 +89,14 @@ class LifecycleActor:
         self._ids = itertools.count(1)
         self._tg: anyio.abc.TaskGroup | None = None
         self.timings: dict[str, list[float]] = {"hello": [], "reclaim": []}
+        self._states = StateChanges(endpoint)
+        self._supervisor = Supervisor(
+            endpoint,
+            platform,
+            self._states,
+            open_instance_socket=open_instance_socket,
+            timings=self.timings,
+        )
 
     # -- running ------------------------------------------------------------------------------
 
@@ -148,14 +149,8 @@ class LifecycleActor:
     async def _stop_all(self) -> None:
         """On the way out (the watchers are gone): kill, wait and reclaim each instance here."""
         for inst in list(self.instances.values()):
-            proc, inst.proc = inst.proc, None
             try:
-                if proc is not None:
-                    inst.stopping = True
-                    await self.platform.kill(proc)
-                    with anyio.move_on_after(30):
-                        await self.platform.wait(proc)
-                    await self.platform.reclaim(proc)
+                await self._supervisor.stop_now(inst)
             except Exception as exc:  # one instance's trouble must not strand the others
                 log.exception("could not stop instance", instance=inst.name, error=str(exc))
             finally:
@@ -171,11 +166,11 @@ class LifecycleActor:
             )
         inst = Instance(name, next(self._ids))
         self.instances[name] = inst
-        await self._set(inst, EMPTY, "created")
+        await self._states.move(inst, EMPTY, "created")
         resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
         if resources is not None:
             inst.resources = resources
-            await self._set(inst, READY, "resources reserved")
+            await self._states.move(inst, READY, "resources reserved")
         return self._info(inst)
 
     async def update(self, request: UpdateInstance) -> InstanceInfo:
@@ -188,7 +183,7 @@ class LifecycleActor:
                 await self.platform.update(inst.proc, resources)  # live: cpuset, memory limit
             inst.resources = resources
             if inst.state == EMPTY:
-                await self._set(inst, READY, "resources reserved")
+                await self._states.move(inst, READY, "resources reserved")
             return self._info(inst)
 
     async def load(self, request: LoadImage) -> InstanceInfo:
@@ -218,29 +213,31 @@ class LifecycleActor:
                     f"{len(inst.resources.cpus)} and {inst.resources.memory}: "
                     f"mkctl update {inst.name} --cpus N --memory SIZE"
                 )
-            await self._set(inst, LOADED, f"image {manifest.name} {manifest.version} verified")
+            await self._states.move(
+                inst, LOADED, f"image {manifest.name} {manifest.version} verified"
+            )
             return self._info(inst)
 
     async def start(self, request: StartInstance) -> InstanceInfo:
         inst = self._get(request.name)
         async with inst.lock:
             inst.require(LOADED, verb="start")
-            await self._launch(inst, request.command)
+            assert self._tg is not None
+            await self._supervisor.start(
+                inst, request.command, watchers=self._tg, hello_timeout=self.hello_timeout
+            )
             return self._info(inst)
 
     async def kill(self, request: KillInstance) -> InstanceInfo:
         inst = self._get(request.name)
         async with inst.lock:
             if inst.state == FAILED and inst.proc is None:
-                await self._set(inst, LOADED if inst.image else READY, "reset after failure")
+                await self._states.move(
+                    inst, LOADED if inst.image else READY, "reset after failure"
+                )
                 return self._info(inst)
             inst.require(ACTIVE, FAILED, verb="kill")
-            inst.stopping = True
-            if not request.force:
-                await self._negotiate(inst, request.grace)
-            if inst.proc is not None and inst.proc.returncode is None:
-                await self._force_stop(inst)
-            await inst.exited.wait()
+            await self._supervisor.stop(inst, None if request.force else request.grace)
             return self._info(inst)
 
     async def delete(self, request: DeleteInstance) -> InstanceInfo:
@@ -254,7 +251,7 @@ class LifecycleActor:
             self._drop_image(inst)
             shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
             del self.instances[inst.name]
-            await self._publish(inst, inst.state, "deleted", "deleted")
+            await self._states.announce(inst, inst.state, "deleted", "deleted")
             return info
 
     async def show(self, request: ShowInstances) -> InstanceList:
@@ -318,125 +315,13 @@ class LifecycleActor:
         )  # fmt: skip
         return frozenset(sorted(online, key=lambda cpu: (use[cpu], cpu))[:count])
 
-    async def _set(self, inst: Instance, new: str, reason: str) -> None:
-        old, inst.state = inst.state, new
-        await self._publish(inst, old, new, reason)
-
-    async def _publish(self, inst: Instance, old: str, new: str, reason: str) -> None:
-        log.info("instance state", instance=inst.name, id=inst.id, old=old, new=new, reason=reason)
-        change = InstanceStateChanged(inst.name, inst.id, old, new, reason)
-        await self.ep.publish(f"mk.instance.{inst.id}.state", change)
-
     def _drop_image(self, inst: Instance) -> None:
         if inst.image_dir is not None:
             shutil.rmtree(inst.image_dir, ignore_errors=True)
         inst.image = inst.image_dir = None
 
-    # -- running instances --------------------------------------------------------------------
-
-    async def _launch(self, inst: Instance, command: tuple[str, ...]) -> None:
-        assert inst.image is not None
-        assert inst.resources is not None
-        assert inst.image_dir is not None
-        manifest = inst.image.manifest
-        entry = list(command or manifest.entry)
-        entry = [
-            arg.replace("{python}", sys.executable).replace("{image}", str(inst.image_dir))
-            for arg in entry
-        ]
-        sock = self._open_socket(inst.id)
-        env = {
-            "MULTIKERNEL_BUS_FD": str(sock.fileno()),
-            "MULTIKERNEL_INSTANCE": str(inst.id),
-            "MULTIKERNEL_INSTANCE_NAME": inst.name,
-            "MULTIKERNEL_WORKLOAD": json.dumps(entry),
-            "MULTIKERNEL_WORKLOAD_ENV": json.dumps(
-                {**manifest.env, "MULTIKERNEL_PARAMETERS": json.dumps(manifest.parameters)}
-            ),
-            "MULTIKERNEL_IMAGE_DIR": str(inst.image_dir),
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-        }
-        if level := os.environ.get("MULTIKERNEL_LOG_LEVEL"):
-            env["MULTIKERNEL_LOG_LEVEL"] = level
-        spec = LaunchSpec(
-            inst.name, inst.id, [sys.executable, "-m", "multikernel.services.agent"], env,
-            (sock.fileno(),), inst.resources, cwd=str(inst.image_dir),
-        )  # fmt: skip
-        inst.hello, inst.exited, inst.stopping, inst.agent = anyio.Event(), anyio.Event(), False, 0
-        t0 = time.monotonic()
-        try:
-            proc = await self.platform.launch(spec)
-        finally:
-            sock.close()  # the agent holds its end now
-        inst.proc = proc
-        inst.started_ns = time.monotonic_ns()
-        assert self._tg is not None
-        self._tg.start_soon(self._watch, inst, proc, inst.exited)
-        try:
-            with anyio.move_on_after(self.hello_timeout):
-                await inst.hello.wait()
-        except BaseException:  # the caller gave up: leave no agent running behind `loaded`
-            with anyio.CancelScope(shield=True):
-                inst.stopping = True
-                await self._set(inst, FAILED, "start abandoned by its caller")
-                await self._force_stop(inst)
-            raise
-        if not inst.hello.is_set():
-            inst.stopping = True
-            await self._set(
-                inst, FAILED, f"no hello from the agent within {self.hello_timeout:.0f} s"
-            )
-            await self._force_stop(inst)
-            raise InstanceError(
-                f"{inst.name!r} did not come up: its agent never said hello; see the host log"
-            )
-        self.timings["hello"].append(time.monotonic() - t0)
-        await self._set(inst, ACTIVE, f"agent up (pid {inst.proc.pid})")
-
-    async def _watch(self, inst: Instance, proc: InstanceProcess, exited: anyio.Event) -> None:
-        """Wait for this launch to end (pidfd), reclaim it, and move the instance to `loaded`."""
-        status = await self.platform.wait(proc)
-        t0 = time.monotonic()
-        await self.platform.reclaim(proc)
-        self.timings["reclaim"].append(time.monotonic() - t0)
-        exited.set()
-        if inst.proc is not proc:
-            return  # a later launch owns the instance now (or the host is stopping it)
-        inst.proc = None
-        inst.agent = 0
-        inst.last_exit = _describe_exit(status)
-        if not inst.stopping:
-            inst.restarts += 1
-        if inst.state != FAILED:
-            reason = "halted" if inst.stopping else f"crashed ({inst.last_exit})"
-            await self._set(inst, LOADED, f"{reason}; resources reclaimed")
-
-    async def _negotiate(self, inst: Instance, grace: float) -> None:
-        """SHUTDOWN → SHUTDOWN_ACK → exit, within `grace` seconds; on timeout the caller forces."""
-        with anyio.move_on_after(grace):
-            try:
-                await self.ep.request(f"instance.{inst.id}.agent", "shutdown", Shutdown(inst.id))
-            except Exception as exc:  # the agent is wedged or gone: force it
-                log.warning("negotiated shutdown failed", instance=inst.name, error=str(exc))
-                return
-            await inst.exited.wait()
-
-    async def _force_stop(self, inst: Instance) -> None:
-        """Kill the current launch and wait for its watcher to reclaim it."""
-        if inst.proc is not None:
-            exited = inst.exited
-            await self.platform.kill(inst.proc)
-            with anyio.fail_after(30):
-                await exited.wait()
-
 
 def _online_cpus() -> frozenset[int]:
-    from multikernel.services._local import online_cpus
+    from multikernel.services._local_probe import online_cpus
 
     return online_cpus()
-
-
-def _describe_exit(status: int) -> str:
-    if status < 0:
-        return f"killed by signal {-status}"
-    return f"exit status {status}"

@@ -7,7 +7,9 @@ what ``sign-file`` asks OpenSSL for: no certificates, no signed attributes, no S
 capabilities, the signer named by issuer and serial number, RSA labelled ``rsaEncryption``
 (the only RSA label the kernel's PKCS#7 parser takes). ``verify`` accepts what the kernel
 accepts, and trusts a signer only when its certificate is one of the trusted certificates
-(``sign-file`` embeds no certificates, so there is no chain to walk, as in the kernel).
+(``sign-file`` embeds no certificates, so there is no chain to walk, as in the kernel). The DER
+itself is made and read by the small codec in ``_der``; its errors become
+``MalformedSignatureError`` in ``verify_detached``, the one place the message is read.
 """
 
 from __future__ import annotations
@@ -25,103 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import NameOID
 
+import multikernel.services._der as der
 from multikernel.protocol import MultikernelError
-
-# --- a minimal DER codec: just what the SignedData above needs -----------------------------------
-
-
-def _tlv(tag: int, content: bytes) -> bytes:
-    size = len(content)
-    if size < 0x80:
-        return bytes((tag, size)) + content
-    raw = size.to_bytes((size.bit_length() + 7) // 8, "big")
-    return bytes((tag, 0x80 | len(raw))) + raw + content
-
-
-def _seq(*items: bytes) -> bytes:
-    return _tlv(0x30, b"".join(items))
-
-
-def _set(*items: bytes) -> bytes:
-    return _tlv(0x31, b"".join(sorted(items)))  # DER orders SET OF by encoding
-
-
-def _int(value: int) -> bytes:
-    return _tlv(0x02, value.to_bytes(value.bit_length() // 8 + 1, "big", signed=True))
-
-
-def _octets(value: bytes) -> bytes:
-    return _tlv(0x04, value)
-
-
-def _oid(dotted: str) -> bytes:
-    first, second, *arcs = (int(arc) for arc in dotted.split("."))
-    body = bytearray([40 * first + second])
-    for arc in arcs:
-        chunk = [arc & 0x7F]
-        while arc := arc >> 7:
-            chunk.append(0x80 | (arc & 0x7F))
-        body += bytes(reversed(chunk))
-    return _tlv(0x06, bytes(body))
-
-
-_NULL: Final = b"\x05\x00"
-
-
-def _malformed(what: str) -> MalformedSignatureError:
-    return MalformedSignatureError(f"the PKCS#7 signature is malformed: {what}")
-
-
-def _bounds(buf: bytes, pos: int) -> tuple[int, int]:
-    """(content start, content end) of the element at ``pos``: definite lengths only (DER)."""
-    if pos + 2 > len(buf):
-        raise _malformed("truncated element")
-    if buf[pos] & 0x1F == 0x1F:
-        raise _malformed("multi-byte tag")
-    start, size = pos + 2, buf[pos + 1]
-    if size == 0x80:
-        raise _malformed("indefinite length (BER, not DER)")
-    if size > 0x80:
-        count, size = size & 0x7F, 0
-        if count > 4 or start + count > len(buf):
-            raise _malformed("bad length")
-        size, start = int.from_bytes(buf[start : start + count], "big"), start + count
-    if start + size > len(buf):
-        raise _malformed("truncated element")
-    return start, start + size
-
-
-def _elements(buf: bytes) -> list[bytes]:
-    """Split a concatenation of elements into each whole element (tag, length and content)."""
-    items, pos = [], 0
-    while pos < len(buf):
-        end = _bounds(buf, pos)[1]
-        items.append(buf[pos:end])
-        pos = end
-    return items
-
-
-def _content(element: bytes) -> bytes:
-    start, end = _bounds(element, 0)
-    if end != len(element):
-        raise _malformed("trailing bytes after an element")
-    return element[start:end]
-
-
-def _one(buf: bytes, tag: int) -> bytes:
-    """The content of ``buf``, which must be exactly one element tagged ``tag``."""
-    if not buf or buf[0] != tag:
-        raise _malformed(f"expected tag {tag:#04x}")
-    return _content(buf)
-
-
-def _algorithm(element: bytes) -> bytes:
-    """The OID (as an element) of an AlgorithmIdentifier with absent or NULL parameters."""
-    parts = _elements(_one(element, 0x30))
-    if not parts or parts[0][0] != 0x06 or parts[1:] not in ([], [_NULL]):
-        raise _malformed("bad algorithm identifier")
-    return parts[0]
-
 
 MAGIC: Final = b"~Module signature appended~\n"
 PKEY_ID_PKCS7: Final = 2
@@ -134,19 +41,19 @@ _HASHES: Final[dict[str, type[hashes.HashAlgorithm]]] = {
     "sha512": hashes.SHA512,
 }
 _DIGEST_OIDS: Final = {
-    "sha256": _oid("2.16.840.1.101.3.4.2.1"),
-    "sha384": _oid("2.16.840.1.101.3.4.2.2"),
-    "sha512": _oid("2.16.840.1.101.3.4.2.3"),
+    "sha256": der.oid("2.16.840.1.101.3.4.2.1"),
+    "sha384": der.oid("2.16.840.1.101.3.4.2.2"),
+    "sha512": der.oid("2.16.840.1.101.3.4.2.3"),
 }
 _ECDSA_OIDS: Final = {
-    "sha256": _oid("1.2.840.10045.4.3.2"),
-    "sha384": _oid("1.2.840.10045.4.3.3"),
-    "sha512": _oid("1.2.840.10045.4.3.4"),
+    "sha256": der.oid("1.2.840.10045.4.3.2"),
+    "sha384": der.oid("1.2.840.10045.4.3.3"),
+    "sha512": der.oid("1.2.840.10045.4.3.4"),
 }
-_RSA_OID: Final = _oid("1.2.840.113549.1.1.1")
-_DATA_OID: Final = _oid("1.2.840.113549.1.7.1")
-_SIGNED_DATA_OID: Final = _oid("1.2.840.113549.1.7.2")
-_MESSAGE_DIGEST_OID: Final = _oid("1.2.840.113549.1.9.4")
+_RSA_OID: Final = der.oid("1.2.840.113549.1.1.1")
+_DATA_OID: Final = der.oid("1.2.840.113549.1.7.1")
+_SIGNED_DATA_OID: Final = der.oid("1.2.840.113549.1.7.2")
+_MESSAGE_DIGEST_OID: Final = der.oid("1.2.840.113549.1.9.4")
 
 
 class SignatureError(MultikernelError):
@@ -245,15 +152,17 @@ def sign(data: bytes, key_pem: bytes, cert_pem: bytes, *, hash: str = "sha256") 
     digest = _digest(algorithm, data)
     if isinstance(key, rsa.RSAPrivateKey):
         value = key.sign(digest, padding.PKCS1v15(), utils.Prehashed(algorithm))
-        sig_algo = _seq(_RSA_OID, _NULL)
+        sig_algo = der.seq(_RSA_OID, der.NULL)
     else:
         value = key.sign(digest, ec.ECDSA(utils.Prehashed(algorithm)))
-        sig_algo = _seq(_ECDSA_OIDS[hash])
-    digest_algo = _seq(_DIGEST_OIDS[hash])
-    issuer_serial = _seq(cert.issuer.public_bytes(), _int(cert.serial_number))
-    signer = _seq(_int(1), issuer_serial, digest_algo, sig_algo, _octets(value))
-    signed_data = _seq(_int(1), _set(digest_algo), _seq(_DATA_OID), _set(signer))
-    pkcs7 = _seq(_SIGNED_DATA_OID, _tlv(0xA0, signed_data))
+        sig_algo = der.seq(_ECDSA_OIDS[hash])
+    digest_algo = der.seq(_DIGEST_OIDS[hash])
+    issuer_serial = der.seq(cert.issuer.public_bytes(), der.integer(cert.serial_number))
+    signer = der.seq(der.integer(1), issuer_serial, digest_algo, sig_algo, der.octets(value))
+    signed_data = der.seq(
+        der.integer(1), der.set_of(digest_algo), der.seq(_DATA_OID), der.set_of(signer)
+    )
+    pkcs7 = der.seq(_SIGNED_DATA_OID, der.tlv(0xA0, signed_data))
     return data + pkcs7 + TRAILER.pack(0, 0, PKEY_ID_PKCS7, 0, 0, len(pkcs7)) + MAGIC
 
 
@@ -270,12 +179,16 @@ def verify(signed: bytes, trusted_certs: Iterable[bytes]) -> SignerInfo:
 def verify_detached(data: bytes, pkcs7: bytes, trusted_certs: Iterable[bytes]) -> SignerInfo:
     """Check a detached PKCS#7 ``SignedData`` (DER) over ``data``; see ``verify``."""
     certs = load_certificates(trusted_certs)
-    hash_name, sid, attrs, sig_algo, value = _parse_signed_data(pkcs7)
-    cert = _find_signer(certs, sid)
+    try:  # every read of the message is here, so the codec's errors become ours once
+        hash_name, sid, attrs, sig_algo, value = _parse_signed_data(pkcs7)
+        cert = _find_signer(certs, sid)
+        claimed = None if attrs is None else _message_digest(attrs)
+    except der.DerError as exc:
+        raise _malformed(str(exc)) from None
     algorithm = _HASHES[hash_name]()
     digest = _digest(algorithm, data)
     if attrs is not None:
-        if _message_digest(attrs) != digest:
+        if claimed != digest:
             raise BadSignatureError("the image does not match its signature (digest differs)")
         signed_bytes = b"\x31" + attrs[1:]  # signed attributes are signed as an explicit SET OF
         digest = _digest(algorithm, signed_bytes)
@@ -390,38 +303,42 @@ def _digest(algorithm: hashes.HashAlgorithm, data: bytes) -> bytes:
     return hashlib.new(algorithm.name, data).digest()
 
 
+def _malformed(what: str) -> MalformedSignatureError:
+    return MalformedSignatureError(f"the PKCS#7 signature is malformed: {what}")
+
+
 def _parse_signed_data(blob: bytes) -> tuple[str, bytes, bytes | None, bytes, bytes]:
     """(hash name, signer id TLV, signed attributes TLV or None, signature OID TLV, signature)."""
-    outer = _elements(_one(blob, 0x30))
+    outer = der.elements(der.one(blob, 0x30))
     if len(outer) != 2 or outer[0] != _SIGNED_DATA_OID or outer[1][0] != 0xA0:
         raise _malformed("not a PKCS#7 signedData message")
-    fields = _elements(_one(_content(outer[1]), 0x30))
+    fields = der.elements(der.one(der.content(outer[1]), 0x30))
     tags = [item[0] for item in fields]
     if len(tags) < 4 or tags[:3] != [0x02, 0x31, 0x30] or tags[-1] != 0x31:
         raise _malformed("signedData does not have the expected fields")
     if not set(tags[3:-1]) <= {0xA0, 0xA1}:
         raise _malformed("signedData has unexpected fields")
-    if _elements(_content(fields[2])) != [_DATA_OID]:
+    if der.elements(der.content(fields[2])) != [_DATA_OID]:
         raise _malformed("the signature is not detached over plain data (sign-file's form)")
-    signers = _elements(_content(fields[-1]))
+    signers = der.elements(der.content(fields[-1]))
     if len(signers) != 1:
         raise _malformed(f"expected exactly one signer, found {len(signers)}")
-    items = _elements(_one(signers[0], 0x30))
+    items = der.elements(der.one(signers[0], 0x30))
     if len(items) < 5 or items[0][0] != 0x02 or items[2][0] != 0x30:
         raise _malformed("signerInfo does not have the expected fields")
     sid, digest_algo, rest = items[1], items[2], items[3:]
     attrs = rest.pop(0) if rest[0][0] == 0xA0 else None
     if len(rest) not in (2, 3) or [item[0] for item in rest] != [0x30, 0x04, 0xA1][: len(rest)]:
         raise _malformed("signerInfo does not have the expected fields")
-    names = [name for name, oid in _DIGEST_OIDS.items() if oid == _algorithm(digest_algo)]
+    names = [name for name, oid in _DIGEST_OIDS.items() if oid == der.algorithm(digest_algo)]
     if not names:
         raise _malformed("the digest algorithm is not sha256, sha384 or sha512")
-    return names[0], sid, attrs, _algorithm(rest[0]), _content(rest[1])
+    return names[0], sid, attrs, der.algorithm(rest[0]), der.content(rest[1])
 
 
 def _find_signer(certs: list[x509.Certificate], sid: bytes) -> x509.Certificate:
     if sid[0] == 0x80:  # [0] subjectKeyIdentifier, as sign-file -k writes
-        key_id = _content(sid)
+        key_id = der.content(sid)
         for cert in certs:
             try:
                 ext = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
@@ -431,10 +348,10 @@ def _find_signer(certs: list[x509.Certificate], sid: bytes) -> x509.Certificate:
                 return cert
         wanted = f"key id {key_id.hex()}"
     elif sid[0] == 0x30:  # issuerAndSerialNumber, sign-file's default
-        parts = _elements(_content(sid))
+        parts = der.elements(der.content(sid))
         if len(parts) != 2 or parts[0][0] != 0x30 or parts[1][0] != 0x02:
             raise _malformed("the signer's issuer and serial number are malformed")
-        serial = int.from_bytes(_content(parts[1]), "big", signed=True)
+        serial = int.from_bytes(der.content(parts[1]), "big", signed=True)
         for cert in certs:
             if cert.serial_number == serial and cert.issuer.public_bytes() == parts[0]:
                 return cert
@@ -448,8 +365,8 @@ def _find_signer(certs: list[x509.Certificate], sid: bytes) -> x509.Certificate:
 
 
 def _message_digest(attrs: bytes) -> bytes:
-    for attr in _elements(_content(attrs)):
-        parts = _elements(_one(attr, 0x30))
+    for attr in der.elements(der.content(attrs)):
+        parts = der.elements(der.one(attr, 0x30))
         if len(parts) == 2 and parts[0] == _MESSAGE_DIGEST_OID and parts[1][0] == 0x31:
-            return _one(_content(parts[1]), 0x04)
+            return der.one(der.content(parts[1]), 0x04)
     raise _malformed("signed attributes carry no messageDigest")

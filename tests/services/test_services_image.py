@@ -12,17 +12,8 @@ from pathlib import Path
 import pytest
 
 from multikernel.services import _image
-from multikernel.services._image import (
-    SIGNATURE_NAME,
-    ImageError,
-    Manifest,
-    load_image,
-    pack,
-    parse_manifest,
-    parse_size,
-    sign_image,
-    verify_image,
-)
+from multikernel.services._image import SIGNATURE_NAME, load_image, pack, sign_image, verify_image
+from multikernel.services._manifest import ImageError, Manifest, parse_manifest, parse_size
 from multikernel.services._signature import (
     MAGIC,
     BadSignatureError,

@@ -34,7 +34,8 @@ from multikernel.protocol import (
 from multikernel.services._host import host_rule
 from multikernel.services._image import sign_image
 from multikernel.services._lifecycle import LifecycleActor
-from multikernel.services._local import LocalPlatform, online_cpus
+from multikernel.services._local import LocalPlatform
+from multikernel.services._local_probe import online_cpus
 from multikernel.services._signature import make_signing_key
 
 pytestmark = pytest.mark.anyio

@@ -24,7 +24,9 @@ from typing import Any
 import anyio
 import pytest
 
-from multikernel.services._local import MIN_MEMORY, LocalInstance, LocalPlatform, online_cpus
+from multikernel.services._local import LocalPlatform
+from multikernel.services._local_probe import MIN_MEMORY, online_cpus
+from multikernel.services._local_process import LocalInstance
 from multikernel.services._platform import (
     InvalidSpecError,
     LaunchError,
@@ -450,9 +452,9 @@ async def test_isolate_false_launches_with_affinity_only_and_warns(
 async def test_without_root_capabilities_say_what_is_missing(
     monkeypatch: pytest.MonkeyPatch, output: Output
 ) -> None:
-    import multikernel.services._local as local
+    import multikernel.services._local_probe as probe
 
-    monkeypatch.setattr(local, "_has_cap_sys_admin", lambda: False)
+    monkeypatch.setattr(probe, "_has_cap_sys_admin", lambda: False)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     platform = LocalPlatform()
     monkeypatch.undo()
