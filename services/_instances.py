@@ -13,7 +13,7 @@ from pathlib import Path
 
 import anyio
 
-from multikernel.endpoints import Endpoint
+from multikernel.endpoints import Bus
 from multikernel.endpoints.log import get_logger
 from multikernel.protocol import InstanceInfo, InstanceState, InstanceStateChanged, MultikernelError
 from multikernel.services._image import LoadedImage
@@ -111,7 +111,7 @@ class Instance:
 class StateChanges:
     """Moves instances between states, each move logged and published for subscribers."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
+    def __init__(self, endpoint: Bus) -> None:
         self.ep = endpoint
 
     async def move(self, inst: Instance, new: str, reason: str) -> None:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 import anyio
 import anyio.abc
 
-from multikernel.endpoints import Endpoint
+from multikernel.endpoints import Bus
 from multikernel.endpoints.log import get_logger
 from multikernel.protocol import Shutdown
 from multikernel.services._instances import (
@@ -48,7 +48,7 @@ class Supervisor:
 
     def __init__(
         self,
-        endpoint: Endpoint,
+        endpoint: Bus,
         platform: Platform,
         states: StateChanges,
         *,
