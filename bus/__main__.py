@@ -17,6 +17,7 @@ from multikernel.bus._hub import Hub
 from multikernel.bus._policy import Policy
 from multikernel.bus._rules import PolicyError
 from multikernel.bus._session import Limits
+from multikernel.endpoints import runtime
 from multikernel.endpoints.log import configure, get_logger
 from multikernel.endpoints.wire import default_socket_path
 
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     configure()
     try:
-        anyio.run(run, args, backend="asyncio", backend_options={"use_uvloop": True})
+        runtime.run(run, args)
     except (PolicyError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import anyio
 
-from multikernel.endpoints import Bus, connect
+from multikernel.endpoints import Bus, connect, runtime
 from multikernel.protocol import (
     CreateInstance,
     DeleteInstance,
@@ -228,7 +228,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="multikernel-demo-"))
     started = time.monotonic()
     try:
-        anyio.run(demo, root, backend="asyncio", backend_options={"use_uvloop": True})
+        runtime.run(demo, root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     left = _leftovers()

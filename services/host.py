@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 
+from multikernel.endpoints import runtime
 from multikernel.endpoints.log import configure
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import MultikernelError
@@ -70,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     configure()
     try:
         config = config_from(args)
-        anyio.run(_serve, config, args.ready_fd, backend="asyncio",
-                  backend_options={"use_uvloop": True})  # fmt: skip
+        runtime.run(_serve, config, args.ready_fd)
     except (MultikernelError, OSError, RuntimeError) as exc:
         print(f"host: {exc}", file=sys.stderr)
         return 1
