@@ -55,6 +55,7 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     configure()
+    runtime.raise_fd_limit()
     try:
         runtime.run(run, args)
     except (PolicyError, RuntimeError) as exc:

@@ -173,6 +173,9 @@ class HubLink:
     async def _attach(self, sock: socket.socket) -> Channel:
         frame, fds = await receive_handle(sock)
         header = decode_header(frame)
+        if header.kind == Kind.ERROR:  # refused before a session (e.g. the hub is out of fds)
+            close_fds(fds)
+            raise_for_error(decode_body(header, frame, ERROR_DECODER))
         ready = decode_body(header, frame, CONTROL_DECODER)
         if not isinstance(ready, ChannelReady) or ready.role != "session" or len(fds) != 6:
             close_fds(fds)

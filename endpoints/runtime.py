@@ -10,6 +10,7 @@ endpoints keeps its own event loop, asyncio, uvloop or trio (all go through anyi
 from __future__ import annotations
 
 import importlib.util
+import resource
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, TypeVarTuple, Unpack
 
@@ -29,3 +30,16 @@ def run(main: Callable[[Unpack[Ts]], Awaitable[T]], *args: *Ts) -> T:
     return anyio.run(
         main, *args, backend="asyncio", backend_options={"use_uvloop": uvloop_available()}
     )
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; returns the limit.
+
+    For processes that hold file descriptors for others (the hub holds several per attached
+    endpoint, as systemd raises it for its services): the default soft limit of 1,024 would cap a
+    hub at ~100 endpoints. Entry points call it; libraries never change process limits.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard

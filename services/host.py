@@ -69,6 +69,7 @@ async def _serve(config: HostConfig, ready_fd: int | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure()
+    runtime.raise_fd_limit()
     try:
         config = config_from(args)
         runtime.run(_serve, config, args.ready_fd)
