@@ -331,3 +331,29 @@ async def test_running_out_of_fds_refuses_newcomers_and_keeps_serving(tmp_path: 
         assert hub.returncode == 0, log.decode()
         assert b"Too many open files" in log, log  # logged at WARNING: refused at attach
     assert not path.exists()
+
+
+@pytest.mark.parametrize("policy", ["drop", "disconnect"])
+async def test_a_subscriber_that_stops_reading_costs_the_hub_a_bounded_queue(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, policy: str
+) -> None:
+    caplog.set_level("WARNING", logger="multikernel.bus")
+    async with (
+        running_hub(tmp_path, max_pending=16, slow_consumer=policy) as hub,
+        honest_pair(hub) as client,
+    ):
+        with hostile("stall", hub.path, "flood") as attacker:
+            victim = (await attacker.expect("ready"))["endpoint"]
+            (record,) = hub._sessions[victim].subscriptions.values()
+            for _ in range(60):
+                await client.publish("flood", b"x" * (60 * KB))  # ~16 fill its 1 MiB ring
+            await client.introspect()  # answered in order: every publication was routed
+            if policy == "drop":
+                assert hub._sessions[victim].pending == 16
+                assert record.dropped > 0
+                assert record.delivered + record.dropped == 60
+            else:
+                await wait_until(lambda: victim not in hub._sessions)
+                (cut,) = cut_offs(caplog)
+                assert cut["reason"] == "slow consumer: 16 frames waiting"
+            await still_served(client)
