@@ -42,7 +42,7 @@ class Limits:
     hello_timeout: float = 5.0
     max_names: int = 256
     max_subscriptions: int = 4096
-    max_queued_bytes: int = 64 << 20
+    max_queued_bytes: int = 16 << 20
     max_sessions: int = 4096
     max_channels: int = 1024
     max_channels_to_one_name: int = 8
@@ -138,13 +138,14 @@ class Session:
             self.cut_off(f"its session channel failed: {exc!r}")
             return False
         frame = bytes(frame)  # the caller may reuse its buffer: the queue keeps a copy
-        if droppable and len(self._pending) >= self.limits.max_pending:
+        full = self._queued_bytes + len(frame) > self.limits.max_queued_bytes
+        if droppable and (full or len(self._pending) >= self.limits.max_pending):
             self.dropped += 1
             if self.limits.slow_consumer == "disconnect" and not self.overflowed:
                 self.overflowed = True
                 self.cut_off(f"slow consumer: {len(self._pending)} frames waiting")
             return False
-        if self._queued_bytes + len(frame) > self.limits.max_queued_bytes:
+        if full:  # an answer to its own request: never dropped, so the asker goes
             self.cut_off(f"reads nothing: {self._queued_bytes} bytes already waiting for it")
             return False
         self._pending.append(frame)
