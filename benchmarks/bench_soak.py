@@ -101,7 +101,8 @@ async def attack(path: Path, flood: Endpoint, mode: str, *args: str) -> None:
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout is not None
+        assert proc.stdin is not None
         with anyio.fail_after(30):
             await proc.stdout.receive()  # "ready"
         if mode in ("stall", "corrupt"):
