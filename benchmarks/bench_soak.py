@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
+import anyio.abc
 
 from multikernel.endpoints import Endpoint, connect, runtime
 
@@ -73,7 +74,9 @@ async def honest_calls(ep: Endpoint, state: dict[str, Phase]) -> None:
         phase.latencies.append(time.perf_counter() - start)
 
 
-async def honest_pubsub(pub: Endpoint, sub: Endpoint, state: dict[str, Phase]) -> None:
+async def honest_pubsub(
+    pub: Endpoint, sub: Endpoint, state: dict[str, Phase], stop: anyio.Event
+) -> None:
     async def receive() -> None:
         async with await sub.subscribe("soak.honest", max_pending=1 << 16) as messages:
             async for _ in messages:
@@ -82,10 +85,15 @@ async def honest_pubsub(pub: Endpoint, sub: Endpoint, state: dict[str, Phase]) -
     async with anyio.create_task_group() as tg:
         tg.start_soon(receive)
         await anyio.sleep(0.1)  # subscribed before the first publication
-        while True:
+        while not stop.is_set():
             await pub.publish("soak.honest", b"y" * 64)
             state["now"].published += 1
             await anyio.sleep(0.0005)
+
+
+async def drain(stream: anyio.abc.ByteReceiveStream) -> None:
+    async for _ in stream:
+        pass
 
 
 async def sampler(pid: int, state: dict[str, Phase]) -> None:
@@ -171,13 +179,15 @@ async def main(quiet: float, attacking: float) -> None:
         path = Path(tmp) / "bus.sock"
         hub = await anyio.open_process(
             [sys.executable, "-m", "multikernel.bus", "--socket", str(path)],
-            stderr=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         server = None
         try:
+            assert hub.stderr is not None
+            said = b""
             with anyio.fail_after(30):
-                while not path.exists():
-                    await anyio.sleep(0.02)
+                while b"hub listening" not in said:
+                    said += await hub.stderr.receive()
             server = await anyio.open_process(
                 [sys.executable, str(PEER), "serve", str(path), "honest"],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -193,15 +203,18 @@ async def main(quiet: float, attacking: float) -> None:
                 connect(path, name="soak-subscriber") as sub,
                 anyio.create_task_group() as tg,
             ):
+                tg.start_soon(drain, hub.stderr)  # its log: a full pipe would stall it
                 tg.start_soon(sampler, hub.pid, state)
                 tg.start_soon(honest_calls, caller, state)
-                tg.start_soon(honest_pubsub, pub, sub, state)
+                stop = anyio.Event()
+                tg.start_soon(honest_pubsub, pub, sub, state, stop)
                 await anyio.sleep(quiet)
                 state["now"] = phases[1]
                 await attacks(path, pub, time.monotonic() + attacking, state)
                 state["now"] = phases[2]
                 await anyio.sleep(quiet)
-                await anyio.sleep(0.2)  # the last publications arrive
+                stop.set()
+                await anyio.sleep(0.5)  # the last publications arrive
                 counters = (await caller.introspect()).counters
                 tg.cancel_scope.cancel()
             report(phases, counters)
