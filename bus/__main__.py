@@ -56,12 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     configure()
     runtime.raise_fd_limit()
+    failed = False
     try:
         runtime.run(run, args)
-    except (PolicyError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except* (PolicyError, RuntimeError) as group:  # raised inside the hub's task group
+        print(f"error: {group.exceptions[0]}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
