@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import msgspec
 
+from multikernel.protocol._fault import RestartPolicy
 from multikernel.protocol._fields import U32, U64, ShortStr
 
 
@@ -25,22 +26,25 @@ class _LifecycleMessage(msgspec.Struct, frozen=True, omit_defaults=True):
 class CreateInstance(_LifecycleMessage, frozen=True):
     """Create an instance; with resources it is ``ready`` at once, else ``empty``.
 
-    ``cpus`` names host CPUs; ``cpu_count`` asks the actor to pick that many.
+    ``cpus`` names host CPUs; ``cpu_count`` asks the actor to pick that many. ``restart`` is
+    what the fault actor does when it fails (docs/fault.md).
     """
 
     name: ShortStr
     cpus: tuple[U32, ...] = ()
     cpu_count: U32 = 0
     memory: U64 = 0
+    restart: RestartPolicy = RestartPolicy()
 
 
 class UpdateInstance(_LifecycleMessage, frozen=True):
-    """Change an instance's resources (live when it is active)."""
+    """Change an instance's resources (live when it is active), or its restart policy."""
 
     name: ShortStr
     cpus: tuple[U32, ...] = ()
     cpu_count: U32 = 0
     memory: U64 = 0
+    restart: RestartPolicy | None = None
 
 
 class LoadImage(_LifecycleMessage, frozen=True):
@@ -104,6 +108,10 @@ class InstanceInfo(_LifecycleMessage, frozen=True):
     last_exit: str = ""
     isolation: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    restart: RestartPolicy = RestartPolicy()
+    generation: U32 = 0  # launches so far: each start (or restart) is a new generation
+    cause: str = ""  # why the last launch ended: requested, exited, crashed, lost, hang, garbage
+    standby: U32 = 0  # pid of the warm standby agent, 0 when there is none
 
 
 class InstanceList(_LifecycleMessage, frozen=True):
@@ -120,6 +128,8 @@ class InstanceStateChanged(_LifecycleMessage, frozen=True):
     old: str
     new: str
     reason: str = ""
+    generation: U32 = 0  # the launch the change is about
+    cause: str = ""  # when a launch ended: why (see InstanceInfo.cause)
 
 
 class AgentHello(_LifecycleMessage, frozen=True):

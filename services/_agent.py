@@ -8,9 +8,14 @@ its own. Shutdown is negotiated the way the multikernel kernel does it: `Shutdow
 with `ShutdownAck`, the workload is stopped (SIGTERM, then SIGKILL after the grace), `Halted` is
 published and the agent exits. If the workload ends by itself, the instance halts too.
 
-Environment (set by the lifecycle actor): MULTIKERNEL_BUS_FD, MULTIKERNEL_INSTANCE (id),
-MULTIKERNEL_INSTANCE_NAME, MULTIKERNEL_WORKLOAD (JSON argv, may be empty), MULTIKERNEL_IMAGE_DIR,
-MULTIKERNEL_WORKLOAD_ENV (JSON object).
+When the hub restarts, the agent (and its workload) re-attach at $MULTIKERNEL_BUS, and the agent
+says hello again. A standby agent ($MULTIKERNEL_STANDBY_FD) stays silent until the lifecycle
+tells it to take its instance over (`_takeover`).
+
+Environment (set by the lifecycle actor): MULTIKERNEL_BUS_FD, MULTIKERNEL_BUS (the hub's path, to
+re-attach), MULTIKERNEL_INSTANCE (id), MULTIKERNEL_INSTANCE_NAME, MULTIKERNEL_WORKLOAD (JSON argv,
+may be empty), MULTIKERNEL_IMAGE_DIR, MULTIKERNEL_WORKLOAD_ENV (JSON object), and optionally
+MULTIKERNEL_HEARTBEAT (seconds between heartbeats) and MULTIKERNEL_STANDBY_FD.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from multikernel.protocol import (
     ShutdownAck,
     SystemHeartbeat,
 )
+from multikernel.services._takeover import Gate, Takeover
 
 log = get_logger("multikernel.agent")
 HEARTBEAT_SECONDS = 1.0
@@ -59,18 +65,23 @@ def _cpus() -> tuple[int, ...]:
     return tuple(sorted(os.sched_getaffinity(0)))
 
 
-async def _run_workload(ep: Endpoint, state: AgentState, argv: list[str], cwd: str) -> int:
-    """Start the workload with its own bus attachment; return its exit status."""
+async def _run_workload(
+    ep: Endpoint, state: AgentState, argv: list[str], cwd: str, gate: Gate | None = None
+) -> int:
+    """Start the workload (or open its gate) with its own bus attachment; return its status."""
     attachment = await ep.attachment()
     env = dict(os.environ)
     env.pop("MULTIKERNEL_WORKLOAD", None)
     env.update(json.loads(os.environ.get("MULTIKERNEL_WORKLOAD_ENV", "{}")))
     env["MULTIKERNEL_BUS_FD"] = str(attachment.fileno())
     with attachment:
-        state.workload = await anyio.open_process(
-            argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
-            stdin=subprocess.DEVNULL, stdout=None, stderr=None,
-        )  # fmt: skip
+        if gate is not None:
+            state.workload = await gate.open(attachment)
+        else:
+            state.workload = await anyio.open_process(
+                argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
+                stdin=subprocess.DEVNULL, stdout=None, stderr=None,
+            )  # fmt: skip
     log.info("workload started", instance=state.instance, argv=argv, pid=state.workload.pid)
     return await state.workload.wait()
 
@@ -122,27 +133,45 @@ async def run_agent() -> int:
     image_dir = os.environ.get("MULTIKERNEL_IMAGE_DIR", "")
     state = AgentState(instance, name)
     status = 0
-    async with connect(name=f"agent-{name}", reconnect=False) as ep:
+    period = float(os.environ.get("MULTIKERNEL_HEARTBEAT") or HEARTBEAT_SECONDS)
+    takeover = Takeover.from_env()
+    async with connect(name=f"agent-{name}") as ep:
+        gate = None
+        if takeover is not None:  # a standby: warm up, then wait to take the instance over
+            gate = await takeover.warm(workload, image_dir)
+            if not await takeover.wait_go():
+                if gate is not None:
+                    await gate.discard()
+                log.info("standby discarded", instance=instance)
+                return 0
+            log.info("standby taking over", instance=instance, pid=os.getpid())
         await _serve(ep, state).start()
-        hello = AgentHello(
-            instance, os.getpid(), socket.gethostname(), _cpus(), time.monotonic_ns()
-        )
-        await ep.publish(f"mk.instance.{instance}.hello", hello)
+
+        def hello() -> AgentHello:
+            return AgentHello(
+                instance, os.getpid(), socket.gethostname(), _cpus(), time.monotonic_ns()
+            )
+
+        await ep.publish(f"mk.instance.{instance}.hello", hello())
         async with anyio.create_task_group() as tg:
 
             async def beat() -> None:
                 seq = 0
+                attached_as = ep.id
                 while True:
+                    if ep.id != attached_as:  # re-attached to a restarted hub: say so again
+                        attached_as = ep.id
+                        await ep.publish(f"mk.instance.{instance}.hello", hello())
                     await ep.publish(
                         f"mk.instance.{instance}.system", SystemHeartbeat(instance, seq)
                     )
                     seq += 1
-                    await anyio.sleep(HEARTBEAT_SECONDS)
+                    await anyio.sleep(period)
 
             async def workload_then_stop() -> None:
                 nonlocal status
                 if workload:
-                    status = await _run_workload(ep, state, workload, image_dir)
+                    status = await _run_workload(ep, state, workload, image_dir, gate)
                     state.halted_reason = state.halted_reason or f"workload exited with {status}"
                     state.stop.set()
 

@@ -5,6 +5,11 @@ ordinary endpoint (the actors only exchange messages; the one thing the host han
 actor directly is the hub's `open_instance_socket`, the way a real kernel hands a new instance its
 IPI buffers). On SIGTERM or SIGINT it stops every instance, drains the hub and exits.
 
+The host survives itself: the lifecycle actor's state is in `<state-dir>/lifecycle.db`, and before
+the hub listens the host brings it back (`_recovery`): the instances still running are adopted, the
+others reclaimed. The hub asks the platform which instance a process attaching by path belongs to
+(`instance_of`), so agents re-attaching after a restart are bound to their own instance.
+
 The host's own user is privileged on instance 0 (an `instance:0 & uid:<uid>` rule appended to the
 policy): `mkctl`, run by the same user, may drive the host, and the actors may reach every
 instance. Run as root and that user is root, which the built-in `host` rule already covers.
@@ -25,6 +30,7 @@ from multikernel.endpoints import connect
 from multikernel.endpoints.log import get_logger
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
+from multikernel.services._recovery import recover
 
 log = get_logger("multikernel.host")
 
@@ -87,6 +93,7 @@ class HostConfig:
     allow_unsigned: bool = False
     isolate: bool = True
     hello_timeout: float = 15.0
+    heartbeat: float | None = None  # seconds between agents' heartbeats (None: theirs, 1 s)
 
     def policy(self) -> Policy:
         return Policy.from_toml(self.policy_text + host_rule(os.getuid()), self.policy_source)
@@ -106,24 +113,32 @@ async def run_host(
     platform = LocalPlatform(isolate=config.isolate)
     for warning in platform.capabilities().warnings:
         log.warning("isolation", warning=warning)
-    hub = Hub(config.socket, policy=config.policy())
-    async with anyio.create_task_group() as tg:
-        await tg.start(hub.serve)
-        async with connect(config.socket, name="lifecycle") as ep:
-            actor = LifecycleActor(
-                ep,
-                platform,
-                open_instance_socket=hub.open_instance_socket,
-                state_dir=config.state_dir,
-                trusted_certs=read_trusted(config.trusted),
-                allow_unsigned=config.allow_unsigned,
-                hello_timeout=config.hello_timeout,
-            )
-            async with anyio.create_task_group() as actors:
-                await actors.start(actor.run)
-                log.info("host up", socket=str(config.socket), pid=os.getpid())
-                task_status.started(hub)
-                await _until_stopped(stop)
-                actors.cancel_scope.cancel()  # the actor stops its instances on the way out
-        await hub.drain(grace=2.0)
-        tg.cancel_scope.cancel()
+    # Before the hub listens: an agent re-attaching by path must be known when it asks.
+    recovered = await recover(platform, config.state_dir)
+    try:
+        hub = Hub(config.socket, policy=config.policy(), instance_of=platform.instance_of)
+        async with anyio.create_task_group() as tg:
+            await tg.start(hub.serve)
+            async with connect(config.socket, name="lifecycle") as ep:
+                actor = LifecycleActor(
+                    ep,
+                    platform,
+                    open_instance_socket=hub.open_instance_socket,
+                    state_dir=config.state_dir,
+                    trusted_certs=read_trusted(config.trusted),
+                    allow_unsigned=config.allow_unsigned,
+                    hello_timeout=config.hello_timeout,
+                    bus_path=config.socket,
+                    heartbeat=config.heartbeat,
+                    recovered=recovered,
+                )
+                async with anyio.create_task_group() as actors:
+                    await actors.start(actor.run)
+                    log.info("host up", socket=str(config.socket), pid=os.getpid())
+                    task_status.started(hub)
+                    await _until_stopped(stop)
+                    actors.cancel_scope.cancel()  # the actor stops its instances on the way out
+            await hub.drain(grace=2.0)
+            tg.cancel_scope.cancel()
+    finally:
+        recovered.store.close()  # the actor closes it when it ran; idempotent

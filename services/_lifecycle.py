@@ -12,6 +12,11 @@ period, then forced; resources and the unpacked image are given back on every pa
 when the agent is SIGKILLed (the platform's pidfd says so at once, and the instance returns to
 `loaded`).
 
+Every instance is stored in `lifecycle.db` in the state dir at every change, so a restarted host
+knows them all, adopts the ones still running and reclaims the rest (`_recovery`). `restart`
+(idempotent by launch generation) and `fail` are what the fault actor asks for; warm standbys of
+instances whose restart policy wants one are kept by `_standby`.
+
 This module is the service: its requests, the checks each one makes and the resources it picks.
 Running the agents (launch, hello, watch, negotiated stop) is the `Supervisor`'s (`_supervisor`);
 the state machine, and the announcing of every move, are `_instances`'.
@@ -19,11 +24,10 @@ the state machine, and the announcing of every move, are `_instances`'.
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -36,10 +40,12 @@ from multikernel.protocol import (
     AgentHello,
     CreateInstance,
     DeleteInstance,
+    FailInstance,
     InstanceInfo,
     InstanceList,
     KillInstance,
     LoadImage,
+    RestartInstance,
     ShowInstances,
     StartInstance,
     UpdateInstance,
@@ -56,6 +62,7 @@ from multikernel.services._instances import (
     StateChanges,
 )
 from multikernel.services._platform import Platform, Resources, check_name
+from multikernel.services._recovery import Recovered, recover
 from multikernel.services._supervisor import Supervisor
 
 log = get_logger("multikernel.lifecycle")
@@ -77,6 +84,9 @@ class LifecycleActor:
         allow_unsigned: bool = False,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
         online_cpus: frozenset[int] | None = None,
+        bus_path: Path | None = None,
+        heartbeat: float | None = None,
+        recovered: Recovered | None = None,
     ) -> None:
         self.ep = endpoint
         self.platform = platform
@@ -86,9 +96,11 @@ class LifecycleActor:
         self.hello_timeout = hello_timeout
         self._cpus = online_cpus
         self.instances: dict[str, Instance] = {}
-        self._ids = itertools.count(1)
+        self._ids = self._allocate_ids()
+        self._recovered = recovered
+        self._warming: set[str] = set()  # instances whose standby is being started
         self._tg: anyio.abc.TaskGroup | None = None
-        self.timings: dict[str, list[float]] = {"hello": [], "reclaim": []}
+        self.timings: dict[str, list[float]] = {"hello": [], "reclaim": [], "takeover": []}
         self._states = StateChanges(endpoint)
         self._supervisor = Supervisor(
             endpoint,
@@ -96,14 +108,31 @@ class LifecycleActor:
             self._states,
             open_instance_socket=open_instance_socket,
             timings=self.timings,
+            bus_path=bus_path,
+            heartbeat=heartbeat,
         )
+
+    def _allocate_ids(self) -> Iterator[int]:
+        """Instance ids from the store: never one used before, even across host restarts."""
+        while True:
+            assert self._states.store is not None, "ids are allocated once the actor runs"
+            yield self._states.store.allocate_id()
 
     # -- running ------------------------------------------------------------------------------
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serve until cancelled; then stop every instance and give back what they hold."""
+        """Serve until cancelled; then stop every instance and give back what they hold.
+
+        First the stored instances are brought back (unless the host did it already: `recovered`),
+        the adopted ones watched again and what changed meanwhile announced.
+        """
+        if self._recovered is None:
+            self._recovered = await recover(self.platform, self.state_dir)
+        recovered = self._recovered
+        self._states.store = recovered.store
+        self.instances = recovered.instances
         svc = self.ep.service("lifecycle", concurrency=16)
         for method in (
             self.create,
@@ -113,6 +142,8 @@ class LifecycleActor:
             self.kill,
             self.delete,
             self.show,
+            self.restart,
+            self.fail,
         ):
             svc.method(method, name=method.__name__)
         try:
@@ -121,13 +152,25 @@ class LifecycleActor:
                 await self.ep.subscribe("mk.instance.*.hello") as hellos,
             ):
                 self._tg = tg
+                for inst in recovered.adopted():
+                    assert inst.proc is not None
+                    tg.start_soon(self._supervisor.watch, inst, inst.proc, inst.exited)
                 await svc.start()
                 tg.start_soon(self._hellos, hellos)
+                for change in recovered.changes:
+                    inst = change.inst
+                    await self._states.announce(
+                        inst, change.old, change.new, change.reason, change.cause
+                    )
+                recovered.changes.clear()
+                for inst in recovered.adopted():
+                    self._keep_standby(inst)
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._stop_all()
+                recovered.store.close()
 
     async def _hellos(self, hellos: Subscription) -> None:
         """Agents announce themselves on mk.instance.<id>.hello.
@@ -164,7 +207,7 @@ class LifecycleActor:
             raise InstanceError(
                 f"an instance named {name!r} exists: pick another name or delete it"
             )
-        inst = Instance(name, next(self._ids))
+        inst = Instance(name, next(self._ids), restart=request.restart)
         self.instances[name] = inst
         await self._states.move(inst, EMPTY, "created")
         resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
@@ -177,11 +220,23 @@ class LifecycleActor:
         inst = self._get(request.name)
         async with inst.lock:
             resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
+            if resources is None and request.restart is None:
+                raise InstanceError("update needs --cpus and/or --memory (or --restart)")
+            if request.restart is not None:
+                inst.restart = request.restart
+                self._states.save(inst)
+                if not inst.restart.standby:
+                    await self._supervisor.discard_standby(inst)
+                self._keep_standby(inst)
             if resources is None:
-                raise InstanceError("update needs --cpus and/or --memory")
+                return self._info(inst)
             if inst.state == ACTIVE and inst.proc is not None:
                 await self.platform.update(inst.proc, resources)  # live: cpuset, memory limit
+            if inst.standby is not None:
+                await self._supervisor.discard_standby(inst)  # made for the old resources
             inst.resources = resources
+            self._states.save(inst)
+            self._keep_standby(inst)
             if inst.state == EMPTY:
                 await self._states.move(inst, READY, "resources reserved")
             return self._info(inst)
@@ -200,6 +255,7 @@ class LifecycleActor:
                 )
             )
             inst.image, inst.image_dir = image, dest
+            self._states.save(inst)
             assert inst.resources is not None
             manifest = image.manifest
             if (
@@ -226,6 +282,7 @@ class LifecycleActor:
             await self._supervisor.start(
                 inst, request.command, watchers=self._tg, hello_timeout=self.hello_timeout
             )
+            self._keep_standby(inst)
             return self._info(inst)
 
     async def kill(self, request: KillInstance) -> InstanceInfo:
@@ -237,6 +294,7 @@ class LifecycleActor:
                 )
                 return self._info(inst)
             inst.require(ACTIVE, FAILED, verb="kill")
+            await self._supervisor.discard_standby(inst)
             await self._supervisor.stop(inst, None if request.force else request.grace)
             return self._info(inst)
 
@@ -251,8 +309,63 @@ class LifecycleActor:
             self._drop_image(inst)
             shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
             del self.instances[inst.name]
+            if self._states.store is not None:
+                self._states.store.delete(inst.name)
             await self._states.announce(inst, inst.state, "deleted", "deleted")
             return info
+
+    async def restart(self, request: RestartInstance) -> InstanceInfo:
+        """End the instance's launch if one runs (forced), then start it again, with the same
+        command; a warm standby takes over when there is one. With `generation`, only if that
+        is still the current launch: a restart asked twice happens once."""
+        inst = self._get(request.name)
+        async with inst.lock:
+            if request.generation and request.generation != inst.generation:
+                return self._info(inst)  # someone restarted it already
+            if inst.proc is not None:
+                await self._supervisor.stop(inst, None, cause=request.cause or "requested")
+            if inst.state == FAILED and inst.image is not None:
+                await self._states.move(inst, LOADED, "reset to restart")
+            inst.require(LOADED, verb="restart")
+            assert self._tg is not None
+            await self._supervisor.start(
+                inst, inst.command, watchers=self._tg, hello_timeout=self.hello_timeout
+            )
+            self._keep_standby(inst)
+            return self._info(inst)
+
+    async def fail(self, request: FailInstance) -> InstanceInfo:
+        """Mark the instance `failed`, ending its launch (and standby) if one runs: what the
+        fault actor does when an instance keeps failing. `mkctl kill NAME` resets it."""
+        inst = self._get(request.name)
+        async with inst.lock:
+            await self._supervisor.discard_standby(inst)
+            if inst.proc is not None:
+                await self._supervisor.stop(inst, None, cause="requested")
+            if inst.state != FAILED:
+                await self._states.move(inst, FAILED, request.reason or "marked failed")
+            return self._info(inst)
+
+    def _keep_standby(self, inst: Instance) -> None:
+        """Start a warm standby for `inst` in the background, if its policy wants one."""
+        if (
+            inst.restart.standby
+            and inst.state == ACTIVE
+            and inst.standby is None
+            and inst.name not in self._warming
+            and self._tg is not None
+        ):
+            self._warming.add(inst.name)
+            self._tg.start_soon(self._launch_standby, inst, self._tg)
+
+    async def _launch_standby(self, inst: Instance, tg: anyio.abc.TaskGroup) -> None:
+        try:
+            async with inst.lock:  # not while the instance is started, stopped or restarted
+                await self._supervisor.launch_standby(
+                    inst, watchers=tg, ready_timeout=self.hello_timeout
+                )
+        finally:
+            self._warming.discard(inst.name)
 
     async def show(self, request: ShowInstances) -> InstanceList:
         if request.name:

@@ -29,9 +29,18 @@ from signal import SIGKILL, pidfd_send_signal
 
 import anyio
 import anyio.lowlevel
+import msgspec
 
 from multikernel.endpoints.log import get_logger
 from multikernel.services._cgroups import InstanceCgroups, kill_all, process_tree
+from multikernel.services._local_adopt import (
+    LaunchRecord,
+    adopt,
+    instance_of,
+    reclaim_dirs,
+    reclaim_record,
+    record_of,
+)
 from multikernel.services._local_probe import check_resources, probe_isolation
 from multikernel.services._local_process import (
     LocalInstance,
@@ -80,6 +89,7 @@ class LocalPlatform:
         self._layout = host.layout
         self._capabilities = host.capabilities
         self._running: set[str] = set()
+        self._live: dict[str, LocalInstance] = {}  # by unit: what `instance_of` looks through
         self._warned = False
 
     def capabilities(self) -> Capabilities:
@@ -91,9 +101,9 @@ class LocalPlatform:
 
     async def launch(self, spec: LaunchSpec) -> LocalInstance:
         self.check(spec.resources)
-        if spec.name in self._running:
+        if spec.unit in self._running:
             raise LaunchError(
-                f"instance {spec.name!r} is already running: kill and reclaim it first"
+                f"instance {spec.unit!r} is already running: kill and reclaim it first"
             )
         if self._capabilities.warnings and not self._warned:
             self._warned = True
@@ -101,10 +111,11 @@ class LocalPlatform:
                 log.warning("isolation missing", platform=self.name, warning=warning)
         groups = None
         if self._layout.dirs_possible:
-            groups = InstanceCgroups.create(self._layout, spec.name, spec.resources)
+            groups = InstanceCgroups.create(self._layout, spec.unit, spec.resources)
         keeper, ready = spawn_keeper(spec, groups, namespaces=self._namespaces)
         instance = LocalInstance(self, spec, keeper, namespaces=self._namespaces, cgroups=groups)
-        self._running.add(spec.name)
+        self._running.add(spec.unit)
+        self._live[spec.unit] = instance
         try:
             try:
                 report = await read_to_eof(ready)
@@ -199,7 +210,40 @@ class LocalPlatform:
             await instance.cgroups.remove()
         instance.close_fds()
         instance.reclaimed = True
-        self._running.discard(instance.name)
+        self._running.discard(instance.spec.unit)
+        if self._live.get(instance.spec.unit) is instance:
+            del self._live[instance.spec.unit]
+
+    # -- after a host restart (docs/fault.md, "Durability") ---------------------------------
+
+    def record(self, proc: InstanceProcess) -> str:
+        """What a restarted host needs to find this launch again (JSON, for the state store)."""
+        return msgspec.json.encode(record_of(self._own(proc))).decode()
+
+    def adopt(self, spec: LaunchSpec, record: str) -> LocalInstance | None:
+        """Take back the launch `record` describes if it still runs (None if it does not)."""
+        found = msgspec.json.decode(record, type=LaunchRecord)
+        spec = replace(spec, slot=found.unit.partition(".")[2])
+        if spec.unit in self._running:
+            return None
+        instance = adopt(self, spec, found)
+        if instance is not None:
+            self._running.add(spec.unit)
+            self._live[spec.unit] = instance
+        return instance
+
+    async def reclaim_record(self, record: str) -> None:
+        """End what is left of a recorded launch that was not adopted; remove its cgroups."""
+        await reclaim_record(msgspec.json.decode(record, type=LaunchRecord))
+
+    async def reclaim_unit(self, unit: str) -> None:
+        """End and remove the cgroups a launch of `unit` would have (one cut short by a crash)."""
+        parents = (self._layout.cpuset_parent, self._layout.memory_parent)
+        await reclaim_dirs([parent / unit for parent in parents if parent is not None])
+
+    def instance_of(self, pid: int) -> int:
+        """The id of the running instance process `pid` is part of, else 0 (for the hub)."""
+        return instance_of(pid, list(self._live.values()))
 
     def inspect(self, proc: InstanceProcess) -> IsolationReport:
         instance = self._own(proc)

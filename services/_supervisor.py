@@ -3,12 +3,17 @@
 `start` launches the agent with the socket the hub binds to the instance and the workload in its
 environment (the `MULTIKERNEL_*` variables `_agent` reads), starts a watcher in the actor's task
 group, and waits for the agent's hello: the instance is `active` once it comes, `failed` (and its
-agent killed) if it does not come in time or the caller gives up first. The watcher waits on the
-platform (a pidfd on the local one, so an exit is seen at once, however it happens), reclaims
-what the launch held, and moves the instance back to `loaded`; it is the one place a launch is
-reclaimed while the actor runs, so `stop` only ends the agent and waits for the watcher. `stop`
-is negotiated like the kernel's SHUTDOWN → SHUTDOWN_ACK → HALTED: ask the agent to shut down and
-wait for its exit, within a grace period, then force it.
+agent killed) if it does not come in time or the caller gives up first. When a warm standby is
+ready (`_standby`), `start` promotes it instead of launching: the standby's agent then takes the
+instance over. The watcher waits on the platform (a pidfd on the local one, so an exit is seen at
+once, however it happens), reclaims what the launch held, and moves the instance back to `loaded`
+with the cause of the end (`requested`, `exited`, `crashed`, `lost`, or the cause a restart gave);
+it is the one place a launch is reclaimed while the actor runs, so `stop` only ends the agent and
+waits for the watcher. `stop` is negotiated like the kernel's SHUTDOWN → SHUTDOWN_ACK → HALTED:
+ask the agent to shut down and wait for its exit, within a grace period, then force it.
+
+Every launch is a new `generation` of the instance, stored with the platform's record of it
+before anything waits on it, so a host that dies at any point can find it again (`_recovery`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -34,7 +40,13 @@ from multikernel.services._instances import (
     InstanceError,
     StateChanges,
 )
-from multikernel.services._platform import InstanceProcess, LaunchSpec, Platform
+from multikernel.services._platform import (
+    STATUS_UNKNOWN,
+    InstanceProcess,
+    LaunchSpec,
+    Platform,
+)
+from multikernel.services._standby import Standby, launch_record
 
 log = get_logger("multikernel.lifecycle")
 
@@ -42,8 +54,10 @@ log = get_logger("multikernel.lifecycle")
 class Supervisor:
     """Starts, watches and stops the agents of the lifecycle actor's instances.
 
-    `timings` gets the seconds from launch to hello (`hello`) and from exit to reclaimed
-    (`reclaim`) of every launch, for the benchmarks.
+    `timings` gets the seconds from launch to hello (`hello`), from exit to reclaimed
+    (`reclaim`) and from a standby's promotion to its hello (`takeover`), for the benchmarks.
+    `bus_path` is where the hub listens, for agents to re-attach after a hub restart;
+    `heartbeat` the agents' heartbeat period (None: the agent's default).
     """
 
     def __init__(
@@ -54,12 +68,65 @@ class Supervisor:
         *,
         open_instance_socket: Callable[[int], socket.socket],
         timings: dict[str, list[float]],
+        bus_path: Path | None = None,
+        heartbeat: float | None = None,
     ) -> None:
         self.ep = endpoint
         self.platform = platform
         self.states = states
         self._open_socket = open_instance_socket
         self.timings = timings
+        self.bus_path = bus_path
+        self.heartbeat = heartbeat
+
+    def spec(
+        self,
+        inst: Instance,
+        fds: tuple[int, ...],
+        *,
+        slot: str = "",
+        env: dict[str, str] | None = None,
+    ) -> LaunchSpec:
+        """How to launch `inst`'s agent with its bus socket `fds[0]` (and more fds after it)."""
+        assert inst.image is not None
+        assert inst.resources is not None
+        assert inst.image_dir is not None
+        manifest = inst.image.manifest
+        entry = [
+            arg.replace("{python}", sys.executable).replace("{image}", str(inst.image_dir))
+            for arg in (inst.command or manifest.entry)
+        ]
+        agent_env = {
+            "MULTIKERNEL_BUS_FD": str(fds[0]),
+            "MULTIKERNEL_INSTANCE": str(inst.id),
+            "MULTIKERNEL_INSTANCE_NAME": inst.name,
+            "MULTIKERNEL_WORKLOAD": json.dumps(entry),
+            "MULTIKERNEL_WORKLOAD_ENV": json.dumps(
+                {**manifest.env, "MULTIKERNEL_PARAMETERS": json.dumps(manifest.parameters)}
+            ),
+            "MULTIKERNEL_IMAGE_DIR": str(inst.image_dir),
+            "PATH": "/usr/local/bin:/usr/bin:/bin",
+            **(env or {}),
+        }
+        if self.bus_path is not None:  # re-attach there when the hub restarts
+            agent_env["MULTIKERNEL_BUS"] = str(self.bus_path)
+        if self.heartbeat is not None:
+            agent_env["MULTIKERNEL_HEARTBEAT"] = f"{self.heartbeat:g}"
+        if level := os.environ.get("MULTIKERNEL_LOG_LEVEL"):
+            agent_env["MULTIKERNEL_LOG_LEVEL"] = level
+        return LaunchSpec(
+            inst.name, inst.id, [sys.executable, "-m", "multikernel.services.agent"], agent_env,
+            fds, inst.resources, cwd=str(inst.image_dir), slot=slot,
+        )  # fmt: skip
+
+    async def launch(self, inst: Instance, spec: LaunchSpec) -> InstanceProcess:
+        """Launch `spec`, stored as being launched until the platform's record of it is."""
+        inst.launching.add(spec.unit)
+        self.states.save(inst)
+        try:
+            return await self.platform.launch(spec)
+        finally:
+            inst.launching.discard(spec.unit)
 
     async def start(
         self,
@@ -69,43 +136,50 @@ class Supervisor:
         watchers: anyio.abc.TaskGroup,
         hello_timeout: float,
     ) -> None:
-        """Launch the agent (its watcher in `watchers`) and wait up to `hello_timeout` for hello."""
-        assert inst.image is not None
-        assert inst.resources is not None
-        assert inst.image_dir is not None
-        manifest = inst.image.manifest
-        entry = list(command or manifest.entry)
-        entry = [
-            arg.replace("{python}", sys.executable).replace("{image}", str(inst.image_dir))
-            for arg in entry
-        ]
-        sock = self._open_socket(inst.id)
-        env = {
-            "MULTIKERNEL_BUS_FD": str(sock.fileno()),
-            "MULTIKERNEL_INSTANCE": str(inst.id),
-            "MULTIKERNEL_INSTANCE_NAME": inst.name,
-            "MULTIKERNEL_WORKLOAD": json.dumps(entry),
-            "MULTIKERNEL_WORKLOAD_ENV": json.dumps(
-                {**manifest.env, "MULTIKERNEL_PARAMETERS": json.dumps(manifest.parameters)}
-            ),
-            "MULTIKERNEL_IMAGE_DIR": str(inst.image_dir),
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-        }
-        if level := os.environ.get("MULTIKERNEL_LOG_LEVEL"):
-            env["MULTIKERNEL_LOG_LEVEL"] = level
-        spec = LaunchSpec(
-            inst.name, inst.id, [sys.executable, "-m", "multikernel.services.agent"], env,
-            (sock.fileno(),), inst.resources, cwd=str(inst.image_dir),
-        )  # fmt: skip
-        inst.hello, inst.exited, inst.stopping, inst.agent = anyio.Event(), anyio.Event(), False, 0
+        """Launch the agent (its watcher in `watchers`), or promote the instance's warm standby,
+        and wait up to `hello_timeout` for hello."""
+        inst.command = command
+        standby = inst.standby
+        if standby is not None and not standby.usable(inst):
+            await self.discard_standby(inst)
+            standby = None
+        inst.hello, inst.stopping, inst.agent = anyio.Event(), False, 0
+        inst.stop_cause = "requested"
+        inst.generation += 1
         t0 = time.monotonic()
-        try:
-            proc = await self.platform.launch(spec)
-        finally:
-            sock.close()  # the agent holds its end now
-        inst.proc = proc
-        inst.started_ns = time.monotonic_ns()
-        watchers.start_soon(self._watch, inst, proc, inst.exited)
+        if standby is not None:
+            inst.standby = None
+            inst.proc, inst.proc_record, inst.exited = standby.proc, standby.record, standby.exited
+            inst.started_ns = time.monotonic_ns()
+            self.states.save(inst)
+            try:
+                await standby.go()
+            except OSError as exc:  # it died meanwhile: its watcher reclaims it as this launch
+                log.warning("standby could not take over", instance=inst.name, error=str(exc))
+            finally:
+                standby.close()
+            how = f"standby took over (pid {standby.proc.pid})"
+        else:
+            sock = self._open_socket(inst.id)
+            inst.exited = anyio.Event()
+            try:
+                proc = await self.launch(inst, self.spec(inst, (sock.fileno(),)))
+            except BaseException:
+                self.states.save(inst)
+                raise
+            finally:
+                sock.close()  # the agent holds its end now
+            inst.proc, inst.proc_record = proc, launch_record(self.platform, proc)
+            inst.started_ns = time.monotonic_ns()
+            self.states.save(inst)
+            watchers.start_soon(self.watch, inst, proc, inst.exited)
+            how = f"agent up (pid {proc.pid})"
+        assert inst.proc is not None
+        await self._wait_hello(inst, hello_timeout)
+        self.timings["takeover" if standby is not None else "hello"].append(time.monotonic() - t0)
+        await self.states.move(inst, ACTIVE, how)
+
+    async def _wait_hello(self, inst: Instance, hello_timeout: float) -> None:
         try:
             with anyio.move_on_after(hello_timeout):
                 await inst.hello.wait()
@@ -124,13 +198,12 @@ class Supervisor:
             raise InstanceError(
                 f"{inst.name!r} did not come up: its agent never said hello; see the host log"
             )
-        self.timings["hello"].append(time.monotonic() - t0)
-        await self.states.move(inst, ACTIVE, f"agent up (pid {inst.proc.pid})")
 
-    async def stop(self, inst: Instance, grace: float | None) -> None:
+    async def stop(self, inst: Instance, grace: float | None, cause: str = "requested") -> None:
         """End the agent, negotiated within `grace` seconds (None: forced at once); return once
-        its watcher has reclaimed it."""
+        its watcher has reclaimed it. `cause` is recorded as why the launch ended."""
         inst.stopping = True
+        inst.stop_cause = cause
         if grace is not None:
             await self._negotiate(inst, grace)
         if inst.proc is not None and inst.proc.returncode is None:
@@ -138,32 +211,67 @@ class Supervisor:
         await inst.exited.wait()
 
     async def stop_now(self, inst: Instance) -> None:
-        """On the way out (the watchers are gone): kill, wait and reclaim the agent here."""
+        """On the way out (the watchers are gone): kill, wait and reclaim the agent (and its
+        standby) here."""
+        standby, inst.standby = inst.standby, None
         proc, inst.proc = inst.proc, None
+        for launch in (standby.proc if standby is not None else None, proc):
+            if launch is not None:
+                inst.stopping = True
+                await self.platform.kill(launch)
+                with anyio.move_on_after(30):
+                    await self.platform.wait(launch)
+                await self.platform.reclaim(launch)
+        if standby is not None:
+            standby.close()
         if proc is not None:
-            inst.stopping = True
-            await self.platform.kill(proc)
-            with anyio.move_on_after(30):
-                await self.platform.wait(proc)
-            await self.platform.reclaim(proc)
+            inst.proc_record, inst.cause = "", "requested"
+            if inst.state == ACTIVE:
+                inst.state = LOADED
+            self.states.save(inst)
 
-    async def _watch(self, inst: Instance, proc: InstanceProcess, exited: anyio.Event) -> None:
-        """Wait for this launch to end (pidfd), reclaim it, and move the instance to `loaded`."""
+    async def discard_standby(self, inst: Instance) -> None:
+        """Kill the instance's standby (if any) and wait until its watcher reclaimed it."""
+        standby = inst.standby
+        if standby is not None:
+            await self.platform.kill(standby.proc)
+            with anyio.fail_after(30):
+                await standby.exited.wait()
+
+    async def watch(self, inst: Instance, proc: InstanceProcess, exited: anyio.Event) -> None:
+        """Wait for this launch to end (pidfd), reclaim it, and move the instance to `loaded`
+        if it was the instance's launch (a standby's end only forgets the standby)."""
         status = await self.platform.wait(proc)
         t0 = time.monotonic()
         await self.platform.reclaim(proc)
         self.timings["reclaim"].append(time.monotonic() - t0)
         exited.set()
+        if inst.standby is not None and inst.standby.proc is proc:
+            inst.standby.close()
+            inst.standby = None
+            self.states.save(inst)
+            log.info("standby ended", instance=inst.name, status=_describe_exit(status))
+            return
         if inst.proc is not proc:
             return  # a later launch owns the instance now (or the host is stopping it)
         inst.proc = None
+        inst.proc_record = ""
         inst.agent = 0
         inst.last_exit = _describe_exit(status)
+        if inst.stopping:
+            cause = inst.stop_cause
+        elif status == STATUS_UNKNOWN:
+            cause = "lost"
+        else:
+            cause = "exited" if status == 0 else "crashed"
+        inst.cause = cause
         if not inst.stopping:
             inst.restarts += 1
         if inst.state != FAILED:
             reason = "halted" if inst.stopping else f"crashed ({inst.last_exit})"
-            await self.states.move(inst, LOADED, f"{reason}; resources reclaimed")
+            await self.states.move(inst, LOADED, f"{reason}; resources reclaimed", cause)
+        else:
+            self.states.save(inst)
 
     async def _negotiate(self, inst: Instance, grace: float) -> None:
         """SHUTDOWN → SHUTDOWN_ACK → exit, within `grace` seconds; on timeout the caller forces."""
@@ -183,8 +291,50 @@ class Supervisor:
             with anyio.fail_after(30):
                 await exited.wait()
 
+    async def launch_standby(
+        self, inst: Instance, *, watchers: anyio.abc.TaskGroup, ready_timeout: float
+    ) -> None:
+        """Start a warm standby for the active `inst` and wait until it is ready to take over."""
+        if inst.standby is not None or inst.state != ACTIVE or not inst.restart.standby:
+            return
+        ours, theirs = socket.socketpair()
+        sock = self._open_socket(inst.id)
+        try:
+            spec = self.spec(
+                inst,
+                (sock.fileno(), theirs.fileno()),
+                slot=Standby.new_slot(),
+                env={"MULTIKERNEL_STANDBY_FD": str(theirs.fileno())},
+            )
+            proc = await self.launch(inst, spec)
+        except BaseException as exc:
+            ours.close()
+            self.states.save(inst)
+            if isinstance(exc, Exception):
+                log.warning("standby not started", instance=inst.name, error=str(exc))
+                return
+            raise
+        finally:
+            sock.close()
+            theirs.close()
+        standby = Standby(proc, ours, launch_record(self.platform, proc), inst)
+        inst.standby = standby
+        self.states.save(inst)
+        watchers.start_soon(self.watch, inst, proc, standby.exited)
+        try:
+            with anyio.fail_after(ready_timeout):
+                await standby.wait_ready()
+        except (TimeoutError, OSError, anyio.EndOfStream) as exc:
+            log.warning("standby never got ready", instance=inst.name, error=repr(exc))
+            if inst.standby is standby:
+                await self.discard_standby(inst)
+            return
+        log.info("standby ready", instance=inst.name, pid=proc.pid, unit=spec.unit)
+
 
 def _describe_exit(status: int) -> str:
+    if status == STATUS_UNKNOWN:
+        return "ended (exit status unknown: adopted after a host restart)"
     if status < 0:
         return f"killed by signal {-status}"
     return f"exit status {status}"

@@ -38,6 +38,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no namespaces or cgroups for instances (CPU affinity only)",
     )
+    p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=None,
+        help="seconds between the agents' heartbeats (default 1)",
+    )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -55,6 +61,7 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         trusted=list(args.trusted_keys),
         allow_unsigned=args.allow_unsigned,
         isolate=not args.no_isolation,
+        heartbeat=args.heartbeat,
     )
 
 

@@ -27,6 +27,11 @@ PUBLIC = {
     "AgentHello", "AgentStatus", "CreateInstance", "DeleteInstance", "ExecRequest", "ExecResult",
     "InstanceInfo", "InstanceList", "InstanceStateChanged", "KillInstance", "LoadImage",
     "ShowInstances", "StartInstance", "UpdateInstance",
+    # the fault actor's contract, and the lifecycle methods it calls
+    "CAUSES", "FAULT_EVENTS", "FAULT_METHODS", "FailInstance", "FaultEvent", "FaultHistory",
+    "FaultStatus", "FaultStatusList", "FaultStatusRequest", "HistoryRequest", "PolicyGet",
+    "PolicyInfo", "PolicySet", "RestartInstance", "RestartPolicy", "fault_subject",
+    "format_restart", "parse_restart", "EndpointCutOff",
     # errors
     "ERROR_DECODER", "AccessDeniedError", "BusyError", "DeadlineExceededError", "ErrorBody",
     "InvalidSubjectError", "MalformedFrameError", "MultikernelError", "NoRespondersError",
