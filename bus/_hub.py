@@ -45,6 +45,7 @@ from multikernel.protocol import (
     ChannelOpen,
     ChannelRevoke,
     Drain,
+    EndpointCutOff,
     Heartbeat,
     Introspect,
     Kind,
@@ -75,6 +76,9 @@ log = get_logger("multikernel.bus")
 
 #: Room left in a page of introspection for its envelope (header, subject, msgpack framing).
 PAGE_SLACK = 4096
+
+#: Where the hub announces an endpoint it cut off: ``mk.bus.cutoff.<instance>``.
+CUTOFF_SUBJECT = "mk.bus.cutoff"
 
 #: Where the hub stamps a routed frame: the publisher it came from and the subscription it is for
 #: (docs/protocol.md, header table).
@@ -178,6 +182,27 @@ class Hub:
         self._monitors.stop(session)
         self._owner_changes(self._names.remove_owner(session.id))  # clients hear of it first
         self._channels.forget_endpoint(session.id)
+        if session.cut_reason:
+            self._announce_cutoff(session)
+
+    def _announce_cutoff(self, session: Session) -> None:
+        """Publish `EndpointCutOff` on mk.bus.cutoff.<instance>: the fault actor counts garbage
+        an endpoint wrote as a fault of its instance. Only subscribers allowed to see that
+        instance's traffic get it (its own instance, or the host's privileged endpoints)."""
+        who = session.identity
+        event = EndpointCutOff(
+            who.endpoint_id, who.name, who.instance, who.pid, session.cut_reason, session.garbage
+        )
+        subject = f"{CUTOFF_SUBJECT}.{who.instance}"
+        stamped = bytearray(encode(Kind.PUBLISH, event, subject=subject))
+        for key in self._router.match(subject):
+            record = self._subs[key]
+            if record.session is session or not (
+                record.across or record.session.identity.instance == who.instance
+            ):
+                continue
+            stamped[_DESTINATION_OFFSET : _DESTINATION_OFFSET + 8] = record.sid_bytes
+            record.session.deliver(stamped)
 
     def dispatch(self, session: Session, frame: bytes) -> None:
         session.frames_in += 1

@@ -10,6 +10,9 @@ the hub listens the host brings it back (`_recovery`): the instances still runni
 others reclaimed. The hub asks the platform which instance a process attaching by path belongs to
 (`instance_of`), so agents re-attaching after a restart are bound to their own instance.
 
+The fault actor runs in a process of its own (`python -m multikernel.services.fault`), which the
+host starts once its lifecycle actor serves, and starts again if it dies (`_children`).
+
 The host's own user is privileged on instance 0 (an `instance:0 & uid:<uid>` rule appended to the
 policy): `mkctl`, run by the same user, may drive the host, and the actors may reach every
 instance. Run as root and that user is root, which the built-in `host` rule already covers.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +32,7 @@ import anyio.abc
 from multikernel.bus import Hub, Policy
 from multikernel.endpoints import connect
 from multikernel.endpoints.log import get_logger
+from multikernel.services._children import ActorProcess
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._recovery import recover
@@ -94,6 +99,7 @@ class HostConfig:
     isolate: bool = True
     hello_timeout: float = 15.0
     heartbeat: float | None = None  # seconds between agents' heartbeats (None: theirs, 1 s)
+    fault: bool = True  # run the fault actor (restarts failed instances by their policy)
 
     def policy(self) -> Policy:
         return Policy.from_toml(self.policy_text + host_rule(os.getuid()), self.policy_source)
@@ -134,6 +140,9 @@ async def run_host(
                 )
                 async with anyio.create_task_group() as actors:
                     await actors.start(actor.run)
+                    if config.fault:
+                        fault = fault_process(config, hub)
+                        await actors.start(fault.run)
                     log.info("host up", socket=str(config.socket), pid=os.getpid())
                     task_status.started(hub)
                     await _until_stopped(stop)
@@ -142,3 +151,17 @@ async def run_host(
             tg.cancel_scope.cancel()
     finally:
         recovered.store.close()  # the actor closes it when it ran; idempotent
+
+
+def fault_process(config: HostConfig, hub: Hub) -> ActorProcess:
+    """The fault actor's process, attached to the hub on an instance-0 socket."""
+    argv = [
+        sys.executable,
+        "-m",
+        "multikernel.services.fault",
+        "--state-dir",
+        str(config.state_dir),
+    ]
+    if config.heartbeat is not None:
+        argv += ["--heartbeat", f"{config.heartbeat:g}"]
+    return ActorProcess("fault", argv, lambda: hub.open_instance_socket(0))

@@ -11,7 +11,6 @@ host died (`launching`). Instance ids are allocated from a counter in the same f
 
 from __future__ import annotations
 
-import fcntl
 import os
 import sqlite3
 from pathlib import Path
@@ -25,7 +24,7 @@ from multikernel.services._instances import Instance
 from multikernel.services._manifest import Manifest
 from multikernel.services._platform import Resources
 from multikernel.services._signature import SignerInfo
-from multikernel.services._sqlite import StateStoreError, open_db, transaction
+from multikernel.services._sqlite import lock_file, open_db, transaction
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -123,7 +122,7 @@ class InstanceStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._lock = _lock(path.with_suffix(".lock"))
+        self._lock = lock_file(path.with_suffix(".lock"), "host (or lifecycle actor)")
         try:
             self._db: sqlite3.Connection | None = open_db(path, SCHEMA, SCHEMA_VERSION)
         except BaseException:
@@ -173,21 +172,6 @@ class InstanceStore:
             self._db.close()
             self._db = None
             os.close(self._lock)
-
-
-def _lock(path: Path) -> int:
-    """Hold `path` locked for as long as the store is open: one host per state dir."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise StateStoreError(
-            f"another host (or lifecycle actor) is using {path.parent}: stop it first, or give "
-            "this one another state dir"
-        ) from None
-    return fd
 
 
 def stored(inst: Instance) -> StoredInstance:

@@ -10,6 +10,8 @@ is the schema's version: a file written by newer code is refused rather than scr
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -68,3 +70,18 @@ def transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def lock_file(path: Path, who: str) -> int:
+    """Hold `path` locked (flock) until the returned fd is closed: one `who` per state dir."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StateStoreError(
+            f"another {who} is using {path.parent}: stop it first, or give this one another "
+            "state dir"
+        ) from None
+    return fd

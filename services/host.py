@@ -44,6 +44,11 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="seconds between the agents' heartbeats (default 1)",
     )
+    p.add_argument(
+        "--no-fault",
+        action="store_true",
+        help="do not run the fault actor (failed instances stay down)",
+    )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -62,6 +67,7 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         allow_unsigned=args.allow_unsigned,
         isolate=not args.no_isolation,
         heartbeat=args.heartbeat,
+        fault=not args.no_fault,
     )
 
 

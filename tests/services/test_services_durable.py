@@ -154,8 +154,9 @@ async def test_a_killed_host_comes_back_adopts_what_runs_and_reclaims_the_rest(
     await host.start()
     try:
         async with connect(host.socket, name="test") as ep:
-            a = await bring_up(ep, survivor, image)
-            b = await bring_up(ep, victim, image)
+            never = RestartPolicy("temporary")  # the host alone here: the fault actor stays out
+            a = await bring_up(ep, survivor, image, never)
+            b = await bring_up(ep, victim, image, never)
             await lifecycle(ep, "create", CreateInstance(idle, cpu_count=1, memory=96 * MB))
             await lifecycle(ep, "load", LoadImage(idle, str(image)))
             await owned(ep, f"instance.{a.id}.kv")

@@ -1,0 +1,151 @@
+"""The fault actor: a failed instance is seen, reported, and replaced with the same identity."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from multikernel.protocol import (
+    FaultHistory,
+    HistoryRequest,
+    PolicyGet,
+    PolicyInfo,
+    PolicySet,
+    RemoteError,
+    RestartPolicy,
+)
+from multikernel.services._signature import make_signing_key
+
+from .fault_host import fault_host, next_event
+from .fault_kit import KV, alive, bring_up, cgroups_of, exited, make_image, owned, show, unique
+
+pytestmark = pytest.mark.anyio
+
+PERMANENT = RestartPolicy("permanent")
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    return ("asyncio", {"use_uvloop": True})
+
+
+@pytest.fixture(scope="module")
+def keys() -> tuple[bytes, bytes]:
+    return make_signing_key("fault tests", algorithm="ec-p256")
+
+
+@pytest.fixture
+def cert(tmp_path: Path, keys: tuple[bytes, bytes]) -> Path:
+    path = tmp_path / "cert.pem"
+    path.write_bytes(keys[1])
+    return path
+
+
+@pytest.fixture
+def image(tmp_path: Path, keys: tuple[bytes, bytes]) -> Path:
+    return make_image(tmp_path, keys, KV)
+
+
+async def test_a_killed_instance_is_replaced_keeping_its_identity(
+    tmp_path: Path, cert: Path, image: Path
+) -> None:
+    name = unique("f-kill")
+    async with fault_host(tmp_path, cert) as host:
+        before = await bring_up(host.ep, name, image, PERMANENT)
+        kv = f"instance.{before.id}.kv"
+        await owned(host.ep, kv)
+        first = await host.ep.request(kv, "ping", None)
+        async with await host.ep.subscribe(f"mk.instance.{before.id}.fault") as events:
+            os.kill(before.pid, signal.SIGKILL)
+            failed = await next_event(events, "failed")
+            restarting = await next_event(events, "restarting")
+            recovered = await next_event(events, "recovered")
+        assert (failed.cause, failed.generation) == ("crashed", before.generation)
+        assert (restarting.attempt, restarting.delay) == (1, 0.0)  # the first is immediate
+        after = await show(host.ep, name)
+        assert recovered.generation == after.generation == before.generation + 1
+        # The same instance: name, id, resources; its well-known names are back.
+        assert (after.name, after.id, after.cpus, after.memory, after.state) == (
+            before.name, before.id, before.cpus, before.memory, "active",
+        )  # fmt: skip
+        await owned(host.ep, kv)
+        second = await host.ep.request(kv, "ping", None)
+        assert second["instance"] == first["instance"]  # served by the same instance...
+        assert after.pid != before.pid  # ...in a new launch
+        history = await host.ep.request(
+            "fault", "history", HistoryRequest(name), response=FaultHistory
+        )
+        assert [e.event for e in history.events] == ["failed", "restarting", "recovered"]
+        (status,) = (await host.status(name)).instances
+        assert (status.state, status.restarts, status.recent) == ("watching", 1, 1)
+
+
+async def test_a_stopped_instance_is_found_hung_and_replaced(
+    tmp_path: Path, cert: Path, image: Path
+) -> None:
+    """SIGSTOP: the process is there, its heartbeats are not, its agent does not answer."""
+    name = unique("f-stop")
+    async with fault_host(tmp_path, cert) as host:
+        before = await bring_up(host.ep, name, image, PERMANENT)
+        async with await host.ep.subscribe(f"mk.instance.{before.id}.fault") as events:
+            os.kill(before.pid, signal.SIGSTOP)
+            failed = await next_event(events, "failed")
+            await next_event(events, "recovered")
+        assert failed.cause == "hang"
+        assert "phi" in failed.detail
+        await exited(before.pid)  # the stopped instance was killed, not left behind
+        after = await show(host.ep, name)
+        assert (after.state, after.cause, after.generation) == (
+            "active", "hang", before.generation + 1,
+        )  # fmt: skip
+
+
+async def test_garbage_on_its_ring_is_a_fault_of_the_writer(
+    tmp_path: Path, cert: Path, image: Path
+) -> None:
+    name = unique("f-garb")
+    async with fault_host(tmp_path, cert) as host:
+        before = await bring_up(host.ep, name, image, PERMANENT)
+        kv = f"instance.{before.id}.kv"
+        await owned(host.ep, kv)
+        async with await host.ep.subscribe(f"mk.instance.{before.id}.fault") as events:
+            await host.ep.request(kv, "garble", None)
+            failed = await next_event(events, "failed")
+            await next_event(events, "recovered")
+        assert failed.cause == "garbage"
+        assert "kv" in failed.detail  # the endpoint that wrote it
+        assert not alive(before.pid)
+
+
+async def test_a_temporary_instance_is_reported_and_left_down(
+    tmp_path: Path, cert: Path, image: Path
+) -> None:
+    name = unique("f-temp")
+    async with fault_host(tmp_path, cert) as host:
+        before = await bring_up(host.ep, name, image, RestartPolicy("temporary"))
+        async with await host.ep.subscribe(f"mk.instance.{before.id}.fault") as events:
+            os.kill(before.pid, signal.SIGKILL)
+            failed = await next_event(events, "failed")
+        assert "temporary: never restarted" in failed.detail
+        assert (await show(host.ep, name)).state == "loaded"
+        assert not cgroups_of(name)
+
+
+async def test_the_restart_policy_is_read_and_set_over_the_bus(
+    tmp_path: Path, cert: Path, image: Path
+) -> None:
+    name = unique("f-pol")
+    async with fault_host(tmp_path, cert) as host:
+        await bring_up(host.ep, name, image)
+        got = await host.ep.request("fault", "policy_get", PolicyGet(name), response=PolicyInfo)
+        assert got.policy == RestartPolicy()  # the default: transient
+        wanted = RestartPolicy("permanent", intensity=2, period=10.0, backoff=0.5)
+        await host.ep.request("fault", "policy_set", PolicySet(name, wanted), response=PolicyInfo)
+        assert (await show(host.ep, name)).restart == wanted  # stored by the lifecycle
+        (status,) = (await host.status(name)).instances
+        assert status.policy == wanted
+        with pytest.raises(RemoteError, match="no instance named 'nope'"):
+            await host.status("nope")
