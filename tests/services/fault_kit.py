@@ -297,3 +297,6 @@ async def attached(host: HostProcess, name: str = "test") -> AsyncIterator[Endpo
 
 def values(message: Any) -> Any:
     return message.value()
+
+#: A workload that fails soon after it starts (exit status 3): a crash loop.
+CRASHER = "import sys, time\ntime.sleep(0.05)\nsys.exit(3)\n"

@@ -9,18 +9,36 @@ from pathlib import Path
 import pytest
 
 from multikernel.protocol import (
+    CreateInstance,
+    FaultEvent,
     FaultHistory,
     HistoryRequest,
+    KillInstance,
+    LoadImage,
     PolicyGet,
     PolicyInfo,
     PolicySet,
     RemoteError,
     RestartPolicy,
+    StartInstance,
 )
 from multikernel.services._signature import make_signing_key
 
 from .fault_host import fault_host, next_event
-from .fault_kit import KV, alive, bring_up, cgroups_of, exited, make_image, owned, show, unique
+from .fault_kit import (
+    CRASHER,
+    KV,
+    MB,
+    alive,
+    bring_up,
+    cgroups_of,
+    exited,
+    lifecycle,
+    make_image,
+    owned,
+    show,
+    unique,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -149,3 +167,62 @@ async def test_the_restart_policy_is_read_and_set_over_the_bus(
         assert status.policy == wanted
         with pytest.raises(RemoteError, match="no instance named 'nope'"):
             await host.status("nope")
+
+
+# -- policies, end to end ------------------------------------------------------------------------
+
+
+async def test_a_crash_loop_past_the_intensity_is_given_up_and_marked_failed(
+    tmp_path: Path, cert: Path, keys: tuple[bytes, bytes]
+) -> None:
+    crasher = make_image(tmp_path, keys, CRASHER, name="crasher")
+    name = unique("f-loop")
+    policy = RestartPolicy("permanent", intensity=2, period=60.0, backoff=0.05, backoff_max=1.0)
+    async with fault_host(tmp_path, cert) as host:
+        create = CreateInstance(name, cpu_count=1, memory=96 * MB, restart=policy)
+        await lifecycle(host.ep, "create", create)
+        info = await lifecycle(host.ep, "load", LoadImage(name, str(crasher)))
+        seen: list[FaultEvent] = []
+        async with await host.ep.subscribe(f"mk.instance.{info.id}.fault") as events:
+            await lifecycle(host.ep, "start", StartInstance(name))
+            gave_up = await next_event(events, "gave-up", seen)
+        kinds = [e.event for e in seen]
+        assert (kinds.count("failed"), kinds.count("restarting")) == (3, 2)
+        first, second = (e.delay for e in seen if e.event == "restarting")
+        assert first == 0.0  # immediate...
+        assert 0.025 <= second <= 0.05  # ...then backed off, with jitter
+        assert "2 restarts" in gave_up.detail
+        assert "intensity 2" in gave_up.detail
+        after = await show(host.ep, name)
+        assert (after.state, after.generation) == ("failed", 3)  # the first launch + 2 restarts
+        (status,) = (await host.status(name)).instances
+        assert (status.state, status.restarts) == ("gave-up", 2)
+        # `mkctl kill` resets it; started again, it is watched again.
+        await lifecycle(host.ep, "kill", KillInstance(name))
+        assert (await show(host.ep, name)).state == "loaded"
+    assert not cgroups_of(name)
+
+
+async def test_one_for_all_restarts_the_whole_group_once(
+    tmp_path: Path, cert: Path, image: Path
+) -> None:
+    group = unique("g")
+    policy = RestartPolicy("permanent", group=group, strategy="one-for-all")
+    names = [unique(f"f-g{i}") for i in range(3)]
+    async with fault_host(tmp_path, cert) as host:
+        before = [await bring_up(host.ep, n, image, policy) for n in names]
+        async with await host.ep.subscribe("mk.instance.*.fault") as events:
+            os.kill(before[1].pid, signal.SIGKILL)
+            recovered: set[str] = set()
+            seen: list[FaultEvent] = []
+            while recovered != set(names):
+                recovered.add((await next_event(events, "recovered", seen)).name)
+        assert [e.name for e in seen if e.event == "failed"] == [names[1]]
+        causes = {e.name: e.cause for e in seen if e.event == "restarting"}
+        assert causes == {names[0]: "group", names[1]: "crashed", names[2]: "group"}
+        for old in before:
+            new = await show(host.ep, old.name)
+            assert (new.state, new.generation, new.id) == ("active", old.generation + 1, old.id)
+            assert not alive(old.pid)
+        (status,) = (await host.status(names[0])).instances
+        assert status.recent == 1  # one restart of the group, counted once against it
