@@ -62,8 +62,24 @@ from multikernel.endpoints import connect, runtime
 ID = int(os.environ["MULTIKERNEL_INSTANCE"])
 JOURNAL = os.path.join(os.environ.get("MULTIKERNEL_IMAGE_DIR", "."), "journal")
 
+def journal(line: str) -> None:
+    with open(JOURNAL, "a") as f:
+        f.write(line + "\\n")
+        f.flush()
+        os.fsync(f.fileno())
+
 async def main() -> None:
-    async with connect(name="kv") as ep:
+    async with (
+        connect(name="kv") as ep,
+        await ep.subscribe(f"mk.instance.{ID}.in") as inbox,
+        anyio.create_task_group() as tg,
+    ):
+        async def collect() -> None:
+            async for message in inbox:
+                journal(f"in:{message.value()}")
+                await ep.publish(f"mk.instance.{ID}.noted", message.value())
+
+        tg.start_soon(collect)
         svc = ep.service(f"instance.{ID}.kv")
 
         @svc.method
@@ -72,10 +88,7 @@ async def main() -> None:
 
         @svc.method
         async def append(line: str) -> int:
-            with open(JOURNAL, "a") as f:
-                f.write(line + "\\n")
-                f.flush()
-                os.fsync(f.fileno())
+            journal(line)  # written and fsynced before the answer
             return 1
 
         @svc.method
@@ -85,6 +98,12 @@ async def main() -> None:
                     return f.read().split()
             except FileNotFoundError:
                 return []
+
+        @svc.method
+        async def hold(_: None) -> int:
+            await ep.publish(f"mk.instance.{ID}.held", os.getpid())
+            await anyio.sleep_forever()
+            return 0
 
         @svc.method
         async def garble(_: None) -> int:

@@ -6,8 +6,10 @@ import os
 import signal
 from pathlib import Path
 
+import anyio
 import pytest
 
+from multikernel.endpoints import retrying
 from multikernel.protocol import (
     CreateInstance,
     FaultEvent,
@@ -15,6 +17,7 @@ from multikernel.protocol import (
     HistoryRequest,
     KillInstance,
     LoadImage,
+    NoRespondersError,
     PolicyGet,
     PolicyInfo,
     PolicySet,
@@ -29,6 +32,7 @@ from .fault_kit import (
     CRASHER,
     KV,
     MB,
+    PATIENCE,
     alive,
     bring_up,
     cgroups_of,
@@ -226,3 +230,61 @@ async def test_one_for_all_restarts_the_whole_group_once(
             assert not alive(old.pid)
         (status,) = (await host.status(names[0])).instances
         assert status.recent == 1  # one restart of the group, counted once against it
+
+
+# -- identity, and what callers see --------------------------------------------------------------
+
+
+async def test_a_request_in_flight_to_a_dying_instance_fails_at_once(
+    tmp_path: Path, cert: Path, image: Path
+) -> None:
+    name = unique("f-fly")
+    async with fault_host(tmp_path, cert) as host:
+        info = await bring_up(host.ep, name, image, RestartPolicy("temporary"))
+        kv = f"instance.{info.id}.kv"
+        await owned(host.ep, kv)
+        outcome: list[BaseException] = []
+
+        async def call() -> None:
+            try:
+                await host.ep.request(kv, "hold", None)
+            except NoRespondersError as exc:
+                outcome.append(exc)
+
+        with anyio.fail_after(PATIENCE):  # guards the suite: hanging here is the failure
+            async with (
+                await host.ep.subscribe(f"mk.instance.{info.id}.held") as held,
+                anyio.create_task_group() as tg,
+            ):
+                tg.start_soon(call)
+                await held.receive()  # the request is being served now
+                os.kill(info.pid, signal.SIGKILL)
+        assert len(outcome) == 1  # the call ended with NoRespondersError, not a hang
+        with pytest.raises(NoRespondersError):  # and nobody serves the name: told at once
+            await host.ep.request(kv, "ping", None)
+
+
+async def test_the_replacement_serves_its_names_and_subscriptions_and_keeps_what_was_acked(
+    tmp_path: Path, cert: Path, image: Path
+) -> None:
+    name = unique("f-ident")
+    async with fault_host(tmp_path, cert) as host:
+        info = await bring_up(host.ep, name, image, PERMANENT)
+        kv = f"instance.{info.id}.kv"
+        await owned(host.ep, kv)
+        acked = [f"line{i}" for i in range(20)]
+        for line in acked:
+            assert await host.ep.request(kv, "append", line) == 1
+        async with await host.ep.subscribe(f"mk.instance.{info.id}.noted") as noted:
+            await host.ep.publish(f"mk.instance.{info.id}.in", "before")
+            assert (await noted.receive()).value() == "before"
+            async with await host.ep.subscribe(f"mk.instance.{info.id}.fault") as events:
+                os.kill(info.pid, signal.SIGKILL)
+                await next_event(events, "recovered")
+            # Callers that opted in to retrying do not see the replacement at all.
+            caller = retrying(host.ep, within=PATIENCE)
+            assert (await caller.request(kv, "ping", None))["instance"] == info.id
+            await host.ep.publish(f"mk.instance.{info.id}.in", "after")
+            assert (await noted.receive()).value() == "after"  # its subscription is back
+        journal = await host.ep.request(kv, "read", None)
+        assert journal == [*acked, "in:before", "in:after"]
