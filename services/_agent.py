@@ -69,6 +69,15 @@ async def _run_workload(
     ep: Endpoint, state: AgentState, argv: list[str], cwd: str, gate: Gate | None = None
 ) -> int:
     """Start the workload (or open its gate) with its own bus attachment; return its status."""
+    if state.workload is None:
+        await _start_workload(ep, state, argv, cwd, gate)
+    assert state.workload is not None
+    return await state.workload.wait()
+
+
+async def _start_workload(
+    ep: Endpoint, state: AgentState, argv: list[str], cwd: str, gate: Gate | None = None
+) -> None:
     attachment = await ep.attachment()
     env = dict(os.environ)
     env.pop("MULTIKERNEL_WORKLOAD", None)
@@ -83,7 +92,6 @@ async def _run_workload(
                 stdin=subprocess.DEVNULL, stdout=None, stderr=None,
             )  # fmt: skip
     log.info("workload started", instance=state.instance, argv=argv, pid=state.workload.pid)
-    return await state.workload.wait()
 
 
 async def _stop_workload(state: AgentState) -> None:
@@ -145,6 +153,8 @@ async def run_agent() -> int:
                 log.info("standby discarded", instance=instance)
                 return 0
             log.info("standby taking over", instance=instance, pid=os.getpid())
+            if gate is not None and workload:  # its interpreter is warm: let it serve at once
+                await _start_workload(ep, state, workload, image_dir, gate)
         await _serve(ep, state).start()
 
         def hello() -> AgentHello:

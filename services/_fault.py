@@ -199,7 +199,6 @@ class FaultActor:
         async with self._lock(key):
             if not self.store.handled(failure.name, failure.generation):
                 return  # seen already (a hang we killed also ends as a death)
-            infos = await self._instances()  # fresh, now that the others wait for us
             members = [Member(i.name, i.id, i.restart) for i in infos]
             me = Member(info.name, info.id, info.restart)
             recent = self.store.recent(key, info.restart.period)

@@ -75,7 +75,7 @@ class DetectionConfig:
 
     period: float = 1.0
     threshold: float = 8.0
-    probe: float | None = None  # seconds to wait for a suspect's status; default max(T, 0.25)
+    probe: float | None = None  # seconds to wait for a suspect's status; default max(T/2, 0.25)
 
     @property
     def phi(self) -> PhiConfig:
@@ -83,7 +83,7 @@ class DetectionConfig:
 
     @property
     def probe_timeout(self) -> float:
-        return self.probe if self.probe is not None else max(self.period, 0.25)
+        return self.probe if self.probe is not None else max(self.period / 2, 0.25)
 
 
 class Detection:

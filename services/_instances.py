@@ -128,7 +128,7 @@ class Instance:
             restart=self.restart,
             generation=self.generation,
             cause=self.cause,
-            standby=self.standby.proc.pid if self.standby is not None else 0,
+            standby=self.standby.proc.pid if self.standby is not None and self.standby.ready else 0,
         )
 
 

@@ -68,6 +68,8 @@ from multikernel.services._supervisor import Supervisor
 log = get_logger("multikernel.lifecycle")
 
 DEFAULT_HELLO_TIMEOUT = 15.0
+#: Seconds between an instance becoming active and the start of its (next) warm standby.
+STANDBY_DELAY = 0.5
 
 
 class LifecycleActor:
@@ -99,6 +101,7 @@ class LifecycleActor:
         self._ids = self._allocate_ids()
         self._recovered = recovered
         self._warming: set[str] = set()  # instances whose standby is being started
+        self.standby_delay = STANDBY_DELAY
         self._tg: anyio.abc.TaskGroup | None = None
         self.timings: dict[str, list[float]] = {"hello": [], "reclaim": [], "takeover": []}
         self._states = StateChanges(endpoint)
@@ -111,6 +114,7 @@ class LifecycleActor:
             bus_path=bus_path,
             heartbeat=heartbeat,
         )
+        self._supervisor.standby_lost = self._keep_standby
 
     def _allocate_ids(self) -> Iterator[int]:
         """Instance ids from the store: never one used before, even across host restarts."""
@@ -360,6 +364,9 @@ class LifecycleActor:
 
     async def _launch_standby(self, inst: Instance, tg: anyio.abc.TaskGroup) -> None:
         try:
+            # Not at once: the launch that just started (often a standby taking over) gets the
+            # instance's CPUs to itself first; two Python start-ups would slow it down.
+            await anyio.sleep(self.standby_delay)
             async with inst.lock:  # not while the instance is started, stopped or restarted
                 await self._supervisor.launch_standby(
                     inst, watchers=tg, ready_timeout=self.hello_timeout

@@ -78,6 +78,8 @@ class Supervisor:
         self.timings = timings
         self.bus_path = bus_path
         self.heartbeat = heartbeat
+        #: Called when a ready standby ended by itself (the actor starts another).
+        self.standby_lost: Callable[[Instance], None] | None = None
 
     def spec(
         self,
@@ -247,10 +249,13 @@ class Supervisor:
         self.timings["reclaim"].append(time.monotonic() - t0)
         exited.set()
         if inst.standby is not None and inst.standby.proc is proc:
+            was_ready = inst.standby.ready
             inst.standby.close()
             inst.standby = None
             self.states.save(inst)
             log.info("standby ended", instance=inst.name, status=_describe_exit(status))
+            if was_ready and self.standby_lost is not None:  # it worked: have another
+                self.standby_lost(inst)
             return
         if inst.proc is not proc:
             return  # a later launch owns the instance now (or the host is stopping it)
@@ -330,6 +335,8 @@ class Supervisor:
                 await self.discard_standby(inst)
             return
         log.info("standby ready", instance=inst.name, pid=proc.pid, unit=spec.unit)
+        if inst.state == ACTIVE and inst.standby is standby:  # no state change: an announcement
+            await self.states.announce(inst, ACTIVE, ACTIVE, f"standby ready (pid {proc.pid})")
 
 
 def _describe_exit(status: int) -> str:

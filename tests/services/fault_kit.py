@@ -61,6 +61,7 @@ from multikernel.endpoints import connect, runtime
 
 ID = int(os.environ["MULTIKERNEL_INSTANCE"])
 JOURNAL = os.path.join(os.environ.get("MULTIKERNEL_IMAGE_DIR", "."), "journal")
+BOOT = os.urandom(4).hex()  # which launch answers
 
 def journal(line: str) -> None:
     with open(JOURNAL, "a") as f:
@@ -84,7 +85,7 @@ async def main() -> None:
 
         @svc.method
         async def ping(_: None) -> dict:
-            return {"pid": os.getpid(), "instance": ID}
+            return {"pid": os.getpid(), "instance": ID, "boot": BOOT}
 
         @svc.method
         async def append(line: str) -> int:
@@ -316,6 +317,7 @@ async def attached(host: HostProcess, name: str = "test") -> AsyncIterator[Endpo
 
 def values(message: Any) -> Any:
     return message.value()
+
 
 #: A workload that fails soon after it starts (exit status 3): a crash loop.
 CRASHER = "import sys, time\ntime.sleep(0.05)\nsys.exit(3)\n"
