@@ -306,7 +306,9 @@ class FaultActor:
             pending.add(intent.name)
             if w.generation != intent.generation:  # done before we died: count it now
                 self.store.finish(intent, (intent.name, *intent.members))
-                if w.state != "active":
+                if w.state == "active":  # and owe its `recovered`
+                    await self._event(w.name, w.id, "recovered", generation=w.generation)
+                else:
                     self._restarting[intent.name] = intent.generation
                 continue
             log.info("resuming restart", instance=intent.name, due_in=intent.due - time.time())

@@ -137,7 +137,7 @@ async def main() -> None:
             return dict(counts)
 
         await svc.start()
-        caller = retrying(ep, within=5.0)
+        caller = retrying(ep, within=10.0)  # idempotent pings ride out a replacement
         while True:
             try:
                 await caller.request(TARGET, "ping", None)
@@ -145,6 +145,8 @@ async def main() -> None:
             except Exception as exc:
                 counts["failed"] += 1
                 counts["last_error"] = f"{type(exc).__name__}: {exc}"
+            if (counts["ok"] + counts["failed"]) % 20 == 0:
+                await ep.publish(f"mk.instance.{ID}.progress", dict(counts))
             await anyio.sleep(0.002)
 
 runtime.run(main)
@@ -321,3 +323,9 @@ def values(message: Any) -> Any:
 
 #: A workload that fails soon after it starts (exit status 3): a crash loop.
 CRASHER = "import sys, time\ntime.sleep(0.05)\nsys.exit(3)\n"
+
+
+def inject(pid: int, signum: int = signal.SIGKILL) -> None:
+    """Send `signum` to one instance process: never to 0 or 1 (a group, or init)."""
+    assert pid > 1, f"no process to signal (pid {pid}): the instance is not running"
+    os.kill(pid, signum)

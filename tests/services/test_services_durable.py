@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from .fault_kit import (
     bring_up,
     cgroups_of,
     exited,
+    inject,
     lifecycle,
     make_image,
     owned,
@@ -166,7 +166,7 @@ async def test_a_killed_host_comes_back_adopts_what_runs_and_reclaims_the_rest(
             assert alive(a.pid)
             # Instances talk without the hub: the direct channel made before still works.
             assert (await ep.request(f"instance.{a.id}.kv", "ping", None)) == before
-            os.kill(b.pid, signal.SIGKILL)  # one instance dies while nobody watches
+            inject(b.pid, signal.SIGKILL)  # one instance dies while nobody watches
             await exited(b.pid)
 
             await host.start()  # the same state dir; `ep` re-attaches on its own

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -37,6 +36,7 @@ from .fault_kit import (
     bring_up,
     cgroups_of,
     exited,
+    inject,
     lifecycle,
     make_image,
     owned,
@@ -81,7 +81,7 @@ async def test_a_killed_instance_is_replaced_keeping_its_identity(
         await owned(host.ep, kv)
         first = await host.ep.request(kv, "ping", None)
         async with await host.ep.subscribe(f"mk.instance.{before.id}.fault") as events:
-            os.kill(before.pid, signal.SIGKILL)
+            inject(before.pid, signal.SIGKILL)
             failed = await next_event(events, "failed")
             restarting = await next_event(events, "restarting")
             recovered = await next_event(events, "recovered")
@@ -113,7 +113,7 @@ async def test_a_stopped_instance_is_found_hung_and_replaced(
     async with fault_host(tmp_path, cert) as host:
         before = await bring_up(host.ep, name, image, PERMANENT)
         async with await host.ep.subscribe(f"mk.instance.{before.id}.fault") as events:
-            os.kill(before.pid, signal.SIGSTOP)
+            inject(before.pid, signal.SIGSTOP)
             failed = await next_event(events, "failed")
             await next_event(events, "recovered")
         assert failed.cause == "hang"
@@ -149,7 +149,7 @@ async def test_a_temporary_instance_is_reported_and_left_down(
     async with fault_host(tmp_path, cert) as host:
         before = await bring_up(host.ep, name, image, RestartPolicy("temporary"))
         async with await host.ep.subscribe(f"mk.instance.{before.id}.fault") as events:
-            os.kill(before.pid, signal.SIGKILL)
+            inject(before.pid, signal.SIGKILL)
             failed = await next_event(events, "failed")
         assert "temporary: never restarted" in failed.detail
         assert (await show(host.ep, name)).state == "loaded"
@@ -216,7 +216,7 @@ async def test_one_for_all_restarts_the_whole_group_once(
     async with fault_host(tmp_path, cert) as host:
         before = [await bring_up(host.ep, n, image, policy) for n in names]
         async with await host.ep.subscribe("mk.instance.*.fault") as events:
-            os.kill(before[1].pid, signal.SIGKILL)
+            inject(before[1].pid, signal.SIGKILL)
             recovered: set[str] = set()
             seen: list[FaultEvent] = []
             while recovered != set(names):
@@ -258,7 +258,7 @@ async def test_a_request_in_flight_to_a_dying_instance_fails_at_once(
             ):
                 tg.start_soon(call)
                 await held.receive()  # the request is being served now
-                os.kill(info.pid, signal.SIGKILL)
+                inject(info.pid, signal.SIGKILL)
         assert len(outcome) == 1  # the call ended with NoRespondersError, not a hang
         with pytest.raises(NoRespondersError):  # and nobody serves the name: told at once
             await host.ep.request(kv, "ping", None)
@@ -279,7 +279,7 @@ async def test_the_replacement_serves_its_names_and_subscriptions_and_keeps_what
             await host.ep.publish(f"mk.instance.{info.id}.in", "before")
             assert (await noted.receive()).value() == "before"
             async with await host.ep.subscribe(f"mk.instance.{info.id}.fault") as events:
-                os.kill(info.pid, signal.SIGKILL)
+                inject(info.pid, signal.SIGKILL)
                 await next_event(events, "recovered")
             # Callers that opted in to retrying do not see the replacement at all.
             caller = retrying(host.ep, within=PATIENCE)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 from pathlib import Path
 
@@ -12,7 +11,18 @@ from multikernel.endpoints import Endpoint, Subscription
 from multikernel.protocol import InstanceInfo, KillInstance, RestartPolicy
 
 from .fault_host import fault_host, next_event, next_state
-from .fault_kit import KV, alive, bring_up, cgroups_of, exited, lifecycle, make_image, owned, show
+from .fault_kit import (
+    KV,
+    alive,
+    bring_up,
+    cgroups_of,
+    exited,
+    inject,
+    lifecycle,
+    make_image,
+    owned,
+    show,
+)
 from .fault_kit import unique as unique_name
 
 pytestmark = pytest.mark.anyio
@@ -66,7 +76,7 @@ async def test_a_warm_standby_takes_a_killed_instance_over(
             ready = await standby_ready(host.ep, states, name)
             assert ready.standby not in (0, first.pid)
             async with await host.ep.subscribe(f"mk.instance.{first.id}.fault") as events:
-                os.kill(first.pid, signal.SIGKILL)
+                inject(first.pid, signal.SIGKILL)
                 await next_event(events, "recovered")
             after = await show(host.ep, name)
             # The standby's agent is the instance now: same instance, its next generation.
@@ -91,7 +101,7 @@ async def test_a_standby_that_dies_is_replaced_and_killing_the_instance_ends_it(
         async with await host.ep.subscribe("mk.instance.*.state") as states:
             info = await bring_up(host.ep, name, image, PROTECTED)
             ready = await standby_ready(host.ep, states, name)
-            os.kill(ready.standby, signal.SIGKILL)  # the standby, not the instance
+            inject(ready.standby, signal.SIGKILL)  # the standby, not the instance
             await exited(ready.standby)
             replaced = await standby_ready(host.ep, states, name, old=ready.standby)
         assert replaced.standby != ready.standby
