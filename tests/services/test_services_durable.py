@@ -188,6 +188,11 @@ async def test_a_killed_host_comes_back_adopts_what_runs_and_reclaims_the_rest(
             assert status.instance == a.id
             await owned(ep, f"instance.{a.id}.kv")
             assert (await ep.request(f"instance.{a.id}.kv", "ping", None))["pid"] == before["pid"]
+            # Re-attached by path, they are bound to their instance from kernel facts, not 0.
+            snapshot = await ep.introspect()
+            mine = (f"agent-{survivor}", "kv")
+            bound = {e.name: e.instance for e in snapshot.endpoints if e.name in mine}
+            assert bound == {f"agent-{survivor}": a.id, "kv": a.id}
 
             # The lost one starts again; a name is reused after the crash.
             assert (await lifecycle(ep, "start", StartInstance(victim))).state == "active"
