@@ -49,6 +49,9 @@ from multikernel.shm._errors import (
 from multikernel.shm._errors import (
     ShmError as ShmError,
 )
+from multikernel.shm._errors import (
+    UnsafeHandleError as UnsafeHandleError,
+)
 from multikernel.shm._layout import max_payload as max_payload
 from multikernel.shm._layout import ring_size as ring_size
 from multikernel.shm._reader import RingReader as RingReader

@@ -31,7 +31,7 @@ from multikernel.shm import _layout as L
 from multikernel.shm._doorbell import Doorbell
 from multikernel.shm._errors import LayoutError
 from multikernel.shm._reader import RingReader
-from multikernel.shm._region import Backing, Region
+from multikernel.shm._region import Region
 from multikernel.shm._ring import Buffer, RingStatistics, format_ring
 from multikernel.shm._wait import WaitPolicy
 from multikernel.shm._writer import RingWriter
@@ -221,10 +221,19 @@ class Channel(ObjectStream[bytes]):
 
     @classmethod
     def attach(cls, handle: ChannelHandle, policy: WaitPolicy | None = None) -> Self:
-        """Open the end a `ChannelHandle` describes; the channel takes ownership of its fds."""
+        """Open the end a `ChannelHandle` describes; the channel takes ownership of its fds.
+
+        A handle whose region a peer could resize under us raises `UnsafeHandleError` (see
+        `Region.from_fd`), with every fd closed.
+        """
         fds = list(handle.fds)
         handle.fds[:] = [-1] * len(fds)
-        region = Region.from_fd(fds[0])
+        region_fd, fds[0] = fds[0], -1
+        try:
+            region = Region.from_fd(region_fd)  # checks the seals; closes the fd if refused
+        except BaseException:
+            _close_all(fds)
+            raise
         bells = [Doorbell(fd) if fd >= 0 else None for fd in fds[1:5]]
         return cls._open(region, handle.side, bells, fds[5] if fds[5] >= 0 else None, policy)
 
@@ -235,8 +244,10 @@ class Channel(ObjectStream[bytes]):
         """Open one end of a channel laid out in a file, with no doorbells (polling with back-off).
 
         For regions with no interrupt userspace can see: a DAX-backed file, a PCI BAR. The
-        file must already hold a channel (`format_channel`), e.g. made by `create_channel(
-        backing="shm", doorbells=False)` in the peer.
+        file must already hold a channel (`format_channel`), e.g. made with `Region.create(size,
+        backing="shm")` and `format_channel` by the peer. Only for peers we trust: a file cannot
+        be sealed, so whoever can write it can truncate it under us (SIGBUS); `Region.open`
+        refuses a file that users other than us and root could write.
         """
         if side not in (0, 1):
             raise ValueError(f"a channel has sides 0 and 1, not {side}")
@@ -307,17 +318,24 @@ class Channel(ObjectStream[bytes]):
         return {}
 
 
+def _close_all(fds: list[int]) -> None:
+    for i, fd in enumerate(fds):
+        if fd >= 0:
+            os.close(fd)
+            fds[i] = -1
+
+
 def create_channel_handles(
-    capacity: int = DEFAULT_CAPACITY, *, backing: Backing = "memfd", doorbells: bool = True
+    capacity: int = DEFAULT_CAPACITY, *, doorbells: bool = True
 ) -> tuple[ChannelHandle, ChannelHandle]:
     """Create a channel and return the handles of both ends, keeping nothing open ourselves.
 
     For a broker (the hub) that sets up a channel between two other processes: hand each
-    handle to its process, then close both. With doorbells, each end's liveness fd is its end of
-    a socketpair whose other end only the other process holds.
+    handle to its process, then close both. The region is a sealed memfd. With doorbells, each
+    end's liveness fd is its end of a socketpair whose other end only the other process holds.
     """
     L.check_capacity(capacity)
-    region = Region.create(channel_size(capacity), backing=backing)
+    region = Region.create(channel_size(capacity))
     handles = (ChannelHandle(0, []), ChannelHandle(1, []))
     bells: list[Doorbell] = []
     try:
@@ -347,12 +365,11 @@ def create_channel_handles(
 def create_channel(
     capacity: int = DEFAULT_CAPACITY,
     *,
-    backing: Backing = "memfd",
     doorbells: bool = True,
     policy: WaitPolicy | None = None,
 ) -> tuple[Channel, ChannelHandle]:
     """Create a channel; returns our end (side 0, open) and the handle for the other end."""
-    ours, theirs = create_channel_handles(capacity, backing=backing, doorbells=doorbells)
+    ours, theirs = create_channel_handles(capacity, doorbells=doorbells)
     try:
         return Channel.attach(ours, policy), theirs
     except BaseException:
