@@ -23,7 +23,7 @@ from multikernel.shm import ChannelHandle
 
 ENV_SOCKET = "MULTIKERNEL_BUS"
 ENV_FD = "MULTIKERNEL_BUS_FD"
-HANDLE_FDS = 6
+HANDLE_FDS = ChannelHandle.FDS  # region, four doorbell pipe ends, liveness
 _LENGTH = struct.Struct("<I")
 
 
