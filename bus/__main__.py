@@ -38,9 +38,11 @@ async def run(args: argparse.Namespace) -> None:
     policy = Policy.load(args.policy) if args.policy else Policy.default()
     limits = Limits(max_pending=args.max_pending, slow_consumer=args.slow_consumer)
     hub = Hub(args.socket or default_socket_path(), policy=policy, limits=limits)
-    async with anyio.create_task_group() as tg:
-        await tg.start(hub.serve)
-        with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+    # Signals are ours before the hub says it is listening: a SIGHUP sent on that cue must
+    # reload, not kill the process with the default action.
+    with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hub.serve)
             async for signum in signals:
                 if signum == signal.SIGHUP and args.policy:
                     try:
