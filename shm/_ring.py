@@ -18,7 +18,7 @@ while the peer is awake (io_uring's NEED_WAKEUP): a producer rings only when the
 
 from __future__ import annotations
 
-import os
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self, TypeVar
@@ -35,14 +35,28 @@ from multikernel.shm._wait import SpinGovernor, WaitPolicy
 
 if TYPE_CHECKING:
     import mmap
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from multikernel.shm._region import Region
 
 T = TypeVar("T")
 
 _now = time.perf_counter_ns
-_yield = os.sched_yield
+#: How long an async spin stays in the native core before it lets the event loop run again.
+SLICE_NS = 5_000
+
+
+async def _asyncio_checkpoint() -> None:
+    await asyncio.sleep(0)  # what anyio's checkpoint does on asyncio, without finding the backend
+
+
+def _checkpoint() -> Callable[[], Awaitable[None]]:
+    """The cheapest way to let the running event loop run other tasks, found once per wait."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio, or another loop anyio runs on
+        return anyio.lowlevel.checkpoint
+    return _asyncio_checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,25 +205,31 @@ class _RingSide:
         return None
 
     async def _spin_async(self, attempt: Callable[[], T | None], n: int = 0) -> T | None:
+        """Spin in slices of `SLICE_NS` (in the core, yielding the CPU each turn), going back to
+        the event loop between slices so that other tasks run: the answer is often produced by
+        one of them (a handler in this very process). A turn of the event loop costs several
+        times a turn of the native spin, so a slice is a few microseconds, not one turn.
+        """
         if not self.policy.cooperative:
             return self._spin(attempt, n)
         governor = self._governor
         if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
             return None
-        checkpoint = anyio.lowlevel.checkpoint
+        checkpoint = _checkpoint()
+        spin = self._core.spin
         self._nudged = False
         deadline = _now() + governor.spin_ns
-        while _now() < deadline:
+        while (left := deadline - _now()) > 0:
             await checkpoint()
-            _yield()
             if self._nudged:  # something was just sent that the peer will answer: spin on
                 self._nudged = False
                 deadline = _now() + governor.spin_ns
-            result = attempt()
-            if result is not None:
-                governor.record(hit=True)
-                self._spins += 1
-                return result
+            if spin(min(left, SLICE_NS), n):
+                result = attempt()
+                if result is not None:
+                    governor.record(hit=True)
+                    self._spins += 1
+                    return result
         governor.record(hit=False)
         return None
 
@@ -284,7 +304,7 @@ class _RingSide:
     ) -> T:
         """Wait until `attempt` returns a result, never blocking the event loop.
 
-        The spin yields to the event loop on every turn (a checkpoint, then `sched_yield`), so
+        The spin goes back to the event loop between short native slices (`_spin_async`), so
         the task that will produce what we wait for (often in this very process: a handler about
         to reply) runs while we spin.
         """
