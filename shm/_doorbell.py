@@ -128,7 +128,7 @@ class Doorbell:
 class WaitSet:
     """What one side of a ring sleeps on: its doorbell, the peer's liveness fd, our own wake-ups."""
 
-    __slots__ = ("_closed", "_epoll", "_own", "_own_rung", "_probe", "bell", "fileno")
+    __slots__ = ("_closed", "_epoll", "_own", "_own_rung", "_poller", "_probe", "bell", "fileno")
 
     def __init__(self, bell: Doorbell, liveness_fd: int | None) -> None:
         self.bell = bell
@@ -143,6 +143,8 @@ class WaitSet:
             self._epoll.register(liveness_fd, select.EPOLLIN)
             self._probe.register(liveness_fd, select.POLLIN)
         self.fileno = self._epoll.fileno()
+        self._poller = select.poll()  # for wait_blocking: made once, not per sleep
+        self._poller.register(self.fileno, select.POLLIN)
 
     def peer_gone(self) -> bool:
         """True once the peer has gone: its doorbell end is closed or the liveness fd fired.
@@ -166,6 +168,10 @@ class WaitSet:
     def drain(self) -> None:
         """After waking: reset the doorbell and, if it was used, our own wake-up."""
         self.bell.drain()
+        self.drain_own()
+
+    def drain_own(self) -> None:
+        """After waking: reset our own wake-up, if it was used (the ring's core drains the bell)."""
         if self._own_rung and self._own is not None:
             self._own_rung = False
             with contextlib.suppress(BlockingIOError):
@@ -173,9 +179,7 @@ class WaitSet:
 
     def wait_blocking(self, timeout: float | None) -> bool:
         """Block until the doorbell rings or the peer goes; False on timeout."""
-        poller = select.poll()
-        poller.register(self.fileno, select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+        return bool(self._poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
 
     async def wait(self) -> None:
         """Sleep until the doorbell rings or the peer goes, without a thread (any event loop)."""

@@ -31,6 +31,7 @@ from multikernel.shm._core import Buffer as Buffer
 from multikernel.shm._core import Core, Implementation
 from multikernel.shm._doorbell import Doorbell, WaitSet
 from multikernel.shm._errors import LayoutError
+from multikernel.shm._pycore import WAIT_PEER_CLOSED, WAIT_READY, WAIT_READY_SLEPT, WAIT_TIMEOUT
 from multikernel.shm._wait import SpinGovernor, WaitPolicy
 
 if TYPE_CHECKING:
@@ -198,10 +199,8 @@ class _RingSide:
         while (left := deadline - _now()) > 0 and spin(left, n):
             result = attempt()
             if result is not None:
-                governor.record(hit=True)
                 self._spins += 1
                 return result
-        governor.record(hit=False)
         return None
 
     async def _spin_async(self, attempt: Callable[[], T | None], n: int = 0) -> T | None:
@@ -227,10 +226,8 @@ class _RingSide:
             if spin(min(left, SLICE_NS), n):
                 result = attempt()
                 if result is not None:
-                    governor.record(hit=True)
                     self._spins += 1
                     return result
-        governor.record(hit=False)
         return None
 
     def _announce_sleep(
@@ -257,10 +254,13 @@ class _RingSide:
     def _woken(self) -> None:
         if self._closed:  # closed while we slept: the views and the doorbell are gone
             return
-        self._core.unannounce()
         self._waits += 1
-        if self._waitset is not None:
-            self._waitset.drain()
+        waitset = self._waitset
+        if waitset is None:
+            self._core.unannounce()
+        else:
+            self._core.woken(waitset.bell.fd)  # clears our flag, drains the doorbell
+            waitset.drain_own()
 
     def _wait(
         self,
@@ -273,9 +273,58 @@ class _RingSide:
 
         `n`: the payload size a writer waits to make room for (0 for a reader).
         """
+        started = _now()
         result = self._spin(attempt, n)
         if result is not None:
+            self._governor.learn(_now() - started, caught=True)
             return result
+        result = self._sleep(attempt, at_end, timeout, n)
+        self._governor.learn(_now() - started, caught=False)
+        return result
+
+    def _sleep(
+        self,
+        attempt: Callable[[], T | None],
+        at_end: Callable[[], T | None],
+        timeout: float | None,
+        n: int,
+    ) -> T:
+        waitset = self._waitset
+        if waitset is None:
+            return self._poll(attempt, at_end, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        core = self._core
+        wait_fd, bell_fd = waitset.fileno, waitset.bell.fd
+        while True:
+            timeout_ms = -1
+            if deadline is not None:
+                timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            # Announce, look again, sleep, clear the flag and drain the bell: one call.
+            outcome = core.wait(wait_fd, bell_fd, timeout_ms, n)
+            if outcome not in (WAIT_READY, WAIT_PEER_CLOSED):
+                self._waits += 1
+                waitset.drain_own()
+            if outcome in (WAIT_READY, WAIT_READY_SLEPT):
+                result = attempt()
+            elif outcome == WAIT_TIMEOUT:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("timed out waiting on the ring")
+                continue
+            else:  # the peer closed, or we woke to nothing (the peer may be gone)
+                result = attempt()
+                if result is None:
+                    result = at_end()
+            if result is not None:
+                return result
+            self._check_usable()
+
+    def _poll(
+        self,
+        attempt: Callable[[], T | None],
+        at_end: Callable[[], T | None],
+        timeout: float | None,
+    ) -> T:
+        """Without a doorbell: look, sleep with back-off, look again."""
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = self.policy.poll_min
         while True:
@@ -287,11 +336,8 @@ class _RingSide:
                 self._woken()
                 raise TimeoutError("timed out waiting on the ring")
             try:
-                if self._waitset is not None:
-                    self._waitset.wait_blocking(remaining)
-                else:
-                    time.sleep(backoff if remaining is None else min(backoff, remaining))
-                    backoff = min(backoff * 2, self.policy.poll_max)
+                time.sleep(backoff if remaining is None else min(backoff, remaining))
+                backoff = min(backoff * 2, self.policy.poll_max)
             finally:
                 self._woken()
             self._check_usable()
@@ -311,9 +357,12 @@ class _RingSide:
         if self._busy:
             raise anyio.BusyResourceError("waiting on this ring side")
         self._busy = True
+        started = _now()
+        caught = True
         try:
             backoff = self.policy.poll_min
             while (result := await self._spin_async(attempt, n)) is None:
+                caught = False
                 result = self._announce_sleep(attempt, at_end)
                 if result is not None:
                     break
@@ -329,6 +378,7 @@ class _RingSide:
                 result = attempt()
                 if result is not None:
                     break
+            self._governor.learn(_now() - started, caught=caught)
             return result
         finally:
             self._busy = False
