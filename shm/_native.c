@@ -275,13 +275,26 @@ static PyObject *core_woken(Core *c, PyObject *arg) {
 
 static int writer_ready(Core *c, uint64_t n);
 static int reader_ready(Core *c, uint64_t n);
+static PyObject *reader_try_receive(Core *c, PyObject *unused);
+
+/* The next frame, or `status` if there is none after all (the writer only closed). */
+static PyObject *reader_take_one(Core *c, int status) {
+    PyObject *frame = reader_try_receive(c, NULL);
+    if (frame == Py_None) {
+        Py_DECREF(frame);
+        return PyLong_FromLong(status);
+    }
+    return frame;
+}
 
 /* What `wait` found; the same numbers as WAIT_* in _pycore.py. */
 enum { WAIT_READY = 0, WAIT_READY_SLEPT = 1, WAIT_TIMEOUT = 2, WAIT_PEER_CLOSED = 3,
        WAIT_WOKEN_EMPTY = 4 };
 
 /* wait(wait_fd, bell_fd, timeout_ms, n): the sleep half of a wait, after the spin. Announces
- * sleep (flag, full fence), looks again (a frame to read, or room for `n` bytes), and unless
+ * sleep (flag, full fence), looks again (a frame to read, or room for `n` bytes; a reader that
+ * passes n = -1 gets the frame itself, taken as soon as it woke, instead of WAIT_READY_SLEPT),
+ * and unless
  * that found something or the peer's closed flag, polls `wait_fd` (the wait set's epoll fd) with
  * the GIL released; on waking clears the flag, drains the doorbell and looks again. Returns one
  * of WAIT_*; a signal is a spurious wake (WAIT_WOKEN_EMPTY) unless its handler raised. */
@@ -326,7 +339,11 @@ static PyObject *core_wait(Core *c, PyObject *const *args, Py_ssize_t nargs) {
         return PyLong_FromLong(WAIT_TIMEOUT);
     if (!c->has_view)
         return raise_unusable(c);
-    return PyLong_FromLong(ready(c, (uint64_t)v[3]) ? WAIT_READY_SLEPT : WAIT_WOKEN_EMPTY);
+    if (!ready(c, (uint64_t)v[3]))
+        return PyLong_FromLong(WAIT_WOKEN_EMPTY);
+    if (v[3] < 0) /* a reader that wants the frame: take it here, before any Python runs */
+        return reader_take_one(c, WAIT_READY_SLEPT);
+    return PyLong_FromLong(WAIT_READY_SLEPT);
 }
 
 static PyObject *core_release(Core *c, PyObject *unused) {

@@ -151,10 +151,11 @@ class _Core:
     def _ready(self, n: int) -> bool:
         raise NotImplementedError
 
-    def wait(self, wait_fd: int, bell: int, timeout_ms: int, n: int) -> int:
+    def wait(self, wait_fd: int, bell: int, timeout_ms: int, n: int) -> bytes | int:
         """The sleep half of a wait, after the spin; returns one of the WAIT_* outcomes.
 
-        Announce sleep (flag, fence), look again (a frame to read, or room for `n` bytes); unless
+        Announce sleep (flag, fence), look again (a frame to read, or room for `n` bytes; a
+        reader that passes n = -1 gets the frame itself instead of WAIT_READY_SLEPT); unless
         that found something or the peer's closed flag, poll `wait_fd` (the wait set), then
         `woken` and look again. A signal whose handler returns is a spurious wake-up.
         """
@@ -163,7 +164,9 @@ class _Core:
         self.announce()
         if self._ready(n):
             self.unannounce()
-            return WAIT_PEER_CLOSED if self.peer_flags() & L.SIDE_CLOSED else WAIT_READY
+            if self.peer_flags() & L.SIDE_CLOSED:
+                return WAIT_PEER_CLOSED
+            return WAIT_READY
         poller = self._poller
         if poller is None:
             poller = self._poller = select.poll()
@@ -176,7 +179,12 @@ class _Core:
             return WAIT_TIMEOUT
         if self.closed:
             raise self._unusable()
-        return WAIT_READY_SLEPT if self._ready(n) else WAIT_WOKEN_EMPTY
+        if not self._ready(n):
+            return WAIT_WOKEN_EMPTY
+        return self._take_one(WAIT_READY_SLEPT) if n < 0 else WAIT_READY_SLEPT
+
+    def _take_one(self, status: int) -> bytes | int:
+        raise NotImplementedError
 
     def release(self) -> None:
         """Let go of the mapping; every later call raises the closed (or broken) error."""
@@ -378,6 +386,10 @@ class ReaderCore(_Core):
             frames.append(take())
         self._consumed()
         return frames
+
+    def _take_one(self, status: int) -> bytes | int:
+        frame = self.try_receive()
+        return status if frame is None else frame
 
     def _ready(self, n: int = 0) -> bool:
         q = self._q

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self, TypeVar
 
@@ -196,6 +197,7 @@ class _RingSide:
             return None
         spin = self._core.spin
         deadline = _now() + governor.spin_ns
+        n = max(n, 0)  # -1: a reader that wants the frame from wait() (spin ignores it)
         while (left := deadline - _now()) > 0 and spin(left, n):
             result = attempt()
             if result is not None:
@@ -301,6 +303,10 @@ class _RingSide:
                 timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
             # Announce, look again, sleep, clear the flag and drain the bell: one call.
             outcome = core.wait(wait_fd, bell_fd, timeout_ms, n)
+            if outcome.__class__ is bytes:  # a reader's frame, taken as soon as it woke
+                self._waits += 1
+                waitset.drain_own()
+                return typing.cast("T", outcome)
             if outcome not in (WAIT_READY, WAIT_PEER_CLOSED):
                 self._waits += 1
                 waitset.drain_own()
