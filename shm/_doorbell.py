@@ -128,7 +128,7 @@ class Doorbell:
 class WaitSet:
     """What one side of a ring sleeps on: its doorbell, the peer's liveness fd, our own wake-ups."""
 
-    __slots__ = ("_closed", "_epoll", "_own", "_own_rung", "_poller", "_probe", "bell", "fileno")
+    __slots__ = ("_closed", "_epoll", "_own", "_own_rung", "_probe", "bell", "fileno")
 
     def __init__(self, bell: Doorbell, liveness_fd: int | None) -> None:
         self.bell = bell
@@ -143,8 +143,6 @@ class WaitSet:
             self._epoll.register(liveness_fd, select.EPOLLIN)
             self._probe.register(liveness_fd, select.POLLIN)
         self.fileno = self._epoll.fileno()
-        self._poller = select.poll()  # for wait_blocking: made once, not per sleep
-        self._poller.register(self.fileno, select.POLLIN)
 
     def peer_gone(self) -> bool:
         """True once the peer has gone: its doorbell end is closed or the liveness fd fired.
@@ -177,12 +175,11 @@ class WaitSet:
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._own)
 
-    def wait_blocking(self, timeout: float | None) -> bool:
-        """Block until the doorbell rings or the peer goes; False on timeout."""
-        return bool(self._poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
-
     async def wait(self) -> None:
-        """Sleep until the doorbell rings or the peer goes, without a thread (any event loop)."""
+        """Sleep until the doorbell rings or the peer goes, without a thread (any event loop).
+
+        (The blocking API sleeps in the ring's core instead: `wait()` there polls `fileno`.)
+        """
         await anyio.wait_readable(self.fileno)
 
     def close(self) -> None:
