@@ -2,8 +2,11 @@
 
 A pure client of the bus: every verb is a request to an actor (`lifecycle`, an instance's agent)
 or to the hub. `mkctl host up` starts the host process by module name; `mkctl image` runs the
-image tool the same way. Human output on a terminal, JSON with `--json`; errors say what to do
-next and exit with status 1 (2 for a bad command line).
+image tool the same way. Human output on a terminal, JSON with `--json`.
+
+An error is one line, `error: ...`, that says what to do next (`--debug` adds the traceback), and
+the exit status says what kind it was (`exit_code`): 0 ok, 1 failed, 2 usage, 3 not found,
+4 refused or not permitted, 5 timed out. The kinds come from the protocol's typed errors.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 import msgspec
@@ -27,20 +30,96 @@ from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints._hublink import HubUnavailableError
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import (
+    AccessDeniedError,
     AgentStatus,
     CreateInstance,
+    DeadlineExceededError,
     DeleteInstance,
     ExecRequest,
     ExecResult,
     InstanceInfo,
     InstanceList,
+    InvalidSubjectError,
     KillInstance,
     LoadImage,
     MultikernelError,
+    NoRespondersError,
+    NotFoundError,
+    RefusedError,
+    RemoteError,
     ShowInstances,
     StartInstance,
     UpdateInstance,
 )
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_REFUSED, EXIT_TIMEOUT = range(6)
+
+
+class CommandError(Exception):
+    """An error of mkctl's own (not the bus's), with the exit status it stands for."""
+
+    def __init__(self, message: str, status: int = 1) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class UsageError(CommandError):
+    """A bad command line found after parsing (a body that is not JSON): exit status 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, EXIT_USAGE)
+
+
+def exit_code(exc: BaseException) -> int:
+    """The exit status for an error, by its kind (see the module docstring)."""
+    match exc:
+        case CommandError(status=status):
+            return status
+        case InvalidSubjectError():
+            return EXIT_USAGE
+        case NoRespondersError() | NotFoundError() | FileNotFoundError():
+            return EXIT_NOT_FOUND
+        case AccessDeniedError() | RefusedError() | PermissionError():
+            return EXIT_REFUSED
+        case DeadlineExceededError() | TimeoutError():
+            return EXIT_TIMEOUT
+        case _:
+            return EXIT_FAILED
+
+
+def error_line(exc: BaseException) -> str:
+    """The one line that describes an error to a person (never a traceback)."""
+    match exc:
+        case RemoteError(remote_type=str(kind)) if kind not in ("", "RemoteError"):
+            return f"error: the service failed with {kind}: {exc.message}"
+        case MultikernelError():
+            return f"error: {exc.message}"
+        case CommandError() | HubUnavailableError() | OSError() | TimeoutError():
+            return f"error: {exc}" if str(exc) else f"error: {type(exc).__name__}"
+        case _:
+            return (
+                f"error: mkctl failed unexpectedly ({type(exc).__name__}: {exc}); run it again "
+                "with --debug and report the traceback"
+            )
+
+
+def parse_json(text: str, what: str) -> Any:
+    """`text` as JSON, or a UsageError saying what was wrong and what JSON looks like."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{what} is not valid JSON ({exc.msg} at column {exc.colno}): {text!r}; "
+            """write e.g. '{"key": 1}', '"text"' or 42"""
+        ) from None
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad command line said in one `error:` line (exit status 2)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message}\nsee: {self.prog} --help\n")
+
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
 
@@ -148,11 +227,10 @@ def host_up(args: argparse.Namespace) -> int:
     state.mkdir(parents=True, exist_ok=True)
     pidfile = state / "host.pid"
     if pidfile.exists() and _alive(int(pidfile.read_text())):
-        print(
+        raise CommandError(
             f"a host is already running (pid {pidfile.read_text().strip()}); mkctl host down first",
-            file=sys.stderr,
+            EXIT_REFUSED,
         )
-        return 1
     read, write = os.pipe()
     with (state / "host.log").open("ab") as log:
         proc = subprocess.Popen(
@@ -168,11 +246,9 @@ def host_up(args: argparse.Namespace) -> int:
         line = ready.readline()  # EOF if the host died before it was ready
     if not line.startswith("ready"):
         proc.wait()
-        print(
-            f"the host did not start (exit status {proc.returncode}); see {state / 'host.log'}",
-            file=sys.stderr,
+        raise CommandError(
+            f"the host did not start (exit status {proc.returncode}); see {state / 'host.log'}"
         )
-        return 1
     pidfile.write_text(f"{proc.pid}\n")
     print(f"host up: pid {proc.pid}, socket {_socket(args)}, log {state / 'host.log'}")
     return 0
@@ -189,11 +265,10 @@ def _alive(pid: int) -> bool:
 def host_down(args: argparse.Namespace) -> int:
     pidfile = _state_dir(args) / "host.pid"
     if not pidfile.exists():
-        print(
+        raise CommandError(
             f"no host pid file at {pidfile}: is a host running? (mkctl host status)",
-            file=sys.stderr,
+            EXIT_NOT_FOUND,
         )
-        return 1
     pid = int(pidfile.read_text())
     try:
         pidfd = os.pidfd_open(pid)
@@ -219,15 +294,8 @@ def host_down(args: argparse.Namespace) -> int:
 
 
 async def _with_bus(args: argparse.Namespace, work: Any) -> int:
-    try:
-        async with connect(_socket(args), name="mkctl", reconnect=False) as ep:
-            return int(await work(ep) or 0)
-    except HubUnavailableError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except MultikernelError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    async with connect(_socket(args), name="mkctl", reconnect=False) as ep:
+        return int(await work(ep) or 0)
 
 
 def _lifecycle(args: argparse.Namespace, method: str, body: object) -> int:
@@ -251,19 +319,17 @@ def _exec(args: argparse.Namespace) -> int:
             await ep.request("lifecycle", "show", ShowInstances(args.name), response=InstanceList)
         ).instances
         if info.state != "active":
-            print(
-                f"error: {args.name!r} is {info.state}; start it first: mkctl start {args.name}",
-                file=sys.stderr,
+            raise RefusedError(
+                f"cannot exec in {args.name!r}: it is {info.state}; start it first: "
+                f"mkctl start {args.name}"
             )
-            return 1
         target = f"instance.{info.id}.agent"
         if not args.command:
             status = await ep.request(target, "status", None, response=AgentStatus)
             print(json.dumps(msgspec.to_builtins(status), indent=2))
             return 0
-        result = await ep.request(
-            target, "exec", ExecRequest(tuple(args.command)), response=ExecResult
-        )
+        request = ExecRequest(tuple(args.command), timeout=args.timeout)
+        result = await ep.request(target, "exec", request, response=ExecResult)
         sys.stdout.buffer.write(result.stdout)
         sys.stderr.buffer.write(result.stderr)
         return result.status
@@ -305,9 +371,9 @@ def _bus(args: argparse.Namespace) -> int:
                 print(_table(rows, ["name", "in", "out", "dropped", "pending", "denied"]))
                 print(" ".join(f"{k}={v}" for k, v in snap.counters.items()))
         elif args.bus_command == "pub":
-            await ep.publish(args.subject, json.loads(args.body))
+            await ep.publish(args.subject, parse_json(args.body, "BODY"))
         elif args.bus_command == "call":
-            body = json.loads(args.body) if args.body else None
+            body = parse_json(args.body, "BODY") if args.body else None
             print(json.dumps(await ep.request(args.service, args.method, body), default=str))
         elif args.bus_command == "monitor":
             from multikernel.protocol import decode_header
@@ -361,7 +427,8 @@ def _image(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="mkctl", description=__doc__)
+    top = _Parser(prog="mkctl", description=__doc__)
+    top.add_argument("--debug", action="store_true", help="on an error, also print the traceback")
     top.add_argument(
         "--socket",
         default=None,
@@ -418,6 +485,9 @@ def build_parser() -> argparse.ArgumentParser:
         "exec", help="run a command inside an active instance (no command: status)"
     )
     exec_.add_argument("name")
+    exec_.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds the command may run (default 30)"
+    )
     exec_.add_argument("command", nargs=argparse.REMAINDER)
 
     verbs.add_parser(
@@ -449,6 +519,18 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["image"]:
         return _image(argparse.Namespace(), argv[1:])
     args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except Exception as exc:
+        print(error_line(exc), file=sys.stderr)
+        if args.debug:
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
+        return exit_code(exc)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
     if getattr(args, "command", None) and args.command[:1] == ["--"]:
         args.command = args.command[1:]
     match args.verb:

@@ -91,7 +91,9 @@ from multikernel.protocol._errors import InvalidSubjectError as InvalidSubjectEr
 from multikernel.protocol._errors import MalformedFrameError as MalformedFrameError
 from multikernel.protocol._errors import MultikernelError as MultikernelError
 from multikernel.protocol._errors import NoRespondersError as NoRespondersError
+from multikernel.protocol._errors import NotFoundError as NotFoundError
 from multikernel.protocol._errors import ProtocolError as ProtocolError
+from multikernel.protocol._errors import RefusedError as RefusedError
 from multikernel.protocol._errors import RemoteError as RemoteError
 from multikernel.protocol._errors import TooLargeError as TooLargeError
 from multikernel.protocol._errors import UnsupportedVersionError as UnsupportedVersionError

@@ -32,9 +32,11 @@ from multikernel.endpoints.log import configure, get_logger
 from multikernel.protocol import (
     AgentHello,
     AgentStatus,
+    DeadlineExceededError,
     ExecRequest,
     ExecResult,
     Halted,
+    NotFoundError,
     Shutdown,
     ShutdownAck,
     SystemHeartbeat,
@@ -102,8 +104,16 @@ def _serve(ep: Bus, state: AgentState) -> Service:
 
     @svc.method
     async def exec(request: ExecRequest) -> ExecResult:
-        with anyio.fail_after(request.timeout):
-            done = await anyio.run_process(list(request.argv), check=False)
+        try:
+            with anyio.fail_after(request.timeout):
+                done = await anyio.run_process(list(request.argv), check=False)
+        except FileNotFoundError:
+            raise NotFoundError(f"{request.argv[0]!r}: no such command in the instance") from None
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"{request.argv[0]!r} did not finish within {request.timeout:g} s and was "
+                "killed; give it longer with --timeout SECONDS"
+            ) from None
         return ExecResult(done.returncode, done.stdout[-65536:], done.stderr[-65536:])
 
     @svc.method

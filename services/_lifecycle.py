@@ -52,8 +52,9 @@ from multikernel.services._instances import (
     LOADED,
     READY,
     Instance,
-    InstanceError,
+    InstanceRefusedError,
     StateChanges,
+    UnknownInstanceError,
 )
 from multikernel.services._platform import Platform, Resources, check_name
 from multikernel.services._supervisor import Supervisor
@@ -161,13 +162,14 @@ class LifecycleActor:
     async def create(self, request: CreateInstance) -> InstanceInfo:
         name = check_name(request.name)
         if name in self.instances:
-            raise InstanceError(
+            raise InstanceRefusedError(
                 f"an instance named {name!r} exists: pick another name or delete it"
             )
         inst = Instance(name, next(self._ids))
+        # Checked before the instance exists: a refused create leaves nothing behind.
+        resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
         self.instances[name] = inst
         await self._states.move(inst, EMPTY, "created")
-        resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
         if resources is not None:
             inst.resources = resources
             await self._states.move(inst, READY, "resources reserved")
@@ -178,7 +180,7 @@ class LifecycleActor:
         async with inst.lock:
             resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
             if resources is None:
-                raise InstanceError("update needs --cpus and/or --memory")
+                raise InstanceRefusedError("update needs --cpus and/or --memory")
             if inst.state == ACTIVE and inst.proc is not None:
                 await self.platform.update(inst.proc, resources)  # live: cpuset, memory limit
             inst.resources = resources
@@ -207,7 +209,7 @@ class LifecycleActor:
                 or inst.resources.memory < manifest.min_memory
             ):
                 self._drop_image(inst)
-                raise InstanceError(
+                raise InstanceRefusedError(
                     f"image {manifest.name} needs {manifest.min_cpus} CPU(s) and "
                     f"{manifest.min_memory} bytes; {inst.name!r} has "
                     f"{len(inst.resources.cpus)} and {inst.resources.memory}: "
@@ -244,7 +246,7 @@ class LifecycleActor:
         inst = self._get(request.name)
         async with inst.lock:
             if inst.state == ACTIVE:
-                raise InstanceError(
+                raise InstanceRefusedError(
                     f"{inst.name!r} is active: stop it first: mkctl kill {inst.name}"
                 )
             info = self._info(inst)
@@ -265,7 +267,9 @@ class LifecycleActor:
         inst = self.instances.get(name)
         if inst is None:
             known = ", ".join(sorted(self.instances)) or "none"
-            raise InstanceError(f"no instance named {name!r} (known: {known}); mkctl create {name}")
+            raise UnknownInstanceError(
+                f"no instance named {name!r} (known: {known}); mkctl create {name}"
+            )
         return inst
 
     def _info(self, inst: Instance) -> InstanceInfo:
@@ -295,7 +299,7 @@ class LifecycleActor:
             chosen = self._pick_cpus(inst, 1)
         size = memory or (current.memory if current is not None else 0)
         if not size:
-            raise InstanceError(
+            raise InstanceRefusedError(
                 f"say how much memory {inst.name!r} gets: --memory SIZE (e.g. 256M)"
             )
         resources = Resources(chosen, size)
@@ -308,7 +312,7 @@ class LifecycleActor:
         """The `count` least used online CPUs (instances may share CPUs on the local platform)."""
         online = sorted(self._cpus or _online_cpus())
         if count > len(online):
-            raise InstanceError(f"{count} CPUs asked, this host has {len(online)} online")
+            raise InstanceRefusedError(f"{count} CPUs asked, this host has {len(online)} online")
         use = Counter(
             cpu for other in self.instances.values() if other is not inst and other.resources
             for cpu in other.resources.cpus

@@ -29,7 +29,8 @@ PUBLIC = {
     # errors
     "ERROR_DECODER", "AccessDeniedError", "BusyError", "DeadlineExceededError", "ErrorBody",
     "InvalidSubjectError", "MalformedFrameError", "MultikernelError", "NoRespondersError",
-    "ProtocolError", "RemoteError", "TooLargeError", "UnsupportedVersionError",
+    "NotFoundError", "ProtocolError", "RefusedError", "RemoteError", "TooLargeError",
+    "UnsupportedVersionError",
     "error_from_body", "error_to_body", "raise_for_error",
     # kernel ABI
     "KERNEL_DECODER", "CpuAdd", "CpuRemove", "DeviceAdd", "DeviceRemove", "Halted",

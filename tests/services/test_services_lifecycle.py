@@ -26,6 +26,8 @@ from multikernel.protocol import (
     InstanceStateChanged,
     KillInstance,
     LoadImage,
+    NotFoundError,
+    RefusedError,
     RemoteError,
     ShowInstances,
     StartInstance,
@@ -145,21 +147,21 @@ async def test_an_instance_goes_through_every_state(host: Host, keys: tuple[byte
 
 async def test_wrong_state_errors_say_what_to_do(host: Host) -> None:
     await host.call("create", CreateInstance("beta", cpu_count=1, memory=128 * MB))
-    with pytest.raises(RemoteError, match="load an image: mkctl load beta --image PATH"):
+    with pytest.raises(RefusedError, match="load an image: mkctl load beta --image PATH"):
         await host.call("start", StartInstance("beta"))
-    with pytest.raises(RemoteError, match="no instance named 'nope'"):
+    with pytest.raises(NotFoundError, match="no instance named 'nope'"):
         await host.call("start", StartInstance("nope"))
-    with pytest.raises(RemoteError, match="exists"):
+    with pytest.raises(RefusedError, match="exists"):
         await host.call("create", CreateInstance("beta"))
-    with pytest.raises(RemoteError, match="bad instance name"):
+    with pytest.raises(RefusedError, match="bad instance name"):
         await host.call("create", CreateInstance("Bad_Name"))
-    with pytest.raises(RemoteError, match="not an online CPU"):
+    with pytest.raises(RefusedError, match="not an online CPU"):
         await host.call("update", UpdateInstance("beta", cpus=(999,), memory=128 * MB))
 
 
 async def test_an_active_instance_cannot_be_deleted(host: Host, keys: tuple[bytes, bytes]) -> None:
     await bring_up(host, "gamma", make_image(host.root, keys, body=SLEEPER))
-    with pytest.raises(RemoteError, match="stop it first: mkctl kill gamma"):
+    with pytest.raises(RefusedError, match="stop it first: mkctl kill gamma"):
         await host.call("delete", DeleteInstance("gamma"))
     await host.call("kill", KillInstance("gamma"))
 
@@ -227,7 +229,7 @@ async def test_images_that_are_not_trusted_are_refused(
     if tamper == "modified":
         (image / "main.py").write_text("print('not what was signed')\n")
     await host.call("create", CreateInstance("eta", cpu_count=1, memory=128 * MB))
-    with pytest.raises(RemoteError) as refused:
+    with pytest.raises(RefusedError) as refused:
         await host.call("load", LoadImage("eta", str(image)))
     assert refused.value.remote_type == error
     (info,) = (
