@@ -24,7 +24,7 @@ import json
 import math
 import typing
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -245,9 +245,10 @@ class Service:
     ) -> None:
         encode_reply = self.endpoint._encode_reply
         if method.streaming:
-            stream = typing.cast(AsyncIterator[Any], method.handler(argument))
-            async for item in stream:
-                await direct.send(encode_reply(item, correlation, Flag.MORE))
+            stream = typing.cast(AsyncGenerator[Any, None], method.handler(argument))
+            async with contextlib.aclosing(stream):  # its `finally` runs here, in this task
+                async for item in stream:
+                    await direct.send(encode_reply(item, correlation, Flag.MORE))
             await direct.send(encode_reply(None, correlation, 0))
         else:
             result = await typing.cast(Awaitable[Any], method.handler(argument))

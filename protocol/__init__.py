@@ -122,6 +122,7 @@ from multikernel.protocol._lifecycle import AgentHello as AgentHello
 from multikernel.protocol._lifecycle import AgentStatus as AgentStatus
 from multikernel.protocol._lifecycle import CreateInstance as CreateInstance
 from multikernel.protocol._lifecycle import DeleteInstance as DeleteInstance
+from multikernel.protocol._lifecycle import ExecOutput as ExecOutput
 from multikernel.protocol._lifecycle import ExecRequest as ExecRequest
 from multikernel.protocol._lifecycle import ExecResult as ExecResult
 from multikernel.protocol._lifecycle import InstanceInfo as InstanceInfo
@@ -129,8 +130,14 @@ from multikernel.protocol._lifecycle import InstanceList as InstanceList
 from multikernel.protocol._lifecycle import InstanceStateChanged as InstanceStateChanged
 from multikernel.protocol._lifecycle import KillInstance as KillInstance
 from multikernel.protocol._lifecycle import LoadImage as LoadImage
+from multikernel.protocol._lifecycle import LogLine as LogLine
+from multikernel.protocol._lifecycle import LogLines as LogLines
+from multikernel.protocol._lifecycle import ReadLogs as ReadLogs
 from multikernel.protocol._lifecycle import ShowInstances as ShowInstances
 from multikernel.protocol._lifecycle import StartInstance as StartInstance
+from multikernel.protocol._lifecycle import TtyInput as TtyInput
+from multikernel.protocol._lifecycle import TtyOpen as TtyOpen
+from multikernel.protocol._lifecycle import TtySession as TtySession
 from multikernel.protocol._lifecycle import UpdateInstance as UpdateInstance
 from multikernel.protocol._subjects import MAX_SUBJECT_BYTES as MAX_SUBJECT_BYTES
 from multikernel.protocol._subjects import MAX_SUBJECT_TOKENS as MAX_SUBJECT_TOKENS

@@ -24,6 +24,7 @@ from multikernel.protocol import (
     RefusedError,
 )
 from multikernel.services._image import LoadedImage
+from multikernel.services._output import InstanceLog
 from multikernel.services._platform import InstanceProcess, Resources
 
 log = get_logger("multikernel.lifecycle")
@@ -86,6 +87,8 @@ class Instance:
     proc: InstanceProcess | None = None
     agent: int = 0
     hello: anyio.Event = field(default_factory=anyio.Event)
+    beat: anyio.Event = field(default_factory=anyio.Event)  # the first heartbeat of this start
+    output: InstanceLog | None = None
     stopping: bool = False
     exited: anyio.Event = field(default_factory=anyio.Event)
     started_ns: int = 0

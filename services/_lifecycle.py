@@ -23,7 +23,7 @@ import itertools
 import shutil
 import socket
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -40,8 +40,11 @@ from multikernel.protocol import (
     InstanceList,
     KillInstance,
     LoadImage,
+    LogLines,
+    ReadLogs,
     ShowInstances,
     StartInstance,
+    SystemHeartbeat,
     UpdateInstance,
 )
 from multikernel.services._image import load_image
@@ -56,12 +59,14 @@ from multikernel.services._instances import (
     StateChanges,
     UnknownInstanceError,
 )
+from multikernel.services._output import InstanceLog
 from multikernel.services._platform import Platform, Resources, check_name
 from multikernel.services._supervisor import Supervisor
 
 log = get_logger("multikernel.lifecycle")
 
 DEFAULT_HELLO_TIMEOUT = 15.0
+_LOG_BATCH = 500  # lines per LogLines reply
 
 
 class LifecycleActor:
@@ -116,14 +121,17 @@ class LifecycleActor:
             self.show,
         ):
             svc.method(method, name=method.__name__)
+        svc.method(self.logs, name="logs")
         try:
             async with (
                 anyio.create_task_group() as tg,
                 await self.ep.subscribe("mk.instance.*.hello") as hellos,
+                await self.ep.subscribe("mk.instance.*.system") as system,
             ):
                 self._tg = tg
                 await svc.start()
                 tg.start_soon(self._hellos, hellos)
+                tg.start_soon(self._heartbeats, system)
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
@@ -147,6 +155,18 @@ class LifecycleActor:
                     inst.agent = message.source
                     inst.hello.set()
 
+    async def _heartbeats(self, system: Subscription) -> None:
+        """The first heartbeat of each start says its workload is up (see `Supervisor.start`)."""
+        async for message in system:
+            try:
+                message.decode(SystemHeartbeat)
+                instance = int(message.subject.split(".")[2])
+            except (msgspec.ValidationError, ValueError, IndexError):
+                continue  # Halted, ShutdownAck, or garbage: not a heartbeat
+            for inst in self.instances.values():
+                if inst.id == instance and not inst.beat.is_set():
+                    inst.beat.set()
+
     async def _stop_all(self) -> None:
         """On the way out (the watchers are gone): kill, wait and reclaim each instance here."""
         for inst in list(self.instances.values()):
@@ -165,7 +185,7 @@ class LifecycleActor:
             raise InstanceRefusedError(
                 f"an instance named {name!r} exists: pick another name or delete it"
             )
-        inst = Instance(name, next(self._ids))
+        inst = Instance(name, next(self._ids), output=InstanceLog(self._instance_dir(name)))
         # Checked before the instance exists: a refused create leaves nothing behind.
         resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
         self.instances[name] = inst
@@ -260,6 +280,23 @@ class LifecycleActor:
         if request.name:
             return InstanceList((self._info(self._get(request.name)),))
         return InstanceList(tuple(self._info(i) for i in self.instances.values()))
+
+    async def logs(self, request: ReadLogs) -> AsyncIterator[LogLines]:
+        """The instance's own output (its workload's stdout and stderr), then, with `follow`,
+        what it writes until its output ends."""
+        inst = self._get(request.name)
+        assert inst.output is not None
+        if not request.follow:
+            lines = await anyio.to_thread.run_sync(inst.output.read, request.since_ns, request.tail)
+            for start in range(0, len(lines), _LOG_BATCH):
+                yield LogLines(tuple(lines[start : start + _LOG_BATCH]))
+            return
+        async for batch in inst.output.follow(request.since_ns, request.tail):
+            for start in range(0, len(batch), _LOG_BATCH):
+                yield LogLines(tuple(batch[start : start + _LOG_BATCH]))
+
+    def _instance_dir(self, name: str) -> Path:
+        return self.state_dir / "instances" / name
 
     # -- state and resources ------------------------------------------------------------------
 

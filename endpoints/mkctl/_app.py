@@ -15,7 +15,15 @@ from pathlib import Path
 
 import click
 
-from multikernel.endpoints.mkctl import _bus, _completion, _host, _image, _instances
+from multikernel.endpoints.mkctl import (
+    _bus,
+    _completion,
+    _exec,
+    _host,
+    _image,
+    _instances,
+    _logs,
+)
 from multikernel.endpoints.mkctl._errors import EXIT_CODES, EXIT_USAGE, error_line, exit_code
 from multikernel.endpoints.mkctl._output import Settings, Verbs, output_options
 
@@ -64,6 +72,8 @@ def cli(ctx: click.Context, socket: Path | None, state_dir: Path | None, debug: 
 for command in (
     _host.host,
     *_instances.COMMANDS,
+    _exec.exec_,
+    _logs.logs,
     _bus.bus,
     _image.image,
     _completion.completion,

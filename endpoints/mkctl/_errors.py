@@ -9,6 +9,7 @@ open), 5 timed out. Anything else is a bug in mkctl: it says so and asks for `--
 
 from __future__ import annotations
 
+import builtins
 import json
 from typing import Any, Final
 
@@ -77,7 +78,8 @@ def exit_code(exc: BaseException) -> int:
 def error_line(exc: BaseException) -> str:
     """The one line that describes an error to a person (never a traceback)."""
     match exc:
-        case RemoteError(remote_type=str(kind)) if kind not in ("", "RemoteError"):
+        case RemoteError(remote_type=str(kind)) if isinstance(getattr(builtins, kind, None), type):
+            # a service's bug (KeyError, ...), not one of the errors services raise on purpose
             return f"error: the service failed with {kind}: {exc.message}"
         case MultikernelError():
             return f"error: {exc.message}"

@@ -7,7 +7,6 @@ answer is shown as a table, or as JSON/YAML with `-o`.
 from __future__ import annotations
 
 import re
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,20 +15,15 @@ import click
 
 from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints.mkctl._client import with_bus
-from multikernel.endpoints.mkctl._errors import CommandError
-from multikernel.endpoints.mkctl._output import emit, output_options, table
+from multikernel.endpoints.mkctl._output import emit, output_options
 from multikernel.endpoints.mkctl._show import instance_table, warn_once
 from multikernel.protocol import (
-    AgentStatus,
     CreateInstance,
     DeleteInstance,
-    ExecRequest,
-    ExecResult,
     InstanceInfo,
     InstanceList,
     KillInstance,
     LoadImage,
-    RefusedError,
     ShowInstances,
     StartInstance,
     UpdateInstance,
@@ -153,16 +147,16 @@ def load(name: str, image: Path) -> int:
     return _show_one(_lifecycle("load", LoadImage(name, str(image.resolve()))))
 
 
-_PASS_THROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
 
 
-@click.command(context_settings=_PASS_THROUGH, short_help="Start a loaded instance.")
+@click.command(context_settings=PASS_THROUGH, short_help="Start a loaded instance.")
 @name_argument
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @output_options
 def start(name: str, command: tuple[str, ...]) -> int:
     """Start a loaded instance: its agent, then its workload (-- CMD... replaces the entry)."""
-    return _show_one(_lifecycle("start", StartInstance(name, _strip_dashes(command))))
+    return _show_one(_lifecycle("start", StartInstance(name, strip_dashes(command))))
 
 
 @click.command()
@@ -208,69 +202,8 @@ def show(name: str) -> int:
     return 0
 
 
-def _strip_dashes(command: tuple[str, ...]) -> tuple[str, ...]:
+def strip_dashes(command: tuple[str, ...]) -> tuple[str, ...]:
     return command[1:] if command[:1] == ("--",) else command
 
 
-async def _agent_of(ep: Endpoint, name: str) -> str:
-    listed = await ep.request("lifecycle", "show", ShowInstances(name), response=InstanceList)
-    (info,) = listed.instances
-    if info.state != "active":
-        raise RefusedError(
-            f"cannot exec in {name!r}: it is {info.state}; start it first: mkctl start {name}"
-        )
-    return f"instance.{info.id}.agent"
-
-
-@click.command(
-    "exec", context_settings=_PASS_THROUGH, short_help="Run a command inside an instance."
-)
-@name_argument
-@click.option(
-    "--timeout",
-    type=float,
-    default=30.0,
-    show_default=True,
-    help="Seconds the command may run before it is killed.",
-)
-@click.argument("command", nargs=-1, type=click.UNPROCESSED)
-@output_options
-def exec_(name: str, timeout: float, command: tuple[str, ...]) -> int:
-    """Run a command inside an active instance (with no command: the agent's status)."""
-    argv = _strip_dashes(command)
-    if argv[:1] and argv[0].startswith("-"):
-        raise CommandError(f"put options before NAME: {argv[0]!r} was taken as the command", 2)
-
-    async def work(ep: Endpoint) -> int:
-        target = await _agent_of(ep, name)
-        if not argv:
-            status = await ep.request(target, "status", None, response=AgentStatus)
-            emit(status, lambda wide: _status_table(status))
-            return 0
-        request = ExecRequest(argv, timeout=timeout)
-        result = await ep.request(target, "exec", request, response=ExecResult)
-        sys.stdout.buffer.write(result.stdout)
-        sys.stdout.flush()
-        sys.stderr.buffer.write(result.stderr)
-        return result.status
-
-    return with_bus(work)
-
-
-def _status_table(status: AgentStatus) -> None:
-    table(
-        ("instance", "pid", "hostname", "cpus", "workload", "uptime"),
-        [
-            (
-                status.instance,
-                status.pid,
-                status.hostname,
-                ",".join(map(str, status.cpus)),
-                f"{status.workload_pid} ({'running' if status.workload_running else 'ended'})",
-                f"{status.uptime:.0f} s",
-            )
-        ],
-    )
-
-
-COMMANDS = (create, load, start, show, update, exec_, kill, delete)
+COMMANDS = (create, load, start, show, update, kill, delete)

@@ -25,7 +25,8 @@ PUBLIC = {
     # the lifecycle actor's contract
     "AgentHello", "AgentStatus", "CreateInstance", "DeleteInstance", "ExecRequest", "ExecResult",
     "InstanceInfo", "InstanceList", "InstanceStateChanged", "KillInstance", "LoadImage",
-    "ShowInstances", "StartInstance", "UpdateInstance",
+    "ShowInstances", "StartInstance", "UpdateInstance", "ExecOutput", "TtyOpen", "TtySession",
+    "TtyInput", "ReadLogs", "LogLine", "LogLines",
     # errors
     "ERROR_DECODER", "AccessDeniedError", "BusyError", "DeadlineExceededError", "ErrorBody",
     "InvalidSubjectError", "MalformedFrameError", "MultikernelError", "NoRespondersError",

@@ -14,8 +14,16 @@ from multikernel.services._host import HostConfig, run_host
 from multikernel.services._image import sign_image
 from multikernel.services._signature import make_signing_key
 
-#: The workload of the test image: it sleeps until it is stopped.
-SLEEPER = "import time\ntime.sleep(300)\n"
+#: The workload of the test image: says it is up, sleeps until stopped, says why it stops.
+SLEEPER = """\
+import signal, sys, time
+def stop(signum, frame):
+    print("stopping on SIGTERM")
+    sys.exit(0)
+signal.signal(signal.SIGTERM, stop)
+print("up")
+time.sleep(300)
+"""
 
 
 def make_image(root: Path, name: str, body: str, key: bytes, cert: bytes) -> Path:
@@ -33,8 +41,9 @@ async def _serve(root: Path, *, isolate: bool) -> AsyncIterator[Path]:
     key, cert = make_signing_key("mkctl tests", algorithm="ec-p256")
     (root / "cert.pem").write_bytes(cert)
     make_image(root, "image", SLEEPER, key, cert)
-    crash = "import sys\nsys.exit('no config file: /etc/app.toml')\n"
+    crash = "import sys\nprint('starting')\nsys.exit('no config file: /etc/app.toml')\n"
     make_image(root, "crasher", crash, key, cert)
+    make_image(root, "oneshot", "print('hello')\nprint('world')\n", key, cert)
     config = HostConfig(
         root / "bus.sock", root / "state", trusted=[root / "cert.pem"], isolate=isolate
     )
@@ -47,7 +56,8 @@ async def _serve(root: Path, *, isolate: bool) -> AsyncIterator[Path]:
 
 @pytest.fixture
 async def host(tmp_path: Path) -> AsyncIterator[Path]:
-    """A host (hub + lifecycle actor) with signed images `image` (sleeps) and `crasher`."""
+    """A host (hub + lifecycle actor) with signed images: `image` (sleeps until stopped),
+    `crasher` (fails at start) and `oneshot` (prints two lines and exits 0)."""
     async for root in _serve(tmp_path, isolate=True):
         yield root
 
