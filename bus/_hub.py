@@ -228,7 +228,9 @@ class Hub:
                 frame = encode(Kind.ERROR, error_to_body(error), correlation=correlation)
                 session.deliver(frame, droppable=False)
         if self._monitors:
-            self._monitors.copy(subject, "hub", session.id, 0, frame)
+            self._monitors.copy(
+                subject, "hub", session.id, 0, frame, source_name=session.identity.name
+            )
 
     def flush(self) -> None:
         """Send the publications staged while dispatching a batch: one ring publish (and at
@@ -314,7 +316,7 @@ class Hub:
                     # Only a side of that channel may report its frames, and the other side is
                     # what the hub recorded, not what the record says.
                     other = channel.server if session.id == channel.client else channel.client
-                    self._monitors.mirrored(session, other, frame, token)
+                    self._monitors.mirrored(session, other, frame, token, channel.target)
             case Introspect():
                 self._reply(session, correlation, self.snapshot())
             case Heartbeat(seq=seq):

@@ -10,6 +10,7 @@ requests are never dropped: there are at most as many as requests it has in flig
 from __future__ import annotations
 
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -74,6 +75,7 @@ class Session:
         limits: Limits,
     ) -> None:
         self.identity = identity
+        self.attached = time.monotonic()
         self.id = identity.endpoint_id
         self.id_bytes = self.id.to_bytes(8, "little")  # as stamped into a frame's source field
         self.staged: list[tuple[bytes, SubscriptionRecord]] = []
