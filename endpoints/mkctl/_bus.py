@@ -10,7 +10,7 @@ from __future__ import annotations
 import click
 
 from multikernel.endpoints._endpoint import Endpoint
-from multikernel.endpoints.mkctl import _bench, _monitor, _top
+from multikernel.endpoints.mkctl import _bench, _capture, _monitor, _top
 from multikernel.endpoints.mkctl._client import with_bus
 from multikernel.endpoints.mkctl._errors import EXIT_NOT_FOUND, CommandError, parse_json
 from multikernel.endpoints.mkctl._output import Verbs, console, dump, emit, output_options, table
@@ -20,7 +20,8 @@ from multikernel.protocol import BusSnapshot, EndpointInfo
 
 @click.group(cls=Verbs, short_help="The bus inspector: list, monitor, call, ...")
 def bus() -> None:
-    """Inspect and use the bus: list, tree, introspect, stats, monitor, top, bench, call, pub."""
+    """Inspect and use the bus: list, tree, introspect, stats, monitor, capture, replay, top,
+    bench, call, pub."""
 
 
 def snapshot() -> BusSnapshot:
@@ -157,6 +158,8 @@ def stats() -> int:
 
 
 bus.add_command(_monitor.monitor)
+bus.add_command(_capture.capture)
+bus.add_command(_capture.replay)
 bus.add_command(_top.top)
 bus.add_command(_bench.bench)
 

@@ -77,6 +77,27 @@ class Names:
                 types = (_type_name(method.request_schema), _type_name(method.response_schema))
                 self.methods[service.name, method.name] = types
 
+    def context(self) -> dict[str, Any]:
+        """What it knows, as JSON values (stored in a capture for its replay)."""
+        return {
+            "endpoints": {str(k): v for k, v in self.endpoints.items()},
+            "channels": {str(k): v for k, v in self.channels.items()},
+            "methods": {f"{svc}/{m}": list(types) for (svc, m), types in self.methods.items()},
+        }
+
+    @classmethod
+    def from_context(cls, context: dict[str, Any]) -> Names:
+        names = cls()
+        try:
+            names.endpoints = {int(k): str(v) for k, v in context.get("endpoints", {}).items()}
+            names.channels = {int(k): str(v) for k, v in context.get("channels", {}).items()}
+            for key, (request, response) in context.get("methods", {}).items():
+                service, _, method = str(key).rpartition("/")
+                names.methods[service, method] = (str(request), str(response))
+        except (AttributeError, TypeError, ValueError):
+            return cls()  # a context we cannot read: frames are shown by id
+        return names
+
     def who(self, endpoint: int) -> str:
         if not endpoint:
             return "*"
@@ -110,7 +131,8 @@ class Shown:
     def line(self) -> str:
         wall = time.strftime("%H:%M:%S", time.localtime(self.wall_ns / 1e9))
         micros = self.wall_ns // 1000 % 1_000_000
-        what = f"{self.service}.{self.subject}" if self.service else self.subject
+        what = f"{self.service}.{self.subject}" if self.service and self.subject else self.subject
+        what = what or self.service
         body = json.dumps(self.body, separators=(",", ":"), default=_text)
         label = f"{self.type} " if self.type else ""
         return (
