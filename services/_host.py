@@ -25,6 +25,7 @@ from multikernel.endpoints import connect
 from multikernel.endpoints.log import get_logger
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
+from multikernel.services._metrics import HostCollector, registry, serve_metrics
 
 log = get_logger("multikernel.host")
 
@@ -87,6 +88,7 @@ class HostConfig:
     allow_unsigned: bool = False
     isolate: bool = True
     hello_timeout: float = 15.0
+    metrics: str = "127.0.0.1:0"  # where Prometheus scrapes (port 0: any free one); "" off
 
     def policy(self) -> Policy:
         return Policy.from_toml(self.policy_text + host_rule(os.getuid()), self.policy_source)
@@ -121,6 +123,15 @@ async def run_host(
             )
             async with anyio.create_task_group() as actors:
                 await actors.start(actor.run)
+                if config.metrics:
+                    collector = HostCollector(
+                        hub.snapshot,
+                        lambda: ep.statistics()["services"],
+                        actor.infos,
+                    )
+                    await actors.start(
+                        serve_metrics, registry(collector), config.metrics, config.state_dir
+                    )
                 log.info("host up", socket=str(config.socket), pid=os.getpid())
                 task_status.started(hub)
                 await _until_stopped(stop)

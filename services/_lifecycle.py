@@ -309,6 +309,10 @@ class LifecycleActor:
             )
         return inst
 
+    def infos(self) -> list[InstanceInfo]:
+        """Every instance, as `show` describes it (the host's metrics read these)."""
+        return [self._info(inst) for inst in self.instances.values()]
+
     def _info(self, inst: Instance) -> InstanceInfo:
         caps = self.platform.capabilities()
         mechanisms = {

@@ -40,6 +40,11 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no namespaces or cgroups for instances (CPU affinity only)",
     )
+    p.add_argument(
+        "--metrics",
+        default="127.0.0.1:0",
+        help="HOST:PORT for Prometheus metrics (port 0: any free one; 'off': none)",
+    )
     p.add_argument("--pid-file", type=Path, default=None, help="write the host's pid there")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -58,6 +63,7 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         trusted=list(args.trusted_keys),
         allow_unsigned=args.allow_unsigned,
         isolate=not args.no_isolation,
+        metrics="" if args.metrics == "off" else args.metrics,
     )
 
 

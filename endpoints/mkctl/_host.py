@@ -59,6 +59,12 @@ def _running(pidfile: Path) -> int | None:
 )
 @click.option("--allow-unsigned", is_flag=True, help="Accept unsigned images (for development).")
 @click.option(
+    "--metrics",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="HOST:PORT for Prometheus metrics (port 0: a free one; 'off': none).",
+)
+@click.option(
     "--no-isolation",
     is_flag=True,
     help="Instances get CPU affinity only: no namespaces, no cgroups.",
@@ -68,6 +74,7 @@ def up(
     policy: str | None,
     trusted_keys: tuple[str, ...],
     allow_unsigned: bool,
+    metrics: str,
     no_isolation: bool,
 ) -> int:
     """Start the host (in the background unless --foreground)."""
@@ -79,7 +86,7 @@ def up(
             f"a host is already running (pid {pid}); mkctl host down first", EXIT_REFUSED
         )
     command = [sys.executable, "-m", "multikernel.services.host", "--socket", str(socket)]
-    command += ["--state-dir", str(state), "--pid-file", str(pidfile)]
+    command += ["--state-dir", str(state), "--pid-file", str(pidfile), "--metrics", metrics]
     if policy:
         command += ["--policy", policy]
     for key in trusted_keys:
@@ -152,10 +159,12 @@ def status() -> int:
         listed = await ep.request("lifecycle", "show", ShowInstances(), response=InstanceList)
         infos = listed.instances
         warnings = sorted({w for i in infos for w in i.warnings})
+        metrics = _metrics_url(settings().state_path())
         summary = {
             "hub_pid": snap.hub_pid,
             "uptime_s": round(snap.uptime_s, 3),
             "socket": str(settings().socket_path()),
+            "metrics": metrics,
             "endpoints": len(snap.endpoints),
             "instances": infos,
             "warnings": warnings,
@@ -166,6 +175,8 @@ def status() -> int:
                 f"host up {snap.uptime_s:.0f} s (pid {snap.hub_pid}), {len(snap.endpoints)} "
                 f"endpoints, {len(infos)} instances, socket {settings().socket_path()}"
             )
+            if metrics:
+                click.echo(f"metrics {metrics}")
             if infos:
                 instance_table(infos, wide)
             for warning in warnings:
@@ -175,3 +186,11 @@ def status() -> int:
         return 0
 
     return with_bus(work)
+
+
+def _metrics_url(state: Path) -> str:
+    """Where the host serves its metrics (it writes the address in its state dir), if it does."""
+    try:
+        return (state / "metrics").read_text().strip()
+    except OSError:
+        return ""
