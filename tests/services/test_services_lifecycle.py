@@ -286,6 +286,9 @@ async def test_an_abandoned_start_leaves_no_agent_running(
     async with await host.bus.subscribe(f"mk.instance.{inst.id}.state") as states:
         with anyio.move_on_after(0.05):  # the caller gives up while the agent starts
             await host.call("start", StartInstance("kappa"))
+        # The handler may still be cleaning up (shielded) after its caller gave up: `update`
+        # takes the instance's lock, so it answers only once the abandoned start has finished.
+        await host.call("update", UpdateInstance("kappa", memory=128 * MB))
         if inst.state != "loaded":  # the request ran: it must end failed, with nothing left
             while (await states.receive()).decode(InstanceStateChanged).new != "failed":
                 pass
