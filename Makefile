@@ -21,7 +21,7 @@ install: $(STAMP)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 
 demo: install
-	$(PY) -m multikernel.services.demo
+	$(PY) -m multikernel.services.demo $(if $(HOLD),--hold)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -172,3 +172,18 @@ async def test_host_down_stops_a_foreground_host(tmp_path: Path) -> None:
         with anyio.fail_after(30):
             assert await proc.wait() == 0
     assert not (tmp_path / "host.pid").exists()
+
+
+def test_docs_cli_md_documents_every_verb_and_exit_status() -> None:
+    from multikernel.endpoints.mkctl import EXIT_CODES
+
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    for path, command in _commands(cli):
+        if path == "mkctl" or isinstance(command, click.Group):
+            continue
+        verb = path.removeprefix("mkctl ")
+        assert f"`{verb}" in text, f"docs/cli.md does not document `{verb}`"
+    for code in EXIT_CODES:
+        assert f"\n| {code} | " in text, f"docs/cli.md does not explain exit status {code}"
+    for fmt in ("table", "wide", "json", "yaml"):
+        assert f"`{fmt}`" in text
