@@ -42,19 +42,31 @@ class InstanceLog:
     # -- writing ------------------------------------------------------------------------------
 
     def append(self, text: str, ts_ns: int | None = None) -> None:
-        line = LogLine(ts_ns if ts_ns is not None else time.time_ns(), text)
-        record = f"{line.ts_ns} {text}\n".encode(errors="replace")
+        self.append_all([text], ts_ns)
+
+    def append_all(self, texts: list[str], ts_ns: int | None = None) -> None:
+        """Store lines that arrived together (one open, one timestamp), then wake followers."""
+        stamp = ts_ns if ts_ns is not None else time.time_ns()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             size = self.path.stat().st_size
         except FileNotFoundError:
             size = 0
-        if size and size + len(record) > self.max_bytes:
-            self._rotate()
-        with self.path.open("ab") as file:
-            file.write(record)
-        self.seq += 1
-        self.recent.append((self.seq, line))
+        file = self.path.open("ab")
+        try:
+            for text in texts:
+                record = f"{stamp} {text}\n".encode(errors="replace")
+                if size and size + len(record) > self.max_bytes:
+                    file.close()
+                    self._rotate()
+                    file = self.path.open("ab")
+                    size = 0
+                file.write(record)
+                size += len(record)
+                self.seq += 1
+                self.recent.append((self.seq, LogLine(stamp, text)))
+        finally:
+            file.close()
         self.changed.set()
         self.changed = anyio.Event()
 
@@ -102,8 +114,8 @@ class InstanceLog:
             self.changed.set()
 
     def _append_all(self, lines: list[bytes]) -> None:
-        for raw in lines:
-            self.append(raw.decode(errors="replace").rstrip("\r"))
+        if lines:
+            self.append_all([raw.decode(errors="replace").rstrip("\r") for raw in lines])
 
     # -- reading ------------------------------------------------------------------------------
 
