@@ -17,6 +17,7 @@ from multikernel.bus._hub import Hub
 from multikernel.bus._policy import Policy
 from multikernel.bus._rules import PolicyError
 from multikernel.bus._session import Limits
+from multikernel.endpoints import runtime
 from multikernel.endpoints.log import configure, get_logger
 from multikernel.endpoints.wire import default_socket_path
 
@@ -37,9 +38,11 @@ async def run(args: argparse.Namespace) -> None:
     policy = Policy.load(args.policy) if args.policy else Policy.default()
     limits = Limits(max_pending=args.max_pending, slow_consumer=args.slow_consumer)
     hub = Hub(args.socket or default_socket_path(), policy=policy, limits=limits)
-    async with anyio.create_task_group() as tg:
-        await tg.start(hub.serve)
-        with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+    # Signals are ours before the hub says it is listening: a SIGHUP sent on that cue must
+    # reload, not kill the process with the default action.
+    with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hub.serve)
             async for signum in signals:
                 if signum == signal.SIGHUP and args.policy:
                     try:
@@ -54,12 +57,14 @@ async def run(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     configure()
+    runtime.raise_fd_limit()
+    failed = False
     try:
-        anyio.run(run, args, backend="asyncio", backend_options={"use_uvloop": True})
-    except (PolicyError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+        runtime.run(run, args)
+    except* (PolicyError, RuntimeError) as group:  # raised inside the hub's task group
+        print(f"error: {group.exceptions[0]}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

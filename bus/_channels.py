@@ -24,6 +24,7 @@ from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import send_handle, send_with_fds
 from multikernel.protocol import (
     AccessDeniedError,
+    BusyError,
     ChannelInfo,
     ChannelReady,
     ChannelRevoke,
@@ -80,13 +81,45 @@ class ChannelBroker:
         decision = policy.may_connect(client.identity, server.identity, target)
         if not decision:
             raise AccessDeniedError(f"calling {target!r} refused: {decision.reason}")
+        self._check_limits(client, server, target)
         tg.start_soon(self._hand_over, client, server, target, correlation)
+
+    def _check_limits(self, client: Session, server: Session, target: str) -> None:
+        """Each channel costs both sides file descriptors and memory: a caller that asks again
+        and again gets BusyError, and so does anyone once a server holds its maximum."""
+        limits = self._limits
+        held = [r for r in self.records.values() if r.client == client.id]
+        if len(held) >= limits.max_channels:
+            raise BusyError(
+                f"this endpoint holds {len(held)} direct channels, the most one may "
+                "(Limits.max_channels); close some (each name needs only one)"
+            )
+        if sum(r.target == target for r in held) >= limits.max_channels_to_one_name:
+            raise BusyError(
+                f"this endpoint already holds {limits.max_channels_to_one_name} channels to "
+                f"{target!r}; one is enough: reuse it"
+            )
+        served = sum(r.server == server.id for r in self.records.values())
+        if served >= limits.max_served_channels:
+            raise BusyError(
+                f"the owner of {target!r} serves {served} callers, its maximum "
+                "(Limits.max_served_channels); retry later"
+            )
 
     async def _hand_over(
         self, client: Session, server: Session, target: str, correlation: int
     ) -> None:
         token = next(self._tokens)
-        left, right = create_channel_handles(self._limits.channel_capacity)
+        try:
+            left, right = create_channel_handles(self._limits.channel_capacity)
+        except OSError as exc:  # out of fds or memory: refuse this call, keep serving
+            log.warning("cannot create a direct channel", target=target, error=str(exc))
+            self._fail(
+                client,
+                correlation,
+                BusyError(f"the hub cannot set up a channel to {target!r} now ({exc.strerror})"),
+            )
+            return
         # Recorded before the hand-over: if the name moves meanwhile, the client is told.
         self.records[token] = ChannelRecord(token, target, client.id, server.id)
         try:
@@ -123,7 +156,12 @@ class ChannelBroker:
         """A new socket bound to the requester's own instance, for a process it starts there."""
         instance = session.identity.instance
         # Bound to the requester's instance and uid: an attachment never widens who it is.
-        theirs = self._open_instance_socket(instance, uid=session.identity.uid)
+        try:
+            theirs = self._open_instance_socket(instance, uid=session.identity.uid)
+        except OSError as exc:
+            log.warning("cannot make an attachment", endpoint=session.id, error=str(exc))
+            self._fail(session, correlation, BusyError(f"no attachment now ({exc.strerror})"))
+            return
         try:
             ready = ChannelReady(0, "attach", "", session.id, peer_instance=instance)
             frame = encode(Kind.CONTROL, ready, correlation=correlation)

@@ -61,15 +61,20 @@ from multikernel.protocol import (
     ProtocolError,
     ServiceInfo,
     Subscribe,
+    TooLargeError,
     Unsubscribe,
     decode_body,
     decode_header,
     encode,
     error_to_body,
+    snapshot_page,
     validate_pattern,
 )
 
 log = get_logger("multikernel.bus")
+
+#: Room left in a page of introspection for its envelope (header, subject, msgpack framing).
+PAGE_SLACK = 4096
 
 #: Where the hub stamps a routed frame: the publisher it came from and the subscription it is for
 #: (docs/protocol.md, header table).
@@ -91,7 +96,17 @@ class Hub:
         self.policy = policy or Policy.default()
         self.limits = limits or Limits()
         self.counters = dict.fromkeys(
-            ("sessions", "published", "delivered", "dropped", "denied", "channels", "errors"), 0
+            (
+                "sessions",
+                "published",
+                "delivered",
+                "dropped",
+                "denied",
+                "channels",
+                "errors",
+                "cut_off",
+            ),
+            0,
         )
         where = Path(path) if path is not None else default_socket_path()
         self._endpoints = Sessions(
@@ -183,7 +198,13 @@ class Hub:
             self._fail(session, header.correlation, exc)
 
     def _reply(self, session: Session, correlation: int, body: object) -> None:
-        session.deliver(encode(Kind.CONTROL, body, correlation=correlation), droppable=False)
+        frame = encode(Kind.CONTROL, body, correlation=correlation)
+        if len(frame) > session.max_frame:  # an error for the requester, never for the hub
+            raise TooLargeError(
+                f"the answer to this {type(body).__name__} would take {len(frame)} bytes, more "
+                f"than one frame of this session ({session.max_frame})"
+            )
+        session.deliver(frame, droppable=False)
 
     def _fail(self, session: Session, correlation: int, error: MultikernelError) -> None:
         self.counters["errors"] += 1
@@ -317,8 +338,9 @@ class Hub:
                     # what the hub recorded, not what the record says.
                     other = channel.server if session.id == channel.client else channel.client
                     self._monitors.mirrored(session, other, frame, token, channel.target)
-            case Introspect():
-                self._reply(session, correlation, self.snapshot())
+            case Introspect(cursor=cursor):
+                budget = min(self.limits.max_body, session.max_frame) - PAGE_SLACK
+                self._reply(session, correlation, snapshot_page(self.snapshot(), cursor, budget))
             case Heartbeat(seq=seq):
                 self._reply(session, correlation, Heartbeat(seq=seq, sent_ns=time.monotonic_ns()))
             case Drain():
@@ -377,6 +399,8 @@ class Hub:
 
     def snapshot(self) -> BusSnapshot:
         """What the hub knows now: endpoints, names, services, subscriptions, channels, counters."""
+        self.counters["published"] = self._published
+        self.counters["delivered"] = self._delivered
         return build_snapshot(
             self._sessions.values(),
             self._subs.values(),

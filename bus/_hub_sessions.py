@@ -10,6 +10,7 @@ the hub's (bus/_hub.py), through the `SessionHandler` it implements.
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import socket
@@ -27,12 +28,14 @@ from multikernel.bus._session import Limits, Session
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import (
     send_handle,
+    send_with_fds,
     wait_closed,
 )
 from multikernel.protocol import (
     CONTROL_DECODER,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
+    BusyError,
     ChannelReady,
     Drain,
     Feature,
@@ -46,7 +49,7 @@ from multikernel.protocol import (
     encode,
     error_to_body,
 )
-from multikernel.shm import WaitPolicy, create_channel
+from multikernel.shm import PeerDiedError, ShmError, WaitPolicy, create_channel
 
 log = get_logger("multikernel.bus")
 
@@ -55,6 +58,21 @@ HUB_WAIT = WaitPolicy(spin=0)
 FEATURES = Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
 NAMES_SUBJECT = "mk.bus.names"
 _PEERCRED = struct.Struct("3i")
+
+
+def _reserve_fd() -> int:
+    """An fd held so that, out of fds, the hub can still accept one newcomer to refuse it."""
+    try:
+        return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+async def refuse(sock: socket.socket, why: str) -> None:
+    """Tell an endpoint that has no session yet why it gets none (a BusyError it will raise)."""
+    frame = encode(Kind.ERROR, error_to_body(BusyError(why)))
+    with contextlib.suppress(OSError, anyio.BrokenResourceError):
+        await send_with_fds(sock, frame, [])
 
 
 def _new_ids() -> itertools.count[int]:
@@ -117,8 +135,45 @@ class Sessions:
     async def _accept_until_closed(
         self, listener: anyio.abc.SocketListener, tg: anyio.abc.TaskGroup
     ) -> None:
-        with contextlib.suppress(anyio.ClosedResourceError):  # drain() closed it: no newcomers
-            await listener.serve(self._accept_any, tg)
+        """Accept endpoints until drain() closes the listener.
+
+        Out of file descriptors (EMFILE/ENFILE), accept fails while the connection waits in the
+        backlog: say so once per episode, wait a little for sessions to end, and go on; the hub
+        keeps serving everyone already attached.
+        """
+        reserve = _reserve_fd()
+        try:
+            while True:
+                try:
+                    stream = await listener.accept()
+                except anyio.ClosedResourceError:
+                    return  # drain() closed it: no newcomers
+                except OSError as exc:
+                    if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                        raise
+                    log.warning(
+                        "hub out of file descriptors", error=str(exc), sessions=len(self.by_id)
+                    )
+                    if reserve < 0:  # nothing in hand to make room with: wait for sessions to end
+                        await anyio.sleep(0.1)
+                        reserve = _reserve_fd()
+                        continue
+                    # The reserved fd makes room to accept the newcomer and tell it why it is
+                    # refused, instead of leaving it hanging in the listen backlog.
+                    os.close(reserve)
+                    try:
+                        stream = await listener.accept()
+                        async with stream:
+                            sock = stream.extra(anyio.abc.SocketAttribute.raw_socket)
+                            await refuse(sock, "the hub is out of file descriptors; retry later")
+                    except OSError:
+                        pass
+                    reserve = _reserve_fd()
+                    continue
+                tg.start_soon(self._accept_any, stream)
+        finally:
+            if reserve >= 0:
+                os.close(reserve)
 
     async def _listen(self) -> anyio.abc.SocketListener:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -191,13 +246,26 @@ class Sessions:
             instance = self._instance_of(pid)
         try:
             await self._run_session(sock, pid, uid, instance)
-        except (anyio.BrokenResourceError, anyio.EndOfStream, anyio.ClosedResourceError, OSError):
+        except TimeoutError:  # an OSError: before the catch-all for OSErrors below
+            log.warning("endpoint refused at attach", pid=pid, uid=uid, error="no Hello in time")
+        except (ProtocolError, ShmError) as exc:
+            log.warning("endpoint refused at attach", pid=pid, uid=uid, error=str(exc))
+        except (anyio.BrokenResourceError, anyio.EndOfStream, anyio.ClosedResourceError):
             pass  # the endpoint went away during attach
-        except (ProtocolError, TimeoutError) as exc:
-            log.warning("endpoint refused at attach", pid=pid, error=str(exc))
+        except OSError as exc:
+            log.warning("endpoint refused at attach", pid=pid, uid=uid, error=str(exc))
+        except Exception as exc:
+            # The one boundary between a session and the hub: whatever went wrong with one
+            # endpoint ends that endpoint alone, and is logged with its stack.
+            log.error("endpoint cut off: internal error", pid=pid, uid=uid, error=repr(exc),
+                      exc_info=True)  # fmt: skip
 
     async def _run_session(self, sock: socket.socket, pid: int, uid: int, instance: int) -> None:
-        ours, theirs = create_channel(self.limits.session_capacity, policy=HUB_WAIT)
+        try:
+            ours, theirs = create_channel(self.limits.session_capacity, policy=HUB_WAIT)
+        except OSError as exc:  # out of fds or memory: say so to the newcomer, keep serving
+            await refuse(sock, f"the hub cannot take another endpoint now ({exc.strerror})")
+            raise
         async with ours:
             try:
                 ready = ChannelReady(token=0, role="session", target="", peer_id=0)
@@ -222,6 +290,15 @@ class Sessions:
                     encode(Kind.ERROR, error_to_body(error), correlation=header.correlation)
                 )
                 raise error
+            if len(self.by_id) >= self.limits.max_sessions:
+                busy = BusyError(
+                    f"the hub serves its maximum of {self.limits.max_sessions} endpoints "
+                    "(Limits.max_sessions); retry when some have left"
+                )
+                ours.try_send(
+                    encode(Kind.ERROR, error_to_body(busy), correlation=header.correlation)
+                )
+                raise ProtocolError(f"refused: {busy}")
             identity = Identity(next(self._ids), instance, uid, pid, hello.name)
             session = Session(identity, ours, sock, self.limits)
             self.by_id[session.id] = session
@@ -244,28 +321,33 @@ class Sessions:
                 async with anyio.create_task_group() as tg:
                     session.cancel_scope = tg.cancel_scope
                     tg.start_soon(session.flush_forever)
-                    tg.start_soon(self._watch_socket, session.sock, tg.cancel_scope)
-                    await self._receive_loop(session, tg.cancel_scope)
+                    tg.start_soon(self._watch_socket, session)
+                    await self._receive_loop(session)
             finally:
                 self._end_session(session)
 
-    async def _watch_socket(self, sock: socket.socket, scope: anyio.CancelScope) -> None:
-        await wait_closed(sock)  # the endpoint never writes here: this returns when it goes
-        scope.cancel()
+    async def _watch_socket(self, session: Session) -> None:
+        """The endpoint never writes on its control socket after attach: EOF means it went;
+        a byte means it misbehaves (and would otherwise wake the hub over and over)."""
+        if await wait_closed(session.sock):
+            session.cut_off("wrote on its control socket after attach")
+        elif session.cancel_scope is not None:
+            session.cancel_scope.cancel()
 
-    async def _receive_loop(self, session: Session, scope: anyio.CancelScope) -> None:
+    async def _receive_loop(self, session: Session) -> None:
         dispatch, flush = self._handler.dispatch, self._handler.flush
         try:
             while True:
                 for frame in await session.channel.receive_many():
                     dispatch(session, frame)
                 flush()
-        except (anyio.EndOfStream, anyio.BrokenResourceError):
-            pass
-        except ProtocolError as exc:
+        except (anyio.EndOfStream, PeerDiedError, anyio.ClosedResourceError):
+            session.closed = True  # it went away; nothing to blame it for
+        except (ProtocolError, ShmError, anyio.BrokenResourceError) as exc:
             self.counters["errors"] += 1
-            log.warning("endpoint cut off", endpoint=session.id, error=str(exc))
-        scope.cancel()
+            session.cut_off(f"{type(exc).__name__}: {exc}")
+        if session.cancel_scope is not None:
+            session.cancel_scope.cancel()
 
     def _end_session(self, session: Session) -> None:
         session.closed = True
@@ -273,4 +355,16 @@ class Sessions:
         if not self.by_id:
             self._emptied.set()
         self._handler.detached(session)
-        log.info("endpoint detached", endpoint=session.id, overflowed=session.overflowed)
+        if session.cut_reason:
+            self.counters["cut_off"] += 1
+            log.warning(
+                "endpoint cut off",
+                endpoint=session.id,
+                name=session.identity.name,
+                pid=session.identity.pid,
+                uid=session.identity.uid,
+                instance=session.identity.instance,
+                reason=session.cut_reason,
+            )
+        else:
+            log.info("endpoint detached", endpoint=session.id)

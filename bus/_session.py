@@ -4,7 +4,13 @@ Frames for an endpoint go into its session channel with a non-blocking send. Whe
 full (the endpoint is slow) they wait in a bounded queue that a flusher task drains; publications
 beyond `Limits.max_pending` are dropped and counted (or the endpoint is disconnected, by policy),
 so a slow subscriber never slows the hub or anyone else. Replies to the endpoint's own control
-requests are never dropped: there are at most as many as requests it has in flight.
+requests are never dropped, but an endpoint that asks and never reads cannot grow the queue
+without bound: past `Limits.max_queued_bytes` it is cut off.
+
+Cutting an endpoint off (`cut_off`) is the one way a session ends for cause: whatever the endpoint
+did to its side of the channel (died with a backlog, wrote a bogus counter, stopped reading), the
+session's own task group is cancelled with the reason recorded, the hub logs one event for it, and
+nothing escapes to the hub or to another session.
 """
 
 from __future__ import annotations
@@ -19,7 +25,10 @@ import anyio
 
 from multikernel.bus._policy import Decision, Identity
 from multikernel.protocol import HEADER_SIZE, MAX_SUBJECT_BYTES, ServiceInfo
-from multikernel.shm import Channel, max_payload
+from multikernel.shm import Channel, PeerDiedError, ShmError, max_payload
+
+#: What a misbehaving endpoint can do to its own side of a session, and is cut off for.
+PEER_FAULTS = (anyio.BrokenResourceError, anyio.ClosedResourceError, ShmError)
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,11 @@ class Limits:
     hello_timeout: float = 5.0
     max_names: int = 256
     max_subscriptions: int = 4096
+    max_queued_bytes: int = 16 << 20
+    max_sessions: int = 4096
+    max_channels: int = 1024
+    max_channels_to_one_name: int = 8
+    max_served_channels: int = 8192
 
     def __post_init__(self) -> None:
         largest = self.max_body + HEADER_SIZE + MAX_SUBJECT_BYTES
@@ -82,6 +96,7 @@ class Session:
         self.channel = channel
         self.sock = sock
         self.limits = limits
+        self.max_frame = max_payload(limits.session_capacity)
         self.socket_lock = anyio.Lock()
         self.subscriptions: dict[int, SubscriptionRecord] = {}
         self.services: dict[str, ServiceInfo] = {}
@@ -91,10 +106,20 @@ class Session:
         self.denials_reported: set[str] = set()
         self.frames_in = self.frames_out = self.dropped = self.denied = 0
         self._pending: deque[bytes] = deque()
+        self._queued_bytes = 0
         self._wake = anyio.Event()
         self.closed = False
         self.overflowed = False
+        self.cut_reason = ""
         self.cancel_scope: anyio.CancelScope | None = None
+
+    def cut_off(self, reason: str) -> None:
+        """End this session for cause (the first reason is the one logged)."""
+        if not self.cut_reason:
+            self.cut_reason = reason
+        self.closed = True
+        if self.cancel_scope is not None:
+            self.cancel_scope.cancel()
 
     @property
     def pending(self) -> int:
@@ -104,22 +129,29 @@ class Session:
         """Queue a frame for the endpoint without waiting; False if it was dropped."""
         if self.closed:
             return False
+        if len(frame) > self.max_frame:
+            self.dropped += 1  # what the hub checks never gets here; never the hub's error
+            return False
         try:
             if not self._pending and self.channel.try_send(frame):  # copies into the ring now
                 self.frames_out += 1
                 return True
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            self.closed = True  # the endpoint is going away; its own session loop cleans up
+        except PEER_FAULTS as exc:
+            self.cut_off(f"its session channel failed: {exc!r}")
             return False
         frame = bytes(frame)  # the caller may reuse its buffer: the queue keeps a copy
-        if droppable and len(self._pending) >= self.limits.max_pending:
+        full = self._queued_bytes + len(frame) > self.limits.max_queued_bytes
+        if droppable and (full or len(self._pending) >= self.limits.max_pending):
             self.dropped += 1
             if self.limits.slow_consumer == "disconnect" and not self.overflowed:
                 self.overflowed = True
-                if self.cancel_scope is not None:
-                    self.cancel_scope.cancel()
+                self.cut_off(f"slow consumer: {len(self._pending)} frames waiting")
+            return False
+        if full:  # an answer to its own request: never dropped, so the asker goes
+            self.cut_off(f"reads nothing: {self._queued_bytes} bytes already waiting for it")
             return False
         self._pending.append(frame)
+        self._queued_bytes += len(frame)
         self._wake.set()
         return True
 
@@ -132,8 +164,8 @@ class Session:
         if not self._pending:
             try:
                 sent = self.channel.writer.try_send_many(frames)
-            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-                self.closed = True  # the endpoint is going away; its session loop cleans up
+            except PEER_FAULTS as exc:
+                self.cut_off(f"its session channel failed: {exc!r}")
                 return 0
             self.frames_out += sent
         for frame in frames[sent:]:
@@ -143,11 +175,22 @@ class Session:
         return sent
 
     async def flush_forever(self) -> None:
-        """Drain the queue into the session channel, waiting for room as the endpoint reads."""
-        while True:
-            await self._wake.wait()
-            self._wake = anyio.Event()
-            while self._pending:
-                await self.channel.send(self._pending[0])
-                self._pending.popleft()
-                self.frames_out += 1
+        """Drain the queue into the session channel, waiting for room as the endpoint reads.
+
+        Whatever the endpoint does to its ring (dies with a backlog, writes a bogus head) ends
+        its own session, never the hub.
+        """
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = anyio.Event()
+                while self._pending:
+                    await self.channel.send(self._pending[0])
+                    self._queued_bytes -= len(self._pending.popleft())
+                    self.frames_out += 1
+        except (PeerDiedError, anyio.ClosedResourceError):
+            self.closed = True  # it went away with frames still waiting for it: nobody to blame
+            if self.cancel_scope is not None:
+                self.cancel_scope.cancel()
+        except PEER_FAULTS as exc:
+            self.cut_off(f"its session channel failed: {exc!r}")

@@ -18,6 +18,7 @@ import anyio
 import anyio.abc
 
 from multikernel.endpoints._calls import Correlations, Reply
+from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
     ChannelReady,
     Header,
@@ -30,6 +31,8 @@ from multikernel.protocol import (
     error_to_body,
 )
 from multikernel.shm import Channel
+
+log = get_logger("multikernel.endpoints")
 
 if TYPE_CHECKING:
     from multikernel.endpoints._service import Service
@@ -59,6 +62,9 @@ def current_caller() -> Peer:
 
 class DirectChannel:
     """One direct channel, from one side."""
+
+    #: How long a server waits for a caller to read its replies before cutting it off (s).
+    reply_patience: float = 5.0
 
     def __init__(self, ready: ChannelReady, channel: Channel, mirror: Mirroring) -> None:
         self.token = ready.token
@@ -91,9 +97,32 @@ class DirectChannel:
         """Send a frame; only a full ring (rare) takes the lock and waits."""
         if not self.channel.try_send(frame):
             async with self._send_lock:
-                await self.channel.send(frame)
+                if self.role == "server":
+                    await self._reply_or_cut_off(frame)
+                else:
+                    await self.channel.send(frame)
         if self._mirror.on:
             self._mirror.copy(self, frame)
+
+    async def _reply_or_cut_off(self, frame: bytes) -> None:
+        """A server waits at most `reply_patience` s for its caller to make room for a reply.
+
+        A caller that sends requests and never reads the replies would otherwise hold every
+        worker of the service, and honest callers would time out. Past that, the caller alone is
+        cut off (its channel closed, its running requests cancelled); the others are served on.
+        """
+        with anyio.move_on_after(self.reply_patience) as waited:
+            await self.channel.send(frame)
+        if waited.cancelled_caught:
+            log.warning(
+                "caller cut off",
+                service=self.target,
+                caller=self.peer.endpoint_id,
+                pid=self.peer.pid,
+                reason=f"read no reply for {self.reply_patience} s",
+            )
+            self.close()
+            raise anyio.BrokenResourceError(f"the caller of {self.target!r} reads no replies")
 
     def nudge(self) -> None:
         """A reply just went out: a caller just answered often calls again, so spin for it."""
@@ -133,7 +162,12 @@ class DirectChannel:
                 self._reading = True
                 try:
                     frames = await self._next_frames()
-                except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
+                except (
+                    anyio.EndOfStream,
+                    anyio.BrokenResourceError,
+                    anyio.ClosedResourceError,  # we closed it (a caller cut off)
+                    ProtocolError,
+                ):
                     self._end()
                     return
                 finally:

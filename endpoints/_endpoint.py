@@ -52,6 +52,7 @@ from multikernel.protocol import (
     Unsubscribe,
     decode_body,
     encode,
+    join_snapshot_pages,
     validate_pattern,
     validate_subject,
 )
@@ -252,9 +253,15 @@ class Endpoint:
 
     async def introspect(self) -> BusSnapshot:
         """What the hub knows: endpoints, names, services, subscriptions, counters."""
-        snapshot = await self._link.control(Introspect())
-        assert isinstance(snapshot, BusSnapshot)
-        return snapshot
+        pages: list[BusSnapshot] = []
+        cursor = 0
+        while True:  # in pages, so an answer of any size fits the session's frames
+            page = await self._link.control(Introspect(cursor))
+            assert isinstance(page, BusSnapshot)
+            pages.append(page)
+            if not page.next_cursor:
+                return join_snapshot_pages(pages)
+            cursor = page.next_cursor
 
     @asynccontextmanager
     async def monitor(

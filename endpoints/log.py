@@ -1,10 +1,14 @@
 """Structured logs for every layer above shm: structlog through stdlib logging, JSON off a terminal.
 
-Our modules log with `get_logger(__name__)`: structlog renders each event (JSON when stderr is not
+Every module of every package logs with `get_logger("multikernel.<area>")` (a stable name per
+area: `multikernel.bus`, `.endpoints`, `.lifecycle`, `.agent`, `.services.local`, never a private
+module's path), one event per thing that happened, its facts as keys: `log.info("instance state",
+instance="web", old="ready", new="loaded")`. structlog renders each event (JSON when stderr is not
 a terminal, readable key=value on one) and hands it to the stdlib logger of that name, so the
 application decides what is shown and where, as with any library. Unconfigured, Python shows
-warnings and errors on stderr only. Our entry points (`python -m multikernel.bus`, `mkctl`, the
-demo) call `configure()` to show info and above on stderr.
+warnings and errors on stderr only. Our entry points (the hub, the host, the instance agent, the
+demo, mkctl) call `configure()` to show info and above on stderr. No module calls stdlib
+`logging` directly (tests/services/test_services_logging.py).
 """
 
 from __future__ import annotations

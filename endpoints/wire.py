@@ -23,7 +23,7 @@ from multikernel.shm import ChannelHandle
 
 ENV_SOCKET = "MULTIKERNEL_BUS"
 ENV_FD = "MULTIKERNEL_BUS_FD"
-HANDLE_FDS = 6
+HANDLE_FDS = ChannelHandle.FDS  # region, four doorbell pipe ends, liveness
 _LENGTH = struct.Struct("<I")
 
 
@@ -50,7 +50,7 @@ async def send_with_fds(sock: socket.socket, frame: bytes, fds: list[int]) -> No
     message = _LENGTH.pack(len(frame)) + frame
     while True:
         try:
-            sent = socket.send_fds(sock, [message], fds)
+            sent = socket.send_fds(sock, [message], fds, socket.MSG_NOSIGNAL)
         except BlockingIOError:
             await anyio.wait_writable(sock)
             continue
@@ -61,7 +61,8 @@ async def send_with_fds(sock: socket.socket, frame: bytes, fds: list[int]) -> No
 
 async def receive_handle(sock: socket.socket) -> tuple[bytes, list[int]]:
     """Receive one frame and the fds that came with it (we own them): a channel handle's six,
-    or one socket for an attachment; the caller checks the count against the frame's role.
+    one socket for an attachment, or none with an ERROR frame (the hub refusing us); the caller
+    checks the count against the frame's role.
 
     Raises `anyio.EndOfStream` when the peer closed the socket.
     """
@@ -77,8 +78,8 @@ async def receive_handle(sock: socket.socket) -> tuple[bytes, list[int]]:
     for fd in fds:
         os.set_inheritable(fd, False)
     problem = None
-    if not fds or len(message) < _LENGTH.size:
-        problem = f"{len(message)} bytes with {len(fds)} fds, not a frame with its fds"
+    if len(message) < _LENGTH.size:
+        problem = f"{len(message)} bytes with {len(fds)} fds, not a frame"
     elif _LENGTH.unpack_from(message)[0] != len(message) - _LENGTH.size:
         problem = "a frame whose length prefix does not match what arrived"
     if problem is not None:
@@ -87,18 +88,20 @@ async def receive_handle(sock: socket.socket) -> tuple[bytes, list[int]]:
     return message[_LENGTH.size :], fds
 
 
-async def wait_closed(sock: socket.socket) -> None:
-    """Return when the peer has closed `sock` (nothing else is ever read from it here)."""
+async def wait_closed(sock: socket.socket) -> bool:
+    """Wait until the peer closes `sock` (False) or writes on it (True); nothing is consumed.
+
+    For a socket the peer should never write on: the caller decides what a byte means.
+    """
     while True:
         await anyio.wait_readable(sock)
         try:
-            if not sock.recv(1, socket.MSG_PEEK):
-                return
+            data = sock.recv(1, socket.MSG_PEEK)
         except BlockingIOError:
             continue
         except OSError:
-            return
-        await anyio.sleep(0.05)  # unexpected data: the peer is alive; look again later
+            return False
+        return bool(data)
 
 
 def close_fds(fds: list[int]) -> None:

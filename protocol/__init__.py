@@ -139,6 +139,8 @@ from multikernel.protocol._lifecycle import TtyInput as TtyInput
 from multikernel.protocol._lifecycle import TtyOpen as TtyOpen
 from multikernel.protocol._lifecycle import TtySession as TtySession
 from multikernel.protocol._lifecycle import UpdateInstance as UpdateInstance
+from multikernel.protocol._paging import join_snapshot_pages as join_snapshot_pages
+from multikernel.protocol._paging import snapshot_page as snapshot_page
 from multikernel.protocol._subjects import MAX_SUBJECT_BYTES as MAX_SUBJECT_BYTES
 from multikernel.protocol._subjects import MAX_SUBJECT_TOKENS as MAX_SUBJECT_TOKENS
 from multikernel.protocol._subjects import subject_matches as subject_matches

@@ -120,7 +120,13 @@ class MonitorRecord(_BusMessage, frozen=True, tag="monitor_record"):
 
 
 class Introspect(_BusMessage, frozen=True, tag="introspect"):
-    """Endpoint → hub: describe the bus (answered with a BusSnapshot)."""
+    """Endpoint → hub: describe the bus, one page from `cursor` on (answered with a BusSnapshot).
+
+    Pages keep every answer within one frame however large the bus is; ask again with the
+    answer's `next_cursor` until it is 0.
+    """
+
+    cursor: U64 = 0
 
 
 class EndpointInfo(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -178,3 +184,4 @@ class BusSnapshot(_BusMessage, frozen=True, tag="bus_snapshot"):
     subscriptions: tuple[SubscriptionInfo, ...] = ()
     channels: tuple[ChannelInfo, ...] = ()
     counters: dict[str, U64] = {}
+    next_cursor: U64 = 0

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 
-from multikernel.endpoints import Bus, Endpoint, Service, connect
+from multikernel.endpoints import Bus, Endpoint, Service, connect, runtime
 from multikernel.endpoints.log import configure, get_logger
 from multikernel.protocol import (
     AgentHello,
@@ -199,7 +199,7 @@ async def run_agent() -> int:
 
 def main() -> None:
     configure()
-    sys.exit(anyio.run(run_agent, backend="asyncio", backend_options={"use_uvloop": True}))
+    sys.exit(runtime.run(run_agent))
 
 
 if __name__ == "__main__":

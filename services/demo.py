@@ -23,7 +23,7 @@ from pathlib import Path
 
 import anyio
 
-from multikernel.endpoints import Bus, connect
+from multikernel.endpoints import Bus, connect, runtime
 from multikernel.protocol import (
     CreateInstance,
     DeleteInstance,
@@ -245,8 +245,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="multikernel-demo-"))
     started = time.monotonic()
     try:
-        hold = "--hold" in sys.argv[1:]
-        anyio.run(demo, root, hold, backend="asyncio", backend_options={"use_uvloop": True})
+        runtime.run(demo, root, "--hold" in sys.argv[1:])
     finally:
         shutil.rmtree(root, ignore_errors=True)
     left = _leftovers()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 
+from multikernel.endpoints import runtime
 from multikernel.endpoints.log import configure, get_logger
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import MultikernelError
@@ -98,10 +99,10 @@ def _remove_pid(pid_file: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure()
+    runtime.raise_fd_limit()
     try:
         config = config_from(args)
-        anyio.run(_serve, config, args.ready_fd, args.pid_file, backend="asyncio",
-                  backend_options={"use_uvloop": True})  # fmt: skip
+        runtime.run(_serve, config, args.ready_fd, args.pid_file)
     except (MultikernelError, OSError, RuntimeError) as exc:
         print(f"host: {exc}", file=sys.stderr)
         return 1

@@ -1,12 +1,18 @@
 """Shared-memory transport: regions, rings, doorbells and channels. Bytes only.
 
-A `Region` is a shared mapping of any mmap-able file (memfd by default). A ring is a
+A `Region` is a shared mapping of any mmap-able file (a sealed memfd by default). A ring is a
 single-producer single-consumer queue of variable-length frames laid out in a region with a
-documented binary format (docs/shm-layout.md); `RingWriter` and `RingReader` are its two sides,
-each in its own process. A doorbell (an eventfd) wakes a side that sleeps; the "sleeping" flag in
-the ring header lets the other side skip the doorbell while it is awake, and a short adaptive spin
-(`WaitPolicy`) keeps a busy side from sleeping at all. A `Channel` is two rings in one region, one
-per direction: an anyio `ObjectStream[bytes]` that works under asyncio, uvloop and trio.
+documented binary format (docs/shm.md, "Binary layout"); `RingWriter` and `RingReader` are its
+two sides, each in its own process. A doorbell (a pipe: the ringer holds the write end, the
+sleeper the read end) wakes a side that sleeps; the "sleeping" flag in the ring header lets the
+other side skip the doorbell while it is awake, and a short adaptive spin (`WaitPolicy`) keeps a
+busy side from sleeping at all. A `Channel` is two rings in one region, one per direction: an
+anyio `ObjectStream[bytes]` that works under asyncio, uvloop and trio.
+
+Nothing a peer shares with us can hurt us (docs/security.md, "Shared objects"): a region handed
+to a peer is a memfd sealed against resizing, the two sides of a doorbell never share an open
+file description, and every call on a shared object is non-blocking; a handle that breaks these
+rules is refused with `UnsafeHandleError`.
 
 Errors use anyio's vocabulary (`ClosedResourceError`, `BrokenResourceError`, `EndOfStream`,
 `BusyResourceError`); the ones defined here derive from `ShmError`.
@@ -48,6 +54,9 @@ from multikernel.shm._errors import (
 )
 from multikernel.shm._errors import (
     ShmError as ShmError,
+)
+from multikernel.shm._errors import (
+    UnsafeHandleError as UnsafeHandleError,
 )
 from multikernel.shm._layout import max_payload as max_payload
 from multikernel.shm._layout import ring_size as ring_size

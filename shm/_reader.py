@@ -104,7 +104,10 @@ class RingReader(_RingSide):
         if self._peer_died():
             frame = self.try_receive()
             if frame is None:
-                raise PeerDiedError("the writer's process is gone and its ring is drained")
+                raise PeerDiedError(
+                    "the writer is gone (its process died or it dropped its end of the "
+                    "channel) and its ring is drained"
+                )
             return frame
         return None
 

@@ -140,7 +140,6 @@ class _RingSide:
         if not self._head <= self._tail <= self._head + capacity or (self._head | self._tail) & 7:
             self._release_views()
             raise LayoutError(f"ring at offset {offset} has impossible counters")
-        self._bell = bell
         self._peer_bell = peer_bell
         self._waitset = WaitSet(bell, liveness_fd) if bell is not None else None
         self._liveness_fd = liveness_fd
@@ -250,8 +249,8 @@ class _RingSide:
         q, slot = self._q, self._my_flags
         q[slot] = q[slot] & ~L.SIDE_SLEEPING
         self._waits += 1
-        if self._bell is not None:
-            self._bell.drain()
+        if self._waitset is not None:
+            self._waitset.drain()
 
     def _wait(
         self,
@@ -322,18 +321,19 @@ class _RingSide:
         """Something this side waits for is likely soon (we just sent a request or a reply).
 
         A wait in progress restarts its spin window. With `wake`, a side asleep on its doorbell
-        is woken (a cheap, same-process wake-up) so that it spins instead of sleeping: right
-        for a requester, whose answer is certain; a server only guesses that another request
+        is woken (a cheap, same-process wake-up through the wait set's private eventfd: we hold
+        only the read end of our doorbell) so that it spins instead of sleeping: right for a
+        requester, whose answer is certain; a server only guesses that another request
         follows, and waking itself for a guess costs CPU at every reply under sparse traffic.
         """
         self._nudged = True
         if (
             wake
-            and self._bell is not None
+            and self._waitset is not None
             and not self._closed
             and self._q[self._my_flags] & L.SIDE_SLEEPING
         ):
-            self._bell.ring()
+            self._waitset.wake()
 
     def _set_closed_flag(self) -> None:
         q, slot = self._q, self._my_flags

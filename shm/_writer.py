@@ -10,7 +10,7 @@ import anyio.lowlevel
 
 from multikernel.shm import _layout as L
 from multikernel.shm._doorbell import _fence_acquire, _fence_release
-from multikernel.shm._errors import FrameTooLargeError
+from multikernel.shm._errors import FrameTooLargeError, PeerDiedError
 from multikernel.shm._layout import (
     FLAG_PADDING,
     FRAME_HEADER,
@@ -139,9 +139,10 @@ class RingWriter(_RingSide):
         if self._q[L.SLOT_CONSUMER_FLAGS] & L.SIDE_CLOSED:
             raise anyio.BrokenResourceError("the reader closed its side of the ring")
         if self._peer_died():
-            from multikernel.shm._errors import PeerDiedError
-
-            raise PeerDiedError("the reader's process is gone; the ring will never drain")
+            raise PeerDiedError(
+                "the reader is gone (its process died or it dropped its end of the channel); "
+                "the ring will never drain"
+            )
 
     def _sent_one(self, data: Buffer) -> bool | None:
         n = len(data)

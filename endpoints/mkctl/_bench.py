@@ -18,6 +18,7 @@ from typing import Any
 import anyio
 import click
 
+from multikernel.endpoints import runtime
 from multikernel.endpoints._connect import connect
 from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints.mkctl._client import with_bus
@@ -44,7 +45,7 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def bench(requests: int, messages: int, size: int, serve: str) -> int:
     """Measure request latency (percentiles) and pub/sub throughput on this bus."""
     if serve:
-        return anyio.run(_serve, settings().socket_path(), serve)
+        return runtime.run(_serve, settings().socket_path(), serve)
     name = f"mkctl.bench.{os.getpid()}"
     argv = [sys.executable, "-m", "multikernel.endpoints.mkctl"]
     argv += ["--socket", str(settings().socket_path()), "bus", "bench", "--serve", name]

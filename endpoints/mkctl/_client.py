@@ -5,8 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import anyio
-
+from multikernel.endpoints import runtime
 from multikernel.endpoints._connect import connect
 from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints.mkctl._output import settings
@@ -22,8 +21,4 @@ def with_bus(work: Callable[[Endpoint], Awaitable[T]]) -> T:
         async with connect(path, name="mkctl", reconnect=False) as ep:
             return await work(ep)
 
-    try:
-        import uvloop  # noqa: F401
-    except ImportError:
-        return anyio.run(attached)
-    return anyio.run(attached, backend="asyncio", backend_options={"use_uvloop": True})
+    return runtime.run(attached)

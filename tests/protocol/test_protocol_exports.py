@@ -22,6 +22,7 @@ PUBLIC = {
     "AttachRequest", "BusSnapshot", "ChannelInfo", "ChannelOpen", "ChannelReady",
     "ChannelRevoke", "EndpointInfo", "Introspect", "MethodInfo", "Mirror", "MonitorRecord",
     "MonitorStart", "MonitorStop", "Ok", "ServiceInfo", "SubscriptionInfo",
+    "join_snapshot_pages", "snapshot_page",
     # the lifecycle actor's contract
     "AgentHello", "AgentStatus", "CreateInstance", "DeleteInstance", "ExecRequest", "ExecResult",
     "InstanceInfo", "InstanceList", "InstanceStateChanged", "KillInstance", "LoadImage",
