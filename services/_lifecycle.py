@@ -164,10 +164,13 @@ class LifecycleActor:
             raise InstanceError(
                 f"an instance named {name!r} exists: pick another name or delete it"
             )
-        inst = Instance(name, next(self._ids))
+        inst = Instance(name, 0)
+        # Checked before the instance exists: a request that fails leaves nothing behind (no
+        # record, no state event, no instance id used up).
+        resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
+        inst.id = next(self._ids)
         self.instances[name] = inst
         await self._states.move(inst, EMPTY, "created")
-        resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
         if resources is not None:
             inst.resources = resources
             await self._states.move(inst, READY, "resources reserved")

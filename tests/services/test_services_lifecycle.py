@@ -36,11 +36,14 @@ from multikernel.services._image import sign_image
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._local_probe import online_cpus
+from multikernel.services._platform import InstanceProcess, LaunchSpec
 from multikernel.services._signature import make_signing_key
+from tests._run import CGROUP_GROUP, cgroups_under, group_dirs
 
 pytestmark = pytest.mark.anyio
 MB = 1 << 20
-CGROUP_ROOT = Path("/sys/fs/cgroup/cpuset/multikernel")
+#: This run's cpuset group: another run, a demo or a host never shares it (tests/_run.py).
+CPUSET_GROUP = group_dirs(CGROUP_GROUP)[0]
 
 
 @pytest.fixture
@@ -90,7 +93,7 @@ async def host(tmp_path: Path, keys: tuple[bytes, bytes]) -> AsyncIterator[Host]
         async with connect(hub.path, name="lifecycle") as ep, connect(hub.path, name="test") as bus:
             actor = LifecycleActor(
                 ep,
-                LocalPlatform(),
+                LocalPlatform(group=CGROUP_GROUP),
                 open_instance_socket=hub.open_instance_socket,
                 state_dir=tmp_path / "state",
                 trusted_certs=[keys[1]],
@@ -104,8 +107,9 @@ async def host(tmp_path: Path, keys: tuple[bytes, bytes]) -> AsyncIterator[Host]
     assert not leftover_cgroups()
 
 
-def leftover_cgroups() -> list[Path]:
-    return [p for p in CGROUP_ROOT.iterdir() if p.is_dir()] if CGROUP_ROOT.exists() else []
+def leftover_cgroups() -> set[Path]:
+    """Instance cgroups of this run's platforms (another run's or a demo's are not looked at)."""
+    return cgroups_under(CGROUP_GROUP)
 
 
 async def bring_up(host: Host, name: str, image: Path) -> InstanceInfo:
@@ -157,6 +161,26 @@ async def test_wrong_state_errors_say_what_to_do(host: Host) -> None:
         await host.call("update", UpdateInstance("beta", cpus=(999,), memory=128 * MB))
 
 
+async def test_a_create_that_fails_validation_leaves_nothing_behind(host: Host) -> None:
+    refused = [
+        (CreateInstance("omega", cpus=(999,), memory=128 * MB), "not an online CPU"),
+        (CreateInstance("omega", cpu_count=1), "say how much memory"),
+        (CreateInstance("omega", cpu_count=1, memory=1 * MB), "below the floor"),
+    ]
+    async with await host.bus.subscribe("mk.instance.*.state") as states:
+        for request, error in refused:
+            with pytest.raises(RemoteError, match=error):
+                await host.call("create", request)
+        listed = await host.bus.request("lifecycle", "show", ShowInstances(), response=InstanceList)
+        assert listed.instances == ()
+        info = await host.call("create", CreateInstance("omega", cpu_count=1, memory=128 * MB))
+        assert (info.id, info.state) == (1, "ready")  # no instance id was used up either
+        first = (await states.receive()).decode(InstanceStateChanged)
+    assert (first.name, first.old, first.new) == ("omega", "none", "empty")  # none announced
+    assert not leftover_cgroups()
+    assert not (host.root / "state" / "instances").exists()
+
+
 async def test_an_active_instance_cannot_be_deleted(host: Host, keys: tuple[bytes, bytes]) -> None:
     await bring_up(host, "gamma", make_image(host.root, keys, body=SLEEPER))
     with pytest.raises(RemoteError, match="stop it first: mkctl kill gamma"):
@@ -177,7 +201,7 @@ async def test_sigkilled_agent_returns_the_instance_to_loaded_with_everything_re
         await host.bus.request("lifecycle", "show", ShowInstances("delta"), response=InstanceList)
     ).instances
     assert (after.restarts, after.last_exit, after.pid) == (1, "killed by signal 9", 0)
-    assert not (CGROUP_ROOT / "delta").exists()
+    assert not (CPUSET_GROUP / "delta").exists()
     assert (await host.call("start", StartInstance("delta"))).state == "active"  # and again
     await host.call("kill", KillInstance("delta"))
 
@@ -276,23 +300,36 @@ async def test_a_host_that_allows_unsigned_images_loads_them_and_says_so(
 
 
 async def test_an_abandoned_start_leaves_no_agent_running(
-    host: Host, keys: tuple[bytes, bytes]
+    host: Host, keys: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await host.call("create", CreateInstance("kappa", cpu_count=1, memory=128 * MB))
     await host.call("load", LoadImage("kappa", str(make_image(host.root, keys, body=SLEEPER))))
     inst = host.actor.instances["kappa"]
+    platform = host.actor.platform
+    launched = anyio.Event()
+    real_launch = platform.launch
+
+    async def launch(spec: LaunchSpec) -> InstanceProcess:
+        proc = await real_launch(spec)
+        launched.set()
+        return proc
+
+    monkeypatch.setattr(platform, "launch", launch)
     async with await host.bus.subscribe(f"mk.instance.{inst.id}.state") as states:
-        with anyio.move_on_after(0.05):  # the caller gives up while the agent starts
-            await host.call("start", StartInstance("kappa"))
-        if inst.state != "loaded":  # the request ran: it must end failed, with nothing left
-            while (await states.receive()).decode(InstanceStateChanged).new != "failed":
-                pass
-    if inst.proc is not None:  # killed: its watcher reclaims it
-        with anyio.fail_after(30):
-            await inst.exited.wait()
+        async with anyio.create_task_group() as caller:
+            caller.start_soon(host.call, "start", StartInstance("kappa"))
+            await launched.wait()  # the agent runs; its hello is ~100 ms away
+            caller.cancel_scope.cancel()  # the caller gives up while the agent starts
+        while (change := (await states.receive()).decode(InstanceStateChanged)).new != "failed":
+            pass
+    assert change.reason == "start abandoned by its caller"
+    with anyio.fail_after(30):
+        await inst.exited.wait()  # set by its watcher once the launch is reclaimed
+        async with inst.lock:  # and the start request has finished with the instance
+            pass
     assert inst.proc is None
     assert not leftover_cgroups()
-    assert (await host.call("kill", KillInstance("kappa"))).state in ("loaded", "ready")
+    assert (await host.call("kill", KillInstance("kappa"))).state == "loaded"
 
 
 async def test_stopping_the_actor_stops_and_reclaims_every_instance(
@@ -303,7 +340,7 @@ async def test_stopping_the_actor_stops_and_reclaims_every_instance(
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
         async with connect(hub.path, name="lifecycle") as ep, connect(hub.path) as bus:
-            platform = LocalPlatform()
+            platform = LocalPlatform(group=CGROUP_GROUP)
             actor = LifecycleActor(
                 ep,
                 platform,

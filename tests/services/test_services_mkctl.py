@@ -11,9 +11,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from multikernel.services._host import HostConfig, run_host
+from multikernel.services._host import HostConfig, cgroup_group, run_host
 from multikernel.services._image import sign_image
 from multikernel.services._signature import make_signing_key
+from tests._run import group_dirs
 
 pytestmark = pytest.mark.anyio
 
@@ -40,6 +41,8 @@ async def host(tmp_path: Path) -> AsyncIterator[Path]:
         await tg.start(run_host, config, stop)
         yield tmp_path
         stop.set()
+    left = [d for d in group_dirs(cgroup_group(config.state_dir)) if d.exists()]
+    assert not left, f"the host left its cgroup group behind: {left}"
 
 
 async def mkctl(root: Path, *args: str) -> tuple[int, str, str]:
@@ -67,6 +70,22 @@ async def test_a_user_drives_an_instance_with_mkctl(host: Path) -> None:
     assert (await mkctl(host, "delete", "web"))[0] == 0
     code, out, _ = await mkctl(host, "show")
     assert "no instances" in out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="instances get cgroups only when the host is root")
+async def test_an_instance_lives_in_its_hosts_own_cgroup_group(host: Path) -> None:
+    """`multikernel/<host-id>/<name>`: another host, demo or test run never shares it."""
+    assert (await mkctl(host, "create", "web", "--cpus", "1", "--memory", "128M"))[0] == 0
+    assert (await mkctl(host, "load", "web", "--image", str(host / "image")))[0] == 0
+    assert (await mkctl(host, "start", "web"))[0] == 0
+    code, out, _ = await mkctl(host, "exec", "web", "--", "cat", "/proc/self/cgroup")
+    assert code == 0
+    group = cgroup_group(host / "state")
+    assert (host / "state" / "host-id").read_text().strip() == group.split("/")[1]
+    cgroups = dict(line.split(":", 2)[1:] for line in out.splitlines())
+    assert cgroups["cpuset"] == f"/{group}/web"
+    assert cgroups["memory"].endswith(f"/{group}/web")
+    assert (await mkctl(host, "kill", "web"))[0] == 0
 
 
 async def test_mkctl_errors_say_what_to_do_and_exit_1(host: Path) -> None:
