@@ -36,6 +36,7 @@ from multikernel.services._image import sign_image
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._local_probe import online_cpus
+from multikernel.services._local_process import LocalInstance
 from multikernel.services._platform import InstanceProcess, LaunchSpec
 from multikernel.services._signature import make_signing_key
 from tests._run import CGROUP_GROUP, cgroups_under, group_dirs
@@ -260,32 +261,59 @@ async def test_images_that_are_not_trusted_are_refused(
     assert info.state == "ready"
 
 
-async def test_isolation_is_applied_and_read_back(host: Host, keys: tuple[bytes, bytes]) -> None:
-    cpu = max(online_cpus())
-    await host.call("create", CreateInstance("theta", cpus=(cpu,), memory=96 * MB))
+async def start_isolated(
+    host: Host, keys: tuple[bytes, bytes], cpu: int, memory: int
+) -> tuple[InstanceInfo, AgentStatus, LocalInstance]:
+    await host.call("create", CreateInstance("theta", cpus=(cpu,), memory=memory))
     await host.call("load", LoadImage("theta", str(make_image(host.root, keys, body=SLEEPER))))
     info = await host.call("start", StartInstance("theta"))
     status = await host.bus.request(
         f"instance.{info.id}.agent", "status", None, response=AgentStatus
     )
-    assert (status.hostname, status.cpus) == ("theta", (cpu,))
     proc = host.actor.instances["theta"].proc
-    assert proc is not None
-    report = host.actor.platform.inspect(proc)
-    assert report.affinity == frozenset({cpu})
-    if host.actor.platform.capabilities().namespaces:
-        assert status.pid == 1  # the agent is PID 1 of its own namespace
-        assert report.namespaces.pid != report.host_namespaces.pid
-        assert report.namespaces.uts != report.host_namespaces.uts
-    if host.actor.platform.capabilities().memory_limit:
-        assert report.memory_limit == 96 * MB
+    assert isinstance(proc, LocalInstance)
+    return info, status, proc
+
+
+def skip_unless(host: Host, mechanism: str) -> None:
+    """Skip, saying why, when this host cannot apply `mechanism` (not root, no kernel support)."""
+    capabilities = host.actor.platform.capabilities()
+    if not getattr(capabilities, mechanism):
+        reasons = "; ".join(capabilities.warnings) or "the platform says it is unavailable"
+        pytest.skip(f"{mechanism} isolation is not applied on this host: {reasons}")
+
+
+async def test_cpus_are_applied_and_read_back(host: Host, keys: tuple[bytes, bytes]) -> None:
+    """CPU affinity applies everywhere, root or not, and the workload's children inherit it."""
+    cpu = max(online_cpus())
+    info, status, proc = await start_isolated(host, keys, cpu, 96 * MB)
+    assert (status.hostname, status.cpus) == ("theta", (cpu,))
+    assert host.actor.platform.inspect(proc).affinity == frozenset({cpu})
     command = ("python3", "-c", "import os; print(sorted(os.sched_getaffinity(0)))")
     target = f"instance.{info.id}.agent"
     ran = await host.bus.request(target, "exec", ExecRequest(command), response=ExecResult)
     assert ran.stdout.strip() == f"[{cpu}]".encode()  # what the workload's children get too
+    await host.call("kill", KillInstance("theta"))
+
+
+async def test_namespaces_are_applied_and_read_back(host: Host, keys: tuple[bytes, bytes]) -> None:
+    skip_unless(host, "namespaces")  # PID/UTS/mount namespaces need root (CAP_SYS_ADMIN)
+    _, status, proc = await start_isolated(host, keys, max(online_cpus()), 96 * MB)
+    report = host.actor.platform.inspect(proc)
+    assert status.pid == 1  # the agent is PID 1 of its own namespace
+    assert report.namespaces.pid != report.host_namespaces.pid
+    assert report.namespaces.uts != report.host_namespaces.uts
+    await host.call("kill", KillInstance("theta"))
+
+
+async def test_the_memory_limit_is_applied_and_updated_live(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    skip_unless(host, "memory_limit")  # a memory cgroup needs root and cgroup v1
+    _, _, proc = await start_isolated(host, keys, max(online_cpus()), 96 * MB)
+    assert host.actor.platform.inspect(proc).memory_limit == 96 * MB
     await host.call("update", UpdateInstance("theta", memory=128 * MB))
-    if host.actor.platform.capabilities().memory_limit:
-        assert host.actor.platform.inspect(proc).memory_limit == 128 * MB  # live
+    assert host.actor.platform.inspect(proc).memory_limit == 128 * MB  # live
     await host.call("kill", KillInstance("theta"))
 
 
