@@ -143,6 +143,9 @@ def host_up(args: argparse.Namespace) -> int:
         command.append("--allow-unsigned")
     if args.no_isolation:
         command.append("--no-isolation")
+    for flag, value in (("--socket-mode", args.socket_mode), ("--socket-group", args.socket_group)):
+        if value is not None:
+            command += [flag, value]
     if args.foreground:
         os.execv(sys.executable, command)  # the host takes over this process
     state.mkdir(parents=True, exist_ok=True)
@@ -384,6 +387,12 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--no-isolation", action="store_true", help="CPU affinity only, no namespaces/cgroups"
     )
+    up.add_argument(
+        "--socket-mode",
+        default=None,
+        help="control socket mode, octal (default 0600: your user and root; docs/security.md)",
+    )
+    up.add_argument("--socket-group", default=None, help="control socket group (name or gid)")
     host_verbs.add_parser("down", help="stop the host: instances are shut down, the bus drained")
     status = host_verbs.add_parser("status", help="is a host up, and what does it run")
     status.add_argument("--json", action="store_true")

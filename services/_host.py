@@ -8,6 +8,9 @@ IPI buffers). On SIGTERM or SIGINT it stops every instance, drains the hub and e
 The host's own user is privileged on instance 0 (an `instance:0 & uid:<uid>` rule appended to the
 policy): `mkctl`, run by the same user, may drive the host, and the actors may reach every
 instance. Run as root and that user is root, which the built-in `host` rule already covers.
+Nobody else may: the control socket is 0600 unless `socket_access` widens it, and even then the
+host actors' services (`lifecycle`, ...) are `[host_only]` in the policy unless a rule grants
+them (docs/security.md).
 
 Everything of one host is its own: its state dir holds a `host-id` made at its first start, and
 its instances' cgroups go under `multikernel/<host-id>` (removed when it stops, if empty), so
@@ -26,7 +29,7 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from multikernel.bus import Hub, Policy
+from multikernel.bus import Hub, Policy, SocketAccess
 from multikernel.endpoints import connect
 from multikernel.endpoints.log import get_logger
 from multikernel.services._cgroups import GROUP_ROOT
@@ -128,6 +131,8 @@ class HostConfig:
     allow_unsigned: bool = False
     isolate: bool = True
     hello_timeout: float = 15.0
+    #: Who may connect to the control socket (default 0600: the host's own user and root).
+    socket_access: SocketAccess = field(default_factory=SocketAccess)
 
     def policy(self) -> Policy:
         return Policy.from_toml(self.policy_text + host_rule(os.getuid()), self.policy_source)
@@ -147,7 +152,7 @@ async def run_host(
     platform = LocalPlatform(isolate=config.isolate, group=cgroup_group(config.state_dir))
     for warning in platform.capabilities().warnings:
         log.warning("isolation", warning=warning)
-    hub = Hub(config.socket, policy=config.policy())
+    hub = Hub(config.socket, policy=config.policy(), socket_access=config.socket_access)
     try:
         async with anyio.create_task_group() as tg:
             await tg.start(hub.serve)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import anyio
 
+from multikernel.bus import SocketAccess
 from multikernel.endpoints import runtime
 from multikernel.endpoints.log import configure
 from multikernel.endpoints.wire import default_socket_path
@@ -38,6 +39,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no namespaces or cgroups for instances (CPU affinity only)",
     )
+    p.add_argument(
+        "--socket-mode",
+        default=None,
+        help="control socket mode, octal (default 0600: the host's user and root only; 0660 "
+        "with --socket-group lets that group connect; docs/security.md)",
+    )
+    p.add_argument("--socket-group", default=None, help="control socket group (a name or a gid)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -55,6 +63,7 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         trusted=list(args.trusted_keys),
         allow_unsigned=args.allow_unsigned,
         isolate=not args.no_isolation,
+        socket_access=SocketAccess.parse(args.socket_mode, args.socket_group),
     )
 
 
@@ -73,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from(args)
         runtime.run(_serve, config, args.ready_fd)
-    except (MultikernelError, OSError, RuntimeError) as exc:
+    except (MultikernelError, OSError, RuntimeError, ValueError) as exc:
         print(f"host: {exc}", file=sys.stderr)
         return 1
     return 0
