@@ -9,17 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from multikernel.endpoints import connect
-from multikernel.protocol import (
-    CreateInstance,
-    ExecRequest,
-    ExecResult,
-    InstanceInfo,
-    LoadImage,
-    StartInstance,
-)
 from multikernel.services._cgroups import CgroupLayout, group_levels
-from multikernel.services._host import HostConfig, cgroup_group, host_id, run_host
+from multikernel.services._host import cgroup_group, host_id
 from multikernel.services._local import LocalPlatform
 from multikernel.services._local_probe import online_cpus
 from multikernel.services._platform import LaunchSpec, PlatformError, Resources
@@ -121,47 +112,3 @@ def test_a_layout_puts_a_hosts_instances_two_levels_down() -> None:
     layout = CgroupLayout.discover("multikernel/host-0a1b2c3d")
     assert layout.levels == 2
     assert layout.cpuset_parent == Path("/sys/fs/cgroup/cpuset/multikernel/host-0a1b2c3d")
-
-
-def unsigned_image(root: Path) -> Path:
-    image = root / "image"
-    image.mkdir()
-    (image / "manifest.toml").write_text(
-        'name = "t"\nversion = "1"\nentry = ["{python}", "-c", "import time; time.sleep(300)"]\n'
-    )
-    return image
-
-
-@needs_root
-async def test_two_hosts_on_one_machine_each_run_their_own_web(tmp_path: Path) -> None:
-    image = unsigned_image(tmp_path)
-    configs = [
-        HostConfig(tmp_path / h / "bus.sock", tmp_path / h / "state", allow_unsigned=True)
-        for h in ("a", "b")
-    ]
-    groups = [cgroup_group(c.state_dir) for c in configs]
-    assert groups[0] != groups[1]
-    stop = anyio.Event()
-    with anyio.fail_after(60):
-        async with anyio.create_task_group() as tg:
-            for config in configs:
-                await tg.start(run_host, config, stop)
-            for config, group in zip(configs, groups, strict=True):
-                async with connect(config.socket, name="test") as bus:
-                    for method, body in (
-                        ("create", CreateInstance("web", cpu_count=1, memory=128 * MB)),
-                        ("load", LoadImage("web", str(image))),
-                        ("start", StartInstance("web")),
-                    ):
-                        info = await bus.request("lifecycle", method, body, response=InstanceInfo)
-                    ran = await bus.request(
-                        f"instance.{info.id}.agent",
-                        "exec",
-                        ExecRequest(("cat", "/proc/self/cgroup")),
-                        response=ExecResult,
-                    )
-                    cgroups = dict(line.split(":", 2)[1:] for line in ran.stdout.decode().split())
-                    assert cgroups["cpuset"] == f"/{group}/web"
-            stop.set()  # each host stops its own web and removes its own group
-    for group in groups:
-        assert not any(d.exists() for d in group_dirs(group))
