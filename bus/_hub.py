@@ -34,6 +34,7 @@ from multikernel.bus._policy import Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
 from multikernel.bus._snapshot import build_snapshot
+from multikernel.bus._socket_access import SocketAccess
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import (
@@ -92,6 +93,7 @@ class Hub:
         policy: Policy | None = None,
         limits: Limits | None = None,
         instance_of: Callable[[int], int] | None = None,
+        socket_access: SocketAccess | None = None,
     ) -> None:
         self.policy = policy or Policy.default()
         self.limits = limits or Limits()
@@ -110,7 +112,7 @@ class Hub:
         )
         where = Path(path) if path is not None else default_socket_path()
         self._endpoints = Sessions(
-            self, where, self.limits, instance_of or (lambda pid: 0), self.counters
+            self, where, self.limits, instance_of or (lambda pid: 0), self.counters, socket_access
         )
         self._sessions = self._endpoints.by_id
         self._router: SubjectRouter[tuple[int, int]] = SubjectRouter()

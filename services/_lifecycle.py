@@ -185,9 +185,11 @@ class LifecycleActor:
             raise InstanceRefusedError(
                 f"an instance named {name!r} exists: pick another name or delete it"
             )
-        inst = Instance(name, next(self._ids), output=InstanceLog(self._instance_dir(name)))
-        # Checked before the instance exists: a refused create leaves nothing behind.
+        inst = Instance(name, 0, output=InstanceLog(self._instance_dir(name)))
+        # Checked before the instance exists: a request that fails leaves nothing behind (no
+        # record, no state event, no instance id used up).
         resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
+        inst.id = next(self._ids)
         self.instances[name] = inst
         await self._states.move(inst, EMPTY, "created")
         if resources is not None:

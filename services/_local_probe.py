@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from multikernel.services._cgroups import CgroupLayout, parse_cpu_list
+from multikernel.services._cgroups import CgroupLayout, group_levels, parse_cpu_list
 from multikernel.services._platform import (
     Capabilities,
     InvalidSpecError,
@@ -91,10 +91,11 @@ def probe_isolation(isolate: bool, *, namespaces: bool, cgroups: bool, group: st
     root = _has_cap_sys_admin()
     want_ns = isolate and namespaces
     have_ns = want_ns and root and all(Path(f"/proc/self/ns/{k}").exists() for k in NS_KINDS)
+    levels = group_levels(group)
     if isolate and cgroups and os.geteuid() == 0:
         layout = CgroupLayout.discover(group)
     else:
-        layout = CgroupLayout(None, None)
+        layout = CgroupLayout(None, None, levels=levels)
     capabilities = Capabilities(
         namespaces=have_ns,
         cpuset=layout.cpuset_parent is not None,

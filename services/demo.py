@@ -33,9 +33,11 @@ from multikernel.protocol import (
     LoadImage,
     StartInstance,
 )
-from multikernel.services._host import HostConfig, run_host
+from multikernel.services._cgroups import CgroupLayout
+from multikernel.services._host import HostConfig, cgroup_group, run_host
 from multikernel.services._image import sign_image
 from multikernel.services._signature import make_signing_key
+from multikernel.shm import ENV_TAG, name_prefix
 
 SECONDS = 6
 
@@ -232,23 +234,28 @@ async def _watch(bus: Bus, images: dict[str, Path], hold: Path | None = None) ->
         tg.cancel_scope.cancel()
 
 
-def _leftovers() -> list[str]:
-    found = [str(p) for p in Path("/dev/shm").glob("multikernel-*")]
-    for root in ("/sys/fs/cgroup/cpuset/multikernel",):
-        if Path(root).exists():
-            found += [str(p) for p in Path(root).iterdir() if p.is_dir()]
+def _leftovers(state_dir: Path) -> list[str]:
+    """What this demo's host left: its tagged /dev/shm files and its own cgroup group.
+
+    Only this demo's: a test run or another host on the machine has its own tag and group.
+    """
+    found = [str(p) for p in Path("/dev/shm").glob(f"{name_prefix()}*")]
+    if state_dir.exists():
+        group = CgroupLayout.discover(cgroup_group(state_dir))
+        found += [str(p) for p in group.parents if p.exists()]
     return found
 
 
 def main() -> None:
     os.environ.setdefault("MULTIKERNEL_LOG_LEVEL", "WARNING")  # the story is on stdout
+    os.environ[ENV_TAG] = f"demo{os.getpid()}"  # its host's and instances' /dev/shm names
     root = Path(tempfile.mkdtemp(prefix="multikernel-demo-"))
     started = time.monotonic()
     try:
         runtime.run(demo, root, "--hold" in sys.argv[1:])
+        left = _leftovers(root / "state")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    left = _leftovers()
     say(
         f"done in {time.monotonic() - started:.1f} s; "
         + ("nothing left behind" if not left else f"LEFT BEHIND: {left}")

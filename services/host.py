@@ -14,6 +14,7 @@ from pathlib import Path
 
 import anyio
 
+from multikernel.bus import SocketAccess
 from multikernel.endpoints import runtime
 from multikernel.endpoints.log import configure, get_logger
 from multikernel.endpoints.wire import default_socket_path
@@ -47,6 +48,13 @@ def parser() -> argparse.ArgumentParser:
         help="HOST:PORT for Prometheus metrics (port 0: any free one; 'off': none)",
     )
     p.add_argument("--pid-file", type=Path, default=None, help="write the host's pid there")
+    p.add_argument(
+        "--socket-mode",
+        default=None,
+        help="control socket mode, octal (default 0600: the host's user and root only; 0660 "
+        "with --socket-group lets that group connect; docs/security.md)",
+    )
+    p.add_argument("--socket-group", default=None, help="control socket group (a name or a gid)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -65,6 +73,7 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         allow_unsigned=args.allow_unsigned,
         isolate=not args.no_isolation,
         metrics="" if args.metrics == "off" else args.metrics,
+        socket_access=SocketAccess.parse(args.socket_mode, args.socket_group),
     )
 
 
@@ -103,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = config_from(args)
         runtime.run(_serve, config, args.ready_fd, args.pid_file)
-    except (MultikernelError, OSError, RuntimeError) as exc:
+    except (MultikernelError, OSError, RuntimeError, ValueError) as exc:
         print(f"host: {exc}", file=sys.stderr)
         return 1
     return 0

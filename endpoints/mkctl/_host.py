@@ -69,6 +69,12 @@ def _running(pidfile: Path) -> int | None:
     is_flag=True,
     help="Instances get CPU affinity only: no namespaces, no cgroups.",
 )
+@click.option(
+    "--socket-mode",
+    default=None,
+    help="Control socket mode, octal (default 0600: your user and root; docs/security.md).",
+)
+@click.option("--socket-group", default=None, help="Control socket group (a name or a gid).")
 def up(
     foreground: bool,
     policy: str | None,
@@ -76,6 +82,8 @@ def up(
     allow_unsigned: bool,
     metrics: str,
     no_isolation: bool,
+    socket_mode: str | None,
+    socket_group: str | None,
 ) -> int:
     """Start the host (in the background unless --foreground)."""
     options = settings()
@@ -95,6 +103,9 @@ def up(
         command.append("--allow-unsigned")
     if no_isolation:
         command.append("--no-isolation")
+    for flag, value in (("--socket-mode", socket_mode), ("--socket-group", socket_group)):
+        if value is not None:
+            command += [flag, value]
     if foreground:
         os.execv(sys.executable, command)  # the host takes over this process (and its pid)
     state.mkdir(parents=True, exist_ok=True)

@@ -10,9 +10,10 @@ from pathlib import Path
 import anyio
 import pytest
 
-from multikernel.services._host import HostConfig, run_host
+from multikernel.services._host import HostConfig, cgroup_group, run_host
 from multikernel.services._image import sign_image
 from multikernel.services._signature import make_signing_key
+from tests._run import group_dirs
 
 #: The workload of the test image: says it is up, sleeps until stopped, says why it stops.
 SLEEPER = """\
@@ -52,6 +53,8 @@ async def _serve(root: Path, *, isolate: bool) -> AsyncIterator[Path]:
         await tg.start(run_host, config, stop)
         yield root
         stop.set()
+    left = [d for d in group_dirs(cgroup_group(config.state_dir)) if d.exists()]
+    assert not left, f"the host left its cgroup group behind: {left}"
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from pathlib import Path
 import anyio
 import pytest
 
+from multikernel.services._host import cgroup_group
+
 from .conftest import fails, first_line, mkctl
 
 pytestmark = pytest.mark.anyio
@@ -30,10 +32,8 @@ async def test_a_user_drives_an_instance_with_mkctl(host: Path) -> None:
     code, out, _ = await mkctl(host, "show", "web", "--json")
     (info,) = json.loads(out)
     assert (info["name"], info["state"], info["memory"]) == ("web", "active", 128 << 20)
-    code, out, _ = await mkctl(host, "exec", "web", "--", "hostname")
-    assert code == 0
-    if os.geteuid() == 0:  # with a UTS namespace of its own, the instance's hostname is its name
-        assert out.strip() == "web"
+    code, out, _ = await mkctl(host, "exec", "web", "--", "true")
+    assert (code, out) == (0, "")
     assert (await mkctl(host, "kill", "web"))[0] == 0
     assert (await mkctl(host, "delete", "web"))[0] == 0
     code, out, _ = await mkctl(host, "show")
@@ -191,3 +191,31 @@ async def test_a_user_who_may_not_reach_the_hub_is_refused(host: Path) -> None:
         f"error: this user may not attach to the hub on {sock} (Permission denied): "
         "run as the host's user or root, or use a hub of your own (`mkctl host up --socket PATH`)"
     )
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="an instance gets a UTS namespace only when the host runs as root"
+)
+async def test_mkctl_exec_runs_inside_the_instance(host: Path) -> None:
+    """With a UTS namespace of its own, the instance's hostname is its name."""
+    assert (await mkctl(host, "create", "web", "--cpus", "1", "--memory", "128M"))[0] == 0
+    assert (await mkctl(host, "load", "web", "--image", str(host / "image")))[0] == 0
+    assert (await mkctl(host, "start", "web"))[0] == 0
+    assert await mkctl(host, "exec", "web", "--", "hostname") == (0, "web\n", "")
+    assert (await mkctl(host, "kill", "web"))[0] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="instances get cgroups only when the host is root")
+async def test_an_instance_lives_in_its_hosts_own_cgroup_group(host: Path) -> None:
+    """`multikernel/<host-id>/<name>`: another host, demo or test run never shares it."""
+    assert (await mkctl(host, "create", "web", "--cpus", "1", "--memory", "128M"))[0] == 0
+    assert (await mkctl(host, "load", "web", "--image", str(host / "image")))[0] == 0
+    assert (await mkctl(host, "start", "web"))[0] == 0
+    code, out, _ = await mkctl(host, "exec", "web", "--", "cat", "/proc/self/cgroup")
+    assert code == 0
+    group = cgroup_group(host / "state")
+    assert (host / "state" / "host-id").read_text().strip() == group.split("/")[1]
+    cgroups = dict(line.split(":", 2)[1:] for line in out.splitlines())
+    assert cgroups["cpuset"] == f"/{group}/web"
+    assert cgroups["memory"].endswith(f"/{group}/web")
+    assert (await mkctl(host, "kill", "web"))[0] == 0
