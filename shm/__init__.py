@@ -9,6 +9,10 @@ other side skip the doorbell while it is awake, and a short adaptive spin (`Wait
 busy side from sleeping at all. A `Channel` is two rings in one region, one per direction: an
 anyio `ObjectStream[bytes]` that works under asyncio, uvloop and trio.
 
+What happens on every message runs in a native core (C, built at install) where it was built, else
+in the pure-Python reference core, over the same binary layout (`native_available()`; the
+environment variable `MULTIKERNEL_SHM_RING=python` forces the Python one).
+
 Nothing a peer shares with us can hurt us (docs/security.md, "Shared objects"): a region handed
 to a peer is a memfd sealed against resizing, the two sides of a doorbell never share an open
 file description, and every call on a shared object is non-blocking; a handle that breaks these
@@ -39,6 +43,7 @@ from multikernel.shm._channel import (
 from multikernel.shm._channel import (
     format_channel as format_channel,
 )
+from multikernel.shm._core import native_available as native_available
 from multikernel.shm._doorbell import Doorbell as Doorbell
 from multikernel.shm._errors import (
     FrameTooLargeError as FrameTooLargeError,

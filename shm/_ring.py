@@ -1,11 +1,14 @@
 """The single-producer single-consumer ring: one writer and one reader, in different processes.
 
 `format_ring` lays a ring into a region; `RingWriter` and `RingReader` attach to it, one per side.
-Frames are variable length; each side publishes its counter with one aligned 8-byte store
-(a `memoryview.cast("Q")` item assignment is a single `mov`; `struct.pack_into` is not, it zeroes
-the target first) after the payload is written. Everything read from the peer's side of the header
-and from frame headers is validated before use, so a peer that writes garbage gets the ring
-quarantined with `RingCorruptedError`, never an out-of-bounds read, a crash or a hang.
+Frames are variable length; each side publishes its counter with one aligned 8-byte store after
+the payload is written. Everything read from the peer's side of the header and from frame headers
+is validated before use, so a peer that writes garbage gets the ring quarantined with
+`RingCorruptedError`, never an out-of-bounds read, a crash or a hang. What happens on every
+message (frames in and out, publishing, fencing, ringing a sleeping peer, validation) is a side's
+*core*: the C one (`_native.c`) where it was built, else the pure-Python reference
+(`_pycore.py`); `_core.py` chooses. This module and `_writer.py`, `_reader.py` build the
+blocking and async APIs on top of either.
 
 Waiting is in `_RingSide._wait` (sync) and `_await` (async): spin with `os.sched_yield` for the
 policy's window, then announce sleep in the header, fence, re-check, and sleep on the wait set.
@@ -24,24 +27,20 @@ import anyio
 import anyio.lowlevel
 
 from multikernel.shm import _layout as L
-from multikernel.shm._doorbell import Doorbell, WaitSet, fence
-from multikernel.shm._errors import (
-    LayoutError,
-    RingCorruptedError,
-)
+from multikernel.shm._core import Buffer as Buffer
+from multikernel.shm._core import Core, Implementation
+from multikernel.shm._doorbell import Doorbell, WaitSet
+from multikernel.shm._errors import LayoutError
 from multikernel.shm._wait import SpinGovernor, WaitPolicy
 
 if TYPE_CHECKING:
+    import mmap
     from collections.abc import Callable
 
     from multikernel.shm._region import Region
 
-Buffer = bytes | bytearray | memoryview
-
 T = TypeVar("T")
 
-_DATA_SLOT = L.HEADER_SLOTS
-_MASK32 = L.LENGTH_MASK
 _now = time.perf_counter_ns
 _yield = os.sched_yield
 
@@ -90,6 +89,7 @@ class _RingSide:
 
     _my_flags: int  # the header slot this side writes its flags into
     _peer_flags: int
+    _core: Core
 
     def __init__(
         self,
@@ -100,21 +100,20 @@ class _RingSide:
         peer_bell: Doorbell | None = None,
         liveness_fd: int | None = None,
         policy: WaitPolicy | None = None,
+        implementation: Implementation | None = None,
     ) -> None:
         self._region = region
         self._offset = offset
         self._mm = region.mmap
         if offset % 64 or offset < 0 or offset + L.HEADER_SIZE > region.size:
             raise LayoutError(f"no room for a ring header at offset {offset} of {region}")
-        whole = memoryview(self._mm)
-        with whole[offset : offset + L.HEADER_SIZE].cast("Q") as q:
+        with memoryview(self._mm) as whole, whole[offset : offset + L.HEADER_SIZE].cast("Q") as q:
             magic, version = q[L.SLOT_MAGIC], q[L.SLOT_VERSION]
             capacity, header = q[L.SLOT_CAPACITY], q[L.SLOT_HEADER]
+            head, tail = q[L.SLOT_HEAD], q[L.SLOT_TAIL]
         if magic != L.RING_MAGIC:
-            whole.release()
             raise LayoutError(f"no ring at offset {offset} of {region} (magic {magic:#x})")
         if version != L.RING_VERSION or header != L.HEADER_SIZE:
-            whole.release()
             raise LayoutError(
                 f"ring at offset {offset} has version {version} and header size {header}; "
                 f"this build speaks version {L.RING_VERSION} with a {L.HEADER_SIZE}-byte header"
@@ -122,24 +121,18 @@ class _RingSide:
         try:
             L.check_capacity(capacity)
         except ValueError as exc:
-            whole.release()
             raise LayoutError(f"ring at offset {offset}: {exc}") from None
-        end = offset + L.ring_size(capacity)
-        if end > region.size:
-            whole.release()
+        if offset + L.ring_size(capacity) > region.size:
             raise LayoutError(f"ring at offset {offset} claims {capacity} bytes past the region")
-        self._whole = whole
-        self._span = whole[offset:end]
-        self._q = self._span.cast("Q")
+        if not head <= tail <= head + capacity or (head | tail) & 7:
+            raise LayoutError(f"ring at offset {offset} has impossible counters")
         self.capacity = capacity
         self.max_payload = L.max_payload(capacity)
-        self._mask = capacity - 1
-        self._data = offset + L.HEADER_SIZE  # absolute offset of the data area in the mapping
-        self._head = self._q[L.SLOT_HEAD]
-        self._tail = self._q[L.SLOT_TAIL]
-        if not self._head <= self._tail <= self._head + capacity or (self._head | self._tail) & 7:
-            self._release_views()
-            raise LayoutError(f"ring at offset {offset} has impossible counters")
+        self._core = self._make_core(
+            self._mm, offset, capacity, -1 if peer_bell is None else peer_bell.fd, implementation
+        )
+        #: "native" (the C core) or "python" (the reference core); see `_core.py`.
+        self.implementation: str = self._core.implementation
         self._peer_bell = peer_bell
         self._waitset = WaitSet(bell, liveness_fd) if bell is not None else None
         self._liveness_fd = liveness_fd
@@ -150,46 +143,45 @@ class _RingSide:
         self.spin_gate: Callable[[], bool] | None = None
         self._nudged = False
         self._closed = False
-        self._broken: RingCorruptedError | None = None
-        self._unusable = False  # closed or broken: one check on the hot paths
         self._busy = False
-        self._frames = self._bytes = self._waits = self._wakeups = self._full = self._spins = 0
+        self._waits = self._spins = 0
+
+    @staticmethod
+    def _make_core(
+        mm: mmap.mmap, offset: int, capacity: int, bell: int, impl: Implementation | None
+    ) -> Core:
+        raise NotImplementedError
 
     # -- shared plumbing ----------------------------------------------------------------------
 
-    def _corrupt(self, what: str) -> RingCorruptedError:
-        self._unusable = True
-        self._broken = RingCorruptedError(
-            f"peer corrupted the ring at offset {self._offset}: {what}; the ring is quarantined"
-        )
-        return self._broken
+    @property
+    def _broken(self) -> BaseException | None:
+        return self._core.broken
 
     def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise self._broken
+        core = self._core
+        if core.broken is not None:
+            raise core.broken
         if self._closed:
             raise anyio.ClosedResourceError
 
-    def _ring_peer(self) -> None:
-        """After publishing: wake the peer if it announced sleep (a fence first, see module doc)."""
-        fence()
-        if self._q[self._peer_flags] & L.SIDE_SLEEPING and self._peer_bell is not None:
-            self._wakeups += 1
-            self._peer_bell.ring()
-
     def _peer_closed(self) -> bool:
-        return bool(self._q[self._peer_flags] & L.SIDE_CLOSED)
+        return bool(self._core.peer_flags() & L.SIDE_CLOSED)
 
     def _peer_died(self) -> bool:
         return self._waitset.peer_gone() if self._waitset is not None else False
 
-    def _spin(self, attempt: Callable[[], T | None]) -> T | None:
+    def _spin(self, attempt: Callable[[], T | None], n: int = 0) -> T | None:
+        """Spin (the core yields the CPU each turn) until `attempt` succeeds or the window ends.
+
+        `n` is the payload size a writer waits to make room for.
+        """
         governor = self._governor
         if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
             return None
+        spin = self._core.spin
         deadline = _now() + governor.spin_ns
-        while _now() < deadline:
-            _yield()
+        while (left := deadline - _now()) > 0 and spin(left, n):
             result = attempt()
             if result is not None:
                 governor.record(hit=True)
@@ -198,9 +190,9 @@ class _RingSide:
         governor.record(hit=False)
         return None
 
-    async def _spin_async(self, attempt: Callable[[], T | None]) -> T | None:
+    async def _spin_async(self, attempt: Callable[[], T | None], n: int = 0) -> T | None:
         if not self.policy.cooperative:
-            return self._spin(attempt)
+            return self._spin(attempt, n)
         governor = self._governor
         if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
             return None
@@ -229,25 +221,23 @@ class _RingSide:
         `at_end` runs when the re-check found nothing: it raises if the peer closed or died (or
         returns a last result that raced with that), else returns None and we go to sleep.
         """
-        q, slot = self._q, self._my_flags
-        q[slot] = q[slot] | L.SIDE_SLEEPING
-        fence()
+        core = self._core
+        core.announce()
         try:
             result = attempt()
             if result is None:
                 result = at_end()
         except BaseException:
-            q[slot] = q[slot] & ~L.SIDE_SLEEPING
+            core.unannounce()
             raise
         if result is not None:
-            q[slot] = q[slot] & ~L.SIDE_SLEEPING
+            core.unannounce()
         return result
 
     def _woken(self) -> None:
         if self._closed:  # closed while we slept: the views and the doorbell are gone
             return
-        q, slot = self._q, self._my_flags
-        q[slot] = q[slot] & ~L.SIDE_SLEEPING
+        self._core.unannounce()
         self._waits += 1
         if self._waitset is not None:
             self._waitset.drain()
@@ -257,9 +247,13 @@ class _RingSide:
         attempt: Callable[[], T | None],
         at_end: Callable[[], T | None],
         timeout: float | None,
+        n: int = 0,
     ) -> T:
-        """Block until `attempt` returns a result (sync API), or raise TimeoutError."""
-        result = self._spin(attempt)
+        """Block until `attempt` returns a result (sync API), or raise TimeoutError.
+
+        `n`: the payload size a writer waits to make room for (0 for a reader).
+        """
+        result = self._spin(attempt, n)
         if result is not None:
             return result
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -285,7 +279,9 @@ class _RingSide:
             if result is not None:
                 return result
 
-    async def _await(self, attempt: Callable[[], T | None], at_end: Callable[[], T | None]) -> T:
+    async def _await(
+        self, attempt: Callable[[], T | None], at_end: Callable[[], T | None], n: int = 0
+    ) -> T:
         """Wait until `attempt` returns a result, never blocking the event loop.
 
         The spin yields to the event loop on every turn (a checkpoint, then `sched_yield`), so
@@ -297,7 +293,7 @@ class _RingSide:
         self._busy = True
         try:
             backoff = self.policy.poll_min
-            while (result := await self._spin_async(attempt)) is None:
+            while (result := await self._spin_async(attempt, n)) is None:
                 result = self._announce_sleep(attempt, at_end)
                 if result is not None:
                     break
@@ -331,38 +327,26 @@ class _RingSide:
             wake
             and self._waitset is not None
             and not self._closed
-            and self._q[self._my_flags] & L.SIDE_SLEEPING
+            and self._core.my_flags() & L.SIDE_SLEEPING
         ):
             self._waitset.wake()
 
-    def _set_closed_flag(self) -> None:
-        q, slot = self._q, self._my_flags
-        q[slot] = (q[slot] | L.SIDE_CLOSED) & ~L.SIDE_SLEEPING
-        fence()
-        if self._peer_bell is not None:
-            self._peer_bell.ring()
-
-    def _release_views(self) -> None:
-        for view in ("_q", "_span", "_whole"):
-            mv = getattr(self, view, None)
-            if mv is not None:
-                mv.release()
-
     def close(self) -> None:
-        """Tell the peer we are gone and release our views of the mapping. Idempotent.
+        """Tell the peer we are gone and release our view of the mapping. Idempotent.
 
         The doorbells, liveness fd and region belong to whoever created them (the channel).
         """
         if self._closed:
             return
-        self._closed = self._unusable = True
+        self._closed = True
+        core = self._core
         try:
-            if self._broken is None:
-                self._set_closed_flag()
+            if core.broken is None:
+                core.set_closed()
         finally:
             if self._waitset is not None:
                 self._waitset.close()
-            self._release_views()
+            core.release()
 
     async def aclose(self) -> None:
         self.close()
@@ -375,13 +359,13 @@ class _RingSide:
         self.close()
 
     def statistics(self) -> RingStatistics:
-        backlog = 0 if self._closed else self._q[L.SLOT_TAIL] - self._q[L.SLOT_HEAD]
+        core = self._core
         return RingStatistics(
-            frames=self._frames,
-            bytes=self._bytes,
+            frames=core.frames,
+            bytes=core.bytes,
             waits=self._waits,
-            wakeups_sent=self._wakeups,
-            full_events=self._full,
+            wakeups_sent=core.wakeups,
+            full_events=core.full,
             spins=self._spins,
-            backlog=backlog,
+            backlog=core.backlog(),
         )
