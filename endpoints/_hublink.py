@@ -66,6 +66,10 @@ class HubUnavailableError(anyio.BrokenResourceError):
     """The hub went away and the endpoint could not re-attach (or was not allowed to retry)."""
 
 
+class HubPermissionError(HubUnavailableError, PermissionError):
+    """A hub listens there, but this user may not connect to its control socket."""
+
+
 class LinkOwner(Protocol):
     """What an endpoint does with what arrives on its link (the `Endpoint` implements it)."""
 
@@ -204,6 +208,11 @@ class HubLink:
         where = self._path or "the inherited bus socket"
         try:
             sock = await self._connect_socket()
+        except PermissionError as exc:
+            raise HubPermissionError(
+                f"this user may not attach to the hub on {where} ({exc.strerror}): run as the "
+                "host's user or root, or use a hub of your own (`mkctl host up --socket PATH`)"
+            ) from None
         except OSError as exc:
             raise HubUnavailableError(
                 f"no hub is listening on {where} ({exc.strerror}); start one with "

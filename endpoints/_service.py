@@ -26,7 +26,14 @@ import time
 import types
 import typing
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Generator
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+)
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -395,9 +402,10 @@ class Service:
             result = await _go_on(started[0], started[1])
             await direct.send(encode_reply(result, correlation, 0))
         elif method.streaming:
-            stream = typing.cast(AsyncIterator[Any], method.handler(argument))
-            async for item in stream:
-                await direct.send(encode_reply(item, correlation, Flag.MORE))
+            stream = typing.cast(AsyncGenerator[Any, None], method.handler(argument))
+            async with contextlib.aclosing(stream):  # its `finally` runs here, in this task
+                async for item in stream:
+                    await direct.send(encode_reply(item, correlation, Flag.MORE))
             await direct.send(encode_reply(None, correlation, 0))
         else:
             result = await typing.cast(Awaitable[Any], method.handler(argument))

@@ -66,8 +66,10 @@ from multikernel.shm._errors import (
 from multikernel.shm._layout import max_payload as max_payload
 from multikernel.shm._layout import ring_size as ring_size
 from multikernel.shm._reader import RingReader as RingReader
+from multikernel.shm._region import ENV_TAG as ENV_TAG
 from multikernel.shm._region import Region as Region
 from multikernel.shm._region import find_orphans as find_orphans
+from multikernel.shm._region import name_prefix as name_prefix
 from multikernel.shm._region import remove_orphans as remove_orphans
 from multikernel.shm._ring import RingStatistics as RingStatistics
 from multikernel.shm._ring import format_ring as format_ring

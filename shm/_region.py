@@ -5,9 +5,11 @@ be left behind), a file in /dev/shm (when a peer must find it by path), or any o
 can map, such as a DAX-backed file or a PCI BAR exposed by a device. The process that creates a
 named region owns it and unlinks it; every other process only attaches.
 
-Orphans: a named region is called ``multikernel-<pid>-<token>`` after the process that created it.
-If that process was SIGKILLed before it could unlink, `find_orphans` lists the files whose creator
-is gone and `remove_orphans` deletes them (``python -m multikernel.shm orphans --remove``).
+Orphans: a named region is called ``multikernel-<pid>-<token>`` after the process that created it,
+or ``multikernel-<tag>-<pid>-<token>`` when ``$MULTIKERNEL_SHM_TAG`` is set, so that a test run, a
+demo or a host looks at and removes only its own files (`name_prefix`). If the creator was
+SIGKILLed before it could unlink, `find_orphans` lists the files whose creator is gone and
+`remove_orphans` deletes them (``python -m multikernel.shm orphans --remove [--tag TAG]``).
 
 Who can hurt us through a region: whoever can change its size. Touching a page past the end of a
 file kills the process with SIGBUS, so a peer that could `ftruncate` a region we map could kill
@@ -22,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import re
 import secrets
 import stat
 from collections.abc import Iterator
@@ -32,6 +35,25 @@ from multikernel.shm._errors import UnsafeHandleError
 
 SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "multikernel-"
+#: The environment variable whose value tags every named region a process (tree) creates.
+ENV_TAG = "MULTIKERNEL_SHM_TAG"
+# A letter first, no '-': one tag's prefix never matches another tag's names, nor untagged ones.
+_TAG = re.compile(r"[A-Za-z][A-Za-z0-9_.]{0,31}")
+
+
+def name_prefix(tag: str | None = None) -> str:
+    """How the names of named regions created under `tag` (default: $MULTIKERNEL_SHM_TAG) start."""
+    if tag is None:
+        tag = os.environ.get(ENV_TAG, "")
+    if not tag:
+        return NAME_PREFIX
+    if not _TAG.fullmatch(tag):
+        raise ValueError(
+            f"bad shared-memory tag {tag!r} (${ENV_TAG}): use a letter, then up to 31 letters, "
+            "digits, '_' or '.'"
+        )
+    return f"{NAME_PREFIX}{tag}-"
+
 
 Backing = Literal["memfd", "shm"]
 
@@ -130,7 +152,7 @@ class Region:
             fd = os.memfd_create("multikernel", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
             path = None
         elif backing == "shm":
-            path = SHM_DIR / f"{NAME_PREFIX}{os.getpid()}-{secrets.token_hex(6)}"
+            path = SHM_DIR / f"{name_prefix()}{os.getpid()}-{secrets.token_hex(6)}"
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         else:
             raise ValueError(f"unknown region backing {backing!r}; use 'memfd' or 'shm'")
@@ -231,18 +253,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def find_orphans(directory: Path = SHM_DIR) -> Iterator[Path]:
-    """Named regions whose creating process no longer exists."""
-    for entry in directory.glob(f"{NAME_PREFIX}*"):
-        pid_text = entry.name[len(NAME_PREFIX) :].split("-", 1)[0]
+def find_orphans(directory: Path = SHM_DIR, *, prefix: str = NAME_PREFIX) -> Iterator[Path]:
+    """Named regions (whose names start with `prefix`) whose creating process no longer exists.
+
+    Pass `name_prefix(tag)` to look only at one tag's regions.
+    """
+    for entry in directory.glob(f"{prefix}*"):
+        parts = entry.name[len(NAME_PREFIX) :].rsplit("-", 2)  # [tag,] pid, token
+        pid_text = parts[-2] if len(parts) >= 2 else ""
         if pid_text.isdigit() and not _pid_alive(int(pid_text)):
             yield entry
 
 
-def remove_orphans(directory: Path = SHM_DIR) -> list[Path]:
-    """Delete every orphaned named region; returns what was removed."""
+def remove_orphans(directory: Path = SHM_DIR, *, prefix: str = NAME_PREFIX) -> list[Path]:
+    """Delete every orphaned named region whose name starts with `prefix`; returns them."""
     removed = []
-    for path in find_orphans(directory):
+    for path in find_orphans(directory, prefix=prefix):
         path.unlink(missing_ok=True)
         removed.append(path)
     return removed

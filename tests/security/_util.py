@@ -1,4 +1,7 @@
-"""Running tests/security/hostile_peer.py: a peer that attacks what it shares with us."""
+"""Running tests/security/hostile_peer.py: a peer that attacks what it shares with us.
+
+A hub in its own process and its readiness come from the bus tests (`hub_process`, `listening`).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+
+from tests.bus.test_bus_restart import hub_process, listening
 
 HOSTILE = Path(__file__).with_name("hostile_peer.py")
 PATIENCE = 20.0  # how long a hostile peer may take to report before the test fails
@@ -70,34 +75,4 @@ def hostile(attack: str, argument: str, pass_fds: list[int]) -> Iterator[Hostile
                 stream.close()
 
 
-@contextmanager
-def hub_process(socket_path: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A hub in its own process: if an attack killed or blocked it, the test would see it."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "multikernel.bus", "--socket", str(socket_path)],
-        stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=PATIENCE)
-        assert proc.stderr is not None
-        proc.stderr.close()
-
-
-async def listening(proc: subprocess.Popen[bytes]) -> None:
-    """Wait for the hub's "hub listening" log line (JSON on stderr)."""
-    assert proc.stderr is not None
-    fd = proc.stderr.fileno()
-    buffer = b""
-    with anyio.fail_after(PATIENCE):
-        while True:
-            await anyio.wait_readable(fd)
-            chunk = os.read(fd, 65536)
-            assert chunk, "the hub exited before listening"
-            buffer += chunk
-            for line in buffer.split(b"\n"):
-                if line.startswith(b"{") and json.loads(line).get("event") == "hub listening":
-                    return
+__all__ = ["HOSTILE", "PATIENCE", "Hostile", "hostile", "hub_process", "listening"]
