@@ -11,6 +11,7 @@ stderr in one line and the Python core is used.
 
 from __future__ import annotations
 
+import builtins
 import os
 import sys
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ class Core(Protocol):
     def set_closed(self) -> None: ...
     def release(self) -> None: ...
     def spin(self, ns: int, n: int = 0) -> bool: ...
+    def woken(self, bell: int) -> None: ...
+    def wait(self, wait_fd: int, bell: int, timeout_ms: int, n: int) -> builtins.bytes | int: ...
 
 
 class WriterCore(Core, Protocol):

@@ -166,19 +166,20 @@ class WaitSet:
     def drain(self) -> None:
         """After waking: reset the doorbell and, if it was used, our own wake-up."""
         self.bell.drain()
+        self.drain_own()
+
+    def drain_own(self) -> None:
+        """After waking: reset our own wake-up, if it was used (the ring's core drains the bell)."""
         if self._own_rung and self._own is not None:
             self._own_rung = False
             with contextlib.suppress(BlockingIOError):
                 os.eventfd_read(self._own)
 
-    def wait_blocking(self, timeout: float | None) -> bool:
-        """Block until the doorbell rings or the peer goes; False on timeout."""
-        poller = select.poll()
-        poller.register(self.fileno, select.POLLIN)
-        return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
-
     async def wait(self) -> None:
-        """Sleep until the doorbell rings or the peer goes, without a thread (any event loop)."""
+        """Sleep until the doorbell rings or the peer goes, without a thread (any event loop).
+
+        (The blocking API sleeps in the ring's core instead: `wait()` there polls `fileno`.)
+        """
         await anyio.wait_readable(self.fileno)
 
     def close(self) -> None:

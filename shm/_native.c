@@ -20,6 +20,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <errno.h>
+#include <poll.h>
 #include <sched.h>
 #include <stdint.h>
 #include <string.h>
@@ -247,6 +248,104 @@ static PyObject *core_set_closed(Core *c, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
+/* After waking: clear our sleeping flag, then empty the doorbell pipe (bounded, whatever the peer
+ * wrote: a short read, EAGAIN or end of file ends it). Nothing if the side was released. */
+static void woken(Core *c, int bell) {
+    if (!c->has_view)
+        return;
+    volatile uint64_t *slot = &c->hdr[c->my_flags];
+    store64(slot, load64(slot) & ~(uint64_t)SIDE_SLEEPING);
+    if (bell < 0)
+        return;
+    static char scratch[65536]; /* what is read is thrown away: sharing it is harmless */
+    if (read(bell, scratch, 64) < 64)
+        return;
+    for (int i = 0; i < 16; i++)
+        if (read(bell, scratch, sizeof scratch) < (ssize_t)sizeof scratch)
+            return;
+}
+
+static PyObject *core_woken(Core *c, PyObject *arg) {
+    int bell = PyLong_AsLong(arg);
+    if (bell == -1 && PyErr_Occurred())
+        return NULL;
+    woken(c, bell);
+    Py_RETURN_NONE;
+}
+
+static int writer_ready(Core *c, uint64_t n);
+static int reader_ready(Core *c, uint64_t n);
+static PyObject *reader_try_receive(Core *c, PyObject *unused);
+
+/* The next frame, or `status` if there is none after all (the writer only closed). */
+static PyObject *reader_take_one(Core *c, int status) {
+    PyObject *frame = reader_try_receive(c, NULL);
+    if (frame == Py_None) {
+        Py_DECREF(frame);
+        return PyLong_FromLong(status);
+    }
+    return frame;
+}
+
+/* What `wait` found; the same numbers as WAIT_* in _pycore.py. */
+enum { WAIT_READY = 0, WAIT_READY_SLEPT = 1, WAIT_TIMEOUT = 2, WAIT_PEER_CLOSED = 3,
+       WAIT_WOKEN_EMPTY = 4 };
+
+/* wait(wait_fd, bell_fd, timeout_ms, n): the sleep half of a wait, after the spin. Announces
+ * sleep (flag, full fence), looks again (a frame to read, or room for `n` bytes; a reader that
+ * passes n = -1 gets the frame itself, taken as soon as it woke, instead of WAIT_READY_SLEPT),
+ * and unless
+ * that found something or the peer's closed flag, polls `wait_fd` (the wait set's epoll fd) with
+ * the GIL released; on waking clears the flag, drains the doorbell and looks again. Returns one
+ * of WAIT_*; a signal is a spurious wake (WAIT_WOKEN_EMPTY) unless its handler raised. */
+static PyObject *core_wait(Core *c, PyObject *const *args, Py_ssize_t nargs) {
+    long v[4];
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "wait(wait_fd, bell_fd, timeout_ms, n)");
+        return NULL;
+    }
+    for (int i = 0; i < 4; i++) {
+        v[i] = PyLong_AsLong(args[i]);
+        if (v[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (!c->has_view || c->broken != NULL)
+        return raise_unusable(c);
+    int (*ready)(Core *, uint64_t) = c->my_flags == SLOT_PRODUCER_FLAGS ? writer_ready : reader_ready;
+    volatile uint64_t *slot = &c->hdr[c->my_flags];
+    store64(slot, load64(slot) | SIDE_SLEEPING);
+    fence();
+    int status = -1;
+    if (ready(c, (uint64_t)v[3]))
+        status = load64(&c->hdr[c->peer_flags]) & SIDE_CLOSED ? WAIT_PEER_CLOSED : WAIT_READY;
+    if (status >= 0) {
+        store64(slot, load64(slot) & ~(uint64_t)SIDE_SLEEPING);
+        return PyLong_FromLong(status);
+    }
+    struct pollfd p = {.fd = (int)v[0], .events = POLLIN};
+    int r, err;
+    Py_BEGIN_ALLOW_THREADS
+    r = poll(&p, 1, (int)v[2]);
+    err = errno;
+    Py_END_ALLOW_THREADS
+    woken(c, (int)v[1]);
+    if (r < 0 && err != EINTR) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    if (r < 0 && PyErr_CheckSignals() < 0)
+        return NULL;
+    if (r == 0)
+        return PyLong_FromLong(WAIT_TIMEOUT);
+    if (!c->has_view)
+        return raise_unusable(c);
+    if (!ready(c, (uint64_t)v[3]))
+        return PyLong_FromLong(WAIT_WOKEN_EMPTY);
+    if (v[3] < 0) /* a reader that wants the frame: take it here, before any Python runs */
+        return reader_take_one(c, WAIT_READY_SLEPT);
+    return PyLong_FromLong(WAIT_READY_SLEPT);
+}
+
 static PyObject *core_release(Core *c, PyObject *unused) {
     core_release_view(c);
     Py_RETURN_NONE;
@@ -398,7 +497,7 @@ static PyObject *writer_try_send_many(Core *c, PyObject *const *args, Py_ssize_t
     return PyLong_FromSsize_t(count);
 }
 
-static inline int writer_ready(Core *c, uint64_t n) {
+static int writer_ready(Core *c, uint64_t n) {
     uint64_t size = (n + 15) & ~(uint64_t)7;
     uint64_t room = c->capacity - (c->tail & c->mask);
     uint64_t pad = size > room ? room : 0;
@@ -406,7 +505,7 @@ static inline int writer_ready(Core *c, uint64_t n) {
            (load64(&c->hdr[SLOT_CONSUMER_FLAGS]) & SIDE_CLOSED);
 }
 
-static inline int reader_ready(Core *c, uint64_t n) {
+static int reader_ready(Core *c, uint64_t n) {
     return load64(&c->hdr[SLOT_TAIL]) != c->head ||
            (load64(&c->hdr[SLOT_PRODUCER_FLAGS]) & SIDE_CLOSED);
 }
@@ -596,7 +695,9 @@ static PyGetSetDef core_getset[] = {
     {"peer_flags", (PyCFunction)core_peer_flags, METH_NOARGS, NULL},                            \
     {"backlog", (PyCFunction)core_backlog, METH_NOARGS, NULL},                                  \
     {"set_closed", (PyCFunction)core_set_closed, METH_NOARGS, NULL},                            \
-    {"release", (PyCFunction)core_release, METH_NOARGS, NULL}
+    {"release", (PyCFunction)core_release, METH_NOARGS, NULL},                                  \
+    {"woken", (PyCFunction)core_woken, METH_O, "clear our sleeping flag, drain the doorbell"},  \
+    {"wait", (PyCFunction)(void (*)(void))core_wait, METH_FASTCALL, NULL}
 
 static PyMethodDef writer_methods[] = {
     {"try_send", (PyCFunction)writer_try_send, METH_O, NULL},

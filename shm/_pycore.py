@@ -16,6 +16,7 @@ top of it. After `release()` every call raises the closed error: nothing touches
 from __future__ import annotations
 
 import os
+import select
 import time
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,25 @@ _MASK32 = L.LENGTH_MASK
 _PADDING_WORD = L.FLAG_PADDING << 32
 _now = time.perf_counter_ns
 _yield = os.sched_yield
+
+# What `wait` found (the native core returns the same numbers).
+WAIT_READY = 0  # looking again after announcing found something: no sleep
+WAIT_READY_SLEPT = 1  # slept, and something is there now
+WAIT_TIMEOUT = 2
+WAIT_PEER_CLOSED = 3  # the peer's closed flag is set: whatever is left, then the end
+WAIT_WOKEN_EMPTY = 4  # slept and woke to nothing: the peer may be gone, or a spurious wake
+
+
+def _drain(fd: int) -> None:
+    """Empty a doorbell pipe: a short read means it is empty; bounded, whatever the peer wrote."""
+    try:
+        if len(os.read(fd, 64)) < 64:
+            return
+        for _ in range(16):
+            if len(os.read(fd, 65536)) < 65536:
+                return
+    except BlockingIOError:
+        pass
 
 
 def _ring(fd: int) -> None:
@@ -68,6 +88,7 @@ class _Core:
         self.frames = self.bytes = self.wakeups = self.full = 0
         self.broken: BaseException | None = None
         self.closed = False
+        self._poller: select.poll | None = None
 
     def _corrupt(self, what: str) -> BaseException:
         self.broken = self._errors.corrupted(
@@ -117,6 +138,53 @@ class _Core:
         _fence_release()
         if self._bell >= 0:
             _ring(self._bell)
+
+    def woken(self, bell: int) -> None:
+        """After waking: clear our sleeping flag, then empty the doorbell pipe (bounded)."""
+        if self.closed:
+            return
+        q, slot = self._q, self._my_flags
+        q[slot] = q[slot] & ~L.SIDE_SLEEPING
+        if bell >= 0:
+            _drain(bell)
+
+    def _ready(self, n: int) -> bool:
+        raise NotImplementedError
+
+    def wait(self, wait_fd: int, bell: int, timeout_ms: int, n: int) -> bytes | int:
+        """The sleep half of a wait, after the spin; returns one of the WAIT_* outcomes.
+
+        Announce sleep (flag, fence), look again (a frame to read, or room for `n` bytes; a
+        reader that passes n = -1 gets the frame itself instead of WAIT_READY_SLEPT); unless
+        that found something or the peer's closed flag, poll `wait_fd` (the wait set), then
+        `woken` and look again. A signal whose handler returns is a spurious wake-up.
+        """
+        if self.closed or self.broken is not None:
+            raise self._unusable()
+        self.announce()
+        if self._ready(n):
+            self.unannounce()
+            if self.peer_flags() & L.SIDE_CLOSED:
+                return WAIT_PEER_CLOSED
+            return WAIT_READY
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(wait_fd, select.POLLIN)
+        try:
+            ready = poller.poll(timeout_ms)
+        finally:
+            self.woken(bell)
+        if not ready:
+            return WAIT_TIMEOUT
+        if self.closed:
+            raise self._unusable()
+        if not self._ready(n):
+            return WAIT_WOKEN_EMPTY
+        return self._take_one(WAIT_READY_SLEPT) if n < 0 else WAIT_READY_SLEPT
+
+    def _take_one(self, status: int) -> bytes | int:
+        raise NotImplementedError
 
     def release(self) -> None:
         """Let go of the mapping; every later call raises the closed (or broken) error."""
@@ -319,13 +387,20 @@ class ReaderCore(_Core):
         self._consumed()
         return frames
 
+    def _take_one(self, status: int) -> bytes | int:
+        frame = self.try_receive()
+        return status if frame is None else frame
+
+    def _ready(self, n: int = 0) -> bool:
+        q = self._q
+        return bool(q[L.SLOT_TAIL] != self._head or q[L.SLOT_PRODUCER_FLAGS] & L.SIDE_CLOSED)
+
     def spin(self, ns: int, n: int = 0) -> bool:
         """Yield the CPU until the writer published something or closed, up to `ns` ns."""
         deadline = _now() + ns
-        q = self._q
         while not self.closed:
             _yield()
-            if q[L.SLOT_TAIL] != self._head or q[L.SLOT_PRODUCER_FLAGS] & L.SIDE_CLOSED:
+            if self._ready():
                 return True
             if _now() >= deadline:
                 break

@@ -70,8 +70,8 @@ class RingReader(_RingSide):
     def receive_blocking(self, timeout: float | None = None) -> bytes:
         """The next frame, waiting up to `timeout` seconds (TimeoutError after)."""
         frame = self._core.try_receive()
-        if frame is None:
-            frame = self._wait(self._core.try_receive, self._end_check, timeout)
+        if frame is None:  # n = -1: the core hands over the frame as soon as it wakes
+            frame = self._wait(self._core.try_receive, self._end_check, timeout, -1)
         return frame
 
     async def receive(self) -> bytes:

@@ -18,8 +18,9 @@ while the peer is awake (io_uring's NEED_WAKEUP): a producer rings only when the
 
 from __future__ import annotations
 
-import os
+import asyncio
 import time
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self, TypeVar
 
@@ -31,18 +32,33 @@ from multikernel.shm._core import Buffer as Buffer
 from multikernel.shm._core import Core, Implementation
 from multikernel.shm._doorbell import Doorbell, WaitSet
 from multikernel.shm._errors import LayoutError
+from multikernel.shm._pycore import WAIT_PEER_CLOSED, WAIT_READY, WAIT_READY_SLEPT, WAIT_TIMEOUT
 from multikernel.shm._wait import SpinGovernor, WaitPolicy
 
 if TYPE_CHECKING:
     import mmap
-    from collections.abc import Callable
+    from collections.abc import Awaitable, Callable
 
     from multikernel.shm._region import Region
 
 T = TypeVar("T")
 
 _now = time.perf_counter_ns
-_yield = os.sched_yield
+#: How long an async spin stays in the native core before it lets the event loop run again.
+SLICE_NS = 5_000
+
+
+async def _asyncio_checkpoint() -> None:
+    await asyncio.sleep(0)  # what anyio's checkpoint does on asyncio, without finding the backend
+
+
+def _checkpoint() -> Callable[[], Awaitable[None]]:
+    """The cheapest way to let the running event loop run other tasks, found once per wait."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio, or another loop anyio runs on
+        return anyio.lowlevel.checkpoint
+    return _asyncio_checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,36 +197,39 @@ class _RingSide:
             return None
         spin = self._core.spin
         deadline = _now() + governor.spin_ns
+        n = max(n, 0)  # -1: a reader that wants the frame from wait() (spin ignores it)
         while (left := deadline - _now()) > 0 and spin(left, n):
             result = attempt()
             if result is not None:
-                governor.record(hit=True)
                 self._spins += 1
                 return result
-        governor.record(hit=False)
         return None
 
     async def _spin_async(self, attempt: Callable[[], T | None], n: int = 0) -> T | None:
+        """Spin in slices of `SLICE_NS` (in the core, yielding the CPU each turn), going back to
+        the event loop between slices so that other tasks run: the answer is often produced by
+        one of them (a handler in this very process). A turn of the event loop costs several
+        times a turn of the native spin, so a slice is a few microseconds, not one turn.
+        """
         if not self.policy.cooperative:
             return self._spin(attempt, n)
         governor = self._governor
         if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
             return None
-        checkpoint = anyio.lowlevel.checkpoint
+        checkpoint = _checkpoint()
+        spin = self._core.spin
         self._nudged = False
         deadline = _now() + governor.spin_ns
-        while _now() < deadline:
+        while (left := deadline - _now()) > 0:
             await checkpoint()
-            _yield()
             if self._nudged:  # something was just sent that the peer will answer: spin on
                 self._nudged = False
                 deadline = _now() + governor.spin_ns
-            result = attempt()
-            if result is not None:
-                governor.record(hit=True)
-                self._spins += 1
-                return result
-        governor.record(hit=False)
+            if spin(min(left, SLICE_NS), n):
+                result = attempt()
+                if result is not None:
+                    self._spins += 1
+                    return result
         return None
 
     def _announce_sleep(
@@ -237,10 +256,13 @@ class _RingSide:
     def _woken(self) -> None:
         if self._closed:  # closed while we slept: the views and the doorbell are gone
             return
-        self._core.unannounce()
         self._waits += 1
-        if self._waitset is not None:
-            self._waitset.drain()
+        waitset = self._waitset
+        if waitset is None:
+            self._core.unannounce()
+        else:
+            self._core.woken(waitset.bell.fd)  # clears our flag, drains the doorbell
+            waitset.drain_own()
 
     def _wait(
         self,
@@ -253,9 +275,62 @@ class _RingSide:
 
         `n`: the payload size a writer waits to make room for (0 for a reader).
         """
+        started = _now()
         result = self._spin(attempt, n)
         if result is not None:
+            self._governor.learn(_now() - started, caught=True)
             return result
+        result = self._sleep(attempt, at_end, timeout, n)
+        self._governor.learn(_now() - started, caught=False)
+        return result
+
+    def _sleep(
+        self,
+        attempt: Callable[[], T | None],
+        at_end: Callable[[], T | None],
+        timeout: float | None,
+        n: int,
+    ) -> T:
+        waitset = self._waitset
+        if waitset is None:
+            return self._poll(attempt, at_end, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        core = self._core
+        wait_fd, bell_fd = waitset.fileno, waitset.bell.fd
+        while True:
+            timeout_ms = -1
+            if deadline is not None:
+                timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            # Announce, look again, sleep, clear the flag and drain the bell: one call.
+            outcome = core.wait(wait_fd, bell_fd, timeout_ms, n)
+            if outcome.__class__ is bytes:  # a reader's frame, taken as soon as it woke
+                self._waits += 1
+                waitset.drain_own()
+                return typing.cast("T", outcome)
+            if outcome not in (WAIT_READY, WAIT_PEER_CLOSED):
+                self._waits += 1
+                waitset.drain_own()
+            if outcome in (WAIT_READY, WAIT_READY_SLEPT):
+                result = attempt()
+            elif outcome == WAIT_TIMEOUT:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("timed out waiting on the ring")
+                continue
+            else:  # the peer closed, or we woke to nothing (the peer may be gone)
+                result = attempt()
+                if result is None:
+                    result = at_end()
+            if result is not None:
+                return result
+            self._check_usable()
+
+    def _poll(
+        self,
+        attempt: Callable[[], T | None],
+        at_end: Callable[[], T | None],
+        timeout: float | None,
+    ) -> T:
+        """Without a doorbell: look, sleep with back-off, look again."""
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = self.policy.poll_min
         while True:
@@ -267,11 +342,8 @@ class _RingSide:
                 self._woken()
                 raise TimeoutError("timed out waiting on the ring")
             try:
-                if self._waitset is not None:
-                    self._waitset.wait_blocking(remaining)
-                else:
-                    time.sleep(backoff if remaining is None else min(backoff, remaining))
-                    backoff = min(backoff * 2, self.policy.poll_max)
+                time.sleep(backoff if remaining is None else min(backoff, remaining))
+                backoff = min(backoff * 2, self.policy.poll_max)
             finally:
                 self._woken()
             self._check_usable()
@@ -284,16 +356,19 @@ class _RingSide:
     ) -> T:
         """Wait until `attempt` returns a result, never blocking the event loop.
 
-        The spin yields to the event loop on every turn (a checkpoint, then `sched_yield`), so
+        The spin goes back to the event loop between short native slices (`_spin_async`), so
         the task that will produce what we wait for (often in this very process: a handler about
         to reply) runs while we spin.
         """
         if self._busy:
             raise anyio.BusyResourceError("waiting on this ring side")
         self._busy = True
+        started = _now()
+        caught = True
         try:
             backoff = self.policy.poll_min
             while (result := await self._spin_async(attempt, n)) is None:
+                caught = False
                 result = self._announce_sleep(attempt, at_end)
                 if result is not None:
                     break
@@ -309,6 +384,7 @@ class _RingSide:
                 result = attempt()
                 if result is not None:
                     break
+            self._governor.learn(_now() - started, caught=caught)
             return result
         finally:
             self._busy = False
