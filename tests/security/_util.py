@@ -5,8 +5,6 @@ A hub in its own process and its readiness come from the bus tests (`hub_process
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,45 +12,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import anyio
-
+from tests.bus.conftest import Peer
 from tests.bus.test_bus_restart import hub_process, listening
 
 HOSTILE = Path(__file__).with_name("hostile_peer.py")
 PATIENCE = 20.0  # how long a hostile peer may take to report before the test fails
 
 
-class Hostile:
-    """The attacker's process: its report, read without blocking the event loop."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self._buffer = b""
+class Hostile(Peer):
+    """The attacker's process, read like any bus peer's (tests/bus/conftest.py)."""
 
     async def report(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        fd = self.proc.stdout.fileno()
-        with anyio.fail_after(PATIENCE):
-            while b"\n" not in self._buffer:
-                await anyio.wait_readable(fd)
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    raise EOFError(f"the hostile peer exited with {self.proc.wait()}")
-                self._buffer += chunk
-        line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)  # type: ignore[no-any-return]
+        """Its next JSON line."""
+        return await self.event()
 
     async def exit(self) -> None:
         """Let it exit (holding everything it had) and wait until it is gone (a pidfd)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        pidfd = os.pidfd_open(self.proc.pid)
-        try:
-            with anyio.fail_after(PATIENCE):
-                await anyio.wait_readable(pidfd)
-        finally:
-            os.close(pidfd)
-        self.proc.wait()
+        await self.stop()
 
 
 @contextmanager
