@@ -37,13 +37,16 @@ from multikernel.endpoints.log import configure, get_logger
 from multikernel.protocol import (
     AgentHello,
     AgentStatus,
+    DeadlineExceededError,
     ExecRequest,
     ExecResult,
     Halted,
+    NotFoundError,
     Shutdown,
     ShutdownAck,
     SystemHeartbeat,
 )
+from multikernel.services._agent_exec import Terminals, exec_stream
 from multikernel.services._takeover import Gate, Takeover
 
 log = get_logger("multikernel.agent")
@@ -58,6 +61,7 @@ class AgentState:
     started: float = field(default_factory=time.monotonic)
     workload: anyio.abc.Process | None = None
     stop: anyio.Event = field(default_factory=anyio.Event)
+    workload_started: anyio.Event = field(default_factory=anyio.Event)
     halted_reason: str = ""
 
 
@@ -65,33 +69,66 @@ def _cpus() -> tuple[int, ...]:
     return tuple(sorted(os.sched_getaffinity(0)))
 
 
+def _output_fd() -> int | None:
+    """The pipe the host reads the instance's output from ($MULTIKERNEL_OUTPUT_FD), if any."""
+    text = os.environ.pop("MULTIKERNEL_OUTPUT_FD", "")
+    return int(text) if text.isdigit() else None
+
+
 async def _run_workload(
-    ep: Endpoint, state: AgentState, argv: list[str], cwd: str, gate: Gate | None = None
+    ep: Endpoint,
+    state: AgentState,
+    argv: list[str],
+    cwd: str,
+    output: int | None,
+    gate: Gate | None = None,
 ) -> int:
-    """Start the workload (or open its gate) with its own bus attachment; return its status."""
+    """Start the workload (or open its gate) unless it runs already; return its exit status."""
     if state.workload is None:
-        await _start_workload(ep, state, argv, cwd, gate)
+        failed = await _start_workload(ep, state, argv, cwd, output, gate)
+        if failed is not None:
+            return failed
     assert state.workload is not None
     return await state.workload.wait()
 
 
 async def _start_workload(
-    ep: Endpoint, state: AgentState, argv: list[str], cwd: str, gate: Gate | None = None
-) -> None:
+    ep: Endpoint,
+    state: AgentState,
+    argv: list[str],
+    cwd: str,
+    output: int | None,
+    gate: Gate | None = None,
+) -> int | None:
+    """Start the workload with its own bus attachment, its stdout and stderr on `output` (the
+    host's pipe, which this closes once the workload holds it), or hand a standby's warm gate
+    (whose output is that pipe already) the attachment. None once it runs; else the status of
+    a workload that could not be started (127)."""
     attachment = await ep.attachment()
     env = dict(os.environ)
     env.pop("MULTIKERNEL_WORKLOAD", None)
     env.update(json.loads(os.environ.get("MULTIKERNEL_WORKLOAD_ENV", "{}")))
     env["MULTIKERNEL_BUS_FD"] = str(attachment.fileno())
-    with attachment:
-        if gate is not None:
-            state.workload = await gate.open(attachment)
-        else:
-            state.workload = await anyio.open_process(
-                argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
-                stdin=subprocess.DEVNULL, stdout=None, stderr=None,
-            )  # fmt: skip
+    env.setdefault("PYTHONUNBUFFERED", "1")  # its output in the order it was written
+    try:
+        with attachment:
+            if gate is not None:
+                state.workload = await gate.open(attachment)
+            else:
+                state.workload = await anyio.open_process(
+                    argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
+                    stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                )  # fmt: skip
+    except OSError as exc:  # said where the user looks: the instance's output
+        if output is not None:
+            os.write(output, f"cannot start the workload {argv[0]!r}: {exc.strerror}\n".encode())
+        return 127
+    finally:
+        if output is not None:
+            os.close(output)
     log.info("workload started", instance=state.instance, argv=argv, pid=state.workload.pid)
+    state.workload_started.set()
+    return None
 
 
 async def _stop_workload(state: AgentState) -> None:
@@ -121,9 +158,20 @@ def _serve(ep: Bus, state: AgentState) -> Service:
 
     @svc.method
     async def exec(request: ExecRequest) -> ExecResult:
-        with anyio.fail_after(request.timeout):
-            done = await anyio.run_process(list(request.argv), check=False)
+        try:
+            with anyio.fail_after(request.timeout):
+                done = await anyio.run_process(list(request.argv), check=False)
+        except FileNotFoundError:
+            raise NotFoundError(f"{request.argv[0]!r}: no such command in the instance") from None
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"{request.argv[0]!r} did not finish within {request.timeout:g} s and was "
+                "killed; give it longer with --timeout SECONDS"
+            ) from None
         return ExecResult(done.returncode, done.stdout[-65536:], done.stderr[-65536:])
+
+    svc.method(exec_stream, name="exec_stream")
+    Terminals().serve(svc)
 
     @svc.method
     async def shutdown(request: Shutdown) -> ShutdownAck:
@@ -140,13 +188,18 @@ async def run_agent() -> int:
     workload = json.loads(os.environ.get("MULTIKERNEL_WORKLOAD", "[]"))
     image_dir = os.environ.get("MULTIKERNEL_IMAGE_DIR", "")
     state = AgentState(instance, name)
+    output = _output_fd()
     status = 0
     period = float(os.environ.get("MULTIKERNEL_HEARTBEAT") or HEARTBEAT_SECONDS)
     takeover = Takeover.from_env()
     async with connect(name=f"agent-{name}") as ep:
         gate = None
+        failed_start: int | None = None
         if takeover is not None:  # a standby: warm up, then wait to take the instance over
-            gate = await takeover.warm(workload, image_dir)
+            gate = await takeover.warm(workload, image_dir, output)
+            if gate is not None and output is not None:
+                os.close(output)  # the gate's interpreter writes to it now
+                output = None
             if not await takeover.wait_go():
                 if gate is not None:
                     await gate.discard()
@@ -154,7 +207,7 @@ async def run_agent() -> int:
                 return 0
             log.info("standby taking over", instance=instance, pid=os.getpid())
             if gate is not None and workload:  # its interpreter is warm: let it serve at once
-                await _start_workload(ep, state, workload, image_dir, gate)
+                failed_start = await _start_workload(ep, state, workload, image_dir, None, gate)
         await _serve(ep, state).start()
 
         def hello() -> AgentHello:
@@ -166,22 +219,31 @@ async def run_agent() -> int:
         async with anyio.create_task_group() as tg:
 
             async def beat() -> None:
+                # The first beat says the workload is up: it comes once the workload has run
+                # for a heartbeat period, so one that fails at start fails `mkctl start`.
+                if workload:
+                    await state.workload_started.wait()
+                    await anyio.sleep(period)
                 seq = 0
                 attached_as = ep.id
                 while True:
                     if ep.id != attached_as:  # re-attached to a restarted hub: say so again
                         attached_as = ep.id
                         await ep.publish(f"mk.instance.{instance}.hello", hello())
-                    await ep.publish(
-                        f"mk.instance.{instance}.system", SystemHeartbeat(instance, seq)
-                    )
-                    seq += 1
+                    if state.workload is None or state.workload.returncode is None:
+                        await ep.publish(
+                            f"mk.instance.{instance}.system", SystemHeartbeat(instance, seq)
+                        )
+                        seq += 1
                     await anyio.sleep(period)
 
             async def workload_then_stop() -> None:
                 nonlocal status
                 if workload:
-                    status = await _run_workload(ep, state, workload, image_dir, gate)
+                    if failed_start is not None:
+                        status = failed_start
+                    else:
+                        status = await _run_workload(ep, state, workload, image_dir, output, gate)
                     state.halted_reason = state.halted_reason or f"workload exited with {status}"
                     state.stop.set()
 

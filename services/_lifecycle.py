@@ -27,7 +27,7 @@ from __future__ import annotations
 import shutil
 import socket
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import anyio
@@ -45,9 +45,12 @@ from multikernel.protocol import (
     InstanceList,
     KillInstance,
     LoadImage,
+    LogLines,
+    ReadLogs,
     RestartInstance,
     ShowInstances,
     StartInstance,
+    SystemHeartbeat,
     UpdateInstance,
 )
 from multikernel.services._image import load_image
@@ -58,9 +61,11 @@ from multikernel.services._instances import (
     LOADED,
     READY,
     Instance,
-    InstanceError,
+    InstanceRefusedError,
     StateChanges,
+    UnknownInstanceError,
 )
+from multikernel.services._output import InstanceLog
 from multikernel.services._platform import Platform, Resources, check_name
 from multikernel.services._recovery import Recovered, recover
 from multikernel.services._supervisor import Supervisor
@@ -70,6 +75,7 @@ log = get_logger("multikernel.lifecycle")
 DEFAULT_HELLO_TIMEOUT = 15.0
 #: Seconds between an instance becoming active and the start of its (next) warm standby.
 STANDBY_DELAY = 0.5
+_LOG_BATCH = 500  # lines per LogLines reply
 
 
 class LifecycleActor:
@@ -137,6 +143,9 @@ class LifecycleActor:
         recovered = self._recovered
         self._states.store = recovered.store
         self.instances = recovered.instances
+        for inst in self.instances.values():  # their output, as stored before the restart
+            if inst.output is None:
+                inst.output = InstanceLog(self._instance_dir(inst.name))
         svc = self.ep.service("lifecycle", concurrency=16)
         for method in (
             self.create,
@@ -150,10 +159,12 @@ class LifecycleActor:
             self.fail,
         ):
             svc.method(method, name=method.__name__)
+        svc.method(self.logs, name="logs")
         try:
             async with (
                 anyio.create_task_group() as tg,
                 await self.ep.subscribe("mk.instance.*.hello") as hellos,
+                await self.ep.subscribe("mk.instance.*.system") as system,
             ):
                 self._tg = tg
                 for inst in recovered.adopted():
@@ -161,6 +172,7 @@ class LifecycleActor:
                     tg.start_soon(self._supervisor.watch, inst, inst.proc, inst.exited)
                 await svc.start()
                 tg.start_soon(self._hellos, hellos)
+                tg.start_soon(self._heartbeats, system)
                 for change in recovered.changes:
                     inst = change.inst
                     await self._states.announce(
@@ -193,6 +205,18 @@ class LifecycleActor:
                     inst.agent = message.source
                     inst.hello.set()
 
+    async def _heartbeats(self, system: Subscription) -> None:
+        """The first heartbeat of each start says its workload is up (see `Supervisor.start`)."""
+        async for message in system:
+            try:
+                message.decode(SystemHeartbeat)
+                instance = int(message.subject.split(".")[2])
+            except (msgspec.ValidationError, ValueError, IndexError):
+                continue  # Halted, ShutdownAck, or garbage: not a heartbeat
+            for inst in self.instances.values():
+                if inst.id == instance and not inst.beat.is_set():
+                    inst.beat.set()
+
     async def _stop_all(self) -> None:
         """On the way out (the watchers are gone): kill, wait and reclaim each instance here."""
         for inst in list(self.instances.values()):
@@ -208,13 +232,18 @@ class LifecycleActor:
     async def create(self, request: CreateInstance) -> InstanceInfo:
         name = check_name(request.name)
         if name in self.instances:
-            raise InstanceError(
+            raise InstanceRefusedError(
                 f"an instance named {name!r} exists: pick another name or delete it"
             )
-        inst = Instance(name, next(self._ids), restart=request.restart)
+        inst = Instance(
+            name, 0, restart=request.restart, output=InstanceLog(self._instance_dir(name))
+        )
+        # Checked before the instance exists: a request that fails leaves nothing behind (no
+        # record, no state event, no instance id used up).
+        resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
+        inst.id = next(self._ids)
         self.instances[name] = inst
         await self._states.move(inst, EMPTY, "created")
-        resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
         if resources is not None:
             inst.resources = resources
             await self._states.move(inst, READY, "resources reserved")
@@ -225,7 +254,7 @@ class LifecycleActor:
         async with inst.lock:
             resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
             if resources is None and request.restart is None:
-                raise InstanceError("update needs --cpus and/or --memory (or --restart)")
+                raise InstanceRefusedError("update needs --cpus and/or --memory (or --restart)")
             if request.restart is not None:
                 inst.restart = request.restart
                 self._states.save(inst)
@@ -267,7 +296,7 @@ class LifecycleActor:
                 or inst.resources.memory < manifest.min_memory
             ):
                 self._drop_image(inst)
-                raise InstanceError(
+                raise InstanceRefusedError(
                     f"image {manifest.name} needs {manifest.min_cpus} CPU(s) and "
                     f"{manifest.min_memory} bytes; {inst.name!r} has "
                     f"{len(inst.resources.cpus)} and {inst.resources.memory}: "
@@ -306,7 +335,7 @@ class LifecycleActor:
         inst = self._get(request.name)
         async with inst.lock:
             if inst.state == ACTIVE:
-                raise InstanceError(
+                raise InstanceRefusedError(
                     f"{inst.name!r} is active: stop it first: mkctl kill {inst.name}"
                 )
             info = self._info(inst)
@@ -379,14 +408,37 @@ class LifecycleActor:
             return InstanceList((self._info(self._get(request.name)),))
         return InstanceList(tuple(self._info(i) for i in self.instances.values()))
 
+    async def logs(self, request: ReadLogs) -> AsyncIterator[LogLines]:
+        """The instance's own output (its workload's stdout and stderr), then, with `follow`,
+        what it writes until its output ends."""
+        inst = self._get(request.name)
+        assert inst.output is not None
+        if not request.follow:
+            lines = await anyio.to_thread.run_sync(inst.output.read, request.since_ns, request.tail)
+            for start in range(0, len(lines), _LOG_BATCH):
+                yield LogLines(tuple(lines[start : start + _LOG_BATCH]))
+            return
+        async for batch in inst.output.follow(request.since_ns, request.tail):
+            for start in range(0, len(batch), _LOG_BATCH):
+                yield LogLines(tuple(batch[start : start + _LOG_BATCH]))
+
+    def _instance_dir(self, name: str) -> Path:
+        return self.state_dir / "instances" / name
+
     # -- state and resources ------------------------------------------------------------------
 
     def _get(self, name: str) -> Instance:
         inst = self.instances.get(name)
         if inst is None:
             known = ", ".join(sorted(self.instances)) or "none"
-            raise InstanceError(f"no instance named {name!r} (known: {known}); mkctl create {name}")
+            raise UnknownInstanceError(
+                f"no instance named {name!r} (known: {known}); mkctl create {name}"
+            )
         return inst
+
+    def infos(self) -> list[InstanceInfo]:
+        """Every instance, as `show` describes it (the host's metrics read these)."""
+        return [self._info(inst) for inst in self.instances.values()]
 
     def _info(self, inst: Instance) -> InstanceInfo:
         caps = self.platform.capabilities()
@@ -415,7 +467,7 @@ class LifecycleActor:
             chosen = self._pick_cpus(inst, 1)
         size = memory or (current.memory if current is not None else 0)
         if not size:
-            raise InstanceError(
+            raise InstanceRefusedError(
                 f"say how much memory {inst.name!r} gets: --memory SIZE (e.g. 256M)"
             )
         resources = Resources(chosen, size)
@@ -428,7 +480,7 @@ class LifecycleActor:
         """The `count` least used online CPUs (instances may share CPUs on the local platform)."""
         online = sorted(self._cpus or _online_cpus())
         if count > len(online):
-            raise InstanceError(f"{count} CPUs asked, this host has {len(online)} online")
+            raise InstanceRefusedError(f"{count} CPUs asked, this host has {len(online)} online")
         use = Counter(
             cpu for other in self.instances.values() if other is not inst and other.resources
             for cpu in other.resources.cpus

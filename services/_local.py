@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from dataclasses import replace
 from pathlib import Path
 from signal import SIGKILL, pidfd_send_signal
@@ -32,7 +33,7 @@ import anyio.lowlevel
 import msgspec
 
 from multikernel.endpoints.log import get_logger
-from multikernel.services._cgroups import InstanceCgroups, kill_all, process_tree
+from multikernel.services._cgroups import GROUP_ROOT, InstanceCgroups, kill_all, process_tree
 from multikernel.services._local_adopt import (
     LaunchRecord,
     adopt,
@@ -71,7 +72,9 @@ class LocalPlatform:
 
     `isolate=False` turns every isolation but CPU affinity off (tests use it to exercise the
     non-root path as root); `namespaces=False` or `cgroups=False` turn off one mechanism.
-    `group` names the cgroup directory instances go under.
+    `group` names the cgroup directory instances go under, in each hierarchy: a host passes its
+    own `multikernel/<host-id>`; by default each platform gets a fresh `multikernel/p<pid>-<hex>`,
+    so that two platforms never share one. `close()` removes it once no instance is left.
     """
 
     name = "local"
@@ -82,8 +85,11 @@ class LocalPlatform:
         *,
         namespaces: bool = True,
         cgroups: bool = True,
-        group: str = "multikernel",
+        group: str | None = None,
     ) -> None:
+        if group is None:
+            group = f"{GROUP_ROOT}/p{os.getpid()}-{secrets.token_hex(3)}"
+        self.group = group
         host = probe_isolation(isolate, namespaces=namespaces, cgroups=cgroups, group=group)
         self._namespaces = host.namespaces
         self._layout = host.layout
@@ -94,6 +100,20 @@ class LocalPlatform:
 
     def capabilities(self) -> Capabilities:
         return self._capabilities
+
+    @property
+    def cgroup_parents(self) -> list[Path]:
+        """Where this platform's instance cgroups go (empty without cgroups); may not exist yet."""
+        return self._layout.parents
+
+    def close(self) -> None:
+        """Remove this platform's group directories, where no instance is left in them.
+
+        The host calls it when it stops, after its instances are reclaimed. Only this platform's
+        group is touched (and the shared `multikernel` directory, if that was its last group).
+        """
+        if self._layout.dirs_possible:
+            self._layout.remove_groups()
 
     def check(self, resources: Resources) -> None:
         """Raise `InvalidSpecError` unless this host can give an instance `resources`."""
@@ -226,7 +246,7 @@ class LocalPlatform:
         spec = replace(spec, slot=found.unit.partition(".")[2])
         if spec.unit in self._running:
             return None
-        instance = adopt(self, spec, found)
+        instance = adopt(self, spec, found, self._layout)
         if instance is not None:
             self._running.add(spec.unit)
             self._live[spec.unit] = instance
@@ -234,12 +254,19 @@ class LocalPlatform:
 
     async def reclaim_record(self, record: str) -> None:
         """End what is left of a recorded launch that was not adopted; remove its cgroups."""
-        await reclaim_record(msgspec.json.decode(record, type=LaunchRecord))
+        await reclaim_record(msgspec.json.decode(record, type=LaunchRecord), self._layout)
 
     async def reclaim_unit(self, unit: str) -> None:
         """End and remove the cgroups a launch of `unit` would have (one cut short by a crash)."""
-        parents = (self._layout.cpuset_parent, self._layout.memory_parent)
-        await reclaim_dirs([parent / unit for parent in parents if parent is not None])
+        layout = self._layout
+        cpuset, memory = layout.cpuset_parent, layout.memory_parent
+        await reclaim_dirs(
+            InstanceCgroups(
+                cpuset / unit if cpuset is not None else None,
+                memory / unit if memory is not None else None,
+                layout.levels,
+            )
+        )
 
     def instance_of(self, pid: int) -> int:
         """The id of the running instance process `pid` is part of, else 0 (for the hub)."""

@@ -1,12 +1,14 @@
 """Finding local instances again after the host restarted: launch records, adoption, membership.
 
 Instances outlive their control plane (docs/platform.md), so a restarted host must take back the
-ones still running and clean up after the ones that are not. For every launch the lifecycle
-stores a `LaunchRecord`: the keeper's and the agent's pids with their start times (so a recycled
-pid is never taken for them) and the cgroup directories. `adopt` opens pidfds on the processes a
-record names if they are still the same processes, and returns an `AdoptedInstance` that the
-platform waits on, kills and reclaims like one it launched; the one thing it cannot learn is the
-exit status (the keeper is no longer our child), so `wait` answers `STATUS_UNKNOWN`.
+ones still running and clean up after the ones that are not. For every launch the lifecycle stores
+a `LaunchRecord`: the keeper's and the agent's pids with their start times (so a recycled pid is
+never taken for them) and the cgroup directories. A recorded directory is used only if it is an
+instance cgroup of this host's own group (`multikernel/<host-id>/<unit>`, the platform's
+`CgroupLayout`): a record of another layout names nothing to remove. `adopt` opens pidfds on the
+processes a record names if they are still the same processes, and returns an `AdoptedInstance`
+that the platform waits on, kills and reclaims like one it launched; the one thing it cannot learn
+is the exit status (the keeper is no longer our child), so `wait` answers `STATUS_UNKNOWN`.
 `reclaim_record` and `reclaim_dirs` end what is left of a launch that cannot be adopted and remove
 its cgroups.
 
@@ -26,7 +28,13 @@ from signal import SIGKILL, pidfd_send_signal
 
 import msgspec
 
-from multikernel.services._cgroups import CGROUP_ROOT, InstanceCgroups, kill_all, process_tree
+from multikernel.services._cgroups import (
+    CGROUP_ROOT,
+    CgroupLayout,
+    InstanceCgroups,
+    kill_all,
+    process_tree,
+)
 from multikernel.services._local_process import LocalInstance, wait_pidfd
 from multikernel.services._platform import STATUS_UNKNOWN, LaunchSpec, Platform
 
@@ -95,14 +103,21 @@ def _ended(pidfd: int) -> bool:
     return bool(poller.poll(0))
 
 
-def _cgroup_dir(text: str) -> Path | None:
-    """A recorded cgroup directory, if it is one (a state file is ours, but check anyway)."""
+def _cgroup_dir(text: str, layout: CgroupLayout) -> Path | None:
+    """A recorded cgroup directory, if it is an instance's in this host's group (a state file is
+    ours, but check anyway: nothing outside the group is ever killed or removed)."""
     if not text:
         return None
     path = Path(text)
     if not path.is_absolute() or CGROUP_ROOT not in path.parents or ".." in path.parts:
         return None
-    return path
+    return path if path.parent in layout.parents else None
+
+
+def _instance_cgroups(record: LaunchRecord, layout: CgroupLayout) -> InstanceCgroups:
+    return InstanceCgroups(
+        _cgroup_dir(record.cpuset, layout), _cgroup_dir(record.memory, layout), layout.levels
+    )
 
 
 class AdoptedInstance(LocalInstance):
@@ -113,6 +128,7 @@ class AdoptedInstance(LocalInstance):
         platform: Platform,
         spec: LaunchSpec,
         record: LaunchRecord,
+        cgroups: InstanceCgroups,
         keeper_fd: int,
         agent_fd: int | None,
     ) -> None:
@@ -121,7 +137,7 @@ class AdoptedInstance(LocalInstance):
             spec,
             None,
             namespaces=record.namespaces,
-            cgroups=InstanceCgroups(_cgroup_dir(record.cpuset), _cgroup_dir(record.memory)),
+            cgroups=cgroups,
             keeper_pid=record.keeper,
             keeper_fd=keeper_fd,
         )
@@ -134,7 +150,9 @@ class AdoptedInstance(LocalInstance):
             self.returncode = STATUS_UNKNOWN
 
 
-def adopt(platform: Platform, spec: LaunchSpec, record: LaunchRecord) -> AdoptedInstance | None:
+def adopt(
+    platform: Platform, spec: LaunchSpec, record: LaunchRecord, layout: CgroupLayout
+) -> AdoptedInstance | None:
     """The launch `record` describes, if its processes still run; else None."""
     keeper_fd = _open_if_same(record.keeper, record.keeper_start)
     if keeper_fd is None:
@@ -147,10 +165,11 @@ def adopt(platform: Platform, spec: LaunchSpec, record: LaunchRecord) -> Adopted
             if agent_fd is not None:
                 os.close(agent_fd)
             return None
-    return AdoptedInstance(platform, spec, record, keeper_fd, agent_fd)
+    cgroups = _instance_cgroups(record, layout)
+    return AdoptedInstance(platform, spec, record, cgroups, keeper_fd, agent_fd)
 
 
-async def reclaim_record(record: LaunchRecord) -> None:
+async def reclaim_record(record: LaunchRecord, layout: CgroupLayout) -> None:
     """End whatever is left of a launch that was not adopted, and remove its cgroups."""
     for pid, started in ((record.keeper, record.keeper_start), (record.agent, record.agent_start)):
         fd = _open_if_same(pid, started)
@@ -162,18 +181,15 @@ async def reclaim_record(record: LaunchRecord) -> None:
             await wait_pidfd(fd)
         finally:
             os.close(fd)
-    await reclaim_dirs([d for d in (_cgroup_dir(record.cpuset), _cgroup_dir(record.memory)) if d])
+    await reclaim_dirs(_instance_cgroups(record, layout))
 
 
-async def reclaim_dirs(dirs: list[Path]) -> None:
-    """SIGKILL every process in the cgroups `dirs`, then remove them (missing ones are fine)."""
-    present = [d for d in dirs if d.is_dir()]
+async def reclaim_dirs(groups: InstanceCgroups) -> None:
+    """SIGKILL every process in the cgroups `groups`, then remove them, and their group
+    directories if nobody else uses them (missing ones are fine)."""
+    present = [d for d in groups.dirs if d.is_dir()]
     if not present:
         return
-    groups = InstanceCgroups(
-        next((d for d in present if "cpuset" in d.parts), None),
-        next((d for d in present if "cpuset" not in d.parts), None),
-    )
     await kill_all(groups.pids)
     await groups.remove()
 

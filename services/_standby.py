@@ -20,6 +20,7 @@ with: if either changed, it is discarded and the instance starts cold.
 
 from __future__ import annotations
 
+import os
 import secrets
 import socket
 from typing import TYPE_CHECKING
@@ -42,11 +43,19 @@ class Standby:
     """The lifecycle's side of one standby launch."""
 
     def __init__(
-        self, proc: InstanceProcess, control: socket.socket, record: str, inst: Instance
+        self,
+        proc: InstanceProcess,
+        control: socket.socket,
+        record: str,
+        inst: Instance,
+        output: int | None = None,
     ) -> None:
         self.proc = proc
         self.control = control
         self.record = record
+        #: The read end of its output pipe (its workload's stdout and stderr), until it takes
+        #: the instance over and the instance's log collects it (`take_output`).
+        self.output = output
         self.exited = anyio.Event()  # set by its watcher once it is reclaimed
         self.ready = False
         self.resources: Resources | None = inst.resources
@@ -94,5 +103,13 @@ class Standby:
             except BlockingIOError:
                 await anyio.wait_writable(self.control)
 
+    def take_output(self) -> int | None:
+        """The read end of its output pipe, now the caller's to close."""
+        output, self.output = self.output, None
+        return output
+
     def close(self) -> None:
         self.control.close()
+        if self.output is not None:
+            os.close(self.output)
+            self.output = None

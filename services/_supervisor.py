@@ -2,15 +2,19 @@
 
 `start` launches the agent with the socket the hub binds to the instance and the workload in its
 environment (the `MULTIKERNEL_*` variables `_agent` reads), starts a watcher in the actor's task
-group, and waits for the agent's hello: the instance is `active` once it comes, `failed` (and its
-agent killed) if it does not come in time or the caller gives up first. When a warm standby is
-ready (`_standby`), `start` promotes it instead of launching: the standby's agent then takes the
-instance over. The watcher waits on the platform (a pidfd on the local one, so an exit is seen at
-once, however it happens), reclaims what the launch held, and moves the instance back to `loaded`
-with the cause of the end (`requested`, `exited`, `crashed`, `lost`, or the cause a restart gave);
-it is the one place a launch is reclaimed while the actor runs, so `stop` only ends the agent and
-waits for the watcher. `stop` is negotiated like the kernel's SHUTDOWN → SHUTDOWN_ACK → HALTED:
-ask the agent to shut down and wait for its exit, within a grace period, then force it.
+group, and waits for the agent's hello, then for its first heartbeat (the agent beats once its
+workload has run for a heartbeat period): the instance is `active` once it comes, `failed` (and its
+agent killed) if it does not come in time or the caller gives up first, and a workload that ends
+before it fails the start with its last line of output. The workload's stdout and stderr are a pipe
+whose read end is kept here and collected into the instance's log (`_output`). When a warm standby
+is ready (`_standby`), `start` promotes it instead of launching: the standby's agent then takes the
+instance over (and its output pipe is collected from then on). The watcher waits on the platform (a
+pidfd on the local one, so an exit is seen at once, however it happens), reclaims what the launch
+held, and moves the instance back to `loaded` with the cause of the end (`requested`, `exited`,
+`crashed`, `lost`, or the cause a restart gave); it is the one place a launch is reclaimed while
+the actor runs, so `stop` only ends the agent and waits for the watcher. `stop` is negotiated like
+the kernel's SHUTDOWN → SHUTDOWN_ACK → HALTED: ask the agent to shut down and wait for its exit,
+within a grace period, then force it.
 
 Every launch is a new `generation` of the instance, stored with the platform's record of it
 before anything waits on it, so a host that dies at any point can find it again (`_recovery`).
@@ -86,10 +90,12 @@ class Supervisor:
         inst: Instance,
         fds: tuple[int, ...],
         *,
+        output: int,
         slot: str = "",
         env: dict[str, str] | None = None,
     ) -> LaunchSpec:
-        """How to launch `inst`'s agent with its bus socket `fds[0]` (and more fds after it)."""
+        """How to launch `inst`'s agent with its bus socket `fds[0]`, the write end of its
+        output pipe `output` (both passed on), and more fds after them."""
         assert inst.image is not None
         assert inst.resources is not None
         assert inst.image_dir is not None
@@ -100,6 +106,7 @@ class Supervisor:
         ]
         agent_env = {
             "MULTIKERNEL_BUS_FD": str(fds[0]),
+            "MULTIKERNEL_OUTPUT_FD": str(output),
             "MULTIKERNEL_INSTANCE": str(inst.id),
             "MULTIKERNEL_INSTANCE_NAME": inst.name,
             "MULTIKERNEL_WORKLOAD": json.dumps(entry),
@@ -118,7 +125,7 @@ class Supervisor:
             agent_env["MULTIKERNEL_LOG_LEVEL"] = level
         return LaunchSpec(
             inst.name, inst.id, [sys.executable, "-m", "multikernel.services.agent"], agent_env,
-            fds, inst.resources, cwd=str(inst.image_dir), slot=slot,
+            (fds[0], output, *fds[1:]), inst.resources, cwd=str(inst.image_dir), slot=slot,
         )  # fmt: skip
 
     async def launch(self, inst: Instance, spec: LaunchSpec) -> InstanceProcess:
@@ -146,6 +153,7 @@ class Supervisor:
             await self.discard_standby(inst)
             standby = None
         inst.hello, inst.stopping, inst.agent = anyio.Event(), False, 0
+        inst.beat = anyio.Event()
         inst.stop_cause = "requested"
         inst.generation += 1
         t0 = time.monotonic()
@@ -154,6 +162,9 @@ class Supervisor:
             inst.proc, inst.proc_record, inst.exited = standby.proc, standby.record, standby.exited
             inst.started_ns = time.monotonic_ns()
             self.states.save(inst)
+            output = standby.take_output()
+            if output is not None:
+                self._collect(inst, output, watchers)
             try:
                 await standby.go()
             except OSError as exc:  # it died meanwhile: its watcher reclaims it as this launch
@@ -163,23 +174,78 @@ class Supervisor:
             how = f"standby took over (pid {standby.proc.pid})"
         else:
             sock = self._open_socket(inst.id)
+            output, output_w = os.pipe()  # the workload's stdout and stderr, read here
             inst.exited = anyio.Event()
             try:
-                proc = await self.launch(inst, self.spec(inst, (sock.fileno(),)))
+                spec = self.spec(inst, (sock.fileno(),), output=output_w)
+                proc = await self.launch(inst, spec)
             except BaseException:
+                os.close(output)
                 self.states.save(inst)
                 raise
             finally:
                 sock.close()  # the agent holds its end now
+                os.close(output_w)
             inst.proc, inst.proc_record = proc, launch_record(self.platform, proc)
             inst.started_ns = time.monotonic_ns()
             self.states.save(inst)
+            self._collect(inst, output, watchers)
             watchers.start_soon(self.watch, inst, proc, inst.exited)
             how = f"agent up (pid {proc.pid})"
-        assert inst.proc is not None
+        proc = inst.proc
+        assert proc is not None
         await self._wait_hello(inst, hello_timeout)
         self.timings["takeover" if standby is not None else "hello"].append(time.monotonic() - t0)
+        try:
+            await self._workload_up(inst, hello_timeout)
+            if inst.proc is not proc:
+                return  # it already ran to completion (and the watcher moved it to `loaded`)
+        except InstanceError:
+            raise
+        except BaseException:  # the caller gave up: leave no agent running behind `loaded`
+            with anyio.CancelScope(shield=True):
+                inst.stopping = True
+                await self.states.move(inst, FAILED, "start abandoned by its caller")
+                await self._force_stop(inst)
+            raise
         await self.states.move(inst, ACTIVE, how)
+
+    @staticmethod
+    def _collect(inst: Instance, output: int, watchers: anyio.abc.TaskGroup) -> None:
+        """Collect this launch's output (the read end `output`, which this takes) into its log."""
+        if inst.output is None:
+            os.close(output)
+            return
+        inst.output.starting()
+        watchers.start_soon(inst.output.collect, output)
+
+    async def _workload_up(self, inst: Instance, within: float) -> None:
+        """Wait for the agent's first heartbeat (it beats once its workload has run a heartbeat
+        period) or its exit: a workload that fails at start fails the start, with its reason."""
+        with anyio.move_on_after(within):
+            async with anyio.create_task_group() as race:
+                for event in (inst.beat, inst.exited):
+                    race.start_soon(_then_cancel, event, race.cancel_scope)
+        if inst.beat.is_set() and not inst.exited.is_set():
+            return
+        if not inst.exited.is_set():
+            inst.stopping = True
+            await self.states.move(inst, FAILED, f"no heartbeat from the agent within {within:g} s")
+            await self._force_stop(inst)
+            raise InstanceError(
+                f"{inst.name!r} did not come up: its agent never sent a heartbeat; see the host log"
+            )
+        if inst.output is not None:
+            with anyio.move_on_after(5):  # the rest of its output, for `logs` and the reason
+                await inst.output.ended.wait()
+        if inst.last_exit == "exit status 0":
+            return  # a workload that ran to completion: started, and already done
+        last = inst.output.last_line() if inst.output is not None else ""
+        raise InstanceError(
+            f"{inst.name!r} did not start: its workload ended ({inst.last_exit or 'exited'}) "
+            f"before its first heartbeat{': ' + last if last else ''}; "
+            f"see mkctl logs {inst.name}"
+        )
 
     async def _wait_hello(self, inst: Instance, hello_timeout: float) -> None:
         try:
@@ -270,7 +336,7 @@ class Supervisor:
         else:
             cause = "exited" if status == 0 else "crashed"
         inst.cause = cause
-        if not inst.stopping:
+        if not inst.stopping and inst.state == ACTIVE:
             inst.restarts += 1
         if inst.state != FAILED:
             reason = "halted" if inst.stopping else f"crashed ({inst.last_exit})"
@@ -304,16 +370,19 @@ class Supervisor:
             return
         ours, theirs = socket.socketpair()
         sock = self._open_socket(inst.id)
+        output, output_w = os.pipe()  # its workload's output, collected once it takes over
         try:
             spec = self.spec(
                 inst,
                 (sock.fileno(), theirs.fileno()),
+                output=output_w,
                 slot=Standby.new_slot(),
                 env={"MULTIKERNEL_STANDBY_FD": str(theirs.fileno())},
             )
             proc = await self.launch(inst, spec)
         except BaseException as exc:
             ours.close()
+            os.close(output)
             self.states.save(inst)
             if isinstance(exc, Exception):
                 log.warning("standby not started", instance=inst.name, error=str(exc))
@@ -322,7 +391,8 @@ class Supervisor:
         finally:
             sock.close()
             theirs.close()
-        standby = Standby(proc, ours, launch_record(self.platform, proc), inst)
+            os.close(output_w)
+        standby = Standby(proc, ours, launch_record(self.platform, proc), inst, output)
         inst.standby = standby
         self.states.save(inst)
         watchers.start_soon(self.watch, inst, proc, standby.exited)
@@ -337,6 +407,11 @@ class Supervisor:
         log.info("standby ready", instance=inst.name, pid=proc.pid, unit=spec.unit)
         if inst.state == ACTIVE and inst.standby is standby:  # no state change: an announcement
             await self.states.announce(inst, ACTIVE, ACTIVE, f"standby ready (pid {proc.pid})")
+
+
+async def _then_cancel(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _describe_exit(status: int) -> str:

@@ -33,13 +33,18 @@ class Gate:
         self.control = control
 
     @classmethod
-    async def start(cls, argv: list[str], cwd: str, env: Mapping[str, str]) -> Gate:
+    async def start(
+        cls, argv: list[str], cwd: str, env: Mapping[str, str], output: int | None = None
+    ) -> Gate:
+        """Start the interpreter, its stdout and stderr on `output` (the instance's output pipe,
+        which the caller still owns), and wait until it is ready."""
         ours, theirs = socket.socketpair()
         try:
             process = await anyio.open_process(
                 [sys.executable, "-m", "multikernel.services._gate", "--", *argv],
                 cwd=cwd or None, env={**env, ENV_GATE: str(theirs.fileno())},
-                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=None, stderr=None,
+                pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=output,
+                stderr=output,
             )  # fmt: skip
         except BaseException:
             ours.close()
@@ -81,14 +86,16 @@ class Takeover:
         fd = os.environ.pop(ENV_STANDBY, None)
         return cls(int(fd)) if fd else None
 
-    async def warm(self, argv: list[str], cwd: str) -> Gate | None:
-        """Start the workload's interpreter if the gate can run it; say ready either way."""
+    async def warm(self, argv: list[str], cwd: str, output: int | None = None) -> Gate | None:
+        """Start the workload's interpreter if the gate can run it (writing to `output`, the
+        instance's output pipe); say ready either way."""
         gate = None
         if gated(argv):
             env = dict(os.environ)
             env.pop("MULTIKERNEL_WORKLOAD", None)
             env.update(json.loads(os.environ.get("MULTIKERNEL_WORKLOAD_ENV", "{}")))
-            gate = await Gate.start(argv, cwd, env)
+            env.setdefault("PYTHONUNBUFFERED", "1")  # its output in the order it was written
+            gate = await Gate.start(argv, cwd, env, output)
         await _send_all(self.control, b"ready\n", [])
         return gate
 

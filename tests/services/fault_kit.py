@@ -321,8 +321,10 @@ def values(message: Any) -> Any:
     return message.value()
 
 
-#: A workload that fails soon after it starts (exit status 3): a crash loop.
-CRASHER = "import sys, time\ntime.sleep(0.05)\nsys.exit(3)\n"
+#: A workload that fails soon after it has started (exit status 3): a crash loop. It lives past
+#: its agent's first heartbeat (0.2 s in these tests), so each launch is `active` before it fails;
+#: one that ended sooner would fail its start instead (mkctl start reports it).
+CRASHER = "import sys, time\ntime.sleep(0.5)\nsys.exit(3)\n"
 
 
 def inject(pid: int, signum: int = signal.SIGKILL) -> None:
