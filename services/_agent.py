@@ -14,8 +14,10 @@ tells it to take its instance over (`_takeover`).
 
 Environment (set by the lifecycle actor): MULTIKERNEL_BUS_FD, MULTIKERNEL_BUS (the hub's path, to
 re-attach), MULTIKERNEL_INSTANCE (id), MULTIKERNEL_INSTANCE_NAME, MULTIKERNEL_WORKLOAD (JSON argv,
-may be empty), MULTIKERNEL_IMAGE_DIR, MULTIKERNEL_WORKLOAD_ENV (JSON object), and optionally
-MULTIKERNEL_HEARTBEAT (seconds between heartbeats) and MULTIKERNEL_STANDBY_FD.
+may be empty), MULTIKERNEL_IMAGE_DIR, MULTIKERNEL_WORKLOAD_ENV (JSON object), MULTIKERNEL_OUTPUT_FD
+and MULTIKERNEL_OUTPUT_HOLD_FD (the write and read ends of the pipe the host collects the
+workload's output from), and optionally MULTIKERNEL_HEARTBEAT (seconds between heartbeats) and
+MULTIKERNEL_STANDBY_FD.
 """
 
 from __future__ import annotations
@@ -70,7 +72,14 @@ def _cpus() -> tuple[int, ...]:
 
 
 def _output_fd() -> int | None:
-    """The pipe the host reads the instance's output from ($MULTIKERNEL_OUTPUT_FD), if any."""
+    """The pipe the host reads the instance's output from ($MULTIKERNEL_OUTPUT_FD), if any.
+
+    Its read end ($MULTIKERNEL_OUTPUT_HOLD_FD) is held, never read, for as long as the agent
+    runs, so the pipe keeps a reader if the host dies (the workload's writes do not fail), and a
+    restarted host can open it again through /proc to collect the output."""
+    hold = os.environ.pop("MULTIKERNEL_OUTPUT_HOLD_FD", "")
+    if hold.isdigit():
+        os.set_inheritable(int(hold), False)  # the agent's alone: no child inherits it
     text = os.environ.pop("MULTIKERNEL_OUTPUT_FD", "")
     return int(text) if text.isdigit() else None
 

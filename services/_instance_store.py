@@ -107,6 +107,7 @@ class StoredInstance(msgspec.Struct):
     proc: str = ""  # the platform's record of the running launch ("" if none)
     standby: str = ""  # the same for its standby
     launching: tuple[str, ...] = ()  # units being launched, not yet recorded
+    output_fd: int = 0  # the running launch's agent holds its output pipe's read end there
 
     @property
     def resources(self) -> Resources | None:
@@ -194,6 +195,7 @@ def stored(inst: Instance) -> StoredInstance:
         proc=inst.proc_record if inst.proc is not None else "",
         standby=inst.standby.record if inst.standby is not None else "",
         launching=tuple(sorted(inst.launching)),
+        output_fd=inst.output_fd if inst.proc is not None else 0,
     )
 
 
@@ -214,4 +216,5 @@ def restored(row: StoredInstance) -> Instance:
         command=row.command,
         generation=row.generation,
         cause=row.cause,
+        output_fd=row.output_fd,
     )

@@ -109,6 +109,9 @@ class Instance:
     cause: str = ""  # why the last launch ended
     stop_cause: str = "requested"  # why the launch being stopped now ends
     proc_record: str = ""  # the platform's record of `proc`, for a restarted host
+    #: The agent's fd holding the read end of its output pipe (see `Supervisor`), for a
+    #: restarted host to collect the output again; 0 if none.
+    output_fd: int = 0
     launching: set[str] = field(default_factory=set)  # units being launched, not yet recorded
     standby: Standby | None = None  # a warm agent ready to take the instance over
 

@@ -169,6 +169,7 @@ class LifecycleActor:
                 self._tg = tg
                 for inst in recovered.adopted():
                     assert inst.proc is not None
+                    self._supervisor.reattach_output(inst, tg)
                     tg.start_soon(self._supervisor.watch, inst, inst.proc, inst.exited)
                 await svc.start()
                 tg.start_soon(self._hellos, hellos)

@@ -109,6 +109,7 @@ async def _recover_one(platform: Platform, row: StoredInstance, changes: list[Ch
             Change(inst, ACTIVE, ACTIVE, f"adopted after a host restart (pid {proc.pid})")
         )
         return inst
+    inst.output_fd = 0  # no launch of it runs
     if proc is not None:  # a launch that never became active (its start was cut short)
         await platform.kill(proc)
         await platform.reclaim(proc)

@@ -90,12 +90,17 @@ class Supervisor:
         inst: Instance,
         fds: tuple[int, ...],
         *,
-        output: int,
+        output: tuple[int, int],
         slot: str = "",
         env: dict[str, str] | None = None,
     ) -> LaunchSpec:
-        """How to launch `inst`'s agent with its bus socket `fds[0]`, the write end of its
-        output pipe `output` (both passed on), and more fds after them."""
+        """How to launch `inst`'s agent with its bus socket `fds[0]`, its output pipe `output`
+        (read end, write end: all passed on), and more fds after them.
+
+        The agent hands the write end to its workload and holds the read end without reading
+        it: a host that dies leaves the pipe a reader (the workload's writes never fail with
+        EPIPE; past the pipe's buffer they wait), and a restarted host opens that read end again
+        through /proc (`reattach_output`) and collects what was written meanwhile."""
         assert inst.image is not None
         assert inst.resources is not None
         assert inst.image_dir is not None
@@ -106,7 +111,8 @@ class Supervisor:
         ]
         agent_env = {
             "MULTIKERNEL_BUS_FD": str(fds[0]),
-            "MULTIKERNEL_OUTPUT_FD": str(output),
+            "MULTIKERNEL_OUTPUT_FD": str(output[1]),
+            "MULTIKERNEL_OUTPUT_HOLD_FD": str(output[0]),
             "MULTIKERNEL_INSTANCE": str(inst.id),
             "MULTIKERNEL_INSTANCE_NAME": inst.name,
             "MULTIKERNEL_WORKLOAD": json.dumps(entry),
@@ -125,7 +131,7 @@ class Supervisor:
             agent_env["MULTIKERNEL_LOG_LEVEL"] = level
         return LaunchSpec(
             inst.name, inst.id, [sys.executable, "-m", "multikernel.services.agent"], agent_env,
-            (fds[0], output, *fds[1:]), inst.resources, cwd=str(inst.image_dir), slot=slot,
+            (fds[0], *output, *fds[1:]), inst.resources, cwd=str(inst.image_dir), slot=slot,
         )  # fmt: skip
 
     async def launch(self, inst: Instance, spec: LaunchSpec) -> InstanceProcess:
@@ -163,6 +169,7 @@ class Supervisor:
             inst.started_ns = time.monotonic_ns()
             self.states.save(inst)
             output = standby.take_output()
+            inst.output_fd = output or 0  # its number in the standby's agent too
             if output is not None:
                 self._collect(inst, output, watchers)
             try:
@@ -177,7 +184,7 @@ class Supervisor:
             output, output_w = os.pipe()  # the workload's stdout and stderr, read here
             inst.exited = anyio.Event()
             try:
-                spec = self.spec(inst, (sock.fileno(),), output=output_w)
+                spec = self.spec(inst, (sock.fileno(),), output=(output, output_w))
                 proc = await self.launch(inst, spec)
             except BaseException:
                 os.close(output)
@@ -187,6 +194,7 @@ class Supervisor:
                 sock.close()  # the agent holds its end now
                 os.close(output_w)
             inst.proc, inst.proc_record = proc, launch_record(self.platform, proc)
+            inst.output_fd = output  # the agent holds the read end under the same number
             inst.started_ns = time.monotonic_ns()
             self.states.save(inst)
             self._collect(inst, output, watchers)
@@ -218,6 +226,22 @@ class Supervisor:
             return
         inst.output.starting()
         watchers.start_soon(inst.output.collect, output)
+
+    def reattach_output(self, inst: Instance, watchers: anyio.abc.TaskGroup) -> None:
+        """Collect an adopted launch's output again: open the read end its agent holds."""
+        if inst.proc is None or not inst.output_fd:
+            return
+        path = f"/proc/{inst.proc.pid}/fd/{inst.output_fd}"
+        try:
+            pipe = os.readlink(path).startswith("pipe:")
+            output = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if pipe else -1
+        except OSError as exc:
+            log.warning("output not collected again", instance=inst.name, error=str(exc))
+            return
+        if output < 0:
+            log.warning("output not collected again", instance=inst.name, error=f"{path}: no pipe")
+            return
+        self._collect(inst, output, watchers)
 
     async def _workload_up(self, inst: Instance, within: float) -> None:
         """Wait for the agent's first heartbeat (it beats once its workload has run a heartbeat
@@ -375,7 +399,7 @@ class Supervisor:
             spec = self.spec(
                 inst,
                 (sock.fileno(), theirs.fileno()),
-                output=output_w,
+                output=(output, output_w),
                 slot=Standby.new_slot(),
                 env={"MULTIKERNEL_STANDBY_FD": str(theirs.fileno())},
             )

@@ -6,7 +6,7 @@ workloads are small Python programs that attach to the bus from inside their ins
 
 - `KV` serves `instance.<id>.kv`: `ping` (who answers: pid, generation of the instance), `append`
   (a line to a journal in the instance's image dir, written and fsynced before the answer:
-  what was acknowledged survives the process) and `read`;
+  what was acknowledged survives the process), `read`, and `say` (prints a line: its output);
 - `CALLER` calls another instance's `kv.ping` in a loop (with the retrying client) and serves its
   counts on `instance.<id>.stats`;
 - `GARBAGE` writes garbage into its own session ring when asked (its `kv`-like `garble` method).
@@ -90,6 +90,11 @@ async def main() -> None:
         @svc.method
         async def append(line: str) -> int:
             journal(line)  # written and fsynced before the answer
+            return 1
+
+        @svc.method
+        async def say(text: str) -> int:
+            print(text, flush=True)  # to the instance's output, which the host collects
             return 1
 
         @svc.method

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any, cast
 
 import anyio
 import anyio.lowlevel
+import msgspec
 import pytest
 
 from multikernel.bus import Hub
-from multikernel.endpoints import HubUnavailableError, connect, retrying
+from multikernel.endpoints import Endpoint, HubUnavailableError, connect, retrying
 from multikernel.protocol import (
     AgentStatus,
     CreateInstance,
     DeleteInstance,
     LoadImage,
+    LogLines,
+    ReadLogs,
     RestartPolicy,
     StartInstance,
 )
@@ -206,6 +211,46 @@ async def test_a_killed_host_comes_back_adopts_what_runs_and_reclaims_the_rest(
         assert not alive(pid)
     for name in (survivor, victim, idle):
         assert not cgroups_of(name)
+
+
+async def _logged(ep: Endpoint, name: str, text: str) -> None:
+    """Until `text` is a line of the instance's output, as the host collected it."""
+    with anyio.fail_after(PATIENCE):
+        stream = ep.request_stream("lifecycle", "logs", ReadLogs(name, follow=True))
+        async for batch in cast(AsyncIterator[Any], stream):
+            if text in [line.text for line in msgspec.convert(batch, LogLines).lines]:
+                return
+    raise AssertionError(f"{text!r} never showed in {name}'s output")
+
+
+async def test_a_restarted_host_collects_the_output_of_what_it_adopted(
+    tmp_path: Path, keys: tuple[bytes, bytes], cert: Path
+) -> None:
+    """The agent holds its output pipe open: a workload that writes while no host runs does
+    not fail (no EPIPE), and the new host collects what it wrote, then what it writes next."""
+    image = make_image(tmp_path, keys, KV)
+    name = unique("f-out")
+    host = HostProcess(tmp_path, cert)
+    await host.start()
+    try:
+        async with connect(host.socket, name="test") as ep:
+            info = await bring_up(ep, name, image, RestartPolicy("temporary"))
+            kv = f"instance.{info.id}.kv"
+            await owned(ep, kv)
+            await ep.request(kv, "say", "before")
+            await _logged(ep, name, "before")
+            host.kill()
+            assert await ep.request(kv, "say", "while the host is down") == 1  # direct channel
+            await host.start()
+            assert (await show(retrying(ep, within=PATIENCE), name)).pid == info.pid  # adopted
+            await _logged(ep, name, "while the host is down")
+            await owned(ep, kv)
+            await retrying(ep, within=PATIENCE).request(kv, "say", "after")
+            await _logged(ep, name, "after")
+    finally:
+        await host.stop()
+    assert not alive(info.pid)
+    assert not cgroups_of(name)
 
 
 async def test_a_host_that_died_mid_launch_leaves_nothing_behind(
