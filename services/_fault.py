@@ -44,6 +44,7 @@ from multikernel.protocol import (
     InstanceList,
     InstanceStateChanged,
     MultikernelError,
+    NotFoundError,
     PolicyGet,
     PolicyInfo,
     PolicySet,
@@ -68,8 +69,9 @@ log = get_logger("multikernel.fault")
 LIFECYCLE_PATIENCE = 30.0
 
 
-class FaultError(MultikernelError):
-    """A `fault` request that names an instance the fault actor does not know."""
+class FaultError(NotFoundError):
+    """A `fault` request that names an instance the fault actor does not know (NOT_FOUND: mkctl
+    exits with status 3)."""
 
 
 class FaultActor:

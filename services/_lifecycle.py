@@ -370,9 +370,11 @@ class LifecycleActor:
 
     async def fail(self, request: FailInstance) -> InstanceInfo:
         """Mark the instance `failed`, ending its launch (and standby) if one runs: what the
-        fault actor does when an instance keeps failing. `mkctl kill NAME` resets it."""
+        fault actor does when an instance keeps failing. `mkctl kill NAME` resets it. Only an
+        instance that has an image can fail (one never loaded has nothing to fail)."""
         inst = self._get(request.name)
         async with inst.lock:
+            inst.require(LOADED, ACTIVE, FAILED, verb="fail")
             await self._supervisor.discard_standby(inst)
             if inst.proc is not None:
                 await self._supervisor.stop(inst, None, cause="requested")

@@ -75,6 +75,17 @@ def _running(pidfile: Path) -> int | None:
     help="Control socket mode, octal (default 0600: your user and root; docs/security.md).",
 )
 @click.option("--socket-group", default=None, help="Control socket group (a name or a gid).")
+@click.option(
+    "--heartbeat",
+    type=click.FloatRange(min=0.01, max=3600),
+    default=None,
+    help="Seconds between the agents' heartbeats (default 1); a hang is found in about 3-4.",
+)
+@click.option(
+    "--no-fault",
+    is_flag=True,
+    help="Run no fault actor: failed instances stay down (docs/fault.md).",
+)
 def up(
     foreground: bool,
     policy: str | None,
@@ -84,6 +95,8 @@ def up(
     no_isolation: bool,
     socket_mode: str | None,
     socket_group: str | None,
+    heartbeat: float | None,
+    no_fault: bool,
 ) -> int:
     """Start the host (in the background unless --foreground)."""
     options = settings()
@@ -106,6 +119,10 @@ def up(
     for flag, value in (("--socket-mode", socket_mode), ("--socket-group", socket_group)):
         if value is not None:
             command += [flag, value]
+    if heartbeat is not None:
+        command += ["--heartbeat", f"{heartbeat:g}"]
+    if no_fault:
+        command.append("--no-fault")
     if foreground:
         os.execv(sys.executable, command)  # the host takes over this process (and its pid)
     state.mkdir(parents=True, exist_ok=True)

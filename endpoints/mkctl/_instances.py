@@ -15,18 +15,24 @@ import click
 
 from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints.mkctl._client import with_bus
-from multikernel.endpoints.mkctl._output import emit, output_options
+from multikernel.endpoints.mkctl._output import emit, output_options, settings
 from multikernel.endpoints.mkctl._show import instance_table, warn_once
 from multikernel.protocol import (
     CreateInstance,
     DeleteInstance,
+    FaultStatusList,
+    FaultStatusRequest,
     InstanceInfo,
     InstanceList,
     KillInstance,
     LoadImage,
+    NoRespondersError,
+    NotFoundError,
+    RestartPolicy,
     ShowInstances,
     StartInstance,
     UpdateInstance,
+    parse_restart,
 )
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
@@ -74,6 +80,22 @@ class Cpus(click.ParamType[tuple[tuple[int, ...], int]]):
         return tuple(sorted(cpus)), 0
 
 
+class Restart(click.ParamType[RestartPolicy]):
+    """'permanent', 'transient,intensity=3,period=30', 'permanent,group=web,standby' → policy."""
+
+    name = "policy"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> RestartPolicy:
+        if isinstance(value, RestartPolicy):
+            return value
+        try:
+            return parse_restart(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     """Instance names from the host, for shell completion (nothing if no host answers)."""
     import anyio
@@ -109,28 +131,40 @@ def _show_one(info: InstanceInfo) -> int:
 
 _CPUS_HELP = "CPUs: a count (2) or host CPU ids (0,2 or 0-1)."
 _MEMORY_HELP = "Memory: bytes, or with a unit (256M, 1G)."
+_RESTART_HELP = (
+    "What the fault actor does when it fails: permanent, transient (default) or temporary, "
+    "then ,KEY=VALUE (intensity, period, backoff, backoff_max, group, strategy) and ,standby; "
+    "e.g. permanent,intensity=3,period=30,standby (docs/fault.md)."
+)
 
 
 @click.command()
 @name_argument
 @click.option("--cpus", type=Cpus(), default="0", help=_CPUS_HELP)
 @click.option("--memory", type=Size(), default=0, help=_MEMORY_HELP)
+@click.option("--restart", type=Restart(), default=None, help=_RESTART_HELP)
 @output_options
-def create(name: str, cpus: tuple[tuple[int, ...], int], memory: int) -> int:
+def create(
+    name: str, cpus: tuple[tuple[int, ...], int], memory: int, restart: RestartPolicy | None
+) -> int:
     """Create an instance (ready at once if given resources)."""
     ids, count = cpus
-    return _show_one(_lifecycle("create", CreateInstance(name, ids, count, memory)))
+    request = CreateInstance(name, ids, count, memory, restart or RestartPolicy())
+    return _show_one(_lifecycle("create", request))
 
 
 @click.command()
 @name_argument
 @click.option("--cpus", type=Cpus(), default="0", help=_CPUS_HELP)
 @click.option("--memory", type=Size(), default=0, help=_MEMORY_HELP)
+@click.option("--restart", type=Restart(), default=None, help=_RESTART_HELP)
 @output_options
-def update(name: str, cpus: tuple[tuple[int, ...], int], memory: int) -> int:
-    """Change an instance's CPUs or memory (live when it is active)."""
+def update(
+    name: str, cpus: tuple[tuple[int, ...], int], memory: int, restart: RestartPolicy | None
+) -> int:
+    """Change an instance's CPUs or memory (live when it is active), or its restart policy."""
     ids, count = cpus
-    return _show_one(_lifecycle("update", UpdateInstance(name, ids, count, memory)))
+    return _show_one(_lifecycle("update", UpdateInstance(name, ids, count, memory, restart)))
 
 
 @click.command()
@@ -184,18 +218,35 @@ def delete(name: str) -> int:
     return 0
 
 
-@click.command(short_help="Instances: state, resources, image, pid.")
+@click.command(short_help="Instances: state, resources, image, pid, restart policy.")
 @click.argument("name", default="", shell_complete=_complete_names)
 @output_options
 def show(name: str) -> int:
-    """Instances: state, resources, image, pid (all, or the one named)."""
-    infos = _lifecycle("show", ShowInstances(name), InstanceList).instances
+    """Instances: state, resources, image, pid, restart policy (all, or the one named); -o wide
+    adds the launch generation, restarts, why the last launch ended and the fault actor's view."""
+    wide = settings().output == "wide"
+
+    async def work(ep: Endpoint) -> tuple[InstanceList, dict[str, str]]:
+        listed = await ep.request("lifecycle", "show", ShowInstances(name), response=InstanceList)
+        faults: dict[str, str] = {}
+        if wide:  # the fault actor's state of each; a host without one shows "-"
+            try:
+                status = await ep.request(
+                    "fault", "status", FaultStatusRequest(name), response=FaultStatusList
+                )
+            except (NoRespondersError, NotFoundError):
+                status = FaultStatusList()
+            faults = {f.name: f.state for f in status.instances}
+        return listed, faults
+
+    listed, faults = with_bus(work)
+    infos = listed.instances
 
     def people(wide: bool) -> None:
         if not infos:
             click.echo("no instances; create one: mkctl create NAME --cpus 1 --memory 256M")
         else:
-            instance_table(infos, wide)
+            instance_table(infos, wide, faults)
 
     emit(infos, people)
     warn_once(infos)

@@ -17,10 +17,10 @@ from multikernel.protocol import (
     KillInstance,
     LoadImage,
     NoRespondersError,
+    NotFoundError,
     PolicyGet,
     PolicyInfo,
     PolicySet,
-    RemoteError,
     RestartPolicy,
     StartInstance,
 )
@@ -169,7 +169,7 @@ async def test_the_restart_policy_is_read_and_set_over_the_bus(
         assert (await show(host.ep, name)).restart == wanted  # stored by the lifecycle
         (status,) = (await host.status(name)).instances
         assert status.policy == wanted
-        with pytest.raises(RemoteError, match="no instance named 'nope'"):
+        with pytest.raises(NotFoundError, match="no instance named 'nope'"):  # mkctl: exit 3
             await host.status("nope")
 
 
