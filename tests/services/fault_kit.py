@@ -228,6 +228,13 @@ class HostProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    async def finish(self) -> None:
+        """At the end of a test: stop the host; if the test left it killed, start it again first,
+        so that it takes back and stops the instances the dead one left running."""
+        if self.proc is not None and self.proc.poll() is not None:
+            await self.start()
+        await self.stop()
+
     async def stop(self) -> None:
         """SIGTERM: it stops its instances, drains the bus and exits."""
         assert self.proc is not None

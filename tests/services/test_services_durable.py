@@ -206,7 +206,7 @@ async def test_a_killed_host_comes_back_adopts_what_runs_and_reclaims_the_rest(
             assert (await lifecycle(ep, "load", LoadImage(idle, str(image)))).state == "loaded"
             pids = [(await show(ep, n)).pid for n in (survivor, victim)]
     finally:
-        await host.stop()
+        await host.finish()
     for pid in pids:
         assert not alive(pid)
     for name in (survivor, victim, idle):
@@ -248,7 +248,7 @@ async def test_a_restarted_host_collects_the_output_of_what_it_adopted(
             await retrying(ep, within=PATIENCE).request(kv, "say", "after")
             await _logged(ep, name, "after")
     finally:
-        await host.stop()
+        await host.finish()
     assert not alive(info.pid)
     assert not cgroups_of(name)
 
@@ -279,7 +279,7 @@ async def test_a_host_that_died_mid_launch_leaves_nothing_behind(
             # Adopted (it was launched and recorded) or reclaimed: never an orphan.
             assert info.state in ("active", "loaded")
     finally:
-        await host.stop()
+        await host.finish()
     assert not cgroups_of(name)
 
 

@@ -309,5 +309,5 @@ async def test_a_host_killed_with_instances_running_comes_back_and_protects_them
                 await s.check_everyone_else_served()
                 pids = [(await show(calls, n)).pid for n in s.names]
     finally:
-        await host.stop()
+        await host.finish()
     nothing_left(s.names, [*pids, s.server.pid, old_standby])
