@@ -16,7 +16,9 @@ own well-known names with ordered hand-off (NameRequest/NameRelease/NameOwnerCha
 drain. Error bodies (``ErrorBody``) carry a code that maps back to the same exception class on
 the other side (``error_to_body``, ``raise_for_error``), under the project's one root error,
 ``MultikernelError``. The resource and lifecycle vocabulary (``KernelMessage``) mirrors the
-multikernel kernel's ``mk_message`` ABI, subtype for subtype.
+multikernel kernel's ``mk_message`` ABI, subtype for subtype. CPUs and sizes have one text
+syntax for every client (``parse_cpus``: ``2`` is a count, ``@0-3,6`` a list;
+``parse_size``, ``format_size``).
 
 Every number on the wire lives in one table (``Kind``, ``Flag``, ``Feature``, ``ErrorCode``, the
 ``MK_*`` enums); ``docs/protocol.md`` is the specification, checked against that table by tests,
@@ -132,8 +134,23 @@ from multikernel.protocol._lifecycle import StartInstance as StartInstance
 from multikernel.protocol._lifecycle import UpdateInstance as UpdateInstance
 from multikernel.protocol._paging import join_snapshot_pages as join_snapshot_pages
 from multikernel.protocol._paging import snapshot_page as snapshot_page
+from multikernel.protocol._resource import CpuSpec as CpuSpec
+from multikernel.protocol._resource import GrantFailedError as GrantFailedError
+from multikernel.protocol._resource import (
+    InvalidResourceRequestError as InvalidResourceRequestError,
+)
+from multikernel.protocol._resource import ResourceError as ResourceError
+from multikernel.protocol._resource import ResourceUnavailableError as ResourceUnavailableError
+from multikernel.protocol._resource import UnknownGrantError as UnknownGrantError
 from multikernel.protocol._subjects import MAX_SUBJECT_BYTES as MAX_SUBJECT_BYTES
 from multikernel.protocol._subjects import MAX_SUBJECT_TOKENS as MAX_SUBJECT_TOKENS
 from multikernel.protocol._subjects import subject_matches as subject_matches
 from multikernel.protocol._subjects import validate_pattern as validate_pattern
 from multikernel.protocol._subjects import validate_subject as validate_subject
+from multikernel.protocol._units import MAX_CPU_ID as MAX_CPU_ID
+from multikernel.protocol._units import format_cpu_list as format_cpu_list
+from multikernel.protocol._units import format_cpus as format_cpus
+from multikernel.protocol._units import format_size as format_size
+from multikernel.protocol._units import parse_cpu_list as parse_cpu_list
+from multikernel.protocol._units import parse_cpus as parse_cpus
+from multikernel.protocol._units import parse_size as parse_size

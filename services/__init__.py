@@ -6,6 +6,8 @@
   memory cgroups, CPU affinity (docs/platform.md); `Platform` is the interface.
 - Images in the kernel's appended-signature format: `sign_image`, `verify_image`, `load_image`,
   `make_signing_key` (docs/images.md).
+- The host's pool of CPUs, memory blocks and I/O queues as sysfs describes it: `discover_pool`
+  (`Pool`, `PoolError`); `multikernel.services.testing.FakeSysfs` fakes a machine for tests.
 - `run_host` / `python -m multikernel.services.host`: hub + actors in one process (`mkctl host up`).
 - `python -m multikernel.services.agent`: the first process of every instance.
 """
@@ -36,6 +38,9 @@ if TYPE_CHECKING:
     from multikernel.services._platform import Platform as Platform
     from multikernel.services._platform import PlatformError as PlatformError
     from multikernel.services._platform import Resources as Resources
+    from multikernel.services._pool import Pool as Pool
+    from multikernel.services._pool import PoolError as PoolError
+    from multikernel.services._pool import discover_pool as discover_pool
     from multikernel.services._signature import BadSignatureError as BadSignatureError
     from multikernel.services._signature import SignatureError as SignatureError
     from multikernel.services._signature import SignerInfo as SignerInfo
@@ -58,11 +63,14 @@ _LAZY = {
     "Manifest": "multikernel.services._manifest",
     "Platform": "multikernel.services._platform",
     "PlatformError": "multikernel.services._platform",
+    "Pool": "multikernel.services._pool",
+    "PoolError": "multikernel.services._pool",
     "Resources": "multikernel.services._platform",
     "SignatureError": "multikernel.services._signature",
     "SignerInfo": "multikernel.services._signature",
     "UnsignedImageError": "multikernel.services._signature",
     "UntrustedSignerError": "multikernel.services._signature",
+    "discover_pool": "multikernel.services._pool",
     "VerifiedImage": "multikernel.services._image",
     "load_image": "multikernel.services._image",
     "make_signing_key": "multikernel.services._signature",

@@ -27,6 +27,11 @@ PUBLIC = {
     "AgentHello", "AgentStatus", "CreateInstance", "DeleteInstance", "ExecRequest", "ExecResult",
     "InstanceInfo", "InstanceList", "InstanceStateChanged", "KillInstance", "LoadImage",
     "ShowInstances", "StartInstance", "UpdateInstance",
+    # the resource actor's contract, and how CPUs and sizes are written
+    "CpuSpec", "GrantFailedError", "InvalidResourceRequestError", "ResourceError",
+    "ResourceUnavailableError", "UnknownGrantError",
+    "MAX_CPU_ID", "format_cpu_list", "format_cpus", "format_size", "parse_cpu_list",
+    "parse_cpus", "parse_size",
     # errors
     "ERROR_DECODER", "AccessDeniedError", "BusyError", "DeadlineExceededError", "ErrorBody",
     "InvalidSubjectError", "MalformedFrameError", "MultikernelError", "NoRespondersError",
