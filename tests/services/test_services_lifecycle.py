@@ -41,7 +41,9 @@ from multikernel.services._signature import make_signing_key
 
 pytestmark = pytest.mark.anyio
 MB = 1 << 20
-CGROUP_ROOT = Path("/sys/fs/cgroup/cpuset/multikernel")
+#: This run's own cgroup group: other runs share the machine, and use the same instance names.
+GROUP = f"multikernel-test-{os.getpid()}"
+CGROUP_ROOT = Path("/sys/fs/cgroup/cpuset") / GROUP
 
 
 @pytest.fixture
@@ -91,7 +93,7 @@ async def host(tmp_path: Path, keys: tuple[bytes, bytes]) -> AsyncIterator[Host]
         async with connect(hub.path, name="lifecycle") as ep, connect(hub.path, name="test") as bus:
             actor = LifecycleActor(
                 ep,
-                LocalPlatform(),
+                LocalPlatform(group=GROUP),
                 open_instance_socket=hub.open_instance_socket,
                 state_dir=tmp_path / "state",
                 trusted_certs=[keys[1]],
@@ -105,15 +107,8 @@ async def host(tmp_path: Path, keys: tuple[bytes, bytes]) -> AsyncIterator[Host]
     assert not leftover_cgroups()
 
 
-#: The instance names these tests use: other test runs share the machine and its cgroups.
-NAMES = frozenset(
-    {"alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta", "iota", "kappa", "lam", "mu"}
-)
-
-
 def leftover_cgroups() -> list[Path]:
-    """This module's instance cgroups that are still there (other runs' are not our business)."""
-    return [CGROUP_ROOT / name for name in sorted(NAMES) if (CGROUP_ROOT / name).is_dir()]
+    return [p for p in CGROUP_ROOT.iterdir() if p.is_dir()] if CGROUP_ROOT.exists() else []
 
 
 async def bring_up(host: Host, name: str, image: Path) -> InstanceInfo:
@@ -309,7 +304,7 @@ async def test_stopping_the_actor_stops_and_reclaims_every_instance(
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
         async with connect(hub.path, name="lifecycle") as ep, connect(hub.path) as bus:
-            platform = LocalPlatform()
+            platform = LocalPlatform(group=GROUP)
             actor = LifecycleActor(
                 ep,
                 platform,
