@@ -16,8 +16,9 @@ own well-known names with ordered hand-off (NameRequest/NameRelease/NameOwnerCha
 drain. Error bodies (``ErrorBody``) carry a code that maps back to the same exception class on
 the other side (``error_to_body``, ``raise_for_error``), under the project's one root error,
 ``MultikernelError``. The resource and lifecycle vocabulary (``KernelMessage``) mirrors the
-multikernel kernel's ``mk_message`` ABI, subtype for subtype. CPUs and sizes have one text
-syntax for every client (``parse_cpus``: ``2`` is a count, ``@0-3,6`` a list;
+multikernel kernel's ``mk_message`` ABI, subtype for subtype; the resource actor's grants are
+transactions of those messages (``ResourceTransaction``, ``RESOURCE_METHODS``), and CPUs and sizes
+have one text syntax for every client (``parse_cpus``: ``2`` is a count, ``@0-3,6`` a list;
 ``parse_size``, ``format_size``).
 
 Every number on the wire lives in one table (``Kind``, ``Flag``, ``Feature``, ``ErrorCode``, the
@@ -134,13 +135,33 @@ from multikernel.protocol._lifecycle import StartInstance as StartInstance
 from multikernel.protocol._lifecycle import UpdateInstance as UpdateInstance
 from multikernel.protocol._paging import join_snapshot_pages as join_snapshot_pages
 from multikernel.protocol._paging import snapshot_page as snapshot_page
+from multikernel.protocol._resource import AGENT_RESOURCE_METHOD as AGENT_RESOURCE_METHOD
+from multikernel.protocol._resource import RESOURCE_METHODS as RESOURCE_METHODS
+from multikernel.protocol._resource import CpuInfo as CpuInfo
 from multikernel.protocol._resource import CpuSpec as CpuSpec
+from multikernel.protocol._resource import Grant as Grant
 from multikernel.protocol._resource import GrantFailedError as GrantFailedError
+from multikernel.protocol._resource import GrantList as GrantList
+from multikernel.protocol._resource import GrantOp as GrantOp
+from multikernel.protocol._resource import GrantRequest as GrantRequest
+from multikernel.protocol._resource import GrantsQuery as GrantsQuery
+from multikernel.protocol._resource import History as History
+from multikernel.protocol._resource import HistoryQuery as HistoryQuery
+from multikernel.protocol._resource import InstanceRef as InstanceRef
 from multikernel.protocol._resource import (
     InvalidResourceRequestError as InvalidResourceRequestError,
 )
+from multikernel.protocol._resource import NodeInfo as NodeInfo
+from multikernel.protocol._resource import PoolInfo as PoolInfo
+from multikernel.protocol._resource import PoolQuery as PoolQuery
+from multikernel.protocol._resource import QueueInfo as QueueInfo
+from multikernel.protocol._resource import Reconcile as Reconcile
+from multikernel.protocol._resource import Release as Release
 from multikernel.protocol._resource import ResourceError as ResourceError
+from multikernel.protocol._resource import ResourceTransaction as ResourceTransaction
+from multikernel.protocol._resource import ResourceTransactionAck as ResourceTransactionAck
 from multikernel.protocol._resource import ResourceUnavailableError as ResourceUnavailableError
+from multikernel.protocol._resource import TxRecord as TxRecord
 from multikernel.protocol._resource import UnknownGrantError as UnknownGrantError
 from multikernel.protocol._subjects import MAX_SUBJECT_BYTES as MAX_SUBJECT_BYTES
 from multikernel.protocol._subjects import MAX_SUBJECT_TOKENS as MAX_SUBJECT_TOKENS

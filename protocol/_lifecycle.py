@@ -160,3 +160,6 @@ class AgentStatus(_LifecycleMessage, frozen=True):
     workload_pid: U32 = 0
     workload_running: bool = False
     uptime: float = 0.0
+    memory: U64 = 0  # the instance's memory grant, as the agent last applied it
+    queues: tuple[str, ...] = ()  # I/O queues granted to the instance
+    resource_tx: U64 = 0  # the last resource transaction the agent applied

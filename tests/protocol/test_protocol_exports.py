@@ -28,8 +28,11 @@ PUBLIC = {
     "InstanceInfo", "InstanceList", "InstanceStateChanged", "KillInstance", "LoadImage",
     "ShowInstances", "StartInstance", "UpdateInstance",
     # the resource actor's contract, and how CPUs and sizes are written
-    "CpuSpec", "GrantFailedError", "InvalidResourceRequestError", "ResourceError",
-    "ResourceUnavailableError", "UnknownGrantError",
+    "AGENT_RESOURCE_METHOD", "RESOURCE_METHODS", "CpuInfo", "CpuSpec", "Grant",
+    "GrantFailedError", "GrantList", "GrantOp", "GrantRequest", "GrantsQuery", "History",
+    "HistoryQuery", "InstanceRef", "InvalidResourceRequestError", "NodeInfo", "PoolInfo",
+    "PoolQuery", "QueueInfo", "Reconcile", "Release", "ResourceError", "ResourceTransaction",
+    "ResourceTransactionAck", "ResourceUnavailableError", "TxRecord", "UnknownGrantError",
     "MAX_CPU_ID", "format_cpu_list", "format_cpus", "format_size", "parse_cpu_list",
     "parse_cpus", "parse_size",
     # errors
