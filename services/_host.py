@@ -1,9 +1,11 @@
 """The host process: the hub and the actors of one multikernel host, composed.
 
-`run_host` starts the hub on its control socket, then attaches the lifecycle actor to it as an
-ordinary endpoint (the actors only exchange messages; the one thing the host hands the lifecycle
-actor directly is the hub's `open_instance_socket`, the way a real kernel hands a new instance its
-IPI buffers). On SIGTERM or SIGINT it stops every instance, drains the hub and exits.
+`run_host` starts the hub on its control socket, then the resource actor in a process of its own
+(`ActorProcess`: restarted if it dies, stopped with the host), then attaches the lifecycle actor
+as an ordinary endpoint (the actors only exchange messages; the one thing the host hands the
+lifecycle actor directly is the hub's `open_instance_socket`, the way a real kernel hands a new
+instance its IPI buffers). On SIGTERM or SIGINT it stops every instance, then the resource actor,
+drains the hub and exits.
 
 The host's own user is privileged on instance 0 (an `instance:0 & uid:<uid>` rule appended to the
 policy): `mkctl`, run by the same user, may drive the host, and the actors may reach every
@@ -23,8 +25,10 @@ import anyio.abc
 from multikernel.bus import Hub, Policy
 from multikernel.endpoints import connect
 from multikernel.endpoints.log import get_logger
+from multikernel.services._actors import ActorProcess
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
+from multikernel.services._resource_process import ResourceConfig, resource_argv
 
 log = get_logger("multikernel.host")
 
@@ -87,9 +91,24 @@ class HostConfig:
     allow_unsigned: bool = False
     isolate: bool = True
     hello_timeout: float = 15.0
+    # The resource actor: what the host keeps, how grants are placed (docs/resources.md).
+    reserve_cpus: frozenset[int] = frozenset()
+    reserve_memory: int = 0
+    placement: str = "pack"
+    cpu_share: int = 1
+    ack_timeout: float = 5.0
+    sysfs_root: Path = Path("/")
 
     def policy(self) -> Policy:
         return Policy.from_toml(self.policy_text + host_rule(os.getuid()), self.policy_source)
+
+    def resource_config(self) -> ResourceConfig:
+        return ResourceConfig(
+            socket=str(self.socket), state_dir=str(self.state_dir),
+            reserve_cpus=tuple(sorted(self.reserve_cpus)), reserve_memory=self.reserve_memory,
+            policy=self.placement, cpu_share=self.cpu_share, ack_timeout=self.ack_timeout,
+            sysfs_root=str(self.sysfs_root), isolate=self.isolate,
+        )  # fmt: skip
 
 
 async def run_host(
@@ -107,23 +126,41 @@ async def run_host(
     for warning in platform.capabilities().warnings:
         log.warning("isolation", warning=warning)
     hub = Hub(config.socket, policy=config.policy())
+    resource = config.resource_config()
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
-        async with connect(config.socket, name="lifecycle") as ep:
-            actor = LifecycleActor(
-                ep,
-                platform,
-                open_instance_socket=hub.open_instance_socket,
-                state_dir=config.state_dir,
-                trusted_certs=read_trusted(config.trusted),
-                allow_unsigned=config.allow_unsigned,
-                hello_timeout=config.hello_timeout,
+        async with anyio.create_task_group() as processes:
+            resource_actor = ActorProcess(
+                "resource", lambda fd: resource_argv(resource, ready_fd=fd)
             )
-            async with anyio.create_task_group() as actors:
-                await actors.start(actor.run)
-                log.info("host up", socket=str(config.socket), pid=os.getpid())
-                task_status.started(hub)
-                await _until_stopped(stop)
-                actors.cancel_scope.cancel()  # the actor stops its instances on the way out
+            await processes.start(resource_actor.run)
+            await _run_lifecycle(config, hub, platform, stop, task_status)
+            processes.cancel_scope.cancel()  # the resource actor stops once the instances have
         await hub.drain(grace=2.0)
         tg.cancel_scope.cancel()
+
+
+async def _run_lifecycle(
+    config: HostConfig,
+    hub: Hub,
+    platform: LocalPlatform,
+    stop: anyio.Event | None,
+    task_status: anyio.abc.TaskStatus[Hub],
+) -> None:
+    """The lifecycle actor, until the host is asked to stop (it stops its instances then)."""
+    async with connect(config.socket, name="lifecycle") as ep:
+        actor = LifecycleActor(
+            ep,
+            platform,
+            open_instance_socket=hub.open_instance_socket,
+            state_dir=config.state_dir,
+            trusted_certs=read_trusted(config.trusted),
+            allow_unsigned=config.allow_unsigned,
+            hello_timeout=config.hello_timeout,
+        )
+        async with anyio.create_task_group() as actors:
+            await actors.start(actor.run)
+            log.info("host up", socket=str(config.socket), pid=os.getpid())
+            task_status.started(hub)
+            await _until_stopped(stop)
+            actors.cancel_scope.cancel()  # the actor stops its instances on the way out

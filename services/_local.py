@@ -131,6 +131,16 @@ class LocalPlatform:
             raise anyio.ClosedResourceError(f"instance {proc.name!r} has been reclaimed")
         return instance
 
+    def instance_cgroups(self, name: str) -> InstanceCgroups | None:
+        """The cgroups of the instance `name` if it runs on this host (found by name: the resource
+        actor, a process of its own, changes them when a grant changes), else None."""
+        cpuset, memory = self._layout.cpuset_parent, self._layout.memory_parent
+        groups = InstanceCgroups(
+            cpuset / name if cpuset is not None and (cpuset / name).is_dir() else None,
+            memory / name if memory is not None and (memory / name).is_dir() else None,
+        )
+        return groups if groups.dirs else None
+
     async def update(self, proc: InstanceProcess, resources: Resources) -> None:
         instance = self._own(proc)
         self.check(resources)

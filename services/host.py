@@ -16,8 +16,13 @@ import anyio
 from multikernel.endpoints import runtime
 from multikernel.endpoints.log import configure
 from multikernel.endpoints.wire import default_socket_path
-from multikernel.protocol import MultikernelError
+from multikernel.protocol import MultikernelError, parse_cpus, parse_size
 from multikernel.services._host import HostConfig, run_host
+
+
+def _cpu_list(text: str) -> frozenset[int]:
+    spec = parse_cpus(text if text.startswith("@") else "@" + text)
+    return frozenset(spec.ids)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -38,6 +43,22 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="no namespaces or cgroups for instances (CPU affinity only)",
     )
+    p.add_argument(
+        "--reserve-cpus", type=_cpu_list, default=frozenset(), help="CPUs kept for the host (@0)"
+    )
+    p.add_argument(
+        "--reserve-memory", type=parse_size, default=0, help="memory kept for the host (1G)"
+    )
+    p.add_argument("--placement", default="pack", help="pack, spread or package.module:attr")
+    p.add_argument(
+        "--cpu-share", type=int, default=1, help="instances that may share one CPU (default 1)"
+    )
+    p.add_argument(
+        "--ack-timeout", type=float, default=5.0, help="seconds an instance has to acknowledge"
+    )
+    p.add_argument(
+        "--sysfs-root", type=Path, default=Path("/"), help="read the machine from this tree (tests)"
+    )
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -55,6 +76,12 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         trusted=list(args.trusted_keys),
         allow_unsigned=args.allow_unsigned,
         isolate=not args.no_isolation,
+        reserve_cpus=args.reserve_cpus,
+        reserve_memory=args.reserve_memory,
+        placement=args.placement,
+        cpu_share=args.cpu_share,
+        ack_timeout=args.ack_timeout,
+        sysfs_root=args.sysfs_root,
     )
 
 

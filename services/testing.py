@@ -1,4 +1,4 @@
-"""Test doubles for code that works with the host's resources: a fake sysfs tree.
+"""Test doubles for code that works with the host's resources: a fake machine, a fake agent.
 
 `FakeSysfs` writes, under a directory of your choice, the files the resource pool reads from a
 machine (`/sys/devices/system/{cpu,memory,node}`, `/proc/meminfo`, `/sys/class/net`,
@@ -22,14 +22,32 @@ Each method returns the builder, so a machine reads as one expression. CPU ids f
 with two threads per core, CPUs 0..n/2-1 are each core's first thread and n/2.. their siblings;
 cores are spread over the NUMA nodes in order. Memory blocks are numbered from 0, split evenly
 over the nodes. Devices get PCI addresses in order unless one is given.
+
+`FakeAgent` serves an instance's `resource` method the way a real agent does (acknowledges each
+op, undoes what a rollback names, refuses a transaction rolled back before it came) without
+touching any process: it records the transactions, and can be told to refuse (`refuse`) or to
+never answer (`hang`), to test what the resource actor does then::
+
+    agent = FakeAgent(instance=3)
+    async with bus.connect("agent", instance=3) as ep:
+        await agent.serve(ep)
+        ...
+        assert agent.transactions[-1].ops == (CpuAdd(3, cpu_id=2),)
 """
 
 from __future__ import annotations
 
+import errno
 from pathlib import Path
 from typing import Self
 
-__all__ = ["FakeSysfs"]
+import anyio
+
+from multikernel.endpoints import Bus
+from multikernel.protocol import ResourceTransaction, ResourceTransactionAck
+from multikernel.services._agent_resources import InstanceResources, refused
+
+__all__ = ["FakeAgent", "FakeSysfs"]
 
 
 def _cpu_list(cpus: list[int]) -> str:
@@ -169,3 +187,47 @@ class FakeSysfs:
         """A GPU (`/sys/class/drm/<name>`), granted whole."""
         self._link(self.root / "sys/class/drm" / name, self._device(pci, node, virtio=False))
         return self
+
+
+class FakeAgent(InstanceResources):
+    """An instance agent's `resource` method, without an instance (see the module docstring).
+
+    `refuse`: a message; every transaction is then refused with -EBUSY and that message.
+    `hang`: transactions are not answered until `release_hang()` (or their deadline passes).
+    `used`: the memory the instance "uses" (a shrink below it is refused, as for real).
+    """
+
+    def __init__(self, instance: int, *, cpus: frozenset[int] = frozenset(), memory: int = 0):
+        super().__init__(instance, cpus, memory)
+        self.transactions: list[ResourceTransaction] = []
+        self.refuse: str | None = None
+        self.hang = False
+        self.used = 0
+        self.received = anyio.Event()
+        self._unhang = anyio.Event()
+
+    async def serve(self, bus: Bus) -> None:
+        """Serve `instance.<id>.agent` with its `resource` method on `bus`."""
+        service = bus.service(f"instance.{self.instance}.agent")
+        service.method(self.resource, name="resource")
+        await service.start()
+
+    def release_hang(self) -> None:
+        self.hang = False
+        self._unhang.set()
+
+    async def resource(self, request: ResourceTransaction) -> ResourceTransactionAck:
+        self.transactions.append(request)
+        self.received.set()
+        self.received = anyio.Event()
+        if self.hang and not request.rollback_of:
+            await self._unhang.wait()
+        if self.refuse is not None and not request.rollback_of:
+            return refused(request, -errno.EBUSY, self.refuse)
+        return await self.handle(request)
+
+    def set_affinity(self, cpus: frozenset[int]) -> None:
+        return None
+
+    def memory_used(self) -> int:
+        return self.used
