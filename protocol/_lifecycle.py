@@ -25,22 +25,28 @@ class _LifecycleMessage(msgspec.Struct, frozen=True, omit_defaults=True):
 class CreateInstance(_LifecycleMessage, frozen=True):
     """Create an instance; with resources it is ``ready`` at once, else ``empty``.
 
-    ``cpus`` names host CPUs; ``cpu_count`` asks the actor to pick that many.
+    ``cpus`` names host CPUs; ``cpu_count`` asks the resource actor to place that many (give one
+    of them: ``parse_cpus`` turns ``2`` or ``@0-3`` into either). ``queues`` names I/O queues.
     """
 
     name: ShortStr
     cpus: tuple[U32, ...] = ()
     cpu_count: U32 = 0
     memory: U64 = 0
+    queues: tuple[ShortStr, ...] | None = None
 
 
 class UpdateInstance(_LifecycleMessage, frozen=True):
-    """Change an instance's resources (live when it is active)."""
+    """Change an instance's resources (live when it is active); left out: kept.
+
+    ``queues`` None keeps its I/O queues, ``()`` gives them back.
+    """
 
     name: ShortStr
     cpus: tuple[U32, ...] = ()
     cpu_count: U32 = 0
     memory: U64 = 0
+    queues: tuple[ShortStr, ...] | None = None
 
 
 class LoadImage(_LifecycleMessage, frozen=True):
@@ -104,6 +110,7 @@ class InstanceInfo(_LifecycleMessage, frozen=True):
     last_exit: str = ""
     isolation: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    queues: tuple[str, ...] = ()
 
 
 class InstanceList(_LifecycleMessage, frozen=True):

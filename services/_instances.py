@@ -15,7 +15,13 @@ import anyio
 
 from multikernel.endpoints import Bus
 from multikernel.endpoints.log import get_logger
-from multikernel.protocol import InstanceInfo, InstanceState, InstanceStateChanged, MultikernelError
+from multikernel.protocol import (
+    Grant,
+    InstanceInfo,
+    InstanceState,
+    InstanceStateChanged,
+    MultikernelError,
+)
 from multikernel.services._image import LoadedImage
 from multikernel.services._platform import InstanceProcess, Resources
 
@@ -63,6 +69,8 @@ class Instance:
     id: int
     state: str = "none"  # until created
     resources: Resources | None = None
+    queues: tuple[str, ...] = ()  # I/O queues granted (the resource actor's names)
+    resource_tx: int = 0  # the resource transaction `resources` and `queues` come from
     image: LoadedImage | None = None
     image_dir: Path | None = None
     proc: InstanceProcess | None = None
@@ -75,6 +83,11 @@ class Instance:
     last_exit: str = ""
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     created: float = field(default_factory=time.monotonic)
+
+    def grant(self, grant: Grant) -> None:
+        """What the resource actor granted: the instance's CPUs, memory and queues from now on."""
+        self.resources = Resources(frozenset(grant.cpus), grant.memory)
+        self.queues, self.resource_tx = tuple(grant.queues), grant.tx
 
     def require(self, *states: str, verb: str) -> None:
         """Raise InstanceError unless the instance is in one of `states`, saying what to do."""
@@ -105,6 +118,7 @@ class Instance:
             last_exit=self.last_exit,
             isolation=isolation,
             warnings=warnings,
+            queues=self.queues,
         )
 
 

@@ -12,7 +12,13 @@ period, then forced; resources and the unpacked image are given back on every pa
 when the agent is SIGKILLed (the platform's pidfd says so at once, and the instance returns to
 `loaded`).
 
-This module is the service: its requests, the checks each one makes and the resources it picks.
+CPUs, memory and I/O queues are never picked here: `create` and `update` ask the resource actor
+(`resource.allocate` / `resource.update`) over the bus, which places them, applies a change to a
+running instance with its agent, and answers the grant; `delete` releases it, `start` launches
+with the grant the resource actor holds, and at start the actor reconciles (the resource actor
+releases the grants of instances this actor does not know, e.g. after a host restart).
+
+This module is the service: its requests and the checks each one makes.
 Running the agents (launch, hello, watch, negotiated stop) is the `Supervisor`'s (`_supervisor`);
 the state machine, and the announcing of every move, are `_instances`'.
 """
@@ -22,7 +28,6 @@ from __future__ import annotations
 import itertools
 import shutil
 import socket
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +48,7 @@ from multikernel.protocol import (
     ShowInstances,
     StartInstance,
     UpdateInstance,
+    format_size,
 )
 from multikernel.services._image import load_image
 from multikernel.services._instances import (
@@ -55,7 +61,8 @@ from multikernel.services._instances import (
     InstanceError,
     StateChanges,
 )
-from multikernel.services._platform import Platform, Resources, check_name
+from multikernel.services._lifecycle_grants import ResourceClient, describe
+from multikernel.services._platform import Platform, check_name
 from multikernel.services._supervisor import Supervisor
 
 log = get_logger("multikernel.lifecycle")
@@ -76,7 +83,6 @@ class LifecycleActor:
         trusted_certs: list[bytes],
         allow_unsigned: bool = False,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
-        online_cpus: frozenset[int] | None = None,
     ) -> None:
         self.ep = endpoint
         self.platform = platform
@@ -84,12 +90,12 @@ class LifecycleActor:
         self.trusted = trusted_certs
         self.allow_unsigned = allow_unsigned
         self.hello_timeout = hello_timeout
-        self._cpus = online_cpus
         self.instances: dict[str, Instance] = {}
         self._ids = itertools.count(1)
         self._tg: anyio.abc.TaskGroup | None = None
         self.timings: dict[str, list[float]] = {"hello": [], "reclaim": []}
         self._states = StateChanges(endpoint)
+        self._grants = ResourceClient(endpoint)
         self._supervisor = Supervisor(
             endpoint,
             platform,
@@ -119,10 +125,13 @@ class LifecycleActor:
             async with (
                 anyio.create_task_group() as tg,
                 await self.ep.subscribe("mk.instance.*.hello") as hellos,
+                await self.ep.subscribe("mk.resource.*.tx") as grants,
             ):
                 self._tg = tg
+                await self._grants.reconcile(self.instances.values())
                 await svc.start()
                 tg.start_soon(self._hellos, hellos)
+                tg.start_soon(self._grants.follow, grants, self.instances)
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
@@ -165,25 +174,27 @@ class LifecycleActor:
                 f"an instance named {name!r} exists: pick another name or delete it"
             )
         inst = Instance(name, next(self._ids))
-        self.instances[name] = inst
+        asked = self._grants.asked(inst, request)
+        grant = await self._grants.change("allocate", asked) if asked is not None else None
+        self.instances[name] = inst  # only once the resources are granted: a refusal leaves none
         await self._states.move(inst, EMPTY, "created")
-        resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
-        if resources is not None:
-            inst.resources = resources
-            await self._states.move(inst, READY, "resources reserved")
+        if grant is not None:
+            inst.grant(grant)
+            await self._states.move(inst, READY, f"resources granted: {describe(grant)}")
         return self._info(inst)
 
     async def update(self, request: UpdateInstance) -> InstanceInfo:
         inst = self._get(request.name)
         async with inst.lock:
-            resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
-            if resources is None:
-                raise InstanceError("update needs --cpus and/or --memory")
-            if inst.state == ACTIVE and inst.proc is not None:
-                await self.platform.update(inst.proc, resources)  # live: cpuset, memory limit
-            inst.resources = resources
+            asked = self._grants.asked(inst, request)
+            if asked is None:
+                raise InstanceError("update needs --cpus, --memory or --queues")
+            # The resource actor applies it live when the instance runs (cpuset, memory limit,
+            # its agent's acknowledgement), or for its next launch.
+            grant = await self._grants.change("update" if inst.resources else "allocate", asked)
+            inst.grant(grant)
             if inst.state == EMPTY:
-                await self._states.move(inst, READY, "resources reserved")
+                await self._states.move(inst, READY, f"resources granted: {describe(grant)}")
             return self._info(inst)
 
     async def load(self, request: LoadImage) -> InstanceInfo:
@@ -209,8 +220,8 @@ class LifecycleActor:
                 self._drop_image(inst)
                 raise InstanceError(
                     f"image {manifest.name} needs {manifest.min_cpus} CPU(s) and "
-                    f"{manifest.min_memory} bytes; {inst.name!r} has "
-                    f"{len(inst.resources.cpus)} and {inst.resources.memory}: "
+                    f"{format_size(manifest.min_memory)}; {inst.name!r} has "
+                    f"{len(inst.resources.cpus)} and {format_size(inst.resources.memory)}: "
                     f"mkctl update {inst.name} --cpus N --memory SIZE"
                 )
             await self._states.move(
@@ -222,6 +233,9 @@ class LifecycleActor:
         inst = self._get(request.name)
         async with inst.lock:
             inst.require(LOADED, verb="start")
+            granted = await self._grants.current(inst)  # what the resource actor holds for it
+            if granted is not None:
+                inst.grant(granted)
             assert self._tg is not None
             await self._supervisor.start(
                 inst, request.command, watchers=self._tg, hello_timeout=self.hello_timeout
@@ -247,6 +261,8 @@ class LifecycleActor:
                 raise InstanceError(
                     f"{inst.name!r} is active: stop it first: mkctl kill {inst.name}"
                 )
+            if inst.resources is not None:
+                await self._grants.release(inst)
             info = self._info(inst)
             self._drop_image(inst)
             shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
@@ -279,49 +295,7 @@ class LifecycleActor:
         applied = tuple(kind for kind, on in mechanisms.items() if on)
         return inst.info(applied, caps.warnings)
 
-    def _resources(
-        self, inst: Instance, cpus: tuple[int, ...], cpu_count: int, memory: int
-    ) -> Resources | None:
-        if not cpus and not cpu_count and not memory:
-            return None
-        current = inst.resources
-        if cpus:
-            chosen = frozenset(cpus)
-        elif cpu_count:
-            chosen = self._pick_cpus(inst, cpu_count)
-        elif current is not None:
-            chosen = current.cpus
-        else:
-            chosen = self._pick_cpus(inst, 1)
-        size = memory or (current.memory if current is not None else 0)
-        if not size:
-            raise InstanceError(
-                f"say how much memory {inst.name!r} gets: --memory SIZE (e.g. 256M)"
-            )
-        resources = Resources(chosen, size)
-        check = getattr(self.platform, "check", None)
-        if check is not None:
-            check(resources)
-        return resources
-
-    def _pick_cpus(self, inst: Instance, count: int) -> frozenset[int]:
-        """The `count` least used online CPUs (instances may share CPUs on the local platform)."""
-        online = sorted(self._cpus or _online_cpus())
-        if count > len(online):
-            raise InstanceError(f"{count} CPUs asked, this host has {len(online)} online")
-        use = Counter(
-            cpu for other in self.instances.values() if other is not inst and other.resources
-            for cpu in other.resources.cpus
-        )  # fmt: skip
-        return frozenset(sorted(online, key=lambda cpu: (use[cpu], cpu))[:count])
-
     def _drop_image(self, inst: Instance) -> None:
         if inst.image_dir is not None:
             shutil.rmtree(inst.image_dir, ignore_errors=True)
         inst.image = inst.image_dir = None
-
-
-def _online_cpus() -> frozenset[int]:
-    from multikernel.services._local_probe import online_cpus
-
-    return online_cpus()

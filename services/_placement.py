@@ -178,7 +178,8 @@ def _admit(request: PlacementRequest, state: PoolState) -> None:
     elif spec is not None and spec.count > len(state.free_cpus(name)):
         free = len(state.free_cpus(name))
         raise ResourceUnavailableError(
-            f"{spec.count} CPUs asked for {name!r}, {free} free; {_free_text(state, name)}; "
+            f"{spec.count} CPU{'s' if spec.count > 1 else ''} asked for {name!r}, {free} free; "
+            f"{_free_text(state, name)}; "
             f"held: {state.holdings_text(name)}",
             details={"free_cpus": _free_cpus(state, name)},
         )

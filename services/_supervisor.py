@@ -89,6 +89,11 @@ class Supervisor:
                 {**manifest.env, "MULTIKERNEL_PARAMETERS": json.dumps(manifest.parameters)}
             ),
             "MULTIKERNEL_IMAGE_DIR": str(inst.image_dir),
+            # The grant, as the agent starts with it (it follows changes from then on).
+            "MULTIKERNEL_MEMORY": str(inst.resources.memory),
+            "MULTIKERNEL_QUEUES": json.dumps(list(inst.queues)),
+            "MULTIKERNEL_RESOURCE_TX": str(inst.resource_tx),
+            "MULTIKERNEL_RESOURCES_FILE": str(inst.image_dir.parent / "resources.json"),
             "PATH": "/usr/local/bin:/usr/bin:/bin",
         }
         if level := os.environ.get("MULTIKERNEL_LOG_LEVEL"):

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import textwrap
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,11 +34,15 @@ from multikernel.protocol import (
     StartInstance,
     UpdateInstance,
 )
+from multikernel.services._enforce import LocalHostSide
 from multikernel.services._host import host_rule
 from multikernel.services._image import sign_image
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._local_probe import online_cpus
+from multikernel.services._pool import discover_pool
+from multikernel.services._resource import ResourceActor
+from multikernel.services._resource_store import ResourceStore
 from multikernel.services._signature import make_signing_key
 
 pytestmark = pytest.mark.anyio
@@ -85,15 +91,34 @@ class Host:
         return info
 
 
+@asynccontextmanager
+async def resource_actor(hub: Hub, platform: LocalPlatform, state: Path) -> AsyncIterator[None]:
+    """The resource actor the lifecycle actor asks, on this machine, in this process."""
+    async with connect(hub.path, name="resource") as ep, anyio.create_task_group() as tg:
+        store = ResourceStore(state / "resource.db")
+        try:
+            actor = ResourceActor(ep, discover_pool(), store, host=LocalHostSide(platform))
+            await tg.start(actor.run)
+            yield
+            tg.cancel_scope.cancel()
+        finally:
+            store.close()
+
+
 @pytest.fixture
 async def host(tmp_path: Path, keys: tuple[bytes, bytes]) -> AsyncIterator[Host]:
     hub = Hub(tmp_path / "bus.sock", policy=Policy.from_toml(host_rule(os.getuid())))
+    platform = LocalPlatform(group=GROUP)
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
-        async with connect(hub.path, name="lifecycle") as ep, connect(hub.path, name="test") as bus:
+        async with (
+            resource_actor(hub, platform, tmp_path / "state"),
+            connect(hub.path, name="lifecycle") as ep,
+            connect(hub.path, name="test") as bus,
+        ):
             actor = LifecycleActor(
                 ep,
-                LocalPlatform(group=GROUP),
+                platform,
                 open_instance_socket=hub.open_instance_socket,
                 state_dir=tmp_path / "state",
                 trusted_certs=[keys[1]],
@@ -241,7 +266,7 @@ async def test_images_that_are_not_trusted_are_refused(
 
 async def test_isolation_is_applied_and_read_back(host: Host, keys: tuple[bytes, bytes]) -> None:
     cpu = max(online_cpus())
-    await host.call("create", CreateInstance("theta", cpus=(cpu,), memory=96 * MB))
+    await host.call("create", CreateInstance("theta", cpus=(cpu,), memory=96 * MB))  # 1 block
     await host.call("load", LoadImage("theta", str(make_image(host.root, keys, body=SLEEPER))))
     info = await host.call("start", StartInstance("theta"))
     status = await host.bus.request(
@@ -257,14 +282,14 @@ async def test_isolation_is_applied_and_read_back(host: Host, keys: tuple[bytes,
         assert report.namespaces.pid != report.host_namespaces.pid
         assert report.namespaces.uts != report.host_namespaces.uts
     if host.actor.platform.capabilities().memory_limit:
-        assert report.memory_limit == 96 * MB
+        assert report.memory_limit == 128 * MB  # memory is granted in whole 128 MiB blocks
     command = ("python3", "-c", "import os; print(sorted(os.sched_getaffinity(0)))")
     target = f"instance.{info.id}.agent"
     ran = await host.bus.request(target, "exec", ExecRequest(command), response=ExecResult)
     assert ran.stdout.strip() == f"[{cpu}]".encode()  # what the workload's children get too
-    await host.call("update", UpdateInstance("theta", memory=128 * MB))
+    await host.call("update", UpdateInstance("theta", memory=256 * MB))
     if host.actor.platform.capabilities().memory_limit:
-        assert host.actor.platform.inspect(proc).memory_limit == 128 * MB  # live
+        assert host.actor.platform.inspect(proc).memory_limit == 256 * MB  # live
     await host.call("kill", KillInstance("theta"))
 
 
@@ -303,8 +328,12 @@ async def test_stopping_the_actor_stops_and_reclaims_every_instance(
     image = make_image(tmp_path, keys, body=SLEEPER)
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
-        async with connect(hub.path, name="lifecycle") as ep, connect(hub.path) as bus:
-            platform = LocalPlatform(group=GROUP)
+        platform = LocalPlatform(group=GROUP)
+        async with (
+            resource_actor(hub, platform, tmp_path / "state"),
+            connect(hub.path, name="lifecycle") as ep,
+            connect(hub.path) as bus,
+        ):
             actor = LifecycleActor(
                 ep,
                 platform,
@@ -332,3 +361,125 @@ async def test_stopping_the_actor_stops_and_reclaims_every_instance(
                     os.kill(pid, 0)
         tg.cancel_scope.cancel()
     assert not leftover_cgroups()
+
+
+# -- grants have a real effect on running instances ------------------------------------------
+# `update` goes to the resource actor, which changes the instance's cpuset and memory limit and
+# has its agent move every thread; the kernel is asked what each process really has.
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="reading back cpusets and memory limits needs root: only root gets cgroups",
+)
+CPUS = sorted(discover_pool().cpus)
+#: A workload that does `{work}`, then says so on mk.instance.<id>.ready and stays.
+ANNOUNCING = """
+import os, subprocess, anyio
+from multikernel.endpoints import connect
+{work}
+async def main():
+    async with connect(name="workload", reconnect=False) as ep:
+        await ep.publish(f"mk.instance.{{os.environ['MULTIKERNEL_INSTANCE']}}.ready")
+        await anyio.sleep_forever()
+anyio.run(main)
+"""
+FORKS = ANNOUNCING.format(work="subprocess.Popen(['sleep', '300'])")
+IDLE = ANNOUNCING.format(work="")
+HOG = ANNOUNCING.format(  # touches 200 MiB and keeps it
+    work="hog = bytearray(200 << 20)\nfor i in range(0, len(hog), 4096):\n    hog[i] = 1"
+)
+
+
+async def up(host: Host, keys: tuple[bytes, bytes], name: str, body: str, **asked: object) -> int:
+    """Create, load and start `name`; return once its workload says it is ready."""
+    (host.root / name).mkdir()
+    info = await host.call("create", CreateInstance(name, **asked))  # type: ignore[arg-type]
+    await host.call("load", LoadImage(name, str(make_image(host.root / name, keys, body=body))))
+    async with await host.bus.subscribe(f"mk.instance.{info.id}.ready") as ready:
+        await host.call("start", StartInstance(name))
+        await ready.receive()
+    return info.id
+
+
+def seen_inside(host: Host, name: str) -> dict[str, object]:
+    text = (host.root / "state" / "instances" / name / "resources.json").read_text()
+    return json.loads(text)  # type: ignore[no-any-return]
+
+
+@needs_root
+@pytest.mark.skipif(len(CPUS) < 2, reason="moving an instance between CPUs needs two of them")
+async def test_a_cpu_grant_changes_the_cpuset_and_the_affinity_of_every_process(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    await up(host, keys, "alpha", FORKS, cpus=(CPUS[-1],), memory=128 * MB)
+    proc = host.actor.instances["alpha"].proc
+    assert proc is not None
+    both = frozenset(CPUS[:2])
+    info = await host.call("update", UpdateInstance("alpha", cpus=tuple(both)))
+    report = host.actor.platform.inspect(proc)
+    assert set(info.cpus) == report.cpuset_cpus == both
+    assert len(report.processes) >= 3  # the agent, the workload and its child
+    assert {pid: os.sched_getaffinity(pid) for pid in report.processes} == dict.fromkeys(
+        report.processes, both
+    )
+    assert seen_inside(host, "alpha")["cpus"] == sorted(both)
+    info = await host.call("update", UpdateInstance("alpha", cpu_count=1))  # give one back
+    report = host.actor.platform.inspect(proc)
+    assert len(info.cpus) == 1
+    assert report.cpuset_cpus == set(info.cpus)
+    assert {os.sched_getaffinity(pid) == set(info.cpus) for pid in report.processes} == {True}
+
+
+@needs_root
+async def test_a_memory_grant_changes_the_limit_and_a_shrink_below_use_is_refused(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    id = await up(host, keys, "beta", IDLE, cpu_count=1,
+                  memory=128 * MB)  # fmt: skip
+    proc = host.actor.instances["beta"].proc
+    assert proc is not None
+    await host.call("update", UpdateInstance("beta", memory=384 * MB))
+    assert host.actor.platform.inspect(proc).memory_limit == 384 * MB
+    status = await host.bus.request(f"instance.{id}.agent", "status", None, response=AgentStatus)
+    assert status.memory == 384 * MB
+    await host.call("update", UpdateInstance("beta", memory=256 * MB))
+    assert host.actor.platform.inspect(proc).memory_limit == 256 * MB
+
+
+@needs_root
+async def test_shrinking_memory_below_what_the_instance_uses_is_refused_and_kills_nothing(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    await up(host, keys, "gamma", HOG, cpu_count=1, memory=384 * MB)  # 200 MiB in use
+    proc = host.actor.instances["gamma"].proc
+    assert proc is not None
+    with pytest.raises(RemoteError) as refused:
+        await host.call("update", UpdateInstance("gamma", memory=128 * MB))
+    assert refused.value.remote_type == "GrantFailedError"
+    message = str(refused.value)
+    assert message.startswith("'gamma' did not get its new grant: the instance refused it: ")
+    assert (
+        "of memory, more than the 128 MiB asked: free memory inside it or ask for more" in message
+    )
+    report = host.actor.platform.inspect(proc)
+    assert report.memory_limit == 384 * MB  # unchanged
+    assert len(report.processes) >= 2  # nobody was OOM-killed
+    assert host.actor.instances["gamma"].state == "active"
+
+
+@needs_root
+async def test_queue_grants_are_recorded_and_visible_inside_the_instance(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    queues = sorted(discover_pool().queues)
+    if not queues:
+        pytest.skip("this machine has no NIC, disk or GPU queue to grant")
+    id = await up(host, keys, "delta", IDLE, cpu_count=1,
+                  memory=128 * MB, queues=(queues[0],))  # fmt: skip
+    status = await host.bus.request(f"instance.{id}.agent", "status", None, response=AgentStatus)
+    assert status.queues == (queues[0],)
+    assert seen_inside(host, "delta")["queues"] == [queues[0]]
+    info = await host.call("update", UpdateInstance("delta", queues=()))
+    assert info.queues == ()
+    status = await host.bus.request(f"instance.{id}.agent", "status", None, response=AgentStatus)
+    assert status.queues == ()
