@@ -483,3 +483,44 @@ async def test_queue_grants_are_recorded_and_visible_inside_the_instance(
     assert info.queues == ()
     status = await host.bus.request(f"instance.{id}.agent", "status", None, response=AgentStatus)
     assert status.queues == ()
+
+
+# -- refusals leave nothing behind ------------------------------------------------------------
+
+
+async def test_a_refused_create_leaves_no_instance_and_says_why_in_sizes_for_people(
+    host: Host,
+) -> None:
+    too_much = CreateInstance("huge", cpu_count=1, memory=int(41.5 * 2**30))
+    with pytest.raises(RemoteError) as refused:
+        await host.call("create", too_much)
+    assert refused.value.remote_type == "ResourceUnavailableError"
+    assert str(refused.value).startswith("41.5 GiB of memory asked for 'huge', ")
+    with pytest.raises(RemoteError, match="CPU 999 is not an online CPU of this host's pool"):
+        await host.call("create", CreateInstance("odd", cpus=(999,), memory=128 * MB))
+    with pytest.raises(RemoteError, match="needs CPUs and memory"):
+        await host.call("create", CreateInstance("half", memory=128 * MB))
+    with pytest.raises(RemoteError, match="give CPU ids or a CPU count, not both"):
+        await host.call("create", CreateInstance("both", cpus=(0,), cpu_count=1, memory=128 * MB))
+    shown = await host.bus.request("lifecycle", "show", ShowInstances(), response=InstanceList)
+    assert shown.instances == ()
+
+
+async def test_two_instances_never_share_a_cpu_and_a_refused_update_changes_nothing(
+    host: Host,
+) -> None:
+    cpu = max(online_cpus())
+    first = await host.call("create", CreateInstance("alpha", cpus=(cpu,), memory=128 * MB))
+    with pytest.raises(RemoteError) as refused:
+        await host.call("create", CreateInstance("beta", cpus=(cpu,), memory=128 * MB))
+    assert str(refused.value).startswith(f"CPU {cpu} for 'beta' is held by 'alpha'; free: CPUs")
+    await host.call("create", CreateInstance("gamma"))
+    with pytest.raises(RemoteError, match="is held by 'alpha'"):
+        await host.call("update", UpdateInstance("gamma", cpus=(cpu,), memory=128 * MB))
+    (gamma,) = (
+        await host.bus.request("lifecycle", "show", ShowInstances("gamma"), response=InstanceList)
+    ).instances
+    assert (gamma.state, gamma.cpus, gamma.memory) == ("empty", (), 0)
+    await host.call("delete", DeleteInstance("alpha"))  # gives CPU back
+    info = await host.call("update", UpdateInstance("gamma", cpus=(cpu,), memory=128 * MB))
+    assert (info.state, info.cpus) == ("ready", first.cpus)

@@ -14,6 +14,7 @@ import pytest
 from multikernel.bus.testing import MemoryBus
 from multikernel.endpoints import Bus
 from multikernel.protocol import (
+    AccessDeniedError,
     CpuAdd,
     CpuRemove,
     CpuSpec,
@@ -33,8 +34,10 @@ from multikernel.protocol import (
     Release,
     RemoteError,
     ResourceTransaction,
+    ResourceTransactionAck,
     TxRecord,
 )
+from multikernel.services._agent import AgentState, _serve
 from multikernel.services._pool import discover_pool
 from multikernel.services._resource import ResourceActor
 from multikernel.services._resource_store import ResourceStore
@@ -334,3 +337,19 @@ async def test_a_restarted_actor_keeps_its_grants_and_rolls_back_what_was_pendin
             grant = await second.grant("allocate", db)
             assert not set(grant.cpus) & set(kept.cpus)  # nothing granted twice
             assert grant.tx == 3  # ids go on where they were
+
+
+async def test_only_the_host_may_change_an_instances_resources() -> None:
+    bus = MemoryBus()
+    agent = FakeAgent(3, cpus=frozenset({0}))
+    tx = ResourceTransaction(tx=1, instance=3, ops=(CpuAdd(3, cpu_id=1),), cpus=(0, 1))
+    async with bus.connect("agent", instance=3) as ep, bus.connect("workload", instance=3) as app:
+        await _serve(ep, AgentState(3, "x", agent)).start()
+        with pytest.raises(AccessDeniedError, match="only the host changes"):
+            await app.request("instance.3.agent", "resource", tx)
+        async with bus.connect("resource") as host:
+            answer = await host.request(
+                "instance.3.agent", "resource", tx, response=ResourceTransactionAck
+            )
+    assert [ack.result for ack in answer.acks] == [0]
+    assert agent.cpus == {0, 1}
