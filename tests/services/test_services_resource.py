@@ -10,6 +10,8 @@ from pathlib import Path
 import anyio
 import msgspec
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from multikernel.bus.testing import MemoryBus
 from multikernel.endpoints import Bus
@@ -38,14 +40,22 @@ from multikernel.protocol import (
     TxRecord,
 )
 from multikernel.services._agent import AgentState, _serve
-from multikernel.services._pool import discover_pool
+from multikernel.services._placement import Holding
+from multikernel.services._pool import Cpu, MemoryBlock, Pool, discover_pool
 from multikernel.services._resource import ResourceActor
+from multikernel.services._resource_ops import ops_for, undo
 from multikernel.services._resource_store import ResourceStore
 from multikernel.services.testing import FakeAgent, FakeSysfs
 
 pytestmark = pytest.mark.anyio
 MiB = 1 << 20
 BLOCK = 128 * MiB
+#: A machine for the pure tests: 8 CPUs, 32 blocks of 128 MiB, on 2 nodes.
+POOL = Pool(
+    cpus={c: Cpu(c, node=c % 2, siblings=frozenset({c})) for c in range(8)},
+    block_size=BLOCK,
+    blocks={b: MemoryBlock(b, node=b // 16) for b in range(32)},
+)
 
 
 @pytest.fixture
@@ -353,3 +363,49 @@ async def test_only_the_host_may_change_an_instances_resources() -> None:
             )
     assert [ack.result for ack in answer.acks] == [0]
     assert agent.cpus == {0, 1}
+
+
+def test_the_actor_serves_exactly_the_methods_of_the_contract() -> None:
+    import typing
+
+    from multikernel.protocol import RESOURCE_METHODS
+
+    for method, (request, response) in RESOURCE_METHODS.items():
+        hints = typing.get_type_hints(getattr(ResourceActor, f"serve_{method}"))
+        assert (hints["request"], hints["return"]) == (request, response), method
+    served = {name[6:] for name in dir(ResourceActor) if name.startswith("serve_")}
+    assert served == set(RESOURCE_METHODS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    before=st.tuples(st.frozensets(st.integers(0, 7)), st.frozensets(st.integers(0, 31))),
+    after=st.tuples(st.frozensets(st.integers(0, 7)), st.frozensets(st.integers(0, 31))),
+)
+def test_a_transactions_ops_take_one_holding_to_the_other_and_undo_takes_it_back(
+    before: tuple[frozenset[int], frozenset[int]], after: tuple[frozenset[int], frozenset[int]]
+) -> None:
+    pool = POOL
+    old, new = Holding(*before), Holding(*after)
+    ops = ops_for(pool, 1, old, new)
+    assert _apply(pool, old, ops) == new
+    assert _apply(pool, new, undo(pool, ops)) == old
+    kinds = [type(op).__name__ for op in ops]
+    order = ["MemRemove", "MemAdd", "CpuRemove", "CpuAdd"]
+    assert kinds == sorted(kinds, key=order.index)  # the kernel's overlay order
+
+
+def _apply(pool: Pool, holding: Holding, ops: tuple[object, ...]) -> Holding:
+    cpus, blocks = set(holding.cpus), set(holding.blocks)
+    pages = pool.block_size // 4096
+    for op in ops:
+        match op:
+            case CpuAdd():
+                cpus.add(op.cpu_id)
+            case CpuRemove():
+                cpus.discard(op.cpu_id)
+            case MemAdd():
+                blocks |= set(range(op.start_pfn // pages, (op.start_pfn + op.nr_pages) // pages))
+            case MemRemove():
+                blocks -= set(range(op.start_pfn // pages, (op.start_pfn + op.nr_pages) // pages))
+    return Holding(frozenset(cpus), frozenset(blocks))
