@@ -7,7 +7,10 @@ instance's `cpuset.cpus` and memory limit, found by the instance's name (the res
 process of its own; the lifecycle actor's platform made them at launch). An instance that is not
 running has no cgroups, and nothing is done: the platform applies the grant at the next launch.
 
-`apply(instance, cpus, memory)` sets the CPUs, and the memory limit unless `memory` is None.
+`apply(instance, cpus, memory, running=...)` sets the CPUs, and the memory limit unless `memory`
+is None. `running` says the instance's agent has just answered: its cgroups must then be there,
+and not finding them (a resource actor whose platform looks under another cgroup group than the
+host's) is an error, not a silent grant that changes nothing.
 Lowering the limit below what the instance uses is refused before anything is written, with both
 sizes (`HostSideError`); the kernel would refuse it too (EBUSY), and never OOM-kills for it.
 `NoHostSide` does nothing: a synthetic pool (benchmarks, tests on a fake machine) has no
@@ -31,13 +34,17 @@ class HostSideError(MultikernelError):
 class HostSide(Protocol):
     """Applies grants at the host's end (see the module docstring)."""
 
-    async def apply(self, instance: str, cpus: frozenset[int], memory: int | None) -> None: ...
+    async def apply(
+        self, instance: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+    ) -> None: ...
 
 
 class NoHostSide:
     """Nothing to apply at the host's end."""
 
-    async def apply(self, instance: str, cpus: frozenset[int], memory: int | None) -> None:
+    async def apply(
+        self, instance: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+    ) -> None:
         return None
 
 
@@ -47,9 +54,17 @@ class LocalHostSide:
     def __init__(self, platform: LocalPlatform) -> None:
         self.platform = platform
 
-    async def apply(self, instance: str, cpus: frozenset[int], memory: int | None) -> None:
+    async def apply(
+        self, instance: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+    ) -> None:
         groups = self.platform.instance_cgroups(instance)
         if groups is None:
+            caps = self.platform.capabilities()
+            if running and (caps.cpuset or caps.memory_limit):
+                raise HostSideError(
+                    f"{instance!r} runs, but it has no cgroup where this host's platform puts "
+                    "them: the resource actor and the host must use the same cgroup group"
+                )
             return
         try:
             if memory is not None and groups.memory is not None:

@@ -89,7 +89,7 @@ class Applier:
                 )
         memory = None if after.blocks == before.blocks else self._memory(after)
         try:
-            await self._host(name, after.cpus, memory)
+            await self._host(name, after.cpus, memory, running=applied_by == "instance")
         except TransactionFailed as failed:
             raise TransactionFailed(failed.reason, acks) from None
         return applied_by, acks
@@ -142,9 +142,11 @@ class Applier:
         except (MultikernelError, anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
             raise TransactionFailed(f"the instance's agent failed: {e}") from None
 
-    async def _host(self, name: str, cpus: frozenset[int], memory: int | None) -> None:
+    async def _host(
+        self, name: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+    ) -> None:
         try:
-            await self.host.apply(name, cpus, memory)
+            await self.host.apply(name, cpus, memory, running=running)
         except HostSideError as error:
             raise TransactionFailed(f"the host could not apply it: {error}") from None
 

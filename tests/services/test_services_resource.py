@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ from multikernel.protocol import (
     TxRecord,
 )
 from multikernel.services._agent import AgentState, _serve
+from multikernel.services._enforce import HostSideError, LocalHostSide
+from multikernel.services._local import LocalPlatform
 from multikernel.services._placement import Holding
 from multikernel.services._pool import Cpu, MemoryBlock, Pool, discover_pool
 from multikernel.services._resource import ResourceActor
@@ -409,3 +412,13 @@ def _apply(pool: Pool, holding: Holding, ops: tuple[object, ...]) -> Holding:
             case MemRemove():
                 blocks -= set(range(op.start_pfn // pages, (op.start_pfn + op.nr_pages) // pages))
     return Holding(frozenset(cpus), frozenset(blocks))
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root gets cgroups: nothing to miss without")
+async def test_a_running_instance_whose_cgroups_are_not_found_is_an_error_not_a_silent_grant() -> (
+    None
+):
+    elsewhere = LocalHostSide(LocalPlatform(group=f"multikernel-nowhere-{os.getpid()}"))
+    await elsewhere.apply("web", frozenset({0}), None)  # not running: nothing to do
+    with pytest.raises(HostSideError, match="the resource actor and the host must use the same"):
+        await elsewhere.apply("web", frozenset({0}), None, running=True)
