@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 # setuptools explains strict editable installs at length on every install; the venv is ours.
 PIP     = PYTHONWARNINGS=ignore $(PY) -m pip
 
-.PHONY: demo test lint bench clean install
+.PHONY: demo test test-concurrent lint bench clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,7 @@ install: $(STAMP)
 	$(PIP) install --quiet --no-deps --no-build-isolation -e . --config-settings editable_mode=strict
 
 demo: install
-	$(PY) -m multikernel.services.demo
+	$(PY) -m multikernel.services.demo $(if $(HOLD),--hold)
 
 lint: install
 	$(VENV)/bin/ruff check .
@@ -32,6 +32,12 @@ lint: install
 test: lint
 	$(VENV)/bin/pytest
 
+# Two whole test runs at once with demos looping beside them: each run and each host names what
+# is machine-global (/dev/shm files, cgroups) with a part of its own, so none may see, count or
+# remove another's (docs/testing.md). Logs in .concurrent/.
+test-concurrent: install
+	$(PY) tests/run_concurrently.py
+
 bench: install
 	$(PY) benchmarks/bench_transport.py --quick
 	$(PY) benchmarks/bench_protocol.py --quick
@@ -41,4 +47,4 @@ bench: install
 	$(PY) benchmarks/bench_resource.py --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .concurrent

@@ -2,14 +2,18 @@
 
     python benchmarks/_bus_worker.py ROLE SYSTEM ADDRESS CMD_FD RESULT_FD CPU
 
-ROLE is server, client or sub; SYSTEM is ours (ADDRESS: the hub's socket) or nats (ADDRESS: the
-server's URL). Commands arrive as JSON lines on CMD_FD, results leave as JSON lines on RESULT_FD
+ROLE is server, client or sub; SYSTEM is ours (ADDRESS: the hub's socket), nats (ADDRESS: the
+server's URL), and for RPC only: zmq (REQ/REP over ipc://, ADDRESS the endpoint), grpc (a Unix
+socket, ADDRESS `unix:PATH`) or ring (a bare shared-memory channel, the echo and its caller with
+no bus on top: ADDRESS is the channel handle, its fds inherited). Commands arrive as JSON lines
+on CMD_FD, results leave as JSON lines on RESULT_FD
 (stdout is left to the libraries' logging). Every process runs anyio under uvloop, pins itself to
 CPU (unless it is -1) and dies with the driver (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
@@ -225,6 +229,142 @@ class Nats:
             await nc.close()
 
 
+class Zmq:
+    """ZeroMQ REQ/REP over ipc:// with pyzmq's asyncio sockets: one REQ socket per requester."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def serve(self, pipe: Pipe) -> None:
+        import zmq
+        import zmq.asyncio
+
+        ctx = zmq.asyncio.Context()
+        sock = ctx.socket(zmq.REP)
+        sock.bind(self.address)
+        try:
+            async with anyio.create_task_group() as tg:
+
+                async def echo() -> None:
+                    while True:
+                        await sock.send(await sock.recv())
+
+                tg.start_soon(echo)
+                pipe.send(ev="ready")
+                while (await pipe.command())["op"] != "quit":
+                    pass
+                tg.cancel_scope.cancel()
+        finally:
+            sock.close(linger=0)
+            ctx.term()
+
+    async def client(self, pipe: Pipe) -> None:
+        import zmq
+        import zmq.asyncio
+
+        ctx = zmq.asyncio.Context()
+        idle: list[Any] = []
+        made: list[Any] = []
+
+        async def call() -> None:
+            if idle:
+                sock = idle.pop()
+            else:
+                sock = ctx.socket(zmq.REQ)
+                sock.connect(self.address)
+                made.append(sock)
+            await sock.send(PAYLOAD)
+            await sock.recv()
+            idle.append(sock)
+
+        try:
+            await run_client(pipe, call, None)
+        finally:
+            for sock in made:
+                sock.close(linger=0)
+            ctx.term()
+
+
+class Grpc:
+    """gRPC (grpc.aio) over a Unix socket: a unary method on raw bytes, no protobuf."""
+
+    METHOD = "/bench.Echo/Echo"
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    async def serve(self, pipe: Pipe) -> None:
+        import grpc
+
+        async def echo(request: bytes, context: Any) -> bytes:
+            return request
+
+        handler = grpc.method_handlers_generic_handler(
+            "bench.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)}
+        )
+        server = grpc.aio.server()
+        server.add_generic_rpc_handlers((handler,))
+        server.add_insecure_port(self.address)
+        await server.start()
+        try:
+            pipe.send(ev="ready")
+            while (await pipe.command())["op"] != "quit":
+                pass
+        finally:
+            await server.stop(None)
+
+    async def client(self, pipe: Pipe) -> None:
+        import grpc
+
+        async with grpc.aio.insecure_channel(self.address) as channel:
+            stub = channel.unary_unary(self.METHOD)
+
+            async def call() -> None:
+                await stub(PAYLOAD, timeout=10)
+
+            await run_client(pipe, call, None)
+
+
+class Ring:
+    """The floor: a bare channel (anyio API, default WaitPolicy, like an endpoint's), echoed."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+
+    def _attach(self) -> Any:
+        from multikernel.shm import Channel, ChannelHandle
+
+        return Channel.attach(ChannelHandle.from_argument(self.address))
+
+    async def serve(self, pipe: Pipe) -> None:
+        async with self._attach() as channel, anyio.create_task_group() as tg:
+
+            async def echo() -> None:
+                with contextlib.suppress(anyio.EndOfStream, anyio.BrokenResourceError):
+                    while True:
+                        await channel.send(await channel.receive())
+
+            tg.start_soon(echo)
+            pipe.send(ev="ready")
+            while (await pipe.command())["op"] != "quit":
+                pass
+            tg.cancel_scope.cancel()
+
+    async def client(self, pipe: Pipe) -> None:
+        async with self._attach() as channel:
+            lock = anyio.Lock()  # a bare channel has no correlation ids: one call at a time
+
+            async def call() -> None:
+                async with lock:
+                    await channel.send(PAYLOAD)
+                    await channel.receive()
+
+            await run_client(pipe, call, None)
+
+
+SYSTEMS: dict[str, Any] = {"ours": Ours, "nats": Nats, "zmq": Zmq, "grpc": Grpc, "ring": Ring}
+
+
 # -- the phases ---------------------------------------------------------------------------------
 
 
@@ -277,7 +417,7 @@ async def run_client(
             await rpc_phase(
                 pipe, call, cmd["dur"], cmd["warm"], cmd["gap"], cmd["conc"], counters or dict
             )
-        elif cmd["op"] == "pub":
+        elif cmd["op"] == "pub" and publish is not None:
             subject, n = cmd["subject"], cmd["n"]
             with anyio.fail_after(PHASE_CAP):
                 t0 = time.monotonic_ns()
@@ -339,7 +479,7 @@ async def rpc_phase(
 
 
 async def main(role: str, system: str, address: str, pipe: Pipe) -> None:
-    impl: Ours | Nats = Ours(address) if system == "ours" else Nats(address)
+    impl = SYSTEMS[system](address)
     if role == "server":
         await impl.serve(pipe)
     elif role == "client":

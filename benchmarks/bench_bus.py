@@ -1,4 +1,4 @@
-"""Bus benchmark (issue 4): our bus against NATS, in the same run, interleaved.
+"""Bus benchmark (issues 4, 14): our bus against NATS, ZeroMQ and gRPC, in one run, interleaved.
 
     .venv/bin/python benchmarks/bench_bus.py            # full run, a few minutes
     .venv/bin/python benchmarks/bench_bus.py --quick    # smoke test, under ~40 s
@@ -19,6 +19,11 @@ NATS, ours, NATS, ...; each round runs every phase on both:
   to the last arrival. Each subscriber counts what it got; missing messages, and for ours the drops
   counted by the hub (slow consumer) and by the endpoint, are reported. A warm-up batch of N/10
   runs first.
+- RPC only, against the other ways a Python user would make the call: ZeroMQ REQ/REP over ipc://
+  (pyzmq's asyncio sockets, one REQ socket per requester task), gRPC over a Unix socket (grpc.aio,
+  a unary method on raw bytes), and the bare ring the RPC rides on (an async echo over one
+  shared-memory channel, default WaitPolicy, no bus: the floor; one call at a time, so only its
+  x1 rows mean anything). gRPC is skipped, and said so, if grpcio is not installed.
 - CPU time of each process over the timed part (/proc/<pid>/task/*/schedstat: all threads, ns),
   per request or per published message; and how much CPU something else on the machine used
   meanwhile (/proc/stat minus our processes): rounds where that exceeds 25% are flagged.
@@ -56,8 +61,9 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_bus_worker.py"
-SYSTEMS = ("ours", "nats")
-LABEL = {"ours": "ours", "nats": "NATS"}
+SYSTEMS = ("ours", "nats", "zmq", "grpc", "ring")
+PUBSUB = ("ours", "nats")  # the others are measured on RPC only
+LABEL = {"ours": "ours", "nats": "NATS", "zmq": "ZeroMQ", "grpc": "gRPC", "ring": "ring"}
 NOISY_SHARE = 0.25  # other load above this share of all CPUs flags a phase (and its round)
 STARTUP_TIMEOUT = 30.0
 N_SUBS = 4
@@ -134,7 +140,15 @@ def usage(a: Snapshot, b: Snapshot) -> tuple[dict[int, float], float, float]:
 class Worker:
     """A worker process with a command pipe and a result pipe."""
 
-    def __init__(self, role: str, system: str, address: str, cpu: int | None, log: Path) -> None:
+    def __init__(
+        self,
+        role: str,
+        system: str,
+        address: str,
+        cpu: int | None,
+        log: Path,
+        fds: tuple[int, ...] = (),
+    ) -> None:
         self.role = role
         self.system = system
         self.log = log
@@ -145,7 +159,7 @@ class Worker:
                 [sys.executable, str(WORKER), role, system, address, str(cmd_r), str(res_w),
                  str(-1 if cpu is None else cpu)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                pass_fds=(cmd_r, res_w), cwd=HERE.parent,
+                pass_fds=(cmd_r, res_w, *fds), cwd=HERE.parent,
             )  # fmt: skip
         os.close(cmd_r)
         os.close(res_w)
@@ -243,6 +257,7 @@ def nats_binary() -> str:
 class Setup:
     workdir: Path
     cpus: tuple[int | None, int | None]
+    systems: tuple[str, ...] = SYSTEMS
     infra: dict[str, subprocess.Popen[Any]] = field(default_factory=dict)
     client: dict[str, Worker] = field(default_factory=dict)
     server: dict[str, Worker] = field(default_factory=dict)
@@ -263,9 +278,9 @@ class Setup:
 
 
 @contextlib.contextmanager
-def started(cpus: tuple[int | None, int | None]) -> Iterator[Setup]:
+def started(cpus: tuple[int | None, int | None], systems: tuple[str, ...]) -> Iterator[Setup]:
     workdir = Path(tempfile.mkdtemp(prefix="mk-bench-bus-"))
-    setup = Setup(workdir, cpus)
+    setup = Setup(workdir, cpus, systems)
     try:
         sock = workdir / "bus.sock"
         with open(workdir / "hub.log", "wb") as out:
@@ -284,19 +299,42 @@ def started(cpus: tuple[int | None, int | None]) -> Iterator[Setup]:
         wait_until(sock.exists, STARTUP_TIMEOUT, "the hub")
         wait_until(lambda: tcp_up(port), STARTUP_TIMEOUT, "nats-server")
         first, second = cpus
-        for system, address in (("ours", str(sock)), ("nats", f"nats://127.0.0.1:{port}")):
+        addresses = {
+            "ours": (str(sock), str(sock)),
+            "nats": (f"nats://127.0.0.1:{port}",) * 2,
+            "zmq": (f"ipc://{workdir}/zmq.ipc",) * 2,
+            "grpc": (f"unix:{workdir}/grpc.sock",) * 2,
+        }
+        handles = None
+        if "ring" in setup.systems:
+            from multikernel.shm import create_channel_handles
+
+            handles = create_channel_handles(1 << 20)
+            addresses["ring"] = (handles[1].to_argument(), handles[0].to_argument())
+        for system in setup.systems:
+            served, calling = addresses[system]
 
             def spawn(
-                role: str, cpu: int | None, tag: str, system: str = system, address: str = address
+                role: str, cpu: int | None, tag: str, address: str, system: str = system
             ) -> Worker:
                 log = workdir / f"{system}-{tag}.log"
-                return Worker(role, system, address, cpu, log)
+                fds: tuple[int, ...] = ()
+                if system == "ring" and handles is not None:
+                    handle = handles[1] if role == "server" else handles[0]
+                    fds = tuple(fd for fd in handle.fds if fd >= 0)
+                return Worker(role, system, address, cpu, log, fds)
 
-            setup.server[system] = spawn("server", second, "server")
-            setup.client[system] = spawn("client", first, "client")
-            setup.subs[system] = [
-                spawn("sub", second if i % 2 == 0 else first, f"sub{i}") for i in range(N_SUBS)
-            ]
+            setup.server[system] = spawn("server", second, "server", served)
+            setup.client[system] = spawn("client", first, "client", calling)
+            setup.subs[system] = (
+                [spawn("sub", second if i % 2 == 0 else first, f"sub{i}", served)
+                 for i in range(N_SUBS)]
+                if system in PUBSUB
+                else []
+            )  # fmt: skip
+        if handles is not None:
+            for handle in handles:
+                handle.close()  # the workers hold them now
         for w in (*setup.server.values(), *setup.client.values()):
             w.expect("ready", STARTUP_TIMEOUT)
         yield setup
@@ -338,7 +376,7 @@ def run_rpc(
     cpu = {
         "client": per[client.pid],
         "server": per[server.pid],
-        "infra": per[setup.infra[system].pid],
+        "infra": per[setup.infra[system].pid] if system in setup.infra else 0.0,
         "wall": b.when - a.when,
         "units": calls,
     }
@@ -391,11 +429,11 @@ def run_pub(
 
 
 def run_round(setup: Setup, rnd: int, args: argparse.Namespace, out: list[Record]) -> None:
-    for system in SYSTEMS:
+    for system in setup.systems:
         t0 = time.monotonic()
         for name, gap, conc in RPC_PHASES:
             out.append(run_rpc(setup, system, rnd, name, gap, conc, args.rpc_dur))
-        for name, k in PUB_PHASES:
+        for name, k in PUB_PHASES if system in PUBSUB else ():
             run_pub(setup, system, rnd, name, k, max(1, args.pub_n // 10), timed=False)
             record = run_pub(setup, system, rnd, name, k, args.pub_n)
             assert record is not None
@@ -403,7 +441,7 @@ def run_round(setup: Setup, rnd: int, args: argparse.Namespace, out: list[Record
         mine = [r for r in out if r.round == rnd and r.system == system]
         worst = max(r.other for r in mine)
         print(
-            f"  round {rnd + 1} {LABEL[system]:4}: {time.monotonic() - t0:5.1f} s, "
+            f"  round {rnd + 1} {LABEL[system]:6}: {time.monotonic() - t0:5.1f} s, "
             f"b2b x1 p50 {mine[0].metrics['p50_us']:.0f} us, "
             f"max other load {worst:.0%}{'  NOISY' if worst > NOISY_SHARE else ''}",
             flush=True,
@@ -456,12 +494,15 @@ class Results:
     def values(self, system: str, phase: str, metric: str) -> list[float]:
         return [r.metrics[metric] for r in self.by[(system, phase)].values()]
 
-    def ratios(self, phase: str, metric: str) -> list[float]:
-        ours, nats = self.by[("ours", phase)], self.by[("nats", phase)]
+    def ratios(
+        self, phase: str, metric: str, ref: str = "nats", system: str = "ours"
+    ) -> list[float]:
+        """`system`'s figure over `ref`'s, round by round."""
+        ours, other = self.by[(system, phase)], self.by[(ref, phase)]
         return [
-            ours[r].metrics[metric] / nats[r].metrics[metric]
+            ours[r].metrics[metric] / other[r].metrics[metric]
             for r in ours
-            if r in nats and nats[r].metrics[metric] > 0
+            if r in other and other[r].metrics[metric] > 0
         ]
 
     def cpu(self, system: str, phase: str, role: str) -> list[float]:
@@ -529,10 +570,33 @@ def pub_table(res: Results) -> str:
     return table(headers, rows)
 
 
+def alternatives_table(res: Results, systems: tuple[str, ...]) -> str:
+    """RPC: ours against ZeroMQ REQ/REP, gRPC and the bare ring, ratios within each round."""
+    others = [s for s in ("zmq", "grpc", "ring") if s in systems]
+    headers = ["pattern", "ours p50"]
+    for other in others:
+        headers += [f"{LABEL[other]} p50", f"ours/{LABEL[other]}"]
+    headers += ["ours p99"] + [f"{LABEL[o]} p99" for o in others if o != "ring"]
+    rows = []
+    for name, _, _ in RPC_PHASES:
+        row = [name, spread(res.values("ours", name, "p50_us"))]
+        for other in others:
+            row += [
+                spread(res.values(other, name, "p50_us")),
+                ratio_text(res.ratios(name, "p50_us", other)),
+            ]
+        row.append(spread(res.values("ours", name, "p99_us")))
+        row += [spread(res.values(o, name, "p99_us")) for o in others if o != "ring"]
+        rows.append(row)
+    return table(headers, rows)
+
+
 def cpu_table(res: Results) -> str:
     rows = []
     for name in [p[0] for p in RPC_PHASES] + [p[0] for p in PUB_PHASES]:
         for system in SYSTEMS:
+            if not res.by[(system, name)]:
+                continue
             rows.append(
                 [
                     name if system == "ours" else "",
@@ -591,6 +655,26 @@ def noisy_rounds(records: list[Record]) -> set[int]:
     return {r.round for r in records if r.other > NOISY_SHARE}
 
 
+def verdict(values: list[float], ok: Callable[[float], bool]) -> str:
+    return "n/a" if not values else ("PASS" if ok(statistics.median(values)) else "FAIL")
+
+
+def issue14_rows(res: Results, label: str) -> list[list[str]]:
+    """Issue 14's RPC targets that one bus run can judge (the eventfd one is bench_transport's)."""
+    rows = []
+
+    def add(what: str, goal: str, values: list[float], limit: float) -> None:
+        rows.append([what, goal, ratio_text(values), verdict(values, lambda m: m <= limit), label])
+
+    add("RPC p50 b2b x1 / bare ring p50", "<= 1.5", res.ratios("b2b x1", "p50_us", "ring"), 1.5)
+    add("RPC p50 b2b x1 / NATS", "<= 0.1", res.ratios("b2b x1", "p50_us", "nats"), 0.1)
+    add("RPC p50 b2b x1 / ZeroMQ REQ/REP", "<= 0.5", res.ratios("b2b x1", "p50_us", "zmq"), 0.5)
+    add("RPC p50 gap1ms x1 / ZeroMQ", "<= 0.75", res.ratios("gap1ms x1", "p50_us", "zmq"), 0.75)
+    for name in ("b2b x1", "gap1ms x1"):
+        add(f"RPC p99 {name} / ZeroMQ p99", "<= 1.0", res.ratios(name, "p99_us", "zmq"), 1.0)
+    return rows
+
+
 def target_rows(res: Results, label: str) -> list[list[str]]:
     rows = []
     for name, _, _ in RPC_PHASES:
@@ -638,6 +722,10 @@ def report(records: list[Record], args: argparse.Namespace, cpus: tuple[Any, Any
         "each requester sleeps 1 ms between calls)",
         rpc_table(res),
         "",
+        "RPC against ZeroMQ REQ/REP (ipc://), gRPC (Unix socket) and the bare ring (no bus), us; "
+        "ratios ours/other within each round (<1 = ours faster)",
+        alternatives_table(res, args.systems),
+        "",
         "Pub/sub throughput (64 B, one publisher; msgs/s delivered per subscriber, first publish "
         "to last arrival; losses summed over rounds)",
         pub_table(res),
@@ -660,6 +748,12 @@ def report(records: list[Record], args: argparse.Namespace, cpus: tuple[Any, Any
     if noisy and len(clean) >= 2:
         rows += target_rows(Results(records, noisy), f"{len(clean)} quiet rounds")
     out.append(table(["target", "goal", "ours/NATS", "verdict", "over"], rows))
+    if any(s in args.systems for s in ("zmq", "ring")):
+        rows = issue14_rows(res, "all rounds")
+        if noisy and len(clean) >= 2:
+            rows += issue14_rows(Results(records, noisy), f"{len(clean)} quiet rounds")
+        out += ["", "Targets (issue 14, RPC)"]
+        out.append(table(["target", "goal", "ratio", "verdict", "over"], rows))
     return "\n".join(out)
 
 
@@ -698,6 +792,12 @@ def main() -> int:
     args.rounds = args.rounds or (3 if args.quick else 5)
     args.rpc_dur = args.rpc_dur or (0.4 if args.quick else 2.0)
     args.pub_n = args.pub_n or (20_000 if args.quick else 100_000)
+    args.systems = SYSTEMS
+    try:
+        import grpc  # noqa: F401
+    except ImportError:
+        print("bench_bus: grpcio is not installed: no gRPC figures (pip install grpcio)")
+        args.systems = tuple(s for s in SYSTEMS if s != "grpc")
     cpus = choose_cpus(args.same_core)
     signal.signal(signal.SIGTERM, _terminated)  # clean up (the finally blocks) on SIGTERM too
     shm_before = shm_files()
@@ -705,7 +805,7 @@ def main() -> int:
     started_at = time.monotonic()
     print(f"bench_bus: {args.rounds} rounds, starting hub, nats-server and workers", flush=True)
     try:
-        with started(cpus) as setup:
+        with started(cpus, args.systems) as setup:
             print(f"  up in {time.monotonic() - started_at:.1f} s", flush=True)
             for rnd in range(args.rounds):
                 run_round(setup, rnd, args, records)

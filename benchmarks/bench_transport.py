@@ -700,6 +700,62 @@ def target_rows(res: Results) -> list[list[str]]:
     return [r for r in rows if r[1] != "n/a"]
 
 
+def issue14_rows(res: Results) -> list[list[str]]:
+    """Issue 14's transport targets, as ratios within each round (>= goal passes)."""
+    rows: list[list[str]] = []
+    alts = res.alternatives()
+
+    def add(what: str, values: list[float], goal: float, goal_text: str) -> None:
+        m = med(values)
+        verdict = "n/a" if math.isnan(m) else ("PASS" if m >= goal else "FAIL")
+        rows.append([what, spread(values), goal_text, verdict])
+
+    best64 = res.best_per_round(alts, "stream-64", "msgs", higher=True)
+    add(
+        "(a) 64 B per message: x best alternative",
+        res.ratios("ring", "stream-64", "msgs", best64, higher=True),
+        2.0,
+        ">= 2x",
+    )
+    pipe_batch = res.best_per_round(["os-pipe"], "stream-64-batch", "msgs", higher=True)
+    add(
+        "(a) 64 B batched: x os.pipe batched",
+        res.ratios("ring", "stream-64-batch", "msgs", pipe_batch, higher=True),
+        2.0,
+        ">= 2x",
+    )
+    add(
+        "(b) msgspec 64 B per message: x best raw-bytes alternative",
+        res.ratios("ring-msgspec", "stream-64", "msgs", best64, higher=True),
+        1.0,
+        ">= 1x",
+    )
+    iox = res.best_per_round(["iceoryx2"], "rtt-active", "p50", higher=False)
+    add(
+        "(c) async RTT p50, both busy: iceoryx2 p50 / ours (>= 2 = ours <= 0.5x)",
+        res.ratios("ring-async", "rtt-active", "p50", iox, higher=False),
+        2.0,
+        ">= 2x",
+    )
+    eventfd = res.best_per_round(["eventfd"], "rtt-asleep", "p50", higher=False)
+    for key in ("ring", "ring-async"):
+        add(
+            f"{KIND_BY_KEY[key].label}: asleep RTT p50, eventfd / ours (>= 0.91 = ours <= 1.1x)",
+            res.ratios(key, "rtt-asleep", "p50", eventfd, higher=False),
+            1 / ASLEEP_TOLERANCE,
+            ">= 0.91",
+        )
+        for side, metric in (("driver", "cpu_us"), ("echo", "peer_cpu_us")):
+            ref = res.best_per_round(["eventfd"], "rtt-asleep", metric, higher=False)
+            add(
+                f"{KIND_BY_KEY[key].label}: asleep CPU/msg {side}, eventfd / ours",
+                res.ratios(key, "rtt-asleep", metric, ref, higher=False),
+                1 / ASLEEP_TOLERANCE,
+                ">= 0.91",
+            )
+    return [r for r in rows if r[1] != "n/a"]
+
+
 def report(res: Results, cpus: tuple[int | None, int | None], args: argparse.Namespace) -> str:
     where = (
         f"driver pinned to CPU {cpus[0]}, peer pinned to CPU {cpus[1]}"
@@ -750,6 +806,13 @@ def report(res: Results, cpus: tuple[int | None, int | None], args: argparse.Nam
         parts.append(
             "Targets of issue 2 (ratios within each round; median (min-max))\n"
             + table(["target", "measured", "goal", "verdict"], targets)
+            + "\n"
+        )
+    targets14 = issue14_rows(res)
+    if targets14:
+        parts.append(
+            "Targets of issue 14 (ratios within each round, >1 = ours better; median (min-max))\n"
+            + table(["target", "measured", "goal", "verdict"], targets14)
             + "\n"
         )
     notes = [k for k in res.kinds if k.key == "iceoryx2"]

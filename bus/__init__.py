@@ -19,3 +19,4 @@ from multikernel.bus._router import RouterStatistics as RouterStatistics
 from multikernel.bus._router import SubjectRouter as SubjectRouter
 from multikernel.bus._rules import PolicyError as PolicyError
 from multikernel.bus._session import Limits as Limits
+from multikernel.bus._socket_access import SocketAccess as SocketAccess

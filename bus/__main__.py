@@ -17,6 +17,7 @@ from multikernel.bus._hub import Hub
 from multikernel.bus._policy import Policy
 from multikernel.bus._rules import PolicyError
 from multikernel.bus._session import Limits
+from multikernel.bus._socket_access import SocketAccess
 from multikernel.endpoints import runtime
 from multikernel.endpoints.log import configure, get_logger
 from multikernel.endpoints.wire import default_socket_path
@@ -31,16 +32,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-pending", type=int, default=Limits.max_pending)
     parser.add_argument("--slow-consumer", choices=["drop", "disconnect"], default="drop")
     parser.add_argument("--grace", type=float, default=5.0, help="drain time on SIGTERM (s)")
+    parser.add_argument(
+        "--socket-mode",
+        default=None,
+        help="control socket mode, octal (default 0600: the hub's user only; 0660 with "
+        "--socket-group lets a group in; docs/security.md)",
+    )
+    parser.add_argument(
+        "--socket-group", default=None, help="control socket group (a name or a gid)"
+    )
     return parser.parse_args(argv)
 
 
 async def run(args: argparse.Namespace) -> None:
     policy = Policy.load(args.policy) if args.policy else Policy.default()
     limits = Limits(max_pending=args.max_pending, slow_consumer=args.slow_consumer)
-    hub = Hub(args.socket or default_socket_path(), policy=policy, limits=limits)
-    async with anyio.create_task_group() as tg:
-        await tg.start(hub.serve)
-        with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+    access = SocketAccess.parse(args.socket_mode, args.socket_group)
+    hub = Hub(
+        args.socket or default_socket_path(), policy=policy, limits=limits, socket_access=access
+    )
+    # Signals are ours before the hub says it is listening: a SIGHUP sent on that cue must
+    # reload, not kill the process with the default action.
+    with anyio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hub.serve)
             async for signum in signals:
                 if signum == signal.SIGHUP and args.policy:
                     try:
@@ -56,12 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     configure()
     runtime.raise_fd_limit()
+    failed = False
     try:
         runtime.run(run, args)
-    except (PolicyError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    except* (PolicyError, RuntimeError, ValueError) as group:  # raised inside the hub's task group
+        print(f"error: {group.exceptions[0]}", file=sys.stderr)
+        failed = True
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

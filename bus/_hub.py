@@ -10,7 +10,6 @@ endpoints, so a hub restart does not interrupt them: endpoints re-attach and re-
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 import time
@@ -27,13 +26,17 @@ from multikernel.bus._delivery import (
     route,
     subscribe_decisions,
 )
-from multikernel.bus._hub_sessions import NAMES_SUBJECT, Sessions
+from multikernel.bus._hub_sessions import Sessions
 from multikernel.bus._monitors import Monitors
+from multikernel.bus._name_events import DESTINATION_OFFSET as _DESTINATION_OFFSET
+from multikernel.bus._name_events import SOURCE_OFFSET as _SOURCE_OFFSET
+from multikernel.bus._name_events import announce_owner_changes
 from multikernel.bus._names import NameRegistry
 from multikernel.bus._policy import Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
 from multikernel.bus._snapshot import build_snapshot
+from multikernel.bus._socket_access import SocketAccess
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import (
@@ -76,11 +79,6 @@ log = get_logger("multikernel.bus")
 #: Room left in a page of introspection for its envelope (header, subject, msgpack framing).
 PAGE_SLACK = 4096
 
-#: Where the hub stamps a routed frame: the publisher it came from and the subscription it is for
-#: (docs/protocol.md, header table).
-_SOURCE_OFFSET = 16
-_DESTINATION_OFFSET = 24
-
 
 class Hub:
     """The bus hub. Run it with `serve()` inside a task group, or `python -m multikernel.bus`."""
@@ -92,6 +90,7 @@ class Hub:
         policy: Policy | None = None,
         limits: Limits | None = None,
         instance_of: Callable[[int], int] | None = None,
+        socket_access: SocketAccess | None = None,
     ) -> None:
         self.policy = policy or Policy.default()
         self.limits = limits or Limits()
@@ -110,7 +109,7 @@ class Hub:
         )
         where = Path(path) if path is not None else default_socket_path()
         self._endpoints = Sessions(
-            self, where, self.limits, instance_of or (lambda pid: 0), self.counters
+            self, where, self.limits, instance_of or (lambda pid: 0), self.counters, socket_access
         )
         self._sessions = self._endpoints.by_id
         self._router: SubjectRouter[tuple[int, int]] = SubjectRouter()
@@ -249,7 +248,9 @@ class Hub:
                 frame = encode(Kind.ERROR, error_to_body(error), correlation=correlation)
                 session.deliver(frame, droppable=False)
         if self._monitors:
-            self._monitors.copy(subject, "hub", session.id, 0, frame)
+            self._monitors.copy(
+                subject, "hub", session.id, 0, frame, source_name=session.identity.name
+            )
 
     def flush(self) -> None:
         """Send the publications staged while dispatching a batch: one ring publish (and at
@@ -335,7 +336,7 @@ class Hub:
                     # Only a side of that channel may report its frames, and the other side is
                     # what the hub recorded, not what the record says.
                     other = channel.server if session.id == channel.client else channel.client
-                    self._monitors.mirrored(session, other, frame, token)
+                    self._monitors.mirrored(session, other, frame, token, channel.target)
             case Introspect(cursor=cursor):
                 budget = min(self.limits.max_body, session.max_frame) - PAGE_SLACK
                 self._reply(session, correlation, snapshot_page(self.snapshot(), cursor, budget))
@@ -355,38 +356,9 @@ class Hub:
             self._router.unsubscribe((session.id, sid))
 
     def _owner_changes(self, changes: list[NameOwnerChanged]) -> None:
-        """Publish each change on mk.bus.names.<name> and tell the clients of direct channels."""
-        for change in changes:
-            frame = encode(Kind.CONTROL, change)
-            notified = set()
-            for owner in (change.old_owner, change.new_owner):  # the owners hear of it too
-                session = self._sessions.get(owner)
-                if session is None:
-                    continue
-                # `name:` selectors look at the names an endpoint owns
-                names = frozenset(self._names.names_of(owner))
-                session.identity = dataclasses.replace(session.identity, names=names)
-                session.publish_decisions.clear()
-                if owner == change.old_owner:
-                    session.services.pop(change.name, None)  # its description goes too
-                notified.add(owner)
-                session.deliver(frame, droppable=False)
-            for endpoint in self._channels.clients_of(change.name):
-                if endpoint not in notified:
-                    notified.add(endpoint)
-                    client = self._sessions.get(endpoint)
-                    if client is not None:
-                        client.deliver(frame, droppable=False)
-            subject = f"{NAMES_SUBJECT}.{change.name}"
-            event = encode(Kind.PUBLISH, change, subject=subject)
-            stamped = bytearray(event)
-            for key in self._router.match(subject):
-                subscription = self._subs[key]
-                stamped[_DESTINATION_OFFSET : _DESTINATION_OFFSET + 8] = subscription.sid_bytes
-                subscription.session.deliver(stamped)  # copied into its ring (or queue) at once
-            log.info(
-                "name owner changed", name=change.name, old=change.old_owner, new=change.new_owner
-            )
+        announce_owner_changes(
+            changes, self._sessions, self._names, self._channels, self._router, self._subs
+        )
 
     def _tg(self) -> anyio.abc.TaskGroup:
         if self._endpoints.tg is None:

@@ -25,6 +25,7 @@ import anyio.abc
 
 from multikernel.bus._policy import Identity
 from multikernel.bus._session import Limits, Session
+from multikernel.bus._socket_access import BIND_MODE, SocketAccess
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import (
     send_handle,
@@ -104,9 +105,11 @@ class Sessions:
         limits: Limits,
         instance_of: Callable[[int], int],
         counters: dict[str, int],
+        access: SocketAccess | None = None,
     ) -> None:
         self._handler = handler
         self.path = path
+        self.access = access or SocketAccess()
         self.limits = limits
         self._instance_of = instance_of
         self.counters = counters
@@ -176,7 +179,7 @@ class Sessions:
                 os.close(reserve)
 
     async def _listen(self) -> anyio.abc.SocketListener:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o755)
         if self.path.exists():
             try:
                 probe = await anyio.connect_unix(self.path)
@@ -185,7 +188,8 @@ class Sessions:
             else:
                 await probe.aclose()
                 raise RuntimeError(f"a hub is already running on {self.path}; stop it first")
-        listener = await anyio.create_unix_listener(self.path, mode=0o666)
+        listener = await anyio.create_unix_listener(self.path, mode=BIND_MODE)
+        self.access.apply(self.path)  # its group and mode, never wider than asked
         self._listener = listener
         return listener
 

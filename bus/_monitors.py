@@ -59,23 +59,39 @@ class Monitors:
                 monitor.monitor = None
 
     def copy(
-        self, subject: str, path: str, source: int, destination: int, frame: bytes, channel: int = 0
+        self,
+        subject: str,
+        path: str,
+        source: int,
+        destination: int,
+        frame: bytes,
+        channel: int = 0,
+        service: str = "",
+        source_name: str = "",
     ) -> None:
         """A copy of `frame` to every monitor whose pattern matches `subject`."""
-        record = MonitorRecord(time.monotonic_ns(), path, source, destination, frame, channel)
+        record = MonitorRecord(
+            time.monotonic_ns(), path, source, destination, frame, channel, service, source_name
+        )
         out = encode(Kind.CONTROL, record, subject=subject)
         for monitor in self._by_id.values():
             if monitor.monitor is not None and subject_matches(monitor.monitor, subject):
                 monitor.deliver(out)
 
-    def mirrored(self, session: Session, other: int, frame: bytes, token: int) -> None:
-        """A frame `session` sent or received on direct channel `token`, with peer `other`."""
+    def mirrored(
+        self, session: Session, other: int, frame: bytes, token: int, service: str = ""
+    ) -> None:
+        """A frame `session` sent or received on direct channel `token` (opened to `service`),
+        with peer `other`."""
         if self._by_id:
             try:
                 subject = decode_header(frame).subject
             except ProtocolError:
                 subject = ""
-            self.copy(subject or "mk.direct", "direct", session.id, other, frame, token)
+            self.copy(
+                subject or "mk.direct", "direct", session.id, other, frame, token, service,
+                session.identity.name,
+            )  # fmt: skip
 
     def _broadcast(self, body: object) -> None:
         frame = encode(Kind.CONTROL, body)

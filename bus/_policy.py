@@ -3,8 +3,10 @@
 The hub binds an ``Identity`` to each endpoint when it attaches (never from what a sender writes)
 and asks a ``Policy`` for a ``Decision`` when a subscription or a direct channel is set up, and
 again for everything when it reloads the policy. Traffic within one instance is allowed by
-default; across instances it is denied unless a rule allows it. Explicit ``[[deny]]`` rules come
-first, then ``[[rule]]`` allows, then the defaults; docs/access-control.md is the reference::
+default, except what ``[host_only]`` holds back (the host actors' services such as ``lifecycle``,
+and the subjects instances speak on), which only a rule grants; across instances it is denied
+unless a rule allows it. Explicit ``[[deny]]`` rules come first, then the same-instance default,
+then ``[[rule]]`` allows, then the default denial; docs/access-control.md is the reference::
 
     policy = Policy.load("/etc/multikernel/policy.toml")
     decision = policy.may_connect(caller, callee, "resource")
@@ -22,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from multikernel.bus._patterns import pattern_contains, patterns_overlap
+from multikernel.bus._patterns import expand, pattern_contains, patterns_overlap
 from multikernel.bus._rules import (
+    BUILTIN_HOST_ONLY,
     BUILTIN_RULES,
+    HOST_ONLY_KEYS,
     Action,
     PolicyError,
     Rule,
@@ -82,6 +86,10 @@ class Policy:
         self.same_instance_allowed: Final = parsed.same_instance_allowed
         self._deny: tuple[Rule, ...] = parsed.deny
         self._allow: tuple[Rule, ...] = parsed.allow + (BUILTIN_RULES if parsed.builtin else ())
+        # The built-in [host_only] always holds: a file adds to it, and grants with rules.
+        self.host_only: Final = {
+            key: BUILTIN_HOST_ONLY[key] + parsed.host_only[key] for key in HOST_ONLY_KEYS
+        }
         self._cache: dict[_Key, Decision] = {}
 
     @classmethod
@@ -184,7 +192,8 @@ class Policy:
             found = rule.find(action, who.instance, who.uid, who.names, thing, patterns_overlap)
             if found is not None:
                 return Decision(False, f"{rule.label} denies {_granted(action, found)}")
-        if within and self.same_instance_allowed:
+        held = self._held_back(action, who.instance, thing) if within else None
+        if within and self.same_instance_allowed and held is None:
             return Decision(
                 True, 'same-instance traffic is allowed ([defaults] same_instance = "allow")'
             )
@@ -193,6 +202,14 @@ class Policy:
             if found is not None:
                 return Decision(True, f"{rule.label} allows {_granted(action, found)}")
         subject = f"instance {who.instance} (uid {who.uid})"
+        if held is not None and self.same_instance_allowed:
+            selector = f"instance:{who.instance} & uid:{who.uid}"
+            return Decision(
+                False,
+                f"permission denied: {subject} may not {what}: [host_only] keeps {held!r} for "
+                "the host's own user and root (grant it in the policy with [[rule]] "
+                f'who = "{selector}" {action} = ["{thing}"])',
+            )
         if within:
             default = 'same-instance traffic is denied ([defaults] same_instance = "deny")'
         elif action in ("own", "monitor"):
@@ -200,6 +217,20 @@ class Policy:
         else:
             default = "cross-instance traffic is denied by default"
         return Decision(False, f"no rule in {self.source} allows {subject} to {what}; {default}")
+
+    def _held_back(self, action: Action, instance: int, thing: str) -> str | None:
+        """The `[host_only]` pattern that keeps `thing` from the same-instance default, if any.
+
+        A subscription is held back when it could receive any held-back subject (overlap).
+        """
+        if action not in HOST_ONLY_KEYS:
+            return None
+        test = patterns_overlap if action == "subscribe" else pattern_contains
+        for raw in self.host_only[action]:
+            pattern = expand(raw, instance)
+            if test(pattern, thing):
+                return pattern
+        return None
 
 
 def _granted(action: Action, pattern: str) -> str:

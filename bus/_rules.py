@@ -1,7 +1,8 @@
 """The policy file format: parse TOML into checked rules, or say exactly what is wrong and where.
 
-A policy has three top-level tables, all optional: ``[defaults]``, ``[[rule]]`` (allows) and
-``[[deny]]``. A rule says ``who`` it is about (a selector, or a list of them meaning any-of) and
+A policy has four top-level tables, all optional: ``[defaults]``, ``[host_only]`` (what the
+same-instance default never grants), ``[[rule]]`` (allows) and ``[[deny]]``. A rule says ``who``
+it is about (a selector, or a list of them meaning any-of) and
 lists the subject patterns it grants for ``publish`` / ``subscribe`` and the name patterns for
 ``call`` / ``own``, plus ``monitor = true``. Patterns may use ``{instance}``, the asking endpoint's
 own instance number. Everything is validated at load: a malformed file raises ``PolicyError``
@@ -30,7 +31,9 @@ Action: TypeAlias = Literal["publish", "subscribe", "call", "own", "monitor"]
 GRANTS: Final = ("publish", "subscribe", "call", "own")
 RULE_KEYS: Final = ("who", *GRANTS, "monitor")
 DEFAULTS_KEYS: Final = ("same_instance", "builtin_rules")
-TOP_KEYS: Final = ("defaults", "rule", "deny")
+TOP_KEYS: Final = ("defaults", "host_only", "rule", "deny")
+#: The actions the same-instance default may grant, so the ones `[host_only]` may hold back.
+HOST_ONLY_KEYS: Final = ("call", "publish", "subscribe")
 SELECTORS: Final = (
     "*, host, guest, instance:N, instance:*, uid:N or name:NAME (join with & for all-of)"
 )
@@ -50,6 +53,15 @@ who = "*"
 publish = ["mk.instance.{instance}.>"]
 subscribe = ["mk.instance.{instance}.>"]
 own = ["instance.{instance}.>"]
+"""
+
+#: Held back from the same-instance default whatever a file says (a file's `[host_only]` adds to
+#: it): on instance 0 only root and the host's own user, through their rules, reach the host
+#: actors' services or speak for an instance; anyone else needs a rule of their own.
+BUILTIN_HOST_ONLY_TOML: Final = """\
+[host_only]  # the host actors' services, and the subjects instances speak on
+call = ["lifecycle", "resource", "fault", "upgrade"]
+publish = ["mk.instance.>"]
 """
 
 _NUMBER = re.compile(r"[0-9]+")
@@ -130,6 +142,7 @@ class ParsedPolicy:
     builtin: bool
     allow: tuple[Rule, ...]
     deny: tuple[Rule, ...]
+    host_only: Mapping[str, tuple[str, ...]]  # the file's own, by action (HOST_ONLY_KEYS)
 
 
 def parse_policy(text: str, source: str) -> ParsedPolicy:
@@ -151,11 +164,19 @@ def parse_policy(text: str, source: str) -> ParsedPolicy:
     builtin = defaults.get("builtin_rules", True)
     if not isinstance(builtin, bool):
         _fail(source, "[defaults]", f"builtin_rules must be true or false, not {builtin!r}")
+    host_only = data.get("host_only", {})
+    if not isinstance(host_only, dict):
+        _fail(source, "", "'host_only' must be a table: write [host_only]")
+    _check_keys(host_only, HOST_ONLY_KEYS, source, "[host_only]", "key")
     return ParsedPolicy(
         same_instance_allowed=same_instance == "allow",
         builtin=builtin,
         allow=_rules(data.get("rule", []), "rule", source),
         deny=_rules(data.get("deny", []), "deny", source),
+        host_only={
+            key: _patterns(host_only.get(key, []), key, source, "[host_only]")
+            for key in HOST_ONLY_KEYS
+        },
     )
 
 
@@ -255,3 +276,4 @@ def _fail(source: str, where: str, problem: str) -> NoReturn:
 
 
 BUILTIN_RULES: Final = parse_policy(BUILTIN_TOML, "the built-in rules").allow
+BUILTIN_HOST_ONLY: Final = parse_policy(BUILTIN_HOST_ONLY_TOML, "the built-in rules").host_only

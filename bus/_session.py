@@ -16,6 +16,7 @@ nothing escapes to the hub or to another session.
 from __future__ import annotations
 
 import socket
+import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -88,6 +89,7 @@ class Session:
         limits: Limits,
     ) -> None:
         self.identity = identity
+        self.attached = time.monotonic()
         self.id = identity.endpoint_id
         self.id_bytes = self.id.to_bytes(8, "little")  # as stamped into a frame's source field
         self.staged: list[tuple[bytes, SubscriptionRecord]] = []

@@ -42,10 +42,14 @@ class ClientChannels:
         reached us yet) did not take the request: retire it and ask the hub again, once.
         """
         for attempt in (1, 2):
-            direct = await self._direct_to(target)
+            direct = self.by_target.get(target)  # the usual case, without an await
+            if direct is None or direct.stale or direct.closed:
+                direct = await self._direct_to(target)
             correlation, reply = direct.calls.open()
             try:
-                await direct.send(request_frame(method, body, correlation, self._link.max_body))
+                frame = request_frame(method, body, correlation, self._link.max_body)
+                if not direct.send_now(frame):
+                    await direct.send(frame)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 direct.calls.close(correlation)
                 direct.closed = True

@@ -4,6 +4,13 @@ The hub is found, in order, at the path given, on a connected socket given as `f
 this process inherited at spawn ($MULTIKERNEL_BUS_FD: processes started inside an instance), or at
 `default_socket_path()` ($MULTIKERNEL_BUS, else a per-user or system path). Attaching happens
 before the endpoint's task group starts, so a missing hub is one clean `HubUnavailableError`.
+
+An exception raised in the caller's block reaches the caller as itself: the endpoint's task group
+would wrap it in an `ExceptionGroup` (it is raised inside the group's scope), so the block's own
+exception is caught at the `yield`, the group is cancelled and closed, and the exception is raised
+again outside it. Users write `except NoRespondersError` around the block and it matches. A failure
+of the endpoint's own tasks (a single one) is unwrapped the same way; cancellation is re-raised,
+never swallowed.
 """
 
 from __future__ import annotations
@@ -43,16 +50,33 @@ async def connect(
     endpoint = Endpoint(name or f"pid{os.getpid()}", where, fd, wait, reconnect)
     link = endpoint._link
     sock, session = await link.open_session()  # before the task group: a clean error
+    raised: BaseException | None = None  # by the caller's block: re-raised outside the group
     try:
         async with anyio.create_task_group() as tg:
             link.tg = tg
             await tg.start(link.run_sessions, sock, session)
             try:
                 yield endpoint
+            except BaseException as exc:  # re-raised below, after the group has closed
+                raised = exc
             finally:
                 link.closing = True
                 for sub in list(endpoint._subs.values()):
                     await sub.aclose()
                 tg.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _unwrapped(group) from None
     finally:
         endpoint._clients.close()
+    if raised is not None:
+        raise raised
+
+
+def _unwrapped(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception of a single-exception group (nested ones too); else the group."""
+    while len(group.exceptions) == 1:
+        inner = group.exceptions[0]
+        if not isinstance(inner, BaseExceptionGroup):
+            return inner
+        group = inner
+    return group

@@ -21,7 +21,7 @@ import anyio.abc
 
 from multikernel.endpoints._calls import Correlations
 from multikernel.endpoints.log import get_logger
-from multikernel.endpoints.wire import close_fds, receive_handle
+from multikernel.endpoints.wire import HANDLE_FDS, close_fds, receive_handle
 from multikernel.protocol import (
     CONTROL_DECODER,
     DEFAULT_MAX_BODY,
@@ -40,7 +40,7 @@ from multikernel.protocol import (
     encode,
     raise_for_error,
 )
-from multikernel.shm import Channel, ChannelHandle, WaitPolicy
+from multikernel.shm import Channel, ChannelHandle, ShmError, WaitPolicy
 
 log = get_logger("multikernel.endpoints")
 
@@ -64,6 +64,10 @@ def _unexpected(body: object, kind: type) -> NoReturn:
 
 class HubUnavailableError(anyio.BrokenResourceError):
     """The hub went away and the endpoint could not re-attach (or was not allowed to retry)."""
+
+
+class HubPermissionError(HubUnavailableError, PermissionError):
+    """A hub listens there, but this user may not connect to its control socket."""
 
 
 class LinkOwner(Protocol):
@@ -177,7 +181,7 @@ class HubLink:
             close_fds(fds)
             raise_for_error(decode_body(header, frame, ERROR_DECODER))
         ready = decode_body(header, frame, CONTROL_DECODER)
-        if not isinstance(ready, ChannelReady) or ready.role != "session" or len(fds) != 6:
+        if not isinstance(ready, ChannelReady) or ready.role != "session" or len(fds) != HANDLE_FDS:
             close_fds(fds)
             raise ProtocolError("the hub's first message was not a session channel")
         session = Channel.attach(ChannelHandle(1, fds), self.wait)
@@ -204,6 +208,11 @@ class HubLink:
         where = self._path or "the inherited bus socket"
         try:
             sock = await self._connect_socket()
+        except PermissionError as exc:
+            raise HubPermissionError(
+                f"this user may not attach to the hub on {where} ({exc.strerror}): run as the "
+                "host's user or root, or use a hub of your own (`mkctl host up --socket PATH`)"
+            ) from None
         except OSError as exc:
             raise HubUnavailableError(
                 f"no hub is listening on {where} ({exc.strerror}); start one with "
@@ -295,7 +304,7 @@ class HubLink:
                 header = decode_header(frame)
                 ready = decode_body(header, frame, CONTROL_DECODER)
                 if not isinstance(ready, ChannelReady) or len(fds) != (
-                    1 if ready.role == "attach" else 6
+                    1 if ready.role == "attach" else HANDLE_FDS
                 ):
                     close_fds(fds)
                 elif ready.role == "attach":
@@ -303,9 +312,12 @@ class HubLink:
                     if not self._calls.deliver(header, (ready, attached)):
                         attached.close()
                 elif ready.role == "server":
-                    self.owner._on_server_channel(
-                        ready, Channel.attach(ChannelHandle(1, fds), self.wait)
-                    )
+                    try:
+                        channel = Channel.attach(ChannelHandle(1, fds), self.wait)
+                    except ShmError as exc:  # unsafe to attach: refuse this channel alone
+                        log.warning("refused a direct channel", target=ready.target, error=str(exc))
+                    else:
+                        self.owner._on_server_channel(ready, channel)
                 elif not self._calls.deliver(header, (ready, ChannelHandle(0, fds))):
                     close_fds(fds)  # nobody waits for it any more (the caller gave up)
         except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):

@@ -22,11 +22,20 @@ import contextlib
 import inspect
 import json
 import math
+import time
+import types
 import typing
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Generator,
+)
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import msgspec
@@ -49,7 +58,53 @@ from multikernel.protocol import (
     seconds_left,
 )
 
+if TYPE_CHECKING:
+    from multikernel.endpoints._direct import DirectChannel
+
 Handler = Callable[[Any], Awaitable[Any]] | Callable[[Any], AsyncIterator[Any]]
+#: A handler's coroutine that ran until its first suspension, what it yielded there, and the
+#: cancel scope it runs in (entered before it started, so the handler's own scopes nest in it).
+Started = tuple[Coroutine[Any, Any, Any], Any, anyio.CancelScope]
+
+
+class _Entered:
+    """A cancel scope that `answer_now` entered already, exited by a `with` statement."""
+
+    __slots__ = ("scope",)
+
+    def __init__(self, scope: anyio.CancelScope) -> None:
+        self.scope = scope
+
+    def __enter__(self) -> anyio.CancelScope:
+        return self.scope
+
+    def __exit__(self, *exc_info: Any) -> bool:
+        return bool(self.scope.__exit__(*exc_info))
+
+
+@types.coroutine
+def _go_on(coro: Coroutine[Any, Any, Any], yielded: Any) -> Generator[Any, Any, Any]:
+    """Await a coroutine that already ran up to its first suspension, where it yielded `yielded`.
+
+    What it yields goes up to the event loop as if this task had awaited it from the start, and
+    what comes back (a value, or an exception such as a cancellation) goes down to it.
+    """
+    while True:
+        try:
+            sent = yield yielded
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:
+            try:
+                yielded = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                yielded = coro.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 @dataclass(frozen=True)
@@ -170,13 +225,95 @@ class Service:
         """Whether a request may start now (under the concurrency limit, none waiting)."""
         return self.in_flight < self.concurrency and not self._queue
 
-    async def run_inline(self, direct: ReplyChannel, header: Header, frame: bytes) -> None:
-        """Run a request in the calling task (a channel's crew member), counted like a worker's."""
+    def answer_now(
+        self, direct: DirectChannel, header: Header, frame: bytes
+    ) -> Coroutine[Any, Any, None] | None:
+        """Run a request in the calling task as far as it goes without waiting; None if answered.
+
+        A handler that answers without suspending (most do: a lookup, a computation) is run to
+        the end here and its reply sent, with no task switch, cancel scope, event or coroutine
+        of ours: nothing could cancel it, and its deadline was checked before it started (the
+        idea of asyncio's eager tasks, Python 3.12). Anything else (a handler that suspends, a
+        streaming one, an error, a deadline already passed, a full ring) returns what is left to
+        do as a coroutine that the caller awaits, with the same semantics as a worker's request.
+        """
+        correlation = header.correlation
+        if direct.closed or correlation in direct.abandoned:
+            direct.abandoned.discard(correlation)
+            return None
+        method = self.methods.get(header.subject)
+        if (
+            method is None
+            or method.streaming
+            or (header.deadline_ns and header.deadline_ns <= time.monotonic_ns())
+        ):
+            return self.run_inline(direct, header, frame)
+        try:
+            argument = decode_body(header, frame, method.decoder)
+        except Exception:
+            return self.run_inline(direct, header, frame)  # answers with the decoding error
+        # The scope the request runs in, should it wait: entered before the handler starts, so
+        # that scopes the handler enters nest inside it. Nothing can cancel it before it waits.
+        left = seconds_left(header.deadline_ns) if header.deadline_ns else None
+        scope = anyio.CancelScope(deadline=anyio.current_time() + left if left else math.inf)
+        scope.__enter__()
+        token = _caller.set(direct.peer)
+        try:
+            coro = typing.cast(Coroutine[Any, Any, Any], method.handler(argument))
+            try:
+                yielded = coro.send(None)
+            except StopIteration as done:
+                result = done.value
+            except Exception as exc:  # the handler's failure is the caller's answer
+                scope.__exit__(None, None, None)
+                self.failed += 1
+                return self._send_error(direct, correlation, exc)
+            except BaseException as exc:
+                if not scope.__exit__(type(exc), exc, exc.__traceback__):
+                    raise
+                return None
+            else:
+                return self.run_inline(direct, header, frame, (coro, yielded, scope))
+        finally:
+            _caller.reset(token)
+        scope.__exit__(None, None, None)
+        try:
+            reply = self.endpoint._encode_reply(result, correlation, 0)
+            if not direct.send_now(reply):
+                return self._reply_later(direct, reply)
+        except Exception as exc:
+            self.failed += 1
+            return self._send_error(direct, correlation, exc)
+        direct.nudge()
+        self.served += 1
+        return None
+
+    async def _reply_later(self, direct: DirectChannel, reply: bytes) -> None:
+        """The ring was full when an answer was ready: wait for room like a worker would."""
+        try:
+            await direct.send(reply)
+        except Exception:
+            self.failed += 1
+            return
+        direct.nudge()
+        self.served += 1
+
+    async def run_inline(
+        self,
+        direct: ReplyChannel,
+        header: Header,
+        frame: bytes,
+        started: Started | None = None,
+    ) -> None:
+        """Run a request in the calling task (a channel's crew member), counted like a worker's.
+
+        `started`: its handler already ran to its first suspension (`answer_now`).
+        """
         if self.in_flight == 0:
             self._idle = anyio.Event()
         self.in_flight += 1
         try:
-            await self._handle(direct, header, frame)
+            await self._handle(direct, header, frame, started)
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
@@ -204,22 +341,34 @@ class Service:
         finally:
             self._workers -= 1
 
-    async def _handle(self, direct: ReplyChannel, header: Header, frame: bytes) -> None:
+    async def _handle(
+        self, direct: ReplyChannel, header: Header, frame: bytes, started: Started | None = None
+    ) -> None:
         """Run one request to completion and send its reply (or error), unless abandoned."""
         correlation = header.correlation
         if direct.closed or correlation in direct.abandoned:
             direct.abandoned.discard(correlation)
+            if started is not None:
+                started[0].close()  # it was running: stop it where it waits
+                started[2].__exit__(None, None, None)
             return  # its caller went away, or gave up on it, while it waited
-        left = seconds_left(header.deadline_ns) if header.deadline_ns else None
-        deadline = anyio.current_time() + left if left is not None else math.inf
-        with anyio.CancelScope(deadline=deadline) as scope:
+        cm: anyio.CancelScope | _Entered
+        if started is None:
+            left = seconds_left(header.deadline_ns) if header.deadline_ns else None
+            cm = anyio.CancelScope(
+                deadline=anyio.current_time() + left if left is not None else math.inf
+            )
+        else:
+            cm = _Entered(started[2])
+        with cm as scope:
+            deadline = scope.deadline
             direct.handlers[correlation] = scope
             try:
                 method = self._method(header.subject)
-                argument = decode_body(header, frame, method.decoder)
+                argument = None if started else decode_body(header, frame, method.decoder)
                 token = _caller.set(direct.peer)
                 try:
-                    await self._run(direct, method, argument, correlation)
+                    await self._run(direct, method, argument, correlation, started)
                 finally:
                     _caller.reset(token)
                 self.served += 1
@@ -241,13 +390,22 @@ class Service:
         return method
 
     async def _run(
-        self, direct: ReplyChannel, method: Method, argument: Any, correlation: int
+        self,
+        direct: ReplyChannel,
+        method: Method,
+        argument: Any,
+        correlation: int,
+        started: Started | None = None,
     ) -> None:
         encode_reply = self.endpoint._encode_reply
-        if method.streaming:
-            stream = typing.cast(AsyncIterator[Any], method.handler(argument))
-            async for item in stream:
-                await direct.send(encode_reply(item, correlation, Flag.MORE))
+        if started is not None:
+            result = await _go_on(started[0], started[1])
+            await direct.send(encode_reply(result, correlation, 0))
+        elif method.streaming:
+            stream = typing.cast(AsyncGenerator[Any, None], method.handler(argument))
+            async with contextlib.aclosing(stream):  # its `finally` runs here, in this task
+                async for item in stream:
+                    await direct.send(encode_reply(item, correlation, Flag.MORE))
             await direct.send(encode_reply(None, correlation, 0))
         else:
             result = await typing.cast(Awaitable[Any], method.handler(argument))

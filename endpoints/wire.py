@@ -23,7 +23,7 @@ from multikernel.shm import ChannelHandle
 
 ENV_SOCKET = "MULTIKERNEL_BUS"
 ENV_FD = "MULTIKERNEL_BUS_FD"
-HANDLE_FDS = 6
+HANDLE_FDS = ChannelHandle.FDS  # region, four doorbell pipe ends, liveness
 _LENGTH = struct.Struct("<I")
 
 
@@ -50,7 +50,7 @@ async def send_with_fds(sock: socket.socket, frame: bytes, fds: list[int]) -> No
     message = _LENGTH.pack(len(frame)) + frame
     while True:
         try:
-            sent = socket.send_fds(sock, [message], fds)
+            sent = socket.send_fds(sock, [message], fds, socket.MSG_NOSIGNAL)
         except BlockingIOError:
             await anyio.wait_writable(sock)
             continue

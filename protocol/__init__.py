@@ -94,7 +94,9 @@ from multikernel.protocol._errors import InvalidSubjectError as InvalidSubjectEr
 from multikernel.protocol._errors import MalformedFrameError as MalformedFrameError
 from multikernel.protocol._errors import MultikernelError as MultikernelError
 from multikernel.protocol._errors import NoRespondersError as NoRespondersError
+from multikernel.protocol._errors import NotFoundError as NotFoundError
 from multikernel.protocol._errors import ProtocolError as ProtocolError
+from multikernel.protocol._errors import RefusedError as RefusedError
 from multikernel.protocol._errors import RemoteError as RemoteError
 from multikernel.protocol._errors import TooLargeError as TooLargeError
 from multikernel.protocol._errors import UnsupportedVersionError as UnsupportedVersionError
@@ -123,6 +125,7 @@ from multikernel.protocol._lifecycle import AgentHello as AgentHello
 from multikernel.protocol._lifecycle import AgentStatus as AgentStatus
 from multikernel.protocol._lifecycle import CreateInstance as CreateInstance
 from multikernel.protocol._lifecycle import DeleteInstance as DeleteInstance
+from multikernel.protocol._lifecycle import ExecOutput as ExecOutput
 from multikernel.protocol._lifecycle import ExecRequest as ExecRequest
 from multikernel.protocol._lifecycle import ExecResult as ExecResult
 from multikernel.protocol._lifecycle import InstanceInfo as InstanceInfo
@@ -130,8 +133,14 @@ from multikernel.protocol._lifecycle import InstanceList as InstanceList
 from multikernel.protocol._lifecycle import InstanceStateChanged as InstanceStateChanged
 from multikernel.protocol._lifecycle import KillInstance as KillInstance
 from multikernel.protocol._lifecycle import LoadImage as LoadImage
+from multikernel.protocol._lifecycle import LogLine as LogLine
+from multikernel.protocol._lifecycle import LogLines as LogLines
+from multikernel.protocol._lifecycle import ReadLogs as ReadLogs
 from multikernel.protocol._lifecycle import ShowInstances as ShowInstances
 from multikernel.protocol._lifecycle import StartInstance as StartInstance
+from multikernel.protocol._lifecycle import TtyInput as TtyInput
+from multikernel.protocol._lifecycle import TtyOpen as TtyOpen
+from multikernel.protocol._lifecycle import TtySession as TtySession
 from multikernel.protocol._lifecycle import UpdateInstance as UpdateInstance
 from multikernel.protocol._paging import join_snapshot_pages as join_snapshot_pages
 from multikernel.protocol._paging import snapshot_page as snapshot_page

@@ -115,6 +115,8 @@ class MonitorRecord(_BusMessage, frozen=True, tag="monitor_record"):
     destination: U64
     frame: bytes
     channel: U64 = 0
+    service: ShortStr = ""  # the name a direct channel was opened to (the hub's record)
+    source_name: ShortStr = ""  # the sender's name, as it attached
 
 
 class Introspect(_BusMessage, frozen=True, tag="introspect"):
@@ -143,6 +145,12 @@ class EndpointInfo(msgspec.Struct, frozen=True, omit_defaults=True):
     pending: U64 = 0
     denied: U64 = 0
     draining: bool = False
+    age_s: float = 0.0  # seconds since it attached
+    bytes_in: U64 = 0  # body and header bytes it sent the hub (its session ring to the hub)
+    bytes_out: U64 = 0  # bytes the hub sent it
+    ring_depth: U64 = 0  # bytes the hub wrote to its ring that it has not read yet
+    ring_full: U64 = 0  # times the hub found its ring full (a slow consumer)
+    wakeups: U64 = 0  # doorbells the hub rang for it (the rest of the time it was awake)
 
 
 class SubscriptionInfo(msgspec.Struct, frozen=True, omit_defaults=True):

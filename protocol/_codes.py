@@ -61,6 +61,8 @@ class ErrorCode(IntEnum):
     DEADLINE_EXCEEDED = 17  # the deadline in the envelope passed
     ACCESS_DENIED = 18  # the ACL forbids it
     BUSY = 19  # the receiver is saturated; retry later
+    NOT_FOUND = 20  # the thing named in the request does not exist (an instance, an image)
+    REFUSED = 21  # understood, and refused as asked: wrong state, resources, an untrusted image
 
 
 class NameFlag(IntFlag):

@@ -116,6 +116,20 @@ class BusyError(MultikernelError):
     code = ErrorCode.BUSY
 
 
+class NotFoundError(MultikernelError, LookupError):
+    """What the request names does not exist: an instance, an image, a method."""
+
+    code = ErrorCode.NOT_FOUND
+
+
+class RefusedError(MultikernelError):
+    """The receiver understood the request and will not do it as asked: the target is in the
+    wrong state, the resources cannot be given, the image is not trusted. Nothing was done; the
+    message says what would be accepted."""
+
+    code = ErrorCode.REFUSED
+
+
 _CLASS_BY_CODE: Final[Mapping[int, type[MultikernelError]]] = {
     ErrorCode.INTERNAL: RemoteError,
     ErrorCode.PROTOCOL: ProtocolError,
@@ -127,6 +141,8 @@ _CLASS_BY_CODE: Final[Mapping[int, type[MultikernelError]]] = {
     ErrorCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     ErrorCode.ACCESS_DENIED: AccessDeniedError,
     ErrorCode.BUSY: BusyError,
+    ErrorCode.NOT_FOUND: NotFoundError,
+    ErrorCode.REFUSED: RefusedError,
 }
 
 

@@ -170,3 +170,66 @@ class AgentStatus(_LifecycleMessage, frozen=True):
     memory: U64 = 0  # the instance's memory grant, as the agent last applied it
     queues: tuple[str, ...] = ()  # I/O queues granted to the instance
     resource_tx: U64 = 0  # the last resource transaction the agent applied
+
+
+class ExecOutput(_LifecycleMessage, frozen=True):
+    """One item of a streamed command's output (the agent's ``exec_stream`` and ``tty_read``).
+
+    ``stream`` is 1 (stdout) or 2 (stderr); the last item has ``exited`` set and the command's
+    ``status`` (negative: killed by that signal), and no data.
+    """
+
+    data: bytes = b""
+    stream: U32 = 1
+    exited: bool = False
+    status: int = 0
+
+
+class TtyOpen(_LifecycleMessage, frozen=True):
+    """Start ``argv`` on a new pseudo-terminal in the instance (the agent's ``tty_open``)."""
+
+    argv: tuple[str, ...]
+    rows: U32 = 24
+    cols: U32 = 80
+    term: str = "xterm"
+
+
+class TtySession(_LifecycleMessage, frozen=True):
+    """A terminal session: the answer to ``tty_open``, and what ``tty_read`` streams."""
+
+    session: U32
+
+
+class TtyInput(_LifecycleMessage, frozen=True):
+    """Keystrokes for a session (``tty_write``); ``rows``/``cols`` resize it when not 0."""
+
+    session: U32
+    data: bytes = b""
+    rows: U32 = 0
+    cols: U32 = 0
+
+
+class ReadLogs(_LifecycleMessage, frozen=True):
+    """Read an instance's own output (``lifecycle.logs``, streamed as ``LogLines``).
+
+    ``since_ns`` is a wall-clock time (ns since the epoch): older lines are left out; ``tail``
+    keeps only the last lines; ``follow`` goes on with new lines until the instance's output ends.
+    """
+
+    name: ShortStr
+    since_ns: U64 = 0
+    tail: U32 = 0
+    follow: bool = False
+
+
+class LogLine(_LifecycleMessage, frozen=True):
+    """One line of an instance's output and when the host received it (ns since the epoch)."""
+
+    ts_ns: U64
+    text: str
+
+
+class LogLines(_LifecycleMessage, frozen=True):
+    """A batch of lines, oldest first."""
+
+    lines: tuple[LogLine, ...] = ()

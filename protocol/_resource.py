@@ -22,7 +22,8 @@ from typing import Final, TypeAlias
 
 import msgspec
 
-from multikernel.protocol._errors import MultikernelError
+from multikernel.protocol._codes import ErrorCode
+from multikernel.protocol._errors import NotFoundError, RefusedError
 from multikernel.protocol._fields import U32, U64, ShortStr
 from multikernel.protocol._kernel_abi import (
     CpuAdd,
@@ -37,8 +38,13 @@ from multikernel.protocol._kernel_abi import (
 # -- errors -----------------------------------------------------------------------------------
 
 
-class ResourceError(MultikernelError):
-    """Root of the resource service's errors; nothing changed when one is raised."""
+class ResourceError(RefusedError):
+    """Root of the resource service's errors; nothing changed when one is raised.
+
+    They travel as refusals (``ErrorCode.REFUSED``; mkctl exits 4), except `UnknownGrantError`,
+    which travels as ``NOT_FOUND``; the receiver sees the class of the code, with this module's
+    type name in ``remote_type``.
+    """
 
 
 class InvalidResourceRequestError(ResourceError, ValueError):
@@ -59,8 +65,10 @@ class GrantFailedError(ResourceError):
     on both sides, and the instance keeps what it had (``details``: ``tx``)."""
 
 
-class UnknownGrantError(ResourceError, LookupError):
+class UnknownGrantError(ResourceError, NotFoundError):
     """The instance named has no grant (``allocate`` first), or is unknown to the pool."""
+
+    code = ErrorCode.NOT_FOUND
 
 
 # -- what is asked ----------------------------------------------------------------------------

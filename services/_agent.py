@@ -36,15 +36,18 @@ from multikernel.protocol import (
     AccessDeniedError,
     AgentHello,
     AgentStatus,
+    DeadlineExceededError,
     ExecRequest,
     ExecResult,
     Halted,
+    NotFoundError,
     ResourceTransaction,
     ResourceTransactionAck,
     Shutdown,
     ShutdownAck,
     SystemHeartbeat,
 )
+from multikernel.services._agent_exec import Terminals, exec_stream
 from multikernel.services._agent_resources import InstanceResources
 
 log = get_logger("multikernel.agent")
@@ -60,6 +63,7 @@ class AgentState:
     started: float = field(default_factory=time.monotonic)
     workload: anyio.abc.Process | None = None
     stop: anyio.Event = field(default_factory=anyio.Event)
+    workload_started: anyio.Event = field(default_factory=anyio.Event)
     halted_reason: str = ""
 
 
@@ -67,19 +71,38 @@ def _cpus() -> tuple[int, ...]:
     return tuple(sorted(os.sched_getaffinity(0)))
 
 
-async def _run_workload(ep: Endpoint, state: AgentState, argv: list[str], cwd: str) -> int:
-    """Start the workload with its own bus attachment; return its exit status."""
+def _output_fd() -> int | None:
+    """The pipe the host reads the instance's output from ($MULTIKERNEL_OUTPUT_FD), if any."""
+    text = os.environ.pop("MULTIKERNEL_OUTPUT_FD", "")
+    return int(text) if text.isdigit() else None
+
+
+async def _run_workload(
+    ep: Endpoint, state: AgentState, argv: list[str], cwd: str, output: int | None
+) -> int:
+    """Start the workload with its own bus attachment, its stdout and stderr on `output` (the
+    host's pipe, which this closes once the workload holds it); return its exit status."""
     attachment = await ep.attachment()
     env = dict(os.environ)
     env.pop("MULTIKERNEL_WORKLOAD", None)
     env.update(json.loads(os.environ.get("MULTIKERNEL_WORKLOAD_ENV", "{}")))
     env["MULTIKERNEL_BUS_FD"] = str(attachment.fileno())
-    with attachment:
-        state.workload = await anyio.open_process(
-            argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
-            stdin=subprocess.DEVNULL, stdout=None, stderr=None,
-        )  # fmt: skip
+    env.setdefault("PYTHONUNBUFFERED", "1")  # its output in the order it was written
+    try:
+        with attachment:
+            state.workload = await anyio.open_process(
+                argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
+                stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+            )  # fmt: skip
+    except OSError as exc:  # said where the user looks: the instance's output
+        if output is not None:
+            os.write(output, f"cannot start the workload {argv[0]!r}: {exc.strerror}\n".encode())
+        return 127
+    finally:
+        if output is not None:
+            os.close(output)
     log.info("workload started", instance=state.instance, argv=argv, pid=state.workload.pid)
+    state.workload_started.set()
     return await state.workload.wait()
 
 
@@ -111,9 +134,20 @@ def _serve(ep: Bus, state: AgentState) -> Service:
 
     @svc.method
     async def exec(request: ExecRequest) -> ExecResult:
-        with anyio.fail_after(request.timeout):
-            done = await anyio.run_process(list(request.argv), check=False)
+        try:
+            with anyio.fail_after(request.timeout):
+                done = await anyio.run_process(list(request.argv), check=False)
+        except FileNotFoundError:
+            raise NotFoundError(f"{request.argv[0]!r}: no such command in the instance") from None
+        except TimeoutError:
+            raise DeadlineExceededError(
+                f"{request.argv[0]!r} did not finish within {request.timeout:g} s and was "
+                "killed; give it longer with --timeout SECONDS"
+            ) from None
         return ExecResult(done.returncode, done.stdout[-65536:], done.stderr[-65536:])
+
+    svc.method(exec_stream, name="exec_stream")
+    Terminals().serve(svc)
 
     @svc.method
     async def resource(request: ResourceTransaction) -> ResourceTransactionAck:
@@ -137,6 +171,7 @@ async def run_agent() -> int:
     workload = json.loads(os.environ.get("MULTIKERNEL_WORKLOAD", "[]"))
     image_dir = os.environ.get("MULTIKERNEL_IMAGE_DIR", "")
     state = AgentState(instance, name, InstanceResources.from_environment(instance))
+    output = _output_fd()
     status = 0
     async with connect(name=f"agent-{name}", reconnect=False) as ep:
         await _serve(ep, state).start()
@@ -147,18 +182,24 @@ async def run_agent() -> int:
         async with anyio.create_task_group() as tg:
 
             async def beat() -> None:
+                # The first beat says the workload is up: it comes once the workload has run
+                # for a heartbeat period, so one that fails at start fails `mkctl start`.
+                if workload:
+                    await state.workload_started.wait()
+                    await anyio.sleep(HEARTBEAT_SECONDS)
                 seq = 0
                 while True:
-                    await ep.publish(
-                        f"mk.instance.{instance}.system", SystemHeartbeat(instance, seq)
-                    )
-                    seq += 1
+                    if state.workload is None or state.workload.returncode is None:
+                        await ep.publish(
+                            f"mk.instance.{instance}.system", SystemHeartbeat(instance, seq)
+                        )
+                        seq += 1
                     await anyio.sleep(HEARTBEAT_SECONDS)
 
             async def workload_then_stop() -> None:
                 nonlocal status
                 if workload:
-                    status = await _run_workload(ep, state, workload, image_dir)
+                    status = await _run_workload(ep, state, workload, image_dir, output)
                     state.halted_reason = state.halted_reason or f"workload exited with {status}"
                     state.stop.set()
 

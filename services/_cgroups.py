@@ -3,10 +3,13 @@
 The cpuset is `/sys/fs/cgroup/cpuset/<group>/<name>` (`cpuset.mems` copied from the parent,
 `cpuset.cpus` from the instance's resources); the memory cgroup is `<group>/<name>` under this
 process's own memory cgroup (`memory.limit_in_bytes`, and `memory.memsw.limit_in_bytes` when swap
-is accounted, so swap is no way around the limit). The `<group>` directories are created on demand
-and removed again when the last instance leaves them. Every directory created is removed by
-`InstanceCgroups.remove`, which runs only after the instance's processes are gone: `kill_all` ends
-them, listed by the cgroups' `cgroup.procs` or, on a host without cgroups, by `process_tree`.
+is accounted, so swap is no way around the limit). `<group>` is one platform's own parent, such as
+a host's `multikernel/<host-id>`, so that hosts, demos and test runs on one machine never meet in
+one directory. Its directories are created on demand and removed again, from the bottom up, when
+the last instance leaves them (a directory another platform still uses stays: rmdir refuses).
+Every directory created is removed by `InstanceCgroups.remove`, which runs only after the
+instance's processes are gone: `kill_all` ends them, listed by the cgroups' `cgroup.procs` or, on
+a host without cgroups, by `process_tree`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,20 @@ import anyio
 from multikernel.services._platform import LaunchError, PlatformError, Resources
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
+#: The directory every platform's group goes under, in each hierarchy.
+GROUP_ROOT = "multikernel"
+_GROUP_PART = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+
+
+def group_levels(group: str) -> int:
+    """How many directories `group` ("multikernel/<host-id>") has; ValueError if malformed."""
+    parts = group.split("/")
+    if not all(_GROUP_PART.fullmatch(part) for part in parts):
+        raise ValueError(
+            f"bad cgroup group {group!r}: use relative directory names of letters, digits, "
+            "'_', '.' and '-' joined by '/', such as 'multikernel/host-1a2b3c4d'"
+        )
+    return len(parts)
 
 
 def parse_cpu_list(text: str) -> frozenset[int]:
@@ -59,6 +77,12 @@ class CgroupLayout:
     cpuset_parent: Path | None
     memory_parent: Path | None
     problems: tuple[str, ...] = ()
+    levels: int = 1  # directories between a hierarchy's root and an instance's cgroup
+
+    @property
+    def parents(self) -> list[Path]:
+        """The group directories instances go into (created on demand: they may not exist)."""
+        return [d for d in (self.cpuset_parent, self.memory_parent) if d is not None]
 
     @property
     def dirs_possible(self) -> bool:
@@ -68,6 +92,7 @@ class CgroupLayout:
     @classmethod
     def discover(cls, group: str, *, root: Path = CGROUP_ROOT) -> CgroupLayout:
         """Find the cpuset hierarchy and this process's memory cgroup, and check we may write."""
+        levels = group_levels(group)
         problems: list[str] = []
         if (root / "cgroup.controllers").exists():
             problems.append(f"{root} is a cgroup v2 hierarchy; only cgroup v1 is supported")
@@ -89,7 +114,22 @@ class CgroupLayout:
             cpuset / group if cpuset else None,
             memory / group if memory else None,
             tuple(problems),
+            levels,
         )
+
+    def remove_groups(self) -> None:
+        """rmdir this layout's group directories, bottom up, where nothing is left in them.
+
+        Empty instance cgroups (left by a host that crashed) go first; a cgroup with processes, or
+        a directory another platform still uses, stays: the kernel refuses to remove it.
+        """
+        for parent in self.parents:
+            with contextlib.suppress(OSError):
+                for child in parent.iterdir():
+                    if child.is_dir():
+                        with contextlib.suppress(OSError):
+                            child.rmdir()
+            _remove_up(parent, self.levels)
 
     @staticmethod
     def _own_memory_cgroup(root: Path) -> Path | None:
@@ -108,9 +148,10 @@ class CgroupLayout:
 class InstanceCgroups:
     """The cgroups of one instance; `create` makes them, `remove` takes them away again."""
 
-    def __init__(self, cpuset: Path | None, memory: Path | None) -> None:
+    def __init__(self, cpuset: Path | None, memory: Path | None, levels: int = 1) -> None:
         self.cpuset = cpuset
         self.memory = memory
+        self.levels = levels
 
     @property
     def dirs(self) -> list[Path]:
@@ -123,14 +164,16 @@ class InstanceCgroups:
         A leftover empty directory of the same name (a host that crashed) is replaced; one that
         still has processes means the name is in use, and `LaunchError` says so.
         """
-        groups = cls(None, None)
+        groups = cls(None, None, layout.levels)
         try:
             if layout.cpuset_parent is not None:
-                groups.cpuset = _make_child(layout.cpuset_parent, name, _prepare_cpuset)
+                groups.cpuset = _make_child(
+                    layout.cpuset_parent, name, layout.levels, _prepare_cpuset
+                )
                 _write(groups.cpuset / "cpuset.mems", _read(layout.cpuset_parent / "cpuset.mems"))
                 groups.set_cpus(resources.cpus)
             if layout.memory_parent is not None:
-                groups.memory = _make_child(layout.memory_parent, name, None)
+                groups.memory = _make_child(layout.memory_parent, name, layout.levels, None)
                 groups.set_memory(resources.memory)
         except BaseException:
             groups.remove_now()
@@ -232,25 +275,45 @@ class InstanceCgroups:
 
     def _remove_parents(self) -> None:
         for d in self.dirs:
-            with contextlib.suppress(OSError):  # EBUSY: another instance is in it
-                d.parent.rmdir()
+            _remove_up(d.parent, self.levels)
 
 
-def _prepare_cpuset(parent: Path) -> None:
-    """A new cpuset has no CPUs or memory nodes: give the group directory all of its parent's."""
-    for filename in ("cpuset.cpus", "cpuset.mems"):
-        if not _read(parent / filename):
-            _write(parent / filename, _read(parent.parent / filename))
-
-
-def _make_child(parent: Path, name: str, prepare: Callable[[Path], None] | None) -> Path:
-    """mkdir `parent/name`, creating `parent` first; replace a stale empty `parent/name`."""
-    child = parent / name
-    for _ in range(5):  # another host process may remove an empty `parent` at the same moment
+def _remove_up(directory: Path, levels: int) -> None:
+    """rmdir `directory` and up to `levels - 1` of its parents, stopping at the first in use."""
+    for _ in range(levels):
         try:
-            parent.mkdir(exist_ok=True)
-            if prepare is not None:
-                prepare(parent)
+            directory.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError:  # EBUSY or ENOTEMPTY: another instance, or another platform, is in it
+            return
+        directory = directory.parent
+
+
+def _prepare_cpuset(group: Path) -> None:
+    """A new cpuset has no CPUs or memory nodes: give a group directory all of its parent's.
+
+    Raw file operations: FileNotFoundError (another platform removed the directory meanwhile)
+    reaches `_make_child`, which starts over.
+    """
+    for filename in ("cpuset.cpus", "cpuset.mems"):
+        if not (group / filename).read_text().strip():
+            (group / filename).write_text((group.parent / filename).read_text().strip())
+
+
+def _make_child(
+    parent: Path, name: str, levels: int, prepare: Callable[[Path], None] | None
+) -> Path:
+    """mkdir `parent/name`, creating `parent` and the `levels - 1` directories above it first
+    (each `prepare`d); replace a stale empty `parent/name`."""
+    child = parent / name
+    chain = [parent, *parent.parents][:levels][::-1]  # the group's directories, top down
+    for _ in range(5):  # another host process may remove an empty group at the same moment
+        try:
+            for group in chain:
+                group.mkdir(exist_ok=True)
+                if prepare is not None:
+                    prepare(group)
             child.mkdir()
         except FileExistsError:
             if (child / "cgroup.procs").read_text().split():
@@ -264,7 +327,7 @@ def _make_child(parent: Path, name: str, prepare: Callable[[Path], None] | None)
                 raise LaunchError(f"cannot replace stale {child}: {error.strerror}") from error
         except FileNotFoundError:
             continue
-        except PermissionError as error:
+        except OSError as error:
             raise LaunchError(f"cannot create {child}: {error.strerror}") from error
         else:
             return child

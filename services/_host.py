@@ -10,11 +10,20 @@ drains the hub and exits.
 The host's own user is privileged on instance 0 (an `instance:0 & uid:<uid>` rule appended to the
 policy): `mkctl`, run by the same user, may drive the host, and the actors may reach every
 instance. Run as root and that user is root, which the built-in `host` rule already covers.
+Nobody else may: the control socket is 0600 unless `socket_access` widens it, and even then the
+host actors' services (`lifecycle`, ...) are `[host_only]` in the policy unless a rule grants
+them (docs/security.md).
+
+Everything of one host is its own: its state dir holds a `host-id` made at its first start, and
+its instances' cgroups go under `multikernel/<host-id>` (removed when it stops, if empty), so
+hosts, demos and test runs on one machine never meet in one directory (docs/platform.md).
 """
 
 from __future__ import annotations
 
 import os
+import re
+import secrets
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,15 +31,51 @@ from pathlib import Path
 import anyio
 import anyio.abc
 
-from multikernel.bus import Hub, Policy
+from multikernel.bus import Hub, Policy, SocketAccess
 from multikernel.endpoints import connect
 from multikernel.endpoints.log import get_logger
 from multikernel.services._actors import ActorProcess
+from multikernel.services._cgroups import GROUP_ROOT
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
+from multikernel.services._metrics import HostCollector, registry, serve_metrics
+from multikernel.services._platform import PlatformError
 from multikernel.services._resource_process import ResourceConfig, resource_argv
 
 log = get_logger("multikernel.host")
+
+#: The file in a host's state dir that names the host (and its cgroup group).
+HOST_ID_FILE = "host-id"
+_HOST_ID = re.compile(r"host-[0-9a-f]{8}")
+
+
+def host_id(state_dir: Path) -> str:
+    """This host's id, `host-<8 hex>`: read from `<state_dir>/host-id`, made there at first use.
+
+    Kept in the state dir so that a restarted host is the same host (it finds the cgroups it left
+    if it crashed) and two hosts with two state dirs are never the same.
+    """
+    path = state_dir / HOST_ID_FILE
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        text = path.read_text().strip()
+        if not _HOST_ID.fullmatch(text):
+            raise PlatformError(
+                f"{path} holds {text[:40]!r}, not a host id (host-<8 hex digits>): remove it and "
+                "start the host again (it makes a new one)"
+            ) from None
+        return text
+    made = f"host-{secrets.token_hex(4)}"
+    with os.fdopen(fd, "w") as out:
+        out.write(made + "\n")
+    return made
+
+
+def cgroup_group(state_dir: Path) -> str:
+    """The cgroup directory (in each hierarchy) the host with this state dir runs instances in."""
+    return f"{GROUP_ROOT}/{host_id(state_dir)}"
 
 
 async def _until_stopped(stop: anyio.Event | None) -> None:
@@ -98,6 +143,9 @@ class HostConfig:
     cpu_share: int = 1
     ack_timeout: float = 5.0
     sysfs_root: Path = Path("/")
+    metrics: str = "127.0.0.1:0"  # where Prometheus scrapes (port 0: any free one); "" off
+    #: Who may connect to the control socket (default 0600: the host's own user and root).
+    socket_access: SocketAccess = field(default_factory=SocketAccess)
 
     def policy(self) -> Policy:
         return Policy.from_toml(self.policy_text + host_rule(os.getuid()), self.policy_source)
@@ -108,6 +156,7 @@ class HostConfig:
             reserve_cpus=tuple(sorted(self.reserve_cpus)), reserve_memory=self.reserve_memory,
             policy=self.placement, cpu_share=self.cpu_share, ack_timeout=self.ack_timeout,
             sysfs_root=str(self.sysfs_root), isolate=self.isolate,
+            cgroup_group=cgroup_group(self.state_dir),
         )  # fmt: skip
 
 
@@ -122,22 +171,25 @@ async def run_host(
     Cancelling it also stops the instances (forcibly: the bus is going away with it).
     """
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-    platform = LocalPlatform(isolate=config.isolate)
+    platform = LocalPlatform(isolate=config.isolate, group=cgroup_group(config.state_dir))
     for warning in platform.capabilities().warnings:
         log.warning("isolation", warning=warning)
-    hub = Hub(config.socket, policy=config.policy())
+    hub = Hub(config.socket, policy=config.policy(), socket_access=config.socket_access)
     resource = config.resource_config()
-    async with anyio.create_task_group() as tg:
-        await tg.start(hub.serve)
-        async with anyio.create_task_group() as processes:
-            resource_actor = ActorProcess(
-                "resource", lambda fd: resource_argv(resource, ready_fd=fd)
-            )
-            await processes.start(resource_actor.run)
-            await _run_lifecycle(config, hub, platform, stop, task_status)
-            processes.cancel_scope.cancel()  # the resource actor stops once the instances have
-        await hub.drain(grace=2.0)
-        tg.cancel_scope.cancel()
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hub.serve)
+            async with anyio.create_task_group() as processes:
+                resource_actor = ActorProcess(
+                    "resource", lambda fd: resource_argv(resource, ready_fd=fd)
+                )
+                await processes.start(resource_actor.run)
+                await _run_lifecycle(config, hub, platform, stop, task_status)
+                processes.cancel_scope.cancel()  # the resource actor stops once the instances have
+            await hub.drain(grace=2.0)
+            tg.cancel_scope.cancel()
+    finally:
+        platform.close()  # the host's cgroup group, now that its instances are reclaimed
 
 
 async def _run_lifecycle(
@@ -160,7 +212,20 @@ async def _run_lifecycle(
         )
         async with anyio.create_task_group() as actors:
             await actors.start(actor.run)
-            log.info("host up", socket=str(config.socket), pid=os.getpid())
+            if config.metrics:
+                collector = HostCollector(
+                    hub.snapshot, lambda: ep.statistics()["services"], actor.infos
+                )
+                await actors.start(
+                    serve_metrics, registry(collector), config.metrics, config.state_dir
+                )
+            log.info(
+                "host up",
+                socket=str(config.socket),
+                pid=os.getpid(),
+                state_dir=str(config.state_dir),
+                cgroups=[str(p) for p in platform.cgroup_parents],
+            )
             task_status.started(hub)
             await _until_stopped(stop)
             actors.cancel_scope.cancel()  # the actor stops its instances on the way out

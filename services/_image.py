@@ -25,7 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Final
 
-from multikernel.services._manifest import MANIFEST_NAME, ImageError, Manifest, parse_manifest
+from multikernel.services._manifest import (
+    MANIFEST_NAME,
+    ImageError,
+    ImageNotFoundError,
+    Manifest,
+    parse_manifest,
+)
 from multikernel.services._signature import SignerInfo, UnsignedImageError, is_signed, sign
 from multikernel.services._signature import split as split_signature
 from multikernel.services._signature import verify as verify_signature
@@ -175,7 +181,8 @@ def _read_file(source: Path) -> bytes:
     try:
         return source.read_bytes()
     except OSError as exc:
-        raise ImageError(
+        cls = ImageNotFoundError if isinstance(exc, FileNotFoundError) else ImageError
+        raise cls(
             f"{source}: cannot read the image ({exc.strerror}); pass a directory "
             "or a .tar/.tar.gz file"
         ) from None

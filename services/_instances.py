@@ -21,8 +21,11 @@ from multikernel.protocol import (
     InstanceState,
     InstanceStateChanged,
     MultikernelError,
+    NotFoundError,
+    RefusedError,
 )
 from multikernel.services._image import LoadedImage
+from multikernel.services._output import InstanceLog
 from multikernel.services._platform import InstanceProcess, Resources
 
 log = get_logger("multikernel.lifecycle")
@@ -32,8 +35,19 @@ class InstanceError(MultikernelError):
     """A lifecycle request that cannot be done in the instance's state or with its arguments.
 
     The message says what state the instance is in and which command gets it where it needs to
-    be (e.g. "load an image first: mkctl load NAME --image PATH").
+    be (e.g. "load an image first: mkctl load NAME --image PATH"). A request refused as asked
+    is an `InstanceRefusedError`, one naming an unknown instance an `UnknownInstanceError`; they
+    travel with the protocol's REFUSED and NOT_FOUND codes, so mkctl can tell them apart.
     """
+
+
+class InstanceRefusedError(InstanceError, RefusedError):
+    """Refused as asked: the instance is in the wrong state, the name is taken, the resources
+    or the image do not fit. Nothing was changed."""
+
+
+class UnknownInstanceError(InstanceError, NotFoundError):
+    """No instance has that name."""
 
 
 EMPTY = "empty"
@@ -76,6 +90,8 @@ class Instance:
     proc: InstanceProcess | None = None
     agent: int = 0
     hello: anyio.Event = field(default_factory=anyio.Event)
+    beat: anyio.Event = field(default_factory=anyio.Event)  # the first heartbeat of this start
+    output: InstanceLog | None = None
     stopping: bool = False
     exited: anyio.Event = field(default_factory=anyio.Event)
     started_ns: int = 0
@@ -93,7 +109,7 @@ class Instance:
         """Raise InstanceError unless the instance is in one of `states`, saying what to do."""
         if self.state not in states:
             hint = NEXT_STEP[self.state].format(name=self.name)
-            raise InstanceError(
+            raise InstanceRefusedError(
                 f"cannot {verb} {self.name!r}: it is {self.state}, and {verb} needs "
                 f"{' or '.join(states)}; {hint}"
             )

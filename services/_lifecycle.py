@@ -25,10 +25,9 @@ the state machine, and the announcing of every move, are `_instances`'.
 
 from __future__ import annotations
 
-import itertools
 import shutil
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -45,8 +44,11 @@ from multikernel.protocol import (
     InstanceList,
     KillInstance,
     LoadImage,
+    LogLines,
+    ReadLogs,
     ShowInstances,
     StartInstance,
+    SystemHeartbeat,
     UpdateInstance,
     format_size,
 )
@@ -58,16 +60,19 @@ from multikernel.services._instances import (
     LOADED,
     READY,
     Instance,
-    InstanceError,
+    InstanceRefusedError,
     StateChanges,
+    UnknownInstanceError,
 )
 from multikernel.services._lifecycle_grants import ResourceClient, describe
+from multikernel.services._output import InstanceLog
 from multikernel.services._platform import Platform, check_name
 from multikernel.services._supervisor import Supervisor
 
 log = get_logger("multikernel.lifecycle")
 
 DEFAULT_HELLO_TIMEOUT = 15.0
+_LOG_BATCH = 500  # lines per LogLines reply
 
 
 class LifecycleActor:
@@ -91,7 +96,8 @@ class LifecycleActor:
         self.allow_unsigned = allow_unsigned
         self.hello_timeout = hello_timeout
         self.instances: dict[str, Instance] = {}
-        self._ids = itertools.count(1)
+        self._next_id = 1
+        self._creating = anyio.Lock()
         self._tg: anyio.abc.TaskGroup | None = None
         self.timings: dict[str, list[float]] = {"hello": [], "reclaim": []}
         self._states = StateChanges(endpoint)
@@ -121,17 +127,20 @@ class LifecycleActor:
             self.show,
         ):
             svc.method(method, name=method.__name__)
+        svc.method(self.logs, name="logs")
         try:
             async with (
                 anyio.create_task_group() as tg,
                 await self.ep.subscribe("mk.instance.*.hello") as hellos,
                 await self.ep.subscribe("mk.resource.*.tx") as grants,
+                await self.ep.subscribe("mk.instance.*.system") as system,
             ):
                 self._tg = tg
                 await self._grants.reconcile(self.instances.values())
                 await svc.start()
                 tg.start_soon(self._hellos, hellos)
                 tg.start_soon(self._grants.follow, grants, self.instances)
+                tg.start_soon(self._heartbeats, system)
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
@@ -155,6 +164,18 @@ class LifecycleActor:
                     inst.agent = message.source
                     inst.hello.set()
 
+    async def _heartbeats(self, system: Subscription) -> None:
+        """The first heartbeat of each start says its workload is up (see `Supervisor.start`)."""
+        async for message in system:
+            try:
+                message.decode(SystemHeartbeat)
+                instance = int(message.subject.split(".")[2])
+            except (msgspec.ValidationError, ValueError, IndexError):
+                continue  # Halted, ShutdownAck, or garbage: not a heartbeat
+            for inst in self.instances.values():
+                if inst.id == instance and not inst.beat.is_set():
+                    inst.beat.set()
+
     async def _stop_all(self) -> None:
         """On the way out (the watchers are gone): kill, wait and reclaim each instance here."""
         for inst in list(self.instances.values()):
@@ -169,14 +190,18 @@ class LifecycleActor:
 
     async def create(self, request: CreateInstance) -> InstanceInfo:
         name = check_name(request.name)
-        if name in self.instances:
-            raise InstanceError(
-                f"an instance named {name!r} exists: pick another name or delete it"
-            )
-        inst = Instance(name, next(self._ids))
-        asked = self._grants.asked(inst, request)
-        grant = await self._grants.change("allocate", asked) if asked is not None else None
-        self.instances[name] = inst  # only once the resources are granted: a refusal leaves none
+        async with self._creating:  # one at a time: the name check and the id hold until granted
+            if name in self.instances:
+                raise InstanceRefusedError(
+                    f"an instance named {name!r} exists: pick another name or delete it"
+                )
+            inst = Instance(name, self._next_id, output=InstanceLog(self._instance_dir(name)))
+            asked = self._grants.asked(inst, request)
+            grant = await self._grants.change("allocate", asked) if asked is not None else None
+            # Only once the resources are granted: a refusal leaves nothing behind (no record, no
+            # state event, no instance id used up).
+            self._next_id += 1
+            self.instances[name] = inst
         await self._states.move(inst, EMPTY, "created")
         if grant is not None:
             inst.grant(grant)
@@ -188,7 +213,7 @@ class LifecycleActor:
         async with inst.lock:
             asked = self._grants.asked(inst, request)
             if asked is None:
-                raise InstanceError("update needs --cpus, --memory or --queues")
+                raise InstanceRefusedError("update needs --cpus, --memory or --queues")
             # The resource actor applies it live when the instance runs (cpuset, memory limit,
             # its agent's acknowledgement), or for its next launch.
             grant = await self._grants.change("update" if inst.resources else "allocate", asked)
@@ -218,7 +243,7 @@ class LifecycleActor:
                 or inst.resources.memory < manifest.min_memory
             ):
                 self._drop_image(inst)
-                raise InstanceError(
+                raise InstanceRefusedError(
                     f"image {manifest.name} needs {manifest.min_cpus} CPU(s) and "
                     f"{format_size(manifest.min_memory)}; {inst.name!r} has "
                     f"{len(inst.resources.cpus)} and {format_size(inst.resources.memory)}: "
@@ -258,7 +283,7 @@ class LifecycleActor:
         inst = self._get(request.name)
         async with inst.lock:
             if inst.state == ACTIVE:
-                raise InstanceError(
+                raise InstanceRefusedError(
                     f"{inst.name!r} is active: stop it first: mkctl kill {inst.name}"
                 )
             if inst.resources is not None:
@@ -275,14 +300,37 @@ class LifecycleActor:
             return InstanceList((self._info(self._get(request.name)),))
         return InstanceList(tuple(self._info(i) for i in self.instances.values()))
 
+    async def logs(self, request: ReadLogs) -> AsyncIterator[LogLines]:
+        """The instance's own output (its workload's stdout and stderr), then, with `follow`,
+        what it writes until its output ends."""
+        inst = self._get(request.name)
+        assert inst.output is not None
+        if not request.follow:
+            lines = await anyio.to_thread.run_sync(inst.output.read, request.since_ns, request.tail)
+            for start in range(0, len(lines), _LOG_BATCH):
+                yield LogLines(tuple(lines[start : start + _LOG_BATCH]))
+            return
+        async for batch in inst.output.follow(request.since_ns, request.tail):
+            for start in range(0, len(batch), _LOG_BATCH):
+                yield LogLines(tuple(batch[start : start + _LOG_BATCH]))
+
+    def _instance_dir(self, name: str) -> Path:
+        return self.state_dir / "instances" / name
+
     # -- state and resources ------------------------------------------------------------------
 
     def _get(self, name: str) -> Instance:
         inst = self.instances.get(name)
         if inst is None:
             known = ", ".join(sorted(self.instances)) or "none"
-            raise InstanceError(f"no instance named {name!r} (known: {known}); mkctl create {name}")
+            raise UnknownInstanceError(
+                f"no instance named {name!r} (known: {known}); mkctl create {name}"
+            )
         return inst
+
+    def infos(self) -> list[InstanceInfo]:
+        """Every instance, as `show` describes it (the host's metrics read these)."""
+        return [self._info(inst) for inst in self.instances.values()]
 
     def _info(self, inst: Instance) -> InstanceInfo:
         caps = self.platform.capabilities()

@@ -28,16 +28,16 @@ from multikernel.protocol import (
     GrantsQuery,
     InstanceRef,
     NoRespondersError,
+    NotFoundError,
     Reconcile,
     Release,
-    RemoteError,
     TxRecord,
     UnknownGrantError,
     UpdateInstance,
     format_cpu_list,
     format_size,
 )
-from multikernel.services._instances import Instance, InstanceError
+from multikernel.services._instances import Instance, InstanceError, InstanceRefusedError
 
 log = get_logger("multikernel.lifecycle")
 
@@ -48,7 +48,7 @@ def describe(grant: Grant) -> str:
     return f"CPUs {format_cpu_list(grant.cpus)}, {format_size(grant.memory)}{queues}"
 
 
-def _unknown(error: RemoteError) -> bool:
+def _unknown(error: NotFoundError) -> bool:
     return error.remote_type == UnknownGrantError.__name__
 
 
@@ -63,7 +63,9 @@ class ResourceClient:
     ) -> GrantRequest | None:
         """The grant request a create or update makes; None when it asks for no resources."""
         if request.cpus and request.cpu_count:
-            raise InstanceError("give CPU ids or a CPU count, not both (--cpus 2 or --cpus @0-1)")
+            raise InstanceRefusedError(
+                "give CPU ids or a CPU count, not both (--cpus 2 or --cpus @0-1)"
+            )
         if not (request.cpus or request.cpu_count or request.memory or request.queues is not None):
             return None
         cpus = None
@@ -71,6 +73,8 @@ class ResourceClient:
             cpus = CpuSpec(ids=tuple(sorted(set(request.cpus))))
         elif request.cpu_count:
             cpus = CpuSpec(count=request.cpu_count)
+        elif isinstance(request, CreateInstance) and request.memory:
+            cpus = CpuSpec(count=1)  # `mkctl create web --memory 256M`: one CPU, placed by policy
         return GrantRequest(inst.name, inst.id, cpus, request.memory, request.queues)
 
     async def change(self, method: str, asked: GrantRequest) -> Grant:
@@ -80,7 +84,7 @@ class ResourceClient:
     async def release(self, inst: Instance) -> None:
         try:
             await self._ask("release", Release(inst.name))
-        except RemoteError as error:
+        except NotFoundError as error:
             if not _unknown(error):
                 raise  # else: released already (reconciled away)
 
@@ -90,7 +94,7 @@ class ResourceClient:
             found = await self.bus.request(
                 "resource", "grants", GrantsQuery(inst.name), response=GrantList
             )
-        except RemoteError as error:
+        except NotFoundError as error:
             if _unknown(error):
                 return None
             raise

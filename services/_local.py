@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 from dataclasses import replace
 from pathlib import Path
 from signal import SIGKILL, pidfd_send_signal
@@ -31,7 +32,7 @@ import anyio
 import anyio.lowlevel
 
 from multikernel.endpoints.log import get_logger
-from multikernel.services._cgroups import InstanceCgroups, kill_all, process_tree
+from multikernel.services._cgroups import GROUP_ROOT, InstanceCgroups, kill_all, process_tree
 from multikernel.services._local_probe import check_resources, probe_isolation
 from multikernel.services._local_process import (
     LocalInstance,
@@ -62,7 +63,9 @@ class LocalPlatform:
 
     `isolate=False` turns every isolation but CPU affinity off (tests use it to exercise the
     non-root path as root); `namespaces=False` or `cgroups=False` turn off one mechanism.
-    `group` names the cgroup directory instances go under.
+    `group` names the cgroup directory instances go under, in each hierarchy: a host passes its
+    own `multikernel/<host-id>`; by default each platform gets a fresh `multikernel/p<pid>-<hex>`,
+    so that two platforms never share one. `close()` removes it once no instance is left.
     """
 
     name = "local"
@@ -73,8 +76,11 @@ class LocalPlatform:
         *,
         namespaces: bool = True,
         cgroups: bool = True,
-        group: str = "multikernel",
+        group: str | None = None,
     ) -> None:
+        if group is None:
+            group = f"{GROUP_ROOT}/p{os.getpid()}-{secrets.token_hex(3)}"
+        self.group = group
         host = probe_isolation(isolate, namespaces=namespaces, cgroups=cgroups, group=group)
         self._namespaces = host.namespaces
         self._layout = host.layout
@@ -84,6 +90,20 @@ class LocalPlatform:
 
     def capabilities(self) -> Capabilities:
         return self._capabilities
+
+    @property
+    def cgroup_parents(self) -> list[Path]:
+        """Where this platform's instance cgroups go (empty without cgroups); may not exist yet."""
+        return self._layout.parents
+
+    def close(self) -> None:
+        """Remove this platform's group directories, where no instance is left in them.
+
+        The host calls it when it stops, after its instances are reclaimed. Only this platform's
+        group is touched (and the shared `multikernel` directory, if that was its last group).
+        """
+        if self._layout.dirs_possible:
+            self._layout.remove_groups()
 
     def check(self, resources: Resources) -> None:
         """Raise `InvalidSpecError` unless this host can give an instance `resources`."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from multikernel.services._cgroups import CgroupLayout, parse_cpu_list
+from multikernel.services._cgroups import CgroupLayout, group_levels, parse_cpu_list
 from multikernel.services._platform import (
     Capabilities,
     InvalidSpecError,
@@ -33,8 +33,8 @@ _CGROUP_CONSEQUENCE: Final = (
     "instances run without that cgroup (CPUs by sched_setaffinity only, or memory not limited)"
 )
 _TREE_KILL_WARNING: Final = (
-    "with neither a PID namespace nor cgroups, kill finds an instance's processes by walking its "
-    "process tree; a process that left the tree (a double fork) escapes it"
+    "no PID namespace and no cgroups: a process that double-forks out of an instance survives "
+    "its kill"
 )
 
 
@@ -91,10 +91,11 @@ def probe_isolation(isolate: bool, *, namespaces: bool, cgroups: bool, group: st
     root = _has_cap_sys_admin()
     want_ns = isolate and namespaces
     have_ns = want_ns and root and all(Path(f"/proc/self/ns/{k}").exists() for k in NS_KINDS)
+    levels = group_levels(group)
     if isolate and cgroups and os.geteuid() == 0:
         layout = CgroupLayout.discover(group)
     else:
-        layout = CgroupLayout(None, None)
+        layout = CgroupLayout(None, None, levels=levels)
     capabilities = Capabilities(
         namespaces=have_ns,
         cpuset=layout.cpuset_parent is not None,
@@ -108,24 +109,23 @@ def probe_isolation(isolate: bool, *, namespaces: bool, cgroups: bool, group: st
 def _warnings(
     isolate: bool, namespaces: bool, cgroups: bool, root: bool, have_ns: bool, layout: CgroupLayout
 ) -> tuple[str, ...]:
+    """One short sentence per missing piece, for people (mkctl shows them once per host)."""
     if not isolate:
         return (
-            "isolation is off (LocalPlatform(isolate=False)): instances are plain process "
-            "trees pinned to their CPUs with sched_setaffinity; they share the host's PID, "
-            "UTS and mount namespaces and their memory is not limited",
-            _TREE_KILL_WARNING,
+            "isolation is off (--no-isolation): instances share the host's namespaces, are "
+            "pinned to their CPUs by affinity only, and their memory is not limited",
+        )
+    if not root and os.geteuid() != 0:
+        return (
+            "not running as root: instances share the host's namespaces, are pinned to their "
+            "CPUs by affinity only, and their memory is not limited",
         )
     warnings: list[str] = []
     if not namespaces:
-        warnings.append(
-            "namespaces are off (namespaces=False): instances share the host's PID, UTS and "
-            "mount namespaces"
-        )
+        warnings.append("namespaces are off: instances share the host's PID, UTS and mount ones")
     elif not root:
         warnings.append(
-            "not running as root (no CAP_SYS_ADMIN): instances share the host's PID, UTS and "
-            "mount namespaces, so they see every host process and the host's hostname; run "
-            "the host as root to give each its own"
+            "no CAP_SYS_ADMIN: instances share the host's PID, UTS and mount namespaces"
         )
     elif not have_ns:
         warnings.append(
@@ -133,15 +133,13 @@ def _warnings(
         )
     if not cgroups:
         warnings.append(
-            "cgroups are off (cgroups=False): an instance's CPUs are set with "
-            "sched_setaffinity only, which its processes may widen, and its memory is not "
-            "limited"
+            "cgroups are off: instances are pinned to their CPUs by affinity only, and their "
+            "memory is not limited"
         )
     elif os.geteuid() != 0:
         warnings.append(
-            "not running as root: no cpuset or memory cgroup; an instance's CPUs are set with "
-            "sched_setaffinity only, which its processes may widen, and its memory is not "
-            "limited"
+            "not running as root: no cgroups, so instances are pinned to their CPUs by affinity "
+            "only, and their memory is not limited"
         )
     else:
         warnings.extend(f"{problem}: {_CGROUP_CONSEQUENCE}" for problem in layout.problems)

@@ -17,7 +17,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from multikernel.protocol import MultikernelError
+from multikernel.protocol import NotFoundError, RefusedError
 
 MANIFEST_NAME: Final = "manifest.toml"
 _NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -26,8 +26,12 @@ _SIZE: Final = re.compile(r"(\d+)\s*([KMGT]?)(?:i?B)?", re.IGNORECASE)
 _FIELDS: Final = ("name", "version", "entry", "env", "parameters", "min_cpus", "min_memory")
 
 
-class ImageError(MultikernelError):
+class ImageError(RefusedError):
     """An image is unreadable, its manifest invalid, or its contents unsafe to unpack."""
+
+
+class ImageNotFoundError(NotFoundError, ImageError):
+    """There is no image at the path given."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Final, Protocol, Self
 
-from multikernel.protocol import MultikernelError
+from multikernel.protocol import MultikernelError, RefusedError
 
 #: Instance names: what the kernel accepts under /sys/fs/multikernel/instances, and safe as a
 #: cgroup directory name and a hostname.
@@ -30,7 +30,7 @@ class PlatformError(MultikernelError):
     """Root of the errors a platform raises."""
 
 
-class InvalidSpecError(PlatformError, ValueError):
+class InvalidSpecError(PlatformError, RefusedError, ValueError):
     """A launch spec or resources the platform cannot honour (unknown CPU, too little memory, a
     bad name); nothing was started."""
 

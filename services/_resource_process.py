@@ -50,12 +50,14 @@ class ResourceConfig(msgspec.Struct, frozen=True, kw_only=True):
     ack_timeout: float = 5.0
     sysfs_root: str = "/"
     isolate: bool = True
+    cgroup_group: str = ""  # the host platform's cgroup group ("multikernel/<host-id>")
 
     def host_side(self) -> HostSide:
         """The host's end of grants: the instances' cgroups, on the real machine only."""
         if self.sysfs_root != "/":
             return NoHostSide()
-        return LocalHostSide(LocalPlatform(isolate=self.isolate))  # as the host's own platform
+        # The host's own platform's cgroups: same isolation, same group.
+        return LocalHostSide(LocalPlatform(isolate=self.isolate, group=self.cgroup_group or None))
 
 
 def resource_argv(config: ResourceConfig, *, ready_fd: int) -> list[str]:

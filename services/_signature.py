@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa, utils
 from cryptography.x509.oid import NameOID
 
 import multikernel.services._der as der
-from multikernel.protocol import MultikernelError
+from multikernel.protocol import RefusedError
 
 MAGIC: Final = b"~Module signature appended~\n"
 PKEY_ID_PKCS7: Final = 2
@@ -56,7 +56,7 @@ _SIGNED_DATA_OID: Final = der.oid("1.2.840.113549.1.7.2")
 _MESSAGE_DIGEST_OID: Final = der.oid("1.2.840.113549.1.9.4")
 
 
-class SignatureError(MultikernelError):
+class SignatureError(RefusedError):
     """An appended signature could not be made, read or trusted."""
 
 

@@ -80,8 +80,10 @@ class Supervisor:
             for arg in entry
         ]
         sock = self._open_socket(inst.id)
+        output, output_w = os.pipe()  # the workload's stdout and stderr, read here
         env = {
             "MULTIKERNEL_BUS_FD": str(sock.fileno()),
+            "MULTIKERNEL_OUTPUT_FD": str(output_w),
             "MULTIKERNEL_INSTANCE": str(inst.id),
             "MULTIKERNEL_INSTANCE_NAME": inst.name,
             "MULTIKERNEL_WORKLOAD": json.dumps(entry),
@@ -100,16 +102,24 @@ class Supervisor:
             env["MULTIKERNEL_LOG_LEVEL"] = level
         spec = LaunchSpec(
             inst.name, inst.id, [sys.executable, "-m", "multikernel.services.agent"], env,
-            (sock.fileno(),), inst.resources, cwd=str(inst.image_dir),
+            (sock.fileno(), output_w), inst.resources, cwd=str(inst.image_dir),
         )  # fmt: skip
         inst.hello, inst.exited, inst.stopping, inst.agent = anyio.Event(), anyio.Event(), False, 0
+        inst.beat = anyio.Event()
         t0 = time.monotonic()
         try:
             proc = await self.platform.launch(spec)
+        except BaseException:
+            os.close(output)
+            raise
         finally:
             sock.close()  # the agent holds its end now
+            os.close(output_w)
         inst.proc = proc
         inst.started_ns = time.monotonic_ns()
+        assert inst.output is not None
+        inst.output.starting()
+        watchers.start_soon(inst.output.collect, output)
         watchers.start_soon(self._watch, inst, proc, inst.exited)
         try:
             with anyio.move_on_after(hello_timeout):
@@ -130,7 +140,47 @@ class Supervisor:
                 f"{inst.name!r} did not come up: its agent never said hello; see the host log"
             )
         self.timings["hello"].append(time.monotonic() - t0)
+        try:
+            await self._workload_up(inst, hello_timeout)
+            if inst.proc is not proc:
+                return  # it already ran to completion (and the watcher moved it to `loaded`)
+        except InstanceError:
+            raise
+        except BaseException:  # the caller gave up: as above
+            with anyio.CancelScope(shield=True):
+                inst.stopping = True
+                await self.states.move(inst, FAILED, "start abandoned by its caller")
+                await self._force_stop(inst)
+            raise
         await self.states.move(inst, ACTIVE, f"agent up (pid {inst.proc.pid})")
+
+    async def _workload_up(self, inst: Instance, within: float) -> None:
+        """Wait for the agent's first heartbeat (it beats once its workload has run a heartbeat
+        period) or its exit: a workload that fails at start fails the start, with its reason."""
+        with anyio.move_on_after(within):
+            async with anyio.create_task_group() as race:
+                for event in (inst.beat, inst.exited):
+                    race.start_soon(_then_cancel, event, race.cancel_scope)
+        if inst.beat.is_set() and not inst.exited.is_set():
+            return
+        if not inst.exited.is_set():
+            inst.stopping = True
+            await self.states.move(inst, FAILED, f"no heartbeat from the agent within {within:g} s")
+            await self._force_stop(inst)
+            raise InstanceError(
+                f"{inst.name!r} did not come up: its agent never sent a heartbeat; see the host log"
+            )
+        assert inst.output is not None
+        with anyio.move_on_after(5):  # the rest of its output, for `logs` and the reason
+            await inst.output.ended.wait()
+        if inst.last_exit == "exit status 0":
+            return  # a workload that ran to completion: started, and already done
+        last = inst.output.last_line()
+        raise InstanceError(
+            f"{inst.name!r} did not start: its workload ended ({inst.last_exit or 'exited'}) "
+            f"before its first heartbeat{': ' + last if last else ''}; "
+            f"see mkctl logs {inst.name}"
+        )
 
     async def stop(self, inst: Instance, grace: float | None) -> None:
         """End the agent, negotiated within `grace` seconds (None: forced at once); return once
@@ -164,7 +214,7 @@ class Supervisor:
         inst.proc = None
         inst.agent = 0
         inst.last_exit = _describe_exit(status)
-        if not inst.stopping:
+        if not inst.stopping and inst.state == ACTIVE:
             inst.restarts += 1
         if inst.state != FAILED:
             reason = "halted" if inst.stopping else f"crashed ({inst.last_exit})"
@@ -187,6 +237,11 @@ class Supervisor:
             await self.platform.kill(inst.proc)
             with anyio.fail_after(30):
                 await exited.wait()
+
+
+async def _then_cancel(event: anyio.Event, scope: anyio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()
 
 
 def _describe_exit(status: int) -> str:

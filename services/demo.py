@@ -7,6 +7,8 @@ with its own agent: `alpha` serves a key-value service, `beta` is an application
 over the bus (inter-instance RPC on a direct shared-memory channel) and publishes what it sees,
 `gamma` watches those publications. After a few seconds of live figures every instance is shut
 down (SHUTDOWN, SHUTDOWN_ACK, HALTED), deleted, and the host stops, leaving nothing behind.
+With `--hold` (`make demo HOLD=1`) the instances stay up until Enter, for `mkctl` and the
+README's Python snippet to talk to them through the socket it prints.
 """
 
 from __future__ import annotations
@@ -31,9 +33,11 @@ from multikernel.protocol import (
     LoadImage,
     StartInstance,
 )
-from multikernel.services._host import HostConfig, run_host
+from multikernel.services._cgroups import CgroupLayout
+from multikernel.services._host import HostConfig, cgroup_group, run_host
 from multikernel.services._image import sign_image
 from multikernel.services._signature import make_signing_key
+from multikernel.shm import ENV_TAG, name_prefix
 
 SECONDS = 6
 
@@ -137,7 +141,7 @@ async def _lifecycle(bus: Bus, method: str, body: object, command: str) -> Insta
     return info
 
 
-async def demo(root: Path) -> None:
+async def demo(root: Path, hold: bool = False) -> None:
     key, cert = make_signing_key("demo signing key", algorithm="ec-p256")
     (root / "cert.pem").write_bytes(cert)
     images = {
@@ -163,12 +167,25 @@ async def demo(root: Path) -> None:
         await host.start(run_host, config, stop)
         say(f"host up: bus hub, resource and lifecycle actors on {config.socket}\n")
         async with connect(config.socket, name="demo") as bus:
-            await _watch(bus, images)
+            await _watch(bus, images, config.socket if hold else None)
         stop.set()  # as `mkctl host down` would: instances stopped, bus drained
     say("host stopped")
 
 
-async def _watch(bus: Bus, images: dict[str, Path]) -> None:
+async def _hold(socket: Path) -> None:
+    """Keep the instances running until Enter (or end of input), for mkctl and Python to try."""
+    say(
+        "\nthe demo holds: in another terminal, try\n"
+        f"    export MULTIKERNEL_BUS={socket}\n"
+        "    .venv/bin/mkctl show; .venv/bin/mkctl bus monitor demo.stats --limit 3\n"
+        "    .venv/bin/python hello.py     # the README's Python snippet\n"
+        "press Enter here to stop it"
+    )
+    await anyio.wait_readable(sys.stdin.fileno())
+    sys.stdin.readline()
+
+
+async def _watch(bus: Bus, images: dict[str, Path], hold: Path | None = None) -> None:
     reached: dict[tuple[str, str], anyio.Event] = {}
 
     def event(name: str, state: str) -> anyio.Event:
@@ -214,6 +231,8 @@ async def _watch(bus: Bus, images: dict[str, Path]) -> None:
                     f"{second:>6} {figures['calls']:>8} {figures['p50_us']:>8.1f} "
                     f"{figures['p99_us']:>8.1f}   {figures['from']}"
                 )
+        if hold is not None:
+            await _hold(hold)
         say("")
         for name, _ in reversed(plan):  # the service last: its callers go first
             await step("kill", KillInstance(name), f"kill {name}", name)
@@ -221,23 +240,28 @@ async def _watch(bus: Bus, images: dict[str, Path]) -> None:
         tg.cancel_scope.cancel()
 
 
-def _leftovers() -> list[str]:
-    found = [str(p) for p in Path("/dev/shm").glob("multikernel-*")]
-    for root in ("/sys/fs/cgroup/cpuset/multikernel",):
-        if Path(root).exists():
-            found += [str(p) for p in Path(root).iterdir() if p.is_dir()]
+def _leftovers(state_dir: Path) -> list[str]:
+    """What this demo's host left: its tagged /dev/shm files and its own cgroup group.
+
+    Only this demo's: a test run or another host on the machine has its own tag and group.
+    """
+    found = [str(p) for p in Path("/dev/shm").glob(f"{name_prefix()}*")]
+    if state_dir.exists():
+        group = CgroupLayout.discover(cgroup_group(state_dir))
+        found += [str(p) for p in group.parents if p.exists()]
     return found
 
 
 def main() -> None:
     os.environ.setdefault("MULTIKERNEL_LOG_LEVEL", "WARNING")  # the story is on stdout
+    os.environ[ENV_TAG] = f"demo{os.getpid()}"  # its host's and instances' /dev/shm names
     root = Path(tempfile.mkdtemp(prefix="multikernel-demo-"))
     started = time.monotonic()
     try:
-        runtime.run(demo, root)
+        runtime.run(demo, root, "--hold" in sys.argv[1:])
+        left = _leftovers(root / "state")
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    left = _leftovers()
     say(
         f"done in {time.monotonic() - started:.1f} s; "
         + ("nothing left behind" if not left else f"LEFT BEHIND: {left}")

@@ -1,7 +1,8 @@
 """`python -m multikernel.services.host`: run a multikernel host (hub + actors) in the foreground.
 
 Usually started by `mkctl host up`. With `--ready-fd N` it writes "ready <pid>\\n" to fd N once
-its control socket listens, then closes it.
+its control socket listens, then closes it. With `--pid-file PATH` it writes its pid there once
+ready and removes the file when it exits, so `mkctl host down` finds a host however it started.
 """
 
 from __future__ import annotations
@@ -13,11 +14,14 @@ from pathlib import Path
 
 import anyio
 
+from multikernel.bus import SocketAccess
 from multikernel.endpoints import runtime
-from multikernel.endpoints.log import configure
+from multikernel.endpoints.log import configure, get_logger
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import MultikernelError, parse_cpus, parse_size
 from multikernel.services._host import HostConfig, run_host
+
+log = get_logger("multikernel.host")
 
 
 def _cpu_list(text: str) -> frozenset[int]:
@@ -59,6 +63,19 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sysfs-root", type=Path, default=Path("/"), help="read the machine from this tree (tests)"
     )
+    p.add_argument(
+        "--metrics",
+        default="127.0.0.1:0",
+        help="HOST:PORT for Prometheus metrics (port 0: any free one; 'off': none)",
+    )
+    p.add_argument("--pid-file", type=Path, default=None, help="write the host's pid there")
+    p.add_argument(
+        "--socket-mode",
+        default=None,
+        help="control socket mode, octal (default 0600: the host's user and root only; 0660 "
+        "with --socket-group lets that group connect; docs/security.md)",
+    )
+    p.add_argument("--socket-group", default=None, help="control socket group (a name or a gid)")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -82,15 +99,37 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         cpu_share=args.cpu_share,
         ack_timeout=args.ack_timeout,
         sysfs_root=args.sysfs_root,
+        metrics="" if args.metrics == "off" else args.metrics,
+        socket_access=SocketAccess.parse(args.socket_mode, args.socket_group),
     )
 
 
-async def _serve(config: HostConfig, ready_fd: int | None) -> None:
-    async with anyio.create_task_group() as tg:
-        await tg.start(run_host, config)
-        if ready_fd is not None:
-            os.write(ready_fd, f"ready {os.getpid()}\n".encode())
-            os.close(ready_fd)
+async def _serve(config: HostConfig, ready_fd: int | None, pid_file: Path | None) -> None:
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(run_host, config)
+            if pid_file is not None:
+                _write_pid(pid_file)
+            log.info("host ready", pid=os.getpid(), pid_file=str(pid_file or ""))
+            if ready_fd is not None:
+                os.write(ready_fd, f"ready {os.getpid()}\n".encode())
+                os.close(ready_fd)
+    finally:
+        if pid_file is not None:
+            _remove_pid(pid_file)
+
+
+def _write_pid(pid_file: Path) -> None:
+    pid_file.write_text(f"{os.getpid()}\n")
+
+
+def _remove_pid(pid_file: Path) -> None:
+    """Remove the pid file if it is still ours (a newer host may have taken the path)."""
+    try:
+        if int(pid_file.read_text()) == os.getpid():
+            pid_file.unlink()
+    except (OSError, ValueError):
+        return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,8 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime.raise_fd_limit()
     try:
         config = config_from(args)
-        runtime.run(_serve, config, args.ready_fd)
-    except (MultikernelError, OSError, RuntimeError) as exc:
+        runtime.run(_serve, config, args.ready_fd, args.pid_file)
+    except (MultikernelError, OSError, RuntimeError, ValueError) as exc:
         print(f"host: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -1,12 +1,22 @@
 """Shared-memory transport: regions, rings, doorbells and channels. Bytes only.
 
-A `Region` is a shared mapping of any mmap-able file (memfd by default). A ring is a
+A `Region` is a shared mapping of any mmap-able file (a sealed memfd by default). A ring is a
 single-producer single-consumer queue of variable-length frames laid out in a region with a
-documented binary format (docs/shm-layout.md); `RingWriter` and `RingReader` are its two sides,
-each in its own process. A doorbell (an eventfd) wakes a side that sleeps; the "sleeping" flag in
-the ring header lets the other side skip the doorbell while it is awake, and a short adaptive spin
-(`WaitPolicy`) keeps a busy side from sleeping at all. A `Channel` is two rings in one region, one
-per direction: an anyio `ObjectStream[bytes]` that works under asyncio, uvloop and trio.
+documented binary format (docs/shm.md, "Binary layout"); `RingWriter` and `RingReader` are its
+two sides, each in its own process. A doorbell (a pipe: the ringer holds the write end, the
+sleeper the read end) wakes a side that sleeps; the "sleeping" flag in the ring header lets the
+other side skip the doorbell while it is awake, and a short adaptive spin (`WaitPolicy`) keeps a
+busy side from sleeping at all. A `Channel` is two rings in one region, one per direction: an
+anyio `ObjectStream[bytes]` that works under asyncio, uvloop and trio.
+
+What happens on every message runs in a native core (C, built at install) where it was built, else
+in the pure-Python reference core, over the same binary layout (`native_available()`; the
+environment variable `MULTIKERNEL_SHM_RING=python` forces the Python one).
+
+Nothing a peer shares with us can hurt us (docs/security.md, "Shared objects"): a region handed
+to a peer is a memfd sealed against resizing, the two sides of a doorbell never share an open
+file description, and every call on a shared object is non-blocking; a handle that breaks these
+rules is refused with `UnsafeHandleError`.
 
 Errors use anyio's vocabulary (`ClosedResourceError`, `BrokenResourceError`, `EndOfStream`,
 `BusyResourceError`); the ones defined here derive from `ShmError`.
@@ -33,6 +43,7 @@ from multikernel.shm._channel import (
 from multikernel.shm._channel import (
     format_channel as format_channel,
 )
+from multikernel.shm._core import native_available as native_available
 from multikernel.shm._doorbell import Doorbell as Doorbell
 from multikernel.shm._errors import (
     FrameTooLargeError as FrameTooLargeError,
@@ -49,11 +60,16 @@ from multikernel.shm._errors import (
 from multikernel.shm._errors import (
     ShmError as ShmError,
 )
+from multikernel.shm._errors import (
+    UnsafeHandleError as UnsafeHandleError,
+)
 from multikernel.shm._layout import max_payload as max_payload
 from multikernel.shm._layout import ring_size as ring_size
 from multikernel.shm._reader import RingReader as RingReader
+from multikernel.shm._region import ENV_TAG as ENV_TAG
 from multikernel.shm._region import Region as Region
 from multikernel.shm._region import find_orphans as find_orphans
+from multikernel.shm._region import name_prefix as name_prefix
 from multikernel.shm._region import remove_orphans as remove_orphans
 from multikernel.shm._ring import RingStatistics as RingStatistics
 from multikernel.shm._ring import format_ring as format_ring

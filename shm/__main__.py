@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from multikernel.shm._region import SHM_DIR, find_orphans, remove_orphans
+from multikernel.shm._region import SHM_DIR, find_orphans, name_prefix, remove_orphans
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -14,11 +14,18 @@ def main(argv: list[str] | None = None) -> int:
     orphans = sub.add_parser("orphans", help="named regions whose creating process is gone")
     orphans.add_argument("--remove", action="store_true", help="delete them")
     orphans.add_argument("--dir", default=str(SHM_DIR), help="where to look (default /dev/shm)")
+    orphans.add_argument(
+        "--tag", default="", help="only regions made under this $MULTIKERNEL_SHM_TAG"
+    )
     args = parser.parse_args(argv)
     from pathlib import Path
 
     directory = Path(args.dir)
-    paths = remove_orphans(directory) if args.remove else list(find_orphans(directory))
+    prefix = name_prefix(args.tag)
+    if args.remove:
+        paths = remove_orphans(directory, prefix=prefix)
+    else:
+        paths = list(find_orphans(directory, prefix=prefix))
     verb = "removed" if args.remove else "orphan"
     for path in paths:
         print(f"{verb} {path}")

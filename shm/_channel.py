@@ -8,11 +8,17 @@ same file by path needs nothing else to attach:
     offset 8   u64 version (1)               offset 24  u64 offset of ring B
 
 Setting up a channel between two processes: `create_channel` returns our end, open, and a
-`ChannelHandle` holding the fds the other side needs (the region, four eventfds, and the peer's
-end of a socketpair that tells each side when the other process is gone). Hand it over by
-inheritance (`handle.fds` in `pass_fds`, `handle.to_argument()` on the command line) or over a
-Unix socket (`handle.send_over(sock)`), then `handle.close()` our copies. The other side calls
-`Channel.attach(handle)`.
+`ChannelHandle` holding the fds the other side needs (the region, its ends of the four doorbell
+pipes, and its end of a socketpair that tells each side when the other process is gone). Hand it
+over by inheritance (`handle.fds` in `pass_fds`, `handle.to_argument()` on the command line) or
+over a Unix socket (`handle.send_over(sock)`), then `handle.close()` our copies. The other side
+calls `Channel.attach(handle)`.
+
+Nothing in a handle lets one side hurt the other: the region is a memfd sealed against resizing,
+and each doorbell pipe's write end goes to the side that rings it and its read end to the side
+that sleeps on it, so the two sides never share an open file description. `Channel.attach`
+checks both and refuses anything else (`UnsafeHandleError`). The creator must keep no copies: a
+broker (the hub) closes both handles once they are handed over.
 """
 
 from __future__ import annotations
@@ -21,17 +27,17 @@ import json
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import anyio
 import anyio.lowlevel
 from anyio.abc import ObjectStream
 
 from multikernel.shm import _layout as L
-from multikernel.shm._doorbell import Doorbell
+from multikernel.shm._doorbell import Doorbell, check_doorbell_fd, doorbell_fds
 from multikernel.shm._errors import LayoutError
 from multikernel.shm._reader import RingReader
-from multikernel.shm._region import Backing, Region
+from multikernel.shm._region import Region, check_sealed
 from multikernel.shm._ring import Buffer, RingStatistics, format_ring
 from multikernel.shm._wait import WaitPolicy
 from multikernel.shm._writer import RingWriter
@@ -40,6 +46,10 @@ CHANNEL_MAGIC = int.from_bytes(b"MKCHAN\x00\x00", "little")
 CHANNEL_VERSION = 1
 CHANNEL_HEADER = 256
 DEFAULT_CAPACITY = 1 << 20
+#: Which side rings each doorbell (in handle order: ring A data, ring A space, ring B data, ring
+#: B space): a ring's writer rings its data doorbell, its reader its space doorbell. The other
+#: side sleeps on it and holds the read end.
+RINGER = (0, 1, 1, 0)
 
 
 def format_channel(region: Region, capacity: int) -> None:
@@ -84,9 +94,12 @@ class ChannelStatistics:
 class ChannelHandle:
     """The fds one end of a channel needs, owned until handed over and closed (or attached).
 
-    fds: region, then the doorbells of ring A (data, space) and ring B (data, space), then the
-    liveness fd; a missing doorbell or liveness fd is -1.
+    fds: region, then this side's ends of the doorbells of ring A (data, space) and ring B
+    (data, space), then the liveness fd; a missing doorbell or liveness fd is -1. A doorbell's
+    end is the write end if this side rings it (`RINGER`), else the read end.
     """
+
+    FDS: ClassVar[int] = 6
 
     side: int
     fds: list[int]
@@ -102,7 +115,7 @@ class ChannelHandle:
             side, fds = int(data["side"]), [int(fd) for fd in data["fds"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"not a channel handle argument: {text!r}") from exc
-        if side not in (0, 1) or len(fds) != 6:
+        if side not in (0, 1) or len(fds) != cls.FDS:
             raise ValueError(f"not a channel handle argument: {text!r}")
         return cls(side, fds)
 
@@ -114,15 +127,39 @@ class ChannelHandle:
 
     @classmethod
     def receive_from(cls, sock: socket.socket) -> Self:
-        data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 6)
+        """Receive a handle `send_over` sent, and `check` it; on any problem its fds are closed."""
+        data, fds, flags, _addr = socket.recv_fds(sock, 4096, cls.FDS)
+        handle = None
         try:
             meta = json.loads(data)
-            received = iter(fds)
-            return cls(int(meta["side"]), [next(received) if m else -1 for m in meta["mask"]])
-        except (ValueError, KeyError, TypeError, StopIteration) as exc:
-            for fd in fds:
-                os.close(fd)
-            raise ValueError("the peer sent something that is not a channel handle") from exc
+            mask = [bool(m) for m in meta["mask"]]
+            if not flags & socket.MSG_CTRUNC and len(mask) == cls.FDS and sum(mask) == len(fds):
+                received = iter(fds)
+                handle = cls(int(meta["side"]), [next(received) if m else -1 for m in mask])
+        except (ValueError, KeyError, TypeError):
+            pass
+        if handle is None:
+            _close_all(fds)
+            raise ValueError("the peer sent something that is not a channel handle")
+        try:
+            handle.check()
+        except BaseException:
+            handle.close()
+            raise
+        return handle
+
+    def check(self) -> None:
+        """Raise `UnsafeHandleError` if attaching this handle would let a peer hurt us.
+
+        The region must be a memfd sealed against resizing, every doorbell fd the end of a pipe
+        that this side should hold. `Channel.attach` checks the same; this closes nothing.
+        """
+        if self.side not in (0, 1) or len(self.fds) != self.FDS:
+            raise ValueError(f"a channel handle has side 0 or 1 and {self.FDS} fds: {self}")
+        check_sealed(self.fds[0])
+        for slot, fd in enumerate(self.fds[1:5]):
+            if fd >= 0:
+                check_doorbell_fd(fd, sleeper=RINGER[slot] != self.side)
 
     def close(self) -> None:
         """Close our copies of the fds (after handing them over). Idempotent."""
@@ -221,12 +258,37 @@ class Channel(ObjectStream[bytes]):
 
     @classmethod
     def attach(cls, handle: ChannelHandle, policy: WaitPolicy | None = None) -> Self:
-        """Open the end a `ChannelHandle` describes; the channel takes ownership of its fds."""
+        """Open the end a `ChannelHandle` describes; the channel takes ownership of its fds.
+
+        A handle whose region or doorbells could let the peer hurt us raises
+        `UnsafeHandleError` (see `ChannelHandle.check`), with every fd closed.
+        """
         fds = list(handle.fds)
         handle.fds[:] = [-1] * len(fds)
-        region = Region.from_fd(fds[0])
-        bells = [Doorbell(fd) if fd >= 0 else None for fd in fds[1:5]]
-        return cls._open(region, handle.side, bells, fds[5] if fds[5] >= 0 else None, policy)
+        side = handle.side
+        if side not in (0, 1) or len(fds) != ChannelHandle.FDS:
+            _close_all(fds)
+            raise ValueError(f"not a channel handle: side {side}, fds {fds}")
+        region_fd, fds[0] = fds[0], -1
+        try:
+            region = Region.from_fd(region_fd)  # checks the seals; closes the fd if refused
+        except BaseException:
+            _close_all(fds)
+            raise
+        bells: list[Doorbell | None] = []
+        try:
+            for slot in range(4):
+                fd = fds[1 + slot]
+                bells.append(Doorbell.adopt(fd, sleeper=RINGER[slot] != side) if fd >= 0 else None)
+                fds[1 + slot] = -1
+        except BaseException:
+            for bell in bells:
+                if bell is not None:
+                    bell.close()
+            _close_all(fds)
+            region.close()
+            raise
+        return cls._open(region, side, bells, fds[5] if fds[5] >= 0 else None, policy)
 
     @classmethod
     def open_path(
@@ -235,8 +297,10 @@ class Channel(ObjectStream[bytes]):
         """Open one end of a channel laid out in a file, with no doorbells (polling with back-off).
 
         For regions with no interrupt userspace can see: a DAX-backed file, a PCI BAR. The
-        file must already hold a channel (`format_channel`), e.g. made by `create_channel(
-        backing="shm", doorbells=False)` in the peer.
+        file must already hold a channel (`format_channel`), e.g. made with `Region.create(size,
+        backing="shm")` and `format_channel` by the peer. Only for peers we trust: a file cannot
+        be sealed, so whoever can write it can truncate it under us (SIGBUS); `Region.open`
+        refuses a file that users other than us and root could write.
         """
         if side not in (0, 1):
             raise ValueError(f"a channel has sides 0 and 1, not {side}")
@@ -307,39 +371,44 @@ class Channel(ObjectStream[bytes]):
         return {}
 
 
+def _close_all(fds: list[int]) -> None:
+    for i, fd in enumerate(fds):
+        if fd >= 0:
+            os.close(fd)
+            fds[i] = -1
+
+
 def create_channel_handles(
-    capacity: int = DEFAULT_CAPACITY, *, backing: Backing = "memfd", doorbells: bool = True
+    capacity: int = DEFAULT_CAPACITY, *, doorbells: bool = True
 ) -> tuple[ChannelHandle, ChannelHandle]:
     """Create a channel and return the handles of both ends, keeping nothing open ourselves.
 
     For a broker (the hub) that sets up a channel between two other processes: hand each
-    handle to its process, then close both. With doorbells, each end's liveness fd is its end of
-    a socketpair whose other end only the other process holds.
+    handle to its process, then close both. The region is a sealed memfd. With doorbells, each
+    doorbell pipe's write end goes to the side that rings it and its read end to the other,
+    and each end's liveness fd is its end of a socketpair whose other end only the other
+    process holds.
     """
     L.check_capacity(capacity)
-    region = Region.create(channel_size(capacity), backing=backing)
-    handles = (ChannelHandle(0, []), ChannelHandle(1, []))
-    bells: list[Doorbell] = []
+    region = Region.create(channel_size(capacity))
+    blank = [-1] * ChannelHandle.FDS
+    handles = (ChannelHandle(0, list(blank)), ChannelHandle(1, list(blank)))
     try:
         format_channel(region, capacity)
+        for handle in handles:
+            handle.fds[0] = os.dup(region.fd)
         if doorbells:
-            bells = [Doorbell() for _ in range(4)]
+            for slot, ringer in enumerate(RINGER):
+                sleeper_end, ringer_end = doorbell_fds()
+                handles[ringer].fds[1 + slot] = ringer_end
+                handles[1 - ringer].fds[1 + slot] = sleeper_end
             pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            liveness = [pair[0].detach(), pair[1].detach()]
-        else:
-            liveness = [-1, -1]
-        for handle, alive in zip(handles, liveness, strict=True):
-            handle.fds.append(os.dup(region.fd))
-            handle.fds.extend(os.dup(b.fd) for b in bells)
-            handle.fds.extend([-1] * (4 - len(bells)))
-            handle.fds.append(alive)
+            handles[0].fds[5], handles[1].fds[5] = pair[0].detach(), pair[1].detach()
     except BaseException:
         for handle in handles:
             handle.close()
         raise
     finally:
-        for bell in bells:
-            bell.close()
         region.close()
     return handles
 
@@ -347,12 +416,11 @@ def create_channel_handles(
 def create_channel(
     capacity: int = DEFAULT_CAPACITY,
     *,
-    backing: Backing = "memfd",
     doorbells: bool = True,
     policy: WaitPolicy | None = None,
 ) -> tuple[Channel, ChannelHandle]:
     """Create a channel; returns our end (side 0, open) and the handle for the other end."""
-    ours, theirs = create_channel_handles(capacity, backing=backing, doorbells=doorbells)
+    ours, theirs = create_channel_handles(capacity, doorbells=doorbells)
     try:
         return Channel.attach(ours, policy), theirs
     except BaseException:

@@ -22,6 +22,16 @@ class LayoutError(ShmError, ValueError):
     """
 
 
+class UnsafeHandleError(ShmError, ValueError):
+    """Something a peer handed us could let it hurt this process, so it is refused before use.
+
+    A region that is not a memfd sealed against shrinking and growing (a peer holding it could
+    truncate it, and our next access would die of SIGBUS), a region smaller than it claims, or a
+    doorbell fd that is not the end of a pipe we expect (an eventfd, for one, shares its flags
+    and counter with the peer). Every fd of the refused handle is closed.
+    """
+
+
 class FrameTooLargeError(ShmError, ValueError):
     """A frame is larger than the ring's maximum payload (half its capacity, less the header).
 

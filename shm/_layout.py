@@ -1,4 +1,4 @@
-"""The binary layout of a ring, in one place (documented with offsets in docs/shm-layout.md).
+"""The binary layout of a ring in one place (docs/shm.md, "Binary layout", has the offsets).
 
 A ring is a 256-byte header followed by a data area whose size (the capacity) is a power of two.
 All integers are little-endian. Every field of the header is an aligned 64-bit slot so it can be

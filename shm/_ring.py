@@ -1,11 +1,14 @@
 """The single-producer single-consumer ring: one writer and one reader, in different processes.
 
 `format_ring` lays a ring into a region; `RingWriter` and `RingReader` attach to it, one per side.
-Frames are variable length; each side publishes its counter with one aligned 8-byte store
-(a `memoryview.cast("Q")` item assignment is a single `mov`; `struct.pack_into` is not, it zeroes
-the target first) after the payload is written. Everything read from the peer's side of the header
-and from frame headers is validated before use, so a peer that writes garbage gets the ring
-quarantined with `RingCorruptedError`, never an out-of-bounds read, a crash or a hang.
+Frames are variable length; each side publishes its counter with one aligned 8-byte store after
+the payload is written. Everything read from the peer's side of the header and from frame headers
+is validated before use, so a peer that writes garbage gets the ring quarantined with
+`RingCorruptedError`, never an out-of-bounds read, a crash or a hang. What happens on every
+message (frames in and out, publishing, fencing, ringing a sleeping peer, validation) is a side's
+*core*: the C one (`_native.c`) where it was built, else the pure-Python reference
+(`_pycore.py`); `_core.py` chooses. This module and `_writer.py`, `_reader.py` build the
+blocking and async APIs on top of either.
 
 Waiting is in `_RingSide._wait` (sync) and `_await` (async): spin with `os.sched_yield` for the
 policy's window, then announce sleep in the header, fence, re-check, and sleep on the wait set.
@@ -15,8 +18,9 @@ while the peer is awake (io_uring's NEED_WAKEUP): a producer rings only when the
 
 from __future__ import annotations
 
-import os
+import asyncio
 import time
+import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Self, TypeVar
 
@@ -24,26 +28,37 @@ import anyio
 import anyio.lowlevel
 
 from multikernel.shm import _layout as L
-from multikernel.shm._doorbell import Doorbell, WaitSet, fence
-from multikernel.shm._errors import (
-    LayoutError,
-    RingCorruptedError,
-)
+from multikernel.shm._core import Buffer as Buffer
+from multikernel.shm._core import Core, Implementation
+from multikernel.shm._doorbell import Doorbell, WaitSet
+from multikernel.shm._errors import LayoutError
+from multikernel.shm._pycore import WAIT_PEER_CLOSED, WAIT_READY, WAIT_READY_SLEPT, WAIT_TIMEOUT
 from multikernel.shm._wait import SpinGovernor, WaitPolicy
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    import mmap
+    from collections.abc import Awaitable, Callable
 
     from multikernel.shm._region import Region
 
-Buffer = bytes | bytearray | memoryview
-
 T = TypeVar("T")
 
-_DATA_SLOT = L.HEADER_SLOTS
-_MASK32 = L.LENGTH_MASK
 _now = time.perf_counter_ns
-_yield = os.sched_yield
+#: How long an async spin stays in the native core before it lets the event loop run again.
+SLICE_NS = 5_000
+
+
+async def _asyncio_checkpoint() -> None:
+    await asyncio.sleep(0)  # what anyio's checkpoint does on asyncio, without finding the backend
+
+
+def _checkpoint() -> Callable[[], Awaitable[None]]:
+    """The cheapest way to let the running event loop run other tasks, found once per wait."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio, or another loop anyio runs on
+        return anyio.lowlevel.checkpoint
+    return _asyncio_checkpoint
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +105,7 @@ class _RingSide:
 
     _my_flags: int  # the header slot this side writes its flags into
     _peer_flags: int
+    _core: Core
 
     def __init__(
         self,
@@ -100,21 +116,20 @@ class _RingSide:
         peer_bell: Doorbell | None = None,
         liveness_fd: int | None = None,
         policy: WaitPolicy | None = None,
+        implementation: Implementation | None = None,
     ) -> None:
         self._region = region
         self._offset = offset
         self._mm = region.mmap
         if offset % 64 or offset < 0 or offset + L.HEADER_SIZE > region.size:
             raise LayoutError(f"no room for a ring header at offset {offset} of {region}")
-        whole = memoryview(self._mm)
-        with whole[offset : offset + L.HEADER_SIZE].cast("Q") as q:
+        with memoryview(self._mm) as whole, whole[offset : offset + L.HEADER_SIZE].cast("Q") as q:
             magic, version = q[L.SLOT_MAGIC], q[L.SLOT_VERSION]
             capacity, header = q[L.SLOT_CAPACITY], q[L.SLOT_HEADER]
+            head, tail = q[L.SLOT_HEAD], q[L.SLOT_TAIL]
         if magic != L.RING_MAGIC:
-            whole.release()
             raise LayoutError(f"no ring at offset {offset} of {region} (magic {magic:#x})")
         if version != L.RING_VERSION or header != L.HEADER_SIZE:
-            whole.release()
             raise LayoutError(
                 f"ring at offset {offset} has version {version} and header size {header}; "
                 f"this build speaks version {L.RING_VERSION} with a {L.HEADER_SIZE}-byte header"
@@ -122,25 +137,18 @@ class _RingSide:
         try:
             L.check_capacity(capacity)
         except ValueError as exc:
-            whole.release()
             raise LayoutError(f"ring at offset {offset}: {exc}") from None
-        end = offset + L.ring_size(capacity)
-        if end > region.size:
-            whole.release()
+        if offset + L.ring_size(capacity) > region.size:
             raise LayoutError(f"ring at offset {offset} claims {capacity} bytes past the region")
-        self._whole = whole
-        self._span = whole[offset:end]
-        self._q = self._span.cast("Q")
+        if not head <= tail <= head + capacity or (head | tail) & 7:
+            raise LayoutError(f"ring at offset {offset} has impossible counters")
         self.capacity = capacity
         self.max_payload = L.max_payload(capacity)
-        self._mask = capacity - 1
-        self._data = offset + L.HEADER_SIZE  # absolute offset of the data area in the mapping
-        self._head = self._q[L.SLOT_HEAD]
-        self._tail = self._q[L.SLOT_TAIL]
-        if not self._head <= self._tail <= self._head + capacity or (self._head | self._tail) & 7:
-            self._release_views()
-            raise LayoutError(f"ring at offset {offset} has impossible counters")
-        self._bell = bell
+        self._core = self._make_core(
+            self._mm, offset, capacity, -1 if peer_bell is None else peer_bell.fd, implementation
+        )
+        #: "native" (the C core) or "python" (the reference core); see `_core.py`.
+        self.implementation: str = self._core.implementation
         self._peer_bell = peer_bell
         self._waitset = WaitSet(bell, liveness_fd) if bell is not None else None
         self._liveness_fd = liveness_fd
@@ -151,75 +159,77 @@ class _RingSide:
         self.spin_gate: Callable[[], bool] | None = None
         self._nudged = False
         self._closed = False
-        self._broken: RingCorruptedError | None = None
-        self._unusable = False  # closed or broken: one check on the hot paths
         self._busy = False
-        self._frames = self._bytes = self._waits = self._wakeups = self._full = self._spins = 0
+        self._waits = self._spins = 0
+
+    @staticmethod
+    def _make_core(
+        mm: mmap.mmap, offset: int, capacity: int, bell: int, impl: Implementation | None
+    ) -> Core:
+        raise NotImplementedError
 
     # -- shared plumbing ----------------------------------------------------------------------
 
-    def _corrupt(self, what: str) -> RingCorruptedError:
-        self._unusable = True
-        self._broken = RingCorruptedError(
-            f"peer corrupted the ring at offset {self._offset}: {what}; the ring is quarantined"
-        )
-        return self._broken
+    @property
+    def _broken(self) -> BaseException | None:
+        return self._core.broken
 
     def _check_usable(self) -> None:
-        if self._broken is not None:
-            raise self._broken
+        core = self._core
+        if core.broken is not None:
+            raise core.broken
         if self._closed:
             raise anyio.ClosedResourceError
 
-    def _ring_peer(self) -> None:
-        """After publishing: wake the peer if it announced sleep (a fence first, see module doc)."""
-        fence()
-        if self._q[self._peer_flags] & L.SIDE_SLEEPING and self._peer_bell is not None:
-            self._wakeups += 1
-            self._peer_bell.ring()
-
     def _peer_closed(self) -> bool:
-        return bool(self._q[self._peer_flags] & L.SIDE_CLOSED)
+        return bool(self._core.peer_flags() & L.SIDE_CLOSED)
 
     def _peer_died(self) -> bool:
         return self._waitset.peer_gone() if self._waitset is not None else False
 
-    def _spin(self, attempt: Callable[[], T | None]) -> T | None:
+    def _spin(self, attempt: Callable[[], T | None], n: int = 0) -> T | None:
+        """Spin (the core yields the CPU each turn) until `attempt` succeeds or the window ends.
+
+        `n` is the payload size a writer waits to make room for.
+        """
         governor = self._governor
         if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
             return None
+        spin = self._core.spin
         deadline = _now() + governor.spin_ns
-        while _now() < deadline:
-            _yield()
+        n = max(n, 0)  # -1: a reader that wants the frame from wait() (spin ignores it)
+        while (left := deadline - _now()) > 0 and spin(left, n):
             result = attempt()
             if result is not None:
-                governor.record(hit=True)
                 self._spins += 1
                 return result
-        governor.record(hit=False)
         return None
 
-    async def _spin_async(self, attempt: Callable[[], T | None]) -> T | None:
+    async def _spin_async(self, attempt: Callable[[], T | None], n: int = 0) -> T | None:
+        """Spin in slices of `SLICE_NS` (in the core, yielding the CPU each turn), going back to
+        the event loop between slices so that other tasks run: the answer is often produced by
+        one of them (a handler in this very process). A turn of the event loop costs several
+        times a turn of the native spin, so a slice is a few microseconds, not one turn.
+        """
         if not self.policy.cooperative:
-            return self._spin(attempt)
+            return self._spin(attempt, n)
         governor = self._governor
         if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
             return None
-        checkpoint = anyio.lowlevel.checkpoint
+        checkpoint = _checkpoint()
+        spin = self._core.spin
         self._nudged = False
         deadline = _now() + governor.spin_ns
-        while _now() < deadline:
+        while (left := deadline - _now()) > 0:
             await checkpoint()
-            _yield()
             if self._nudged:  # something was just sent that the peer will answer: spin on
                 self._nudged = False
                 deadline = _now() + governor.spin_ns
-            result = attempt()
-            if result is not None:
-                governor.record(hit=True)
-                self._spins += 1
-                return result
-        governor.record(hit=False)
+            if spin(min(left, SLICE_NS), n):
+                result = attempt()
+                if result is not None:
+                    self._spins += 1
+                    return result
         return None
 
     def _announce_sleep(
@@ -230,39 +240,97 @@ class _RingSide:
         `at_end` runs when the re-check found nothing: it raises if the peer closed or died (or
         returns a last result that raced with that), else returns None and we go to sleep.
         """
-        q, slot = self._q, self._my_flags
-        q[slot] = q[slot] | L.SIDE_SLEEPING
-        fence()
+        core = self._core
+        core.announce()
         try:
             result = attempt()
             if result is None:
                 result = at_end()
         except BaseException:
-            q[slot] = q[slot] & ~L.SIDE_SLEEPING
+            core.unannounce()
             raise
         if result is not None:
-            q[slot] = q[slot] & ~L.SIDE_SLEEPING
+            core.unannounce()
         return result
 
     def _woken(self) -> None:
         if self._closed:  # closed while we slept: the views and the doorbell are gone
             return
-        q, slot = self._q, self._my_flags
-        q[slot] = q[slot] & ~L.SIDE_SLEEPING
         self._waits += 1
-        if self._bell is not None:
-            self._bell.drain()
+        waitset = self._waitset
+        if waitset is None:
+            self._core.unannounce()
+        else:
+            self._core.woken(waitset.bell.fd)  # clears our flag, drains the doorbell
+            waitset.drain_own()
 
     def _wait(
         self,
         attempt: Callable[[], T | None],
         at_end: Callable[[], T | None],
         timeout: float | None,
+        n: int = 0,
     ) -> T:
-        """Block until `attempt` returns a result (sync API), or raise TimeoutError."""
-        result = self._spin(attempt)
+        """Block until `attempt` returns a result (sync API), or raise TimeoutError.
+
+        `n`: the payload size a writer waits to make room for (0 for a reader).
+        """
+        started = _now()
+        result = self._spin(attempt, n)
         if result is not None:
+            self._governor.learn(_now() - started, caught=True)
             return result
+        result = self._sleep(attempt, at_end, timeout, n)
+        self._governor.learn(_now() - started, caught=False)
+        return result
+
+    def _sleep(
+        self,
+        attempt: Callable[[], T | None],
+        at_end: Callable[[], T | None],
+        timeout: float | None,
+        n: int,
+    ) -> T:
+        waitset = self._waitset
+        if waitset is None:
+            return self._poll(attempt, at_end, timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        core = self._core
+        wait_fd, bell_fd = waitset.fileno, waitset.bell.fd
+        while True:
+            timeout_ms = -1
+            if deadline is not None:
+                timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
+            # Announce, look again, sleep, clear the flag and drain the bell: one call.
+            outcome = core.wait(wait_fd, bell_fd, timeout_ms, n)
+            if outcome.__class__ is bytes:  # a reader's frame, taken as soon as it woke
+                self._waits += 1
+                waitset.drain_own()
+                return typing.cast("T", outcome)
+            if outcome not in (WAIT_READY, WAIT_PEER_CLOSED):
+                self._waits += 1
+                waitset.drain_own()
+            if outcome in (WAIT_READY, WAIT_READY_SLEPT):
+                result = attempt()
+            elif outcome == WAIT_TIMEOUT:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("timed out waiting on the ring")
+                continue
+            else:  # the peer closed, or we woke to nothing (the peer may be gone)
+                result = attempt()
+                if result is None:
+                    result = at_end()
+            if result is not None:
+                return result
+            self._check_usable()
+
+    def _poll(
+        self,
+        attempt: Callable[[], T | None],
+        at_end: Callable[[], T | None],
+        timeout: float | None,
+    ) -> T:
+        """Without a doorbell: look, sleep with back-off, look again."""
         deadline = None if timeout is None else time.monotonic() + timeout
         backoff = self.policy.poll_min
         while True:
@@ -274,11 +342,8 @@ class _RingSide:
                 self._woken()
                 raise TimeoutError("timed out waiting on the ring")
             try:
-                if self._waitset is not None:
-                    self._waitset.wait_blocking(remaining)
-                else:
-                    time.sleep(backoff if remaining is None else min(backoff, remaining))
-                    backoff = min(backoff * 2, self.policy.poll_max)
+                time.sleep(backoff if remaining is None else min(backoff, remaining))
+                backoff = min(backoff * 2, self.policy.poll_max)
             finally:
                 self._woken()
             self._check_usable()
@@ -286,19 +351,24 @@ class _RingSide:
             if result is not None:
                 return result
 
-    async def _await(self, attempt: Callable[[], T | None], at_end: Callable[[], T | None]) -> T:
+    async def _await(
+        self, attempt: Callable[[], T | None], at_end: Callable[[], T | None], n: int = 0
+    ) -> T:
         """Wait until `attempt` returns a result, never blocking the event loop.
 
-        The spin yields to the event loop on every turn (a checkpoint, then `sched_yield`), so
+        The spin goes back to the event loop between short native slices (`_spin_async`), so
         the task that will produce what we wait for (often in this very process: a handler about
         to reply) runs while we spin.
         """
         if self._busy:
             raise anyio.BusyResourceError("waiting on this ring side")
         self._busy = True
+        started = _now()
+        caught = True
         try:
             backoff = self.policy.poll_min
-            while (result := await self._spin_async(attempt)) is None:
+            while (result := await self._spin_async(attempt, n)) is None:
+                caught = False
                 result = self._announce_sleep(attempt, at_end)
                 if result is not None:
                     break
@@ -314,6 +384,7 @@ class _RingSide:
                 result = attempt()
                 if result is not None:
                     break
+            self._governor.learn(_now() - started, caught=caught)
             return result
         finally:
             self._busy = False
@@ -322,47 +393,36 @@ class _RingSide:
         """Something this side waits for is likely soon (we just sent a request or a reply).
 
         A wait in progress restarts its spin window. With `wake`, a side asleep on its doorbell
-        is woken (a cheap, same-process wake-up) so that it spins instead of sleeping: right
-        for a requester, whose answer is certain; a server only guesses that another request
+        is woken (a cheap, same-process wake-up through the wait set's private eventfd: we hold
+        only the read end of our doorbell) so that it spins instead of sleeping: right for a
+        requester, whose answer is certain; a server only guesses that another request
         follows, and waking itself for a guess costs CPU at every reply under sparse traffic.
         """
         self._nudged = True
         if (
             wake
-            and self._bell is not None
+            and self._waitset is not None
             and not self._closed
-            and self._q[self._my_flags] & L.SIDE_SLEEPING
+            and self._core.my_flags() & L.SIDE_SLEEPING
         ):
-            self._bell.ring()
-
-    def _set_closed_flag(self) -> None:
-        q, slot = self._q, self._my_flags
-        q[slot] = (q[slot] | L.SIDE_CLOSED) & ~L.SIDE_SLEEPING
-        fence()
-        if self._peer_bell is not None:
-            self._peer_bell.ring()
-
-    def _release_views(self) -> None:
-        for view in ("_q", "_span", "_whole"):
-            mv = getattr(self, view, None)
-            if mv is not None:
-                mv.release()
+            self._waitset.wake()
 
     def close(self) -> None:
-        """Tell the peer we are gone and release our views of the mapping. Idempotent.
+        """Tell the peer we are gone and release our view of the mapping. Idempotent.
 
         The doorbells, liveness fd and region belong to whoever created them (the channel).
         """
         if self._closed:
             return
-        self._closed = self._unusable = True
+        self._closed = True
+        core = self._core
         try:
-            if self._broken is None:
-                self._set_closed_flag()
+            if core.broken is None:
+                core.set_closed()
         finally:
             if self._waitset is not None:
                 self._waitset.close()
-            self._release_views()
+            core.release()
 
     async def aclose(self) -> None:
         self.close()
@@ -375,13 +435,13 @@ class _RingSide:
         self.close()
 
     def statistics(self) -> RingStatistics:
-        backlog = 0 if self._closed else self._q[L.SLOT_TAIL] - self._q[L.SLOT_HEAD]
+        core = self._core
         return RingStatistics(
-            frames=self._frames,
-            bytes=self._bytes,
+            frames=core.frames,
+            bytes=core.bytes,
             waits=self._waits,
-            wakeups_sent=self._wakeups,
-            full_events=self._full,
+            wakeups_sent=core.wakeups,
+            full_events=core.full,
             spins=self._spins,
-            backlog=backlog,
+            backlog=core.backlog(),
         )

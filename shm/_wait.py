@@ -1,10 +1,14 @@
 """How a side waits: spin briefly, then sleep on the doorbell, or poll with back-off without one.
 
-Processes outnumber cores on the machines this runs on, so a spinner calls `os.sched_yield()` on
-every turn (otherwise it keeps the very peer it waits for off the CPU), spins only for a short,
-configurable window, and stops spinning while its recent spins kept missing (the peer is not
-answering quickly right now, so spinning would only burn CPU). An idle side sleeps in the kernel and
-costs nothing.
+Processes outnumber cores on the machines this runs on, so a spinner yields the CPU on every
+turn (otherwise it keeps the very peer it waits for off the CPU) and spins only for a short,
+configurable window. Whether a wait spins at all is learnt from the recent waits: a side keeps a
+running average of how long its waits took, and while that is longer than half the spin window
+(the answers come too late for a spin to be sure to catch them: a peer that sleeps and must be
+woken, sparse traffic) it goes to sleep at once, as a plain blocking read would, and pays no CPU
+for spinning; every `probe_every`-th wait still spins, and one that catches its answer within
+half the window brings spinning back at once.
+An idle side sleeps in the kernel and costs nothing.
 """
 
 from __future__ import annotations
@@ -17,16 +21,19 @@ class WaitPolicy:
     """The knobs of waiting; the defaults suit request/reply traffic on a busy 2-core host.
 
     spin: seconds to spin (yielding the CPU each turn) before going to sleep; 0 never spins.
-    adaptive: after `miss_limit` spins in a row that found nothing, spin only on every
-        `probe_every`-th wait until a spin succeeds again.
+    adaptive: learn from the recent waits whether to spin (see the module docstring); False
+        spins before every sleep.
+    miss_limit: about how many waits in a row must come later than the spin window before
+        spinning pauses (a wait weighs 1 / (2 * miss_limit) in the running average), so an odd
+        late answer does not stop it.
+    probe_every: while paused, spin again on every n-th wait, to notice answers coming fast again.
     poll_min / poll_max: without a doorbell (a region with no interrupt userspace can see),
         the sleep between polls starts at poll_min and doubles up to poll_max; poll_max bounds
         both the added latency and the idle CPU cost (one wake-up per poll_max).
-    cooperative: in async code, spin by yielding to the event loop on every turn, so other
-        tasks run meanwhile (the answer is often produced by one of them: a handler in this
-        very process). A process whose only job is this channel can set False to spin without
-        the event-loop round trip (~4 us less per round trip here), blocking its loop for up to
-        `spin`.
+    cooperative: in async code, spin in short slices between which the event loop runs other
+        tasks (the answer is often produced by one of them: a handler in this very process). A
+        process whose only job is this channel can set False to spin without going back to the
+        event loop, blocking its loop for up to `spin`.
     """
 
     spin: float = 50e-6
@@ -48,21 +55,27 @@ class WaitPolicy:
 
 
 class SpinGovernor:
-    """Per-side state of the adaptive rule: decides whether the next wait should spin."""
+    """Per-side state of the adaptive rule: learns how long waits take, decides whether to spin.
 
-    __slots__ = ("_misses", "_policy", "_skipped", "spin_ns")
+    `typical_ns` is a running average of recent waits (each counted up to twice the window, so
+    one long idle stretch is forgotten quickly). Waits spin while it is at most half the window;
+    a probe that catches its answer that fast resets it, since answers come fast again.
+    """
+
+    __slots__ = ("_policy", "_shift", "_skipped", "spin_ns", "typical_ns")
 
     def __init__(self, policy: WaitPolicy) -> None:
         self._policy = policy
         self.spin_ns = int(policy.spin * 1e9)
-        self._misses = 0
+        self._shift = max(1, (2 * policy.miss_limit).bit_length() - 1)  # weight 2**-shift
+        self.typical_ns = 0
         self._skipped = 0
 
     def should_spin(self) -> bool:
         if self.spin_ns == 0:
             return False
         policy = self._policy
-        if not policy.adaptive or self._misses < policy.miss_limit:
+        if not policy.adaptive or 2 * self.typical_ns <= self.spin_ns:
             return True
         self._skipped += 1
         if self._skipped >= policy.probe_every:
@@ -70,8 +83,11 @@ class SpinGovernor:
             return True
         return False
 
-    def record(self, hit: bool) -> None:
-        if hit:
-            self._misses = 0
+    def learn(self, waited_ns: int, *, caught: bool) -> None:
+        """A wait took `waited_ns`; `caught`: it ended while spinning."""
+        sample = min(waited_ns, 2 * self.spin_ns)
+        if caught and 2 * sample <= self.spin_ns < 2 * self.typical_ns:
+            self.typical_ns = sample  # a probe caught a fast answer: spin again from now on
+            self._skipped = 0
         else:
-            self._misses += 1
+            self.typical_ns += (sample - self.typical_ns) >> self._shift

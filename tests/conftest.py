@@ -1,4 +1,9 @@
-"""Suite-wide guards: every test must leave no fds, shared-memory files or child processes."""
+"""Suite-wide guards: every test must leave no fds, shared-memory files or child processes.
+
+The shared-memory check looks at this run's files only (`tests/_run.py`): the suite tags every
+named region it and its children create, so a demo or another test run on the machine is never
+taken for a leak of ours.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-SHM = Path("/dev/shm")
+from multikernel.shm import ENV_TAG
+from tests._run import RUN, shm_files
+
+os.environ[ENV_TAG] = RUN  # before any test runs: every process we start inherits it
 
 
 def _open_fds() -> dict[int, str]:
@@ -32,10 +40,6 @@ def _children() -> set[int]:
     return pids
 
 
-def _shm_files() -> set[str]:
-    return {p.name for p in SHM.glob("multikernel-*")}
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _process_wide_allocations() -> None:
     """Make one-time, process-wide allocations before the first leak check sees them.
@@ -54,11 +58,11 @@ def _process_wide_allocations() -> None:
 @pytest.fixture(autouse=True)
 def no_leaks(_process_wide_allocations: None) -> Iterator[None]:
     """Fail a test that leaks an fd, a /dev/shm region or a child process."""
-    fds, shm, children = _open_fds(), _shm_files(), _children()
+    fds, shm, children = _open_fds(), shm_files(), _children()
     yield
     gc.collect()
     leaked_fds = {fd: target for fd, target in _open_fds().items() if fd not in fds}
-    leaked_shm = _shm_files() - shm
+    leaked_shm = shm_files() - shm
     leaked_children = _children() - children
     problems = []
     if leaked_fds:

@@ -66,15 +66,20 @@ class Peer:
 
 @contextmanager
 def spawn(
-    role: str, socket: str | os.PathLike[str], *args: str, fd: int | None = None
+    role: str,
+    socket: str | os.PathLike[str],
+    *args: str,
+    fd: int | None = None,
+    script: Path = PEER,
 ) -> Iterator[Peer]:
+    """A peer process (`script ROLE SOCKET ARGS...`), killed if still running at the end."""
     env = dict(os.environ)
     pass_fds: tuple[int, ...] = ()
     if fd is not None:
         env["MULTIKERNEL_BUS_FD"] = str(fd)
         pass_fds = (fd,)
     proc = subprocess.Popen(
-        [sys.executable, str(PEER), role, str(socket), *args],
+        [sys.executable, str(script), role, str(socket), *args],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, pass_fds=pass_fds, bufsize=0,
     )  # fmt: skip
     try:

@@ -40,6 +40,7 @@ def anyio_backend(request: pytest.FixtureRequest) -> tuple[str, dict[str, object
     """The double promises what the client API does: asyncio, uvloop and trio."""
     return request.param  # type: ignore[no-any-return]
 
+
 #: An ordinary (not root) uid: the built-in policy lets root on the host do everything.
 USER = 1000
 

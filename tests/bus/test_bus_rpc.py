@@ -6,6 +6,7 @@ import signal
 from pathlib import Path
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -249,3 +250,37 @@ async def test_when_the_caller_reading_for_everyone_gives_up_the_others_still_ge
                 await first_gone.wait()
                 release.set()  # ...and the others' replies must still be read
         assert results == {i: i for i in range(1, 8)}
+
+
+async def test_a_handler_that_answers_at_once_runs_in_the_reading_task(
+    hub: Hub, socket_path: Path
+) -> None:
+    """No task switch for a handler that never waits; one that waits still gets its caller."""
+    from multikernel.endpoints import current_caller
+
+    tasks: list[int] = []
+    callers: list[str] = []
+    async with connect(socket_path, name="server") as server, connect(socket_path) as client:
+        svc = server.service("eager")
+
+        @svc.method
+        async def now(x: int) -> int:
+            tasks.append(anyio.get_current_task().id)
+            return x + 1
+
+        @svc.method
+        async def later(x: int) -> int:
+            with anyio.fail_after(5):  # its own scope, entered before it first waits
+                await anyio.lowlevel.checkpoint()
+            callers.append(current_caller().name)
+            return x * 2
+
+        await svc.start()
+        before = len(anyio.get_running_tasks())
+        assert [await client.request("eager", "now", i) for i in range(20)] == list(range(1, 21))
+        assert len(set(tasks)) == 1
+        # ...and no second task was started to read while a handler ran (a waiting one does).
+        assert len(anyio.get_running_tasks()) == before
+        assert [await client.request("eager", "later", i) for i in range(3)] == [0, 2, 4]
+        assert callers == [client.name] * 3
+        assert await client.request("eager", "now", 41) == 42

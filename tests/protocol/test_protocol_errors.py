@@ -15,7 +15,9 @@ from multikernel.protocol import (
     MalformedFrameError,
     MultikernelError,
     NoRespondersError,
+    NotFoundError,
     ProtocolError,
+    RefusedError,
     RemoteError,
     TooLargeError,
     UnsupportedVersionError,
@@ -37,6 +39,8 @@ CODED = [
     DeadlineExceededError,
     AccessDeniedError,
     BusyError,
+    NotFoundError,
+    RefusedError,
 ]
 
 

@@ -26,7 +26,8 @@ PUBLIC = {
     # the lifecycle actor's contract
     "AgentHello", "AgentStatus", "CreateInstance", "DeleteInstance", "ExecRequest", "ExecResult",
     "InstanceInfo", "InstanceList", "InstanceStateChanged", "KillInstance", "LoadImage",
-    "ShowInstances", "StartInstance", "UpdateInstance",
+    "ShowInstances", "StartInstance", "UpdateInstance", "ExecOutput", "TtyOpen", "TtySession",
+    "TtyInput", "ReadLogs", "LogLine", "LogLines",
     # the resource actor's contract, and how CPUs and sizes are written
     "AGENT_RESOURCE_METHOD", "RESOURCE_METHODS", "CpuInfo", "CpuSpec", "Grant",
     "GrantFailedError", "GrantList", "GrantOp", "GrantRequest", "GrantsQuery", "History",
@@ -38,7 +39,8 @@ PUBLIC = {
     # errors
     "ERROR_DECODER", "AccessDeniedError", "BusyError", "DeadlineExceededError", "ErrorBody",
     "InvalidSubjectError", "MalformedFrameError", "MultikernelError", "NoRespondersError",
-    "ProtocolError", "RemoteError", "TooLargeError", "UnsupportedVersionError",
+    "NotFoundError", "ProtocolError", "RefusedError", "RemoteError", "TooLargeError",
+    "UnsupportedVersionError",
     "error_from_body", "error_to_body", "raise_for_error",
     # kernel ABI
     "KERNEL_DECODER", "CpuAdd", "CpuRemove", "DeviceAdd", "DeviceRemove", "Halted",

@@ -16,7 +16,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,7 @@ from multikernel.bus._delivery import DECISION_CACHE_SIZE
 from multikernel.endpoints import Endpoint, connect
 from multikernel.endpoints._direct import DirectChannel
 from multikernel.protocol import BusyError
-from tests.bus.conftest import Peer
+from tests.bus.conftest import Peer, spawn
 
 HOSTILE = Path(__file__).with_name("hostile.py")
 PATIENCE = 20.0
@@ -51,21 +51,8 @@ def _no_internal_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
-@contextmanager
-def hostile(mode: str, path: Path, *args: str) -> Iterator[Peer]:
-    proc = subprocess.Popen(
-        [sys.executable, str(HOSTILE), mode, str(path), *args],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0,
-    )  # fmt: skip
-    try:
-        yield Peer(proc)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=20)
-        for stream in (proc.stdin, proc.stdout):
-            if stream is not None:
-                stream.close()
+def hostile(mode: str, path: Path, *args: str) -> AbstractContextManager[Peer]:
+    return spawn(mode, path, *args, script=HOSTILE)
 
 
 @asynccontextmanager

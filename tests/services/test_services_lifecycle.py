@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -29,6 +28,8 @@ from multikernel.protocol import (
     InstanceStateChanged,
     KillInstance,
     LoadImage,
+    NotFoundError,
+    RefusedError,
     RemoteError,
     ShowInstances,
     StartInstance,
@@ -40,16 +41,18 @@ from multikernel.services._image import sign_image
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._local_probe import online_cpus
+from multikernel.services._local_process import LocalInstance
+from multikernel.services._platform import InstanceProcess, LaunchSpec
 from multikernel.services._pool import discover_pool
 from multikernel.services._resource import ResourceActor
 from multikernel.services._resource_store import ResourceStore
 from multikernel.services._signature import make_signing_key
+from tests._run import CGROUP_GROUP, cgroups_under, group_dirs
 
 pytestmark = pytest.mark.anyio
 MB = 1 << 20
-#: This run's own cgroup group: other runs share the machine, and use the same instance names.
-GROUP = f"multikernel-test-{os.getpid()}"
-CGROUP_ROOT = Path("/sys/fs/cgroup/cpuset") / GROUP
+#: This run's cpuset group: another run, a demo or a host never shares it (tests/_run.py).
+CPUSET_GROUP = group_dirs(CGROUP_GROUP)[0]
 
 
 @pytest.fixture
@@ -108,7 +111,7 @@ async def resource_actor(hub: Hub, platform: LocalPlatform, state: Path) -> Asyn
 @pytest.fixture
 async def host(tmp_path: Path, keys: tuple[bytes, bytes]) -> AsyncIterator[Host]:
     hub = Hub(tmp_path / "bus.sock", policy=Policy.from_toml(host_rule(os.getuid())))
-    platform = LocalPlatform(group=GROUP)
+    platform = LocalPlatform(group=CGROUP_GROUP)
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
         async with (
@@ -132,8 +135,9 @@ async def host(tmp_path: Path, keys: tuple[bytes, bytes]) -> AsyncIterator[Host]
     assert not leftover_cgroups()
 
 
-def leftover_cgroups() -> list[Path]:
-    return [p for p in CGROUP_ROOT.iterdir() if p.is_dir()] if CGROUP_ROOT.exists() else []
+def leftover_cgroups() -> set[Path]:
+    """Instance cgroups of this run's platforms (another run's or a demo's are not looked at)."""
+    return cgroups_under(CGROUP_GROUP)
 
 
 async def bring_up(host: Host, name: str, image: Path) -> InstanceInfo:
@@ -173,21 +177,41 @@ async def test_an_instance_goes_through_every_state(host: Host, keys: tuple[byte
 
 async def test_wrong_state_errors_say_what_to_do(host: Host) -> None:
     await host.call("create", CreateInstance("beta", cpu_count=1, memory=128 * MB))
-    with pytest.raises(RemoteError, match="load an image: mkctl load beta --image PATH"):
+    with pytest.raises(RefusedError, match="load an image: mkctl load beta --image PATH"):
         await host.call("start", StartInstance("beta"))
-    with pytest.raises(RemoteError, match="no instance named 'nope'"):
+    with pytest.raises(NotFoundError, match="no instance named 'nope'"):
         await host.call("start", StartInstance("nope"))
-    with pytest.raises(RemoteError, match="exists"):
+    with pytest.raises(RefusedError, match="exists"):
         await host.call("create", CreateInstance("beta"))
-    with pytest.raises(RemoteError, match="bad instance name"):
+    with pytest.raises(RefusedError, match="bad instance name"):
         await host.call("create", CreateInstance("Bad_Name"))
-    with pytest.raises(RemoteError, match="not an online CPU"):
+    with pytest.raises(RefusedError, match="not an online CPU"):
         await host.call("update", UpdateInstance("beta", cpus=(999,), memory=128 * MB))
+
+
+async def test_a_create_that_fails_validation_leaves_nothing_behind(host: Host) -> None:
+    refused = [
+        (CreateInstance("omega", cpus=(999,), memory=128 * MB), "not an online CPU"),
+        (CreateInstance("omega", cpu_count=1), "needs CPUs and memory"),
+        (CreateInstance("omega", cpu_count=1, memory=1 * MB), "below the 16 MiB an instance needs"),
+    ]
+    async with await host.bus.subscribe("mk.instance.*.state") as states:
+        for request, error in refused:
+            with pytest.raises(RefusedError, match=error):
+                await host.call("create", request)
+        listed = await host.bus.request("lifecycle", "show", ShowInstances(), response=InstanceList)
+        assert listed.instances == ()
+        info = await host.call("create", CreateInstance("omega", cpu_count=1, memory=128 * MB))
+        assert (info.id, info.state) == (1, "ready")  # no instance id was used up either
+        first = (await states.receive()).decode(InstanceStateChanged)
+    assert (first.name, first.old, first.new) == ("omega", "none", "empty")  # none announced
+    assert not leftover_cgroups()
+    assert not (host.root / "state" / "instances").exists()
 
 
 async def test_an_active_instance_cannot_be_deleted(host: Host, keys: tuple[bytes, bytes]) -> None:
     await bring_up(host, "gamma", make_image(host.root, keys, body=SLEEPER))
-    with pytest.raises(RemoteError, match="stop it first: mkctl kill gamma"):
+    with pytest.raises(RefusedError, match="stop it first: mkctl kill gamma"):
         await host.call("delete", DeleteInstance("gamma"))
     await host.call("kill", KillInstance("gamma"))
 
@@ -205,7 +229,7 @@ async def test_sigkilled_agent_returns_the_instance_to_loaded_with_everything_re
         await host.bus.request("lifecycle", "show", ShowInstances("delta"), response=InstanceList)
     ).instances
     assert (after.restarts, after.last_exit, after.pid) == (1, "killed by signal 9", 0)
-    assert not (CGROUP_ROOT / "delta").exists()
+    assert not (CPUSET_GROUP / "delta").exists()
     assert (await host.call("start", StartInstance("delta"))).state == "active"  # and again
     await host.call("kill", KillInstance("delta"))
 
@@ -255,7 +279,7 @@ async def test_images_that_are_not_trusted_are_refused(
     if tamper == "modified":
         (image / "main.py").write_text("print('not what was signed')\n")
     await host.call("create", CreateInstance("eta", cpu_count=1, memory=128 * MB))
-    with pytest.raises(RemoteError) as refused:
+    with pytest.raises(RefusedError) as refused:
         await host.call("load", LoadImage("eta", str(image)))
     assert refused.value.remote_type == error
     (info,) = (
@@ -264,32 +288,59 @@ async def test_images_that_are_not_trusted_are_refused(
     assert info.state == "ready"
 
 
-async def test_isolation_is_applied_and_read_back(host: Host, keys: tuple[bytes, bytes]) -> None:
-    cpu = max(online_cpus())
-    await host.call("create", CreateInstance("theta", cpus=(cpu,), memory=96 * MB))  # 1 block
+async def start_isolated(
+    host: Host, keys: tuple[bytes, bytes], cpu: int, memory: int
+) -> tuple[InstanceInfo, AgentStatus, LocalInstance]:
+    await host.call("create", CreateInstance("theta", cpus=(cpu,), memory=memory))
     await host.call("load", LoadImage("theta", str(make_image(host.root, keys, body=SLEEPER))))
     info = await host.call("start", StartInstance("theta"))
     status = await host.bus.request(
         f"instance.{info.id}.agent", "status", None, response=AgentStatus
     )
-    assert (status.hostname, status.cpus) == ("theta", (cpu,))
     proc = host.actor.instances["theta"].proc
-    assert proc is not None
-    report = host.actor.platform.inspect(proc)
-    assert report.affinity == frozenset({cpu})
-    if host.actor.platform.capabilities().namespaces:
-        assert status.pid == 1  # the agent is PID 1 of its own namespace
-        assert report.namespaces.pid != report.host_namespaces.pid
-        assert report.namespaces.uts != report.host_namespaces.uts
-    if host.actor.platform.capabilities().memory_limit:
-        assert report.memory_limit == 128 * MB  # memory is granted in whole 128 MiB blocks
+    assert isinstance(proc, LocalInstance)
+    return info, status, proc
+
+
+def skip_unless(host: Host, mechanism: str) -> None:
+    """Skip, saying why, when this host cannot apply `mechanism` (not root, no kernel support)."""
+    capabilities = host.actor.platform.capabilities()
+    if not getattr(capabilities, mechanism):
+        reasons = "; ".join(capabilities.warnings) or "the platform says it is unavailable"
+        pytest.skip(f"{mechanism} isolation is not applied on this host: {reasons}")
+
+
+async def test_cpus_are_applied_and_read_back(host: Host, keys: tuple[bytes, bytes]) -> None:
+    """CPU affinity applies everywhere, root or not, and the workload's children inherit it."""
+    cpu = max(online_cpus())
+    info, status, proc = await start_isolated(host, keys, cpu, 96 * MB)
+    assert (status.hostname, status.cpus) == ("theta", (cpu,))
+    assert host.actor.platform.inspect(proc).affinity == frozenset({cpu})
     command = ("python3", "-c", "import os; print(sorted(os.sched_getaffinity(0)))")
     target = f"instance.{info.id}.agent"
     ran = await host.bus.request(target, "exec", ExecRequest(command), response=ExecResult)
     assert ran.stdout.strip() == f"[{cpu}]".encode()  # what the workload's children get too
+    await host.call("kill", KillInstance("theta"))
+
+
+async def test_namespaces_are_applied_and_read_back(host: Host, keys: tuple[bytes, bytes]) -> None:
+    skip_unless(host, "namespaces")  # PID/UTS/mount namespaces need root (CAP_SYS_ADMIN)
+    _, status, proc = await start_isolated(host, keys, max(online_cpus()), 96 * MB)
+    report = host.actor.platform.inspect(proc)
+    assert status.pid == 1  # the agent is PID 1 of its own namespace
+    assert report.namespaces.pid != report.host_namespaces.pid
+    assert report.namespaces.uts != report.host_namespaces.uts
+    await host.call("kill", KillInstance("theta"))
+
+
+async def test_the_memory_limit_is_applied_and_updated_live(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    skip_unless(host, "memory_limit")  # a memory cgroup needs root and cgroup v1
+    _, _, proc = await start_isolated(host, keys, max(online_cpus()), 96 * MB)
+    assert host.actor.platform.inspect(proc).memory_limit == 128 * MB  # whole 128 MiB blocks
     await host.call("update", UpdateInstance("theta", memory=256 * MB))
-    if host.actor.platform.capabilities().memory_limit:
-        assert host.actor.platform.inspect(proc).memory_limit == 256 * MB  # live
+    assert host.actor.platform.inspect(proc).memory_limit == 256 * MB  # live
     await host.call("kill", KillInstance("theta"))
 
 
@@ -304,21 +355,36 @@ async def test_a_host_that_allows_unsigned_images_loads_them_and_says_so(
 
 
 async def test_an_abandoned_start_leaves_no_agent_running(
-    host: Host, keys: tuple[bytes, bytes]
+    host: Host, keys: tuple[bytes, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await host.call("create", CreateInstance("kappa", cpu_count=1, memory=128 * MB))
     await host.call("load", LoadImage("kappa", str(make_image(host.root, keys, body=SLEEPER))))
     inst = host.actor.instances["kappa"]
-    with anyio.move_on_after(0.05):  # the caller gives up while the agent starts
-        await host.call("start", StartInstance("kappa"))
-    # Giving up reaches the actor a moment later, and whatever the abandoned start did, its
-    # handler holds the instance's lock until it has cleaned up: a kill waits for that, then
-    # stops what may have come up (or is refused: the start never launched anything).
-    with contextlib.suppress(RemoteError):
-        await host.call("kill", KillInstance("kappa"))
+    platform = host.actor.platform
+    launched = anyio.Event()
+    real_launch = platform.launch
+
+    async def launch(spec: LaunchSpec) -> InstanceProcess:
+        proc = await real_launch(spec)
+        launched.set()
+        return proc
+
+    monkeypatch.setattr(platform, "launch", launch)
+    async with await host.bus.subscribe(f"mk.instance.{inst.id}.state") as states:
+        async with anyio.create_task_group() as caller:
+            caller.start_soon(host.call, "start", StartInstance("kappa"))
+            await launched.wait()  # the agent runs; its hello is ~100 ms away
+            caller.cancel_scope.cancel()  # the caller gives up while the agent starts
+        while (change := (await states.receive()).decode(InstanceStateChanged)).new != "failed":
+            pass
+    assert change.reason == "start abandoned by its caller"
+    with anyio.fail_after(30):
+        await inst.exited.wait()  # set by its watcher once the launch is reclaimed
+        async with inst.lock:  # and the start request has finished with the instance
+            pass
     assert inst.proc is None
-    assert inst.state in ("loaded", "ready")
     assert not leftover_cgroups()
+    assert (await host.call("kill", KillInstance("kappa"))).state == "loaded"
 
 
 async def test_stopping_the_actor_stops_and_reclaims_every_instance(
@@ -328,7 +394,7 @@ async def test_stopping_the_actor_stops_and_reclaims_every_instance(
     image = make_image(tmp_path, keys, body=SLEEPER)
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
-        platform = LocalPlatform(group=GROUP)
+        platform = LocalPlatform(group=CGROUP_GROUP)
         async with (
             resource_actor(hub, platform, tmp_path / "state"),
             connect(hub.path, name="lifecycle") as ep,
@@ -453,7 +519,7 @@ async def test_shrinking_memory_below_what_the_instance_uses_is_refused_and_kill
     await up(host, keys, "gamma", HOG, cpu_count=1, memory=384 * MB)  # 200 MiB in use
     proc = host.actor.instances["gamma"].proc
     assert proc is not None
-    with pytest.raises(RemoteError) as refused:
+    with pytest.raises(RefusedError) as refused:
         await host.call("update", UpdateInstance("gamma", memory=128 * MB))
     assert refused.value.remote_type == "GrantFailedError"
     message = str(refused.value)
@@ -492,15 +558,15 @@ async def test_a_refused_create_leaves_no_instance_and_says_why_in_sizes_for_peo
     host: Host,
 ) -> None:
     too_much = CreateInstance("huge", cpu_count=1, memory=int(41.5 * 2**30))
-    with pytest.raises(RemoteError) as refused:
+    with pytest.raises(RefusedError) as refused:
         await host.call("create", too_much)
     assert refused.value.remote_type == "ResourceUnavailableError"
     assert str(refused.value).startswith("41.5 GiB of memory asked for 'huge', ")
-    with pytest.raises(RemoteError, match="CPU 999 is not an online CPU of this host's pool"):
+    with pytest.raises(RefusedError, match="CPU 999 is not an online CPU of this host's pool"):
         await host.call("create", CreateInstance("odd", cpus=(999,), memory=128 * MB))
-    with pytest.raises(RemoteError, match="needs CPUs and memory"):
-        await host.call("create", CreateInstance("half", memory=128 * MB))
-    with pytest.raises(RemoteError, match="give CPU ids or a CPU count, not both"):
+    with pytest.raises(RefusedError, match="needs CPUs and memory"):
+        await host.call("create", CreateInstance("half", cpu_count=1))
+    with pytest.raises(RefusedError, match="give CPU ids or a CPU count, not both"):
         await host.call("create", CreateInstance("both", cpus=(0,), cpu_count=1, memory=128 * MB))
     shown = await host.bus.request("lifecycle", "show", ShowInstances(), response=InstanceList)
     assert shown.instances == ()
@@ -511,11 +577,11 @@ async def test_two_instances_never_share_a_cpu_and_a_refused_update_changes_noth
 ) -> None:
     cpu = max(online_cpus())
     first = await host.call("create", CreateInstance("alpha", cpus=(cpu,), memory=128 * MB))
-    with pytest.raises(RemoteError) as refused:
+    with pytest.raises(RefusedError) as refused:
         await host.call("create", CreateInstance("beta", cpus=(cpu,), memory=128 * MB))
     assert str(refused.value).startswith(f"CPU {cpu} for 'beta' is held by 'alpha'; free: CPUs")
     await host.call("create", CreateInstance("gamma"))
-    with pytest.raises(RemoteError, match="is held by 'alpha'"):
+    with pytest.raises(RefusedError, match="is held by 'alpha'"):
         await host.call("update", UpdateInstance("gamma", cpus=(cpu,), memory=128 * MB))
     (gamma,) = (
         await host.bus.request("lifecycle", "show", ShowInstances("gamma"), response=InstanceList)

@@ -34,6 +34,7 @@ from multikernel.services._platform import (
     PlatformError,
     Resources,
 )
+from tests._run import CGROUP_GROUP, cgroups_under
 
 pytestmark = pytest.mark.anyio
 
@@ -82,20 +83,8 @@ while True:
 
 
 def our_cgroups() -> set[Path]:
-    """Instance cgroups of this test session (named with PREFIX) under every group directory."""
-    found: set[Path] = set()
-    own_memory = next(
-        line.split(":", 2)[2]
-        for line in Path("/proc/self/cgroup").read_text().splitlines()
-        if "memory" in line.split(":")[1].split(",")
-    )
-    for group in (
-        Path("/sys/fs/cgroup/cpuset/multikernel"),
-        Path("/sys/fs/cgroup/memory") / own_memory.lstrip("/") / "multikernel",
-    ):
-        if group.is_dir():
-            found.update(d for d in group.iterdir() if d.name.startswith(PREFIX))
-    return found
+    """Instance cgroups of this test session (named with PREFIX) in this run's group."""
+    return {d for d in cgroups_under(CGROUP_GROUP) if d.name.startswith(PREFIX)}
 
 
 @pytest.fixture(autouse=True)
@@ -152,7 +141,7 @@ def output() -> Iterator[Output]:
 
 @pytest.fixture
 def platform() -> LocalPlatform:
-    return LocalPlatform()
+    return LocalPlatform(group=CGROUP_GROUP)
 
 
 def make_spec(
@@ -196,7 +185,7 @@ def gone(pidfds: list[int]) -> bool:
 
 @needs_root
 def test_capabilities_as_root_apply_everything() -> None:
-    capabilities = LocalPlatform().capabilities()
+    capabilities = LocalPlatform(group=CGROUP_GROUP).capabilities()
     assert capabilities.isolated
     assert capabilities.warnings == ()
 
@@ -213,8 +202,8 @@ async def test_agent_is_pid_1_with_its_hostname_cpus_and_memory_limit(
     assert inside["visible_pids"] == [1]  # its own /proc
     assert inside["hostname"] == instance.name
     assert inside["affinity"] == [CPUS[0]]
-    assert inside["cpuset"] == f"/multikernel/{instance.name}"
-    assert inside["memory"].endswith(f"/multikernel/{instance.name}")
+    assert inside["cpuset"] == f"/{CGROUP_GROUP}/{instance.name}"  # this run's group only
+    assert inside["memory"].endswith(f"/{CGROUP_GROUP}/{instance.name}")
     assert inside["memory_limit"] == MEMORY
     assert report.namespace_pid == 1
     assert report.pid == instance.pid != 1
@@ -314,12 +303,12 @@ async def test_kill_ends_every_process_even_one_ignoring_sigterm(
 
 
 async def test_kill_without_isolation_stops_and_kills_the_tree(output: Output) -> None:
-    await _kill_whole_tree(LocalPlatform(isolate=False), output)
+    await _kill_whole_tree(LocalPlatform(isolate=False, group=CGROUP_GROUP), output)
 
 
 @needs_root
 async def test_kill_without_pid_namespace_kills_through_the_cgroups(output: Output) -> None:
-    await _kill_whole_tree(LocalPlatform(namespaces=False), output)
+    await _kill_whole_tree(LocalPlatform(namespaces=False, group=CGROUP_GROUP), output)
 
 
 @needs_root
@@ -372,7 +361,7 @@ async def test_sigkill_of_the_keeper_ends_the_instance_and_reclaim_cleans_up(
 
 @needs_root
 async def test_reclaim_kills_what_outlived_an_agent_without_pid_namespace(output: Output) -> None:
-    platform = LocalPlatform(namespaces=False)
+    platform = LocalPlatform(namespaces=False, group=CGROUP_GROUP)
     with anyio.fail_after(10):
         instance = await launch(platform, output, "orphan")
         grandchild = await output.report("grandchild")
@@ -425,7 +414,7 @@ async def test_signal_reaches_an_agent_that_handles_it(
 async def test_isolate_false_launches_with_affinity_only_and_warns(
     output: Output, caplog: pytest.LogCaptureFixture
 ) -> None:
-    platform = LocalPlatform(isolate=False)
+    platform = LocalPlatform(isolate=False, group=CGROUP_GROUP)
     capabilities = platform.capabilities()
     assert (capabilities.namespaces, capabilities.cpuset, capabilities.memory_limit) == (
         False,
@@ -456,7 +445,7 @@ async def test_without_root_capabilities_say_what_is_missing(
 
     monkeypatch.setattr(probe, "_has_cap_sys_admin", lambda: False)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    platform = LocalPlatform()
+    platform = LocalPlatform(group=CGROUP_GROUP)
     monkeypatch.undo()
     capabilities = platform.capabilities()
     assert not capabilities.namespaces

@@ -1,19 +1,19 @@
-"""mkctl, as a user runs it: a separate process talking to a host."""
+"""mkctl, as a user runs it: a separate process talking to a host; errors and their status."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import pytest
 
-from multikernel.services._host import HostConfig, run_host
-from multikernel.services._image import sign_image
-from multikernel.services._signature import make_signing_key
+from multikernel.services._host import cgroup_group
+
+from .conftest import fails, first_line, mkctl
 
 pytestmark = pytest.mark.anyio
 
@@ -21,33 +21,6 @@ pytestmark = pytest.mark.anyio
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, object]]:
     return ("asyncio", {"use_uvloop": True})
-
-
-@pytest.fixture
-async def host(tmp_path: Path) -> AsyncIterator[Path]:
-    key, cert = make_signing_key("mkctl tests", algorithm="ec-p256")
-    (tmp_path / "cert.pem").write_bytes(cert)
-    image = tmp_path / "image"
-    image.mkdir()
-    (image / "manifest.toml").write_text(
-        'name = "t"\nversion = "1"\nentry = ["{python}", "m.py"]\n'
-    )
-    (image / "m.py").write_text("import time\ntime.sleep(300)\n")
-    sign_image(image, key, cert)
-    config = HostConfig(tmp_path / "bus.sock", tmp_path / "state", trusted=[tmp_path / "cert.pem"])
-    stop = anyio.Event()
-    async with anyio.create_task_group() as tg:
-        await tg.start(run_host, config, stop)
-        yield tmp_path
-        stop.set()
-
-
-async def mkctl(root: Path, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, "MULTIKERNEL_BUS": str(root / "bus.sock")}
-    done = await anyio.run_process(
-        [sys.executable, "-m", "multikernel.endpoints.mkctl", *args], env=env, check=False
-    )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
 
 
 async def test_a_user_drives_an_instance_with_mkctl(host: Path) -> None:
@@ -59,35 +32,191 @@ async def test_a_user_drives_an_instance_with_mkctl(host: Path) -> None:
     code, out, _ = await mkctl(host, "show", "web", "--json")
     (info,) = json.loads(out)
     assert (info["name"], info["state"], info["memory"]) == ("web", "active", 128 << 20)
-    code, out, _ = await mkctl(host, "exec", "web", "--", "hostname")
-    assert code == 0
-    if os.geteuid() == 0:  # with a UTS namespace of its own, the instance's hostname is its name
-        assert out.strip() == "web"
+    code, out, _ = await mkctl(host, "exec", "web", "--", "true")
+    assert (code, out) == (0, "")
     assert (await mkctl(host, "kill", "web"))[0] == 0
     assert (await mkctl(host, "delete", "web"))[0] == 0
     code, out, _ = await mkctl(host, "show")
     assert "no instances" in out
 
 
-async def test_mkctl_errors_say_what_to_do_and_exit_1(host: Path) -> None:
-    await mkctl(host, "create", "db", "--cpus", "1", "--memory", "128M")
-    code, _, err = await mkctl(host, "start", "db")
-    assert code == 1
-    assert "mkctl load db --image PATH" in err
-    code, _, err = await mkctl(host, "create", "db2", "--memory", "lots")
+async def test_lifecycle_errors_are_one_line_with_their_exit_status(host: Path) -> None:
+    assert (await mkctl(host, "create", "db", "--cpus", "1", "--memory", "128M"))[0] == 0
+    assert await fails(host, "start", "db") == (
+        4,
+        "error: cannot start 'db': it is ready, and start needs loaded; "
+        "load an image: mkctl load db --image PATH",
+    )
+    assert await fails(host, "show", "nope") == (
+        3,
+        "error: no instance named 'nope' (known: db); mkctl create nope",
+    )
+    assert await fails(host, "kill", "nope") == (
+        3,
+        "error: no instance named 'nope' (known: db); mkctl create nope",
+    )
+    assert await fails(host, "create", "db", "--memory", "128M") == (
+        4,
+        "error: an instance named 'db' exists: pick another name or delete it",
+    )
+    code, message = await fails(host, "create", "big", "--cpus", "4096", "--memory", "128M")
+    assert code == 4
+    assert message.startswith(f"error: 4096 CPUs asked for 'big', {os.cpu_count() - 1} free; ")
+    assert message.endswith("and 128 MiB")  # who holds what: 'db', its CPU and its memory
+    assert "held: 'db' CPUs " in message
+    assert await fails(host, "create", "small", "--memory", "1M") == (
+        4,
+        "error: 1 MiB of memory is below the 16 MiB an instance needs",
+    )
+    _, out, _ = await mkctl(host, "show", "--json")
+    assert [i["name"] for i in json.loads(out)] == ["db"]  # refused creates left nothing
+    assert await fails(host, "exec", "db", "--", "true") == (
+        4,
+        "error: cannot exec in 'db': it is ready; start it first: mkctl start db",
+    )
+
+
+async def test_image_errors_are_refused_or_not_found(host: Path) -> None:
+    unsigned = host / "unsigned"
+    unsigned.mkdir()
+    (unsigned / "manifest.toml").write_text('name = "u"\nversion = "1"\nentry = ["true"]\n')
+    assert (await mkctl(host, "create", "web", "--memory", "128M"))[0] == 0
+    assert await fails(host, "load", "web", "--image", str(unsigned)) == (
+        4,
+        f"error: {unsigned}: the image is not signed; sign it with `mkctl image sign`, or allow "
+        "unsigned images in this host's configuration",
+    )
+    missing = host / "missing.tar"
+    assert await fails(host, "load", "web", "--image", str(missing)) == (
+        3,
+        f"error: {missing}: cannot read the image (No such file or directory); pass a "
+        "directory or a .tar/.tar.gz file",
+    )
+
+
+async def test_active_instance_errors(host: Path) -> None:
+    await mkctl(host, "create", "web", "--cpus", "1", "--memory", "128M")
+    await mkctl(host, "load", "web", "--image", str(host / "image"))
+    assert (await mkctl(host, "start", "web"))[0] == 0
+    assert await fails(host, "delete", "web") == (
+        4,
+        "error: 'web' is active: stop it first: mkctl kill web",
+    )
+    assert await fails(host, "exec", "web", "--", "no-such-command") == (
+        3,
+        "error: 'no-such-command': no such command in the instance",
+    )
+    assert await fails(host, "exec", "--timeout", "0.2", "web", "--", "sleep", "30") == (
+        5,
+        "error: 'sleep' did not finish within 0.2 s and was killed; give it longer with "
+        "--timeout SECONDS",
+    )
+    assert (await mkctl(host, "kill", "web"))[0] == 0
+
+
+async def test_bus_errors_are_one_line_with_their_exit_status(host: Path) -> None:
+    assert await fails(host, "bus", "call", "nobody", "method") == (
+        3,
+        "error: nobody owns 'nobody'; the request was not delivered",
+    )
+    assert await fails(host, "bus", "call", "lifecycle", "nomethod") == (
+        3,
+        "error: 'lifecycle' has no method 'nomethod'",
+    )
+    assert await fails(host, "bus", "call", "lifecycle", "show", "{bad") == (
+        2,
+        "error: BODY is not valid JSON (Expecting property name enclosed in double quotes at "
+        """column 2): '{bad'; write e.g. '{"key": 1}', '"text"' or 42""",
+    )
+    assert await fails(host, "bus", "pub", "mk.test", "nope") == (
+        2,
+        "error: BODY is not valid JSON (Expecting value at column 1): 'nope'; "
+        """write e.g. '{"key": 1}', '"text"' or 42""",
+    )
+    assert await fails(host, "bus", "pub", "a..b", "1") == (
+        2,
+        "error: subject 'a..b' has an empty token at position 2; separate tokens with single "
+        "dots and do not start or end with a dot",
+    )
+
+
+async def test_usage_errors_exit_2_with_one_line(host: Path) -> None:
+    assert await fails(host, "create", "db2", "--memory", "lots") == (
+        2,
+        "error: mkctl create: Invalid value for '--memory': not a size: 'lots' (use e.g. 256M, "
+        "1G, 4096)",
+    )
+    code, line = await fails(host, "frobnicate")
     assert code == 2
-    assert "not a size" in err
+    assert line == "error: mkctl: No such command 'frobnicate'."
+
+
+async def test_debug_adds_the_traceback_after_the_same_line(host: Path) -> None:
+    code, _, err = await mkctl(host, "--debug", "show", "nope")
+    assert code == 3
+    assert first_line(err) == "error: no instance named 'nope' (known: none); mkctl create nope"
+    assert "Traceback (most recent call last)" in err
+    assert "UnknownInstanceError" in err
 
 
 async def test_mkctl_without_a_host_says_how_to_start_one(tmp_path: Path) -> None:
     code, _, err = await mkctl(tmp_path, "show")
     assert code == 1
-    assert "mkctl host up" in err
+    assert first_line(err) == (
+        f"error: no hub is listening on {tmp_path / 'bus.sock'} (No such file or directory); "
+        "start one with `mkctl host up` or `python -m multikernel.bus`, or set $MULTIKERNEL_BUS"
+    )
+    code, _, err = await mkctl(tmp_path, "--state-dir", str(tmp_path), "host", "down")
+    assert (code, first_line(err)) == (
+        3,
+        f"error: no host pid file at {tmp_path / 'host.pid'}: is a host running? "
+        "(mkctl host status)",
+    )
 
 
-async def test_bus_inspector_lists_endpoints(host: Path) -> None:
-    code, out, _ = await mkctl(host, "bus", "list")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv (util-linux) to run mkctl without the power to bypass modes",
+)
+async def test_a_user_who_may_not_reach_the_hub_is_refused(host: Path) -> None:
+    """Root without CAP_DAC_OVERRIDE stands for a user the socket's mode keeps out."""
+    sock = host / "bus.sock"
+    sock.chmod(0)
+    env = {**os.environ, "MULTIKERNEL_BUS": str(sock)}
+    argv = ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+    done = await anyio.run_process(
+        [*argv, sys.executable, "-m", "multikernel.endpoints.mkctl", "show"], env=env, check=False
+    )
+    assert done.returncode == 4
+    assert first_line(done.stderr.decode()) == (
+        f"error: this user may not attach to the hub on {sock} (Permission denied): "
+        "run as the host's user or root, or use a hub of your own (`mkctl host up --socket PATH`)"
+    )
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0, reason="an instance gets a UTS namespace only when the host runs as root"
+)
+async def test_mkctl_exec_runs_inside_the_instance(host: Path) -> None:
+    """With a UTS namespace of its own, the instance's hostname is its name."""
+    assert (await mkctl(host, "create", "web", "--cpus", "1", "--memory", "128M"))[0] == 0
+    assert (await mkctl(host, "load", "web", "--image", str(host / "image")))[0] == 0
+    assert (await mkctl(host, "start", "web"))[0] == 0
+    assert await mkctl(host, "exec", "web", "--", "hostname") == (0, "web\n", "")
+    assert (await mkctl(host, "kill", "web"))[0] == 0
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="instances get cgroups only when the host is root")
+async def test_an_instance_lives_in_its_hosts_own_cgroup_group(host: Path) -> None:
+    """`multikernel/<host-id>/<name>`: another host, demo or test run never shares it."""
+    assert (await mkctl(host, "create", "web", "--cpus", "1", "--memory", "128M"))[0] == 0
+    assert (await mkctl(host, "load", "web", "--image", str(host / "image")))[0] == 0
+    assert (await mkctl(host, "start", "web"))[0] == 0
+    code, out, _ = await mkctl(host, "exec", "web", "--", "cat", "/proc/self/cgroup")
     assert code == 0
-    assert "lifecycle" in out
-    code, out, _ = await mkctl(host, "bus", "introspect")
-    assert json.loads(out)["names"]["lifecycle"]
+    group = cgroup_group(host / "state")
+    assert (host / "state" / "host-id").read_text().strip() == group.split("/")[1]
+    cgroups = dict(line.split(":", 2)[1:] for line in out.splitlines())
+    assert cgroups["cpuset"] == f"/{group}/web"
+    assert cgroups["memory"].endswith(f"/{group}/web")
+    assert (await mkctl(host, "kill", "web"))[0] == 0

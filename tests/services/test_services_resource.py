@@ -31,11 +31,12 @@ from multikernel.protocol import (
     InstanceRef,
     MemAdd,
     MemRemove,
+    NotFoundError,
     PoolInfo,
     PoolQuery,
     Reconcile,
+    RefusedError,
     Release,
-    RemoteError,
     ResourceTransaction,
     ResourceTransactionAck,
     TxRecord,
@@ -193,7 +194,7 @@ async def test_an_instance_that_refuses_keeps_what_it_had(host: Host) -> None:
     before = await host.grant("allocate", web(CpuSpec(count=1), 2 * BLOCK))
     async with agent_of(host, 1, cpus=frozenset(before.cpus), memory=2 * BLOCK) as agent:
         agent.used = 200 * MiB
-        with pytest.raises(RemoteError) as refused:
+        with pytest.raises(RefusedError) as refused:
             await host.grant("update", web(memory=BLOCK))
         assert refused.value.remote_type == "GrantFailedError"
         assert str(refused.value).startswith(
@@ -215,7 +216,7 @@ async def test_an_unacknowledged_grant_times_out_and_is_rolled_back_on_both_side
     before = await host.grant("allocate", web(CpuSpec(count=1), BLOCK))
     async with agent_of(host, 1, cpus=frozenset(before.cpus), memory=BLOCK) as agent:
         agent.hang = True
-        with pytest.raises(RemoteError, match=r"did not acknowledge it within 0\.5 s"):
+        with pytest.raises(RefusedError, match=r"did not acknowledge it within 0\.5 s"):
             await host.grant("update", web(CpuSpec(count=3)))
         rollback = agent.transactions[-1]
         assert (rollback.rollback_of, rollback.cpus) == (2, before.cpus)
@@ -239,7 +240,7 @@ async def test_another_instances_cpu_is_refused_naming_the_holder_and_what_is_fr
     host: Host,
 ) -> None:
     await host.grant("allocate", web(CpuSpec(ids=(0, 1)), BLOCK))
-    with pytest.raises(RemoteError) as refused:
+    with pytest.raises(RefusedError) as refused:
         await host.grant("allocate", GrantRequest("db", 2, cpus=CpuSpec(ids=(1, 2)), memory=BLOCK))
     assert refused.value.remote_type == "ResourceUnavailableError"
     assert str(refused.value).startswith(
@@ -277,7 +278,9 @@ async def test_another_instances_cpu_is_refused_naming_the_holder_and_what_is_fr
 async def test_every_bad_request_gets_a_clear_error_and_leaves_nothing_behind(
     host: Host, method: str, request_: object, error: str, message: str
 ) -> None:
-    with pytest.raises(RemoteError) as refused:
+    # Resource errors travel as refusals, an unknown grant as "not found" (mkctl exits 4 or 3).
+    travels_as = NotFoundError if error == "UnknownGrantError" else RefusedError
+    with pytest.raises(travels_as) as refused:
         await host.call(method, request_)
     assert refused.value.remote_type == error
     assert str(refused.value).startswith(message)

@@ -30,10 +30,10 @@ from multikernel.protocol import (
     GrantList,
     GrantRequest,
     GrantsQuery,
+    MultikernelError,
     PoolInfo,
     PoolQuery,
     Release,
-    RemoteError,
 )
 from multikernel.services._pool import Pool, discover_pool
 from multikernel.services._resource import ResourceActor
@@ -127,11 +127,11 @@ class ResourceMachine(RuleBasedStateMachine):
             lambda: self.client.request("resource", method, body, response=response)
         )
 
-    def attempt(self, method: str, body: object) -> Grant | RemoteError:
+    def attempt(self, method: str, body: object) -> Grant | MultikernelError:
         """The grant, or the error the actor answered."""
         try:
             grant = self.call(method, body)
-        except RemoteError as error:
+        except MultikernelError as error:
             return error
         assert isinstance(grant, Grant)
         return grant
@@ -143,7 +143,7 @@ class ResourceMachine(RuleBasedStateMachine):
             name, IDS[name], cpus, memory, tuple(sorted(queues)) if queues is not None else None
         )
         grant = self.attempt(method, request)
-        if isinstance(grant, RemoteError):
+        if isinstance(grant, MultikernelError):
             assert grant.remote_type in REFUSALS, str(grant)
             if grant.remote_type == "GrantFailedError":
                 agent = self.agents.get(name)
@@ -167,7 +167,7 @@ class ResourceMachine(RuleBasedStateMachine):
         if name in self.agents:
             return  # the lifecycle actor releases only stopped instances
         released = self.attempt("release", Release(name))
-        if isinstance(released, RemoteError):
+        if isinstance(released, MultikernelError):
             assert released.remote_type == "UnknownGrantError"
             assert name not in self.expected
             return

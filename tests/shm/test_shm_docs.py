@@ -53,3 +53,18 @@ def test_documented_constants_match() -> None:
     assert f"Ring A starts at {C.CHANNEL_HEADER}" in text
     assert f"Frames (in the data area, starting at offset {L.HEADER_SIZE})" in text
     assert (L.FLAG_PADDING, L.SIDE_SLEEPING, L.SIDE_CLOSED) == (1, 1, 2)
+
+
+def test_handle_table_matches_who_rings_each_doorbell() -> None:
+    """Side s holds the write end of doorbell i exactly when it rings it (`RINGER[i] == s`)."""
+    text = DOC.read_text()
+    section = text[text.index("### The fds of a channel handle") :]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if re.match(r"\|\s*\d+\s*\|", line)
+    ]
+    assert [int(row[0]) for row in rows] == list(range(C.ChannelHandle.FDS))
+    ends = {0: ("write end", "read end"), 1: ("read end", "write end")}
+    for slot, ringer in enumerate(C.RINGER):
+        assert tuple(rows[1 + slot][2:]) == ends[ringer]

@@ -10,7 +10,14 @@ import sys
 import anyio
 import pytest
 
-from multikernel.shm import PeerDiedError, create_channel, find_orphans, remove_orphans
+from multikernel.shm import (
+    PeerDiedError,
+    create_channel,
+    find_orphans,
+    name_prefix,
+    remove_orphans,
+)
+from tests._run import SHM_PREFIX
 
 from ._util import PEER, spawn_peer
 
@@ -121,17 +128,27 @@ def test_idle_endpoint_costs_almost_no_cpu() -> None:
 
 
 def test_orphaned_named_region_is_found_and_removed() -> None:
+    """Only this run's orphans (its tag's prefix) are looked at: never another run's files."""
     proc = subprocess.Popen([sys.executable, str(PEER), "orphan", "-"], stdout=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         path = proc.stdout.readline().decode().strip()
+        assert os.path.basename(path).startswith(SHM_PREFIX)  # the peer inherited our tag
         assert os.path.exists(path)
-        assert path not in {str(p) for p in find_orphans()}  # its creator is alive
+        assert path not in {str(p) for p in find_orphans(prefix=SHM_PREFIX)}  # creator alive
     finally:
         proc.kill()
         proc.wait(timeout=30)
         assert proc.stdout is not None
         proc.stdout.close()
-    assert path in {str(p) for p in find_orphans()}
-    assert path in {str(p) for p in remove_orphans()}
+    assert path in {str(p) for p in find_orphans()}  # untagged search: every run's orphans
+    assert [str(p) for p in remove_orphans(prefix=SHM_PREFIX)] == [path]
     assert not os.path.exists(path)
+
+
+def test_a_tag_must_not_be_able_to_match_another_tags_names() -> None:
+    assert name_prefix("run1") == "multikernel-run1-"
+    assert name_prefix("") == "multikernel-"
+    for bad in ("1run", "a-b", "a/b", "x" * 40):
+        with pytest.raises(ValueError, match="bad shared-memory tag"):
+            name_prefix(bad)

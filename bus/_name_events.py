@@ -1,0 +1,67 @@
+"""Name-owner changes: who hears of them, and how.
+
+When a well-known name moves, the hub tells the old and the new owner (their identity's `names`,
+which `name:` policy selectors look at, is refreshed, and the old owner's service description
+goes), every endpoint holding a direct channel to that name (so it opens a channel to the new
+owner for its next call while calls in flight finish), and every subscriber of
+`mk.bus.names.<name>`: the primitive that zero-downtime upgrade builds on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from multikernel.bus._channels import ChannelBroker
+from multikernel.bus._hub_sessions import NAMES_SUBJECT
+from multikernel.bus._names import NameRegistry
+from multikernel.bus._router import SubjectRouter
+from multikernel.bus._session import Session, SubscriptionRecord
+from multikernel.endpoints.log import get_logger
+from multikernel.protocol import Kind, NameOwnerChanged, encode
+
+log = get_logger("multikernel.bus")
+
+#: Where the hub stamps a routed frame: the publisher it came from and the subscription it is for
+#: (docs/protocol.md, header table).
+SOURCE_OFFSET = 16
+DESTINATION_OFFSET = 24
+
+
+def announce_owner_changes(
+    changes: list[NameOwnerChanged],
+    sessions: Mapping[int, Session],
+    names: NameRegistry,
+    channels: ChannelBroker,
+    router: SubjectRouter[tuple[int, int]],
+    subscriptions: Mapping[tuple[int, int], SubscriptionRecord],
+) -> None:
+    """Publish each change on mk.bus.names.<name> and tell the owners and the channels' clients."""
+    for change in changes:
+        frame = encode(Kind.CONTROL, change)
+        notified = set()
+        for owner in (change.old_owner, change.new_owner):  # the owners hear of it too
+            session = sessions.get(owner)
+            if session is None:
+                continue
+            # `name:` selectors look at the names an endpoint owns
+            owned = frozenset(names.names_of(owner))
+            session.identity = dataclasses.replace(session.identity, names=owned)
+            session.publish_decisions.clear()
+            if owner == change.old_owner:
+                session.services.pop(change.name, None)  # its description goes too
+            notified.add(owner)
+            session.deliver(frame, droppable=False)
+        for endpoint in channels.clients_of(change.name):
+            if endpoint not in notified:
+                notified.add(endpoint)
+                client = sessions.get(endpoint)
+                if client is not None:
+                    client.deliver(frame, droppable=False)
+        subject = f"{NAMES_SUBJECT}.{change.name}"
+        stamped = bytearray(encode(Kind.PUBLISH, change, subject=subject))
+        for key in router.match(subject):
+            subscription = subscriptions[key]
+            stamped[DESTINATION_OFFSET : DESTINATION_OFFSET + 8] = subscription.sid_bytes
+            subscription.session.deliver(stamped)  # copied into its ring (or queue) at once
+        log.info("name owner changed", name=change.name, old=change.old_owner, new=change.new_owner)

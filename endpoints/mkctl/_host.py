@@ -1,0 +1,207 @@
+"""`mkctl host up | down | status`: the host process (hub + actors), started by module name.
+
+`up` runs `python -m multikernel.services.host`, in the background (its log in the state dir)
+unless `--foreground`; either way the host writes its pid file itself, so `down` stops a
+foreground host as well as a background one: SIGTERM (the host stops its instances and drains
+the bus), then SIGKILL if it has not ended within 30 s.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import click
+
+from multikernel.endpoints._endpoint import Endpoint
+from multikernel.endpoints.mkctl._client import with_bus
+from multikernel.endpoints.mkctl._errors import EXIT_NOT_FOUND, EXIT_REFUSED, CommandError
+from multikernel.endpoints.mkctl._output import Verbs, emit, output_options, settings, warn
+from multikernel.endpoints.mkctl._show import instance_table
+from multikernel.protocol import InstanceList, ShowInstances
+
+
+@click.group(cls=Verbs)
+def host() -> None:
+    """Start, stop or inspect the host (the bus hub and the actors)."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _running(pidfile: Path) -> int | None:
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        return None
+    return pid if _alive(pid) else None
+
+
+@host.command()
+@click.option("--foreground", is_flag=True, help="Run the host in this terminal (Ctrl-C stops it).")
+@click.option(
+    "--policy", type=click.Path(exists=True, dir_okay=False), help="Access policy (TOML)."
+)
+@click.option(
+    "--trusted-keys",
+    multiple=True,
+    type=click.Path(exists=True),
+    help="A certificate (or a directory of them) trusted to sign images; repeat for more.",
+)
+@click.option("--allow-unsigned", is_flag=True, help="Accept unsigned images (for development).")
+@click.option(
+    "--metrics",
+    default="127.0.0.1:0",
+    show_default=True,
+    help="HOST:PORT for Prometheus metrics (port 0: a free one; 'off': none).",
+)
+@click.option(
+    "--no-isolation",
+    is_flag=True,
+    help="Instances get CPU affinity only: no namespaces, no cgroups.",
+)
+@click.option(
+    "--socket-mode",
+    default=None,
+    help="Control socket mode, octal (default 0600: your user and root; docs/security.md).",
+)
+@click.option("--socket-group", default=None, help="Control socket group (a name or a gid).")
+def up(
+    foreground: bool,
+    policy: str | None,
+    trusted_keys: tuple[str, ...],
+    allow_unsigned: bool,
+    metrics: str,
+    no_isolation: bool,
+    socket_mode: str | None,
+    socket_group: str | None,
+) -> int:
+    """Start the host (in the background unless --foreground)."""
+    options = settings()
+    state, socket = options.state_path(), options.socket_path()
+    pidfile = state / "host.pid"
+    if (pid := _running(pidfile)) is not None:
+        raise CommandError(
+            f"a host is already running (pid {pid}); mkctl host down first", EXIT_REFUSED
+        )
+    command = [sys.executable, "-m", "multikernel.services.host", "--socket", str(socket)]
+    command += ["--state-dir", str(state), "--pid-file", str(pidfile), "--metrics", metrics]
+    if policy:
+        command += ["--policy", policy]
+    for key in trusted_keys:
+        command += ["--trusted-keys", key]
+    if allow_unsigned:
+        command.append("--allow-unsigned")
+    if no_isolation:
+        command.append("--no-isolation")
+    for flag, value in (("--socket-mode", socket_mode), ("--socket-group", socket_group)):
+        if value is not None:
+            command += [flag, value]
+    if foreground:
+        os.execv(sys.executable, command)  # the host takes over this process (and its pid)
+    state.mkdir(parents=True, exist_ok=True)
+    read, write = os.pipe()
+    with (state / "host.log").open("ab") as log:
+        proc = subprocess.Popen(
+            [*command, "--ready-fd", str(write)],
+            pass_fds=(write,),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    os.close(write)
+    with os.fdopen(read) as ready:
+        line = ready.readline()  # EOF if the host died before it was ready
+    if not line.startswith("ready"):
+        proc.wait()
+        raise CommandError(
+            f"the host did not start (exit status {proc.returncode}); see {state / 'host.log'}"
+        )
+    click.echo(f"host up: pid {proc.pid}, socket {socket}, log {state / 'host.log'}")
+    return 0
+
+
+@host.command()
+def down() -> int:
+    """Stop the host: its instances are shut down, the bus drained."""
+    pidfile = settings().state_path() / "host.pid"
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        raise CommandError(
+            f"no host pid file at {pidfile}: is a host running? (mkctl host status)",
+            EXIT_NOT_FOUND,
+        ) from None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        pidfile.unlink(missing_ok=True)
+        click.echo(f"the host (pid {pid}) had already stopped")
+        return 0
+    try:
+        os.kill(pid, signal.SIGTERM)  # it stops its instances and drains the bus
+        if not select.select([pidfd], [], [], 30)[0]:
+            os.kill(pid, signal.SIGKILL)
+            select.select([pidfd], [], [], 10)
+    finally:
+        os.close(pidfd)
+    pidfile.unlink(missing_ok=True)
+    click.echo(f"host down (pid {pid})")
+    return 0
+
+
+@host.command()
+@output_options
+def status() -> int:
+    """Is a host up, and what does it run."""
+
+    async def work(ep: Endpoint) -> int:
+        snap = await ep.introspect()
+        listed = await ep.request("lifecycle", "show", ShowInstances(), response=InstanceList)
+        infos = listed.instances
+        warnings = sorted({w for i in infos for w in i.warnings})
+        metrics = _metrics_url(settings().state_path())
+        summary = {
+            "hub_pid": snap.hub_pid,
+            "uptime_s": round(snap.uptime_s, 3),
+            "socket": str(settings().socket_path()),
+            "metrics": metrics,
+            "endpoints": len(snap.endpoints),
+            "instances": infos,
+            "warnings": warnings,
+        }
+
+        def show(wide: bool) -> None:
+            click.echo(
+                f"host up {snap.uptime_s:.0f} s (pid {snap.hub_pid}), {len(snap.endpoints)} "
+                f"endpoints, {len(infos)} instances, socket {settings().socket_path()}"
+            )
+            if metrics:
+                click.echo(f"metrics {metrics}")
+            if infos:
+                instance_table(infos, wide)
+            for warning in warnings:
+                warn(warning)
+
+        emit(summary, show)
+        return 0
+
+    return with_bus(work)
+
+
+def _metrics_url(state: Path) -> str:
+    """Where the host serves its metrics (it writes the address in its state dir), if it does."""
+    try:
+        return (state / "metrics").read_text().strip()
+    except OSError:
+        return ""

@@ -1,0 +1,209 @@
+"""The lifecycle verbs (`create, update, load, start, kill, delete, show`) and `exec`.
+
+Each is one request to the `lifecycle` service (or, for `exec`, to the instance's agent); the
+answer is shown as a table, or as JSON/YAML with `-o`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from multikernel.endpoints._endpoint import Endpoint
+from multikernel.endpoints.mkctl._client import with_bus
+from multikernel.endpoints.mkctl._output import emit, output_options
+from multikernel.endpoints.mkctl._show import instance_table, warn_once
+from multikernel.protocol import (
+    CreateInstance,
+    DeleteInstance,
+    InstanceInfo,
+    InstanceList,
+    KillInstance,
+    LoadImage,
+    ShowInstances,
+    StartInstance,
+    UpdateInstance,
+)
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
+
+
+class Size(click.ParamType[int]):
+    """'256M', '1G', '1.5G', '4096' (bytes) → bytes."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        match = _SIZE.fullmatch(str(value).strip())
+        if not match:
+            self.fail(f"not a size: {value!r} (use e.g. 256M, 1G, 4096)", param, ctx)
+        number, unit = float(match.group(1)), match.group(2).lower()
+        return int(number * 1024 ** "bkmgt".index(unit or "b"))
+
+
+class Cpus(click.ParamType[tuple[tuple[int, ...], int]]):
+    """'2' → pick two; '0,3' or '0-1' → those CPUs. Converts to (cpus, count)."""
+
+    name = "cpus"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[tuple[int, ...], int]:
+        if isinstance(value, tuple):
+            return value
+        text = str(value)
+        if text.isdigit():
+            return (), int(text)
+        cpus: set[int] = set()
+        try:
+            for part in text.split(","):
+                low, _, high = part.partition("-")
+                cpus.update(range(int(low), int(high or low) + 1))
+        except ValueError:
+            self.fail(
+                f"not a CPU list: {text!r} (use a count like 2, or ids like 0,2 or 0-1)",
+                param,
+                ctx,
+            )
+        return tuple(sorted(cpus)), 0
+
+
+def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
+    """Instance names from the host, for shell completion (nothing if no host answers)."""
+    import anyio
+
+    async def names(ep: Endpoint) -> list[str]:
+        with anyio.move_on_after(1):
+            listed = await ep.request("lifecycle", "show", ShowInstances(), response=InstanceList)
+            return [i.name for i in listed.instances if i.name.startswith(incomplete)]
+        return []
+
+    try:
+        return with_bus(names)
+    except Exception:  # completion must never fail the shell
+        return []
+
+
+def name_argument(command: Callable[..., Any]) -> Callable[..., Any]:
+    return click.argument("name", shell_complete=_complete_names)(command)
+
+
+def _lifecycle(method: str, body: object, response: type = InstanceInfo) -> Any:
+    async def work(ep: Endpoint) -> Any:
+        return await ep.request("lifecycle", method, body, response=response)
+
+    return with_bus(work)
+
+
+def _show_one(info: InstanceInfo) -> int:
+    emit(info, lambda wide: instance_table([info], wide))
+    warn_once([info])
+    return 0
+
+
+_CPUS_HELP = "CPUs: a count (2) or host CPU ids (0,2 or 0-1)."
+_MEMORY_HELP = "Memory: bytes, or with a unit (256M, 1G)."
+
+
+@click.command()
+@name_argument
+@click.option("--cpus", type=Cpus(), default="0", help=_CPUS_HELP)
+@click.option("--memory", type=Size(), default=0, help=_MEMORY_HELP)
+@output_options
+def create(name: str, cpus: tuple[tuple[int, ...], int], memory: int) -> int:
+    """Create an instance (ready at once if given resources)."""
+    ids, count = cpus
+    return _show_one(_lifecycle("create", CreateInstance(name, ids, count, memory)))
+
+
+@click.command()
+@name_argument
+@click.option("--cpus", type=Cpus(), default="0", help=_CPUS_HELP)
+@click.option("--memory", type=Size(), default=0, help=_MEMORY_HELP)
+@output_options
+def update(name: str, cpus: tuple[tuple[int, ...], int], memory: int) -> int:
+    """Change an instance's CPUs or memory (live when it is active)."""
+    ids, count = cpus
+    return _show_one(_lifecycle("update", UpdateInstance(name, ids, count, memory)))
+
+
+@click.command()
+@name_argument
+@click.option(
+    "--image",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The image: a directory or a .tar/.tar.gz archive.",
+)
+@output_options
+def load(name: str, image: Path) -> int:
+    """Verify an image's signature and load it into an instance."""
+    return _show_one(_lifecycle("load", LoadImage(name, str(image.resolve()))))
+
+
+PASS_THROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False}
+
+
+@click.command(context_settings=PASS_THROUGH, short_help="Start a loaded instance.")
+@name_argument
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@output_options
+def start(name: str, command: tuple[str, ...]) -> int:
+    """Start a loaded instance: its agent, then its workload (-- CMD... replaces the entry)."""
+    return _show_one(_lifecycle("start", StartInstance(name, strip_dashes(command))))
+
+
+@click.command()
+@name_argument
+@click.option("--force", is_flag=True, help="Skip the negotiated shutdown: kill at once.")
+@click.option(
+    "--grace", type=float, default=5.0, show_default=True, help="Seconds to wait for a clean halt."
+)
+@output_options
+def kill(name: str, force: bool, grace: float) -> int:
+    """Stop an instance: negotiated shutdown, then forced."""
+    return _show_one(_lifecycle("kill", KillInstance(name, force, grace)))
+
+
+@click.command()
+@name_argument
+@output_options
+def delete(name: str) -> int:
+    """Forget a stopped instance and release what it holds."""
+    info = _lifecycle("delete", DeleteInstance(name))
+    emit(
+        {"deleted": info.name, "id": info.id},
+        lambda wide: click.echo(f"deleted instance {info.name} (id {info.id})"),
+    )
+    return 0
+
+
+@click.command(short_help="Instances: state, resources, image, pid.")
+@click.argument("name", default="", shell_complete=_complete_names)
+@output_options
+def show(name: str) -> int:
+    """Instances: state, resources, image, pid (all, or the one named)."""
+    infos = _lifecycle("show", ShowInstances(name), InstanceList).instances
+
+    def people(wide: bool) -> None:
+        if not infos:
+            click.echo("no instances; create one: mkctl create NAME --cpus 1 --memory 256M")
+        else:
+            instance_table(infos, wide)
+
+    emit(infos, people)
+    warn_once(infos)
+    return 0
+
+
+def strip_dashes(command: tuple[str, ...]) -> tuple[str, ...]:
+    return command[1:] if command[:1] == ("--",) else command
+
+
+COMMANDS = (create, load, start, show, update, kill, delete)
