@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -22,7 +23,7 @@ from multikernel.endpoints.mkctl._client import with_bus
 from multikernel.endpoints.mkctl._errors import EXIT_NOT_FOUND, EXIT_REFUSED, CommandError
 from multikernel.endpoints.mkctl._output import Verbs, emit, output_options, settings, warn
 from multikernel.endpoints.mkctl._show import instance_table
-from multikernel.protocol import InstanceList, ShowInstances
+from multikernel.protocol import InstanceList, ShowInstances, parse_cpus, parse_size
 
 
 @click.group(cls=Verbs)
@@ -44,6 +45,20 @@ def _running(pidfile: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if _alive(pid) else None
+
+
+def _checked(parse: Callable[[str], object]) -> Callable[..., str | None]:
+    """A click callback that refuses what `parse` refuses (with its message), keeping the text."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse(value)
+            except ValueError as error:
+                raise click.BadParameter(str(error), ctx, param) from None
+        return value
+
+    return check
 
 
 @host.command()
@@ -75,6 +90,29 @@ def _running(pidfile: Path) -> int | None:
     help="Control socket mode, octal (default 0600: your user and root; docs/security.md).",
 )
 @click.option("--socket-group", default=None, help="Control socket group (a name or a gid).")
+@click.option(
+    "--reserve-cpus",
+    default=None,
+    callback=_checked(lambda text: parse_cpus(text if text.startswith("@") else "@" + text)),
+    help="CPUs the host keeps and never grants (@0, @0-1).",
+)
+@click.option(
+    "--reserve-memory",
+    default=None,
+    callback=_checked(parse_size),
+    help="Memory the host keeps and never grants (1G).",
+)
+@click.option(
+    "--placement",
+    default=None,
+    help="Where grants go: pack (default: fill NUMA nodes in turn), spread, or module:attr.",
+)
+@click.option(
+    "--cpu-share",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Instances that may share one CPU (default 1: none share).",
+)
 def up(
     foreground: bool,
     policy: str | None,
@@ -84,6 +122,10 @@ def up(
     no_isolation: bool,
     socket_mode: str | None,
     socket_group: str | None,
+    reserve_cpus: str | None,
+    reserve_memory: str | None,
+    placement: str | None,
+    cpu_share: int | None,
 ) -> int:
     """Start the host (in the background unless --foreground)."""
     options = settings()
@@ -103,7 +145,14 @@ def up(
         command.append("--allow-unsigned")
     if no_isolation:
         command.append("--no-isolation")
-    for flag, value in (("--socket-mode", socket_mode), ("--socket-group", socket_group)):
+    for flag, value in (
+        ("--socket-mode", socket_mode),
+        ("--socket-group", socket_group),
+        ("--reserve-cpus", reserve_cpus),
+        ("--reserve-memory", reserve_memory),
+        ("--placement", placement),
+        ("--cpu-share", None if cpu_share is None else str(cpu_share)),
+    ):
         if value is not None:
             command += [flag, value]
     if foreground:
