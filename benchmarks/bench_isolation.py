@@ -16,7 +16,7 @@ resource actors, as `mkctl host up` runs them) and three scenarios, interleaved 
 
 The caller measures each request (send → answer) for `--seconds` after a one-second warm-up and
 reports p50, p99 and p99.9 in µs; the script prints each round and the medians over rounds, and
-the ratios to quiet (the target: isolated p99 ≤ 1.2× quiet). It needs root (cgroups), two CPUs or
+the ratios to quiet (the target: isolated p99 ≤ 1.2 times quiet). It needs root (cgroups), two CPUs or
 more, and `stress-ng` (`apt-get install stress-ng`). Where `/sys/fs/resctrl` is absent the last
 level cache and the memory bandwidth stay shared with the neighbour whatever its grant says; the
 script says so.
@@ -35,6 +35,7 @@ import textwrap
 from pathlib import Path
 
 import anyio
+import anyio.abc
 
 from multikernel.endpoints import Bus, connect, runtime
 from multikernel.protocol import (
@@ -150,11 +151,11 @@ async def _scenario(
     bus: Bus, kind: str, images: dict[str, Path], pair_cpu: int, hog_cpu: int
 ) -> dict[str, float]:
     """One measurement: the caller's figures while the neighbour does what `kind` says."""
-    hog: subprocess.Popen[bytes] | None = None
+    hog: anyio.abc.Process | None = None
     if kind == "isolated":
         await _up(bus, "hog", (hog_cpu,), 512 << 20, images["hog"])
     elif kind == "unconfined":
-        hog = subprocess.Popen(HOG_ARGS, stdout=subprocess.DEVNULL, start_new_session=True)
+        hog = await anyio.open_process(HOG_ARGS, stdout=subprocess.DEVNULL, start_new_session=True)
     try:
         async with await bus.subscribe("bench.result") as results:
             await _up(bus, "cli", (pair_cpu,), 256 << 20, images["cli"])
@@ -168,7 +169,7 @@ async def _scenario(
             await _down(bus, "hog")
         if hog is not None:
             os.killpg(hog.pid, 9)
-            hog.wait()
+            await hog.wait()
     return figures
 
 
