@@ -16,8 +16,8 @@ resource actors, as `mkctl host up` runs them) and three scenarios, interleaved 
 
 The caller measures each request (send → answer) for `--seconds` after a one-second warm-up and
 reports p50, p99 and p99.9 in µs; the script prints each round and the medians over rounds, and
-the ratios to quiet (the target: isolated p99 ≤ 1.2 times quiet). It needs root (cgroups), two CPUs or
-more, and `stress-ng` (`apt-get install stress-ng`). Where `/sys/fs/resctrl` is absent the last
+the ratios to quiet (the target: isolated p99 ≤ 1.2 times quiet). It needs root (cgroups), two CPUs
+or more, and `stress-ng` (`apt-get install stress-ng`). Where `/sys/fs/resctrl` is absent the last
 level cache and the memory bandwidth stay shared with the neighbour whatever its grant says; the
 script says so.
 """
