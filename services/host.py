@@ -64,6 +64,13 @@ def parser() -> argparse.ArgumentParser:
         "--sysfs-root", type=Path, default=Path("/"), help="read the machine from this tree (tests)"
     )
     p.add_argument(
+        "--memory-bandwidth",
+        type=int,
+        default=None,
+        metavar="PERCENT",
+        help="limit each instance's memory bandwidth (resctrl MB, where the machine has it)",
+    )
+    p.add_argument(
         "--metrics",
         default="127.0.0.1:0",
         help="HOST:PORT for Prometheus metrics (port 0: any free one; 'off': none)",
@@ -99,6 +106,7 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         cpu_share=args.cpu_share,
         ack_timeout=args.ack_timeout,
         sysfs_root=args.sysfs_root,
+        memory_bandwidth=args.memory_bandwidth,
         metrics="" if args.metrics == "off" else args.metrics,
         socket_access=SocketAccess.parse(args.socket_mode, args.socket_group),
     )
