@@ -29,6 +29,13 @@ def _cpu_list(text: str) -> frozenset[int]:
     return frozenset(spec.ids)
 
 
+def _percent(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a percentage from 1 to 100, not {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m multikernel.services.host", description=__doc__)
     p.add_argument("--socket", type=Path, default=None, help="the bus control socket")
@@ -65,7 +72,7 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--memory-bandwidth",
-        type=int,
+        type=_percent,
         default=None,
         metavar="PERCENT",
         help="limit each instance's memory bandwidth (resctrl MB, where the machine has it)",
