@@ -29,6 +29,13 @@ def _cpu_list(text: str) -> frozenset[int]:
     return frozenset(spec.ids)
 
 
+def _percent(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a percentage from 1 to 100, not {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m multikernel.services.host", description=__doc__)
     p.add_argument("--socket", type=Path, default=None, help="the bus control socket")
@@ -62,6 +69,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--sysfs-root", type=Path, default=Path("/"), help="read the machine from this tree (tests)"
+    )
+    p.add_argument(
+        "--memory-bandwidth",
+        type=_percent,
+        default=None,
+        metavar="PERCENT",
+        help="limit each instance's memory bandwidth (resctrl MB, where the machine has it)",
     )
     p.add_argument(
         "--metrics",
@@ -99,6 +113,7 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         cpu_share=args.cpu_share,
         ack_timeout=args.ack_timeout,
         sysfs_root=args.sysfs_root,
+        memory_bandwidth=args.memory_bandwidth,
         metrics="" if args.metrics == "off" else args.metrics,
         socket_access=SocketAccess.parse(args.socket_mode, args.socket_group),
     )

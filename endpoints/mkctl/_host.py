@@ -113,6 +113,13 @@ def _checked(parse: Callable[[str], object]) -> Callable[..., str | None]:
     default=None,
     help="Instances that may share one CPU (default 1: none share).",
 )
+@click.option(
+    "--memory-bandwidth",
+    type=click.IntRange(1, 100),
+    default=None,
+    metavar="PERCENT",
+    help="Limit each instance's memory bandwidth (resctrl, where the machine has it).",
+)
 def up(
     foreground: bool,
     policy: str | None,
@@ -126,6 +133,7 @@ def up(
     reserve_memory: str | None,
     placement: str | None,
     cpu_share: int | None,
+    memory_bandwidth: int | None,
 ) -> int:
     """Start the host (in the background unless --foreground)."""
     options = settings()
@@ -152,6 +160,7 @@ def up(
         ("--reserve-memory", reserve_memory),
         ("--placement", placement),
         ("--cpu-share", None if cpu_share is None else str(cpu_share)),
+        ("--memory-bandwidth", None if memory_bandwidth is None else str(memory_bandwidth)),
     ):
         if value is not None:
             command += [flag, value]
