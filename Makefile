@@ -44,6 +44,7 @@ bench: install
 	$(PY) benchmarks/bench_router.py --quick
 	$(PY) benchmarks/bench_bus.py --quick
 	$(PY) benchmarks/bench_lifecycle.py --quick
+	$(PY) benchmarks/bench_resource.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache .concurrent

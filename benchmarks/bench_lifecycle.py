@@ -32,6 +32,7 @@ from multikernel.services._host import host_rule
 from multikernel.services._image import sign_image
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
+from multikernel.services._resource_process import ResourceConfig, serve_resource
 from multikernel.services._signature import make_signing_key
 
 
@@ -57,8 +58,10 @@ async def main(runs: int) -> None:
         "kill (negotiated)": [],
         "kill --force": [],
     }
+    resource = ResourceConfig(socket=str(hub.path), state_dir=str(root / "state"))
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
+        await tg.start(serve_resource, resource)  # the lifecycle actor asks it for CPUs
         async with connect(hub.path, name="lifecycle") as ep, connect(hub.path) as bus:
             actor = LifecycleActor(
                 ep,

@@ -23,6 +23,7 @@ from multikernel.endpoints._hublink import HubUnavailableError as HubUnavailable
 from multikernel.endpoints._retry import Retrying as Retrying
 from multikernel.endpoints._retry import retrying as retrying
 from multikernel.endpoints._service import Service as Service
+from multikernel.endpoints._subscription import DEFAULT_PATIENCE as DEFAULT_PATIENCE
 from multikernel.endpoints._subscription import Message as Message
 from multikernel.endpoints._subscription import Subscription as Subscription
 from multikernel.endpoints._subscription import (

@@ -16,7 +16,10 @@ own well-known names with ordered hand-off (NameRequest/NameRelease/NameOwnerCha
 drain. Error bodies (``ErrorBody``) carry a code that maps back to the same exception class on
 the other side (``error_to_body``, ``raise_for_error``), under the project's one root error,
 ``MultikernelError``. The resource and lifecycle vocabulary (``KernelMessage``) mirrors the
-multikernel kernel's ``mk_message`` ABI, subtype for subtype.
+multikernel kernel's ``mk_message`` ABI, subtype for subtype; the resource actor's grants are
+transactions of those messages (``ResourceTransaction``, ``RESOURCE_METHODS``), and CPUs and sizes
+have one text syntax for every client (``parse_cpus``: ``2`` is a count, ``@0-3,6`` a list;
+``parse_size``, ``format_size``).
 
 Every number on the wire lives in one table (``Kind``, ``Flag``, ``Feature``, ``ErrorCode``, the
 ``MK_*`` enums); ``docs/protocol.md`` is the specification, checked against that table by tests,
@@ -74,6 +77,7 @@ from multikernel.protocol._control import Unsubscribe as Unsubscribe
 from multikernel.protocol._control import Welcome as Welcome
 from multikernel.protocol._envelope import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY
 from multikernel.protocol._envelope import HEADER_SIZE as HEADER_SIZE
+from multikernel.protocol._envelope import MISSED_OFFSET as MISSED_OFFSET
 from multikernel.protocol._envelope import Header as Header
 from multikernel.protocol._envelope import body_view as body_view
 from multikernel.protocol._envelope import deadline_after as deadline_after
@@ -160,8 +164,43 @@ from multikernel.protocol._lifecycle import TtySession as TtySession
 from multikernel.protocol._lifecycle import UpdateInstance as UpdateInstance
 from multikernel.protocol._paging import join_snapshot_pages as join_snapshot_pages
 from multikernel.protocol._paging import snapshot_page as snapshot_page
+from multikernel.protocol._resource import AGENT_RESOURCE_METHOD as AGENT_RESOURCE_METHOD
+from multikernel.protocol._resource import RESOURCE_METHODS as RESOURCE_METHODS
+from multikernel.protocol._resource import CpuInfo as CpuInfo
+from multikernel.protocol._resource import CpuSpec as CpuSpec
+from multikernel.protocol._resource import Grant as Grant
+from multikernel.protocol._resource import GrantFailedError as GrantFailedError
+from multikernel.protocol._resource import GrantList as GrantList
+from multikernel.protocol._resource import GrantOp as GrantOp
+from multikernel.protocol._resource import GrantRequest as GrantRequest
+from multikernel.protocol._resource import GrantsQuery as GrantsQuery
+from multikernel.protocol._resource import History as History
+from multikernel.protocol._resource import HistoryQuery as HistoryQuery
+from multikernel.protocol._resource import InstanceRef as InstanceRef
+from multikernel.protocol._resource import (
+    InvalidResourceRequestError as InvalidResourceRequestError,
+)
+from multikernel.protocol._resource import NodeInfo as NodeInfo
+from multikernel.protocol._resource import PoolInfo as PoolInfo
+from multikernel.protocol._resource import PoolQuery as PoolQuery
+from multikernel.protocol._resource import QueueInfo as QueueInfo
+from multikernel.protocol._resource import Reconcile as Reconcile
+from multikernel.protocol._resource import Release as Release
+from multikernel.protocol._resource import ResourceError as ResourceError
+from multikernel.protocol._resource import ResourceTransaction as ResourceTransaction
+from multikernel.protocol._resource import ResourceTransactionAck as ResourceTransactionAck
+from multikernel.protocol._resource import ResourceUnavailableError as ResourceUnavailableError
+from multikernel.protocol._resource import TxRecord as TxRecord
+from multikernel.protocol._resource import UnknownGrantError as UnknownGrantError
 from multikernel.protocol._subjects import MAX_SUBJECT_BYTES as MAX_SUBJECT_BYTES
 from multikernel.protocol._subjects import MAX_SUBJECT_TOKENS as MAX_SUBJECT_TOKENS
 from multikernel.protocol._subjects import subject_matches as subject_matches
 from multikernel.protocol._subjects import validate_pattern as validate_pattern
 from multikernel.protocol._subjects import validate_subject as validate_subject
+from multikernel.protocol._units import MAX_CPU_ID as MAX_CPU_ID
+from multikernel.protocol._units import format_cpu_list as format_cpu_list
+from multikernel.protocol._units import format_cpus as format_cpus
+from multikernel.protocol._units import format_size as format_size
+from multikernel.protocol._units import parse_cpu_list as parse_cpu_list
+from multikernel.protocol._units import parse_cpus as parse_cpus
+from multikernel.protocol._units import parse_size as parse_size

@@ -26,8 +26,9 @@ class _LifecycleMessage(msgspec.Struct, frozen=True, omit_defaults=True):
 class CreateInstance(_LifecycleMessage, frozen=True):
     """Create an instance; with resources it is ``ready`` at once, else ``empty``.
 
-    ``cpus`` names host CPUs; ``cpu_count`` asks the actor to pick that many. ``restart`` is
-    what the fault actor does when it fails (docs/fault.md).
+    ``cpus`` names host CPUs; ``cpu_count`` asks the resource actor to place that many (give one
+    of them: ``parse_cpus`` turns ``2`` or ``@0-3`` into either). ``queues`` names I/O queues.
+    ``restart`` is what the fault actor does when it fails (docs/fault.md).
     """
 
     name: ShortStr
@@ -35,16 +36,22 @@ class CreateInstance(_LifecycleMessage, frozen=True):
     cpu_count: U32 = 0
     memory: U64 = 0
     restart: RestartPolicy = RestartPolicy()
+    queues: tuple[ShortStr, ...] | None = None
 
 
 class UpdateInstance(_LifecycleMessage, frozen=True):
-    """Change an instance's resources (live when it is active), or its restart policy."""
+    """Change an instance's resources (live when it is active) or its restart policy; left out:
+    kept.
+
+    ``queues`` None keeps its I/O queues, ``()`` gives them back.
+    """
 
     name: ShortStr
     cpus: tuple[U32, ...] = ()
     cpu_count: U32 = 0
     memory: U64 = 0
     restart: RestartPolicy | None = None
+    queues: tuple[ShortStr, ...] | None = None
 
 
 class LoadImage(_LifecycleMessage, frozen=True):
@@ -112,6 +119,7 @@ class InstanceInfo(_LifecycleMessage, frozen=True):
     generation: U32 = 0  # launches so far: each start (or restart) is a new generation
     cause: str = ""  # why the last launch ended: requested, exited, crashed, lost, hang, garbage
     standby: U32 = 0  # pid of the warm standby agent, 0 when there is none
+    queues: tuple[str, ...] = ()
 
 
 class InstanceList(_LifecycleMessage, frozen=True):
@@ -170,6 +178,9 @@ class AgentStatus(_LifecycleMessage, frozen=True):
     workload_pid: U32 = 0
     workload_running: bool = False
     uptime: float = 0.0
+    memory: U64 = 0  # the instance's memory grant, as the agent last applied it
+    queues: tuple[str, ...] = ()  # I/O queues granted to the instance
+    resource_tx: U64 = 0  # the last resource transaction the agent applied
 
 
 class ExecOutput(_LifecycleMessage, frozen=True):

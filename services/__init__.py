@@ -3,10 +3,18 @@
 - `LifecycleActor`: kernel instances from create to delete (the `lifecycle` service), through the
   kernel's states, with verified images and negotiated shutdown (docs/lifecycle.md).
 - `LocalPlatform`: an instance as an isolated process tree: PID/UTS/mount namespaces, cpuset and
-  memory cgroups, CPU affinity (docs/platform.md); `Platform` is the interface.
+  memory cgroups, CPU affinity, and cache ways of its own where the machine has resctrl
+  (`CacheShare`; docs/platform.md); `Platform` is the interface.
 - Images in the kernel's appended-signature format: `sign_image`, `verify_image`, `load_image`,
   `make_signing_key` (docs/images.md).
-- `run_host` / `python -m multikernel.services.host`: hub + actors in one process (`mkctl host up`).
+- `ResourceActor`: the host's pool of CPUs, memory blocks and I/O queues (`discover_pool`,
+  `Pool`) and every grant of it (the `resource` service), as transactions the instance's agent
+  acknowledges; placement is a `PlacementPolicy` plugin (`PackPolicy`, `SpreadPolicy`,
+  `ScoredPolicy` for an eBPF scorer). docs/resources.md. `multikernel.services.testing` has a
+  fake machine (`FakeSysfs`), a fake resctrl (`FakeResctrl`) and a fake agent (`FakeAgent`)
+  for tests.
+- `run_host` / `python -m multikernel.services.host`: the hub and the actors (`mkctl host up`);
+  the resource actor runs in a process of its own (`python -m multikernel.services.resource`).
 - `python -m multikernel.services.agent`: the first process of every instance.
 """
 
@@ -29,6 +37,15 @@ if TYPE_CHECKING:
     from multikernel.services._local import LocalPlatform as LocalPlatform
     from multikernel.services._manifest import ImageError as ImageError
     from multikernel.services._manifest import Manifest as Manifest
+    from multikernel.services._placement import CpuScorer as CpuScorer
+    from multikernel.services._placement import Holding as Holding
+    from multikernel.services._placement import Placement as Placement
+    from multikernel.services._placement import PlacementPolicy as PlacementPolicy
+    from multikernel.services._placement import PlacementRequest as PlacementRequest
+    from multikernel.services._placement import PoolState as PoolState
+    from multikernel.services._placement import Refusal as Refusal
+    from multikernel.services._placement import place as place
+    from multikernel.services._platform import CacheShare as CacheShare
     from multikernel.services._platform import Capabilities as Capabilities
     from multikernel.services._platform import InstanceProcess as InstanceProcess
     from multikernel.services._platform import IsolationReport as IsolationReport
@@ -36,6 +53,16 @@ if TYPE_CHECKING:
     from multikernel.services._platform import Platform as Platform
     from multikernel.services._platform import PlatformError as PlatformError
     from multikernel.services._platform import Resources as Resources
+    from multikernel.services._policies import PackPolicy as PackPolicy
+    from multikernel.services._policies import ScoredPolicy as ScoredPolicy
+    from multikernel.services._policies import SpreadPolicy as SpreadPolicy
+    from multikernel.services._policies import load_policy as load_policy
+    from multikernel.services._pool import Pool as Pool
+    from multikernel.services._pool import PoolError as PoolError
+    from multikernel.services._pool import discover_pool as discover_pool
+    from multikernel.services._resource import ResourceActor as ResourceActor
+    from multikernel.services._resource_process import ResourceConfig as ResourceConfig
+    from multikernel.services._resource_store import ResourceStore as ResourceStore
     from multikernel.services._signature import BadSignatureError as BadSignatureError
     from multikernel.services._signature import SignatureError as SignatureError
     from multikernel.services._signature import SignerInfo as SignerInfo
@@ -45,7 +72,11 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "BadSignatureError": "multikernel.services._signature",
+    "CacheShare": "multikernel.services._platform",
     "Capabilities": "multikernel.services._platform",
+    "CpuScorer": "multikernel.services._placement",
+    "discover_pool": "multikernel.services._pool",
+    "Holding": "multikernel.services._placement",
     "HostConfig": "multikernel.services._host",
     "ImageError": "multikernel.services._manifest",
     "InstanceError": "multikernel.services._instances",
@@ -53,22 +84,37 @@ _LAZY = {
     "IsolationReport": "multikernel.services._platform",
     "LaunchSpec": "multikernel.services._platform",
     "LifecycleActor": "multikernel.services._lifecycle",
+    "load_image": "multikernel.services._image",
+    "load_policy": "multikernel.services._policies",
     "LoadedImage": "multikernel.services._image",
     "LocalPlatform": "multikernel.services._local",
+    "make_signing_key": "multikernel.services._signature",
     "Manifest": "multikernel.services._manifest",
+    "pack": "multikernel.services._image",
+    "PackPolicy": "multikernel.services._policies",
+    "place": "multikernel.services._placement",
+    "Placement": "multikernel.services._placement",
+    "PlacementPolicy": "multikernel.services._placement",
+    "PlacementRequest": "multikernel.services._placement",
     "Platform": "multikernel.services._platform",
     "PlatformError": "multikernel.services._platform",
+    "Pool": "multikernel.services._pool",
+    "PoolError": "multikernel.services._pool",
+    "PoolState": "multikernel.services._placement",
+    "Refusal": "multikernel.services._placement",
+    "ResourceActor": "multikernel.services._resource",
+    "ResourceConfig": "multikernel.services._resource_process",
     "Resources": "multikernel.services._platform",
+    "ResourceStore": "multikernel.services._resource_store",
+    "run_host": "multikernel.services._host",
+    "ScoredPolicy": "multikernel.services._policies",
+    "sign_image": "multikernel.services._image",
     "SignatureError": "multikernel.services._signature",
     "SignerInfo": "multikernel.services._signature",
+    "SpreadPolicy": "multikernel.services._policies",
     "UnsignedImageError": "multikernel.services._signature",
     "UntrustedSignerError": "multikernel.services._signature",
     "VerifiedImage": "multikernel.services._image",
-    "load_image": "multikernel.services._image",
-    "make_signing_key": "multikernel.services._signature",
-    "pack": "multikernel.services._image",
-    "run_host": "multikernel.services._host",
-    "sign_image": "multikernel.services._image",
     "verify_image": "multikernel.services._image",
 }
 __all__ = sorted(_LAZY)

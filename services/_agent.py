@@ -1,12 +1,14 @@
 """The instance agent: the first process of every instance.
 
 It attaches to the bus through the socket the instance inherited at spawn (so the hub binds it to
-its instance), serves `instance.<id>.agent` (status, exec, shutdown), announces itself with an
-`AgentHello` on `mk.instance.<id>.hello`, beats on `mk.instance.<id>.system`, and runs the
-instance's workload: the image's entry command, in the unpacked image, with a bus attachment of
-its own. Shutdown is negotiated the way the multikernel kernel does it: `Shutdown` is answered
-with `ShutdownAck`, the workload is stopped (SIGTERM, then SIGKILL after the grace), `Halted` is
-published and the agent exits. If the workload ends by itself, the instance halts too.
+its instance), serves `instance.<id>.agent` (status, exec, resource, shutdown), announces itself
+with an `AgentHello` on `mk.instance.<id>.hello`, beats on `mk.instance.<id>.system`, and runs
+the instance's workload: the image's entry command, in the unpacked image, with a bus attachment
+of its own. A `resource` request from the host's resource actor is a grant transaction made of
+the kernel's MK_RES_* messages: the agent applies it to the instance and acknowledges each op
+(`_agent_resources`). Shutdown is negotiated the way the multikernel kernel does it: `Shutdown`
+is answered with `ShutdownAck`, the workload is stopped (SIGTERM, then SIGKILL after the grace),
+`Halted` is published and the agent exits. If the workload ends by itself, the instance halts too.
 
 When the hub restarts, the agent (and its workload) re-attach at $MULTIKERNEL_BUS, and the agent
 says hello again. A standby agent ($MULTIKERNEL_STANDBY_FD) stays silent until the lifecycle
@@ -17,7 +19,8 @@ re-attach), MULTIKERNEL_INSTANCE (id), MULTIKERNEL_INSTANCE_NAME, MULTIKERNEL_WO
 may be empty), MULTIKERNEL_IMAGE_DIR, MULTIKERNEL_WORKLOAD_ENV (JSON object), MULTIKERNEL_OUTPUT_FD
 and MULTIKERNEL_OUTPUT_HOLD_FD (the write and read ends of the pipe the host collects the
 workload's output from), and optionally MULTIKERNEL_HEARTBEAT (seconds between heartbeats) and
-MULTIKERNEL_STANDBY_FD.
+MULTIKERNEL_STANDBY_FD; and its grant: MULTIKERNEL_MEMORY, MULTIKERNEL_QUEUES (JSON),
+MULTIKERNEL_RESOURCE_TX, MULTIKERNEL_RESOURCES_FILE.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from dataclasses import dataclass, field
 import anyio
 import anyio.abc
 
-from multikernel.endpoints import Bus, Endpoint, Service, connect, runtime
+from multikernel.endpoints import Bus, Endpoint, Service, connect, current_caller, runtime
 from multikernel.endpoints.log import configure, get_logger
 from multikernel.protocol import (
+    AccessDeniedError,
     AgentHello,
     AgentStatus,
     DeadlineExceededError,
@@ -44,11 +48,14 @@ from multikernel.protocol import (
     ExecResult,
     Halted,
     NotFoundError,
+    ResourceTransaction,
+    ResourceTransactionAck,
     Shutdown,
     ShutdownAck,
     SystemHeartbeat,
 )
 from multikernel.services._agent_exec import Terminals, exec_stream
+from multikernel.services._agent_resources import InstanceResources
 from multikernel.services._takeover import Gate, Takeover
 
 log = get_logger("multikernel.agent")
@@ -60,6 +67,7 @@ WORKLOAD_GRACE = 3.0
 class AgentState:
     instance: int
     name: str
+    resources: InstanceResources
     started: float = field(default_factory=time.monotonic)
     workload: anyio.abc.Process | None = None
     stop: anyio.Event = field(default_factory=anyio.Event)
@@ -162,7 +170,8 @@ def _serve(ep: Bus, state: AgentState) -> Service:
             instance=state.instance, pid=os.getpid(), hostname=socket.gethostname(),
             cpus=_cpus(), workload_pid=proc.pid if proc else 0,
             workload_running=proc is not None and proc.returncode is None,
-            uptime=time.monotonic() - state.started,
+            uptime=time.monotonic() - state.started, memory=state.resources.memory,
+            queues=state.resources.queues, resource_tx=state.resources.tx,
         )  # fmt: skip
 
     @svc.method
@@ -183,6 +192,13 @@ def _serve(ep: Bus, state: AgentState) -> Service:
     Terminals().serve(svc)
 
     @svc.method
+    async def resource(request: ResourceTransaction) -> ResourceTransactionAck:
+        """MK_RES_* from the host's resource actor: apply (or roll back), one ack per op."""
+        if current_caller().instance != 0:
+            raise AccessDeniedError("only the host changes an instance's resources")
+        return await state.resources.handle(request)
+
+    @svc.method
     async def shutdown(request: Shutdown) -> ShutdownAck:
         state.halted_reason = "shutdown requested"
         state.stop.set()
@@ -196,7 +212,7 @@ async def run_agent() -> int:
     name = os.environ.get("MULTIKERNEL_INSTANCE_NAME", f"instance-{instance}")
     workload = json.loads(os.environ.get("MULTIKERNEL_WORKLOAD", "[]"))
     image_dir = os.environ.get("MULTIKERNEL_IMAGE_DIR", "")
-    state = AgentState(instance, name)
+    state = AgentState(instance, name, InstanceResources.from_environment(instance))
     output = _output_fd()
     status = 0
     period = float(os.environ.get("MULTIKERNEL_HEARTBEAT") or HEARTBEAT_SECONDS)

@@ -1,4 +1,4 @@
-"""Actors in their own processes: the host starts each one, starts it again when it dies.
+"""Actors attached by an instance-0 socket and a lifeline (the fault actor): started, restarted.
 
 DESIGN §7: every actor runs in its own process. The host hands one what the kernel hands an
 instance: a bus socket the hub bound to instance 0 (its identity is the host's by construction, not
@@ -30,7 +30,7 @@ ENV_LIFELINE = "MULTIKERNEL_LIFELINE_FD"
 STOP_GRACE = 5.0
 
 
-class ActorProcess:
+class ChildActor:
     """One actor's process, kept running by the host while `run` runs."""
 
     def __init__(

@@ -1,17 +1,25 @@
 """The host process: the hub and the actors of one multikernel host, composed.
 
-`run_host` starts the hub on its control socket, then attaches the lifecycle actor to it as an
-ordinary endpoint (the actors only exchange messages; the one thing the host hands the lifecycle
-actor directly is the hub's `open_instance_socket`, the way a real kernel hands a new instance its
-IPI buffers). On SIGTERM or SIGINT it stops every instance, drains the hub and exits.
+`run_host` starts the hub on its control socket, then the resource actor in a process of its own
+(`ActorProcess`: restarted if it dies, stopped with the host), then attaches the lifecycle actor
+as an ordinary endpoint (the actors only exchange messages; the one thing the host hands the
+lifecycle actor directly is the hub's `open_instance_socket`, the way a real kernel hands a new
+instance its IPI buffers). On SIGTERM or SIGINT it stops every instance, then the resource actor,
+drains the hub and exits.
 
 The host survives itself: the lifecycle actor's state is in `<state-dir>/lifecycle.db`, and before
 the hub listens the host brings it back (`_recovery`): the instances still running are adopted, the
 others reclaimed. The hub asks the platform which instance a process attaching by path belongs to
 (`instance_of`), so agents re-attaching after a restart are bound to their own instance.
 
-The fault actor runs in a process of its own (`python -m multikernel.services.fault`), which the
-host starts once its lifecycle actor serves, and starts again if it dies (`_children`).
+The start order: the hub; the resource actor (its own process, `_actors.ActorProcess`), which
+must serve before the lifecycle actor starts because the lifecycle actor reconciles with it (the
+grants of instances `lifecycle.db` does not know are released; adopted and stored instances keep
+theirs); the lifecycle actor; then the fault actor (its own process, `python -m
+multikernel.services.fault`, attached on an instance-0 socket with a lifeline: `_children`), which
+asks the lifecycle actor for everything and so comes last; then metrics. Stopping goes the other
+way: the fault actor first (so it restarts nothing being stopped), the lifecycle actor's instances,
+the resource actor, the hub.
 
 The host's own user is privileged on instance 0 (an `instance:0 & uid:<uid>` rule appended to the
 policy): `mkctl`, run by the same user, may drive the host, and the actors may reach every
@@ -41,13 +49,15 @@ import anyio.abc
 from multikernel.bus import Hub, Policy, SocketAccess
 from multikernel.endpoints import connect
 from multikernel.endpoints.log import get_logger
+from multikernel.services._actors import ActorProcess
 from multikernel.services._cgroups import GROUP_ROOT
-from multikernel.services._children import ActorProcess
+from multikernel.services._children import ChildActor
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._metrics import HostCollector, registry, serve_metrics
 from multikernel.services._platform import PlatformError
 from multikernel.services._recovery import Recovered, recover
+from multikernel.services._resource_process import ResourceConfig, resource_argv
 
 log = get_logger("multikernel.host")
 
@@ -145,12 +155,30 @@ class HostConfig:
     hello_timeout: float = 15.0
     heartbeat: float | None = None  # seconds between agents' heartbeats (None: theirs, 1 s)
     fault: bool = True  # run the fault actor (restarts failed instances by their policy)
+    # The resource actor: what the host keeps, how grants are placed (docs/resources.md).
+    reserve_cpus: frozenset[int] = frozenset()
+    reserve_memory: int = 0
+    placement: str = "pack"
+    cpu_share: int = 1
+    ack_timeout: float = 5.0
+    sysfs_root: Path = Path("/")
+    #: Each instance's memory bandwidth in percent, where resctrl can limit it (None: unlimited).
+    memory_bandwidth: int | None = None
     metrics: str = "127.0.0.1:0"  # where Prometheus scrapes (port 0: any free one); "" off
     #: Who may connect to the control socket (default 0600: the host's own user and root).
     socket_access: SocketAccess = field(default_factory=SocketAccess)
 
     def policy(self) -> Policy:
         return Policy.from_toml(self.policy_text + host_rule(os.getuid()), self.policy_source)
+
+    def resource_config(self) -> ResourceConfig:
+        return ResourceConfig(
+            socket=str(self.socket), state_dir=str(self.state_dir),
+            reserve_cpus=tuple(sorted(self.reserve_cpus)), reserve_memory=self.reserve_memory,
+            policy=self.placement, cpu_share=self.cpu_share, ack_timeout=self.ack_timeout,
+            sysfs_root=str(self.sysfs_root), isolate=self.isolate,
+            cgroup_group=cgroup_group(self.state_dir),
+        )  # fmt: skip
 
 
 async def run_host(
@@ -164,9 +192,17 @@ async def run_host(
     Cancelling it also stops the instances (forcibly: the bus is going away with it).
     """
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-    platform = LocalPlatform(isolate=config.isolate, group=cgroup_group(config.state_dir))
+    platform = LocalPlatform(
+        isolate=config.isolate, group=cgroup_group(config.state_dir),
+        memory_bandwidth=config.memory_bandwidth,
+    )  # fmt: skip
     for warning in platform.capabilities().warnings:
         log.warning("isolation", warning=warning)
+    if platform.cache is not None:
+        log.info("cache partitioning", resctrl=platform.cache.info.describe())
+        for name in platform.remove_stale_cache_groups():
+            log.info("stale resctrl group removed", instance=name)
+    resource = config.resource_config()
     recovered: Recovered | None = None
     try:
         # Before the hub listens: an agent re-attaching by path must be known when it asks.
@@ -179,43 +215,14 @@ async def run_host(
         )
         async with anyio.create_task_group() as tg:
             await tg.start(hub.serve)
-            async with connect(config.socket, name="lifecycle") as ep:
-                actor = LifecycleActor(
-                    ep,
-                    platform,
-                    open_instance_socket=hub.open_instance_socket,
-                    state_dir=config.state_dir,
-                    trusted_certs=read_trusted(config.trusted),
-                    allow_unsigned=config.allow_unsigned,
-                    hello_timeout=config.hello_timeout,
-                    bus_path=config.socket,
-                    heartbeat=config.heartbeat,
-                    recovered=recovered,
+            async with anyio.create_task_group() as processes:
+                # The resource actor first: the lifecycle actor reconciles with it as it starts.
+                resource_actor = ActorProcess(
+                    "resource", lambda fd: resource_argv(resource, ready_fd=fd)
                 )
-                async with anyio.create_task_group() as actors:
-                    await actors.start(actor.run)
-                    if config.fault:
-                        fault = fault_process(config, hub)
-                        await actors.start(fault.run)
-                    if config.metrics:
-                        collector = HostCollector(
-                            hub.snapshot,
-                            lambda: ep.statistics()["services"],
-                            actor.infos,
-                        )
-                        await actors.start(
-                            serve_metrics, registry(collector), config.metrics, config.state_dir
-                        )
-                    log.info(
-                        "host up",
-                        socket=str(config.socket),
-                        pid=os.getpid(),
-                        state_dir=str(config.state_dir),
-                        cgroups=[str(p) for p in platform.cgroup_parents],
-                    )
-                    task_status.started(hub)
-                    await _until_stopped(stop)
-                    actors.cancel_scope.cancel()  # the actor stops its instances on the way out
+                await processes.start(resource_actor.run)
+                await _run_lifecycle(config, hub, platform, recovered, stop, task_status)
+                processes.cancel_scope.cancel()  # the resource actor stops once the instances have
             await hub.drain(grace=2.0)
             tg.cancel_scope.cancel()
     finally:
@@ -224,7 +231,55 @@ async def run_host(
         platform.close()  # the host's cgroup group, now that its instances are reclaimed
 
 
-def fault_process(config: HostConfig, hub: Hub) -> ActorProcess:
+async def _run_lifecycle(
+    config: HostConfig,
+    hub: Hub,
+    platform: LocalPlatform,
+    recovered: Recovered,
+    stop: anyio.Event | None,
+    task_status: anyio.abc.TaskStatus[Hub],
+) -> None:
+    """The lifecycle actor, then the fault actor's process (it asks the lifecycle actor for
+    everything), until the host is asked to stop: the fault actor goes first, then the
+    lifecycle actor stops its instances."""
+    async with connect(config.socket, name="lifecycle") as ep:
+        actor = LifecycleActor(
+            ep,
+            platform,
+            open_instance_socket=hub.open_instance_socket,
+            state_dir=config.state_dir,
+            trusted_certs=read_trusted(config.trusted),
+            allow_unsigned=config.allow_unsigned,
+            hello_timeout=config.hello_timeout,
+            bus_path=config.socket,
+            heartbeat=config.heartbeat,
+            recovered=recovered,
+        )
+        async with anyio.create_task_group() as actors:
+            await actors.start(actor.run)
+            if config.fault:
+                fault = fault_process(config, hub)
+                await actors.start(fault.run)
+            if config.metrics:
+                collector = HostCollector(
+                    hub.snapshot, lambda: ep.statistics()["services"], actor.infos
+                )
+                await actors.start(
+                    serve_metrics, registry(collector), config.metrics, config.state_dir
+                )
+            log.info(
+                "host up",
+                socket=str(config.socket),
+                pid=os.getpid(),
+                state_dir=str(config.state_dir),
+                cgroups=[str(p) for p in platform.cgroup_parents],
+            )
+            task_status.started(hub)
+            await _until_stopped(stop)
+            actors.cancel_scope.cancel()  # the actor stops its instances on the way out
+
+
+def fault_process(config: HostConfig, hub: Hub) -> ChildActor:
     """The fault actor's process, attached to the hub on an instance-0 socket."""
     argv = [
         sys.executable,
@@ -235,4 +290,4 @@ def fault_process(config: HostConfig, hub: Hub) -> ActorProcess:
     ]
     if config.heartbeat is not None:
         argv += ["--heartbeat", f"{config.heartbeat:g}"]
-    return ActorProcess("fault", argv, lambda: hub.open_instance_socket(0))
+    return ChildActor("fault", argv, lambda: hub.open_instance_socket(0))

@@ -108,6 +108,8 @@ class StoredInstance(msgspec.Struct):
     standby: str = ""  # the same for its standby
     launching: tuple[str, ...] = ()  # units being launched, not yet recorded
     output_fd: int = 0  # the running launch's agent holds its output pipe's read end there
+    queues: tuple[str, ...] = ()  # I/O queues granted
+    resource_tx: int = 0  # the resource transaction its resources come from
 
     @property
     def resources(self) -> Resources | None:
@@ -155,18 +157,29 @@ class InstanceStore:
         with transaction(self.db) as db:
             db.execute("DELETE FROM instances WHERE name = ?", (name,))
 
-    def allocate_id(self) -> int:
-        """The next instance id: never one used before, even by a deleted instance."""
+    def next_id(self) -> int:
+        """The id `allocate_id` would give now (the lifecycle actor asks for a grant with it
+        before it takes it: a create refused leaves no id used up)."""
+        row = self.db.execute("SELECT value FROM counters WHERE key = 'instance_id'").fetchone()
+        ids = [int(r[0]) for r in self.db.execute("SELECT id FROM instances")]
+        return max([int(row[0]) if row else 0, *ids]) + 1
+
+    def allocate_id(self, id: int = 0) -> int:
+        """The next instance id (or `id`, from `next_id`): never one used before, even by a
+        deleted instance."""
         with transaction(self.db) as db:
             row = db.execute("SELECT value FROM counters WHERE key = 'instance_id'").fetchone()
             ids = [int(r[0]) for r in db.execute("SELECT id FROM instances")]
             used = max([int(row[0]) if row else 0, *ids])
+            if id and id <= used:
+                raise ValueError(f"instance id {id} was used before (last {used})")
+            id = id or used + 1
             db.execute(
                 "INSERT INTO counters (key, value) VALUES ('instance_id', ?) "
                 "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (used + 1,),
+                (id,),
             )
-        return used + 1
+        return id
 
     def close(self) -> None:
         if self._db is not None:
@@ -196,6 +209,8 @@ def stored(inst: Instance) -> StoredInstance:
         standby=inst.standby.record if inst.standby is not None else "",
         launching=tuple(sorted(inst.launching)),
         output_fd=inst.output_fd if inst.proc is not None else 0,
+        queues=inst.queues,
+        resource_tx=inst.resource_tx,
     )
 
 
@@ -217,4 +232,6 @@ def restored(row: StoredInstance) -> Instance:
         generation=row.generation,
         cause=row.cause,
         output_fd=row.output_fd,
+        queues=row.queues,
+        resource_tx=row.resource_tx,
     )

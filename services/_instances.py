@@ -18,6 +18,7 @@ import anyio
 from multikernel.endpoints import Bus
 from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
+    Grant,
     InstanceInfo,
     InstanceState,
     InstanceStateChanged,
@@ -89,6 +90,8 @@ class Instance:
     id: int
     state: str = "none"  # until created
     resources: Resources | None = None
+    queues: tuple[str, ...] = ()  # I/O queues granted (the resource actor's names)
+    resource_tx: int = 0  # the resource transaction `resources` and `queues` come from
     image: LoadedImage | None = None
     image_dir: Path | None = None
     proc: InstanceProcess | None = None
@@ -114,6 +117,11 @@ class Instance:
     output_fd: int = 0
     launching: set[str] = field(default_factory=set)  # units being launched, not yet recorded
     standby: Standby | None = None  # a warm agent ready to take the instance over
+
+    def grant(self, grant: Grant) -> None:
+        """What the resource actor granted: the instance's CPUs, memory and queues from now on."""
+        self.resources = Resources(frozenset(grant.cpus), grant.memory)
+        self.queues, self.resource_tx = tuple(grant.queues), grant.tx
 
     def require(self, *states: str, verb: str) -> None:
         """Raise InstanceError unless the instance is in one of `states`, saying what to do."""
@@ -148,6 +156,7 @@ class Instance:
             generation=self.generation,
             cause=self.cause,
             standby=self.standby.proc.pid if self.standby is not None and self.standby.ready else 0,
+            queues=self.queues,
         )
 
 

@@ -17,7 +17,20 @@ knows them all, adopts the ones still running and reclaims the rest (`_recovery`
 (idempotent by launch generation) and `fail` are what the fault actor asks for; warm standbys of
 instances whose restart policy wants one are kept by `_standby`.
 
-This module is the service: its requests, the checks each one makes and the resources it picks.
+CPUs, memory and I/O queues are never picked here: `create` and `update` ask the resource actor
+(`resource.allocate` / `resource.update`) over the bus, which places them, applies a change to a
+running instance with its agent, and answers the grant; `delete` releases it, `start` launches
+with the grant the resource actor holds. A restart, a standby taking over and an adopted instance
+keep the grant they have (nothing is asked again, nothing released in between). At start the
+actor reconciles: the resource actor releases the grants of instances `lifecycle.db` does not
+know, and each stored instance's resources are read back from the resource actor.
+
+Writes are ordered so that `lifecycle.db` and `resource.db` cannot disagree after a crash: a
+create is granted before it is stored (a crash between leaves a grant of an unknown instance,
+released by the next reconcile), a delete is forgotten before its grant is released (the same),
+and an update's new grant, committed by the resource actor first, is read back at reconcile.
+
+This module is the service: its requests and the checks each one makes.
 Running the agents (launch, hello, watch, negotiated stop) is the `Supervisor`'s (`_supervisor`);
 the state machine, and the announcing of every move, are `_instances`'.
 """
@@ -26,8 +39,7 @@ from __future__ import annotations
 
 import shutil
 import socket
-from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import anyio
@@ -52,8 +64,10 @@ from multikernel.protocol import (
     StartInstance,
     SystemHeartbeat,
     UpdateInstance,
+    format_size,
 )
 from multikernel.services._image import load_image
+from multikernel.services._instance_store import InstanceStore
 from multikernel.services._instances import (
     ACTIVE,
     EMPTY,
@@ -61,12 +75,14 @@ from multikernel.services._instances import (
     LOADED,
     READY,
     Instance,
+    InstanceError,
     InstanceRefusedError,
     StateChanges,
     UnknownInstanceError,
 )
+from multikernel.services._lifecycle_grants import ResourceClient, describe
 from multikernel.services._output import InstanceLog
-from multikernel.services._platform import Platform, Resources, check_name
+from multikernel.services._platform import Platform, check_name
 from multikernel.services._recovery import Recovered, recover
 from multikernel.services._supervisor import Supervisor
 
@@ -91,7 +107,6 @@ class LifecycleActor:
         trusted_certs: list[bytes],
         allow_unsigned: bool = False,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
-        online_cpus: frozenset[int] | None = None,
         bus_path: Path | None = None,
         heartbeat: float | None = None,
         recovered: Recovered | None = None,
@@ -102,15 +117,15 @@ class LifecycleActor:
         self.trusted = trusted_certs
         self.allow_unsigned = allow_unsigned
         self.hello_timeout = hello_timeout
-        self._cpus = online_cpus
         self.instances: dict[str, Instance] = {}
-        self._ids = self._allocate_ids()
+        self._creating = anyio.Lock()
         self._recovered = recovered
         self._warming: set[str] = set()  # instances whose standby is being started
         self.standby_delay = STANDBY_DELAY
         self._tg: anyio.abc.TaskGroup | None = None
         self.timings: dict[str, list[float]] = {"hello": [], "reclaim": [], "takeover": []}
         self._states = StateChanges(endpoint)
+        self._grants = ResourceClient(endpoint)
         self._supervisor = Supervisor(
             endpoint,
             platform,
@@ -122,11 +137,9 @@ class LifecycleActor:
         )
         self._supervisor.standby_lost = self._keep_standby
 
-    def _allocate_ids(self) -> Iterator[int]:
-        """Instance ids from the store: never one used before, even across host restarts."""
-        while True:
-            assert self._states.store is not None, "ids are allocated once the actor runs"
-            yield self._states.store.allocate_id()
+    def _store(self) -> InstanceStore:
+        assert self._states.store is not None, "the store is open once the actor runs"
+        return self._states.store
 
     # -- running ------------------------------------------------------------------------------
 
@@ -164,6 +177,7 @@ class LifecycleActor:
             async with (
                 anyio.create_task_group() as tg,
                 await self.ep.subscribe("mk.instance.*.hello") as hellos,
+                await self.ep.subscribe("mk.resource.*.tx") as grants,
                 await self.ep.subscribe("mk.instance.*.system") as system,
             ):
                 self._tg = tg
@@ -171,8 +185,11 @@ class LifecycleActor:
                     assert inst.proc is not None
                     self._supervisor.reattach_output(inst, tg)
                     tg.start_soon(self._supervisor.watch, inst, inst.proc, inst.exited)
+                await self._grants.reconcile(self.instances.values())
+                await self._grants.refresh(self.instances.values(), self._states.save)
                 await svc.start()
                 tg.start_soon(self._hellos, hellos)
+                tg.start_soon(self._grants.follow, grants, self.instances, self._states.save)
                 tg.start_soon(self._heartbeats, system)
                 for change in recovered.changes:
                     inst = change.inst
@@ -232,47 +249,62 @@ class LifecycleActor:
 
     async def create(self, request: CreateInstance) -> InstanceInfo:
         name = check_name(request.name)
-        if name in self.instances:
-            raise InstanceRefusedError(
-                f"an instance named {name!r} exists: pick another name or delete it"
+        async with self._creating:  # one at a time: the name check and the id hold until granted
+            if name in self.instances:
+                raise InstanceRefusedError(
+                    f"an instance named {name!r} exists: pick another name or delete it"
+                )
+            inst = Instance(
+                name,
+                self._store().next_id(),
+                restart=request.restart,
+                output=InstanceLog(self._instance_dir(name)),
             )
-        inst = Instance(
-            name, 0, restart=request.restart, output=InstanceLog(self._instance_dir(name))
-        )
-        # Checked before the instance exists: a request that fails leaves nothing behind (no
-        # record, no state event, no instance id used up).
-        resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
-        inst.id = next(self._ids)
-        self.instances[name] = inst
+            asked = self._grants.asked(inst, request)
+            grant = await self._grants.change("allocate", asked) if asked is not None else None
+            # Only once the resources are granted: a refusal leaves nothing behind (no record, no
+            # state event, no instance id used up). A crash before the record is stored leaves a
+            # grant nobody knows, which the next host's reconcile releases.
+            self._store().allocate_id(inst.id)
+            self.instances[name] = inst
+            if grant is not None:
+                inst.grant(grant)
         await self._states.move(inst, EMPTY, "created")
-        if resources is not None:
-            inst.resources = resources
-            await self._states.move(inst, READY, "resources reserved")
+        if grant is not None:
+            await self._states.move(inst, READY, f"resources granted: {describe(grant)}")
         return self._info(inst)
 
     async def update(self, request: UpdateInstance) -> InstanceInfo:
         inst = self._get(request.name)
         async with inst.lock:
-            resources = self._resources(inst, request.cpus, request.cpu_count, request.memory)
-            if resources is None and request.restart is None:
-                raise InstanceRefusedError("update needs --cpus and/or --memory (or --restart)")
+            asked = self._grants.asked(inst, request)
+            if asked is None and request.restart is None:
+                raise InstanceRefusedError(
+                    "update needs --cpus, --memory or --queues (or --restart)"
+                )
             if request.restart is not None:
                 inst.restart = request.restart
                 self._states.save(inst)
                 if not inst.restart.standby:
                     await self._supervisor.discard_standby(inst)
                 self._keep_standby(inst)
-            if resources is None:
+            if asked is None:
                 return self._info(inst)
-            if inst.state == ACTIVE and inst.proc is not None:
-                await self.platform.update(inst.proc, resources)  # live: cpuset, memory limit
-            if inst.standby is not None:
-                await self._supervisor.discard_standby(inst)  # made for the old resources
-            inst.resources = resources
+            # The resource actor applies it live when the instance runs (cpuset, memory limit,
+            # its agent's acknowledgement), or for its next launch.
+            grant = await self._grants.change("update" if inst.resources else "allocate", asked)
+            changed = (frozenset(grant.cpus), grant.memory, tuple(grant.queues)) != (
+                inst.resources.cpus if inst.resources else frozenset(),
+                inst.resources.memory if inst.resources else 0,
+                inst.queues,
+            )
+            inst.grant(grant)
             self._states.save(inst)
-            self._keep_standby(inst)
+            if changed and inst.standby is not None:
+                await self._supervisor.discard_standby(inst)  # made for the old grant
+                self._keep_standby(inst)
             if inst.state == EMPTY:
-                await self._states.move(inst, READY, "resources reserved")
+                await self._states.move(inst, READY, f"resources granted: {describe(grant)}")
             return self._info(inst)
 
     async def load(self, request: LoadImage) -> InstanceInfo:
@@ -299,8 +331,8 @@ class LifecycleActor:
                 self._drop_image(inst)
                 raise InstanceRefusedError(
                     f"image {manifest.name} needs {manifest.min_cpus} CPU(s) and "
-                    f"{manifest.min_memory} bytes; {inst.name!r} has "
-                    f"{len(inst.resources.cpus)} and {inst.resources.memory}: "
+                    f"{format_size(manifest.min_memory)}; {inst.name!r} has "
+                    f"{len(inst.resources.cpus)} and {format_size(inst.resources.memory)}: "
                     f"mkctl update {inst.name} --cpus N --memory SIZE"
                 )
             await self._states.move(
@@ -312,6 +344,9 @@ class LifecycleActor:
         inst = self._get(request.name)
         async with inst.lock:
             inst.require(LOADED, verb="start")
+            granted = await self._grants.current(inst)  # what the resource actor holds for it
+            if granted is not None:
+                inst.grant(granted)
             assert self._tg is not None
             await self._supervisor.start(
                 inst, request.command, watchers=self._tg, hello_timeout=self.hello_timeout
@@ -340,11 +375,18 @@ class LifecycleActor:
                     f"{inst.name!r} is active: stop it first: mkctl kill {inst.name}"
                 )
             info = self._info(inst)
-            self._drop_image(inst)
-            shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
-            del self.instances[inst.name]
+            # Forgotten first, then its grant released: a crash between leaves a grant of an
+            # instance lifecycle.db does not know, which the next reconcile releases.
             if self._states.store is not None:
                 self._states.store.delete(inst.name)
+            del self.instances[inst.name]
+            self._drop_image(inst)
+            shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
+            if inst.resources is not None:
+                try:
+                    await self._grants.release(inst)
+                except InstanceError as error:  # no resource actor now: the next reconcile
+                    log.warning("grant not released yet", instance=inst.name, error=str(error))
             await self._states.announce(inst, inst.state, "deleted", "deleted")
             return info
 
@@ -450,53 +492,12 @@ class LifecycleActor:
             "cpuset": caps.cpuset,
             "memory-limit": caps.memory_limit,
             "affinity": caps.affinity,
+            "cache": caps.cache,
         }
         applied = tuple(kind for kind, on in mechanisms.items() if on)
         return inst.info(applied, caps.warnings)
-
-    def _resources(
-        self, inst: Instance, cpus: tuple[int, ...], cpu_count: int, memory: int
-    ) -> Resources | None:
-        if not cpus and not cpu_count and not memory:
-            return None
-        current = inst.resources
-        if cpus:
-            chosen = frozenset(cpus)
-        elif cpu_count:
-            chosen = self._pick_cpus(inst, cpu_count)
-        elif current is not None:
-            chosen = current.cpus
-        else:
-            chosen = self._pick_cpus(inst, 1)
-        size = memory or (current.memory if current is not None else 0)
-        if not size:
-            raise InstanceRefusedError(
-                f"say how much memory {inst.name!r} gets: --memory SIZE (e.g. 256M)"
-            )
-        resources = Resources(chosen, size)
-        check = getattr(self.platform, "check", None)
-        if check is not None:
-            check(resources)
-        return resources
-
-    def _pick_cpus(self, inst: Instance, count: int) -> frozenset[int]:
-        """The `count` least used online CPUs (instances may share CPUs on the local platform)."""
-        online = sorted(self._cpus or _online_cpus())
-        if count > len(online):
-            raise InstanceRefusedError(f"{count} CPUs asked, this host has {len(online)} online")
-        use = Counter(
-            cpu for other in self.instances.values() if other is not inst and other.resources
-            for cpu in other.resources.cpus
-        )  # fmt: skip
-        return frozenset(sorted(online, key=lambda cpu: (use[cpu], cpu))[:count])
 
     def _drop_image(self, inst: Instance) -> None:
         if inst.image_dir is not None:
             shutil.rmtree(inst.image_dir, ignore_errors=True)
         inst.image = inst.image_dir = None
-
-
-def _online_cpus() -> frozenset[int]:
-    from multikernel.services._local_probe import online_cpus
-
-    return online_cpus()

@@ -120,6 +120,12 @@ class Supervisor:
                 {**manifest.env, "MULTIKERNEL_PARAMETERS": json.dumps(manifest.parameters)}
             ),
             "MULTIKERNEL_IMAGE_DIR": str(inst.image_dir),
+            # The grant, as the agent starts with it (it follows changes from then on). A
+            # standby is launched with the same: it runs inside the instance's grant.
+            "MULTIKERNEL_MEMORY": str(inst.resources.memory),
+            "MULTIKERNEL_QUEUES": json.dumps(list(inst.queues)),
+            "MULTIKERNEL_RESOURCE_TX": str(inst.resource_tx),
+            "MULTIKERNEL_RESOURCES_FILE": str(inst.image_dir.parent / "resources.json"),
             "PATH": "/usr/local/bin:/usr/bin:/bin",
             **(env or {}),
         }

@@ -149,17 +149,23 @@ async def demo(root: Path, hold: bool = False) -> None:
         for name, src in (("kv", KV), ("client", CLIENT), ("watcher", WATCHER))
     }
     say(f"signed three images with a throwaway key ({root / 'cert.pem'} is trusted)")
+    # Grants are exclusive CPUs; a machine with fewer CPUs than the demo's three instances lets
+    # them share (--cpu-share), as a development host may.
+    share = -(-3 // (os.cpu_count() or 1))
     config = HostConfig(
         socket=root / "bus.sock",
         state_dir=root / "state",
         policy_text=POLICY,
         policy_source="demo policy",
         trusted=[root / "cert.pem"],
+        cpu_share=share,
     )
+    if share > 1:
+        say(f"this machine has {os.cpu_count()} CPUs for 3 instances: up to {share} share each")
     stop = anyio.Event()
     async with anyio.create_task_group() as host:
         await host.start(run_host, config, stop)
-        say(f"host up: bus hub and lifecycle actor on {config.socket}\n")
+        say(f"host up: bus hub, resource and lifecycle actors on {config.socket}\n")
         async with connect(config.socket, name="demo") as bus:
             await _watch(bus, images, config.socket if hold else None)
         stop.set()  # as `mkctl host down` would: instances stopped, bus drained

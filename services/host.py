@@ -18,10 +18,22 @@ from multikernel.bus import SocketAccess
 from multikernel.endpoints import runtime
 from multikernel.endpoints.log import configure, get_logger
 from multikernel.endpoints.wire import default_socket_path
-from multikernel.protocol import MultikernelError
+from multikernel.protocol import MultikernelError, parse_cpus, parse_size
 from multikernel.services._host import HostConfig, run_host
 
 log = get_logger("multikernel.host")
+
+
+def _cpu_list(text: str) -> frozenset[int]:
+    spec = parse_cpus(text if text.startswith("@") else "@" + text)
+    return frozenset(spec.ids)
+
+
+def _percent(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a percentage from 1 to 100, not {value}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -52,6 +64,29 @@ def parser() -> argparse.ArgumentParser:
         "--no-fault",
         action="store_true",
         help="do not run the fault actor (failed instances stay down)",
+    )
+    p.add_argument(
+        "--reserve-cpus", type=_cpu_list, default=frozenset(), help="CPUs kept for the host (@0)"
+    )
+    p.add_argument(
+        "--reserve-memory", type=parse_size, default=0, help="memory kept for the host (1G)"
+    )
+    p.add_argument("--placement", default="pack", help="pack, spread or package.module:attr")
+    p.add_argument(
+        "--cpu-share", type=int, default=1, help="instances that may share one CPU (default 1)"
+    )
+    p.add_argument(
+        "--ack-timeout", type=float, default=5.0, help="seconds an instance has to acknowledge"
+    )
+    p.add_argument(
+        "--sysfs-root", type=Path, default=Path("/"), help="read the machine from this tree (tests)"
+    )
+    p.add_argument(
+        "--memory-bandwidth",
+        type=_percent,
+        default=None,
+        metavar="PERCENT",
+        help="limit each instance's memory bandwidth (resctrl MB, where the machine has it)",
     )
     p.add_argument(
         "--metrics",
@@ -85,6 +120,13 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         isolate=not args.no_isolation,
         heartbeat=args.heartbeat,
         fault=not args.no_fault,
+        reserve_cpus=args.reserve_cpus,
+        reserve_memory=args.reserve_memory,
+        placement=args.placement,
+        cpu_share=args.cpu_share,
+        ack_timeout=args.ack_timeout,
+        sysfs_root=args.sysfs_root,
+        memory_bandwidth=args.memory_bandwidth,
         metrics="" if args.metrics == "off" else args.metrics,
         socket_access=SocketAccess.parse(args.socket_mode, args.socket_group),
     )

@@ -24,6 +24,7 @@ from multikernel.endpoints.mkctl import (
     _image,
     _instances,
     _logs,
+    _resources,
 )
 from multikernel.endpoints.mkctl._errors import EXIT_CODES, EXIT_USAGE, error_line, exit_code
 from multikernel.endpoints.mkctl._output import Settings, Verbs, output_options
@@ -76,6 +77,7 @@ for command in (
     _exec.exec_,
     _logs.logs,
     _fault.fault,
+    _resources.resources,
     _bus.bus,
     _image.image,
     _completion.completion,

@@ -13,6 +13,7 @@ import select
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -22,7 +23,7 @@ from multikernel.endpoints.mkctl._client import with_bus
 from multikernel.endpoints.mkctl._errors import EXIT_NOT_FOUND, EXIT_REFUSED, CommandError
 from multikernel.endpoints.mkctl._output import Verbs, emit, output_options, settings, warn
 from multikernel.endpoints.mkctl._show import instance_table
-from multikernel.protocol import InstanceList, ShowInstances
+from multikernel.protocol import InstanceList, ShowInstances, parse_cpus, parse_size
 
 
 @click.group(cls=Verbs)
@@ -44,6 +45,20 @@ def _running(pidfile: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return pid if _alive(pid) else None
+
+
+def _checked(parse: Callable[[str], object]) -> Callable[..., str | None]:
+    """A click callback that refuses what `parse` refuses (with its message), keeping the text."""
+
+    def check(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parse(value)
+            except ValueError as error:
+                raise click.BadParameter(str(error), ctx, param) from None
+        return value
+
+    return check
 
 
 @host.command()
@@ -86,6 +101,36 @@ def _running(pidfile: Path) -> int | None:
     is_flag=True,
     help="Run no fault actor: failed instances stay down (docs/fault.md).",
 )
+@click.option(
+    "--reserve-cpus",
+    default=None,
+    callback=_checked(lambda text: parse_cpus(text if text.startswith("@") else "@" + text)),
+    help="CPUs the host keeps and never grants (@0, @0-1).",
+)
+@click.option(
+    "--reserve-memory",
+    default=None,
+    callback=_checked(parse_size),
+    help="Memory the host keeps and never grants (1G).",
+)
+@click.option(
+    "--placement",
+    default=None,
+    help="Where grants go: pack (default: fill NUMA nodes in turn), spread, or module:attr.",
+)
+@click.option(
+    "--cpu-share",
+    type=click.IntRange(1, 64),
+    default=None,
+    help="Instances that may share one CPU (default 1: none share).",
+)
+@click.option(
+    "--memory-bandwidth",
+    type=click.IntRange(1, 100),
+    default=None,
+    metavar="PERCENT",
+    help="Limit each instance's memory bandwidth (resctrl, where the machine has it).",
+)
 def up(
     foreground: bool,
     policy: str | None,
@@ -97,6 +142,11 @@ def up(
     socket_group: str | None,
     heartbeat: float | None,
     no_fault: bool,
+    reserve_cpus: str | None,
+    reserve_memory: str | None,
+    placement: str | None,
+    cpu_share: int | None,
+    memory_bandwidth: int | None,
 ) -> int:
     """Start the host (in the background unless --foreground)."""
     options = settings()
@@ -116,7 +166,15 @@ def up(
         command.append("--allow-unsigned")
     if no_isolation:
         command.append("--no-isolation")
-    for flag, value in (("--socket-mode", socket_mode), ("--socket-group", socket_group)):
+    for flag, value in (
+        ("--socket-mode", socket_mode),
+        ("--socket-group", socket_group),
+        ("--reserve-cpus", reserve_cpus),
+        ("--reserve-memory", reserve_memory),
+        ("--placement", placement),
+        ("--cpu-share", None if cpu_share is None else str(cpu_share)),
+        ("--memory-bandwidth", None if memory_bandwidth is None else str(memory_bandwidth)),
+    ):
         if value is not None:
             command += [flag, value]
     if heartbeat is not None:

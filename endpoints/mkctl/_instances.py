@@ -6,7 +6,6 @@ answer is shown as a table, or as JSON/YAML with `-o`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from multikernel.endpoints.mkctl._client import with_bus
 from multikernel.endpoints.mkctl._output import emit, output_options, settings
 from multikernel.endpoints.mkctl._show import instance_table, warn_once
 from multikernel.protocol import (
+    CpuSpec,
     CreateInstance,
     DeleteInstance,
     FaultStatusList,
@@ -32,52 +32,64 @@ from multikernel.protocol import (
     ShowInstances,
     StartInstance,
     UpdateInstance,
+    parse_cpus,
     parse_restart,
+    parse_size,
 )
-
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?", re.IGNORECASE)
 
 
 class Size(click.ParamType[int]):
-    """'256M', '1G', '1.5G', '4096' (bytes) → bytes."""
+    """'256M', '1.5G', '2GiB', '4096' (bytes) → bytes; 0 is refused (say nothing to keep it)."""
 
     name = "size"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
         if isinstance(value, int):
             return value
-        match = _SIZE.fullmatch(str(value).strip())
-        if not match:
-            self.fail(f"not a size: {value!r} (use e.g. 256M, 1G, 4096)", param, ctx)
-        number, unit = float(match.group(1)), match.group(2).lower()
-        return int(number * 1024 ** "bkmgt".index(unit or "b"))
+        try:
+            return parse_size(str(value), minimum=1)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
 
 
-class Cpus(click.ParamType[tuple[tuple[int, ...], int]]):
-    """'2' → pick two; '0,3' or '0-1' → those CPUs. Converts to (cpus, count)."""
+class Cpus(click.ParamType[CpuSpec]):
+    """'2' → two CPUs the resource actor places; '@1', '@0-3,6' (or '0-3,6') → those CPUs."""
 
     name = "cpus"
 
     def convert(
         self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[tuple[int, ...], int]:
+    ) -> CpuSpec:
+        if isinstance(value, CpuSpec):
+            return value
+        try:
+            return parse_cpus(str(value))
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
+class Queues(click.ParamType[tuple[str, ...]]):
+    """'net/eth0/rx-0,block/vda/mq-0' → those I/O queues; 'none' → give them all back."""
+
+    name = "queues"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> tuple[str, ...]:
         if isinstance(value, tuple):
             return value
-        text = str(value)
-        if text.isdigit():
-            return (), int(text)
-        cpus: set[int] = set()
-        try:
-            for part in text.split(","):
-                low, _, high = part.partition("-")
-                cpus.update(range(int(low), int(high or low) + 1))
-        except ValueError:
-            self.fail(
-                f"not a CPU list: {text!r} (use a count like 2, or ids like 0,2 or 0-1)",
-                param,
-                ctx,
-            )
-        return tuple(sorted(cpus)), 0
+        text = str(value).strip()
+        if text == "none":
+            return ()
+        names = tuple(q.strip() for q in text.split(","))
+        if not all(names):
+            self.fail(f"not a queue list: {text!r} (e.g. net/eth0/rx-0,net/eth0/tx-0)", param, ctx)
+        return names
+
+
+def _split(cpus: CpuSpec | None) -> tuple[tuple[int, ...], int]:
+    """A spec as the lifecycle's (ids, count) fields."""
+    return ((), 0) if cpus is None else (cpus.ids, cpus.count)
 
 
 class Restart(click.ParamType[RestartPolicy]):
@@ -129,8 +141,9 @@ def _show_one(info: InstanceInfo) -> int:
     return 0
 
 
-_CPUS_HELP = "CPUs: a count (2) or host CPU ids (0,2 or 0-1)."
-_MEMORY_HELP = "Memory: bytes, or with a unit (256M, 1G)."
+_CPUS_HELP = "CPUs: a count (2) the resource actor places, or CPU ids (@1, @0-3,6)."
+_MEMORY_HELP = "Memory: bytes, or with a unit (256M, 1.5G); granted in whole memory blocks."
+_QUEUES_HELP = "I/O queues (net/eth0/rx-0,block/vda/mq-0; see mkctl resources); 'none': give back."
 _RESTART_HELP = (
     "What the fault actor does when it fails: permanent, transient (default) or temporary, "
     "then ,KEY=VALUE (intensity, period, backoff, backoff_max, group, strategy) and ,standby; "
@@ -140,31 +153,43 @@ _RESTART_HELP = (
 
 @click.command()
 @name_argument
-@click.option("--cpus", type=Cpus(), default="0", help=_CPUS_HELP)
-@click.option("--memory", type=Size(), default=0, help=_MEMORY_HELP)
+@click.option("--cpus", type=Cpus(), default=None, help=_CPUS_HELP + " Default with --memory: 1.")
+@click.option("--memory", type=Size(), default=None, help=_MEMORY_HELP)
+@click.option("--queues", type=Queues(), default=None, help=_QUEUES_HELP)
 @click.option("--restart", type=Restart(), default=None, help=_RESTART_HELP)
 @output_options
 def create(
-    name: str, cpus: tuple[tuple[int, ...], int], memory: int, restart: RestartPolicy | None
+    name: str,
+    cpus: CpuSpec | None,
+    memory: int | None,
+    queues: tuple[str, ...] | None,
+    restart: RestartPolicy | None,
 ) -> int:
-    """Create an instance (ready at once if given resources)."""
-    ids, count = cpus
-    request = CreateInstance(name, ids, count, memory, restart or RestartPolicy())
+    """Create an instance: ready at once when the resource actor grants what it asks."""
+    ids, count = _split(cpus)
+    request = CreateInstance(name, ids, count, memory or 0, restart or RestartPolicy(), queues)
     return _show_one(_lifecycle("create", request))
 
 
 @click.command()
 @name_argument
-@click.option("--cpus", type=Cpus(), default="0", help=_CPUS_HELP)
-@click.option("--memory", type=Size(), default=0, help=_MEMORY_HELP)
+@click.option("--cpus", type=Cpus(), default=None, help=_CPUS_HELP)
+@click.option("--memory", type=Size(), default=None, help=_MEMORY_HELP)
+@click.option("--queues", type=Queues(), default=None, help=_QUEUES_HELP)
 @click.option("--restart", type=Restart(), default=None, help=_RESTART_HELP)
 @output_options
 def update(
-    name: str, cpus: tuple[tuple[int, ...], int], memory: int, restart: RestartPolicy | None
+    name: str,
+    cpus: CpuSpec | None,
+    memory: int | None,
+    queues: tuple[str, ...] | None,
+    restart: RestartPolicy | None,
 ) -> int:
-    """Change an instance's CPUs or memory (live when it is active), or its restart policy."""
-    ids, count = cpus
-    return _show_one(_lifecycle("update", UpdateInstance(name, ids, count, memory, restart)))
+    """Change an instance's CPUs, memory or queues (live when it is active, acknowledged), or
+    its restart policy."""
+    ids, count = _split(cpus)
+    request = UpdateInstance(name, ids, count, memory or 0, restart, queues)
+    return _show_one(_lifecycle("update", request))
 
 
 @click.command()

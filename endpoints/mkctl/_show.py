@@ -12,20 +12,12 @@ import os
 from collections.abc import Mapping, Sequence
 
 from multikernel.endpoints.mkctl._output import settings, table, warn
-from multikernel.protocol import InstanceInfo, format_restart
+from multikernel.protocol import InstanceInfo, format_cpu_list, format_restart, format_size
 
 COLUMNS = ("name", "id", "state", "cpus", "memory", "image", "pid", "restart", "last exit")
-WIDE = ("name", "id", "state", "cpus", "memory", "image", "signer", "pid", "agent", "restart",
-        "gen", "restarts", "cause", "standby", "fault", "isolation", "last exit")  # fmt: skip
-
-
-def size(n: int) -> str:
-    """Bytes as people write them: 128M, 1.5G, 4096."""
-    for unit in ("G", "M", "K"):
-        scale = 1024 ** "BKMG".index(unit)
-        if n >= scale and n % (scale // 1024 or 1) == 0:
-            return f"{n / scale:g}{unit}"
-    return str(n)
+WIDE = ("name", "id", "state", "cpus", "memory", "queues", "image", "signer", "pid", "agent",
+        "restart", "gen", "restarts", "cause", "standby", "fault", "isolation",
+        "last exit")  # fmt: skip
 
 
 def _cell(info: InstanceInfo, column: str, faults: Mapping[str, str]) -> object:
@@ -39,9 +31,11 @@ def _cell(info: InstanceInfo, column: str, faults: Mapping[str, str]) -> object:
         case "fault":
             return faults.get(info.name, "-")
         case "cpus":
-            return ",".join(map(str, info.cpus)) or "-"
+            return format_cpu_list(info.cpus) or "-"
         case "memory":
-            return size(info.memory) if info.memory else "-"
+            return format_size(info.memory) if info.memory else "-"
+        case "queues":
+            return ",".join(info.queues) or "-"
         case "image":
             return f"{info.image} {info.image_version}".strip() or "-"
         case "last exit":

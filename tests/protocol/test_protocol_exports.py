@@ -8,8 +8,8 @@ import multikernel.protocol as protocol
 
 PUBLIC = {
     # envelope
-    "DEFAULT_MAX_BODY", "HEADER_SIZE", "Header", "body_view", "deadline_after", "decode",
-    "decode_body", "decode_header", "encode", "seconds_left", "stamp_source",
+    "DEFAULT_MAX_BODY", "HEADER_SIZE", "MISSED_OFFSET", "Header", "body_view", "deadline_after",
+    "decode", "decode_body", "decode_header", "encode", "seconds_left", "stamp_source",
     # the one table of codes
     "MAGIC", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "CpuFlag", "DeviceFlag", "ErrorCode",
     "Feature", "Flag", "InstanceState", "Kind", "MemType", "MsgType", "NameFlag",
@@ -33,6 +33,14 @@ PUBLIC = {
     "FaultStatus", "FaultStatusList", "FaultStatusRequest", "HistoryRequest", "PolicyGet",
     "PolicyInfo", "PolicySet", "RestartInstance", "RestartPolicy", "fault_subject",
     "format_restart", "parse_restart", "EndpointCutOff",
+    # the resource actor's contract, and how CPUs and sizes are written
+    "AGENT_RESOURCE_METHOD", "RESOURCE_METHODS", "CpuInfo", "CpuSpec", "Grant",
+    "GrantFailedError", "GrantList", "GrantOp", "GrantRequest", "GrantsQuery", "History",
+    "HistoryQuery", "InstanceRef", "InvalidResourceRequestError", "NodeInfo", "PoolInfo",
+    "PoolQuery", "QueueInfo", "Reconcile", "Release", "ResourceError", "ResourceTransaction",
+    "ResourceTransactionAck", "ResourceUnavailableError", "TxRecord", "UnknownGrantError",
+    "MAX_CPU_ID", "format_cpu_list", "format_cpus", "format_size", "parse_cpu_list",
+    "parse_cpus", "parse_size",
     # errors
     "ERROR_DECODER", "AccessDeniedError", "BusyError", "DeadlineExceededError", "ErrorBody",
     "InvalidSubjectError", "MalformedFrameError", "MultikernelError", "NoRespondersError",

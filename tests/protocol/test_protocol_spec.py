@@ -110,11 +110,33 @@ def test_restart_policy_table_matches_the_struct() -> None:
     policy = protocol.RestartPolicy()
     documented = {row[0]: row[2] for row in TABLES["RestartPolicy"]}
     assert documented == {f: str(getattr(policy, f)) for f in policy.__struct_fields__}
+def test_resource_method_table_matches_the_service_contract() -> None:
+    documented = {(row[0], row[1]): (row[2], row[3]) for row in TABLES["resource-methods"]}
+    contract = {
+        ("resource", method): (request.__name__, response.__name__)
+        for method, (request, response) in protocol.RESOURCE_METHODS.items()
+    }
+    method, request, response = protocol.AGENT_RESOURCE_METHOD
+    contract[("instance.<id>.agent", method)] = (request.__name__, response.__name__)
+    assert documented == contract
+
+
+def test_resource_message_table_matches_the_structs() -> None:
+    documented = {row[0]: row[1] for row in TABLES["resource-messages"]}
+    structs = {
+        name: ", ".join(value.__struct_fields__)
+        for name in dir(protocol)
+        if isinstance(value := getattr(protocol, name), type)
+        and issubclass(value, msgspec.Struct)
+        and value.__module__ == "multikernel.protocol._resource"
+    }
+    assert documented == structs
 
 
 def test_every_table_marker_is_checked() -> None:
     checked = {e.__name__ for e in ENUM_TABLES} | {"header", "control-tags", "kernel-tags"}
     checked |= {"fault-methods", "fault-events", "causes", "RestartPolicy"}
+    checked |= {"resource-methods", "resource-messages"}
     assert set(TABLES) == checked
 
 

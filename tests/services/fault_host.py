@@ -47,7 +47,8 @@ async def fault_host(root: Path, cert: Path, **settings: Any) -> AsyncIterator[F
         policy_text=POLICY,
         trusted=[cert],
         heartbeat=HEARTBEAT,
-        **settings,
+        # These tests are about faults: several 1-CPU instances share a 2-CPU machine.
+        **{"cpu_share": 4, **settings},
     )
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:

@@ -200,7 +200,9 @@ class HostProcess:
         command = [
             sys.executable, "-m", "multikernel.services.host", "--socket", str(self.socket),
             "--state-dir", str(self.state), "--trusted-keys", str(self.cert),
-            "--policy", str(self.policy), "--ready-fd", str(write), *self.extra,
+            "--policy", str(self.policy), "--ready-fd", str(write),
+            "--cpu-share", "4",  # several 1-CPU instances on a 2-CPU machine
+            *self.extra,
         ]  # fmt: skip
         with (self.root / "host.log").open("ab") as log:
             self.proc = subprocess.Popen(

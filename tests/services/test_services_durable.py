@@ -18,10 +18,15 @@ from multikernel.protocol import (
     AgentStatus,
     CreateInstance,
     DeleteInstance,
+    GrantList,
+    GrantsQuery,
+    InstanceInfo,
+    InstanceList,
     LoadImage,
     LogLines,
     ReadLogs,
     RestartPolicy,
+    ShowInstances,
     StartInstance,
 )
 from multikernel.services._instance_store import InstanceStore, StoredInstance
@@ -184,6 +189,9 @@ async def test_a_killed_host_comes_back_adopts_what_runs_and_reclaims_the_rest(
             assert (lost.state, lost.cause) == ("loaded", "lost")
             assert not cgroups_of(victim)
             assert (await show(calls, idle)).state == "loaded"
+            # lifecycle.db and resource.db agree: every instance (adopted, reclaimed or idle)
+            # kept its grant, the same CPUs and memory, and nothing else holds one.
+            await grants_match_show(calls, {survivor: a, victim: b})
 
             # The survivor's agent and workload re-attached to the new hub, as themselves.
             await owned(ep, f"instance.{a.id}.agent")
@@ -205,12 +213,24 @@ async def test_a_killed_host_comes_back_adopts_what_runs_and_reclaims_the_rest(
             await lifecycle(ep, "create", CreateInstance(idle, cpu_count=1, memory=96 * MB))
             assert (await lifecycle(ep, "load", LoadImage(idle, str(image)))).state == "loaded"
             pids = [(await show(ep, n)).pid for n in (survivor, victim)]
+            await grants_match_show(ep, {})
     finally:
         await host.finish()
     for pid in pids:
         assert not alive(pid)
     for name in (survivor, victim, idle):
         assert not cgroups_of(name)
+
+
+async def grants_match_show(calls: Any, before: dict[str, InstanceInfo]) -> None:
+    """`mkctl resources grants` names the instances `mkctl show` does, with the same CPUs and
+    memory; those in `before` still have what they had then."""
+    shown = await calls.request("lifecycle", "show", ShowInstances(), response=InstanceList)
+    grants = await calls.request("resource", "grants", GrantsQuery(), response=GrantList)
+    held = {g.instance: (g.instance_id, tuple(g.cpus), g.memory) for g in grants.grants}
+    assert held == {i.name: (i.id, tuple(i.cpus), i.memory) for i in shown.instances if i.cpus}
+    for name, info in before.items():
+        assert held[name] == (info.id, tuple(info.cpus), info.memory)
 
 
 async def _logged(ep: Endpoint, name: str, text: str) -> None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import textwrap
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +28,6 @@ from multikernel.protocol import (
     InstanceStateChanged,
     KillInstance,
     LoadImage,
-    MultikernelError,
     NotFoundError,
     RefusedError,
     RemoteError,
@@ -34,6 +35,7 @@ from multikernel.protocol import (
     StartInstance,
     UpdateInstance,
 )
+from multikernel.services._enforce import LocalHostSide
 from multikernel.services._host import host_rule
 from multikernel.services._image import sign_image
 from multikernel.services._lifecycle import LifecycleActor
@@ -41,6 +43,9 @@ from multikernel.services._local import LocalPlatform
 from multikernel.services._local_probe import online_cpus
 from multikernel.services._local_process import LocalInstance
 from multikernel.services._platform import InstanceProcess, LaunchSpec
+from multikernel.services._pool import discover_pool
+from multikernel.services._resource import ResourceActor
+from multikernel.services._resource_store import ResourceStore
 from multikernel.services._signature import make_signing_key
 from tests._run import CGROUP_GROUP, cgroups_under, group_dirs
 
@@ -89,15 +94,34 @@ class Host:
         return info
 
 
+@asynccontextmanager
+async def resource_actor(hub: Hub, platform: LocalPlatform, state: Path) -> AsyncIterator[None]:
+    """The resource actor the lifecycle actor asks, on this machine, in this process."""
+    async with connect(hub.path, name="resource") as ep, anyio.create_task_group() as tg:
+        store = ResourceStore(state / "resource.db")
+        try:
+            actor = ResourceActor(ep, discover_pool(), store, host=LocalHostSide(platform))
+            await tg.start(actor.run)
+            yield
+            tg.cancel_scope.cancel()
+        finally:
+            store.close()
+
+
 @pytest.fixture
 async def host(tmp_path: Path, keys: tuple[bytes, bytes]) -> AsyncIterator[Host]:
     hub = Hub(tmp_path / "bus.sock", policy=Policy.from_toml(host_rule(os.getuid())))
+    platform = LocalPlatform(group=CGROUP_GROUP)
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
-        async with connect(hub.path, name="lifecycle") as ep, connect(hub.path, name="test") as bus:
+        async with (
+            resource_actor(hub, platform, tmp_path / "state"),
+            connect(hub.path, name="lifecycle") as ep,
+            connect(hub.path, name="test") as bus,
+        ):
             actor = LifecycleActor(
                 ep,
-                LocalPlatform(group=CGROUP_GROUP),
+                platform,
                 open_instance_socket=hub.open_instance_socket,
                 state_dir=tmp_path / "state",
                 trusted_certs=[keys[1]],
@@ -168,12 +192,12 @@ async def test_wrong_state_errors_say_what_to_do(host: Host) -> None:
 async def test_a_create_that_fails_validation_leaves_nothing_behind(host: Host) -> None:
     refused = [
         (CreateInstance("omega", cpus=(999,), memory=128 * MB), "not an online CPU"),
-        (CreateInstance("omega", cpu_count=1), "say how much memory"),
-        (CreateInstance("omega", cpu_count=1, memory=1 * MB), "below the floor"),
+        (CreateInstance("omega", cpu_count=1), "needs CPUs and memory"),
+        (CreateInstance("omega", cpu_count=1, memory=1 * MB), "below the 16 MiB an instance needs"),
     ]
     async with await host.bus.subscribe("mk.instance.*.state") as states:
         for request, error in refused:
-            with pytest.raises(MultikernelError, match=error):
+            with pytest.raises(RefusedError, match=error):
                 await host.call("create", request)
         listed = await host.bus.request("lifecycle", "show", ShowInstances(), response=InstanceList)
         assert listed.instances == ()
@@ -314,9 +338,9 @@ async def test_the_memory_limit_is_applied_and_updated_live(
 ) -> None:
     skip_unless(host, "memory_limit")  # a memory cgroup needs root and cgroup v1
     _, _, proc = await start_isolated(host, keys, max(online_cpus()), 96 * MB)
-    assert host.actor.platform.inspect(proc).memory_limit == 96 * MB
-    await host.call("update", UpdateInstance("theta", memory=128 * MB))
-    assert host.actor.platform.inspect(proc).memory_limit == 128 * MB  # live
+    assert host.actor.platform.inspect(proc).memory_limit == 128 * MB  # whole 128 MiB blocks
+    await host.call("update", UpdateInstance("theta", memory=256 * MB))
+    assert host.actor.platform.inspect(proc).memory_limit == 256 * MB  # live
     await host.call("kill", KillInstance("theta"))
 
 
@@ -370,8 +394,12 @@ async def test_stopping_the_actor_stops_and_reclaims_every_instance(
     image = make_image(tmp_path, keys, body=SLEEPER)
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
-        async with connect(hub.path, name="lifecycle") as ep, connect(hub.path) as bus:
-            platform = LocalPlatform(group=CGROUP_GROUP)
+        platform = LocalPlatform(group=CGROUP_GROUP)
+        async with (
+            resource_actor(hub, platform, tmp_path / "state"),
+            connect(hub.path, name="lifecycle") as ep,
+            connect(hub.path) as bus,
+        ):
             actor = LifecycleActor(
                 ep,
                 platform,
@@ -399,3 +427,166 @@ async def test_stopping_the_actor_stops_and_reclaims_every_instance(
                     os.kill(pid, 0)
         tg.cancel_scope.cancel()
     assert not leftover_cgroups()
+
+
+# -- grants have a real effect on running instances ------------------------------------------
+# `update` goes to the resource actor, which changes the instance's cpuset and memory limit and
+# has its agent move every thread; the kernel is asked what each process really has.
+
+needs_root = pytest.mark.skipif(
+    os.geteuid() != 0,
+    reason="reading back cpusets and memory limits needs root: only root gets cgroups",
+)
+CPUS = sorted(discover_pool().cpus)
+#: A workload that does `{work}`, then says so on mk.instance.<id>.ready and stays.
+ANNOUNCING = """
+import os, subprocess, anyio
+from multikernel.endpoints import connect
+{work}
+async def main():
+    async with connect(name="workload", reconnect=False) as ep:
+        await ep.publish(f"mk.instance.{{os.environ['MULTIKERNEL_INSTANCE']}}.ready")
+        await anyio.sleep_forever()
+anyio.run(main)
+"""
+FORKS = ANNOUNCING.format(work="subprocess.Popen(['sleep', '300'])")
+IDLE = ANNOUNCING.format(work="")
+HOG = ANNOUNCING.format(  # touches 200 MiB and keeps it
+    work="hog = bytearray(200 << 20)\nfor i in range(0, len(hog), 4096):\n    hog[i] = 1"
+)
+
+
+async def up(host: Host, keys: tuple[bytes, bytes], name: str, body: str, **asked: object) -> int:
+    """Create, load and start `name`; return once its workload says it is ready."""
+    (host.root / name).mkdir()
+    info = await host.call("create", CreateInstance(name, **asked))  # type: ignore[arg-type]
+    await host.call("load", LoadImage(name, str(make_image(host.root / name, keys, body=body))))
+    async with await host.bus.subscribe(f"mk.instance.{info.id}.ready") as ready:
+        await host.call("start", StartInstance(name))
+        await ready.receive()
+    return info.id
+
+
+def seen_inside(host: Host, name: str) -> dict[str, object]:
+    text = (host.root / "state" / "instances" / name / "resources.json").read_text()
+    return json.loads(text)  # type: ignore[no-any-return]
+
+
+@needs_root
+@pytest.mark.skipif(len(CPUS) < 2, reason="moving an instance between CPUs needs two of them")
+async def test_a_cpu_grant_changes_the_cpuset_and_the_affinity_of_every_process(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    await up(host, keys, "alpha", FORKS, cpus=(CPUS[-1],), memory=128 * MB)
+    proc = host.actor.instances["alpha"].proc
+    assert proc is not None
+    both = frozenset(CPUS[:2])
+    info = await host.call("update", UpdateInstance("alpha", cpus=tuple(both)))
+    report = host.actor.platform.inspect(proc)
+    assert set(info.cpus) == report.cpuset_cpus == both
+    assert len(report.processes) >= 3  # the agent, the workload and its child
+    assert {pid: os.sched_getaffinity(pid) for pid in report.processes} == dict.fromkeys(
+        report.processes, both
+    )
+    assert seen_inside(host, "alpha")["cpus"] == sorted(both)
+    info = await host.call("update", UpdateInstance("alpha", cpu_count=1))  # give one back
+    report = host.actor.platform.inspect(proc)
+    assert len(info.cpus) == 1
+    assert report.cpuset_cpus == set(info.cpus)
+    assert {os.sched_getaffinity(pid) == set(info.cpus) for pid in report.processes} == {True}
+
+
+@needs_root
+async def test_a_memory_grant_changes_the_limit_and_a_shrink_below_use_is_refused(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    id = await up(host, keys, "beta", IDLE, cpu_count=1,
+                  memory=128 * MB)  # fmt: skip
+    proc = host.actor.instances["beta"].proc
+    assert proc is not None
+    await host.call("update", UpdateInstance("beta", memory=384 * MB))
+    assert host.actor.platform.inspect(proc).memory_limit == 384 * MB
+    status = await host.bus.request(f"instance.{id}.agent", "status", None, response=AgentStatus)
+    assert status.memory == 384 * MB
+    await host.call("update", UpdateInstance("beta", memory=256 * MB))
+    assert host.actor.platform.inspect(proc).memory_limit == 256 * MB
+
+
+@needs_root
+async def test_shrinking_memory_below_what_the_instance_uses_is_refused_and_kills_nothing(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    await up(host, keys, "gamma", HOG, cpu_count=1, memory=384 * MB)  # 200 MiB in use
+    proc = host.actor.instances["gamma"].proc
+    assert proc is not None
+    with pytest.raises(RefusedError) as refused:
+        await host.call("update", UpdateInstance("gamma", memory=128 * MB))
+    assert refused.value.remote_type == "GrantFailedError"
+    message = str(refused.value)
+    assert message.startswith("'gamma' did not get its new grant: the instance refused it: ")
+    assert (
+        "of memory, more than the 128 MiB asked: free memory inside it or ask for more" in message
+    )
+    report = host.actor.platform.inspect(proc)
+    assert report.memory_limit == 384 * MB  # unchanged
+    assert len(report.processes) >= 2  # nobody was OOM-killed
+    assert host.actor.instances["gamma"].state == "active"
+
+
+@needs_root
+async def test_queue_grants_are_recorded_and_visible_inside_the_instance(
+    host: Host, keys: tuple[bytes, bytes]
+) -> None:
+    queues = sorted(discover_pool().queues)
+    if not queues:
+        pytest.skip("this machine has no NIC, disk or GPU queue to grant")
+    id = await up(host, keys, "delta", IDLE, cpu_count=1,
+                  memory=128 * MB, queues=(queues[0],))  # fmt: skip
+    status = await host.bus.request(f"instance.{id}.agent", "status", None, response=AgentStatus)
+    assert status.queues == (queues[0],)
+    assert seen_inside(host, "delta")["queues"] == [queues[0]]
+    info = await host.call("update", UpdateInstance("delta", queues=()))
+    assert info.queues == ()
+    status = await host.bus.request(f"instance.{id}.agent", "status", None, response=AgentStatus)
+    assert status.queues == ()
+
+
+# -- refusals leave nothing behind ------------------------------------------------------------
+
+
+async def test_a_refused_create_leaves_no_instance_and_says_why_in_sizes_for_people(
+    host: Host,
+) -> None:
+    too_much = CreateInstance("huge", cpu_count=1, memory=int(41.5 * 2**30))
+    with pytest.raises(RefusedError) as refused:
+        await host.call("create", too_much)
+    assert refused.value.remote_type == "ResourceUnavailableError"
+    assert str(refused.value).startswith("41.5 GiB of memory asked for 'huge', ")
+    with pytest.raises(RefusedError, match="CPU 999 is not an online CPU of this host's pool"):
+        await host.call("create", CreateInstance("odd", cpus=(999,), memory=128 * MB))
+    with pytest.raises(RefusedError, match="needs CPUs and memory"):
+        await host.call("create", CreateInstance("half", cpu_count=1))
+    with pytest.raises(RefusedError, match="give CPU ids or a CPU count, not both"):
+        await host.call("create", CreateInstance("both", cpus=(0,), cpu_count=1, memory=128 * MB))
+    shown = await host.bus.request("lifecycle", "show", ShowInstances(), response=InstanceList)
+    assert shown.instances == ()
+
+
+async def test_two_instances_never_share_a_cpu_and_a_refused_update_changes_nothing(
+    host: Host,
+) -> None:
+    cpu = max(online_cpus())
+    first = await host.call("create", CreateInstance("alpha", cpus=(cpu,), memory=128 * MB))
+    with pytest.raises(RefusedError) as refused:
+        await host.call("create", CreateInstance("beta", cpus=(cpu,), memory=128 * MB))
+    assert str(refused.value).startswith(f"CPU {cpu} for 'beta' is held by 'alpha'; free: CPUs")
+    await host.call("create", CreateInstance("gamma"))
+    with pytest.raises(RefusedError, match="is held by 'alpha'"):
+        await host.call("update", UpdateInstance("gamma", cpus=(cpu,), memory=128 * MB))
+    (gamma,) = (
+        await host.bus.request("lifecycle", "show", ShowInstances("gamma"), response=InstanceList)
+    ).instances
+    assert (gamma.state, gamma.cpus, gamma.memory) == ("empty", (), 0)
+    await host.call("delete", DeleteInstance("alpha"))  # gives CPU back
+    info = await host.call("update", UpdateInstance("gamma", cpus=(cpu,), memory=128 * MB))
+    assert (info.state, info.cpus) == ("ready", first.cpus)

@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
+from multikernel.protocol import Grant, History, PoolInfo, format_size
 from multikernel.services._host import cgroup_group
 
 from .conftest import fails, first_line, mkctl
@@ -59,13 +61,14 @@ async def test_lifecycle_errors_are_one_line_with_their_exit_status(host: Path) 
         4,
         "error: an instance named 'db' exists: pick another name or delete it",
     )
-    assert await fails(host, "create", "big", "--cpus", "4096", "--memory", "128M") == (
-        4,
-        f"error: 4096 CPUs asked, this host has {os.cpu_count()} online",
-    )
+    code, message = await fails(host, "create", "big", "--cpus", "4096", "--memory", "128M")
+    assert code == 4
+    assert message.startswith(f"error: 4096 CPUs asked for 'big', {os.cpu_count() - 1} free; ")
+    assert message.endswith("and 128 MiB")  # who holds what: 'db', its CPU and its memory
+    assert "held: 'db' CPUs " in message
     assert await fails(host, "create", "small", "--memory", "1M") == (
         4,
-        "error: memory 1048576 bytes is below the floor of 16777216 (16 MiB) an agent needs",
+        "error: 1 MiB of memory is below the 16 MiB an instance needs",
     )
     _, out, _ = await mkctl(host, "show", "--json")
     assert [i["name"] for i in json.loads(out)] == ["db"]  # refused creates left nothing
@@ -143,8 +146,22 @@ async def test_usage_errors_exit_2_with_one_line(host: Path) -> None:
     assert await fails(host, "create", "db2", "--memory", "lots") == (
         2,
         "error: mkctl create: Invalid value for '--memory': not a size: 'lots' (use e.g. 256M, "
-        "1G, 4096)",
+        "1.5G, 2GiB or 4096 bytes)",
     )
+    code, line = await fails(host, "create", "db2", "--memory", "0")
+    assert code == 2
+    assert line.startswith("error: mkctl create: Invalid value for '--memory': ")
+    code, line = await fails(host, "create", "db2", "--cpus", "0", "--memory", "128M")
+    assert (code, line) == (
+        2,
+        "error: mkctl create: Invalid value for '--cpus': --cpus 0 asks for no CPU: a count is a "
+        "number (2); a list of CPU ids starts with @ (@1, @0-3,6); CPU 0 alone is @0",
+    )
+    code, line = await fails(host, "create", "db2", "--cpus", "@x", "--memory", "128M")
+    assert code == 2
+    assert "a list of CPU ids starts with @" in line
+    _, out, _ = await mkctl(host, "show", "--json")
+    assert json.loads(out) == []  # no usage error reached the host
     code, line = await fails(host, "frobnicate")
     assert code == 2
     assert line == "error: mkctl: No such command 'frobnicate'."
@@ -219,3 +236,56 @@ async def test_an_instance_lives_in_its_hosts_own_cgroup_group(host: Path) -> No
     assert cgroups["cpuset"] == f"/{group}/web"
     assert cgroups["memory"].endswith(f"/{group}/web")
     assert (await mkctl(host, "kill", "web"))[0] == 0
+
+
+async def test_cpus_are_a_count_or_an_at_list(host: Path) -> None:
+    """`--cpus 1` is one CPU the resource actor places; `--cpus @N` is CPU N itself."""
+    last = max(os.sched_getaffinity(0))
+    code, out, _ = await mkctl(host, "create", "one", "--cpus", f"@{last}", "--memory", "128M",
+                               "--json")  # fmt: skip
+    assert code == 0, out
+    assert json.loads(out)["cpus"] == [last]
+    code, line = await fails(host, "create", "two", "--cpus", f"@{last}", "--memory", "128M")
+    assert code == 4
+    assert line.startswith(f"error: CPU {last} for 'two' is held by 'one'; free: ")
+    code, out, _ = await mkctl(host, "create", "three", "--memory", "200M", "--json")
+    assert code == 0
+    three = json.loads(out)
+    assert len(three["cpus"]) == 1
+    assert three["cpus"] != [last]
+    assert three["memory"] == 256 << 20  # whole 128 MiB memory blocks
+
+
+async def test_resources_show_the_pool_grants_free_and_history(host: Path) -> None:
+    assert (await mkctl(host, "create", "web", "--cpus", "1", "--memory", "128M"))[0] == 0
+    assert (await mkctl(host, "update", "web", "--memory", "256M"))[0] == 0
+    code, out, _ = await mkctl(host, "resources", "pool", "--json")
+    assert code == 0
+    pool = msgspec.json.decode(out, type=PoolInfo)
+    holders = {c.id: c.holders for c in pool.cpus}
+    assert sorted(h for hs in holders.values() for h in hs) == ["web"]
+    assert pool.memory_total - pool.memory_free == 256 << 20
+    code, out, _ = await mkctl(host, "resources", "grants", "web", "-o", "json")
+    (grant,) = msgspec.json.decode(out, type=list[Grant])
+    assert (grant.instance, grant.memory, len(grant.cpus)) == ("web", 256 << 20, 1)
+    code, out, _ = await mkctl(host, "resources", "history", "web", "--json")
+    history = msgspec.json.decode(out, type=History)
+    assert [(r.kind, r.state) for r in history.transactions] == [
+        ("update", "committed"),
+        ("allocate", "committed"),
+    ]  # newest first
+    code, out, _ = await mkctl(host, "resources", "history", "web")
+    lines = out.splitlines()
+    assert lines[0].split()[:5] == ["TX", "INSTANCE", "KIND", "STATE", "CHANGE"]
+    assert "128 MiB -> 256 MiB" in lines[1]
+    code, out, _ = await mkctl(host, "resources", "free")
+    assert code == 0
+    assert out.splitlines()[1] == f"memory: {format_size(pool.memory_free)}"
+    code, out, _ = await mkctl(host, "resources")
+    assert code == 0
+    assert out.splitlines()[0].split() == ["TOTAL", "HELD", "FREE"]
+    assert any(line.split()[:2] == ["web", str(grant.instance_id)] for line in out.splitlines())
+    assert await fails(host, "resources", "grants", "nope") == (
+        3,
+        "error: 'nope' holds nothing (instances with grants: web)",
+    )

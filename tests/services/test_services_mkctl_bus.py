@@ -48,7 +48,11 @@ async def test_list_tree_and_stats(host: Path) -> None:
     endpoints = msgspec.json.decode(out, type=list[EndpointInfo])
     (lifecycle,) = [e for e in endpoints if "lifecycle" in e.names]
     assert lifecycle.age_s > 0
-    assert lifecycle.subscriptions == ("mk.instance.*.hello", "mk.instance.*.system")
+    assert lifecycle.subscriptions == (
+        "mk.instance.*.hello",
+        "mk.resource.*.tx",
+        "mk.instance.*.system",
+    )
     _, out, _ = await mkctl(host, "bus", "list")
     assert out.splitlines()[0].split() == ["ID", "NAME", "INSTANCE", "PID", "NAMES", "SUBS",
                                            "MSGS/S"]  # fmt: skip
@@ -74,7 +78,7 @@ async def test_introspect_shows_signatures_and_schemas(host: Path) -> None:
     assert lines[0].startswith("lifecycle (owner ")
     assert (
         "  create(name: str, cpus: list[int] = [], cpu_count: int = 0, memory: int = 0, "
-        "restart: RestartPolicy = {}) -> InstanceInfo"
+        "restart: RestartPolicy = {}, queues: list[str] | None = null) -> InstanceInfo"
     ) in lines
     assert '  show(name: str = "") -> InstanceList' in lines
     _, out, _ = await mkctl(host, "bus", "introspect", "lifecycle", "-o", "json")
@@ -84,7 +88,7 @@ async def test_introspect_shows_signatures_and_schemas(host: Path) -> None:
     assert create["response"]["$ref"] == "#/$defs/InstanceInfo"
     assert await fails(host, "bus", "introspect", "nope") == (
         3,
-        "error: no service 'nope' on the bus (known: fault, lifecycle)",
+        "error: no service 'nope' on the bus (known: fault, lifecycle, resource)",
     )
 
 

@@ -17,7 +17,7 @@ import yaml
 from multikernel.endpoints.mkctl import cli
 from multikernel.protocol import EndpointInfo, InstanceInfo, ServiceInfo
 
-from .conftest import mkctl
+from .conftest import fails, mkctl
 
 pytestmark = pytest.mark.anyio
 
@@ -93,6 +93,20 @@ async def test_isolation_warnings_are_short_and_said_once(plain_host: Path) -> N
     assert (code, err) == (0, "")  # once per host
     code, _, err = await mkctl(plain_host, "host", "status")
     assert err.startswith("warning: isolation is off")  # where to look again
+
+
+@pytest.mark.skipif(
+    Path("/sys/fs/resctrl").exists() or os.geteuid() != 0,
+    reason="an isolated host on a machine without resctrl says just that",
+)
+async def test_an_isolated_host_without_resctrl_says_so_once(host: Path) -> None:
+    code, _, err = await mkctl(host, "create", "web", "--memory", "128M")
+    assert (code, err) == (
+        0,
+        "warning: no resctrl on this machine: cache and memory bandwidth are shared\n",
+    )
+    code, _, err = await mkctl(host, "show")
+    assert (code, err) == (0, "")
 
 
 async def test_version() -> None:
@@ -172,6 +186,37 @@ async def test_host_down_stops_a_foreground_host(tmp_path: Path) -> None:
         with anyio.fail_after(30):
             assert await proc.wait() == 0
     assert not (tmp_path / "host.pid").exists()
+
+
+async def test_host_up_keeps_what_it_is_told_to_reserve(tmp_path: Path) -> None:
+    env = {**os.environ, "MULTIKERNEL_BUS": str(tmp_path / "bus.sock")}
+    argv = [sys.executable, "-m", "multikernel.endpoints.mkctl", "--state-dir", str(tmp_path)]
+    code, _, err = await mkctl(tmp_path, "host", "up", "--reserve-cpus", "x")
+    assert code == 2
+    assert "Invalid value for '--reserve-cpus'" in err
+    assert not (tmp_path / "host.pid").exists()  # nothing started
+    last = max(os.sched_getaffinity(0))
+    up = [*argv, "host", "up", "--foreground", "--reserve-cpus", f"@{last}", "--reserve-memory",
+          "1G", "--metrics", "off"]  # fmt: skip
+    proc = await anyio.open_process(up, env=env)
+    async with proc:
+        assert proc.stderr is not None
+        seen = b""
+        with anyio.fail_after(30):
+            while b'"host ready"' not in seen:
+                seen += await proc.stderr.receive()
+        code, out, _ = await mkctl(tmp_path, "resources", "pool", "--json")
+        pool = json.loads(out)
+        assert [c["id"] for c in pool["cpus"] if c.get("reserved")] == [last]
+        assert last not in pool["free_cpus"]
+        assert pool["memory_reserved"] == 1 << 30
+        refused = ("create", "web", "--cpus", f"@{last}", "--memory", "128M")
+        code, line = await fails(tmp_path, *refused)
+        assert code == 4
+        assert f"CPU {last}" in line
+        assert (await mkctl(tmp_path, "--state-dir", str(tmp_path), "host", "down"))[0] == 0
+        with anyio.fail_after(30):
+            assert await proc.wait() == 0
 
 
 def test_docs_cli_md_documents_every_verb_and_exit_status() -> None:
