@@ -136,6 +136,9 @@ class Results:
     undetected: int = 0
     ok: int = 0
     failed: int = 0
+    #: Injections that hit a launch already gone (the instance was restarted for another reason
+    #: between reading its pid and the signal): retried, and said in the report.
+    stale: list[str] = field(default_factory=list)
 
 
 class Host:
@@ -270,7 +273,14 @@ async def run_setup(
                         )
                     for _ in range(min(hangs, 5) if operator else hangs):
                         detected = await hang(
-                            ep, target, "bench-kv", observer, standby, operator, heartbeat
+                            ep,
+                            target,
+                            "bench-kv",
+                            observer,
+                            standby,
+                            operator,
+                            heartbeat,
+                            results.stale,
                         )
                         if detected is None:
                             results.undetected += 1
@@ -336,12 +346,19 @@ async def ready(ep: Endpoint, name: str, observer: Observer, standby: bool) -> I
 async def crash(
     ep: Endpoint, kv: str, name: str, observer: Observer, standby: bool, operator: bool
 ) -> float:
-    info = await ready(ep, name, observer, standby)
-    await until(lambda: _pinged(ep, kv))
-    boot = await ping(ep, kv)
-    changes, _ = observer.mark()
-    t0 = time.monotonic()
-    os.kill(info.pid, signal.SIGKILL)
+    for _ in range(3):
+        info = await ready(ep, name, observer, standby)
+        await until(lambda: _pinged(ep, kv))
+        boot = await ping(ep, kv)
+        changes, _ = observer.mark()
+        t0 = time.monotonic()
+        try:
+            os.kill(info.pid, signal.SIGKILL)
+            break
+        except ProcessLookupError:  # restarted since `show`: read it again
+            continue
+    else:
+        raise RuntimeError(f"{name}'s pid was gone three times before its SIGKILL")
     if operator:  # fault actor off: the operator's script restarts it when it sees the crash
         await observer.wait(lambda: any(c.new == "loaded" for _, c in observer.changes[changes:]))
         await call(ep, "start", StartInstance(name))
@@ -360,13 +377,28 @@ async def _new_boot(ep: Endpoint, kv: str, old: str | None) -> bool:
 
 async def hang(
     ep: Endpoint, kv: str, name: str, observer: Observer, standby: bool, operator: bool,
-    heartbeat: float,
+    heartbeat: float, stale: list[str],
 ) -> float | None:  # fmt: skip
-    info = await ready(ep, name, observer, standby)
-    await until(lambda: _pinged(ep, kv))
-    _, events = observer.mark()
-    t0 = time.monotonic()
-    os.kill(info.pid, signal.SIGSTOP)
+    for _ in range(3):
+        info = await ready(ep, name, observer, standby)
+        await until(lambda: _pinged(ep, kv))
+        _, events = observer.mark()
+        t0 = time.monotonic()
+        try:
+            os.kill(info.pid, signal.SIGSTOP)
+        except ProcessLookupError:  # restarted since `show`: read it again
+            stale.append(f"pid {info.pid} (generation {info.generation}) gone before SIGSTOP")
+            continue
+        current = await show(ep, name)
+        if current.pid == info.pid:
+            break
+        os.kill(info.pid, signal.SIGCONT)  # not the launch that serves now
+        stale.append(
+            f"pid {info.pid} (generation {info.generation}) replaced by {current.pid} "
+            f"(generation {current.generation}, cause {current.cause or '-'}) at SIGSTOP"
+        )
+    else:
+        raise RuntimeError(f"could not SIGSTOP {name}'s current launch: {'; '.join(stale)}")
     if operator:  # nothing detects it: wait a while, then the operator steps in
         await anyio.sleep(3 * heartbeat + 2.0)
         await call(ep, "kill", KillInstance(name, force=True))
@@ -377,7 +409,16 @@ async def hang(
         since = observer.events[events:]
         return any(e.event == "failed" and e.cause == "hang" for _, e in since)
 
-    await observer.wait(hung)
+    try:
+        await observer.wait(hung)
+    except TimeoutError:
+        now = await show(ep, name)
+        seen = [f"{e.event}/{e.cause or '-'}" for _, e in observer.events[events:]]
+        raise RuntimeError(
+            f"SIGSTOP of pid {info.pid} (generation {info.generation}) not detected within "
+            f"{PATIENCE:g} s; now pid {now.pid}, generation {now.generation}, state "
+            f"{now.state}, cause {now.cause or '-'}; fault events since: {seen or 'none'}"
+        ) from None
     found = next(t for t, e in observer.events[events:] if e.event == "failed")
     await observer.wait(lambda: any(e.event == "recovered" for _, e in observer.events[events:]))
     return found - t0
@@ -414,6 +455,8 @@ async def main(crashes: int, hangs: int, heartbeat: float, as_json: bool) -> Non
             f"{r.setup:27} {pct(r.serving, 0.5):>18.1f} ms {pct(r.serving, 0.99):>5.1f} ms "
             f"{detected} {r.failed:>10} / {total:<10}"
         )
+        for note in r.stale:
+            print(f"  {r.setup}: {note}")
 
 
 if __name__ == "__main__":

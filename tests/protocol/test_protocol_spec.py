@@ -110,6 +110,8 @@ def test_restart_policy_table_matches_the_struct() -> None:
     policy = protocol.RestartPolicy()
     documented = {row[0]: row[2] for row in TABLES["RestartPolicy"]}
     assert documented == {f: str(getattr(policy, f)) for f in policy.__struct_fields__}
+
+
 def test_resource_method_table_matches_the_service_contract() -> None:
     documented = {(row[0], row[1]): (row[2], row[3]) for row in TABLES["resource-methods"]}
     contract = {
