@@ -23,6 +23,7 @@ import anyio.abc
 
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import ENV_FD
+from multikernel.services._local_process import wait_pidfd
 
 log = get_logger("multikernel.host")
 
@@ -48,13 +49,13 @@ class ChildActor:
         """Start the actor, start it again whenever it dies; stop it when cancelled."""
         backoff, started = 0.1, False
         while True:
-            process, lifeline = await self._spawn()
+            process, lifeline = self._spawn()
             if not started:
                 started = True
                 task_status.started()
             since = time.monotonic()
             try:
-                status = await process.wait()
+                status = await _wait(process)
             except BaseException:
                 with anyio.CancelScope(shield=True):
                     await self._stop(process, lifeline)
@@ -70,14 +71,16 @@ class ChildActor:
             await anyio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)
 
-    async def _spawn(self) -> tuple[anyio.abc.Process, int]:
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], int]:
+        # subprocess.Popen, not anyio.open_process: under uvloop the latter leaks every
+        # inheritable fd of the host into the child (a host's ready pipe, the lifeline's write
+        # end), which would then never see EOF.
         sock = self.open_socket()
         read, write = os.pipe()
         env = {**os.environ, ENV_FD: str(sock.fileno()), ENV_LIFELINE: str(read)}
         try:
-            process = await anyio.open_process(
-                self.argv, env=env, pass_fds=[sock.fileno(), read], stdin=subprocess.DEVNULL,
-                stdout=None, stderr=None,
+            process = subprocess.Popen(
+                self.argv, env=env, pass_fds=(sock.fileno(), read), stdin=subprocess.DEVNULL,
             )  # fmt: skip
         except BaseException:
             os.close(write)
@@ -89,11 +92,23 @@ class ChildActor:
         log.info("actor process started", actor=self.name, pid=process.pid)
         return process, write
 
-    async def _stop(self, process: anyio.abc.Process, lifeline: int) -> None:
+    async def _stop(self, process: subprocess.Popen[bytes], lifeline: int) -> None:
         os.close(lifeline)  # EOF: the actor leaves on its own
         with anyio.move_on_after(STOP_GRACE):
-            await process.wait()
+            await _wait(process)
             return
         log.warning("actor process did not stop; killing it", actor=self.name, pid=process.pid)
         process.send_signal(signal.SIGKILL)
-        await process.wait()
+        await _wait(process)
+
+
+async def _wait(process: subprocess.Popen[bytes]) -> int:
+    """The process's exit status, awaited on its pidfd; it is reaped."""
+    if process.poll() is not None:
+        return process.returncode
+    fd = os.pidfd_open(process.pid)
+    try:
+        await wait_pidfd(fd)
+    finally:
+        os.close(fd)
+    return process.wait()
