@@ -9,7 +9,9 @@ drains the hub and exits.
 
 The host's own user is privileged on instance 0 (an `instance:0 & uid:<uid>` rule appended to the
 policy): `mkctl`, run by the same user, may drive the host, and the actors may reach every
-instance. Run as root and that user is root, which the built-in `host` rule already covers.
+instance. Each instance's agent may call the resource actor (`_elastic.AGENT_RULE`, also
+appended), which serves it `elastic` alone, for its own instance. Run as root and that user is
+root, which the built-in `host` rule already covers.
 Nobody else may: the control socket is 0600 unless `socket_access` widens it, and even then the
 host actors' services (`lifecycle`, ...) are `[host_only]` in the policy unless a rule grants
 them (docs/security.md).
@@ -36,6 +38,7 @@ from multikernel.endpoints import connect
 from multikernel.endpoints.log import get_logger
 from multikernel.services._actors import ActorProcess
 from multikernel.services._cgroups import GROUP_ROOT
+from multikernel.services._elastic import AGENT_RULE
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._metrics import HostCollector, registry, serve_metrics
@@ -142,13 +145,17 @@ class HostConfig:
     placement: str = "pack"
     cpu_share: int = 1
     ack_timeout: float = 5.0
+    elastic_max_cpus: int = 0  # how far an instance may grow by asking (0: its operator's grant)
+    elastic_max_memory: int = 0
+    rebalance: str = ""  # resize grants by load: "pressure" or module:attr ("": off)
     sysfs_root: Path = Path("/")
     metrics: str = "127.0.0.1:0"  # where Prometheus scrapes (port 0: any free one); "" off
     #: Who may connect to the control socket (default 0600: the host's own user and root).
     socket_access: SocketAccess = field(default_factory=SocketAccess)
 
     def policy(self) -> Policy:
-        return Policy.from_toml(self.policy_text + host_rule(os.getuid()), self.policy_source)
+        rules = host_rule(os.getuid()) + AGENT_RULE
+        return Policy.from_toml(self.policy_text + rules, self.policy_source)
 
     def resource_config(self) -> ResourceConfig:
         return ResourceConfig(
@@ -156,7 +163,8 @@ class HostConfig:
             reserve_cpus=tuple(sorted(self.reserve_cpus)), reserve_memory=self.reserve_memory,
             policy=self.placement, cpu_share=self.cpu_share, ack_timeout=self.ack_timeout,
             sysfs_root=str(self.sysfs_root), isolate=self.isolate,
-            cgroup_group=cgroup_group(self.state_dir),
+            cgroup_group=cgroup_group(self.state_dir), elastic_max_cpus=self.elastic_max_cpus,
+            elastic_max_memory=self.elastic_max_memory, rebalance=self.rebalance,
         )  # fmt: skip
 
 

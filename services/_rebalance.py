@@ -22,6 +22,9 @@ applies its answers as ordinary transactions (placement, admission, the agent's 
   at most `memory_shrink` of one block fewer (and memory PSI, if any, is at most
   `shrink_stall`).
 
+`load_rebalancer` turns the host's `--rebalance` setting into a policy: `pressure`, or
+`package.module:attribute` for a plugin.
+
 Hysteresis, so it does not flap: it acts only on `window` consecutive reports taken under the
 current grant (so after any change it waits for `window` fresh ones), and the grow and shrink
 thresholds leave a gap: a load that made an instance grow from n to n+1 CPUs (waiting) cannot
@@ -31,11 +34,12 @@ make it shrink (it would have to use at most `shrink_busy` x n of n+1), and memo
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from multikernel.protocol import LoadReport, format_size
+from multikernel.protocol import InvalidResourceRequestError, LoadReport, format_size
 
 
 @dataclass(frozen=True)
@@ -264,3 +268,27 @@ def _out_of_bounds(what: str, new: int | None, held: int, floor: int, most: int)
     if new < held and new < max(floor, 1):
         return f"{new} {what} is below its floor ({max(floor, 1)})"
     return ""
+
+
+def load_rebalancer(spec: str) -> RebalancePolicy:
+    """`pressure` (the default policy) or `package.module:attribute` naming a rebalance policy
+    object, class or factory (the host's `--rebalance` setting)."""
+    if spec == "pressure":
+        return PressureRebalancer()
+    module_name, _, attribute = spec.partition(":")
+    if not attribute:
+        raise InvalidResourceRequestError(
+            f"unknown rebalancer {spec!r}: use pressure or package.module:attribute"
+        )
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise InvalidResourceRequestError(f"cannot load rebalancer {spec!r}: {error}") from error
+    policy = target
+    if isinstance(target, type) or (callable(target) and not isinstance(target, RebalancePolicy)):
+        policy = target()  # a class or a factory
+    if not isinstance(policy, RebalancePolicy):
+        raise InvalidResourceRequestError(
+            f"{spec!r} is not a rebalance policy: it needs a name and decide(state)"
+        )
+    return policy

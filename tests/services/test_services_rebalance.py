@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from multikernel.protocol import LoadReport
+from multikernel.protocol import InvalidResourceRequestError, LoadReport
 from multikernel.services._rebalance import (
     InstanceView,
     PressureRebalancer,
@@ -20,6 +20,7 @@ from multikernel.services._rebalance import (
     Resize,
     checked,
     cpu_stall,
+    load_rebalancer,
 )
 
 MiB = 1 << 20
@@ -282,3 +283,26 @@ def test_a_steady_load_moves_a_grant_one_way_and_settles_it_never_flaps(
     for axis in (0, 1):
         steps = {b[axis] - a[axis] for a, b in itertools.pairwise(seen)} - {0}
         assert len(steps) <= 1, f"flapped: {seen}"
+
+
+class Never:
+    """A plugin policy: never changes anything."""
+
+    name = "never"
+
+    def decide(self, state: RebalanceState) -> Sequence[Resize]:
+        return ()
+
+
+def test_the_host_names_a_rebalancer_or_a_plugin_and_a_bad_name_is_refused() -> None:
+    assert isinstance(load_rebalancer("pressure"), PressureRebalancer)
+    assert load_rebalancer(f"{__name__}:Never").name == "never"  # a class
+    with pytest.raises(InvalidResourceRequestError, match="unknown rebalancer 'fast'"):
+        load_rebalancer("fast")
+    with pytest.raises(InvalidResourceRequestError, match="cannot load rebalancer"):
+        load_rebalancer("no.such.module:Policy")
+    with pytest.raises(InvalidResourceRequestError, match="is not a rebalance policy"):
+        load_rebalancer(f"{__name__}:POLICY_NAME")
+
+
+POLICY_NAME = "not a policy"
