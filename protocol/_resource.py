@@ -216,7 +216,9 @@ class QueueInfo(_ResourceMessage, frozen=True):
 
 
 class PoolInfo(_ResourceMessage, frozen=True):
-    """The answer to ``pool``: the machine, what the host keeps, who holds what, what is free."""
+    """The answer to ``pool``: the machine, what the host keeps, who holds what, what is free;
+    the placement policy, the rebalancer (``""``: none) and how far an instance may grow by
+    asking (``elastic_max_*``; 0: to what its operator granted)."""
 
     cpus: tuple[CpuInfo, ...] = ()
     nodes: tuple[NodeInfo, ...] = ()
@@ -229,6 +231,9 @@ class PoolInfo(_ResourceMessage, frozen=True):
     policy: str = ""
     cpu_share: U32 = 1
     pending: U32 = 0
+    rebalancer: str = ""
+    elastic_max_cpus: U32 = 0
+    elastic_max_memory: U64 = 0
 
 
 GrantOp: TypeAlias = CpuAdd | CpuRemove | MemAdd | MemRemove | DeviceAdd | DeviceRemove

@@ -142,7 +142,12 @@ class ResourceActor:
 
     async def serve_pool(self, request: PoolQuery) -> PoolInfo:
         _from_host()
-        return pool_info(self.ledger, self.policy.name)
+        return replace(
+            pool_info(self.ledger, self.policy.name),
+            rebalancer=self.rebalancing.policy.name if self.rebalancing else "",
+            elastic_max_cpus=self.elastic.max_cpus,
+            elastic_max_memory=self.elastic.max_memory,
+        )
 
     async def serve_grants(self, request: GrantsQuery) -> GrantList:
         _from_host()

@@ -113,6 +113,26 @@ def _checked(parse: Callable[[str], object]) -> Callable[..., str | None]:
     default=None,
     help="Instances that may share one CPU (default 1: none share).",
 )
+@click.option(
+    "--elastic-max-cpus",
+    type=click.IntRange(0),
+    default=None,
+    help="CPUs an instance may grow to by asking (default 0: what its operator granted).",
+)
+@click.option(
+    "--elastic-max-memory",
+    default=None,
+    callback=_checked(parse_size),
+    help="Memory an instance may grow to by asking (default 0: what its operator granted).",
+)
+@click.option(
+    "--rebalance",
+    is_flag=False,
+    flag_value="pressure",
+    default=None,
+    metavar="[POLICY]",
+    help="Resize grants by the instances' load: pressure (alone: the default) or module:attr.",
+)
 def up(
     foreground: bool,
     policy: str | None,
@@ -126,6 +146,9 @@ def up(
     reserve_memory: str | None,
     placement: str | None,
     cpu_share: int | None,
+    elastic_max_cpus: int | None,
+    elastic_max_memory: str | None,
+    rebalance: str | None,
 ) -> int:
     """Start the host (in the background unless --foreground)."""
     options = settings()
@@ -152,6 +175,9 @@ def up(
         ("--reserve-memory", reserve_memory),
         ("--placement", placement),
         ("--cpu-share", None if cpu_share is None else str(cpu_share)),
+        ("--elastic-max-cpus", None if elastic_max_cpus is None else str(elastic_max_cpus)),
+        ("--elastic-max-memory", elastic_max_memory),
+        ("--rebalance", rebalance),
     ):
         if value is not None:
             command += [flag, value]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,6 +32,8 @@ from multikernel.services._rebalancing import RebalanceStatistics, Rebalancing
 from multikernel.services._resource import ResourceActor
 from multikernel.services._resource_store import ResourceStore
 from multikernel.services.testing import FakeAgent, FakeSysfs
+
+from .conftest import mkctl
 
 pytestmark = pytest.mark.anyio
 BLOCK = 128 << 20
@@ -221,4 +226,30 @@ async def test_the_rebalancer_is_off_unless_the_host_asks_for_it(tmp_path: Path)
     resource = config_from(args).resource_config()
     assert (resource.rebalance, resource.elastic_max_cpus, resource.elastic_max_memory) == (
         "pressure", 4, 2 << 30,
+    )  # fmt: skip
+
+
+async def test_mkctl_host_up_turns_the_rebalancer_on_and_bounds_what_instances_ask_for(
+    tmp_path: Path,
+) -> None:
+    code, _, err = await mkctl(tmp_path, "host", "up", "--elastic-max-memory", "lots")
+    assert code == 2
+    assert "Invalid value for '--elastic-max-memory'" in err
+    env = {**os.environ, "MULTIKERNEL_BUS": str(tmp_path / "bus.sock")}
+    up = [sys.executable, "-m", "multikernel.endpoints.mkctl", "--state-dir", str(tmp_path),
+          "host", "up", "--foreground", "--metrics", "off", "--elastic-max-cpus", "2",
+          "--elastic-max-memory", "1G", "--rebalance"]  # fmt: skip
+    async with await anyio.open_process(up, env=env) as proc:
+        assert proc.stderr is not None
+        seen = b""
+        with anyio.fail_after(30):
+            while b'"host ready"' not in seen:
+                seen += await proc.stderr.receive()
+        code, out, _ = await mkctl(tmp_path, "resources", "pool", "--json")
+        assert (await mkctl(tmp_path, "--state-dir", str(tmp_path), "host", "down"))[0] == 0
+        with anyio.fail_after(30):
+            assert await proc.wait() == 0
+    pool = json.loads(out)
+    assert (pool["rebalancer"], pool["elastic_max_cpus"], pool["elastic_max_memory"]) == (
+        "pressure", 2, 1 << 30,
     )  # fmt: skip
