@@ -353,3 +353,9 @@ def test_a_store_written_before_bases_were_kept_reads_the_holding_as_the_base(
         (2, 1),
         [],
     )
+
+
+def test_the_docs_show_the_rule_the_host_adds_for_agents() -> None:
+    docs = Path(__file__).resolve().parents[2] / "docs"
+    for page in ("access-control.md", "resources.md"):
+        assert AGENT_RULE.strip() in (docs / page).read_text(), page
