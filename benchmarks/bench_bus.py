@@ -440,9 +440,14 @@ def run_round(setup: Setup, rnd: int, args: argparse.Namespace, out: list[Record
             out.append(record)
         mine = [r for r in out if r.round == rnd and r.system == system]
         worst = max(r.other for r in mine)
+        first = mine[0].metrics
+        figure = (
+            f"b2b x1 p50 {first['p50_us']:.0f} us"
+            if "p50_us" in first
+            else (f"{mine[0].phase} {first['per_sub']:.0f} msgs/s/sub, lost {first['missing']:.0f}")
+        )
         print(
-            f"  round {rnd + 1} {LABEL[system]:6}: {time.monotonic() - t0:5.1f} s, "
-            f"b2b x1 p50 {mine[0].metrics['p50_us']:.0f} us, "
+            f"  round {rnd + 1} {LABEL[system]:6}: {time.monotonic() - t0:5.1f} s, {figure}, "
             f"max other load {worst:.0%}{'  NOISY' if worst > NOISY_SHARE else ''}",
             flush=True,
         )
@@ -784,6 +789,12 @@ def main() -> int:
     parser.add_argument("--rpc-dur", type=float, default=None, help="s per RPC phase (2; 0.4)")
     parser.add_argument("--pub-n", type=int, default=None, help="messages per pub/sub phase")
     parser.add_argument(
+        "--fanout",
+        default="",
+        help="more pub/sub phases with these subscriber counts, e.g. 10,50 (a process each)",
+    )
+    parser.add_argument("--pub-only", action="store_true", help="skip the RPC phases")
+    parser.add_argument(
         "--same-core",
         action="store_true",
         help="a different experiment: pin server and subscribers to the client's CPU",
@@ -793,11 +804,18 @@ def main() -> int:
     args.rpc_dur = args.rpc_dur or (0.4 if args.quick else 2.0)
     args.pub_n = args.pub_n or (20_000 if args.quick else 100_000)
     args.systems = SYSTEMS
+    global PUB_PHASES, N_SUBS, RPC_PHASES
+    extra = [int(k) for k in args.fanout.split(",") if k.strip()]
+    PUB_PHASES = PUB_PHASES + tuple((f"{k} subs", k) for k in extra)
+    N_SUBS = max([N_SUBS, *extra])
+    if args.pub_only:
+        RPC_PHASES = ()
+        args.systems = PUBSUB
     try:
         import grpc  # noqa: F401
     except ImportError:
         print("bench_bus: grpcio is not installed: no gRPC figures (pip install grpcio)")
-        args.systems = tuple(s for s in SYSTEMS if s != "grpc")
+        args.systems = tuple(s for s in args.systems if s != "grpc")
     cpus = choose_cpus(args.same_core)
     signal.signal(signal.SIGTERM, _terminated)  # clean up (the finally blocks) on SIGTERM too
     shm_before = shm_files()

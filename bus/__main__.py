@@ -30,7 +30,18 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--socket", type=Path, default=None, help="control socket path")
     parser.add_argument("--policy", type=Path, default=None, help="access policy (TOML)")
     parser.add_argument("--max-pending", type=int, default=Limits.max_pending)
-    parser.add_argument("--slow-consumer", choices=["drop", "disconnect"], default="drop")
+    parser.add_argument(
+        "--slow-consumer",
+        choices=["block", "drop", "disconnect"],
+        default=Limits.slow_consumer,
+        help="past --max-pending: hold the publishers (block), drop, or disconnect the subscriber",
+    )
+    parser.add_argument(
+        "--block-patience",
+        type=float,
+        default=Limits.block_patience,
+        help="seconds `block` holds a publisher for one subscriber before dropping for it",
+    )
     parser.add_argument("--grace", type=float, default=5.0, help="drain time on SIGTERM (s)")
     parser.add_argument(
         "--socket-mode",
@@ -46,7 +57,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 async def run(args: argparse.Namespace) -> None:
     policy = Policy.load(args.policy) if args.policy else Policy.default()
-    limits = Limits(max_pending=args.max_pending, slow_consumer=args.slow_consumer)
+    limits = Limits(
+        max_pending=args.max_pending,
+        slow_consumer=args.slow_consumer,
+        block_patience=args.block_patience,
+    )
     access = SocketAccess.parse(args.socket_mode, args.socket_group)
     hub = Hub(
         args.socket or default_socket_path(), policy=policy, limits=limits, socket_access=access

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Final
 
 import anyio
 import anyio.abc
@@ -41,6 +43,7 @@ from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import (
     CONTROL_DECODER,
+    MISSED_OFFSET,
     AccessDeniedError,
     AttachRequest,
     BusSnapshot,
@@ -80,6 +83,20 @@ log = get_logger("multikernel.bus")
 PAGE_SLACK = 4096
 
 
+_GAP: Final = struct.Struct("<I")
+_GAP_OFFSET: Final = MISSED_OFFSET
+
+
+def _with_gap(frame: bytes, record: SubscriptionRecord) -> bytes:
+    """The frame, telling its subscriber how many publications it missed just before it (the
+    header's reserved word, on deliveries: docs/protocol.md); unchanged when none were."""
+    if not record.unreported:
+        return frame
+    stamped = bytearray(frame)
+    _GAP.pack_into(stamped, _GAP_OFFSET, min(record.unreported, 0xFFFFFFFF))
+    return bytes(stamped)
+
+
 class Hub:
     """The bus hub. Run it with `serve()` inside a task group, or `python -m multikernel.bus`."""
 
@@ -104,6 +121,7 @@ class Hub:
                 "channels",
                 "errors",
                 "cut_off",
+                "stalled",
             ),
             0,
         )
@@ -252,23 +270,36 @@ class Hub:
                 subject, "hub", session.id, 0, frame, source_name=session.identity.name
             )
 
-    def flush(self) -> None:
+    def flush(self) -> list[Session]:
         """Send the publications staged while dispatching a batch: one ring publish (and at
-        most one doorbell) per subscriber per batch instead of one per message."""
+        most one doorbell) per subscriber per batch instead of one per message. Returns the
+        subscribers left congested, for the publisher to wait on under `block`."""
         dirty, self._dirty = self._dirty, []
         delivered = dropped = 0
+        congested: list[Session] = []
         for session in dirty:
             staged, session.staged = session.staged, []
-            sent = session.deliver_many([frame for frame, _ in staged])
+            frames = [frame for frame, _ in staged]
+            told: set[int] = set()
+            for i, (frame, record) in enumerate(staged):
+                if record.unreported and record.sid not in told:  # its first in this batch
+                    told.add(record.sid)
+                    frames[i] = _with_gap(frame, record)
+            sent = session.deliver_many(frames)
             for i, (_, record) in enumerate(staged):
                 if i < sent:
                     record.delivered += 1
+                    record.unreported = 0  # told in this frame (or nothing to tell)
                 else:
                     record.dropped += 1
+                    record.unreported += 1
             delivered += sent
             dropped += len(staged) - sent
+            if session.congested:
+                congested.append(session)
         self._delivered += delivered
         self.counters["dropped"] += dropped
+        return congested if self.limits.slow_consumer == "block" else []
 
     def _control(self, session: Session, correlation: int, body: object) -> None:
         who = session.identity

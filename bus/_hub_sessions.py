@@ -89,8 +89,9 @@ class SessionHandler(Protocol):
     def dispatch(self, session: Session, frame: bytes) -> None:
         """One frame from an endpoint; a ProtocolError cuts the endpoint off."""
 
-    def flush(self) -> None:
-        """After each batch of frames: send what the batch staged for other sessions."""
+    def flush(self) -> list[Session]:
+        """After each batch of frames: send what the batch staged for other sessions; returns
+        the sessions the batch left congested (its publisher waits for them, by policy)."""
 
     def detached(self, session: Session) -> None: ...
 
@@ -344,7 +345,9 @@ class Sessions:
             while True:
                 for frame in await session.channel.receive_many():
                     dispatch(session, frame)
-                flush()
+                congested = flush()
+                if congested:
+                    await self._wait_for(session, congested)
         except (anyio.EndOfStream, PeerDiedError, anyio.ClosedResourceError):
             session.closed = True  # it went away; nothing to blame it for
         except (ProtocolError, ShmError, anyio.BrokenResourceError) as exc:
@@ -352,6 +355,23 @@ class Sessions:
             session.cut_off(f"{type(exc).__name__}: {exc}")
         if session.cancel_scope is not None:
             session.cancel_scope.cancel()
+
+    async def _wait_for(self, publisher: Session, congested: list[Session]) -> None:
+        """Backpressure (`slow_consumer = "block"`): read nothing more from `publisher` until
+        the subscribers it just congested have room, each for at most `block_patience`."""
+        deadline = time.monotonic() + self.limits.block_patience
+        for target in congested:
+            if target is publisher:
+                continue  # its own reader drains it; waiting on itself would only stall it
+            if not await target.wait_for_room(deadline):
+                self.counters["stalled"] += 1
+                log.warning(
+                    "slow consumer: dropping its publications until it catches up",
+                    endpoint=target.id,
+                    name=target.identity.name,
+                    waiting=target.pending,
+                    publisher=publisher.id,
+                )
 
     def _end_session(self, session: Session) -> None:
         session.closed = True

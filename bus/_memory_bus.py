@@ -213,8 +213,13 @@ class MemoryBus:
             del self._subs[(endpoint_id, sid)]
             self._router.unsubscribe((endpoint_id, sid))
 
-    def _publish(self, endpoint_id: int, subject: str, data: bytes) -> None:
-        """Route a publication as `Hub._publish` does: policy per side, one per queue group."""
+    def _publish(
+        self, endpoint_id: int, subject: str, data: bytes
+    ) -> list[tuple[Subscription, Message]]:
+        """Route a publication as `Hub._publish` does: policy per side, one per queue group.
+
+        Returns the deliveries whose subscription buffer was full: the publisher waits on them
+        (`Subscription.offer`), as a real hub holds a publisher for a slow subscriber."""
         session = self._sessions[endpoint_id]
         session.frames_in += 1
         self.counters["published"] += 1
@@ -224,9 +229,12 @@ class MemoryBus:
         keys, denied = route(
             self._router, self._subs, subject, session.identity.instance, decisions
         )
+        full = []
         for key in keys:
             record = self._subs[key]
-            record.subscription.push(Message(subject, endpoint_id, data))
+            message = Message(subject, endpoint_id, data)
+            if not record.subscription.try_push(message):
+                full.append((record.subscription, message))
             record.delivered += 1
             record.session.frames_out += 1
             self.counters["delivered"] += 1
@@ -238,6 +246,7 @@ class MemoryBus:
                 error = AccessDeniedError(denial_message(subject, decisions))
                 session.frames_out += 1
                 session.endpoint._async_error(error_from_body(error_to_body(error)))
+        return full
 
     def _request_name(self, endpoint_id: int, service: Service) -> RequestNameResult:
         session = self._sessions[endpoint_id]

@@ -23,7 +23,13 @@ import msgspec
 
 from multikernel.bus._memory_link import REPLY_BUFFER, Call, Link
 from multikernel.bus._policy import Identity
-from multikernel.endpoints import Bus, HubUnavailableError, Service, Subscription
+from multikernel.endpoints import (
+    DEFAULT_PATIENCE,
+    Bus,
+    HubUnavailableError,
+    Service,
+    Subscription,
+)
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import request_frame
 from multikernel.protocol import (
@@ -83,10 +89,18 @@ class MemoryEndpoint:
             validate_subject(subject)
             self._valid_subjects.add(subject)
         frame = encode(Kind.PUBLISH, body, subject=subject, max_body=self.max_body)
-        self._bus._publish(self.id, subject, frame[decode_header(frame).body_offset :])
+        for subscription, message in self._bus._publish(
+            self.id, subject, frame[decode_header(frame).body_offset :]
+        ):
+            await subscription.offer(message)  # a full buffer holds the publisher (patience)
 
     async def subscribe(
-        self, pattern: str, *, queue_group: str | None = None, max_pending: int = 1024
+        self,
+        pattern: str,
+        *,
+        queue_group: str | None = None,
+        max_pending: int = 1024,
+        patience: float = DEFAULT_PATIENCE,
     ) -> Subscription:
         """Subscribe to `pattern` (`*` one token, `>` the rest); use as `async with`."""
         await anyio.lowlevel.checkpoint()
@@ -94,7 +108,7 @@ class MemoryEndpoint:
         validate_pattern(pattern)
         sid = self._next_sid
         self._next_sid += 1
-        sub = Subscription(sid, pattern, queue_group, max_pending, self._unsubscribe)
+        sub = Subscription(sid, pattern, queue_group, max_pending, self._unsubscribe, patience)
         try:
             sub.cross_instance = self._bus._subscribe(self.id, sub)
         except BaseException:

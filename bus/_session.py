@@ -1,9 +1,13 @@
 """The hub's side of one attached endpoint: identity, session channel, outgoing queue, counters.
 
 Frames for an endpoint go into its session channel with a non-blocking send. When the ring is
-full (the endpoint is slow) they wait in a bounded queue that a flusher task drains; publications
-beyond `Limits.max_pending` are dropped and counted (or the endpoint is disconnected, by policy),
-so a slow subscriber never slows the hub or anyone else. Replies to the endpoint's own control
+full (the endpoint is slow) they wait in a queue that a flusher task drains. Past
+`Limits.max_pending` publications the endpoint is *congested*, and what happens is the
+slow-consumer policy: `block` (the default) slows the publishers that feed it, for at most
+`Limits.block_patience` seconds, after which it is *stalled*: publications for it are dropped
+until it catches up, and the next one it gets says how many it missed; `drop` drops at once
+(counted and reported the same way); `disconnect` cuts it off. A slow subscriber never slows the
+hub, and slows a publisher only for a bounded time. Replies to the endpoint's own control
 requests are never dropped, but an endpoint that asks and never reads cannot grow the queue
 without bound: past `Limits.max_queued_bytes` it is cut off.
 
@@ -37,7 +41,8 @@ class Limits:
 
     max_body: int = 256 << 10
     max_pending: int = 4096
-    slow_consumer: Literal["drop", "disconnect"] = "drop"
+    slow_consumer: Literal["block", "drop", "disconnect"] = "block"
+    block_patience: float = 2.0  # how long `block` slows a publisher before dropping instead
     session_capacity: int = 1 << 20
     channel_capacity: int = 1 << 20
     hello_timeout: float = 5.0
@@ -72,6 +77,7 @@ class SubscriptionRecord:
     sid_bytes: bytes = b""  # the sid as it goes into a frame's destination field
     delivered: int = 0
     dropped: int = 0
+    unreported: int = 0  # dropped since the last delivered one: told with the next (its gap)
 
 
 class SlowConsumerError(Exception):
@@ -108,6 +114,8 @@ class Session:
         self._pending: deque[bytes] = deque()
         self._queued_bytes = 0
         self._wake = anyio.Event()
+        self._room = anyio.Event()  # set when the queue falls back to half of max_pending
+        self.stalled = False  # `block` ran out of patience: drop until it catches up
         self.closed = False
         self.overflowed = False
         self.cut_reason = ""
@@ -141,7 +149,7 @@ class Session:
             return False
         frame = bytes(frame)  # the caller may reuse its buffer: the queue keeps a copy
         full = self._queued_bytes + len(frame) > self.limits.max_queued_bytes
-        if droppable and (full or len(self._pending) >= self.limits.max_pending):
+        if droppable and (full or self._over_limit()):
             self.dropped += 1
             if self.limits.slow_consumer == "disconnect" and not self.overflowed:
                 self.overflowed = True
@@ -153,6 +161,30 @@ class Session:
         self._pending.append(frame)
         self._queued_bytes += len(frame)
         self._wake.set()
+        return True
+
+    def _over_limit(self) -> bool:
+        """Past max_pending, and the policy drops now (`block` only once stalled)."""
+        if len(self._pending) < self.limits.max_pending:
+            return False
+        return self.limits.slow_consumer != "block" or self.stalled
+
+    @property
+    def congested(self) -> bool:
+        """Publications for it wait beyond max_pending: under `block`, its publishers wait."""
+        return len(self._pending) >= self.limits.max_pending and not self.closed
+
+    async def wait_for_room(self, deadline: float) -> bool:
+        """Wait until the queue is back to half of max_pending, or `deadline` (monotonic):
+        False when the deadline passed first (the session is stalled from then on)."""
+        while self.congested and not self.stalled:
+            if self._room.is_set():  # a stale one: every waiter shares the next
+                self._room = anyio.Event()
+            with anyio.move_on_after(deadline - time.monotonic()):
+                await self._room.wait()
+                continue
+            self.stalled = True
+            return False
         return True
 
     def deliver_many(self, frames: list[bytes]) -> int:
@@ -184,10 +216,14 @@ class Session:
             while True:
                 await self._wake.wait()
                 self._wake = anyio.Event()
+                low = self.limits.max_pending // 2
                 while self._pending:
                     await self.channel.send(self._pending[0])
                     self._queued_bytes -= len(self._pending.popleft())
                     self.frames_out += 1
+                    if len(self._pending) <= low:
+                        self.stalled = False  # caught up: its publishers may wait for it again
+                        self._room.set()
         except (PeerDiedError, anyio.ClosedResourceError):
             self.closed = True  # it went away with frames still waiting for it: nobody to blame
             if self.cancel_scope is not None:

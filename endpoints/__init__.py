@@ -20,6 +20,7 @@ from multikernel.endpoints._direct import current_caller as current_caller
 from multikernel.endpoints._endpoint import Endpoint as Endpoint
 from multikernel.endpoints._hublink import HubUnavailableError as HubUnavailableError
 from multikernel.endpoints._service import Service as Service
+from multikernel.endpoints._subscription import DEFAULT_PATIENCE as DEFAULT_PATIENCE
 from multikernel.endpoints._subscription import Message as Message
 from multikernel.endpoints._subscription import Subscription as Subscription
 from multikernel.endpoints._subscription import (

@@ -43,7 +43,12 @@ class Bus(Protocol):
     async def publish(self, subject: str, body: object = None) -> None: ...
 
     async def subscribe(
-        self, pattern: str, *, queue_group: str | None = None, max_pending: int = 1024
+        self,
+        pattern: str,
+        *,
+        queue_group: str | None = None,
+        max_pending: int = 1024,
+        patience: float = ...,
     ) -> Subscription: ...
 
     @overload

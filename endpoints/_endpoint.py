@@ -26,7 +26,7 @@ from multikernel.endpoints._contracts import Bus
 from multikernel.endpoints._direct import DirectChannel, Mirroring
 from multikernel.endpoints._hublink import HubLink, HubUnavailableError
 from multikernel.endpoints._service import Service
-from multikernel.endpoints._subscription import Message, Subscription
+from multikernel.endpoints._subscription import DEFAULT_PATIENCE, Message, Subscription
 from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
     AttachRequest,
@@ -122,13 +122,23 @@ class Endpoint:
         await self._link.to_hub(encode(Kind.PUBLISH, body, subject=subject, max_body=self.max_body))
 
     async def subscribe(
-        self, pattern: str, *, queue_group: str | None = None, max_pending: int = 1024
+        self,
+        pattern: str,
+        *,
+        queue_group: str | None = None,
+        max_pending: int = 1024,
+        patience: float = DEFAULT_PATIENCE,
     ) -> Subscription:
-        """Subscribe to `pattern` (`*` one token, `>` the rest); use as `async with`."""
+        """Subscribe to `pattern` (`*` one token, `>` the rest); use as `async with`.
+
+        Up to `max_pending` messages wait for the application; when that many do, this endpoint
+        reads nothing more from the hub for up to `patience` seconds (the hub holds the
+        publishers meanwhile), then drops, counts and tells the gap (`Message.missed`).
+        """
         validate_pattern(pattern)
         sid = self._next_sid
         self._next_sid += 1
-        sub = Subscription(sid, pattern, queue_group, max_pending, self._unsubscribe)
+        sub = Subscription(sid, pattern, queue_group, max_pending, self._unsubscribe, patience)
         self._subs[sid] = sub
         try:
             ok = await self._link.control(Subscribe(pattern, queue_group, sid))
@@ -294,10 +304,17 @@ class Endpoint:
 
     # -- what arrives from the hub ------------------------------------------------------------
 
-    def _on_publication(self, header: Header, frame: bytes) -> None:
+    def _on_publication(self, header: Header, frame: bytes) -> tuple[Subscription, Message] | None:
+        """Hand a publication to its subscription; (it, the message) when its buffer is full
+        and the reader should wait (`Subscription.offer`) before reading on."""
         sub = self._subs.get(header.destination)
         if sub is not None:
-            sub.push(Message(header.subject, header.source, frame[header.body_offset :]))
+            message = Message(
+                header.subject, header.source, frame[header.body_offset :], header.missed
+            )
+            if not sub.try_push(message):
+                return sub, message
+        return None
 
     def _on_server_channel(self, ready: ChannelReady, channel: Channel) -> None:
         direct = DirectChannel(ready, channel, self._mirror)

@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 
 from multikernel.endpoints._calls import Correlations
+from multikernel.endpoints._subscription import Message, Subscription
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import HANDLE_FDS, close_fds, receive_handle
 from multikernel.protocol import (
@@ -73,7 +74,9 @@ class HubPermissionError(HubUnavailableError, PermissionError):
 class LinkOwner(Protocol):
     """What an endpoint does with what arrives on its link (the `Endpoint` implements it)."""
 
-    def _on_publication(self, header: Header, frame: bytes) -> None: ...
+    def _on_publication(
+        self, header: Header, frame: bytes
+    ) -> tuple[Subscription, Message] | None: ...
 
     def _on_notice(self, header: Header, frame: bytes, body: object) -> None: ...
 
@@ -271,25 +274,27 @@ class HubLink:
         try:
             while True:
                 for frame in await session.receive_many():
-                    self._on_session_frame(frame)
+                    full = self._on_session_frame(frame)
+                    if full is not None:  # backpressure: read on once it has room (patience)
+                        await full[0].offer(full[1])
         except (anyio.EndOfStream, anyio.BrokenResourceError, ProtocolError):
             return
 
-    def _on_session_frame(self, frame: bytes) -> None:
+    def _on_session_frame(self, frame: bytes) -> tuple[Subscription, Message] | None:
         header = decode_header(frame)
         kind = header.kind
         if kind == Kind.PUBLISH:
-            self.owner._on_publication(header, frame)
-            return
+            return self.owner._on_publication(header, frame)
         if header.correlation and self._calls.deliver(header, frame):
-            return
+            return None
         if kind == Kind.ERROR:
             self.async_errors += 1  # e.g. a publication the policy kept from some subscribers
             error = decode_body(header, frame, ERROR_DECODER)
             log.warning("hub reported an error", code=error.code, message=error.message)
-            return
+            return None
         if kind == Kind.CONTROL:
             self.owner._on_notice(header, frame, decode_body(header, frame, CONTROL_DECODER))
+        return None
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         if self.tg is None:

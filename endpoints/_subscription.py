@@ -14,11 +14,17 @@ T = TypeVar("T")
 
 
 class Message(msgspec.Struct, frozen=True, gc=False):
-    """One publication: its subject, who published it (as the hub stamped it) and its body."""
+    """One publication: its subject, who published it (as the hub stamped it) and its body.
+
+    ``missed`` is its subscription's gap: how many publications were dropped just before this
+    one (by the hub for a stalled subscriber, or by this endpoint for a full buffer); 0 when
+    nothing was lost.
+    """
 
     subject: str
     source: int
     data: bytes
+    missed: int = 0
 
     def decode(self, kind: type[T]) -> T:
         """The body as a `kind` (a msgspec type): raises msgspec.ValidationError if it is not."""
@@ -32,16 +38,24 @@ class Message(msgspec.Struct, frozen=True, gc=False):
 @dataclass(frozen=True, slots=True)
 class SubscriptionStatistics:
     delivered: int
-    dropped: int
+    dropped: int  # by this endpoint (its buffer full past `patience`)
     buffered: int
+    missed: int = 0  # every gap told so far: this endpoint's drops and the hub's
+
+
+#: How long a full subscription buffer holds up the endpoint's reading, by default (seconds).
+DEFAULT_PATIENCE = 2.0
 
 
 class Subscription:
     """Messages on subjects matching `pattern`: `async with endpoint.subscribe(...) as sub`.
 
-    Messages wait in a bounded buffer (`max_pending`); when the application falls that far behind,
-    newer messages are dropped and counted (`statistics().dropped`) rather than buffered without
-    bound or slowing the publisher.
+    Messages wait in a bounded buffer (`max_pending`). When the application falls that far
+    behind, the endpoint stops reading from the hub until there is room, for at most `patience`
+    seconds: the hub then holds (and, by its slow-consumer policy, slows) the publishers. Past
+    `patience` the subscription is stalled: newer messages are dropped and counted until the
+    application catches up, and the next message it gets says how many it missed
+    (`Message.missed`). `patience=0` drops at once and never holds anything up.
     """
 
     def __init__(
@@ -51,6 +65,7 @@ class Subscription:
         queue_group: str | None,
         max_pending: int,
         unsubscribe: Callable[[Subscription], Awaitable[None]],
+        patience: float = 0.0,
     ) -> None:
         self.sid = sid
         self.pattern = pattern
@@ -60,18 +75,71 @@ class Subscription:
         self._receive: MemoryObjectReceiveStream[Message]
         self._send, self._receive = anyio.create_memory_object_stream[Message](max_pending)
         self._unsubscribe = unsubscribe
-        self.delivered = self.dropped = 0
+        self.delivered = self.dropped = self.missed = 0
+        self.patience = patience
+        self.stalled = False  # patience ran out: drop until the application catches up
+        self._unreported = 0  # dropped here since the last message handed over
         self.active = True
         self._streak = 0
 
-    def push(self, message: Message) -> None:
+    def try_push(self, message: Message) -> bool:
+        """Hand `message` over without waiting; False when the buffer is full and the caller
+        should `await offer(message)` instead (nothing was counted then)."""
+        told = self._gap(message)
         try:
-            self._send.send_nowait(message)
-            self.delivered += 1
+            self._send.send_nowait(told)
         except anyio.WouldBlock:
-            self.dropped += 1
+            if self.patience and not self.stalled:
+                return False
+            self._drop(told)
+            return True
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return True  # closed while a delivery was on its way
+        self._handed(told)
+        self.stalled = False  # it had room again: the next full buffer waits again
+        return True
+
+    def push(self, message: Message) -> None:
+        """Hand `message` over, or drop it (counted, told as a gap) when the buffer is full."""
+        told = self._gap(message)
+        try:
+            self._send.send_nowait(told)
+        except anyio.WouldBlock:
+            self._drop(told)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # closed while a delivery was on its way
+        else:
+            self._handed(told)
+
+    async def offer(self, message: Message) -> None:
+        """Wait up to `patience` for room (the caller reads nothing meanwhile), then hand it
+        over; past `patience`, drop it and stall until the application catches up."""
+        told = self._gap(message)
+        with anyio.move_on_after(self.patience):
+            try:
+                await self._send.send(told)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+            self._handed(told)
+            return
+        self.stalled = True
+        self._drop(told)
+
+    def _gap(self, message: Message) -> Message:
+        """`message` carrying every publication missed before it (here and at the hub)."""
+        if not self._unreported:
+            return message
+        missed = message.missed + self._unreported
+        return Message(message.subject, message.source, message.data, missed)
+
+    def _handed(self, told: Message) -> None:
+        self.delivered += 1
+        self.missed += told.missed
+        self._unreported = 0
+
+    def _drop(self, told: Message) -> None:
+        self.dropped += 1
+        self._unreported = told.missed + 1  # its own gap, and itself, go to the next one
 
     def __aiter__(self) -> Self:
         return self
@@ -100,7 +168,7 @@ class Subscription:
 
     def statistics(self) -> SubscriptionStatistics:
         buffered = self._receive.statistics().current_buffer_used
-        return SubscriptionStatistics(self.delivered, self.dropped, buffered)
+        return SubscriptionStatistics(self.delivered, self.dropped, buffered, self.missed)
 
     def discard(self) -> None:
         """Close the buffer without telling the hub (it never accepted the subscription)."""

@@ -65,6 +65,9 @@ def _offset_of(field: str) -> int:
 #: Where the source endpoint id sits, for ``stamp_source``.
 SOURCE_OFFSET: Final = _offset_of("source")
 
+#: Where the hub writes a delivery's gap (``Header.missed``): the reserved word (a ``<I``).
+MISSED_OFFSET: Final = _offset_of("reserved")
+
 #: Default limit on a body, in bytes; both encode and decode_header take ``max_body``.
 DEFAULT_MAX_BODY: Final = 1 << 20
 
@@ -87,6 +90,9 @@ class Header(msgspec.Struct, frozen=True, gc=False):
     destination: int
     correlation: int
     deadline_ns: int
+    #: On a publication the hub delivers: how many publications for the same subscription it
+    #: dropped just before this one (the reserved word; 0 on everything else).
+    missed: int = 0
 
     @property
     def body_offset(self) -> int:
@@ -163,7 +169,7 @@ def decode_header(
     """
     try:
         (
-            magic, version, kind, flags, subject_len, body_len, _reserved,
+            magic, version, kind, flags, subject_len, body_len, reserved,
             source, destination, correlation, deadline_ns,
         ) = _unpack_from(frame)  # fmt: skip
     except struct.error:
@@ -212,7 +218,7 @@ def decode_header(
         subject = ""
     return Header(
         version, known_kind, flags, subject, body_len, source, destination, correlation,
-        deadline_ns,
+        deadline_ns, reserved,
     )  # fmt: skip
 
 

@@ -3,7 +3,8 @@
 - `LifecycleActor`: kernel instances from create to delete (the `lifecycle` service), through the
   kernel's states, with verified images and negotiated shutdown (docs/lifecycle.md).
 - `LocalPlatform`: an instance as an isolated process tree: PID/UTS/mount namespaces, cpuset and
-  memory cgroups, CPU affinity (docs/platform.md); `Platform` is the interface.
+  memory cgroups, CPU affinity, and cache ways of its own where the machine has resctrl
+  (`CacheShare`; docs/platform.md); `Platform` is the interface.
 - Images in the kernel's appended-signature format: `sign_image`, `verify_image`, `load_image`,
   `make_signing_key` (docs/images.md).
 - `ResourceActor`: the host's pool of CPUs, memory blocks and I/O queues (`discover_pool`,
@@ -12,8 +13,8 @@
   `ScoredPolicy` for an eBPF scorer). Instances grow and shrink themselves within the host's
   `ElasticBounds`; an optional rebalancer is a `RebalancePolicy` plugin (`PressureRebalancer`)
   deciding `Resize`s from a `RebalanceState` of load reports. docs/resources.md.
-  `multikernel.services.testing` has a fake machine (`FakeSysfs`) and a fake agent (`FakeAgent`)
-  for tests.
+  `multikernel.services.testing` has a fake machine (`FakeSysfs`), a fake resctrl
+  (`FakeResctrl`) and a fake agent (`FakeAgent`) for tests.
 - `run_host` / `python -m multikernel.services.host`: the hub and the actors (`mkctl host up`);
   the resource actor runs in a process of its own (`python -m multikernel.services.resource`).
 - `python -m multikernel.services.agent`: the first process of every instance.
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
     from multikernel.services._placement import PoolState as PoolState
     from multikernel.services._placement import Refusal as Refusal
     from multikernel.services._placement import place as place
+    from multikernel.services._platform import CacheShare as CacheShare
     from multikernel.services._platform import Capabilities as Capabilities
     from multikernel.services._platform import InstanceProcess as InstanceProcess
     from multikernel.services._platform import IsolationReport as IsolationReport
@@ -79,6 +81,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "BadSignatureError": "multikernel.services._signature",
+    "CacheShare": "multikernel.services._platform",
     "Capabilities": "multikernel.services._platform",
     "CpuScorer": "multikernel.services._placement",
     "discover_pool": "multikernel.services._pool",

@@ -4,8 +4,10 @@ On a multikernel machine a grant is a device-tree overlay the host kernel applie
 from the pool to the instance) before the instance's kernel is told (`MK_RES_CPU_ADD`). On the
 local platform the boundary an instance cannot cross is its cgroups: `LocalHostSide` writes the
 instance's `cpuset.cpus` and memory limit, found by the instance's name (the resource actor is a
-process of its own; the lifecycle actor's platform made them at launch). An instance that is not
-running has no cgroups, and nothing is done: the platform applies the grant at the next launch.
+process of its own; the lifecycle actor's platform made them at launch), and, where the machine
+partitions its caches, resizes its resctrl group to the share of its new CPUs. An instance that
+is not running has no cgroups, and nothing is done: the platform applies the grant at the next
+launch.
 
 `apply(instance, cpus, memory, running=...)` sets the CPUs, and the memory limit unless `memory`
 is None. `running` says the instance's agent has just answered: its cgroups must then be there,
@@ -76,6 +78,7 @@ class LocalHostSide:
                     )
                 groups.set_memory(memory)
             groups.set_cpus(cpus)
+            await self.platform.resize_cache(instance, cpus)
         except PlatformError as error:
             raise HostSideError(f"cannot apply {instance!r}'s grant: {error}") from error
         except FileNotFoundError:

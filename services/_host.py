@@ -149,6 +149,8 @@ class HostConfig:
     elastic_max_memory: int = 0
     rebalance: str = ""  # resize grants by load: "pressure" or module:attr ("": off)
     sysfs_root: Path = Path("/")
+    #: Each instance's memory bandwidth in percent, where resctrl can limit it (None: unlimited).
+    memory_bandwidth: int | None = None
     metrics: str = "127.0.0.1:0"  # where Prometheus scrapes (port 0: any free one); "" off
     #: Who may connect to the control socket (default 0600: the host's own user and root).
     socket_access: SocketAccess = field(default_factory=SocketAccess)
@@ -179,9 +181,16 @@ async def run_host(
     Cancelling it also stops the instances (forcibly: the bus is going away with it).
     """
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-    platform = LocalPlatform(isolate=config.isolate, group=cgroup_group(config.state_dir))
+    platform = LocalPlatform(
+        isolate=config.isolate, group=cgroup_group(config.state_dir),
+        memory_bandwidth=config.memory_bandwidth,
+    )  # fmt: skip
     for warning in platform.capabilities().warnings:
         log.warning("isolation", warning=warning)
+    if platform.cache is not None:
+        log.info("cache partitioning", resctrl=platform.cache.info.describe())
+        for name in platform.remove_stale_cache_groups():
+            log.info("stale resctrl group removed", instance=name)
     hub = Hub(config.socket, policy=config.policy(), socket_access=config.socket_access)
     resource = config.resource_config()
     try:

@@ -339,6 +339,7 @@ class LifecycleActor:
             "cpuset": caps.cpuset,
             "memory-limit": caps.memory_limit,
             "affinity": caps.affinity,
+            "cache": caps.cache,
         }
         applied = tuple(kind for kind, on in mechanisms.items() if on)
         return inst.info(applied, caps.warnings)

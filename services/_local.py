@@ -3,8 +3,10 @@
 As root, an instance's agent is PID 1 of its own PID namespace, with its own UTS namespace (the
 hostname is the instance name) and mount namespace (a fresh /proc, so tools inside see only the
 instance); it sits in a cpuset cgroup with the instance's CPUs and a memory cgroup with its memory
-limit, and starts with that CPU affinity. Every process it starts inherits all of it. The keeper
-(`_namespaces.py`) sets this up between fork and exec; the agent inherits its channel fds.
+limit, and starts with that CPU affinity; where the machine partitions its caches (resctrl), it
+also has a resctrl group with cache ways of its own (`_resctrl_groups`). Every process it starts
+inherits all of it. The keeper (`_namespaces.py`) sets this up between fork and exec; the agent
+inherits its channel fds.
 
 Without root, or with `LocalPlatform(isolate=False)`, an instance is a plain process tree pinned
 with `sched_setaffinity`; `capabilities().warnings` says what is missing, and it is logged once.
@@ -24,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from signal import SIGKILL, pidfd_send_signal
 
 import anyio
 import anyio.lowlevel
+import anyio.to_thread
 
 from multikernel.endpoints.log import get_logger
 from multikernel.services._cgroups import GROUP_ROOT, InstanceCgroups, kill_all, process_tree
@@ -44,6 +48,7 @@ from multikernel.services._local_process import (
 )
 from multikernel.services._namespaces import namespace_ids
 from multikernel.services._platform import (
+    CacheShare,
     Capabilities,
     InstanceProcess,
     IsolationReport,
@@ -53,6 +58,8 @@ from multikernel.services._platform import (
     PlatformError,
     Resources,
 )
+from multikernel.services._resctrl import ResctrlFs
+from multikernel.services._resctrl_groups import ResctrlError, ResctrlGroups
 
 # The platform's logger (docs/platform.md), whichever of its modules logs.
 log = get_logger("multikernel.services.local")
@@ -66,6 +73,9 @@ class LocalPlatform:
     `group` names the cgroup directory instances go under, in each hierarchy: a host passes its
     own `multikernel/<host-id>`; by default each platform gets a fresh `multikernel/p<pid>-<hex>`,
     so that two platforms never share one. `close()` removes it once no instance is left.
+    Cache partitioning uses resctrl where the machine has it (`resctrl`: a fake one in tests) and
+    the same group, and limits each instance's memory bandwidth to `memory_bandwidth` percent if
+    given.
     """
 
     name = "local"
@@ -77,14 +87,22 @@ class LocalPlatform:
         namespaces: bool = True,
         cgroups: bool = True,
         group: str | None = None,
+        resctrl: ResctrlFs | None = None,
+        memory_bandwidth: int | None = None,
     ) -> None:
         if group is None:
             group = f"{GROUP_ROOT}/p{os.getpid()}-{secrets.token_hex(3)}"
+        if memory_bandwidth is not None and not 1 <= memory_bandwidth <= 100:
+            raise ValueError(f"memory bandwidth is a percentage (1-100), not {memory_bandwidth}")
         self.group = group
-        host = probe_isolation(isolate, namespaces=namespaces, cgroups=cgroups, group=group)
+        host = probe_isolation(
+            isolate, namespaces=namespaces, cgroups=cgroups, group=group, resctrl=resctrl,
+            memory_bandwidth=memory_bandwidth,
+        )  # fmt: skip
         self._namespaces = host.namespaces
         self._layout = host.layout
         self._capabilities = host.capabilities
+        self._cache = host.cache
         self._running: set[str] = set()
         self._warned = False
 
@@ -96,6 +114,11 @@ class LocalPlatform:
         """Where this platform's instance cgroups go (empty without cgroups); may not exist yet."""
         return self._layout.parents
 
+    @property
+    def cache(self) -> ResctrlGroups | None:
+        """This platform's resctrl groups (None: no cache partitioning here)."""
+        return self._cache
+
     def close(self) -> None:
         """Remove this platform's group directories, where no instance is left in them.
 
@@ -104,6 +127,13 @@ class LocalPlatform:
         """
         if self._layout.dirs_possible:
             self._layout.remove_groups()
+        self.remove_stale_cache_groups()
+
+    def remove_stale_cache_groups(self) -> list[str]:
+        """Remove this platform's resctrl groups that no task is in (a host that crashed left
+        them) and give their ways back; the instances they were for, by name. The host calls it
+        at start; other hosts' groups, and groups with tasks, are left as they are."""
+        return self._cache.remove_stale() if self._cache is not None else []
 
     def check(self, resources: Resources) -> None:
         """Raise `InvalidSpecError` unless this host can give an instance `resources`."""
@@ -122,7 +152,21 @@ class LocalPlatform:
         groups = None
         if self._layout.dirs_possible:
             groups = InstanceCgroups.create(self._layout, spec.name, spec.resources)
-        keeper, ready = spawn_keeper(spec, groups, namespaces=self._namespaces)
+        join: list[str] = []
+        try:
+            if self._cache is not None:
+                await self._in_thread(self._cache.create, spec.name, spec.resources.cpus)
+                join.append(str(self._cache.tasks_file(spec.name)))
+            keeper, ready = spawn_keeper(spec, groups, namespaces=self._namespaces, join=join)
+        except BaseException as error:
+            if groups is not None:
+                groups.remove_now()
+            if join:
+                assert self._cache is not None
+                await self._in_thread(self._cache.remove, spec.name)
+            if isinstance(error, ResctrlError):
+                raise LaunchError(f"cannot start instance {spec.name!r}: {error}") from error
+            raise
         instance = LocalInstance(self, spec, keeper, namespaces=self._namespaces, cgroups=groups)
         self._running.add(spec.name)
         try:
@@ -138,6 +182,12 @@ class LocalPlatform:
                 await instance.aclose()
             raise
         return instance
+
+    @staticmethod
+    async def _in_thread(call: Callable[..., object], *args: object) -> None:
+        """Run a resctrl change (it waits for resctrl's lock) in a worker thread, to the end."""
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(call, *args)
 
     def _mine(self, proc: InstanceProcess) -> LocalInstance:
         if isinstance(proc, LocalInstance) and proc.platform is self:
@@ -172,12 +222,22 @@ class LocalPlatform:
         instance.resources = replace(instance.resources, memory=resources.memory)
         if instance.cgroups is not None:
             instance.cgroups.set_cpus(resources.cpus)
+        await self.resize_cache(instance.name, resources.cpus)
         for tid in self._threads(instance):
             try:
                 os.sched_setaffinity(tid, resources.cpus)
             except (ProcessLookupError, PermissionError):
                 continue  # exited meanwhile, or an exec'd setuid program we may not touch
         instance.resources = resources
+
+    async def resize_cache(self, name: str, cpus: frozenset[int]) -> CacheShare | None:
+        """Give the instance `name` the cache share of `cpus` (the resource actor calls it when a
+        grant changes); None if it has no resctrl group (not running, or no resctrl here)."""
+        share = None
+        if self._cache is not None:
+            with anyio.CancelScope(shield=True):
+                share = await anyio.to_thread.run_sync(self._cache.resize, name, cpus)
+        return share
 
     async def wait(self, proc: InstanceProcess) -> int:
         instance = self._mine(proc)
@@ -227,6 +287,8 @@ class LocalPlatform:
         await self.kill(instance)
         if instance.cgroups is not None:
             await instance.cgroups.remove()
+        if self._cache is not None:
+            await self._in_thread(self._cache.remove, instance.name)
         instance.close_fds()
         instance.reclaimed = True
         self._running.discard(instance.name)
@@ -260,6 +322,7 @@ class LocalPlatform:
             cpuset_cpus=groups.cpus() if groups else None,
             memory_limit=groups.memory_limit() if groups else None,
             processes=tuple(sorted(groups.pids() if groups else process_tree(pid))),
+            cache=self._cache.read(instance.name) if self._cache is not None else None,
         )
 
     def _threads(self, instance: LocalInstance) -> set[int]:

@@ -4,7 +4,9 @@
 an agent needs), so a bad request is refused before anything starts. `probe_isolation` decides,
 once, when a `LocalPlatform` is made, which mechanisms it will use: PID/UTS/mount namespaces need
 CAP_SYS_ADMIN and a kernel that has them; cpuset and memory cgroups need root and a cgroup v1
-hierarchy (`CgroupLayout.discover` says what is missing). Whatever is missing, by choice or not,
+hierarchy (`CgroupLayout.discover` says what is missing); cache partitioning needs root and
+resctrl (`probe_resctrl`: hardware with Intel RDT or AMD PQoS, and the file system mounted).
+Whatever is missing, by choice or not,
 becomes one sentence in `Capabilities.warnings` that says what it means for an instance and what
 to do about it, because the platform still launches without it and the operator must be told.
 """
@@ -23,6 +25,8 @@ from multikernel.services._platform import (
     PlatformError,
     Resources,
 )
+from multikernel.services._resctrl import ResctrlFs, probe_resctrl
+from multikernel.services._resctrl_groups import ResctrlGroups
 
 #: The least memory an instance may have: a Python agent does not start in less.
 MIN_MEMORY: Final = 16 * 2**20
@@ -84,10 +88,23 @@ class HostIsolation:
     namespaces: bool  # each instance gets its own PID, UTS and mount namespaces
     layout: CgroupLayout  # where instance cgroups go; parents are None where there are none
     capabilities: Capabilities
+    cache: ResctrlGroups | None = None  # each instance's resctrl group, where there is resctrl
 
 
-def probe_isolation(isolate: bool, *, namespaces: bool, cgroups: bool, group: str) -> HostIsolation:
-    """Which isolation `LocalPlatform(isolate, namespaces=…, cgroups=…, group=…)` gets here."""
+def probe_isolation(
+    isolate: bool,
+    *,
+    namespaces: bool,
+    cgroups: bool,
+    group: str,
+    resctrl: ResctrlFs | None = None,
+    memory_bandwidth: int | None = None,
+) -> HostIsolation:
+    """Which isolation `LocalPlatform(isolate, namespaces=…, cgroups=…, group=…)` gets here.
+
+    `resctrl`: where to look for cache partitioning (the machine's by default);
+    `memory_bandwidth`: each instance's limit in percent, if any.
+    """
     root = _has_cap_sys_admin()
     want_ns = isolate and namespaces
     have_ns = want_ns and root and all(Path(f"/proc/self/ns/{k}").exists() for k in NS_KINDS)
@@ -96,14 +113,35 @@ def probe_isolation(isolate: bool, *, namespaces: bool, cgroups: bool, group: st
         layout = CgroupLayout.discover(group)
     else:
         layout = CgroupLayout(None, None, levels=levels)
+    cache: ResctrlGroups | None = None
+    cache_warnings: tuple[str, ...] = ()
+    if isolate and os.geteuid() == 0:
+        cache, cache_warnings = _cache(resctrl or ResctrlFs(), group, memory_bandwidth)
     capabilities = Capabilities(
         namespaces=have_ns,
         cpuset=layout.cpuset_parent is not None,
         memory_limit=layout.memory_parent is not None,
         affinity=True,
-        warnings=_warnings(isolate, namespaces, cgroups, root, have_ns, layout),
+        warnings=_warnings(isolate, namespaces, cgroups, root, have_ns, layout) + cache_warnings,
+        cache=cache is not None,
     )
-    return HostIsolation(have_ns, layout, capabilities)
+    return HostIsolation(have_ns, layout, capabilities, cache)
+
+
+def _cache(
+    resctrl: ResctrlFs, group: str, bandwidth: int | None
+) -> tuple[ResctrlGroups | None, tuple[str, ...]]:
+    """The instances' resctrl groups, or the sentence that says why there are none."""
+    found = probe_resctrl(resctrl)
+    if isinstance(found, str):
+        return None, (found,)
+    warnings: tuple[str, ...] = ()
+    if bandwidth is not None and found.bandwidth is None:
+        warnings = (
+            "this machine's resctrl has no memory-bandwidth allocation (info/MB): instances' "
+            "memory bandwidth is not limited",
+        )
+    return ResctrlGroups(found, resctrl, group, bandwidth=bandwidth), warnings
 
 
 def _warnings(

@@ -76,12 +76,17 @@ class LocalInstance(InstanceProcess):
 
 
 def spawn_keeper(
-    spec: LaunchSpec, groups: InstanceCgroups | None, *, namespaces: bool
+    spec: LaunchSpec,
+    groups: InstanceCgroups | None,
+    *,
+    namespaces: bool,
+    join: list[str] | tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start the keeper; returns it and the read end of its ready pipe.
 
-    If it cannot be started, `groups` are removed (nothing has joined them yet) and the failure
-    is a `LaunchError`.
+    The agent writes itself into the `cgroup.procs` of `groups` and into the files in `join`
+    (its resctrl group's `tasks`). If the keeper cannot be started, `groups` are removed (nothing
+    has joined them yet) and the failure is a `LaunchError`.
     """
     ready, ready_w = os.pipe()
     argv = keeper_argv(
@@ -89,7 +94,7 @@ def spawn_keeper(
         namespaces=namespaces,
         hostname=spec.uts_name,
         cpus=spec.resources.cpus,
-        cgroup_procs=groups.procs_files() if groups else [],
+        cgroup_procs=[*(groups.procs_files() if groups else []), *join],
         argv=list(spec.argv),
     )
     try:

@@ -7,8 +7,9 @@ The local platform does not start the agent directly. It starts this file as a s
    `os.unshare`, so through ctypes), makes every mount private, and forks: the child is PID 1 of the
    new PID namespace. The child asks for SIGKILL when the keeper dies (so the namespace cannot
    outlive it), mounts a fresh /proc and sets its hostname;
-2. in the process that will become the agent: joins the instance's cgroups (writes 0, "myself", to
-   each `cgroup.procs`, before anything else runs, so every descendant inherits them), sets its CPU
+2. in the process that will become the agent: joins the instance's cgroups and resctrl group (writes
+   its own pid, as its PID namespace numbers it, to each `cgroup.procs` and to the group's `tasks`,
+   before anything else runs, so every thread and descendant inherits them), sets its CPU
    affinity, restores the signal dispositions Python changed, and execs the agent's argv;
 3. reports over the ready pipe: `pid <host pid of the agent>`, or `err <what failed>` if a step
    failed. The pipe closes on exec, so EOF without `err` means the agent is running;
@@ -115,9 +116,9 @@ def _become_agent(
             name = hostname.encode()
             _libc_call(libc, "sethostname", name, len(name))
         for path in cgroup_procs:
-            step = f"join cgroup {os.path.dirname(path)}"
+            step = f"join {os.path.dirname(path)}"
             with open(path, "w") as f:
-                f.write("0")
+                f.write(str(os.getpid()))
         if cpus:
             step = f"sched_setaffinity to CPUs {cpus}"
             os.sched_setaffinity(0, {int(cpu) for cpu in cpus.split(",")})

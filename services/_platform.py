@@ -122,11 +122,45 @@ class Capabilities:
     memory_limit: bool  # a memory cgroup limits the instance's memory
     affinity: bool  # the agent starts with sched_setaffinity to its CPUs
     warnings: tuple[str, ...] = ()
+    cache: bool = False  # a resctrl group gives it cache ways of its own (needs the hardware)
 
     @property
     def isolated(self) -> bool:
-        """True when every mechanism is applied."""
+        """True when every mechanism is applied (cache partitioning, which needs hardware that
+        has it, is `cache`)."""
         return self.namespaces and self.cpuset and self.memory_limit and self.affinity
+
+
+@dataclass(frozen=True)
+class CacheShare:
+    """An instance's share of the caches and memory bandwidth: its resctrl group, read back.
+
+    `masks` has each cache's capacity bitmask per cache id (`{"L3": {0: 0x7e0, 1: 0x001}}`);
+    `bandwidth` the group's memory-bandwidth values per L3 domain as the kernel shows them
+    (percent on Intel, where 100 is no limit; empty where the machine has no MB).
+    """
+
+    group: str  # the group's directory
+    masks: Mapping[str, Mapping[int, int]]
+    bandwidth: Mapping[int, int] = field(default_factory=dict)
+
+    def ways(self, cache: str = "L3") -> dict[int, int]:
+        """How many ways of `cache` it may fill, per cache id."""
+        return {domain: mask.bit_count() for domain, mask in self.masks.get(cache, {}).items()}
+
+    def describe(self) -> str:
+        """`L3 0=0x7e0 (6 ways), 1=0x1 (1 way); MB 0=50` (for people)."""
+        parts = [
+            f"{cache} "
+            + ", ".join(
+                f"{d}=0x{m:x} ({m.bit_count()} way{'s' if m.bit_count() != 1 else ''})"
+                for d, m in sorted(masks.items())
+            )
+            for cache, masks in sorted(self.masks.items())
+        ]
+        if self.bandwidth:
+            parts.append("MB " + ", ".join(f"{d}={v}" for d, v in sorted(self.bandwidth.items())))
+        return "; ".join(parts)
 
 
 @dataclass(frozen=True)
@@ -151,6 +185,7 @@ class IsolationReport:
     cpuset_cpus: frozenset[int] | None = None  # the instance cpuset's cpuset.cpus
     memory_limit: int | None = None  # the instance memory cgroup's limit (page-rounded)
     processes: tuple[int, ...] = ()  # host pids of every process of the instance
+    cache: CacheShare | None = None  # its resctrl group's cache ways and bandwidth, if it has one
 
     @property
     def own_pid_namespace(self) -> bool:

@@ -30,6 +30,13 @@ def _cpu_list(text: str) -> frozenset[int]:
     return frozenset(spec.ids)
 
 
+def _percent(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 100:
+        raise argparse.ArgumentTypeError(f"a percentage from 1 to 100, not {value}")
+    return value
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m multikernel.services.host", description=__doc__)
     p.add_argument("--socket", type=Path, default=None, help="the bus control socket")
@@ -86,6 +93,13 @@ def parser() -> argparse.ArgumentParser:
         "--sysfs-root", type=Path, default=Path("/"), help="read the machine from this tree (tests)"
     )
     p.add_argument(
+        "--memory-bandwidth",
+        type=_percent,
+        default=None,
+        metavar="PERCENT",
+        help="limit each instance's memory bandwidth (resctrl MB, where the machine has it)",
+    )
+    p.add_argument(
         "--metrics",
         default="127.0.0.1:0",
         help="HOST:PORT for Prometheus metrics (port 0: any free one; 'off': none)",
@@ -126,6 +140,7 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         elastic_max_memory=args.elastic_max_memory,
         rebalance=args.rebalance,
         sysfs_root=args.sysfs_root,
+        memory_bandwidth=args.memory_bandwidth,
         metrics="" if args.metrics == "off" else args.metrics,
         socket_access=SocketAccess.parse(args.socket_mode, args.socket_group),
     )

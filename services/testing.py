@@ -23,6 +23,17 @@ with two threads per core, CPUs 0..n/2-1 are each core's first thread and n/2.. 
 cores are spread over the NUMA nodes in order. Memory blocks are numbered from 0, split evenly
 over the nodes. Devices get PCI addresses in order unless one is given.
 
+`FakeResctrl` is a resctrl file system (`/sys/fs/resctrl`, cache and memory-bandwidth
+partitioning) under a directory of your choice that acts like the kernel's: a group made with
+mkdir gets the kernel's files, and a write the kernel would refuse (a non-contiguous mask, an
+overlap with an exclusive group, CLOSIDs used up) fails the same way. Hand it to a
+`LocalPlatform(resctrl=...)` to see what the platform does on a machine with Intel RDT::
+
+    resctrl = FakeResctrl(tmp_path).cache("L3", cbm_mask=0x7ff, domains={0: range(8)})
+    platform = LocalPlatform(resctrl=resctrl)
+    ...
+    assert resctrl.masks(group) == {0: 0x780}
+
 `FakeAgent` serves an instance's `resource` method the way a real agent does (acknowledges each
 op, undoes what a rollback names, refuses a transaction rolled back before it came) without
 touching any process: it records the transactions, and can be told to refuse (`refuse`) or to
@@ -46,8 +57,9 @@ import anyio
 from multikernel.endpoints import Bus
 from multikernel.protocol import ResourceTransaction, ResourceTransactionAck
 from multikernel.services._agent_resources import InstanceResources, refused
+from multikernel.services._resctrl_fake import FakeResctrl
 
-__all__ = ["FakeAgent", "FakeSysfs"]
+__all__ = ["FakeAgent", "FakeResctrl", "FakeSysfs"]
 
 
 def _cpu_list(cpus: list[int]) -> str:

@@ -114,6 +114,13 @@ def _checked(parse: Callable[[str], object]) -> Callable[..., str | None]:
     help="Instances that may share one CPU (default 1: none share).",
 )
 @click.option(
+    "--memory-bandwidth",
+    type=click.IntRange(1, 100),
+    default=None,
+    metavar="PERCENT",
+    help="Limit each instance's memory bandwidth (resctrl, where the machine has it).",
+)
+@click.option(
     "--elastic-max-cpus",
     type=click.IntRange(0),
     default=None,
@@ -146,6 +153,7 @@ def up(
     reserve_memory: str | None,
     placement: str | None,
     cpu_share: int | None,
+    memory_bandwidth: int | None,
     elastic_max_cpus: int | None,
     elastic_max_memory: str | None,
     rebalance: str | None,
@@ -175,6 +183,7 @@ def up(
         ("--reserve-memory", reserve_memory),
         ("--placement", placement),
         ("--cpu-share", None if cpu_share is None else str(cpu_share)),
+        ("--memory-bandwidth", None if memory_bandwidth is None else str(memory_bandwidth)),
         ("--elastic-max-cpus", None if elastic_max_cpus is None else str(elastic_max_cpus)),
         ("--elastic-max-memory", elastic_max_memory),
         ("--rebalance", rebalance),

@@ -83,7 +83,7 @@ async def test_slow_subscriber_loses_only_its_own_messages(socket_path: Path) ->
     hub = Hub(
         socket_path,
         policy=Policy.default(),
-        limits=Limits(max_pending=8, session_capacity=4096, max_body=512),
+        limits=Limits(max_pending=8, session_capacity=4096, max_body=512, slow_consumer="drop"),
     )
     async with anyio.create_task_group() as tg:
         await tg.start(hub.serve)
@@ -92,7 +92,7 @@ async def test_slow_subscriber_loses_only_its_own_messages(socket_path: Path) ->
             connect(socket_path, name="fast") as fast,
             connect(socket_path, name="pub") as pub,
         ):
-            slow_sub = await slow.subscribe("flood", max_pending=4)
+            slow_sub = await slow.subscribe("flood", max_pending=4, patience=0)  # drop at once
             async with await fast.subscribe("flood", max_pending=100_000) as fast_sub:
                 for i in range(2000):
                     await pub.publish("flood", i)

@@ -95,6 +95,20 @@ async def test_isolation_warnings_are_short_and_said_once(plain_host: Path) -> N
     assert err.startswith("warning: isolation is off")  # where to look again
 
 
+@pytest.mark.skipif(
+    Path("/sys/fs/resctrl").exists() or os.geteuid() != 0,
+    reason="an isolated host on a machine without resctrl says just that",
+)
+async def test_an_isolated_host_without_resctrl_says_so_once(host: Path) -> None:
+    code, _, err = await mkctl(host, "create", "web", "--memory", "128M")
+    assert (code, err) == (
+        0,
+        "warning: no resctrl on this machine: cache and memory bandwidth are shared\n",
+    )
+    code, _, err = await mkctl(host, "show")
+    assert (code, err) == (0, "")
+
+
 async def test_version() -> None:
     done = await anyio.run_process([sys.executable, "-m", "multikernel.endpoints.mkctl",
                                     "--version"])  # fmt: skip
