@@ -34,12 +34,12 @@ make it shrink (it would have to use at most `shrink_busy` x n of n+1), and memo
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from multikernel.protocol import InvalidResourceRequestError, LoadReport, format_size
+from multikernel.protocol import LoadReport, format_size
+from multikernel.services._plugins import load_plugin
 
 
 @dataclass(frozen=True)
@@ -273,22 +273,6 @@ def _out_of_bounds(what: str, new: int | None, held: int, floor: int, most: int)
 def load_rebalancer(spec: str) -> RebalancePolicy:
     """`pressure` (the default policy) or `package.module:attribute` naming a rebalance policy
     object, class or factory (the host's `--rebalance` setting)."""
-    if spec == "pressure":
-        return PressureRebalancer()
-    module_name, _, attribute = spec.partition(":")
-    if not attribute:
-        raise InvalidResourceRequestError(
-            f"unknown rebalancer {spec!r}: use pressure or package.module:attribute"
-        )
-    try:
-        target = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise InvalidResourceRequestError(f"cannot load rebalancer {spec!r}: {error}") from error
-    policy = target
-    if isinstance(target, type) or (callable(target) and not isinstance(target, RebalancePolicy)):
-        policy = target()  # a class or a factory
-    if not isinstance(policy, RebalancePolicy):
-        raise InvalidResourceRequestError(
-            f"{spec!r} is not a rebalance policy: it needs a name and decide(state)"
-        )
-    return policy
+    builtins = {"pressure": PressureRebalancer}
+    needs = "a name and decide(state)"
+    return load_plugin(spec, builtins, RebalancePolicy, "rebalance policy", needs)  # type: ignore[type-abstract]

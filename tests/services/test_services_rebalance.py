@@ -297,9 +297,9 @@ class Never:
 def test_the_host_names_a_rebalancer_or_a_plugin_and_a_bad_name_is_refused() -> None:
     assert isinstance(load_rebalancer("pressure"), PressureRebalancer)
     assert load_rebalancer(f"{__name__}:Never").name == "never"  # a class
-    with pytest.raises(InvalidResourceRequestError, match="unknown rebalancer 'fast'"):
+    with pytest.raises(InvalidResourceRequestError, match="unknown rebalance policy 'fast'"):
         load_rebalancer("fast")
-    with pytest.raises(InvalidResourceRequestError, match="cannot load rebalancer"):
+    with pytest.raises(InvalidResourceRequestError, match="cannot load rebalance policy"):
         load_rebalancer("no.such.module:Policy")
     with pytest.raises(InvalidResourceRequestError, match="is not a rebalance policy"):
         load_rebalancer(f"{__name__}:POLICY_NAME")
