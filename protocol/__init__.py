@@ -164,10 +164,13 @@ from multikernel.protocol._lifecycle import TtySession as TtySession
 from multikernel.protocol._lifecycle import UpdateInstance as UpdateInstance
 from multikernel.protocol._paging import join_snapshot_pages as join_snapshot_pages
 from multikernel.protocol._paging import snapshot_page as snapshot_page
+from multikernel.protocol._resource import AGENT_ELASTIC_METHOD as AGENT_ELASTIC_METHOD
 from multikernel.protocol._resource import AGENT_RESOURCE_METHOD as AGENT_RESOURCE_METHOD
+from multikernel.protocol._resource import LOAD_SUBJECT as LOAD_SUBJECT
 from multikernel.protocol._resource import RESOURCE_METHODS as RESOURCE_METHODS
 from multikernel.protocol._resource import CpuInfo as CpuInfo
 from multikernel.protocol._resource import CpuSpec as CpuSpec
+from multikernel.protocol._resource import ElasticRequest as ElasticRequest
 from multikernel.protocol._resource import Grant as Grant
 from multikernel.protocol._resource import GrantFailedError as GrantFailedError
 from multikernel.protocol._resource import GrantList as GrantList
@@ -180,6 +183,7 @@ from multikernel.protocol._resource import InstanceRef as InstanceRef
 from multikernel.protocol._resource import (
     InvalidResourceRequestError as InvalidResourceRequestError,
 )
+from multikernel.protocol._resource import LoadReport as LoadReport
 from multikernel.protocol._resource import NodeInfo as NodeInfo
 from multikernel.protocol._resource import PoolInfo as PoolInfo
 from multikernel.protocol._resource import PoolQuery as PoolQuery

@@ -16,5 +16,6 @@ U16: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF)]
 U32: TypeAlias = Annotated[int, msgspec.Meta(ge=0, le=0xFFFF_FFFF)]
 U64: TypeAlias = Annotated[int, msgspec.Meta(ge=0)]  # msgpack itself caps integers at 2**64-1
 I32: TypeAlias = Annotated[int, msgspec.Meta(ge=-0x8000_0000, le=0x7FFF_FFFF)]
+I64: TypeAlias = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 #: A subject, pattern or name as carried inside a body (the grammar is checked by the hub).
 ShortStr: TypeAlias = Annotated[str, msgspec.Meta(max_length=255)]

@@ -10,6 +10,13 @@ agent a ``ResourceTransaction`` whose ``ops`` are the kernel ABI's own ``CpuAdd`
 acknowledged; a refused or unanswered transaction is rolled back on both sides. Every transaction
 keeps an id and a ``TxRecord`` in the history, and is published on ``mk.resource.<id>.tx``.
 
+**Elastic grants.** An instance may ask for more or fewer CPUs or memory itself
+(``ElasticRequest``, through its agent's ``elastic`` method, which forwards it to
+``resource.elastic`` as the instance: the actor changes only the grant of the instance the hub
+says is calling). Agents publish a ``LoadReport`` on ``mk.instance.<id>.load`` every few seconds;
+the host's optional rebalancer turns sustained pressure or idleness into grant changes, through
+the same transactions.
+
 ``RESOURCE_METHODS`` is the service's method table (request and response type of each), checked
 against the actor and against docs/protocol.md by the tests. Sizes are bytes; CPUs are host CPU
 ids; queues are named ``net/<interface>/rx-<n>``, ``net/<interface>/tx-<n>``,
@@ -18,13 +25,13 @@ ids; queues are named ``net/<interface>/rx-<n>``, ``net/<interface>/tx-<n>``,
 
 from __future__ import annotations
 
-from typing import Final, TypeAlias
+from typing import Annotated, Final, TypeAlias
 
 import msgspec
 
 from multikernel.protocol._codes import ErrorCode
 from multikernel.protocol._errors import NotFoundError, RefusedError
-from multikernel.protocol._fields import U32, U64, ShortStr
+from multikernel.protocol._fields import I32, I64, U32, U64, ShortStr
 from multikernel.protocol._kernel_abi import (
     CpuAdd,
     CpuRemove,
@@ -209,7 +216,9 @@ class QueueInfo(_ResourceMessage, frozen=True):
 
 
 class PoolInfo(_ResourceMessage, frozen=True):
-    """The answer to ``pool``: the machine, what the host keeps, who holds what, what is free."""
+    """The answer to ``pool``: the machine, what the host keeps, who holds what, what is free;
+    the placement policy, the rebalancer (``""``: none) and how far an instance may grow by
+    asking (``elastic_max_*``; 0: to what its operator granted)."""
 
     cpus: tuple[CpuInfo, ...] = ()
     nodes: tuple[NodeInfo, ...] = ()
@@ -222,6 +231,9 @@ class PoolInfo(_ResourceMessage, frozen=True):
     policy: str = ""
     cpu_share: U32 = 1
     pending: U32 = 0
+    rebalancer: str = ""
+    elastic_max_cpus: U32 = 0
+    elastic_max_memory: U64 = 0
 
 
 GrantOp: TypeAlias = CpuAdd | CpuRemove | MemAdd | MemRemove | DeviceAdd | DeviceRemove
@@ -230,8 +242,10 @@ GrantOp: TypeAlias = CpuAdd | CpuRemove | MemAdd | MemRemove | DeviceAdd | Devic
 class TxRecord(_ResourceMessage, frozen=True):
     """One transaction, in the history and on ``mk.resource.<instance id>.tx``.
 
-    ``kind``: allocate, update, release, reconcile or recover; ``state``: pending, committed or
-    rolled-back (``reason`` says why); ``ops`` are the kernel messages sent, ``acks`` the answers;
+    ``kind``: allocate, update, release, reconcile, recover, elastic (the instance asked) or
+    rebalance (the host's rebalancer); ``state``: pending, committed or rolled-back (``reason``
+    says why; for elastic and rebalance, also why it was asked); ``ops`` are the kernel messages
+    sent, ``acks`` the answers;
     ``before`` and ``after`` the grant on either side. Times are Unix seconds.
     """
 
@@ -254,6 +268,76 @@ class History(_ResourceMessage, frozen=True):
 
     transactions: tuple[TxRecord, ...] = ()
     next_before: U64 = 0
+
+
+# -- elastic grants and load -----------------------------------------------------------------
+
+#: A non-negative measurement (msgspec refuses NaN and negatives on decode).
+_Measure: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0)]
+#: A share of a period, 0 to 1.
+_Share: TypeAlias = Annotated[float, msgspec.Meta(ge=0.0, le=1.0)]
+
+
+class ElasticRequest(_ResourceMessage, frozen=True):
+    """An instance asks for more or fewer CPUs or memory for itself (``elastic``).
+
+    Each of CPUs and memory is kept (all left out), set to a total (``cpus``: a count;
+    ``memory``: bytes) or changed by an amount (``cpu_change``: +n or -n CPUs;
+    ``memory_change``: bytes more or fewer); not both forms for one of them. Memory is rounded up
+    to whole memory blocks of the pool. No instance is named: the resource actor changes the
+    grant of the instance that calls (the hub binds the caller's instance). ``reason`` is kept in
+    the transaction's history. Growing is bounded by the host (docs/resources.md, "Elastic
+    grants and the rebalancer").
+    """
+
+    cpus: U32 = 0
+    cpu_change: I32 = 0
+    memory: U64 = 0
+    memory_change: I64 = 0
+    reason: ShortStr = ""
+
+    def __post_init__(self) -> None:
+        if self.cpus and self.cpu_change:
+            raise InvalidResourceRequestError(
+                "ask for a CPU count (cpus) or a change (cpu_change), not both"
+            )
+        if self.memory and self.memory_change:
+            raise InvalidResourceRequestError(
+                "ask for a memory size (memory) or a change (memory_change), not both"
+            )
+        if not (self.cpus or self.cpu_change or self.memory or self.memory_change):
+            raise InvalidResourceRequestError(
+                "an elastic request asks for CPUs or memory: cpus, cpu_change, memory or "
+                "memory_change"
+            )
+
+
+class LoadReport(_ResourceMessage, frozen=True):
+    """An instance's load over the last ``period`` seconds, from its agent, on
+    ``mk.instance.<id>.load``.
+
+    ``tx`` is the transaction of the grant it was measured under, ``cpus`` and ``memory`` what
+    that grant holds. ``cpu_busy``: CPUs' worth of time the instance's threads ran (0 to
+    ``cpus``); ``cpu_waiting``: threads' worth of time they were runnable but waited for a CPU
+    (both from the scheduler's per-thread ``schedstat``). ``cpu_pressure`` and
+    ``memory_pressure``: PSI "some", the share of the period in which at least one task was
+    stalled, where the instance has pressure files of its own (None where it has not).
+    ``memory_used``: its memory cgroup's usage, or its processes' resident memory. ``sources``
+    names where each number came from (``schedstat``, ``memcg``, ``rss``, ``psi``).
+    """
+
+    instance: U32
+    seq: U64 = 0
+    period: _Measure = 0.0
+    tx: U64 = 0
+    cpus: U32 = 0
+    cpu_busy: _Measure = 0.0
+    cpu_waiting: _Measure = 0.0
+    cpu_pressure: _Share | None = None
+    memory: U64 = 0
+    memory_used: U64 = 0
+    memory_pressure: _Share | None = None
+    sources: tuple[ShortStr, ...] = ()
 
 
 # -- the agent's side -------------------------------------------------------------------------
@@ -294,7 +378,15 @@ RESOURCE_METHODS: Final[dict[str, tuple[type, type]]] = {
     "release": (Release, Grant),
     "reconcile": (Reconcile, GrantList),
     "history": (HistoryQuery, History),
+    "elastic": (ElasticRequest, Grant),
 }
 
 #: The method every instance agent serves for the resource actor.
 AGENT_RESOURCE_METHOD: Final = ("resource", ResourceTransaction, ResourceTransactionAck)
+
+#: The method every instance agent serves for the applications in its instance: it forwards the
+#: request to ``resource.elastic`` as the instance.
+AGENT_ELASTIC_METHOD: Final = ("elastic", ElasticRequest, Grant)
+
+#: Where an instance's agent publishes its ``LoadReport`` (``{id}``: the instance id).
+LOAD_SUBJECT: Final = "mk.instance.{id}.load"

@@ -10,9 +10,11 @@
 - `ResourceActor`: the host's pool of CPUs, memory blocks and I/O queues (`discover_pool`,
   `Pool`) and every grant of it (the `resource` service), as transactions the instance's agent
   acknowledges; placement is a `PlacementPolicy` plugin (`PackPolicy`, `SpreadPolicy`,
-  `ScoredPolicy` for an eBPF scorer). docs/resources.md. `multikernel.services.testing` has a
-  fake machine (`FakeSysfs`), a fake resctrl (`FakeResctrl`) and a fake agent (`FakeAgent`)
-  for tests.
+  `ScoredPolicy` for an eBPF scorer). Instances grow and shrink themselves within the host's
+  `ElasticBounds`; an optional rebalancer is a `RebalancePolicy` plugin (`PressureRebalancer`)
+  deciding `Resize`s from a `RebalanceState` of load reports. docs/resources.md.
+  `multikernel.services.testing` has a fake machine (`FakeSysfs`), a fake resctrl
+  (`FakeResctrl`) and a fake agent (`FakeAgent`) for tests.
 - `run_host` / `python -m multikernel.services.host`: the hub and the actors (`mkctl host up`);
   the resource actor runs in a process of its own (`python -m multikernel.services.resource`).
 - `python -m multikernel.services.agent`: the first process of every instance.
@@ -24,6 +26,7 @@
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from multikernel.services._elastic import ElasticBounds as ElasticBounds
     from multikernel.services._host import HostConfig as HostConfig
     from multikernel.services._host import run_host as run_host
     from multikernel.services._image import LoadedImage as LoadedImage
@@ -60,6 +63,12 @@ if TYPE_CHECKING:
     from multikernel.services._pool import Pool as Pool
     from multikernel.services._pool import PoolError as PoolError
     from multikernel.services._pool import discover_pool as discover_pool
+    from multikernel.services._rebalance import InstanceView as InstanceView
+    from multikernel.services._rebalance import PressureRebalancer as PressureRebalancer
+    from multikernel.services._rebalance import RebalancePolicy as RebalancePolicy
+    from multikernel.services._rebalance import RebalanceState as RebalanceState
+    from multikernel.services._rebalance import Resize as Resize
+    from multikernel.services._rebalance import load_rebalancer as load_rebalancer
     from multikernel.services._resource import ResourceActor as ResourceActor
     from multikernel.services._resource_process import ResourceConfig as ResourceConfig
     from multikernel.services._resource_store import ResourceStore as ResourceStore
@@ -76,16 +85,19 @@ _LAZY = {
     "Capabilities": "multikernel.services._platform",
     "CpuScorer": "multikernel.services._placement",
     "discover_pool": "multikernel.services._pool",
+    "ElasticBounds": "multikernel.services._elastic",
     "Holding": "multikernel.services._placement",
     "HostConfig": "multikernel.services._host",
     "ImageError": "multikernel.services._manifest",
     "InstanceError": "multikernel.services._instances",
     "InstanceProcess": "multikernel.services._platform",
+    "InstanceView": "multikernel.services._rebalance",
     "IsolationReport": "multikernel.services._platform",
     "LaunchSpec": "multikernel.services._platform",
     "LifecycleActor": "multikernel.services._lifecycle",
     "load_image": "multikernel.services._image",
     "load_policy": "multikernel.services._policies",
+    "load_rebalancer": "multikernel.services._rebalance",
     "LoadedImage": "multikernel.services._image",
     "LocalPlatform": "multikernel.services._local",
     "make_signing_key": "multikernel.services._signature",
@@ -101,7 +113,11 @@ _LAZY = {
     "Pool": "multikernel.services._pool",
     "PoolError": "multikernel.services._pool",
     "PoolState": "multikernel.services._placement",
+    "PressureRebalancer": "multikernel.services._rebalance",
+    "RebalancePolicy": "multikernel.services._rebalance",
+    "RebalanceState": "multikernel.services._rebalance",
     "Refusal": "multikernel.services._placement",
+    "Resize": "multikernel.services._rebalance",
     "ResourceActor": "multikernel.services._resource",
     "ResourceConfig": "multikernel.services._resource_process",
     "Resources": "multikernel.services._platform",

@@ -1,12 +1,15 @@
 """The instance agent: the first process of every instance.
 
 It attaches to the bus through the socket the instance inherited at spawn (so the hub binds it to
-its instance), serves `instance.<id>.agent` (status, exec, resource, shutdown), announces itself
-with an `AgentHello` on `mk.instance.<id>.hello`, beats on `mk.instance.<id>.system`, and runs
-the instance's workload: the image's entry command, in the unpacked image, with a bus attachment
-of its own. A `resource` request from the host's resource actor is a grant transaction made of
-the kernel's MK_RES_* messages: the agent applies it to the instance and acknowledges each op
-(`_agent_resources`). Shutdown is negotiated the way the multikernel kernel does it: `Shutdown`
+its instance), serves `instance.<id>.agent` (status, exec, resource, elastic, shutdown),
+announces itself with an `AgentHello` on `mk.instance.<id>.hello`, beats on
+`mk.instance.<id>.system`, and runs the instance's workload: the image's entry command, in the
+unpacked image, with a bus attachment of its own. A `resource` request from the host's resource
+actor is a grant transaction made of the kernel's MK_RES_* messages: the agent applies it to the
+instance and acknowledges each op (`_agent_resources`). An application of the instance may ask
+it to grow or shrink the instance (`elastic`, forwarded to the resource actor as the instance),
+and it publishes the instance's load on `mk.instance.<id>.load` every few seconds
+(`_agent_elastic`). Shutdown is negotiated the way the multikernel kernel does it: `Shutdown`
 is answered with `ShutdownAck`, the workload is stopped (SIGTERM, then SIGKILL after the grace),
 `Halted` is published and the agent exits. If the workload ends by itself, the instance halts too.
 
@@ -20,7 +23,8 @@ may be empty), MULTIKERNEL_IMAGE_DIR, MULTIKERNEL_WORKLOAD_ENV (JSON object), MU
 and MULTIKERNEL_OUTPUT_HOLD_FD (the write and read ends of the pipe the host collects the
 workload's output from), and optionally MULTIKERNEL_HEARTBEAT (seconds between heartbeats) and
 MULTIKERNEL_STANDBY_FD; and its grant: MULTIKERNEL_MEMORY, MULTIKERNEL_QUEUES (JSON),
-MULTIKERNEL_RESOURCE_TX, MULTIKERNEL_RESOURCES_FILE.
+MULTIKERNEL_RESOURCE_TX, MULTIKERNEL_RESOURCES_FILE. Optional: MULTIKERNEL_LOAD_PERIOD (seconds
+between load reports, 0: none) and MULTIKERNEL_PSI (the instance's own pressure files).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import anyio
 import anyio.abc
@@ -44,8 +49,10 @@ from multikernel.protocol import (
     AgentHello,
     AgentStatus,
     DeadlineExceededError,
+    ElasticRequest,
     ExecRequest,
     ExecResult,
+    Grant,
     Halted,
     NotFoundError,
     ResourceTransaction,
@@ -54,8 +61,10 @@ from multikernel.protocol import (
     ShutdownAck,
     SystemHeartbeat,
 )
+from multikernel.services._agent_elastic import LOAD_SECONDS, ask, report_load
 from multikernel.services._agent_exec import Terminals, exec_stream
 from multikernel.services._agent_resources import InstanceResources
+from multikernel.services._load import LoadSampler
 from multikernel.services._takeover import Gate, Takeover
 
 log = get_logger("multikernel.agent")
@@ -199,6 +208,11 @@ def _serve(ep: Bus, state: AgentState) -> Service:
         return await state.resources.handle(request)
 
     @svc.method
+    async def elastic(request: ElasticRequest) -> Grant:
+        """An application of this instance asks to grow or shrink it."""
+        return await ask(ep, state.instance, request)
+
+    @svc.method
     async def shutdown(request: Shutdown) -> ShutdownAck:
         state.halted_reason = "shutdown requested"
         state.stop.set()
@@ -274,6 +288,11 @@ async def run_agent() -> int:
 
             tg.start_soon(beat)
             tg.start_soon(workload_then_stop)
+            load_period = float(os.environ.get("MULTIKERNEL_LOAD_PERIOD") or LOAD_SECONDS)
+            if load_period > 0:
+                psi = os.environ.get("MULTIKERNEL_PSI")
+                sampler = LoadSampler(name, os.getpid(), psi=Path(psi) if psi else None)
+                tg.start_soon(report_load, ep, state.resources, sampler, load_period)
             await state.stop.wait()
             await _stop_workload(state)
             tg.cancel_scope.cancel()

@@ -23,7 +23,9 @@ the resource actor, the hub.
 
 The host's own user is privileged on instance 0 (an `instance:0 & uid:<uid>` rule appended to the
 policy): `mkctl`, run by the same user, may drive the host, and the actors may reach every
-instance. Run as root and that user is root, which the built-in `host` rule already covers.
+instance. Each instance's agent may call the resource actor (`_elastic.AGENT_RULE`, also
+appended), which serves it `elastic` alone, for its own instance. Run as root and that user is
+root, which the built-in `host` rule already covers.
 Nobody else may: the control socket is 0600 unless `socket_access` widens it, and even then the
 host actors' services (`lifecycle`, ...) are `[host_only]` in the policy unless a rule grants
 them (docs/security.md).
@@ -52,6 +54,7 @@ from multikernel.endpoints.log import get_logger
 from multikernel.services._actors import ActorProcess
 from multikernel.services._cgroups import GROUP_ROOT
 from multikernel.services._children import ChildActor
+from multikernel.services._elastic import AGENT_RULE
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._metrics import HostCollector, registry, serve_metrics
@@ -161,6 +164,9 @@ class HostConfig:
     placement: str = "pack"
     cpu_share: int = 1
     ack_timeout: float = 5.0
+    elastic_max_cpus: int = 0  # how far an instance may grow by asking (0: its operator's grant)
+    elastic_max_memory: int = 0
+    rebalance: str = ""  # resize grants by load: "pressure" or module:attr ("": off)
     sysfs_root: Path = Path("/")
     #: Each instance's memory bandwidth in percent, where resctrl can limit it (None: unlimited).
     memory_bandwidth: int | None = None
@@ -169,7 +175,8 @@ class HostConfig:
     socket_access: SocketAccess = field(default_factory=SocketAccess)
 
     def policy(self) -> Policy:
-        return Policy.from_toml(self.policy_text + host_rule(os.getuid()), self.policy_source)
+        rules = host_rule(os.getuid()) + AGENT_RULE
+        return Policy.from_toml(self.policy_text + rules, self.policy_source)
 
     def resource_config(self) -> ResourceConfig:
         return ResourceConfig(
@@ -177,7 +184,8 @@ class HostConfig:
             reserve_cpus=tuple(sorted(self.reserve_cpus)), reserve_memory=self.reserve_memory,
             policy=self.placement, cpu_share=self.cpu_share, ack_timeout=self.ack_timeout,
             sysfs_root=str(self.sysfs_root), isolate=self.isolate,
-            cgroup_group=cgroup_group(self.state_dir),
+            cgroup_group=cgroup_group(self.state_dir), elastic_max_cpus=self.elastic_max_cpus,
+            elastic_max_memory=self.elastic_max_memory, rebalance=self.rebalance,
         )  # fmt: skip
 
 

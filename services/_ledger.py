@@ -7,6 +7,10 @@ what it is getting is reserved for it, so no other transaction can take either. 
 the new holding, `rollback` the old one; either way the reservation ends. The holder maps are
 updated by the difference only, so a transaction on a 1,000-CPU pool costs what it changes.
 
+Each account also keeps its **base**, the CPU count and memory blocks its operator granted
+(`allocate`, `update`): what the instance asks for itself (`elastic`) and the rebalancer change
+around it, but never set (docs/resources.md, "Elastic grants and the rebalancer").
+
 `state()` is the read-only `PoolState` a placement policy sees. The ledger is memory only: the
 store (`_resource_store`) makes it durable, and the actor keeps the two in step.
 """
@@ -31,6 +35,8 @@ class Account:
     applied_by: str = ""
     pending: Holding | None = None
     pending_tx: int = 0
+    base_cpus: int = 0  # what the operator granted (the elastic floor and default bound)
+    base_blocks: int = 0
 
 
 class Ledger:
@@ -46,6 +52,10 @@ class Ledger:
 
     def account(self, name: str) -> Account | None:
         return self.accounts.get(name)
+
+    def by_id(self, id: int) -> Account | None:
+        """The account of instance `id` (ids are unique among the accounts)."""
+        return next((a for a in self.accounts.values() if a.id == id), None)
 
     def holding(self, name: str) -> Holding:
         account = self.accounts.get(name)
@@ -67,10 +77,21 @@ class Ledger:
 
     # -- changes --------------------------------------------------------------------------
 
-    def load(self, name: str, id: int, held: Holding, tx: int, applied_by: str) -> None:
-        """Put back a committed holding read from the store."""
-        self.accounts[name] = Account(name, id, held, tx, applied_by)
+    def load(
+        self, name: str, id: int, held: Holding, tx: int, applied_by: str, base: tuple[int, int]
+    ) -> None:
+        """Put back a committed holding read from the store (`base`: CPUs, blocks)."""
+        self.accounts[name] = Account(
+            name, id, held, tx, applied_by, base_cpus=base[0], base_blocks=base[1]
+        )
         self._take(name, held)
+
+    @property
+    def unheld(self) -> tuple[int, int]:
+        """How many CPUs and memory blocks of the pool nobody holds (pending included)."""
+        return len(self.pool.cpus.keys() - self._cpus.keys()), len(self.pool.blocks) - len(
+            self._blocks
+        )
 
     def reserve(self, tx: int, name: str, id: int, after: Holding) -> Account:
         """Start transaction `tx`: `name` holds its holding and `after` until it ends."""
@@ -83,13 +104,14 @@ class Ledger:
         self._take(name, _minus(after, account.held))
         return account
 
-    def commit(self, name: str, applied_by: str) -> Account:
+    def commit(self, name: str, applied_by: str, base: tuple[int, int]) -> Account:
         """The pending transaction was acknowledged: `name` holds what it asked for."""
         account = self.accounts[name]
         assert account.pending is not None
         self._drop(name, _minus(account.held, account.pending))
         account.held, account.tx = account.pending, account.pending_tx
         account.applied_by = applied_by
+        account.base_cpus, account.base_blocks = base
         account.pending, account.pending_tx = None, 0
         return account
 

@@ -15,11 +15,9 @@ instance holds (kept as far as possible, so a change moves as little as it can).
 
 from __future__ import annotations
 
-import importlib
 from collections import Counter
 from collections.abc import Iterable
 
-from multikernel.protocol import InvalidResourceRequestError
 from multikernel.services._placement import (
     CpuScorer,
     Placement,
@@ -28,6 +26,7 @@ from multikernel.services._placement import (
     PoolState,
     Refusal,
 )
+from multikernel.services._plugins import load_plugin
 from multikernel.services._pool import Cpu
 
 # -- the policies -----------------------------------------------------------------------------
@@ -231,24 +230,5 @@ POLICIES: dict[str, type[_Policy]] = {"pack": PackPolicy, "spread": SpreadPolicy
 
 def load_policy(spec: str) -> PlacementPolicy:
     """`pack`, `spread`, or `package.module:attribute` naming a policy object, class or factory."""
-    if spec in POLICIES:
-        return POLICIES[spec]()
-    module_name, _, attribute = spec.partition(":")
-    if not attribute:
-        raise InvalidResourceRequestError(
-            f"unknown placement policy {spec!r}: use pack, spread or package.module:attribute"
-        )
-    try:
-        target = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
-        raise InvalidResourceRequestError(
-            f"cannot load placement policy {spec!r}: {error}"
-        ) from error
-    policy = target
-    if isinstance(target, type) or (callable(target) and not isinstance(target, PlacementPolicy)):
-        policy = target()  # a class or a factory
-    if not isinstance(policy, PlacementPolicy):
-        raise InvalidResourceRequestError(
-            f"{spec!r} is not a placement policy: it needs a name and place(request, state)"
-        )
-    return policy
+    needs = "a name and place(request, state)"
+    return load_plugin(spec, POLICIES, PlacementPolicy, "placement policy", needs)  # type: ignore[type-abstract]

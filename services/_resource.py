@@ -14,6 +14,12 @@ At start the actor loads the store and rolls back the transactions left pending 
 run before it serves anything, so a restart neither loses a grant nor grants anything twice.
 `reconcile` releases the grants of instances the lifecycle actor does not know (after a host
 restart, its instances are gone).
+
+Every method is the host's (callers on instance 0) except `elastic`, which an instance's agent
+calls for its own instance (`_elastic`: the instance is the caller's, as the hub bound it, within
+the host's `ElasticBounds`). With a `RebalancePolicy`, the actor also follows the agents' load
+reports and resizes grants by the policy's decisions (`_rebalancing`), through the same
+transactions (kind `rebalance`).
 """
 
 from __future__ import annotations
@@ -25,10 +31,13 @@ import anyio
 import anyio.abc
 from msgspec.structs import replace
 
-from multikernel.endpoints import Bus
+from multikernel.endpoints import Bus, current_caller
 from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
     RESOURCE_METHODS,
+    AccessDeniedError,
+    CpuSpec,
+    ElasticRequest,
     Grant,
     GrantFailedError,
     GrantList,
@@ -47,12 +56,15 @@ from multikernel.protocol import (
     UnknownGrantError,
     format_size,
 )
+from multikernel.services._elastic import ElasticBounds, resolve
 from multikernel.services._enforce import HostSide, NoHostSide
-from multikernel.services._ledger import Ledger
+from multikernel.services._ledger import Account, Ledger
 from multikernel.services._placement import Holding, PlacementPolicy, PlacementRequest, place
 from multikernel.services._platform import NAME_PATTERN
 from multikernel.services._policies import PackPolicy
 from multikernel.services._pool import Pool
+from multikernel.services._rebalance import RebalancePolicy, Resize
+from multikernel.services._rebalancing import Rebalancing
 from multikernel.services._resource_ops import grant_of, holding_of, ops_for, pool_info
 from multikernel.services._resource_store import ResourceStore
 from multikernel.services._resource_tx import Applier, TransactionFailed
@@ -76,11 +88,15 @@ class ResourceActor:
         host: HostSide | None = None,
         cpu_share: int = 1,
         ack_timeout: float = 5.0,
+        elastic: ElasticBounds | None = None,
+        rebalancer: RebalancePolicy | None = None,
     ) -> None:
         self.ep = endpoint
         self.pool = pool
         self.store = store
         self.policy = policy or PackPolicy()
+        self.elastic = elastic or ElasticBounds()
+        self.rebalancing = Rebalancing(endpoint, self, rebalancer) if rebalancer else None
         self.ledger = Ledger(pool, cpu_share=cpu_share)
         self.applier = Applier(endpoint, pool, host or NoHostSide(), ack_timeout=ack_timeout)
         self._decide = anyio.Lock()
@@ -96,15 +112,23 @@ class ResourceActor:
         for method in RESOURCE_METHODS:
             svc.method(getattr(self, f"serve_{method}"), name=method)
         await svc.start()
-        log.info("resource actor up", pool=self.pool.describe(), policy=self.policy.name)
-        task_status.started()
-        await anyio.sleep_forever()
+        async with anyio.create_task_group() as tg:
+            if self.rebalancing is not None:
+                await tg.start(self.rebalancing.run)
+            log.info(
+                "resource actor up", pool=self.pool.describe(), policy=self.policy.name,
+                rebalancer=self.rebalancing.policy.name if self.rebalancing else None,
+            )  # fmt: skip
+            task_status.started()
+            await anyio.sleep_forever()
 
     async def recover(self) -> None:
         """Load the store; roll back what the previous run left pending, on both sides."""
         accounts, pending, self._next_tx = await self.store.load()
         for stored in accounts:
-            self.ledger.load(stored.name, stored.id, stored.held, stored.tx, stored.applied_by)
+            self.ledger.load(
+                stored.name, stored.id, stored.held, stored.tx, stored.applied_by, stored.base
+            )
         for record in pending:
             before = holding_of(record.before) if record.before else Holding()
             after = holding_of(record.after) if record.after else Holding()
@@ -117,9 +141,16 @@ class ResourceActor:
     # -- requests -----------------------------------------------------------------------------
 
     async def serve_pool(self, request: PoolQuery) -> PoolInfo:
-        return pool_info(self.ledger, self.policy.name)
+        _from_host()
+        return replace(
+            pool_info(self.ledger, self.policy.name),
+            rebalancer=self.rebalancing.policy.name if self.rebalancing else "",
+            elastic_max_cpus=self.elastic.max_cpus,
+            elastic_max_memory=self.elastic.max_memory,
+        )
 
     async def serve_grants(self, request: GrantsQuery) -> GrantList:
+        _from_host()
         accounts = [a for a in self.ledger.accounts.values() if a.tx]
         if request.instance:
             accounts = [a for a in accounts if a.name == request.instance]
@@ -133,15 +164,42 @@ class ResourceActor:
         )
 
     async def serve_allocate(self, request: GrantRequest) -> Grant:
+        _from_host()
         return await self._change(request, "allocate")
 
     async def serve_update(self, request: GrantRequest) -> Grant:
+        _from_host()
         return await self._change(request, "update")
 
+    async def serve_elastic(self, request: ElasticRequest) -> Grant:
+        """An instance asks to grow or shrink: its own grant, within the host's bounds."""
+        caller = current_caller().instance
+        if caller == 0:
+            raise InvalidResourceRequestError(
+                "elastic is for an instance asking for itself (through its agent); the host "
+                "changes a grant with update (mkctl update)"
+            )
+        account = self.ledger.by_id(caller)
+        if account is None:
+            raise UnknownGrantError(
+                f"instance {caller} holds no grant to grow or shrink: its operator allocates one"
+            )
+        async with self._lock(account.name):
+            current = self.ledger.account(account.name)
+            if current is None or current.id != caller:
+                raise UnknownGrantError(f"instance {caller}'s grant was released meanwhile")
+            asked = resolve(request, current, self.ledger.state(), self.elastic)
+            if asked is None:
+                return _grant(self.pool, current)
+            why = "the instance asked" + (f": {request.reason}" if request.reason else "")
+            return await self._change_locked(asked, "elastic", why)
+
     async def serve_release(self, request: Release) -> Grant:
+        _from_host()
         return await self._release(request.instance, "release", "")
 
     async def serve_reconcile(self, request: Reconcile) -> GrantList:
+        _from_host()
         known = {(ref.name, ref.id) for ref in request.instances}
         released = []
         for account in list(self.ledger.accounts.values()):
@@ -151,6 +209,7 @@ class ResourceActor:
         return GrantList(tuple(released))
 
     async def serve_history(self, request: HistoryQuery) -> History:
+        _from_host()
         limit = max(1, min(request.limit, 1000))
         records = await self.store.history(request.instance, limit, request.before)
         more = len(records) == limit and records[-1].tx > 1
@@ -204,31 +263,40 @@ class ResourceActor:
         return PlacementRequest(name, request.cpus, blocks, queues, self.ledger.holding(name))
 
     async def _change(self, request: GrantRequest, kind: str) -> Grant:
-        name, id = request.instance, request.instance_id
-        async with self._lock(name):
-            async with self._decide:
-                asked = self._checked(request, kind)
-                placed = place(self.policy, asked, self.ledger.state())
-                before, after = asked.current, Holding(placed.cpus, placed.blocks, placed.queues)
-                account = self.ledger.account(name)
-                if after == before and account is not None:
-                    return grant_of(self.pool, name, id, before, account.tx, account.applied_by)
-                tx = self._take_tx()
-                record = TxRecord(
-                    tx, name, id, kind, "pending", ops=ops_for(self.pool, id, before, after),
-                    before=grant_of(self.pool, name, id, before, account.tx if account else 0),
-                    after=grant_of(self.pool, name, id, after, tx), started=time.time(),
-                )  # fmt: skip
-                self.ledger.reserve(tx, name, id, after)
-                try:
-                    await self.store.begin(record)
-                except BaseException:
-                    self.ledger.rollback(name)
-                    raise
-            await self._publish(record)
-            return await self._run(record, before, after)
+        async with self._lock(request.instance):
+            return await self._change_locked(request, kind)
 
-    async def _run(self, record: TxRecord, before: Holding, after: Holding) -> Grant:
+    async def _change_locked(self, request: GrantRequest, kind: str, reason: str = "") -> Grant:
+        """One transaction, the instance's lock held; `reason` why it was asked (elastic,
+        rebalance)."""
+        name, id = request.instance, request.instance_id
+        async with self._decide:
+            asked = self._checked(request, kind)
+            placed = place(self.policy, asked, self.ledger.state())
+            before, after = asked.current, Holding(placed.cpus, placed.blocks, placed.queues)
+            account = self.ledger.account(name)
+            if after == before and account is not None:
+                return grant_of(self.pool, name, id, before, account.tx, account.applied_by)
+            tx = self._take_tx()
+            record = TxRecord(
+                tx, name, id, kind, "pending", ops=ops_for(self.pool, id, before, after),
+                before=grant_of(self.pool, name, id, before, account.tx if account else 0),
+                after=grant_of(self.pool, name, id, after, tx), reason=reason,
+                started=time.time(),
+            )  # fmt: skip
+            base = _base(kind, request, account, after)
+            self.ledger.reserve(tx, name, id, after)
+            try:
+                await self.store.begin(record)
+            except BaseException:
+                self.ledger.rollback(name)
+                raise
+        await self._publish(record)
+        return await self._run(record, before, after, base)
+
+    async def _run(
+        self, record: TxRecord, before: Holding, after: Holding, base: tuple[int, int]
+    ) -> Grant:
         name, acks = record.instance, tuple[ResourceAck, ...]()
         try:
             applied_by, acks = await self.applier.apply(record, before, after)
@@ -237,13 +305,15 @@ class ResourceActor:
                 record, state="committed", acks=acks, finished=time.time(),
                 after=replace(record.after, applied_by=applied_by),
             )  # fmt: skip
-            await self.store.commit(done, record.instance_id, before, after)
+            await self.store.commit(done, record.instance_id, before, after, base)
         except BaseException as error:
             reason = error.reason if isinstance(error, TransactionFailed) else _why(error)
             acks = error.acks if isinstance(error, TransactionFailed) else acks
             with anyio.CancelScope(shield=True):
                 problems = await self.applier.roll_back(record, before, after)
                 full = reason + (f"; and {problems}" if problems else "")
+                if record.reason:  # why it was asked, after why it failed
+                    full += f" (asked because {record.reason})"
                 await self._finish(replace(record, state="rolled-back", reason=full, acks=acks))
             if isinstance(error, TransactionFailed):
                 raise GrantFailedError(
@@ -252,7 +322,7 @@ class ResourceActor:
                     details={"tx": record.tx},
                 ) from None
             raise
-        self.ledger.commit(name, applied_by)
+        self.ledger.commit(name, applied_by, base)
         await self._publish(done)
         assert done.after is not None
         return done.after
@@ -290,6 +360,27 @@ class ResourceActor:
         await self._publish(record)
         return released
 
+    # -- the rebalancer's side ----------------------------------------------------------------
+
+    def grant_tx(self, id: int) -> int:
+        """The transaction instance `id`'s grant comes from (0: it holds none)."""
+        account = self.ledger.by_id(id)
+        return account.tx if account is not None else 0
+
+    async def resize(self, change: Resize, tx: int) -> Grant | None:
+        """Apply a rebalancer's decision, taken on the grant of transaction `tx` (None: that
+        grant has changed meanwhile, and the decision is dropped)."""
+        async with self._lock(change.instance):
+            account = self.ledger.account(change.instance)
+            if account is None or account.id != change.instance_id or account.tx != tx:
+                return None
+            request = GrantRequest(
+                change.instance, change.instance_id,
+                cpus=CpuSpec(count=change.cpus) if change.cpus is not None else None,
+                memory=change.blocks * self.pool.block_size if change.blocks is not None else 0,
+            )  # fmt: skip
+            return await self._change_locked(request, "rebalance", change.reason)
+
     async def _publish(self, record: TxRecord) -> None:
         log.info(
             "resource transaction", tx=record.tx, instance=record.instance, kind=record.kind,
@@ -299,6 +390,34 @@ class ResourceActor:
             await self.ep.publish(f"mk.resource.{record.instance_id}.tx", record)
         except MultikernelError as error:  # the record is in the history either way
             log.warning("cannot publish a transaction", tx=record.tx, error=str(error))
+
+
+def _from_host() -> None:
+    """Refuse a caller that is not on the host: instances call `elastic`, nothing else."""
+    caller = current_caller()
+    if caller.instance != 0:
+        raise AccessDeniedError(
+            f"instance {caller.instance} may only call resource.elastic (for itself, through "
+            "its agent); the pool and every other instance's grant are the host's"
+        )
+
+
+def _base(
+    kind: str, request: GrantRequest, account: Account | None, after: Holding
+) -> tuple[int, int]:
+    """The base (CPUs, blocks) after a transaction: what the operator asks for sets it; what the
+    instance asks for itself and the rebalancer keep it."""
+    cpus, blocks = (account.base_cpus, account.base_blocks) if account else (0, 0)
+    if kind in ("allocate", "update"):
+        if request.cpus is not None or account is None:
+            cpus = len(after.cpus)
+        if request.memory or account is None:
+            blocks = len(after.blocks)
+    return cpus, blocks
+
+
+def _grant(pool: Pool, account: Account) -> Grant:
+    return grant_of(pool, account.name, account.id, account.held, account.tx, account.applied_by)
 
 
 def _why(error: BaseException) -> str:

@@ -8,8 +8,11 @@ closes the store and exits 0. "ready" on the ready fd says the service is up.
 
 `ResourceConfig` is everything the host decides for it, from the host config: which CPUs and how
 much memory the host keeps, the placement policy, how many instances may share a CPU, how long
-an instance has to acknowledge a transaction, and where the machine's sysfs is (a fake one in
-tests; the host's end of grants is then not applied, since no real instance holds fake CPUs).
+an instance has to acknowledge a transaction, how far an instance may grow by asking
+(`elastic_max_cpus`, `elastic_max_memory`; 0: up to what its operator granted), which
+rebalancer runs (`rebalance`: "" for none, the default; `pressure`; or a plugin), and where the
+machine's sysfs is (a fake one in tests; the host's end of grants is then not applied, since no
+real instance holds fake CPUs).
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ import msgspec
 
 from multikernel.endpoints import connect
 from multikernel.endpoints.log import get_logger
+from multikernel.services._elastic import ElasticBounds
 from multikernel.services._enforce import HostSide, LocalHostSide, NoHostSide
 from multikernel.services._local import LocalPlatform
 from multikernel.services._policies import load_policy
 from multikernel.services._pool import discover_pool
+from multikernel.services._rebalance import load_rebalancer
 from multikernel.services._resource import ResourceActor
 from multikernel.services._resource_store import ResourceStore
 
@@ -51,6 +56,9 @@ class ResourceConfig(msgspec.Struct, frozen=True, kw_only=True):
     sysfs_root: str = "/"
     isolate: bool = True
     cgroup_group: str = ""  # the host platform's cgroup group ("multikernel/<host-id>")
+    elastic_max_cpus: int = 0
+    elastic_max_memory: int = 0
+    rebalance: str = ""  # "": none; "pressure"; or package.module:attribute
 
     def host_side(self) -> HostSide:
         """The host's end of grants: the instances' cgroups, on the real machine only."""
@@ -94,6 +102,8 @@ async def serve_resource(
             actor = ResourceActor(
                 ep, pool, store, policy=policy, host=config.host_side(),
                 cpu_share=config.cpu_share, ack_timeout=config.ack_timeout,
+                elastic=ElasticBounds(config.elastic_max_cpus, config.elastic_max_memory),
+                rebalancer=load_rebalancer(config.rebalance) if config.rebalance else None,
             )  # fmt: skip
             async with anyio.create_task_group() as tg:
                 await tg.start(actor.run)

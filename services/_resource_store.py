@@ -1,6 +1,7 @@
 """The resource actor's durable state: SQLite in the host's state dir, one transaction per change.
 
-Three tables: `accounts` (each instance's id, and the transaction its holding comes from),
+Three tables: `accounts` (each instance's id, the transaction its holding comes from, and its
+base: the CPUs and memory blocks its operator granted),
 `holdings` (what each instance holds, one row per CPU, memory block or queue) and `transactions`
 (every `TxRecord`, msgpack, with its state). Each change of the ledger is one SQLite transaction,
 so after a crash the file holds either all of a change or none of it:
@@ -40,7 +41,8 @@ T = TypeVar("T")
 HISTORY_LIMIT: Final = 10_000
 SCHEMA: Final = """
 CREATE TABLE IF NOT EXISTS accounts (
-    name TEXT PRIMARY KEY, id INTEGER NOT NULL, tx INTEGER NOT NULL, applied_by TEXT NOT NULL);
+    name TEXT PRIMARY KEY, id INTEGER NOT NULL, tx INTEGER NOT NULL, applied_by TEXT NOT NULL,
+    base_cpus INTEGER NOT NULL DEFAULT 0, base_blocks INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS holdings (
     instance TEXT NOT NULL, kind TEXT NOT NULL, item TEXT NOT NULL,
     PRIMARY KEY (kind, item, instance));
@@ -48,19 +50,25 @@ CREATE TABLE IF NOT EXISTS transactions (
     tx INTEGER PRIMARY KEY, instance TEXT NOT NULL, state TEXT NOT NULL, record BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS transactions_by_instance ON transactions (instance, tx);
 """
+#: Columns added since the first schema, for files written before them (0: the holding's size).
+ADDED_COLUMNS: Final = {
+    "accounts": ("base_cpus INTEGER NOT NULL DEFAULT 0", "base_blocks INTEGER NOT NULL DEFAULT 0")
+}
 _ENCODER: Final = msgspec.msgpack.Encoder()
 _DECODER: Final = msgspec.msgpack.Decoder(TxRecord)
 
 
 @dataclass(frozen=True)
 class Stored:
-    """One account as stored: the instance's id, holding, transaction and who applied it."""
+    """One account as stored: the instance's id, holding, transaction, who applied it, and its
+    base (CPUs, memory blocks)."""
 
     name: str
     id: int
     held: Holding
     tx: int
     applied_by: str
+    base: tuple[int, int] = (0, 0)
 
 
 def _rows(name: str, holding: Holding) -> list[tuple[str, str, str]]:
@@ -81,6 +89,7 @@ class ResourceStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        _add_columns(self._db)
         self._limiter = anyio.CapacityLimiter(1)
 
     def close(self) -> None:
@@ -109,8 +118,9 @@ class ResourceStore:
             for name, kind, item in db.execute("SELECT instance, kind, item FROM holdings"):
                 items.setdefault(name, {}).setdefault(kind, set()).add(item)
             accounts = []
-            for name, id, tx, applied_by in db.execute(
-                "SELECT name, id, tx, applied_by FROM accounts ORDER BY name"
+            for name, id, tx, applied_by, base_cpus, base_blocks in db.execute(
+                "SELECT name, id, tx, applied_by, base_cpus, base_blocks FROM accounts "
+                "ORDER BY name"
             ):
                 kinds = items.get(name, {})
                 held = Holding(
@@ -118,7 +128,8 @@ class ResourceStore:
                     frozenset(int(b) for b in kinds.get("block", ())),
                     frozenset(kinds.get("queue", ())),
                 )
-                accounts.append(Stored(name, id, held, tx, applied_by))
+                base = (base_cpus or len(held.cpus), base_blocks or len(held.blocks))
+                accounts.append(Stored(name, id, held, tx, applied_by, base))
             pending = [
                 _DECODER.decode(record)
                 for (record,) in db.execute(
@@ -154,8 +165,16 @@ class ResourceStore:
     async def roll_back(self, record: TxRecord) -> None:
         await self._run(lambda db: _put(db, record))
 
-    async def commit(self, record: TxRecord, id: int, before: Holding, after: Holding) -> None:
-        """Mark `record` committed and make its instance hold `after` instead of `before`."""
+    async def commit(
+        self,
+        record: TxRecord,
+        id: int,
+        before: Holding,
+        after: Holding,
+        base: tuple[int, int] = (0, 0),
+    ) -> None:
+        """Mark `record` committed and make its instance hold `after` instead of `before`
+        (`base`: the CPUs and memory blocks its operator granted; 0: the holding's)."""
         name = record.instance
 
         def write(db: sqlite3.Connection) -> None:
@@ -170,9 +189,11 @@ class ResourceStore:
                 _rows(name, after),
             )
             db.execute(
-                "INSERT OR REPLACE INTO accounts (name, id, tx, applied_by) VALUES (?, ?, ?, ?)",
-                (name, id, record.tx, "" if record.after is None else record.after.applied_by),
-            )
+                "INSERT OR REPLACE INTO accounts (name, id, tx, applied_by, base_cpus, "
+                "base_blocks) VALUES (?, ?, ?, ?, ?, ?)",
+                (name, id, record.tx, "" if record.after is None else record.after.applied_by,
+                 *base),
+            )  # fmt: skip
             if record.tx % 100 == 0:
                 db.execute("DELETE FROM transactions WHERE tx <= ?", (record.tx - HISTORY_LIMIT,))
 
@@ -187,6 +208,15 @@ class ResourceStore:
             db.execute("DELETE FROM accounts WHERE name = ?", (record.instance,))
 
         await self._run(write)
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    """Bring a file written by an older actor up to the schema (new columns get defaults)."""
+    for table, columns in ADDED_COLUMNS.items():
+        present = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+        for column in columns:
+            if column.split()[0] not in present:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
 
 def _put(db: sqlite3.Connection, record: TxRecord) -> None:

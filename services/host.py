@@ -20,6 +20,7 @@ from multikernel.endpoints.log import configure, get_logger
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import MultikernelError, parse_cpus, parse_size
 from multikernel.services._host import HostConfig, run_host
+from multikernel.services._rebalance import load_rebalancer
 
 log = get_logger("multikernel.host")
 
@@ -79,6 +80,27 @@ def parser() -> argparse.ArgumentParser:
         "--ack-timeout", type=float, default=5.0, help="seconds an instance has to acknowledge"
     )
     p.add_argument(
+        "--elastic-max-cpus",
+        type=int,
+        default=0,
+        help="CPUs an instance may grow to by asking (default 0: what its operator granted)",
+    )
+    p.add_argument(
+        "--elastic-max-memory",
+        type=parse_size,
+        default=0,
+        help="memory an instance may grow to by asking (default 0: what its operator granted)",
+    )
+    p.add_argument(
+        "--rebalance",
+        nargs="?",
+        const="pressure",
+        default="",
+        metavar="POLICY",
+        help="resize grants by the instances' load reports: pressure (the default policy) or "
+        "package.module:attr (off unless given; docs/resources.md)",
+    )
+    p.add_argument(
         "--sysfs-root", type=Path, default=Path("/"), help="read the machine from this tree (tests)"
     )
     p.add_argument(
@@ -110,6 +132,8 @@ def config_from(args: argparse.Namespace) -> HostConfig:
     policy_text, source = "", "<default>"
     if args.policy is not None:
         policy_text, source = args.policy.read_text(), str(args.policy)
+    if args.rebalance:
+        load_rebalancer(args.rebalance)  # a bad name fails here, not in the resource actor
     return HostConfig(
         socket=socket_path,
         state_dir=args.state_dir or socket_path.parent,
@@ -125,6 +149,9 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         placement=args.placement,
         cpu_share=args.cpu_share,
         ack_timeout=args.ack_timeout,
+        elastic_max_cpus=args.elastic_max_cpus,
+        elastic_max_memory=args.elastic_max_memory,
+        rebalance=args.rebalance,
         sysfs_root=args.sysfs_root,
         memory_bandwidth=args.memory_bandwidth,
         metrics="" if args.metrics == "off" else args.metrics,

@@ -131,6 +131,26 @@ def _checked(parse: Callable[[str], object]) -> Callable[..., str | None]:
     metavar="PERCENT",
     help="Limit each instance's memory bandwidth (resctrl, where the machine has it).",
 )
+@click.option(
+    "--elastic-max-cpus",
+    type=click.IntRange(0),
+    default=None,
+    help="CPUs an instance may grow to by asking (default 0: what its operator granted).",
+)
+@click.option(
+    "--elastic-max-memory",
+    default=None,
+    callback=_checked(parse_size),
+    help="Memory an instance may grow to by asking (default 0: what its operator granted).",
+)
+@click.option(
+    "--rebalance",
+    is_flag=False,
+    flag_value="pressure",
+    default=None,
+    metavar="[POLICY]",
+    help="Resize grants by the instances' load: pressure (alone: the default) or module:attr.",
+)
 def up(
     foreground: bool,
     policy: str | None,
@@ -147,6 +167,9 @@ def up(
     placement: str | None,
     cpu_share: int | None,
     memory_bandwidth: int | None,
+    elastic_max_cpus: int | None,
+    elastic_max_memory: str | None,
+    rebalance: str | None,
 ) -> int:
     """Start the host (in the background unless --foreground)."""
     options = settings()
@@ -174,6 +197,9 @@ def up(
         ("--placement", placement),
         ("--cpu-share", None if cpu_share is None else str(cpu_share)),
         ("--memory-bandwidth", None if memory_bandwidth is None else str(memory_bandwidth)),
+        ("--elastic-max-cpus", None if elastic_max_cpus is None else str(elastic_max_cpus)),
+        ("--elastic-max-memory", elastic_max_memory),
+        ("--rebalance", rebalance),
     ):
         if value is not None:
             command += [flag, value]

@@ -35,6 +35,7 @@ PUBLIC = {
     "format_restart", "parse_restart", "EndpointCutOff",
     # the resource actor's contract, and how CPUs and sizes are written
     "AGENT_RESOURCE_METHOD", "RESOURCE_METHODS", "CpuInfo", "CpuSpec", "Grant",
+    "AGENT_ELASTIC_METHOD", "ElasticRequest", "LOAD_SUBJECT", "LoadReport",
     "GrantFailedError", "GrantList", "GrantOp", "GrantRequest", "GrantsQuery", "History",
     "HistoryQuery", "InstanceRef", "InvalidResourceRequestError", "NodeInfo", "PoolInfo",
     "PoolQuery", "QueueInfo", "Reconcile", "Release", "ResourceError", "ResourceTransaction",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 import pytest
 
@@ -9,8 +11,11 @@ from multikernel.protocol import (
     CpuAdd,
     CpuSpec,
     DeviceAdd,
+    ElasticRequest,
     Grant,
     GrantRequest,
+    InvalidResourceRequestError,
+    LoadReport,
     MemRemove,
     ResourceAck,
     ResourceOp,
@@ -87,3 +92,39 @@ def test_an_older_peer_reads_a_newer_ack_and_a_newer_peer_an_older_one() -> None
     assert msgspec.msgpack.decode(newer, type=ResourceTransactionAck).tx == 1
     older = msgspec.msgpack.encode({"instance": "web", "instance_id": 1, "cpus": [1]})
     assert msgspec.msgpack.decode(older, type=Grant).tx == 0  # filled with its default
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({}, "an elastic request asks for CPUs or memory"),
+        ({"cpus": 2, "cpu_change": 1}, "ask for a CPU count (cpus) or a change (cpu_change)"),
+        ({"memory": 1 << 30, "memory_change": -(1 << 27)}, "ask for a memory size (memory)"),
+    ],
+)
+def test_an_elastic_request_asks_for_one_form_of_each_and_something(
+    fields: dict[str, int], message: str
+) -> None:
+    with pytest.raises(InvalidResourceRequestError, match=re.escape(message)):
+        ElasticRequest(**fields)
+    body = msgspec.msgpack.encode(fields)  # the same checks when it is decoded
+    with pytest.raises(msgspec.ValidationError, match=re.escape(message)):
+        msgspec.msgpack.decode(body, type=ElasticRequest)
+
+
+def test_an_elastic_request_grows_or_shrinks_by_signed_amounts() -> None:
+    asked = ElasticRequest(cpu_change=-1, memory_change=256 << 20, reason="batch done")
+    assert round_trip(asked, ElasticRequest) == asked
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(asked)) == {
+        "cpu_change": -1, "memory_change": 256 << 20, "reason": "batch done"
+    }  # fmt: skip
+
+
+def test_a_load_report_refuses_negative_or_impossible_measurements() -> None:
+    report = LoadReport(instance=3, period=2.0, cpus=2, cpu_busy=1.5, cpu_pressure=0.25)
+    assert round_trip(report, LoadReport) == report
+    assert round_trip(report, LoadReport).memory_pressure is None  # left out: no PSI
+    for bad in ({"cpu_busy": -1.0}, {"cpu_pressure": 1.5}, {"cpu_waiting": float("nan")}):
+        body = msgspec.msgpack.encode({"instance": 3, **bad})
+        with pytest.raises(msgspec.ValidationError):
+            msgspec.msgpack.decode(body, type=LoadReport)

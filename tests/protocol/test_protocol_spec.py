@@ -118,8 +118,11 @@ def test_resource_method_table_matches_the_service_contract() -> None:
         ("resource", method): (request.__name__, response.__name__)
         for method, (request, response) in protocol.RESOURCE_METHODS.items()
     }
-    method, request, response = protocol.AGENT_RESOURCE_METHOD
-    contract[("instance.<id>.agent", method)] = (request.__name__, response.__name__)
+    for method, request, response in (
+        protocol.AGENT_RESOURCE_METHOD,
+        protocol.AGENT_ELASTIC_METHOD,
+    ):
+        contract[("instance.<id>.agent", method)] = (request.__name__, response.__name__)
     assert documented == contract
 
 
