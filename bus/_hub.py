@@ -32,7 +32,7 @@ from multikernel.bus._hub_sessions import Sessions
 from multikernel.bus._monitors import Monitors
 from multikernel.bus._name_events import DESTINATION_OFFSET as _DESTINATION_OFFSET
 from multikernel.bus._name_events import SOURCE_OFFSET as _SOURCE_OFFSET
-from multikernel.bus._name_events import announce_owner_changes
+from multikernel.bus._name_events import announce_cutoff, announce_owner_changes
 from multikernel.bus._names import NameRegistry
 from multikernel.bus._policy import Policy
 from multikernel.bus._router import SubjectRouter
@@ -195,6 +195,8 @@ class Hub:
         self._monitors.stop(session)
         self._owner_changes(self._names.remove_owner(session.id))  # clients hear of it first
         self._channels.forget_endpoint(session.id)
+        if session.cut_reason:
+            announce_cutoff(session, self._router, self._subs)
 
     def dispatch(self, session: Session, frame: bytes) -> None:
         session.frames_in += 1

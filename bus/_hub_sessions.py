@@ -24,7 +24,7 @@ import anyio
 import anyio.abc
 
 from multikernel.bus._policy import Identity
-from multikernel.bus._session import Limits, Session
+from multikernel.bus._session import Limits, Session, wrote_garbage
 from multikernel.bus._socket_access import BIND_MODE, SocketAccess
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import (
@@ -352,7 +352,8 @@ class Sessions:
             session.closed = True  # it went away; nothing to blame it for
         except (ProtocolError, ShmError, anyio.BrokenResourceError) as exc:
             self.counters["errors"] += 1
-            session.cut_off(f"{type(exc).__name__}: {exc}")
+            garbage = isinstance(exc, ProtocolError) or wrote_garbage(exc)
+            session.cut_off(f"{type(exc).__name__}: {exc}", garbage=garbage)
         if session.cancel_scope is not None:
             session.cancel_scope.cancel()
 

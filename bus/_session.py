@@ -80,6 +80,11 @@ class SubscriptionRecord:
     unreported: int = 0  # dropped since the last delivered one: told with the next (its gap)
 
 
+def wrote_garbage(exc: BaseException) -> bool:
+    """Whether a failure of a session is garbage its endpoint wrote (not its going away)."""
+    return isinstance(exc, ShmError) and not isinstance(exc, PeerDiedError)
+
+
 class SlowConsumerError(Exception):
     """An endpoint's queue overflowed under the "disconnect" slow-consumer policy."""
 
@@ -119,12 +124,15 @@ class Session:
         self.closed = False
         self.overflowed = False
         self.cut_reason = ""
+        self.garbage = False  # cut off for what it wrote (a bad frame or ring counter)
         self.cancel_scope: anyio.CancelScope | None = None
 
-    def cut_off(self, reason: str) -> None:
-        """End this session for cause (the first reason is the one logged)."""
+    def cut_off(self, reason: str, *, garbage: bool = False) -> None:
+        """End this session for cause (the first reason is the one logged); `garbage` when the
+        cause is what the endpoint wrote, which the hub announces on mk.bus.cutoff.<instance>."""
         if not self.cut_reason:
             self.cut_reason = reason
+            self.garbage = garbage
         self.closed = True
         if self.cancel_scope is not None:
             self.cancel_scope.cancel()
@@ -145,7 +153,7 @@ class Session:
                 self.frames_out += 1
                 return True
         except PEER_FAULTS as exc:
-            self.cut_off(f"its session channel failed: {exc!r}")
+            self.cut_off(f"its session channel failed: {exc!r}", garbage=wrote_garbage(exc))
             return False
         frame = bytes(frame)  # the caller may reuse its buffer: the queue keeps a copy
         full = self._queued_bytes + len(frame) > self.limits.max_queued_bytes
@@ -197,7 +205,7 @@ class Session:
             try:
                 sent = self.channel.writer.try_send_many(frames)
             except PEER_FAULTS as exc:
-                self.cut_off(f"its session channel failed: {exc!r}")
+                self.cut_off(f"its session channel failed: {exc!r}", garbage=wrote_garbage(exc))
                 return 0
             self.frames_out += sent
         for frame in frames[sent:]:
@@ -229,4 +237,4 @@ class Session:
             if self.cancel_scope is not None:
                 self.cancel_scope.cancel()
         except PEER_FAULTS as exc:
-            self.cut_off(f"its session channel failed: {exc!r}")
+            self.cut_off(f"its session channel failed: {exc!r}", garbage=wrote_garbage(exc))

@@ -6,6 +6,7 @@ over direct shared-memory channels the hub sets up), `service()` to serve typed 
 well-known name, `introspect()` and `monitor()` for inspection. Everything is anyio-based, so it
 runs under asyncio, uvloop and trio; errors are the protocol's (`NoRespondersError`,
 `AccessDeniedError`, `DeadlineExceededError`, ...) and a lost hub is `HubUnavailableError`.
+`retrying(endpoint, within=...)` retries idempotent calls across a failed instance's replacement.
 
 Actors and plugins are written against `Bus`, a protocol that `Endpoint` and the in-memory double
 (`multikernel.bus.testing.MemoryEndpoint`) both satisfy. `multikernel.endpoints.log` is the one
@@ -19,6 +20,8 @@ from multikernel.endpoints._direct import Peer as Peer
 from multikernel.endpoints._direct import current_caller as current_caller
 from multikernel.endpoints._endpoint import Endpoint as Endpoint
 from multikernel.endpoints._hublink import HubUnavailableError as HubUnavailableError
+from multikernel.endpoints._retry import Retrying as Retrying
+from multikernel.endpoints._retry import retrying as retrying
 from multikernel.endpoints._service import Service as Service
 from multikernel.endpoints._subscription import DEFAULT_PATIENCE as DEFAULT_PATIENCE
 from multikernel.endpoints._subscription import Message as Message

@@ -5,6 +5,11 @@ this process inherited at spawn ($MULTIKERNEL_BUS_FD: processes started inside a
 `default_socket_path()` ($MULTIKERNEL_BUS, else a per-user or system path). Attaching happens
 before the endpoint's task group starts, so a missing hub is one clean `HubUnavailableError`.
 
+An inherited socket attaches once. A process that inherited one and also has $MULTIKERNEL_BUS
+(the lifecycle sets both for an instance's agent, which passes them on to its workload)
+re-attaches there when the hub restarts: the hub then learns the process's instance from the
+kernel (its PID namespace or cgroups, through the host's `instance_of`), not from what it says.
+
 An exception raised in the caller's block reaches the caller as itself: the endpoint's task group
 would wrap it in an `ExceptionGroup` (it is raised inside the group's scope), so the block's own
 exception is caught at the `yield`, the group is cancelled and closed, and the exception is raised
@@ -23,7 +28,7 @@ from pathlib import Path
 import anyio
 
 from multikernel.endpoints._endpoint import Endpoint
-from multikernel.endpoints.wire import ENV_FD, default_socket_path
+from multikernel.endpoints.wire import ENV_FD, ENV_SOCKET, default_socket_path
 from multikernel.shm import WaitPolicy
 
 
@@ -41,12 +46,20 @@ async def connect(
     The hub is found at `path`, else on the connected socket `fd` (which the endpoint then owns),
     else on the socket this process inherited ($MULTIKERNEL_BUS_FD, set for processes started
     inside an instance), else at `default_socket_path()`. With `reconnect`, a hub restart is
-    survived: the endpoint re-attaches and re-registers (not possible over an inherited socket).
+    survived: the endpoint re-attaches and re-registers; over an inherited socket only when
+    $MULTIKERNEL_BUS says where the hub listens (else its next send raises HubUnavailableError).
     """
+    inherited = False
     if path is None and fd is None and (env_fd := os.environ.get(ENV_FD)):
         fd = int(env_fd)
         os.environ.pop(ENV_FD)  # one owner: children do not inherit a claim to it
-    where = Path(path) if path is not None else (None if fd is not None else default_socket_path())
+        inherited = True
+    if path is not None:
+        where: Path | None = Path(path)
+    elif fd is None:
+        where = default_socket_path()
+    else:  # an inherited socket re-attaches where $MULTIKERNEL_BUS says, if it says
+        where = default_socket_path() if inherited and os.environ.get(ENV_SOCKET) else None
     endpoint = Endpoint(name or f"pid{os.getpid()}", where, fd, wait, reconnect)
     link = endpoint._link
     sock, session = await link.open_session()  # before the task group: a clean error

@@ -108,7 +108,9 @@ class HubLink:
         self._path = path
         self._fd = fd
         self.wait = wait
-        self._reconnect = reconnect and fd is None
+        # An inherited socket is used once; re-attaching needs the hub's path as well.
+        self._reconnect = reconnect and (fd is None or path is not None)
+        self._gone = False  # the hub went away and we may not re-attach: fail, never wait
         self.session: Channel | None = None
         self._attached = anyio.Event()
         self._calls = Correlations()
@@ -121,6 +123,11 @@ class HubLink:
 
     async def to_hub(self, frame: bytes) -> None:
         while True:
+            if self._gone:
+                raise HubUnavailableError(
+                    "the hub went away and this endpoint cannot re-attach (it has no path to "
+                    "the hub, or was connected with reconnect=False)"
+                )
             if not self._attached.is_set():  # an awaited set Event still costs a loop pass
                 if self.closing:
                     raise HubUnavailableError("the endpoint is closing: nothing goes to the hub")
@@ -208,7 +215,7 @@ class HubLink:
 
     async def open_session(self) -> tuple[socket.socket, Channel]:
         """Connect to the hub and attach; raises HubUnavailableError saying what to do."""
-        where = self._path or "the inherited bus socket"
+        where = "the inherited bus socket" if self._fd is not None else self._path
         try:
             sock = await self._connect_socket()
         except PermissionError as exc:
@@ -259,6 +266,8 @@ class HubLink:
                     self._attached = anyio.Event()
                 self._calls.fail_all(HubUnavailableError("the hub went away; re-attaching"))
             if not self._reconnect or self.closing:
+                self._gone = True
+                self._attached.set()  # wake whoever waits to send: they fail now
                 return
             log.warning("hub went away; re-attaching", endpoint=self.id, name=self.name)
             backoff = 0.02

@@ -185,3 +185,19 @@ class BusSnapshot(_BusMessage, frozen=True, tag="bus_snapshot"):
     channels: tuple[ChannelInfo, ...] = ()
     counters: dict[str, U64] = {}
     next_cursor: U64 = 0
+
+
+class EndpointCutOff(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Published by the hub on ``mk.bus.cutoff.<instance>`` when it cuts an endpoint off.
+
+    ``garbage`` is true when the endpoint broke its session ring or the protocol (a frame that
+    does not decode, a bogus ring counter): its channel was quarantined for what it wrote, which
+    the fault actor counts as a fault of the writer's instance.
+    """
+
+    endpoint: U64
+    name: str
+    instance: U32
+    pid: U32
+    reason: str
+    garbage: bool = False

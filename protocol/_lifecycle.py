@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import msgspec
 
+from multikernel.protocol._fault import RestartPolicy
 from multikernel.protocol._fields import U32, U64, ShortStr
 
 
@@ -27,17 +28,20 @@ class CreateInstance(_LifecycleMessage, frozen=True):
 
     ``cpus`` names host CPUs; ``cpu_count`` asks the resource actor to place that many (give one
     of them: ``parse_cpus`` turns ``2`` or ``@0-3`` into either). ``queues`` names I/O queues.
+    ``restart`` is what the fault actor does when it fails (docs/fault.md).
     """
 
     name: ShortStr
     cpus: tuple[U32, ...] = ()
     cpu_count: U32 = 0
     memory: U64 = 0
+    restart: RestartPolicy = RestartPolicy()
     queues: tuple[ShortStr, ...] | None = None
 
 
 class UpdateInstance(_LifecycleMessage, frozen=True):
-    """Change an instance's resources (live when it is active); left out: kept.
+    """Change an instance's resources (live when it is active) or its restart policy; left out:
+    kept.
 
     ``queues`` None keeps its I/O queues, ``()`` gives them back.
     """
@@ -46,6 +50,7 @@ class UpdateInstance(_LifecycleMessage, frozen=True):
     cpus: tuple[U32, ...] = ()
     cpu_count: U32 = 0
     memory: U64 = 0
+    restart: RestartPolicy | None = None
     queues: tuple[ShortStr, ...] | None = None
 
 
@@ -110,6 +115,10 @@ class InstanceInfo(_LifecycleMessage, frozen=True):
     last_exit: str = ""
     isolation: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
+    restart: RestartPolicy = RestartPolicy()
+    generation: U32 = 0  # launches so far: each start (or restart) is a new generation
+    cause: str = ""  # why the last launch ended: requested, exited, crashed, lost, hang, garbage
+    standby: U32 = 0  # pid of the warm standby agent, 0 when there is none
     queues: tuple[str, ...] = ()
 
 
@@ -127,6 +136,8 @@ class InstanceStateChanged(_LifecycleMessage, frozen=True):
     old: str
     new: str
     reason: str = ""
+    generation: U32 = 0  # the launch the change is about
+    cause: str = ""  # when a launch ended: why (see InstanceInfo.cause)
 
 
 class AgentHello(_LifecycleMessage, frozen=True):

@@ -13,11 +13,18 @@ and it publishes the instance's load on `mk.instance.<id>.load` every few second
 is answered with `ShutdownAck`, the workload is stopped (SIGTERM, then SIGKILL after the grace),
 `Halted` is published and the agent exits. If the workload ends by itself, the instance halts too.
 
-Environment (set by the lifecycle actor): MULTIKERNEL_BUS_FD, MULTIKERNEL_INSTANCE (id),
-MULTIKERNEL_INSTANCE_NAME, MULTIKERNEL_WORKLOAD (JSON argv, may be empty), MULTIKERNEL_IMAGE_DIR,
-MULTIKERNEL_WORKLOAD_ENV (JSON object); and its grant: MULTIKERNEL_MEMORY, MULTIKERNEL_QUEUES
-(JSON), MULTIKERNEL_RESOURCE_TX, MULTIKERNEL_RESOURCES_FILE. Optional: MULTIKERNEL_LOAD_PERIOD
-(seconds between load reports, 0: none) and MULTIKERNEL_PSI (the instance's own pressure files).
+When the hub restarts, the agent (and its workload) re-attach at $MULTIKERNEL_BUS, and the agent
+says hello again. A standby agent ($MULTIKERNEL_STANDBY_FD) stays silent until the lifecycle
+tells it to take its instance over (`_takeover`).
+
+Environment (set by the lifecycle actor): MULTIKERNEL_BUS_FD, MULTIKERNEL_BUS (the hub's path, to
+re-attach), MULTIKERNEL_INSTANCE (id), MULTIKERNEL_INSTANCE_NAME, MULTIKERNEL_WORKLOAD (JSON argv,
+may be empty), MULTIKERNEL_IMAGE_DIR, MULTIKERNEL_WORKLOAD_ENV (JSON object), MULTIKERNEL_OUTPUT_FD
+and MULTIKERNEL_OUTPUT_HOLD_FD (the write and read ends of the pipe the host collects the
+workload's output from), and optionally MULTIKERNEL_HEARTBEAT (seconds between heartbeats) and
+MULTIKERNEL_STANDBY_FD; and its grant: MULTIKERNEL_MEMORY, MULTIKERNEL_QUEUES (JSON),
+MULTIKERNEL_RESOURCE_TX, MULTIKERNEL_RESOURCES_FILE. Optional: MULTIKERNEL_LOAD_PERIOD (seconds
+between load reports, 0: none) and MULTIKERNEL_PSI (the instance's own pressure files).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from multikernel.services._agent_elastic import LOAD_SECONDS, ask, report_load
 from multikernel.services._agent_exec import Terminals, exec_stream
 from multikernel.services._agent_resources import InstanceResources
 from multikernel.services._load import LoadSampler
+from multikernel.services._takeover import Gate, Takeover
 
 log = get_logger("multikernel.agent")
 HEARTBEAT_SECONDS = 1.0
@@ -81,16 +89,47 @@ def _cpus() -> tuple[int, ...]:
 
 
 def _output_fd() -> int | None:
-    """The pipe the host reads the instance's output from ($MULTIKERNEL_OUTPUT_FD), if any."""
+    """The pipe the host reads the instance's output from ($MULTIKERNEL_OUTPUT_FD), if any.
+
+    Its read end ($MULTIKERNEL_OUTPUT_HOLD_FD) is held, never read, for as long as the agent
+    runs, so the pipe keeps a reader if the host dies (the workload's writes do not fail), and a
+    restarted host can open it again through /proc to collect the output."""
+    hold = os.environ.pop("MULTIKERNEL_OUTPUT_HOLD_FD", "")
+    if hold.isdigit():
+        os.set_inheritable(int(hold), False)  # the agent's alone: no child inherits it
     text = os.environ.pop("MULTIKERNEL_OUTPUT_FD", "")
     return int(text) if text.isdigit() else None
 
 
 async def _run_workload(
-    ep: Endpoint, state: AgentState, argv: list[str], cwd: str, output: int | None
+    ep: Endpoint,
+    state: AgentState,
+    argv: list[str],
+    cwd: str,
+    output: int | None,
+    gate: Gate | None = None,
 ) -> int:
+    """Start the workload (or open its gate) unless it runs already; return its exit status."""
+    if state.workload is None:
+        failed = await _start_workload(ep, state, argv, cwd, output, gate)
+        if failed is not None:
+            return failed
+    assert state.workload is not None
+    return await state.workload.wait()
+
+
+async def _start_workload(
+    ep: Endpoint,
+    state: AgentState,
+    argv: list[str],
+    cwd: str,
+    output: int | None,
+    gate: Gate | None = None,
+) -> int | None:
     """Start the workload with its own bus attachment, its stdout and stderr on `output` (the
-    host's pipe, which this closes once the workload holds it); return its exit status."""
+    host's pipe, which this closes once the workload holds it), or hand a standby's warm gate
+    (whose output is that pipe already) the attachment. None once it runs; else the status of
+    a workload that could not be started (127)."""
     attachment = await ep.attachment()
     env = dict(os.environ)
     env.pop("MULTIKERNEL_WORKLOAD", None)
@@ -99,10 +138,13 @@ async def _run_workload(
     env.setdefault("PYTHONUNBUFFERED", "1")  # its output in the order it was written
     try:
         with attachment:
-            state.workload = await anyio.open_process(
-                argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
-                stdin=subprocess.DEVNULL, stdout=output, stderr=output,
-            )  # fmt: skip
+            if gate is not None:
+                state.workload = await gate.open(attachment)
+            else:
+                state.workload = await anyio.open_process(
+                    argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
+                    stdin=subprocess.DEVNULL, stdout=output, stderr=output,
+                )  # fmt: skip
     except OSError as exc:  # said where the user looks: the instance's output
         if output is not None:
             os.write(output, f"cannot start the workload {argv[0]!r}: {exc.strerror}\n".encode())
@@ -112,7 +154,7 @@ async def _run_workload(
             os.close(output)
     log.info("workload started", instance=state.instance, argv=argv, pid=state.workload.pid)
     state.workload_started.set()
-    return await state.workload.wait()
+    return None
 
 
 async def _stop_workload(state: AgentState) -> None:
@@ -187,12 +229,32 @@ async def run_agent() -> int:
     state = AgentState(instance, name, InstanceResources.from_environment(instance))
     output = _output_fd()
     status = 0
-    async with connect(name=f"agent-{name}", reconnect=False) as ep:
+    period = float(os.environ.get("MULTIKERNEL_HEARTBEAT") or HEARTBEAT_SECONDS)
+    takeover = Takeover.from_env()
+    async with connect(name=f"agent-{name}") as ep:
+        gate = None
+        failed_start: int | None = None
+        if takeover is not None:  # a standby: warm up, then wait to take the instance over
+            gate = await takeover.warm(workload, image_dir, output)
+            if gate is not None and output is not None:
+                os.close(output)  # the gate's interpreter writes to it now
+                output = None
+            if not await takeover.wait_go():
+                if gate is not None:
+                    await gate.discard()
+                log.info("standby discarded", instance=instance)
+                return 0
+            log.info("standby taking over", instance=instance, pid=os.getpid())
+            if gate is not None and workload:  # its interpreter is warm: let it serve at once
+                failed_start = await _start_workload(ep, state, workload, image_dir, None, gate)
         await _serve(ep, state).start()
-        hello = AgentHello(
-            instance, os.getpid(), socket.gethostname(), _cpus(), time.monotonic_ns()
-        )
-        await ep.publish(f"mk.instance.{instance}.hello", hello)
+
+        def hello() -> AgentHello:
+            return AgentHello(
+                instance, os.getpid(), socket.gethostname(), _cpus(), time.monotonic_ns()
+            )
+
+        await ep.publish(f"mk.instance.{instance}.hello", hello())
         async with anyio.create_task_group() as tg:
 
             async def beat() -> None:
@@ -200,20 +262,27 @@ async def run_agent() -> int:
                 # for a heartbeat period, so one that fails at start fails `mkctl start`.
                 if workload:
                     await state.workload_started.wait()
-                    await anyio.sleep(HEARTBEAT_SECONDS)
+                    await anyio.sleep(period)
                 seq = 0
+                attached_as = ep.id
                 while True:
+                    if ep.id != attached_as:  # re-attached to a restarted hub: say so again
+                        attached_as = ep.id
+                        await ep.publish(f"mk.instance.{instance}.hello", hello())
                     if state.workload is None or state.workload.returncode is None:
                         await ep.publish(
                             f"mk.instance.{instance}.system", SystemHeartbeat(instance, seq)
                         )
                         seq += 1
-                    await anyio.sleep(HEARTBEAT_SECONDS)
+                    await anyio.sleep(period)
 
             async def workload_then_stop() -> None:
                 nonlocal status
                 if workload:
-                    status = await _run_workload(ep, state, workload, image_dir, output)
+                    if failed_start is not None:
+                        status = failed_start
+                    else:
+                        status = await _run_workload(ep, state, workload, image_dir, output, gate)
                     state.halted_reason = state.halted_reason or f"workload exited with {status}"
                     state.stop.set()
 

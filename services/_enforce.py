@@ -59,8 +59,8 @@ class LocalHostSide:
     async def apply(
         self, instance: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
     ) -> None:
-        groups = self.platform.instance_cgroups(instance)
-        if groups is None:
+        trees = self.platform.instance_cgroups(instance)
+        if not trees:
             caps = self.platform.capabilities()
             if running and (caps.cpuset or caps.memory_limit):
                 raise HostSideError(
@@ -69,15 +69,21 @@ class LocalHostSide:
                 )
             return
         try:
-            if memory is not None and groups.memory is not None:
-                used = _usage(groups.memory)
-                if used > memory:
-                    raise HostSideError(
-                        f"{instance!r} uses {format_size(used)} of memory, more than the "
-                        f"{format_size(memory)} asked: free memory inside it or ask for more"
-                    )
-                groups.set_memory(memory)
-            groups.set_cpus(cpus)
+            for groups in trees:  # its own tree, and a warm standby's: one grant for both
+                if memory is not None and groups.memory is not None:
+                    used = _usage(groups.memory)
+                    if used > memory:
+                        raise HostSideError(
+                            f"{instance!r} uses {format_size(used)} of memory, more than the "
+                            f"{format_size(memory)} asked: free memory inside it or ask for more"
+                        )
+            for groups in trees:
+                try:
+                    if memory is not None:
+                        groups.set_memory(memory)
+                    groups.set_cpus(cpus)
+                except FileNotFoundError:
+                    continue  # that tree ended meanwhile: its cgroups are gone with it
             await self.platform.resize_cache(instance, cpus)
         except PlatformError as error:
             raise HostSideError(f"cannot apply {instance!r}'s grant: {error}") from error

@@ -7,6 +7,20 @@ lifecycle actor directly is the hub's `open_instance_socket`, the way a real ker
 instance its IPI buffers). On SIGTERM or SIGINT it stops every instance, then the resource actor,
 drains the hub and exits.
 
+The host survives itself: the lifecycle actor's state is in `<state-dir>/lifecycle.db`, and before
+the hub listens the host brings it back (`_recovery`): the instances still running are adopted, the
+others reclaimed. The hub asks the platform which instance a process attaching by path belongs to
+(`instance_of`), so agents re-attaching after a restart are bound to their own instance.
+
+The start order: the hub; the resource actor (its own process, `_actors.ActorProcess`), which
+must serve before the lifecycle actor starts because the lifecycle actor reconciles with it (the
+grants of instances `lifecycle.db` does not know are released; adopted and stored instances keep
+theirs); the lifecycle actor; then the fault actor (its own process, `python -m
+multikernel.services.fault`, attached on an instance-0 socket with a lifeline: `_children`), which
+asks the lifecycle actor for everything and so comes last; then metrics. Stopping goes the other
+way: the fault actor first (so it restarts nothing being stopped), the lifecycle actor's instances,
+the resource actor, the hub.
+
 The host's own user is privileged on instance 0 (an `instance:0 & uid:<uid>` rule appended to the
 policy): `mkctl`, run by the same user, may drive the host, and the actors may reach every
 instance. Each instance's agent may call the resource actor (`_elastic.AGENT_RULE`, also
@@ -27,6 +41,7 @@ import os
 import re
 import secrets
 import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,11 +53,13 @@ from multikernel.endpoints import connect
 from multikernel.endpoints.log import get_logger
 from multikernel.services._actors import ActorProcess
 from multikernel.services._cgroups import GROUP_ROOT
+from multikernel.services._children import ChildActor
 from multikernel.services._elastic import AGENT_RULE
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._metrics import HostCollector, registry, serve_metrics
 from multikernel.services._platform import PlatformError
+from multikernel.services._recovery import Recovered, recover
 from multikernel.services._resource_process import ResourceConfig, resource_argv
 
 log = get_logger("multikernel.host")
@@ -139,6 +156,8 @@ class HostConfig:
     allow_unsigned: bool = False
     isolate: bool = True
     hello_timeout: float = 15.0
+    heartbeat: float | None = None  # seconds between agents' heartbeats (None: theirs, 1 s)
+    fault: bool = True  # run the fault actor (restarts failed instances by their policy)
     # The resource actor: what the host keeps, how grants are placed (docs/resources.md).
     reserve_cpus: frozenset[int] = frozenset()
     reserve_memory: int = 0
@@ -191,21 +210,32 @@ async def run_host(
         log.info("cache partitioning", resctrl=platform.cache.info.describe())
         for name in platform.remove_stale_cache_groups():
             log.info("stale resctrl group removed", instance=name)
-    hub = Hub(config.socket, policy=config.policy(), socket_access=config.socket_access)
     resource = config.resource_config()
+    recovered: Recovered | None = None
     try:
+        # Before the hub listens: an agent re-attaching by path must be known when it asks.
+        recovered = await recover(platform, config.state_dir)
+        hub = Hub(
+            config.socket,
+            policy=config.policy(),
+            socket_access=config.socket_access,
+            instance_of=platform.instance_of,
+        )
         async with anyio.create_task_group() as tg:
             await tg.start(hub.serve)
             async with anyio.create_task_group() as processes:
+                # The resource actor first: the lifecycle actor reconciles with it as it starts.
                 resource_actor = ActorProcess(
                     "resource", lambda fd: resource_argv(resource, ready_fd=fd)
                 )
                 await processes.start(resource_actor.run)
-                await _run_lifecycle(config, hub, platform, stop, task_status)
+                await _run_lifecycle(config, hub, platform, recovered, stop, task_status)
                 processes.cancel_scope.cancel()  # the resource actor stops once the instances have
             await hub.drain(grace=2.0)
             tg.cancel_scope.cancel()
     finally:
+        if recovered is not None:
+            recovered.store.close()  # the actor closes it when it ran; idempotent
         platform.close()  # the host's cgroup group, now that its instances are reclaimed
 
 
@@ -213,10 +243,13 @@ async def _run_lifecycle(
     config: HostConfig,
     hub: Hub,
     platform: LocalPlatform,
+    recovered: Recovered,
     stop: anyio.Event | None,
     task_status: anyio.abc.TaskStatus[Hub],
 ) -> None:
-    """The lifecycle actor, until the host is asked to stop (it stops its instances then)."""
+    """The lifecycle actor, then the fault actor's process (it asks the lifecycle actor for
+    everything), until the host is asked to stop: the fault actor goes first, then the
+    lifecycle actor stops its instances."""
     async with connect(config.socket, name="lifecycle") as ep:
         actor = LifecycleActor(
             ep,
@@ -226,9 +259,15 @@ async def _run_lifecycle(
             trusted_certs=read_trusted(config.trusted),
             allow_unsigned=config.allow_unsigned,
             hello_timeout=config.hello_timeout,
+            bus_path=config.socket,
+            heartbeat=config.heartbeat,
+            recovered=recovered,
         )
         async with anyio.create_task_group() as actors:
             await actors.start(actor.run)
+            if config.fault:
+                fault = fault_process(config, hub)
+                await actors.start(fault.run)
             if config.metrics:
                 collector = HostCollector(
                     hub.snapshot, lambda: ep.statistics()["services"], actor.infos
@@ -246,3 +285,17 @@ async def _run_lifecycle(
             task_status.started(hub)
             await _until_stopped(stop)
             actors.cancel_scope.cancel()  # the actor stops its instances on the way out
+
+
+def fault_process(config: HostConfig, hub: Hub) -> ChildActor:
+    """The fault actor's process, attached to the hub on an instance-0 socket."""
+    argv = [
+        sys.executable,
+        "-m",
+        "multikernel.services.fault",
+        "--state-dir",
+        str(config.state_dir),
+    ]
+    if config.heartbeat is not None:
+        argv += ["--heartbeat", f"{config.heartbeat:g}"]
+    return ChildActor("fault", argv, lambda: hub.open_instance_socket(0))

@@ -1,8 +1,9 @@
 """The lifecycle actor's records: one `Instance` per name, its state machine and its resources.
 
 `Instance.require` is the transition rule (which states a verb needs, and the command that gets
-the instance there); `StateChanges` makes each move and announces it on `mk.instance.<id>.state`,
-so the request handlers and the `Supervisor` of the agents change state the same way.
+the instance there); `StateChanges` makes each move, stores the instance (`lifecycle.db`, so a
+restarted host remembers it) and announces it on `mk.instance.<id>.state`, so the request handlers
+and the `Supervisor` of the agents change state the same way.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -23,10 +25,15 @@ from multikernel.protocol import (
     MultikernelError,
     NotFoundError,
     RefusedError,
+    RestartPolicy,
 )
 from multikernel.services._image import LoadedImage
 from multikernel.services._output import InstanceLog
 from multikernel.services._platform import InstanceProcess, Resources
+
+if TYPE_CHECKING:
+    from multikernel.services._instance_store import InstanceStore
+    from multikernel.services._standby import Standby
 
 log = get_logger("multikernel.lifecycle")
 
@@ -99,6 +106,17 @@ class Instance:
     last_exit: str = ""
     lock: anyio.Lock = field(default_factory=anyio.Lock)
     created: float = field(default_factory=time.monotonic)
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    command: tuple[str, ...] = ()  # the last start's command (a restart runs it again)
+    generation: int = 0  # launches so far
+    cause: str = ""  # why the last launch ended
+    stop_cause: str = "requested"  # why the launch being stopped now ends
+    proc_record: str = ""  # the platform's record of `proc`, for a restarted host
+    #: The agent's fd holding the read end of its output pipe (see `Supervisor`), for a
+    #: restarted host to collect the output again; 0 if none.
+    output_fd: int = 0
+    launching: set[str] = field(default_factory=set)  # units being launched, not yet recorded
+    standby: Standby | None = None  # a warm agent ready to take the instance over
 
     def grant(self, grant: Grant) -> None:
         """What the resource actor granted: the instance's CPUs, memory and queues from now on."""
@@ -134,22 +152,41 @@ class Instance:
             last_exit=self.last_exit,
             isolation=isolation,
             warnings=warnings,
+            restart=self.restart,
+            generation=self.generation,
+            cause=self.cause,
+            standby=self.standby.proc.pid if self.standby is not None and self.standby.ready else 0,
             queues=self.queues,
         )
 
 
 class StateChanges:
-    """Moves instances between states, each move logged and published for subscribers."""
+    """Moves instances between states, each move stored, logged and published for subscribers."""
 
-    def __init__(self, endpoint: Bus) -> None:
+    def __init__(self, endpoint: Bus, store: InstanceStore | None = None) -> None:
         self.ep = endpoint
+        self.store = store
 
-    async def move(self, inst: Instance, new: str, reason: str) -> None:
+    def save(self, inst: Instance) -> None:
+        """Store the instance as it is now (one transaction)."""
+        if self.store is not None:
+            self.store.save_instance(inst)
+
+    async def move(self, inst: Instance, new: str, reason: str, cause: str = "") -> None:
         old, inst.state = inst.state, new
-        await self.announce(inst, old, new, reason)
+        self.save(inst)
+        await self.announce(inst, old, new, reason, cause)
 
-    async def announce(self, inst: Instance, old: str, new: str, reason: str) -> None:
+    async def announce(
+        self, inst: Instance, old: str, new: str, reason: str, cause: str = ""
+    ) -> None:
         """Log and publish a change (also one that is no state, such as "deleted")."""
-        log.info("instance state", instance=inst.name, id=inst.id, old=old, new=new, reason=reason)
-        change = InstanceStateChanged(inst.name, inst.id, old, new, reason)
+        facts: dict[str, object] = {"generation": inst.generation} if inst.generation else {}
+        if cause:
+            facts["cause"] = cause
+        log.info(
+            "instance state", instance=inst.name, id=inst.id, old=old, new=new, reason=reason,
+            **facts,
+        )  # fmt: skip
+        change = InstanceStateChanged(inst.name, inst.id, old, new, reason, inst.generation, cause)
         await self.ep.publish(f"mk.instance.{inst.id}.state", change)

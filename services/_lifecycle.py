@@ -12,11 +12,23 @@ period, then forced; resources and the unpacked image are given back on every pa
 when the agent is SIGKILLed (the platform's pidfd says so at once, and the instance returns to
 `loaded`).
 
+Every instance is stored in `lifecycle.db` in the state dir at every change, so a restarted host
+knows them all, adopts the ones still running and reclaims the rest (`_recovery`). `restart`
+(idempotent by launch generation) and `fail` are what the fault actor asks for; warm standbys of
+instances whose restart policy wants one are kept by `_standby`.
+
 CPUs, memory and I/O queues are never picked here: `create` and `update` ask the resource actor
 (`resource.allocate` / `resource.update`) over the bus, which places them, applies a change to a
 running instance with its agent, and answers the grant; `delete` releases it, `start` launches
-with the grant the resource actor holds, and at start the actor reconciles (the resource actor
-releases the grants of instances this actor does not know, e.g. after a host restart).
+with the grant the resource actor holds. A restart, a standby taking over and an adopted instance
+keep the grant they have (nothing is asked again, nothing released in between). At start the
+actor reconciles: the resource actor releases the grants of instances `lifecycle.db` does not
+know, and each stored instance's resources are read back from the resource actor.
+
+Writes are ordered so that `lifecycle.db` and `resource.db` cannot disagree after a crash: a
+create is granted before it is stored (a crash between leaves a grant of an unknown instance,
+released by the next reconcile), a delete is forgotten before its grant is released (the same),
+and an update's new grant, committed by the resource actor first, is read back at reconcile.
 
 This module is the service: its requests and the checks each one makes.
 Running the agents (launch, hello, watch, negotiated stop) is the `Supervisor`'s (`_supervisor`);
@@ -40,12 +52,14 @@ from multikernel.protocol import (
     AgentHello,
     CreateInstance,
     DeleteInstance,
+    FailInstance,
     InstanceInfo,
     InstanceList,
     KillInstance,
     LoadImage,
     LogLines,
     ReadLogs,
+    RestartInstance,
     ShowInstances,
     StartInstance,
     SystemHeartbeat,
@@ -53,6 +67,7 @@ from multikernel.protocol import (
     format_size,
 )
 from multikernel.services._image import load_image
+from multikernel.services._instance_store import InstanceStore
 from multikernel.services._instances import (
     ACTIVE,
     EMPTY,
@@ -60,6 +75,7 @@ from multikernel.services._instances import (
     LOADED,
     READY,
     Instance,
+    InstanceError,
     InstanceRefusedError,
     StateChanges,
     UnknownInstanceError,
@@ -67,11 +83,14 @@ from multikernel.services._instances import (
 from multikernel.services._lifecycle_grants import ResourceClient, describe
 from multikernel.services._output import InstanceLog
 from multikernel.services._platform import Platform, check_name
+from multikernel.services._recovery import Recovered, recover
 from multikernel.services._supervisor import Supervisor
 
 log = get_logger("multikernel.lifecycle")
 
 DEFAULT_HELLO_TIMEOUT = 15.0
+#: Seconds between an instance becoming active and the start of its (next) warm standby.
+STANDBY_DELAY = 0.5
 _LOG_BATCH = 500  # lines per LogLines reply
 
 
@@ -88,6 +107,9 @@ class LifecycleActor:
         trusted_certs: list[bytes],
         allow_unsigned: bool = False,
         hello_timeout: float = DEFAULT_HELLO_TIMEOUT,
+        bus_path: Path | None = None,
+        heartbeat: float | None = None,
+        recovered: Recovered | None = None,
     ) -> None:
         self.ep = endpoint
         self.platform = platform
@@ -96,10 +118,12 @@ class LifecycleActor:
         self.allow_unsigned = allow_unsigned
         self.hello_timeout = hello_timeout
         self.instances: dict[str, Instance] = {}
-        self._next_id = 1
         self._creating = anyio.Lock()
+        self._recovered = recovered
+        self._warming: set[str] = set()  # instances whose standby is being started
+        self.standby_delay = STANDBY_DELAY
         self._tg: anyio.abc.TaskGroup | None = None
-        self.timings: dict[str, list[float]] = {"hello": [], "reclaim": []}
+        self.timings: dict[str, list[float]] = {"hello": [], "reclaim": [], "takeover": []}
         self._states = StateChanges(endpoint)
         self._grants = ResourceClient(endpoint)
         self._supervisor = Supervisor(
@@ -108,14 +132,33 @@ class LifecycleActor:
             self._states,
             open_instance_socket=open_instance_socket,
             timings=self.timings,
+            bus_path=bus_path,
+            heartbeat=heartbeat,
         )
+        self._supervisor.standby_lost = self._keep_standby
+
+    def _store(self) -> InstanceStore:
+        assert self._states.store is not None, "the store is open once the actor runs"
+        return self._states.store
 
     # -- running ------------------------------------------------------------------------------
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serve until cancelled; then stop every instance and give back what they hold."""
+        """Serve until cancelled; then stop every instance and give back what they hold.
+
+        First the stored instances are brought back (unless the host did it already: `recovered`),
+        the adopted ones watched again and what changed meanwhile announced.
+        """
+        if self._recovered is None:
+            self._recovered = await recover(self.platform, self.state_dir)
+        recovered = self._recovered
+        self._states.store = recovered.store
+        self.instances = recovered.instances
+        for inst in self.instances.values():  # their output, as stored before the restart
+            if inst.output is None:
+                inst.output = InstanceLog(self._instance_dir(inst.name))
         svc = self.ep.service("lifecycle", concurrency=16)
         for method in (
             self.create,
@@ -125,6 +168,8 @@ class LifecycleActor:
             self.kill,
             self.delete,
             self.show,
+            self.restart,
+            self.fail,
         ):
             svc.method(method, name=method.__name__)
         svc.method(self.logs, name="logs")
@@ -136,16 +181,30 @@ class LifecycleActor:
                 await self.ep.subscribe("mk.instance.*.system") as system,
             ):
                 self._tg = tg
+                for inst in recovered.adopted():
+                    assert inst.proc is not None
+                    self._supervisor.reattach_output(inst, tg)
+                    tg.start_soon(self._supervisor.watch, inst, inst.proc, inst.exited)
                 await self._grants.reconcile(self.instances.values())
+                await self._grants.refresh(self.instances.values(), self._states.save)
                 await svc.start()
                 tg.start_soon(self._hellos, hellos)
-                tg.start_soon(self._grants.follow, grants, self.instances)
+                tg.start_soon(self._grants.follow, grants, self.instances, self._states.save)
                 tg.start_soon(self._heartbeats, system)
+                for change in recovered.changes:
+                    inst = change.inst
+                    await self._states.announce(
+                        inst, change.old, change.new, change.reason, change.cause
+                    )
+                recovered.changes.clear()
+                for inst in recovered.adopted():
+                    self._keep_standby(inst)
                 task_status.started()
                 await anyio.sleep_forever()
         finally:
             with anyio.CancelScope(shield=True):
                 await self._stop_all()
+                recovered.store.close()
 
     async def _hellos(self, hellos: Subscription) -> None:
         """Agents announce themselves on mk.instance.<id>.hello.
@@ -195,16 +254,23 @@ class LifecycleActor:
                 raise InstanceRefusedError(
                     f"an instance named {name!r} exists: pick another name or delete it"
                 )
-            inst = Instance(name, self._next_id, output=InstanceLog(self._instance_dir(name)))
+            inst = Instance(
+                name,
+                self._store().next_id(),
+                restart=request.restart,
+                output=InstanceLog(self._instance_dir(name)),
+            )
             asked = self._grants.asked(inst, request)
             grant = await self._grants.change("allocate", asked) if asked is not None else None
             # Only once the resources are granted: a refusal leaves nothing behind (no record, no
-            # state event, no instance id used up).
-            self._next_id += 1
+            # state event, no instance id used up). A crash before the record is stored leaves a
+            # grant nobody knows, which the next host's reconcile releases.
+            self._store().allocate_id(inst.id)
             self.instances[name] = inst
+            if grant is not None:
+                inst.grant(grant)
         await self._states.move(inst, EMPTY, "created")
         if grant is not None:
-            inst.grant(grant)
             await self._states.move(inst, READY, f"resources granted: {describe(grant)}")
         return self._info(inst)
 
@@ -212,12 +278,31 @@ class LifecycleActor:
         inst = self._get(request.name)
         async with inst.lock:
             asked = self._grants.asked(inst, request)
+            if asked is None and request.restart is None:
+                raise InstanceRefusedError(
+                    "update needs --cpus, --memory or --queues (or --restart)"
+                )
+            if request.restart is not None:
+                inst.restart = request.restart
+                self._states.save(inst)
+                if not inst.restart.standby:
+                    await self._supervisor.discard_standby(inst)
+                self._keep_standby(inst)
             if asked is None:
-                raise InstanceRefusedError("update needs --cpus, --memory or --queues")
+                return self._info(inst)
             # The resource actor applies it live when the instance runs (cpuset, memory limit,
             # its agent's acknowledgement), or for its next launch.
             grant = await self._grants.change("update" if inst.resources else "allocate", asked)
+            changed = (frozenset(grant.cpus), grant.memory, tuple(grant.queues)) != (
+                inst.resources.cpus if inst.resources else frozenset(),
+                inst.resources.memory if inst.resources else 0,
+                inst.queues,
+            )
             inst.grant(grant)
+            self._states.save(inst)
+            if changed and inst.standby is not None:
+                await self._supervisor.discard_standby(inst)  # made for the old grant
+                self._keep_standby(inst)
             if inst.state == EMPTY:
                 await self._states.move(inst, READY, f"resources granted: {describe(grant)}")
             return self._info(inst)
@@ -236,6 +321,7 @@ class LifecycleActor:
                 )
             )
             inst.image, inst.image_dir = image, dest
+            self._states.save(inst)
             assert inst.resources is not None
             manifest = image.manifest
             if (
@@ -265,6 +351,7 @@ class LifecycleActor:
             await self._supervisor.start(
                 inst, request.command, watchers=self._tg, hello_timeout=self.hello_timeout
             )
+            self._keep_standby(inst)
             return self._info(inst)
 
     async def kill(self, request: KillInstance) -> InstanceInfo:
@@ -276,6 +363,7 @@ class LifecycleActor:
                 )
                 return self._info(inst)
             inst.require(ACTIVE, FAILED, verb="kill")
+            await self._supervisor.discard_standby(inst)
             await self._supervisor.stop(inst, None if request.force else request.grace)
             return self._info(inst)
 
@@ -286,14 +374,79 @@ class LifecycleActor:
                 raise InstanceRefusedError(
                     f"{inst.name!r} is active: stop it first: mkctl kill {inst.name}"
                 )
-            if inst.resources is not None:
-                await self._grants.release(inst)
             info = self._info(inst)
+            # Forgotten first, then its grant released: a crash between leaves a grant of an
+            # instance lifecycle.db does not know, which the next reconcile releases.
+            if self._states.store is not None:
+                self._states.store.delete(inst.name)
+            del self.instances[inst.name]
             self._drop_image(inst)
             shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
-            del self.instances[inst.name]
+            if inst.resources is not None:
+                try:
+                    await self._grants.release(inst)
+                except InstanceError as error:  # no resource actor now: the next reconcile
+                    log.warning("grant not released yet", instance=inst.name, error=str(error))
             await self._states.announce(inst, inst.state, "deleted", "deleted")
             return info
+
+    async def restart(self, request: RestartInstance) -> InstanceInfo:
+        """End the instance's launch if one runs (forced), then start it again, with the same
+        command; a warm standby takes over when there is one. With `generation`, only if that
+        is still the current launch: a restart asked twice happens once."""
+        inst = self._get(request.name)
+        async with inst.lock:
+            if request.generation and request.generation != inst.generation:
+                return self._info(inst)  # someone restarted it already
+            if inst.proc is not None:
+                await self._supervisor.stop(inst, None, cause=request.cause or "requested")
+            if inst.state == FAILED and inst.image is not None:
+                await self._states.move(inst, LOADED, "reset to restart")
+            inst.require(LOADED, verb="restart")
+            assert self._tg is not None
+            await self._supervisor.start(
+                inst, inst.command, watchers=self._tg, hello_timeout=self.hello_timeout
+            )
+            self._keep_standby(inst)
+            return self._info(inst)
+
+    async def fail(self, request: FailInstance) -> InstanceInfo:
+        """Mark the instance `failed`, ending its launch (and standby) if one runs: what the
+        fault actor does when an instance keeps failing. `mkctl kill NAME` resets it. Only an
+        instance that has an image can fail (one never loaded has nothing to fail)."""
+        inst = self._get(request.name)
+        async with inst.lock:
+            inst.require(LOADED, ACTIVE, FAILED, verb="fail")
+            await self._supervisor.discard_standby(inst)
+            if inst.proc is not None:
+                await self._supervisor.stop(inst, None, cause="requested")
+            if inst.state != FAILED:
+                await self._states.move(inst, FAILED, request.reason or "marked failed")
+            return self._info(inst)
+
+    def _keep_standby(self, inst: Instance) -> None:
+        """Start a warm standby for `inst` in the background, if its policy wants one."""
+        if (
+            inst.restart.standby
+            and inst.state == ACTIVE
+            and inst.standby is None
+            and inst.name not in self._warming
+            and self._tg is not None
+        ):
+            self._warming.add(inst.name)
+            self._tg.start_soon(self._launch_standby, inst, self._tg)
+
+    async def _launch_standby(self, inst: Instance, tg: anyio.abc.TaskGroup) -> None:
+        try:
+            # Not at once: the launch that just started (often a standby taking over) gets the
+            # instance's CPUs to itself first; two Python start-ups would slow it down.
+            await anyio.sleep(self.standby_delay)
+            async with inst.lock:  # not while the instance is started, stopped or restarted
+                await self._supervisor.launch_standby(
+                    inst, watchers=tg, ready_timeout=self.hello_timeout
+                )
+        finally:
+            self._warming.discard(inst.name)
 
     async def show(self, request: ShowInstances) -> InstanceList:
         if request.name:

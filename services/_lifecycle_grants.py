@@ -13,7 +13,7 @@ free.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import msgspec
 
@@ -27,6 +27,7 @@ from multikernel.protocol import (
     GrantRequest,
     GrantsQuery,
     InstanceRef,
+    MultikernelError,
     NoRespondersError,
     NotFoundError,
     Reconcile,
@@ -115,8 +116,47 @@ class ResourceClient:
         for grant in released.grants:
             log.info("stale grant released", instance=grant.instance, grant=describe(grant))
 
-    async def follow(self, records: Subscription, instances: Mapping[str, Instance]) -> None:
-        """Keep each instance's resources as the resource actor last committed them."""
+    async def refresh(
+        self, instances: Iterable[Instance], save: Callable[[Instance], None]
+    ) -> None:
+        """After `reconcile`: each instance's resources as the resource actor holds them (an
+        update committed there just before a host crash is taken up here). An instance stored with
+        resources the resource actor has no grant for (its resource.db lost) asks for the same
+        CPUs, memory and queues again; if they are taken, it is logged and it keeps none."""
+        try:
+            found = await self.bus.request("resource", "grants", GrantsQuery(), response=GrantList)
+        except NoRespondersError:
+            return
+        grants = {(g.instance, g.instance_id): g for g in found.grants}
+        for inst in instances:
+            grant = grants.get((inst.name, inst.id))
+            if grant is None and inst.resources is not None:
+                asked = GrantRequest(
+                    inst.name, inst.id, CpuSpec(ids=tuple(sorted(inst.resources.cpus))),
+                    inst.resources.memory, inst.queues,
+                )  # fmt: skip
+                try:
+                    grant = await self._ask("allocate", asked)
+                except MultikernelError as error:
+                    log.warning(
+                        "stored resources not granted: the instance has none now",
+                        instance=inst.name, error=str(error),
+                    )  # fmt: skip
+                    inst.resources, inst.queues, inst.resource_tx = None, (), 0
+                    save(inst)
+                    continue
+            if grant is not None and grant.tx != inst.resource_tx:
+                inst.grant(grant)
+                save(inst)
+
+    async def follow(
+        self,
+        records: Subscription,
+        instances: Mapping[str, Instance],
+        save: Callable[[Instance], None] | None = None,
+    ) -> None:
+        """Keep each instance's resources as the resource actor last committed them (stored
+        with `save`)."""
         async for message in records:
             try:
                 record = message.decode(TxRecord)
@@ -128,6 +168,8 @@ class ResourceClient:
                 and inst is not None and inst.id == record.instance_id
             ):  # fmt: skip
                 inst.grant(after)
+                if save is not None:
+                    save(inst)
 
     async def _ask(self, method: str, body: object) -> Grant:
         try:

@@ -34,9 +34,18 @@ from signal import SIGKILL, pidfd_send_signal
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
+import msgspec
 
 from multikernel.endpoints.log import get_logger
 from multikernel.services._cgroups import GROUP_ROOT, InstanceCgroups, kill_all, process_tree
+from multikernel.services._local_adopt import (
+    LaunchRecord,
+    adopt,
+    instance_of,
+    reclaim_dirs,
+    reclaim_record,
+    record_of,
+)
 from multikernel.services._local_probe import check_resources, probe_isolation
 from multikernel.services._local_process import (
     LocalInstance,
@@ -104,6 +113,7 @@ class LocalPlatform:
         self._capabilities = host.capabilities
         self._cache = host.cache
         self._running: set[str] = set()
+        self._live: dict[str, LocalInstance] = {}  # by unit: what `instance_of` looks through
         self._warned = False
 
     def capabilities(self) -> Capabilities:
@@ -141,9 +151,9 @@ class LocalPlatform:
 
     async def launch(self, spec: LaunchSpec) -> LocalInstance:
         self.check(spec.resources)
-        if spec.name in self._running:
+        if spec.unit in self._running:
             raise LaunchError(
-                f"instance {spec.name!r} is already running: kill and reclaim it first"
+                f"instance {spec.unit!r} is already running: kill and reclaim it first"
             )
         if self._capabilities.warnings and not self._warned:
             self._warned = True
@@ -151,24 +161,30 @@ class LocalPlatform:
                 log.warning("isolation missing", platform=self.name, warning=warning)
         groups = None
         if self._layout.dirs_possible:
-            groups = InstanceCgroups.create(self._layout, spec.name, spec.resources)
+            groups = InstanceCgroups.create(self._layout, spec.unit, spec.resources)
         join: list[str] = []
+        made = False  # the cache group, by this launch
         try:
             if self._cache is not None:
-                await self._in_thread(self._cache.create, spec.name, spec.resources.cpus)
+                # One cache group per instance: a second tree of it (a standby) joins the group
+                # its own tree made, inside the same share (docs/fault.md, "Resources").
+                if not (spec.slot and self._cache.tasks_file(spec.name).exists()):
+                    await self._in_thread(self._cache.create, spec.name, spec.resources.cpus)
+                    made = True
                 join.append(str(self._cache.tasks_file(spec.name)))
             keeper, ready = spawn_keeper(spec, groups, namespaces=self._namespaces, join=join)
         except BaseException as error:
             if groups is not None:
                 groups.remove_now()
-            if join:
+            if made:
                 assert self._cache is not None
                 await self._in_thread(self._cache.remove, spec.name)
             if isinstance(error, ResctrlError):
                 raise LaunchError(f"cannot start instance {spec.name!r}: {error}") from error
             raise
         instance = LocalInstance(self, spec, keeper, namespaces=self._namespaces, cgroups=groups)
-        self._running.add(spec.name)
+        self._running.add(spec.unit)
+        self._live[spec.unit] = instance
         try:
             try:
                 report = await read_to_eof(ready)
@@ -201,15 +217,30 @@ class LocalPlatform:
             raise anyio.ClosedResourceError(f"instance {proc.name!r} has been reclaimed")
         return instance
 
-    def instance_cgroups(self, name: str) -> InstanceCgroups | None:
-        """The cgroups of the instance `name` if it runs on this host (found by name: the resource
-        actor, a process of its own, changes them when a grant changes), else None."""
+    def instance_cgroups(self, name: str) -> list[InstanceCgroups]:
+        """The cgroups of the instance `name` if it runs on this host, else []: found by name
+        (the resource actor, a process of its own, changes them when a grant changes), for each
+        of its process trees: `name`, and `name.<slot>` of a standby or of the standby that took
+        it over, all inside the instance's one grant."""
         cpuset, memory = self._layout.cpuset_parent, self._layout.memory_parent
-        groups = InstanceCgroups(
-            cpuset / name if cpuset is not None and (cpuset / name).is_dir() else None,
-            memory / name if memory is not None and (memory / name).is_dir() else None,
-        )
-        return groups if groups.dirs else None
+        units: set[str] = set()
+        for parent in (cpuset, memory):
+            if parent is not None and parent.is_dir():
+                units.update(
+                    entry.name
+                    for entry in parent.iterdir()
+                    if (entry.name == name or entry.name.startswith(f"{name}.")) and entry.is_dir()
+                )
+        found = []
+        for unit in sorted(units):
+            groups = InstanceCgroups(
+                cpuset / unit if cpuset is not None and (cpuset / unit).is_dir() else None,
+                memory / unit if memory is not None and (memory / unit).is_dir() else None,
+                self._layout.levels,
+            )
+            if groups.dirs:
+                found.append(groups)
+        return found
 
     async def update(self, proc: InstanceProcess, resources: Resources) -> None:
         instance = self._own(proc)
@@ -287,11 +318,52 @@ class LocalPlatform:
         await self.kill(instance)
         if instance.cgroups is not None:
             await instance.cgroups.remove()
-        if self._cache is not None:
+        others = {u for u in self._running if u.partition(".")[0] == instance.name}
+        if self._cache is not None and others <= {instance.spec.unit}:
             await self._in_thread(self._cache.remove, instance.name)
         instance.close_fds()
         instance.reclaimed = True
-        self._running.discard(instance.name)
+        self._running.discard(instance.spec.unit)
+        if self._live.get(instance.spec.unit) is instance:
+            del self._live[instance.spec.unit]
+
+    # -- after a host restart (docs/fault.md, "Durability") ---------------------------------
+
+    def record(self, proc: InstanceProcess) -> str:
+        """What a restarted host needs to find this launch again (JSON, for the state store)."""
+        return msgspec.json.encode(record_of(self._own(proc))).decode()
+
+    def adopt(self, spec: LaunchSpec, record: str) -> LocalInstance | None:
+        """Take back the launch `record` describes if it still runs (None if it does not)."""
+        found = msgspec.json.decode(record, type=LaunchRecord)
+        spec = replace(spec, slot=found.unit.partition(".")[2])
+        if spec.unit in self._running:
+            return None
+        instance = adopt(self, spec, found, self._layout)
+        if instance is not None:
+            self._running.add(spec.unit)
+            self._live[spec.unit] = instance
+        return instance
+
+    async def reclaim_record(self, record: str) -> None:
+        """End what is left of a recorded launch that was not adopted; remove its cgroups."""
+        await reclaim_record(msgspec.json.decode(record, type=LaunchRecord), self._layout)
+
+    async def reclaim_unit(self, unit: str) -> None:
+        """End and remove the cgroups a launch of `unit` would have (one cut short by a crash)."""
+        layout = self._layout
+        cpuset, memory = layout.cpuset_parent, layout.memory_parent
+        await reclaim_dirs(
+            InstanceCgroups(
+                cpuset / unit if cpuset is not None else None,
+                memory / unit if memory is not None else None,
+                layout.levels,
+            )
+        )
+
+    def instance_of(self, pid: int) -> int:
+        """The id of the running instance process `pid` is part of, else 0 (for the hub)."""
+        return instance_of(pid, list(self._live.values()))
 
     def inspect(self, proc: InstanceProcess) -> IsolationReport:
         instance = self._own(proc)

@@ -36,16 +36,20 @@ class LocalInstance(InstanceProcess):
         self,
         platform: Platform,
         spec: LaunchSpec,
-        keeper: subprocess.Popen[bytes],
+        keeper: subprocess.Popen[bytes] | None,
         *,
         namespaces: bool,
         cgroups: InstanceCgroups | None,
+        keeper_pid: int = 0,
+        keeper_fd: int | None = None,
     ) -> None:
-        super().__init__(platform, spec, keeper.pid)
+        pid = keeper.pid if keeper is not None else keeper_pid  # None: adopted, not our child
+        super().__init__(platform, spec, pid)
         self.keeper = keeper  # the agent itself without namespaces
+        self.keeper_pid = pid
         self.namespaces = namespaces
         self.cgroups = cgroups
-        self.keeper_fd: int | None = os.pidfd_open(keeper.pid)
+        self.keeper_fd: int | None = os.pidfd_open(pid) if keeper_fd is None else keeper_fd
         self.agent_fd: int | None = None  # with namespaces: the agent is the keeper's child
         self.reclaimed = False
 
@@ -60,13 +64,17 @@ class LocalInstance(InstanceProcess):
         try:
             result = os.waitid(os.P_PIDFD, self.keeper_fd, os.WEXITED | os.WNOHANG)
         except ChildProcessError:  # somebody else reaped it: the status is lost
-            log.warning("exit status collected elsewhere", instance=self.name, pid=self.keeper.pid)
-            self.returncode = self.keeper.returncode = -SIGKILL
+            log.warning("exit status collected elsewhere", instance=self.name, pid=self.keeper_pid)
+            self.returncode = -SIGKILL
+            if self.keeper is not None:
+                self.keeper.returncode = self.returncode
             return
         if result is None:
             return
         code = result.si_status if result.si_code == os.CLD_EXITED else -result.si_status
-        self.returncode = self.keeper.returncode = code
+        self.returncode = code
+        if self.keeper is not None:
+            self.keeper.returncode = code
 
     def close_fds(self) -> None:
         for fd in (self.agent_fd, self.keeper_fd):

@@ -24,6 +24,11 @@ from multikernel.protocol import MultikernelError, RefusedError
 #: Instance names: what the kernel accepts under /sys/fs/multikernel/instances, and safe as a
 #: cgroup directory name and a hostname.
 NAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
+#: A launch's slot: a second process tree of one instance (a standby) runs under its own slot.
+SLOT_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,15}")
+#: What `Platform.wait` answers when the instance ended but its exit status cannot be known (a
+#: platform that found the instance again after a host restart is no longer its parent).
+STATUS_UNKNOWN: Final = -(1 << 16)
 
 
 class PlatformError(MultikernelError):
@@ -86,9 +91,12 @@ class LaunchSpec:
     cwd: str | None = None
     stdout: int | None = None
     stderr: int | None = None
+    slot: str = ""  # "": the instance's own tree; else a second tree of it (e.g. a standby)
 
     def __post_init__(self) -> None:
         check_name(self.name)
+        if self.slot and not SLOT_PATTERN.fullmatch(self.slot):
+            raise InvalidSpecError(f"bad slot {self.slot!r}: 1 to 16 of [a-z0-9-]")
         if self.instance_id < 0:
             raise InvalidSpecError(f"instance id must not be negative, not {self.instance_id}")
         if not self.argv:
@@ -107,6 +115,11 @@ class LaunchSpec:
     def uts_name(self) -> str:
         """The hostname the instance sees."""
         return self.hostname if self.hostname is not None else self.name
+
+    @property
+    def unit(self) -> str:
+        """What the platform names this launch by (its cgroups): `name`, or `name.slot`."""
+        return f"{self.name}.{self.slot}" if self.slot else self.name
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,17 @@ def parser() -> argparse.ArgumentParser:
         help="no namespaces or cgroups for instances (CPU affinity only)",
     )
     p.add_argument(
+        "--heartbeat",
+        type=float,
+        default=None,
+        help="seconds between the agents' heartbeats (default 1)",
+    )
+    p.add_argument(
+        "--no-fault",
+        action="store_true",
+        help="do not run the fault actor (failed instances stay down)",
+    )
+    p.add_argument(
         "--reserve-cpus", type=_cpu_list, default=frozenset(), help="CPUs kept for the host (@0)"
     )
     p.add_argument(
@@ -131,6 +142,8 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         trusted=list(args.trusted_keys),
         allow_unsigned=args.allow_unsigned,
         isolate=not args.no_isolation,
+        heartbeat=args.heartbeat,
+        fault=not args.no_fault,
         reserve_cpus=args.reserve_cpus,
         reserve_memory=args.reserve_memory,
         placement=args.placement,

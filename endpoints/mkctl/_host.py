@@ -91,6 +91,17 @@ def _checked(parse: Callable[[str], object]) -> Callable[..., str | None]:
 )
 @click.option("--socket-group", default=None, help="Control socket group (a name or a gid).")
 @click.option(
+    "--heartbeat",
+    type=click.FloatRange(min=0.01, max=3600),
+    default=None,
+    help="Seconds between the agents' heartbeats (default 1); a hang is found in about 3-4.",
+)
+@click.option(
+    "--no-fault",
+    is_flag=True,
+    help="Run no fault actor: failed instances stay down (docs/fault.md).",
+)
+@click.option(
     "--reserve-cpus",
     default=None,
     callback=_checked(lambda text: parse_cpus(text if text.startswith("@") else "@" + text)),
@@ -149,6 +160,8 @@ def up(
     no_isolation: bool,
     socket_mode: str | None,
     socket_group: str | None,
+    heartbeat: float | None,
+    no_fault: bool,
     reserve_cpus: str | None,
     reserve_memory: str | None,
     placement: str | None,
@@ -190,6 +203,10 @@ def up(
     ):
         if value is not None:
             command += [flag, value]
+    if heartbeat is not None:
+        command += ["--heartbeat", f"{heartbeat:g}"]
+    if no_fault:
+        command.append("--no-fault")
     if foreground:
         os.execv(sys.executable, command)  # the host takes over this process (and its pid)
     state.mkdir(parents=True, exist_ok=True)

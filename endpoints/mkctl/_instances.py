@@ -14,20 +14,26 @@ import click
 
 from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints.mkctl._client import with_bus
-from multikernel.endpoints.mkctl._output import emit, output_options
+from multikernel.endpoints.mkctl._output import emit, output_options, settings
 from multikernel.endpoints.mkctl._show import instance_table, warn_once
 from multikernel.protocol import (
     CpuSpec,
     CreateInstance,
     DeleteInstance,
+    FaultStatusList,
+    FaultStatusRequest,
     InstanceInfo,
     InstanceList,
     KillInstance,
     LoadImage,
+    NoRespondersError,
+    NotFoundError,
+    RestartPolicy,
     ShowInstances,
     StartInstance,
     UpdateInstance,
     parse_cpus,
+    parse_restart,
     parse_size,
 )
 
@@ -86,6 +92,22 @@ def _split(cpus: CpuSpec | None) -> tuple[tuple[int, ...], int]:
     return ((), 0) if cpus is None else (cpus.ids, cpus.count)
 
 
+class Restart(click.ParamType[RestartPolicy]):
+    """'permanent', 'transient,intensity=3,period=30', 'permanent,group=web,standby' → policy."""
+
+    name = "policy"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> RestartPolicy:
+        if isinstance(value, RestartPolicy):
+            return value
+        try:
+            return parse_restart(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
 def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
     """Instance names from the host, for shell completion (nothing if no host answers)."""
     import anyio
@@ -122,6 +144,11 @@ def _show_one(info: InstanceInfo) -> int:
 _CPUS_HELP = "CPUs: a count (2) the resource actor places, or CPU ids (@1, @0-3,6)."
 _MEMORY_HELP = "Memory: bytes, or with a unit (256M, 1.5G); granted in whole memory blocks."
 _QUEUES_HELP = "I/O queues (net/eth0/rx-0,block/vda/mq-0; see mkctl resources); 'none': give back."
+_RESTART_HELP = (
+    "What the fault actor does when it fails: permanent, transient (default) or temporary, "
+    "then ,KEY=VALUE (intensity, period, backoff, backoff_max, group, strategy) and ,standby; "
+    "e.g. permanent,intensity=3,period=30,standby (docs/fault.md)."
+)
 
 
 @click.command()
@@ -129,13 +156,18 @@ _QUEUES_HELP = "I/O queues (net/eth0/rx-0,block/vda/mq-0; see mkctl resources); 
 @click.option("--cpus", type=Cpus(), default=None, help=_CPUS_HELP + " Default with --memory: 1.")
 @click.option("--memory", type=Size(), default=None, help=_MEMORY_HELP)
 @click.option("--queues", type=Queues(), default=None, help=_QUEUES_HELP)
+@click.option("--restart", type=Restart(), default=None, help=_RESTART_HELP)
 @output_options
 def create(
-    name: str, cpus: CpuSpec | None, memory: int | None, queues: tuple[str, ...] | None
+    name: str,
+    cpus: CpuSpec | None,
+    memory: int | None,
+    queues: tuple[str, ...] | None,
+    restart: RestartPolicy | None,
 ) -> int:
     """Create an instance: ready at once when the resource actor grants what it asks."""
     ids, count = _split(cpus)
-    request = CreateInstance(name, ids, count, memory or 0, queues)
+    request = CreateInstance(name, ids, count, memory or 0, restart or RestartPolicy(), queues)
     return _show_one(_lifecycle("create", request))
 
 
@@ -144,13 +176,19 @@ def create(
 @click.option("--cpus", type=Cpus(), default=None, help=_CPUS_HELP)
 @click.option("--memory", type=Size(), default=None, help=_MEMORY_HELP)
 @click.option("--queues", type=Queues(), default=None, help=_QUEUES_HELP)
+@click.option("--restart", type=Restart(), default=None, help=_RESTART_HELP)
 @output_options
 def update(
-    name: str, cpus: CpuSpec | None, memory: int | None, queues: tuple[str, ...] | None
+    name: str,
+    cpus: CpuSpec | None,
+    memory: int | None,
+    queues: tuple[str, ...] | None,
+    restart: RestartPolicy | None,
 ) -> int:
-    """Change an instance's CPUs, memory or queues (live when it is active, acknowledged)."""
+    """Change an instance's CPUs, memory or queues (live when it is active, acknowledged), or
+    its restart policy."""
     ids, count = _split(cpus)
-    request = UpdateInstance(name, ids, count, memory or 0, queues)
+    request = UpdateInstance(name, ids, count, memory or 0, restart, queues)
     return _show_one(_lifecycle("update", request))
 
 
@@ -205,18 +243,35 @@ def delete(name: str) -> int:
     return 0
 
 
-@click.command(short_help="Instances: state, resources, image, pid.")
+@click.command(short_help="Instances: state, resources, image, pid, restart policy.")
 @click.argument("name", default="", shell_complete=_complete_names)
 @output_options
 def show(name: str) -> int:
-    """Instances: state, resources, image, pid (all, or the one named)."""
-    infos = _lifecycle("show", ShowInstances(name), InstanceList).instances
+    """Instances: state, resources, image, pid, restart policy (all, or the one named); -o wide
+    adds the launch generation, restarts, why the last launch ended and the fault actor's view."""
+    wide = settings().output == "wide"
+
+    async def work(ep: Endpoint) -> tuple[InstanceList, dict[str, str]]:
+        listed = await ep.request("lifecycle", "show", ShowInstances(name), response=InstanceList)
+        faults: dict[str, str] = {}
+        if wide:  # the fault actor's state of each; a host without one shows "-"
+            try:
+                status = await ep.request(
+                    "fault", "status", FaultStatusRequest(name), response=FaultStatusList
+                )
+            except (NoRespondersError, NotFoundError):
+                status = FaultStatusList()
+            faults = {f.name: f.state for f in status.instances}
+        return listed, faults
+
+    listed, faults = with_bus(work)
+    infos = listed.instances
 
     def people(wide: bool) -> None:
         if not infos:
             click.echo("no instances; create one: mkctl create NAME --cpus 1 --memory 256M")
         else:
-            instance_table(infos, wide)
+            instance_table(infos, wide, faults)
 
     emit(infos, people)
     warn_once(infos)

@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from multikernel.endpoints.mkctl._output import settings, table, warn
-from multikernel.protocol import InstanceInfo, format_cpu_list, format_size
+from multikernel.protocol import InstanceInfo, format_cpu_list, format_restart, format_size
 
-COLUMNS = ("name", "id", "state", "cpus", "memory", "image", "pid", "last exit")
+COLUMNS = ("name", "id", "state", "cpus", "memory", "image", "pid", "restart", "last exit")
 WIDE = ("name", "id", "state", "cpus", "memory", "queues", "image", "signer", "pid", "agent",
-        "restarts", "isolation", "last exit")  # fmt: skip
+        "restart", "gen", "restarts", "cause", "standby", "fault", "isolation",
+        "last exit")  # fmt: skip
 
 
-def _cell(info: InstanceInfo, column: str) -> object:
+def _cell(info: InstanceInfo, column: str, faults: Mapping[str, str]) -> object:
     match column:
+        case "restart":
+            return format_restart(info.restart)
+        case "gen":
+            return info.generation or "-"
+        case "restarts":
+            return info.restarts
+        case "fault":
+            return faults.get(info.name, "-")
         case "cpus":
             return format_cpu_list(info.cpus) or "-"
         case "memory":
@@ -37,9 +46,13 @@ def _cell(info: InstanceInfo, column: str) -> object:
             return getattr(info, column) or "-"
 
 
-def instance_table(infos: Sequence[InstanceInfo], wide: bool = False) -> None:
+def instance_table(
+    infos: Sequence[InstanceInfo], wide: bool = False, faults: Mapping[str, str] | None = None
+) -> None:
+    """The instances as a table; `faults` is the fault actor's state of each, by name (wide)."""
     columns = WIDE if wide else COLUMNS
-    table(columns, [[_cell(i, c) for c in columns] for i in infos])
+    known = faults or {}
+    table(columns, [[_cell(i, c, known) for c in columns] for i in infos])
 
 
 def warn_once(infos: Sequence[InstanceInfo]) -> None:

@@ -28,6 +28,11 @@ PUBLIC = {
     "InstanceInfo", "InstanceList", "InstanceStateChanged", "KillInstance", "LoadImage",
     "ShowInstances", "StartInstance", "UpdateInstance", "ExecOutput", "TtyOpen", "TtySession",
     "TtyInput", "ReadLogs", "LogLine", "LogLines",
+    # the fault actor's contract, and the lifecycle methods it calls
+    "CAUSES", "FAULT_EVENTS", "FAULT_METHODS", "FailInstance", "FaultEvent", "FaultHistory",
+    "FaultStatus", "FaultStatusList", "FaultStatusRequest", "HistoryRequest", "PolicyGet",
+    "PolicyInfo", "PolicySet", "RestartInstance", "RestartPolicy", "fault_subject",
+    "format_restart", "parse_restart", "EndpointCutOff",
     # the resource actor's contract, and how CPUs and sizes are written
     "AGENT_RESOURCE_METHOD", "RESOURCE_METHODS", "CpuInfo", "CpuSpec", "Grant",
     "AGENT_ELASTIC_METHOD", "ElasticRequest", "LOAD_SUBJECT", "LoadReport",

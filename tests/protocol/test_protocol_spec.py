@@ -6,6 +6,7 @@ from enum import IntEnum, IntFlag
 from pathlib import Path
 
 import msgspec
+import msgspec.inspect
 import pytest
 
 import multikernel.protocol as protocol
@@ -91,6 +92,26 @@ def test_kernel_tag_table_matches_the_kernel_union() -> None:
     assert documented == union
 
 
+def test_fault_method_table_matches_the_fault_methods() -> None:
+    documented = {row[0]: (row[1], row[2]) for row in TABLES["fault-methods"]}
+    code = {m: (req.__name__, resp.__name__) for m, (req, resp) in protocol.FAULT_METHODS.items()}
+    assert documented == code
+
+
+def test_fault_event_and_cause_tables_match_the_code() -> None:
+    assert [row[0] for row in TABLES["fault-events"]] == list(protocol.FAULT_EVENTS)
+    info = msgspec.inspect.type_info(protocol.FaultEvent)
+    (event,) = (f.type for f in info.fields if f.name == "event")  # type: ignore[attr-defined]
+    assert set(event.values) == set(protocol.FAULT_EVENTS)
+    assert [row[0] for row in TABLES["causes"]] == list(protocol.CAUSES)
+
+
+def test_restart_policy_table_matches_the_struct() -> None:
+    policy = protocol.RestartPolicy()
+    documented = {row[0]: row[2] for row in TABLES["RestartPolicy"]}
+    assert documented == {f: str(getattr(policy, f)) for f in policy.__struct_fields__}
+
+
 def test_resource_method_table_matches_the_service_contract() -> None:
     documented = {(row[0], row[1]): (row[2], row[3]) for row in TABLES["resource-methods"]}
     contract = {
@@ -119,6 +140,7 @@ def test_resource_message_table_matches_the_structs() -> None:
 
 def test_every_table_marker_is_checked() -> None:
     checked = {e.__name__ for e in ENUM_TABLES} | {"header", "control-tags", "kernel-tags"}
+    checked |= {"fault-methods", "fault-events", "causes", "RestartPolicy"}
     checked |= {"resource-methods", "resource-messages"}
     assert set(TABLES) == checked
 

@@ -10,10 +10,13 @@ from pathlib import Path
 import anyio
 import pytest
 
+from multikernel.endpoints import connect
 from multikernel.services._host import HostConfig, cgroup_group, run_host
 from multikernel.services._image import sign_image
 from multikernel.services._signature import make_signing_key
 from tests._run import group_dirs
+
+from .fault_kit import owned
 
 #: The workload of the test image: says it is up, sleeps until stopped, says why it stops.
 SLEEPER = """\
@@ -51,6 +54,10 @@ async def _serve(root: Path, *, isolate: bool) -> AsyncIterator[Path]:
     stop = anyio.Event()
     async with anyio.create_task_group() as tg:
         await tg.start(run_host, config, stop)
+        # The fault actor (a process of its own) is up once it owns its name; its first look at
+        # the lifecycle is over by then, so no test sees it in a monitor or a listing.
+        async with connect(config.socket, name="fixture") as ep:
+            await owned(ep, "fault")
         yield root
         stop.set()
     left = [d for d in group_dirs(cgroup_group(config.state_dir)) if d.exists()]

@@ -78,7 +78,7 @@ async def test_introspect_shows_signatures_and_schemas(host: Path) -> None:
     assert lines[0].startswith("lifecycle (owner ")
     assert (
         "  create(name: str, cpus: list[int] = [], cpu_count: int = 0, memory: int = 0, "
-        "queues: list[str] | None = null) -> InstanceInfo"
+        "restart: RestartPolicy = {}, queues: list[str] | None = null) -> InstanceInfo"
     ) in lines
     assert '  show(name: str = "") -> InstanceList' in lines
     _, out, _ = await mkctl(host, "bus", "introspect", "lifecycle", "-o", "json")
@@ -88,7 +88,7 @@ async def test_introspect_shows_signatures_and_schemas(host: Path) -> None:
     assert create["response"]["$ref"] == "#/$defs/InstanceInfo"
     assert await fails(host, "bus", "introspect", "nope") == (
         3,
-        "error: no service 'nope' on the bus (known: lifecycle, resource)",
+        "error: no service 'nope' on the bus (known: fault, lifecycle, resource)",
     )
 
 
