@@ -28,13 +28,14 @@ from multikernel.bus._delivery import (
     route,
     subscribe_decisions,
 )
+from multikernel.bus._holds import Holds, check_may_hold, check_switch
 from multikernel.bus._hub_sessions import Sessions
 from multikernel.bus._monitors import Monitors
 from multikernel.bus._name_events import DESTINATION_OFFSET as _DESTINATION_OFFSET
 from multikernel.bus._name_events import SOURCE_OFFSET as _SOURCE_OFFSET
-from multikernel.bus._name_events import announce_cutoff, announce_owner_changes
+from multikernel.bus._name_events import announce_cutoff, announce_owner_changes, publish_event
 from multikernel.bus._names import NameRegistry
-from multikernel.bus._policy import Policy
+from multikernel.bus._policy import Identity, Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
 from multikernel.bus._snapshot import build_snapshot
@@ -52,12 +53,14 @@ from multikernel.protocol import (
     ChannelRevoke,
     Drain,
     Heartbeat,
+    HoldNames,
     Introspect,
     Kind,
     MonitorRecord,
     MonitorStart,
     MonitorStop,
     MultikernelError,
+    NameMove,
     NameOwnerChanged,
     NameRelease,
     NameReleaseReply,
@@ -65,8 +68,10 @@ from multikernel.protocol import (
     NameRequestReply,
     Ok,
     ProtocolError,
+    ReleaseNames,
     ServiceInfo,
     Subscribe,
+    SwitchNames,
     TooLargeError,
     Unsubscribe,
     decode_body,
@@ -122,6 +127,8 @@ class Hub:
                 "errors",
                 "cut_off",
                 "stalled",
+                "holds",
+                "held",
             ),
             0,
         )
@@ -138,6 +145,15 @@ class Hub:
             self._sessions, self.limits, self.counters, self._fail, self.open_instance_socket
         )
         self._monitors = Monitors(self._sessions)
+        self._holds = Holds(
+            self._sessions,
+            self.limits,
+            self.counters,
+            self._channels.clients_of,
+            self._open_channel,
+            self._fail,
+            lambda subject, body: publish_event(subject, body, self._router, self._subs),
+        )
         self._started = time.monotonic()
         self._published = self._delivered = 0  # hot counters, merged into `counters` on read
         self._dirty: list[Session] = []  # sessions with staged publications
@@ -194,6 +210,7 @@ class Hub:
             self._unsubscribe(session, sid)
         self._monitors.stop(session)
         self._owner_changes(self._names.remove_owner(session.id))  # clients hear of it first
+        self._holds.holder_left(session.id)  # what waited goes to whoever owns the name now
         self._channels.forget_endpoint(session.id)
         if session.cut_reason:
             announce_cutoff(session, self._router, self._subs)
@@ -205,9 +222,8 @@ class Hub:
             if header.kind == Kind.PUBLISH:
                 self._publish(session, header.subject, header.correlation, frame)
             elif header.kind == Kind.CONTROL:
-                self._control(
-                    session, header.correlation, decode_body(header, frame, CONTROL_DECODER)
-                )
+                body = decode_body(header, frame, CONTROL_DECODER)
+                self._control(session, header.correlation, body, header.deadline_ns)
             else:
                 raise ProtocolError(
                     f"{header.kind.name.lower()} frames travel on direct channels, not through "
@@ -303,7 +319,9 @@ class Hub:
         self.counters["dropped"] += dropped
         return congested if self.limits.slow_consumer == "block" else []
 
-    def _control(self, session: Session, correlation: int, body: object) -> None:
+    def _control(
+        self, session: Session, correlation: int, body: object, deadline_ns: int = 0
+    ) -> None:
         who = session.identity
         match body:
             case Subscribe(subject=pattern, queue_group=group, sid=sid):
@@ -341,8 +359,25 @@ class Hub:
                 self._reply(session, correlation, NameReleaseReply(name, released))
                 self._owner_changes(changes)
             case ChannelOpen(target=target):
-                owner = self._names.owner(target)
-                self._channels.open(self._tg(), self.policy, session, owner, target, correlation)
+                if not self._holds.wait(session, target, correlation, deadline_ns):
+                    owner = self._names.owner(target)
+                    self._channels.open(
+                        self._tg(), self.policy, session, owner, target, correlation
+                    )
+            case HoldNames(names=names, deadline_ns=until):
+                for name in names:
+                    self._check_may_hold(session, name)
+                self._holds.hold(self._tg(), session, names, until)
+                self._reply(session, correlation, Ok())
+            case SwitchNames(moves=moves):
+                self._switch(session, moves)
+                self._reply(session, correlation, Ok())
+            case ReleaseNames(names=names):
+                for name in names:
+                    self._check_may_hold(session, name, released=True)
+                for name in names:
+                    self._holds.end(name, "released")
+                self._reply(session, correlation, Ok())
             case AttachRequest():
                 self._tg().start_soon(self._channels.hand_over_attachment, session, correlation)
             case ChannelRevoke(token=token):
@@ -380,6 +415,38 @@ class Hub:
                 self._reply(session, correlation, Ok())
             case _:
                 raise ProtocolError(f"unexpected {type(body).__name__} from an attached endpoint")
+
+    def _open_channel(self, session: Session, target: str, correlation: int) -> None:
+        """A ChannelOpen that waited for a hold: served against the name's owner now."""
+        try:
+            owner = self._names.owner(target)
+            self._channels.open(self._tg(), self.policy, session, owner, target, correlation)
+        except MultikernelError as exc:
+            self._fail(session, correlation, exc)
+
+    def _check_may_hold(self, session: Session, name: str, *, released: bool = False) -> None:
+        check_may_hold(
+            self.policy, self._names, session.identity, name, self._holds.holder_of(name), released
+        )
+
+    def _switch(self, session: Session, moves: tuple[NameMove, ...]) -> None:
+        """Move every name to its new owner, or none (each move is checked first), announce
+        every change, then end the holds: what waited goes to the new owners."""
+
+        def identity_of(endpoint: int) -> Identity | None:
+            new = self._sessions.get(endpoint)
+            return None if new is None or new.closed else new.identity
+
+        check_switch(
+            self.policy, self._names, session.identity, moves, self._holds.holder_of,
+            identity_of, self.limits.max_names,
+        )  # fmt: skip
+        changes: list[NameOwnerChanged] = []
+        for move in moves:
+            changes += self._names.move(move.name, move.new_owner)
+        self._owner_changes(changes)
+        for move in moves:
+            self._holds.end(move.name, "switched")
 
     def _unsubscribe(self, session: Session, sid: int) -> None:
         record = session.subscriptions.pop(sid, None)

@@ -56,7 +56,10 @@ log = get_logger("multikernel.bus")
 
 #: The hub never spins: on an oversubscribed host it would steal the CPU its endpoints need.
 HUB_WAIT = WaitPolicy(spin=0)
-FEATURES = Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
+FEATURES = (
+    Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
+    | Feature.NAME_HOLDS
+)  # fmt: skip
 NAMES_SUBJECT = "mk.bus.names"
 _PEERCRED = struct.Struct("3i")
 
@@ -306,11 +309,12 @@ class Sessions:
                 raise ProtocolError(f"refused: {busy}")
             identity = Identity(next(self._ids), instance, uid, pid, hello.name)
             session = Session(identity, ours, sock, self.limits)
+            session.features = hello.features & FEATURES
             self.by_id[session.id] = session
             self.counters["sessions"] += 1
             welcome = encode(
                 Kind.CONTROL,
-                Welcome(version, session.id, hello.features & FEATURES, self.limits.max_body),
+                Welcome(version, session.id, session.features, self.limits.max_body),
                 correlation=header.correlation,
             )
             session.deliver(welcome, droppable=False)

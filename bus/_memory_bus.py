@@ -31,6 +31,7 @@ from multikernel.bus._delivery import (
     route,
     subscribe_decisions,
 )
+from multikernel.bus._holds import HOLDS_SUBJECT, check_hold, check_may_hold, check_switch
 from multikernel.bus._memory_endpoint import MemoryEndpoint
 from multikernel.bus._memory_link import Link
 from multikernel.bus._names import NameRegistry
@@ -46,6 +47,9 @@ from multikernel.protocol import (
     ChannelInfo,
     EndpointInfo,
     MultikernelError,
+    NameHeld,
+    NameHoldEnded,
+    NameMove,
     NameOwnerChanged,
     NoRespondersError,
     ReleaseNameResult,
@@ -86,6 +90,16 @@ class _Session:
     denied: int = 0
 
 
+@dataclass
+class _Hold:
+    """A held name: new calls to it wait (in `_wait_if_held`) until it ends."""
+
+    holder: int
+    deadline_ns: int
+    ended: anyio.Event = field(default_factory=anyio.Event)
+    waiting: int = 0
+
+
 class MemoryBus:
     """A bus in one process: `connect()` endpoints to it; `snapshot()` is what `Introspect` says.
 
@@ -101,14 +115,19 @@ class MemoryBus:
         self._subs: dict[tuple[int, int], _SubscriptionRecord] = {}
         self._names = NameRegistry()
         self._links: dict[int, Link] = {}
+        self._holds: dict[str, _Hold] = {}
         self._ids = itertools.count(1)
         self._tokens = itertools.count(1)
         self._started = time.monotonic()
         self._draining = False
         self._emptied: anyio.Event | None = None  # made by `drain`: MemoryBus() may be made sync
         self.counters = dict.fromkeys(
-            ("sessions", "published", "delivered", "dropped", "denied", "channels", "errors"), 0
-        )
+            (
+                "sessions", "published", "delivered", "dropped", "denied", "channels", "errors",
+                "holds", "held",
+            ),
+            0,
+        )  # fmt: skip
 
     @asynccontextmanager
     async def connect(
@@ -296,6 +315,98 @@ class MemoryBus:
         self.counters["channels"] += 1
         return link
 
+    # -- holds: as the hub's, with every call waiting in one place (there is no transport) ----
+
+    def _holder_of(self, name: str) -> int | None:
+        hold = self._holds.get(name)
+        return None if hold is None else hold.holder
+
+    def _hold_names(self, holder: MemoryEndpoint, names: tuple[str, ...], deadline_ns: int) -> None:
+        session = self._sessions[holder.id]
+        self._answer(session)
+        try:
+            for name in names:
+                check_may_hold(self.policy, self._names, session.identity, name,
+                               self._holder_of(name))  # fmt: skip
+            mine = sum(h.holder == holder.id for h in self._holds.values())
+            left = check_hold(names, deadline_ns, self._holder_of, mine, self.limits)
+        except MultikernelError as exc:
+            raise self._fail(session, exc) from None
+        holds = {}
+        for name in names:
+            holds[name] = self._holds[name] = _Hold(holder.id, deadline_ns)
+            self._publish_event(f"{HOLDS_SUBJECT}.{name}", NameHeld(name, deadline_ns, holder.id))
+        self.counters["holds"] += len(names)
+        holder._spawn(self._expire, holds, left)
+
+    async def _expire(self, holds: dict[str, _Hold], left: float) -> None:
+        await anyio.sleep(left)
+        for name, hold in holds.items():
+            if self._holds.get(name) is hold:
+                self._end_hold(name, "deadline")
+
+    def _end_hold(self, name: str, reason: str) -> None:
+        hold = self._holds.pop(name, None)
+        if hold is not None:
+            hold.ended.set()
+            self._publish_event(f"{HOLDS_SUBJECT}.{name}", NameHoldEnded(name, reason))
+
+    async def _wait_if_held(self, caller: int, target: str) -> None:
+        """A call to a held name waits for the end of the hold (`max_held_requests` at most)."""
+        hold = self._holds.get(target)
+        if hold is None:
+            return
+        if hold.waiting >= self.limits.max_held_requests:
+            error = BusyError(
+                f"{target!r} is held for a switch and {hold.waiting} callers already wait for it "
+                "(Limits.max_held_requests); retry after the switch"
+            )
+            raise self._fail(self._sessions[caller], error)
+        hold.waiting += 1
+        self.counters["held"] += 1
+        try:
+            with anyio.move_on_after(max(0.0, (hold.deadline_ns - time.monotonic_ns()) / 1e9)):
+                await hold.ended.wait()
+        finally:
+            hold.waiting -= 1
+
+    def _switch_names(self, endpoint_id: int, moves: tuple[NameMove, ...]) -> None:
+        session = self._sessions[endpoint_id]
+        self._answer(session)
+
+        def identity_of(endpoint: int) -> Identity | None:
+            new = self._sessions.get(endpoint)
+            return None if new is None else new.identity
+
+        try:
+            check_switch(self.policy, self._names, session.identity, moves, self._holder_of,
+                         identity_of, self.limits.max_names)  # fmt: skip
+        except MultikernelError as exc:
+            raise self._fail(session, exc) from None
+        changes: list[NameOwnerChanged] = []
+        for move in moves:
+            changes += self._names.move(move.name, move.new_owner)
+        self._owner_changes(changes)
+        for move in moves:
+            self._end_hold(move.name, "switched")
+
+    def _release_names(self, endpoint_id: int, names: tuple[str, ...]) -> None:
+        session = self._sessions[endpoint_id]
+        self._answer(session)
+        try:
+            for name in names:
+                check_may_hold(self.policy, self._names, session.identity, name,
+                               self._holder_of(name), released=True)  # fmt: skip
+        except MultikernelError as exc:
+            raise self._fail(session, exc) from None
+        for name in names:
+            self._end_hold(name, "released")
+
+    def _publish_event(self, subject: str, body: object) -> None:
+        data = msgspec.msgpack.encode(body)
+        for key in self._router.match(subject):
+            self._subs[key].subscription.push(Message(subject, 0, data))
+
     def _owner_changes(self, changes: list[NameOwnerChanged]) -> None:
         """Promote the new owner's service, move channels, publish on mk.bus.names.<name>."""
         for change in changes:
@@ -314,10 +425,7 @@ class MemoryBus:
                 if link.target == change.name and link.server.id != change.new_owner:
                     del self._links[token]
                     link.retire()  # calls in flight finish; new ones go to the new owner
-            subject = f"{NAMES_SUBJECT}.{change.name}"
-            data = msgspec.msgpack.encode(change)
-            for key in self._router.match(subject):
-                self._subs[key].subscription.push(Message(subject, 0, data))
+            self._publish_event(f"{NAMES_SUBJECT}.{change.name}", change)
             log.debug(
                 "name owner changed", name=change.name, old=change.old_owner, new=change.new_owner
             )
@@ -329,6 +437,8 @@ class MemoryBus:
         for sid in list(session.subscriptions):
             self._unsubscribe(session.identity.endpoint_id, sid)
         self._owner_changes(self._names.remove_owner(session.identity.endpoint_id))
+        for name in [n for n, h in self._holds.items() if h.holder == session.identity.endpoint_id]:
+            self._end_hold(name, "holder left")
         for token, link in list(self._links.items()):
             if session.endpoint in (link.client, link.server):
                 del self._links[token]

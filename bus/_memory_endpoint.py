@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import typing
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -37,7 +37,9 @@ from multikernel.protocol import (
     Flag,
     Kind,
     MultikernelError,
+    NameMove,
     RequestNameResult,
+    deadline_after,
     decode_body,
     decode_header,
     encode,
@@ -177,6 +179,7 @@ class MemoryEndpoint:
     async def _call(self, target: str, method: str, body: object) -> Call:
         await anyio.lowlevel.checkpoint()
         self._check_open()
+        await self._bus._wait_if_held(self.id, target)
         link = self._links.get(target)
         if link is None or link.stale or link.closed:
             old = link
@@ -225,6 +228,26 @@ class MemoryEndpoint:
         async with anyio.create_task_group() as tg:
             for service in self._services.values():
                 tg.start_soon(service.drain)
+
+    # -- holding and switching names (for the upgrade actor) ----------------------------------
+
+    async def hold_names(self, names: Collection[str], *, hold_for: float) -> None:
+        """Hold new calls to `names` for a switch, for at most `hold_for` seconds (as the hub)."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._bus._hold_names(self, tuple(names), deadline_after(hold_for))
+
+    async def switch_names(self, moves: Mapping[str, int]) -> None:
+        """Give each name its new owner (an endpoint id), all or none, then end their holds."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._bus._switch_names(self.id, tuple(NameMove(n, o) for n, o in moves.items()))
+
+    async def release_names(self, names: Collection[str]) -> None:
+        """End the holds on `names` without moving them (roll back): the owners keep them."""
+        await anyio.lowlevel.checkpoint()
+        self._check_open()
+        self._bus._release_names(self.id, tuple(names))
 
     # -- introspection ------------------------------------------------------------------------
 

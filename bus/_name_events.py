@@ -64,12 +64,7 @@ def announce_owner_changes(
                 client = sessions.get(endpoint)
                 if client is not None:
                     client.deliver(frame, droppable=False)
-        subject = f"{NAMES_SUBJECT}.{change.name}"
-        stamped = bytearray(encode(Kind.PUBLISH, change, subject=subject))
-        for key in router.match(subject):
-            subscription = subscriptions[key]
-            stamped[DESTINATION_OFFSET : DESTINATION_OFFSET + 8] = subscription.sid_bytes
-            subscription.session.deliver(stamped)  # copied into its ring (or queue) at once
+        publish_event(f"{NAMES_SUBJECT}.{change.name}", change, router, subscriptions)
         log.info("name owner changed", name=change.name, old=change.old_owner, new=change.new_owner)
 
 
@@ -95,3 +90,17 @@ def announce_cutoff(
             continue
         stamped[DESTINATION_OFFSET : DESTINATION_OFFSET + 8] = record.sid_bytes
         record.session.deliver(stamped)
+
+
+def publish_event(
+    subject: str,
+    body: object,
+    router: SubjectRouter[tuple[int, int]],
+    subscriptions: Mapping[tuple[int, int], SubscriptionRecord],
+) -> None:
+    """Publish one of the hub's own events (source 0) to every subscription matching ``subject``."""
+    stamped = bytearray(encode(Kind.PUBLISH, body, subject=subject))
+    for key in router.match(subject):
+        subscription = subscriptions[key]
+        stamped[DESTINATION_OFFSET : DESTINATION_OFFSET + 8] = subscription.sid_bytes
+        subscription.session.deliver(stamped)  # copied into its ring (or queue) at once

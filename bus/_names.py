@@ -152,6 +152,38 @@ class NameRegistry:
             events += self._drop(name, line, position)
         return events
 
+    def move(self, name: str, new_owner: int) -> list[NameOwnerChanged]:
+        """Give ``name`` to ``new_owner`` (one move of an atomic switch during an upgrade).
+
+        ``new_owner`` leaves the queue if it waited there, keeping the flags it asked with; the
+        old owner goes to the head of the queue (so the name falls back to it if the new owner
+        goes away), unless it holds the name with DO_NOT_QUEUE, like a REPLACE_EXISTING
+        take-over. Who may move what is the hub's to check.
+        """
+        validate_name(name)
+        _check_endpoint(new_owner)
+        line = self._lines.get(name)
+        if line is None:
+            self._lines[name] = [_Entry(new_owner, NameFlag(0))]
+            self._joined.setdefault(new_owner, set()).add(name)
+            return [self._changed(name, 0, new_owner)]
+        primary = line[0]
+        if primary.endpoint == new_owner:
+            return []
+        waiting = _find(line, new_owner)
+        if waiting is None:
+            entry = _Entry(new_owner, NameFlag(0))
+            self._joined.setdefault(new_owner, set()).add(name)
+        else:
+            entry = line.pop(waiting)
+        del line[0]
+        if NameFlag.DO_NOT_QUEUE in primary.flags:
+            self._leave(primary.endpoint, name)
+        else:
+            line.insert(0, primary)
+        line.insert(0, entry)
+        return [self._changed(name, primary.endpoint, new_owner)]
+
     def owner(self, name: str) -> int | None:
         """The primary owner of ``name``, or None if nobody owns it."""
         line = self._lines.get(name)

@@ -53,6 +53,8 @@ class Limits:
     max_channels: int = 1024
     max_channels_to_one_name: int = 8
     max_served_channels: int = 8192
+    max_held_requests: int = 1024  # ChannelOpens waiting for one held name (BusyError beyond)
+    max_hold: float = 60.0  # the longest a name may be held (HoldNames.deadline_ns)
 
     def __post_init__(self) -> None:
         largest = self.max_body + HEADER_SIZE + MAX_SUBJECT_BYTES
@@ -113,6 +115,7 @@ class Session:
         self.services: dict[str, ServiceInfo] = {}
         self.monitor: str | None = None
         self.draining = False
+        self.features = 0  # granted at attach (Welcome.features)
         self.publish_decisions: dict[str, tuple[Decision, Decision]] = {}
         self.denials_reported: set[str] = set()
         self.frames_in = self.frames_out = self.dropped = self.denied = 0

@@ -7,10 +7,17 @@ share one opening. When the name moves (`NameOwnerChanged`) or the policy withdr
 calls in flight finish on the old one, which is closed (and the hub told) once it is idle. The
 notice and the handle travel on different paths, so a channel whose owner lost the name while it
 was being handed over is retired at once and asked for again.
+
+While the hub holds a name for a switch (`NameHeld`), new calls to it wait here (at most
+`MAX_HELD_CALLS` of them, until `NameHoldEnded` or the hold's deadline) instead of going on the
+old owner's channel: after a switch the name's `NameOwnerChanged` has retired that channel, so
+they open one to the new owner; after a release they go on as before. Calls already sent finish
+where they went; none is sent again.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import anyio
@@ -19,8 +26,29 @@ from multikernel.endpoints._calls import Reply
 from multikernel.endpoints._direct import DirectChannel, Mirroring
 from multikernel.endpoints._hublink import HubLink
 from multikernel.endpoints.wire import request_frame
-from multikernel.protocol import ChannelOpen, ChannelReady, Kind, NoRespondersError, encode
+from multikernel.protocol import (
+    BusyError,
+    ChannelOpen,
+    ChannelReady,
+    Kind,
+    NoRespondersError,
+    encode,
+)
 from multikernel.shm import Channel, ChannelHandle
+
+#: Calls one endpoint lets wait for one held name; the next gets BusyError.
+MAX_HELD_CALLS = 4096
+
+
+class _Held:
+    """A name the hub holds: when the hold ends at the latest, and who waits for it."""
+
+    __slots__ = ("deadline_ns", "ended", "waiting")
+
+    def __init__(self, deadline_ns: int) -> None:
+        self.deadline_ns = deadline_ns
+        self.ended = anyio.Event()
+        self.waiting = 0
 
 
 class ClientChannels:
@@ -32,6 +60,7 @@ class ClientChannels:
         self.by_target: dict[str, DirectChannel] = {}
         self._opening: dict[str, anyio.Event] = {}
         self._moved_while_opening: dict[str, set[int]] = {}
+        self.held: dict[str, _Held] = {}
 
     async def send_request(
         self, target: str, method: str, body: object
@@ -42,6 +71,8 @@ class ClientChannels:
         reached us yet) did not take the request: retire it and ask the hub again, once.
         """
         for attempt in (1, 2):
+            if self.held and target in self.held:
+                await self._wait_for_hold(target)
             direct = self.by_target.get(target)  # the usual case, without an await
             if direct is None or direct.stale or direct.closed:
                 direct = await self._direct_to(target)
@@ -127,12 +158,49 @@ class ClientChannels:
             direct.stale = True
             self.retire(direct)
 
+    def name_held(self, name: str, deadline_ns: int) -> None:
+        """The hub holds `name` for a switch: new calls to it wait (see the module docstring)."""
+        if name not in self.held:
+            self.held[name] = _Held(deadline_ns)
+
+    def hold_ended(self, name: str) -> None:
+        """The hold on `name` ended: the calls waiting go to whoever owns it now."""
+        held = self.held.pop(name, None)
+        if held is not None:
+            held.ended.set()
+
+    def end_holds(self) -> None:
+        """The hub went away (a new one holds nothing): stop waiting for any hold."""
+        for name in list(self.held):
+            self.hold_ended(name)
+
+    async def _wait_for_hold(self, target: str) -> None:
+        held = self.held[target]
+        if held.waiting >= MAX_HELD_CALLS:
+            raise BusyError(
+                f"{target!r} is held for a switch and {held.waiting} calls already wait for it; "
+                "retry after the switch"
+            )
+        held.waiting += 1
+        try:
+            # The hub ends every hold by its deadline; waiting past it would only be a lost notice.
+            with anyio.move_on_after(max(0.0, (held.deadline_ns - time.monotonic_ns()) / 1e9)):
+                await held.ended.wait()
+        finally:
+            held.waiting -= 1
+        if self.held.get(target) is held:
+            del self.held[target]
+
     def revoke(self, token: int) -> None:
         """The hub withdrew a channel (the policy changed): no new calls on it."""
         for direct in list(self.by_target.values()):
             if direct.token == token:
                 direct.stale = True
                 self.retire(direct)
+
+    def held_calls(self) -> dict[str, int]:
+        """The names held now, with the calls waiting for each."""
+        return {name: held.waiting for name, held in self.held.items()}
 
     def statistics(self) -> dict[str, Any]:
         return {t: d.channel.statistics() for t, d in self.by_target.items()}

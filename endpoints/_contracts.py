@@ -10,7 +10,7 @@ seams a `Service` needs: the endpoint that owns its name, and the channel a requ
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio
@@ -66,6 +66,15 @@ class Bus(Protocol):
     def service(self, name: str, *, concurrency: int = 64, flags: int = 0) -> Service: ...
 
     async def drain(self) -> None: ...
+
+    async def hold_names(self, names: Collection[str], *, hold_for: float) -> None:
+        """Hold new calls to `names` for a switch (the upgrade actor's first step)."""
+
+    async def switch_names(self, moves: Mapping[str, int]) -> None:
+        """Give each name its new owner, all or none, and end their holds."""
+
+    async def release_names(self, names: Collection[str]) -> None:
+        """End the holds on `names` without moving them (roll back)."""
 
     async def introspect(self) -> BusSnapshot: ...
 

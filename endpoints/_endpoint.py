@@ -11,7 +11,7 @@ Works under asyncio, uvloop and trio (anyio).
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -36,20 +36,27 @@ from multikernel.protocol import (
     Drain,
     Flag,
     Header,
+    HoldNames,
     Introspect,
     Kind,
     Mirror,
     MonitorRecord,
     MonitorStart,
     MonitorStop,
+    NameHeld,
+    NameHoldEnded,
+    NameMove,
     NameOwnerChanged,
     NameRelease,
     NameRequest,
     NameRequestReply,
     ProtocolError,
+    ReleaseNames,
     RequestNameResult,
     Subscribe,
+    SwitchNames,
     Unsubscribe,
+    deadline_after,
     decode_body,
     encode,
     join_snapshot_pages,
@@ -259,6 +266,30 @@ class Endpoint:
         sock.setblocking(True)
         return sock
 
+    # -- holding and switching names (for the upgrade actor) ----------------------------------
+
+    async def hold_names(self, names: Collection[str], *, hold_for: float) -> None:
+        """Hold new calls to `names` for a switch, for at most `hold_for` seconds.
+
+        Calls already made finish on the current owners; new ones wait until `switch_names`,
+        `release_names` or the end of `hold_for`, after which the current owners keep the
+        names. Raises AccessDeniedError unless this endpoint owns each name or may own it,
+        BusyError if someone else holds one, RefusedError past the hub's `Limits.max_hold`.
+        """
+        await self._link.control(HoldNames(tuple(names), deadline_after(hold_for)))
+
+    async def switch_names(self, moves: Mapping[str, int]) -> None:
+        """Give each name its new owner (an endpoint id), all or none, then end their holds.
+
+        Each new owner must be attached and waiting for the name (queued) or allowed to own it:
+        NotFoundError or AccessDeniedError otherwise, and no name moves.
+        """
+        await self._link.control(SwitchNames(tuple(NameMove(n, o) for n, o in moves.items())))
+
+    async def release_names(self, names: Collection[str]) -> None:
+        """End the holds on `names` without moving them (roll back): the owners keep them."""
+        await self._link.control(ReleaseNames(tuple(names)))
+
     # -- introspection and monitor ------------------------------------------------------------
 
     async def introspect(self) -> BusSnapshot:
@@ -330,6 +361,7 @@ class Endpoint:
 
     async def _restore(self) -> None:
         """After re-attaching to a (new) hub: subscriptions, names and services as they were."""
+        self._clients.end_holds()  # a new hub holds nothing
         for sub in list(self._subs.values()):
             await self._link.control(Subscribe(sub.pattern, sub.queue_group, sub.sid))
         for service in self._services.values():
@@ -353,6 +385,10 @@ class Endpoint:
                     self._link.spawn(self._describe, service)
                 elif service is not None and new != self.id:
                     service.primary = False
+            case NameHeld(name=name, deadline_ns=deadline_ns):
+                self._clients.name_held(name, deadline_ns)
+            case NameHoldEnded(name=name):
+                self._clients.hold_ended(name)
             case ChannelRevoke(token=token):
                 self._clients.revoke(token)
             case Mirror(on=on):
@@ -380,6 +416,7 @@ class Endpoint:
             "id": self.id,
             "session": session.statistics() if (session := self._link.session) else None,
             "direct": self._clients.statistics(),
+            "held": self._clients.held_calls(),  # names held for a switch: calls waiting
             "subscriptions": {s.pattern: s.statistics() for s in self._subs.values()},
             "services": {
                 n: {"served": s.served, "failed": s.failed, "in_flight": s.in_flight}

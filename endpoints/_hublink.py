@@ -45,7 +45,10 @@ from multikernel.shm import Channel, ChannelHandle, ShmError, WaitPolicy
 
 log = get_logger("multikernel.endpoints")
 
-FEATURES = Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
+FEATURES = (
+    Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
+    | Feature.NAME_HOLDS
+)  # fmt: skip
 
 
 async def _connect(sock: socket.socket, path: str) -> None:

@@ -12,9 +12,10 @@ forwards the frame's bytes untouched; only the endpoint that owns a body decodes
 
 The **kinds** are publish, request, reply, error and control. Control bodies (``Control``) attach
 an endpoint (Hello/Welcome with version and feature negotiation), subscribe with queue groups,
-own well-known names with ordered hand-off (NameRequest/NameRelease/NameOwnerChanged), beat and
-drain. Error bodies (``ErrorBody``) carry a code that maps back to the same exception class on
-the other side (``error_to_body``, ``raise_for_error``), under the project's one root error,
+own well-known names with ordered hand-off (NameRequest/NameRelease/NameOwnerChanged), hold and
+switch them atomically during an upgrade (HoldNames/SwitchNames/ReleaseNames), beat and drain.
+Error bodies (``ErrorBody``) carry a code that maps back to the same exception class on the
+other side (``error_to_body``, ``raise_for_error``), under the project's one root error,
 ``MultikernelError``. The resource and lifecycle vocabulary (``KernelMessage``) mirrors the
 multikernel kernel's ``mk_message`` ABI, subtype for subtype; the resource actor's grants are
 transactions of those messages (``ResourceTransaction``, ``RESOURCE_METHODS``), and CPUs and sizes
@@ -67,12 +68,18 @@ from multikernel.protocol._control import Control as Control
 from multikernel.protocol._control import Drain as Drain
 from multikernel.protocol._control import Heartbeat as Heartbeat
 from multikernel.protocol._control import Hello as Hello
+from multikernel.protocol._control import HoldNames as HoldNames
+from multikernel.protocol._control import NameHeld as NameHeld
+from multikernel.protocol._control import NameHoldEnded as NameHoldEnded
+from multikernel.protocol._control import NameMove as NameMove
 from multikernel.protocol._control import NameOwnerChanged as NameOwnerChanged
 from multikernel.protocol._control import NameRelease as NameRelease
 from multikernel.protocol._control import NameReleaseReply as NameReleaseReply
 from multikernel.protocol._control import NameRequest as NameRequest
 from multikernel.protocol._control import NameRequestReply as NameRequestReply
+from multikernel.protocol._control import ReleaseNames as ReleaseNames
 from multikernel.protocol._control import Subscribe as Subscribe
+from multikernel.protocol._control import SwitchNames as SwitchNames
 from multikernel.protocol._control import Unsubscribe as Unsubscribe
 from multikernel.protocol._control import Welcome as Welcome
 from multikernel.protocol._envelope import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY

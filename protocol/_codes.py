@@ -46,6 +46,7 @@ class Feature(IntFlag):
     NAME_QUEUEING = 0x0004  # name requests may queue behind the owner
     DRAIN = 0x0008  # Drain (lame-duck mode) is understood
     MONITOR = 0x0010  # the endpoint may receive Flag.COPY frames
+    NAME_HOLDS = 0x0020  # NameHeld and NameHoldEnded notices are understood
 
 
 class ErrorCode(IntEnum):

@@ -117,6 +117,56 @@ class NameOwnerChanged(_ControlMessage, frozen=True, tag="name_owner_changed"):
     new_owner: U64 = 0
 
 
+class NameMove(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One move of a SwitchNames: ``name`` goes to the endpoint ``new_owner``."""
+
+    name: ShortStr
+    new_owner: U64
+
+
+class HoldNames(_ControlMessage, frozen=True, tag="hold_names"):
+    """Endpoint → hub: hold new channels to ``names`` until a switch, a release or ``deadline_ns``.
+
+    Only an endpoint the policy lets own a name, or its current owner, may hold it. While a name
+    is held, ``ChannelOpen`` to it waits at the hub and callers with a channel to it are told
+    (``NameHeld``) to make new calls wait. Answered ``Ok``.
+    """
+
+    names: tuple[ShortStr, ...]
+    deadline_ns: U64
+
+
+class SwitchNames(_ControlMessage, frozen=True, tag="switch_names"):
+    """Endpoint → hub: give every name its new owner at once, or none of them; then end the
+    holds on those names. Each new owner must be attached and waiting for the name or allowed to
+    own it. Answered ``Ok``."""
+
+    moves: tuple[NameMove, ...]
+
+
+class ReleaseNames(_ControlMessage, frozen=True, tag="release_names"):
+    """Endpoint → hub: end the holds on ``names`` without moving them (roll back). ``Ok``."""
+
+    names: tuple[ShortStr, ...]
+
+
+class NameHeld(_ControlMessage, frozen=True, tag="name_held"):
+    """Hub → callers of ``name`` and subscribers: the name is held until at most ``deadline_ns``;
+    send no new calls to it until ``NameHoldEnded`` (calls already sent finish)."""
+
+    name: ShortStr
+    deadline_ns: U64 = 0
+    holder: U64 = 0
+
+
+class NameHoldEnded(_ControlMessage, frozen=True, tag="name_hold_ended"):
+    """Hub → callers of ``name`` and subscribers: the hold ended (``reason``: "switched",
+    "released", "deadline" or "holder left"); call whoever owns the name now."""
+
+    name: ShortStr
+    reason: ShortStr = ""
+
+
 class Heartbeat(_ControlMessage, frozen=True, tag="heartbeat"):
     """Liveness, either direction; ``sent_ns`` is CLOCK_MONOTONIC at the sender."""
 
@@ -155,6 +205,11 @@ Control: TypeAlias = (
     | NameRelease
     | NameReleaseReply
     | NameOwnerChanged
+    | HoldNames
+    | SwitchNames
+    | ReleaseNames
+    | NameHeld
+    | NameHoldEnded
     | Heartbeat
     | Drain
 )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import msgspec
 import pytest
 
@@ -23,8 +24,10 @@ from multikernel.protocol import (
     InvalidSubjectError,
     MalformedFrameError,
     NameFlag,
+    NameHoldEnded,
     NameOwnerChanged,
     NoRespondersError,
+    NotFoundError,
     ProtocolError,
     RemoteError,
     RequestNameResult,
@@ -580,3 +583,45 @@ async def test_the_memory_bus_and_the_real_bus_agree() -> None:
             on_the_bus = await scenario(lambda name: connect(path, name=name, reconnect=False))
             tg.cancel_scope.cancel()
     assert in_memory == on_the_bus
+
+
+async def serve_whoami(endpoint: MemoryEndpoint) -> None:
+    service = endpoint.service("svc")
+
+    @service.method
+    async def whoami(_: None) -> int:
+        return endpoint.id
+
+    await service.start()
+
+
+async def test_the_memory_bus_holds_and_switches_names_as_the_hub_does() -> None:
+    bus = MemoryBus()
+    async with (
+        bus.connect("old") as old,
+        bus.connect("new") as new,
+        bus.connect("upgrade") as actor,
+        bus.connect("caller") as caller,
+        await caller.subscribe("mk.bus.holds.svc") as holds,
+    ):
+        await serve_whoami(old)
+        await serve_whoami(new)
+        assert await caller.request("svc", "whoami") == old.id
+        await actor.hold_names(["svc"], hold_for=30)
+        await holds.receive()  # NameHeld
+        answers: list[int] = []
+        async with anyio.create_task_group() as tg:
+
+            async def call() -> None:
+                answers.append(await caller.request("svc", "whoami"))
+
+            tg.start_soon(call)
+            with anyio.fail_after(5):
+                while bus.counters["held"] < 1:
+                    await anyio.lowlevel.checkpoint()
+            with pytest.raises(NotFoundError, match="nothing moved"):
+                await actor.switch_names({"svc": 10_000})
+            await actor.switch_names({"svc": new.id})
+        assert answers == [new.id]
+        assert (await holds.receive()).decode(NameHoldEnded) == NameHoldEnded("svc", "switched")
+        assert (await caller.introspect()).names == {"svc": (new.id, old.id)}
