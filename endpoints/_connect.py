@@ -76,6 +76,7 @@ async def connect(
                 link.closing = True
                 for sub in list(endpoint._subs.values()):
                     await sub.aclose()
+                await endpoint._flush_mirror_now()  # a monitor sees a short-lived caller's frames
                 tg.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         raise _unwrapped(group) from None

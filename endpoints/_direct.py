@@ -340,6 +340,7 @@ class Mirroring:
         self.queue: list[bytes] = []
         self.dropped = 0
         self._wake = anyio.Event()
+        self.lock = anyio.Lock()  # whoever sends copies to the hub (the copier, or detaching)
 
     def copy(self, channel: DirectChannel, frame: bytes) -> None:
         if len(self.queue) >= 4096:
@@ -351,9 +352,8 @@ class Mirroring:
         self.queue.append(encode(Kind.CONTROL, record))
         self._wake.set()
 
-    async def next_batch(self) -> list[bytes]:
+    async def wait(self) -> None:
+        """Until there is something to send."""
         while not self.queue:
             await self._wake.wait()
             self._wake = anyio.Event()
-        batch, self.queue = self.queue, []
-        return batch

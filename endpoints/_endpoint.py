@@ -406,9 +406,26 @@ class Endpoint:
             log.warning("could not describe service", service=service.name, error=str(exc))
 
     async def _flush_mirror(self) -> None:
+        mirror = self._mirror
         while True:
-            for frame in await self._mirror.next_batch():
-                await self._link.to_hub(frame)
+            await mirror.wait()
+            async with mirror.lock:
+                while mirror.queue:
+                    await self._link.to_hub(mirror.queue[0])
+                    mirror.queue.pop(0)
+
+    async def _flush_mirror_now(self) -> None:
+        """On the way out: send the mirror copies still queued (at most 1 s, shielded), so a
+        monitor sees every frame of a caller that exits right after its last call, even when
+        its copier task never ran (the reply came while the caller spun)."""
+        mirror = self._mirror
+        if not mirror.queue or self._link.session is None:
+            return
+        with anyio.move_on_after(1, shield=True):
+            async with mirror.lock:  # not while the copier is half-way through one
+                while mirror.queue:
+                    await self._link.to_hub(mirror.queue[0])
+                    mirror.queue.pop(0)
 
     def statistics(self) -> dict[str, Any]:
         """Counters of this endpoint, its session channel and its direct channels."""

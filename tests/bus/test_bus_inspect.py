@@ -9,7 +9,7 @@ import msgspec
 import pytest
 
 from multikernel.bus import Hub
-from multikernel.endpoints import connect
+from multikernel.endpoints import Endpoint, connect
 from multikernel.protocol import Kind, decode_header
 
 from .conftest import spawn
@@ -46,6 +46,27 @@ async def test_monitor_sees_routed_and_direct_frames_with_timestamps(
                 ("direct", Kind.REPLY),
             }
             assert record.ts_ns > 0
+
+
+async def test_monitor_sees_the_calls_of_a_caller_that_exits_at_once(
+    hub: Hub, socket_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A short-lived caller (mkctl) hands its mirror copies over before it detaches, even when
+    its copier task never got to run before it was done (its reply came while it spun)."""
+
+    async def starved_copier(self: Endpoint) -> None:
+        await anyio.sleep_forever()  # it never gets to run before its endpoint is gone
+
+    monkeypatch.setattr(Endpoint, "_flush_mirror", starved_copier)
+    with spawn("serve", socket_path, "svc") as server:
+        await server.expect("ready")
+        async with connect(socket_path, name="monitor") as monitor, monitor.monitor(">") as records:
+            async with connect(socket_path) as app:
+                assert await app.request("svc", "echo", b"once") == b"once"
+            with anyio.fail_after(20):
+                async for record in records:
+                    if decode_header(record.frame).kind == Kind.REQUEST:
+                        break  # the caller's copy of its request reached the monitor
 
 
 async def test_introspection_lists_services_with_schemas(hub: Hub, socket_path: Path) -> None:
