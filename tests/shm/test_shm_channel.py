@@ -79,11 +79,20 @@ async def test_cancel_scope_bounds_a_blocked_sender_and_nothing_is_lost(
 ) -> None:
     a, b = pair
     accepted = []
-    with anyio.move_on_after(0.05) as scope:
-        for i in range(100):
-            await a.send(bytes([i]) * 100)
-            accepted.append(bytes([i]) * 100)
+    scope = anyio.CancelScope()
+
+    async def send_until_cancelled() -> None:
+        with scope:
+            for i in range(100):
+                await a.send(bytes([i]) * 100)
+                accepted.append(bytes([i]) * 100)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send_until_cancelled)
+        await anyio.wait_all_tasks_blocked()  # the ring is full and the sender waits for room
+        scope.cancel()
     assert scope.cancelled_caught
+    assert 0 < len(accepted) < 100
     assert await b.receive_many(100) == accepted
 
 
