@@ -11,7 +11,7 @@ Works under asyncio, uvloop and trio (anyio).
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -176,13 +176,13 @@ class Endpoint:
 
     def request_stream(
         self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """Call a streaming method: yields each reply until the service ends the stream."""
         return self._stream(target, method, body, response)
 
     async def _stream(
         self, target: str, method: str, body: object, response: Any
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         decoder = self._decoder(response)
         direct, correlation, reply = await self._clients.send_request(target, method, body)
         try:
@@ -277,13 +277,15 @@ class Endpoint:
             sub.discard()
             raise
 
-        async def records() -> AsyncIterator[MonitorRecord]:
+        async def records() -> AsyncGenerator[MonitorRecord, None]:
             async for message in sub:
                 yield msgspec.msgpack.decode(message.data, type=MonitorRecord)
 
+        iterator = records()
         try:
-            yield records()
+            yield iterator
         finally:
+            await iterator.aclose()  # not left to the garbage collector (trio warns of that)
             await sub.aclose()
 
     async def _stop_monitor(self, sub: Subscription) -> None:
