@@ -18,12 +18,15 @@ import functools
 import gc
 import inspect
 import os
+import threading
 import traceback
 from collections.abc import Awaitable, Callable, Generator, Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
 import pytest
 
 from multikernel.shm import ENV_TAG
@@ -97,14 +100,29 @@ def _failing_when_hung(
 ) -> Callable[..., Awaitable[None]]:
     @functools.wraps(test)
     async def run(**kwargs: Any) -> None:
+        # A scope without a deadline, cancelled from a timer thread: a deadline would be the
+        # test's own effective deadline, and would travel in every request it makes.
+        scope = anyio.CancelScope()
+        token = anyio.lowlevel.current_token()
+
+        def cancel() -> None:
+            with contextlib.suppress(Exception):  # the test and its loop may be gone by now
+                anyio.from_thread.run_sync(scope.cancel, token=token)
+
+        timer = threading.Timer(limit, cancel)
+        timer.daemon = True
+        timer.start()
         where = ""
-        with anyio.CancelScope(deadline=anyio.current_time() + limit) as scope:
-            try:
-                await test(**kwargs)
-            except anyio.get_cancelled_exc_class() as exc:
-                if scope.cancel_called:  # ours, not the test's own: say where it waited
-                    where = "".join(traceback.format_tb(exc.__traceback__))
-                raise
+        try:
+            with scope:
+                try:
+                    await test(**kwargs)
+                except anyio.get_cancelled_exc_class() as exc:
+                    if scope.cancel_called:  # ours, not the test's own: say where it waited
+                        where = "".join(traceback.format_tb(exc.__traceback__))
+                    raise
+        finally:
+            timer.cancel()
         if scope.cancelled_caught:
             pytest.fail(f"still running after {limit:g} s; it was waiting at:\n{where}")
 
