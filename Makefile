@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 # setuptools explains strict editable installs at length on every install; the venv is ours.
 PIP     = PYTHONWARNINGS=ignore $(PY) -m pip
 
-.PHONY: demo test test-concurrent lint bench clean install
+.PHONY: demo test test-loaded test-concurrent coverage lint bench clean install
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +30,15 @@ lint: install
 	$(VENV)/bin/lint-imports
 
 test: lint
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest $(ARGS)
+
+# The same run with a busy loop on every CPU (LOAD=N for another count): the suite waits on
+# events and states, never on the clock, so it passes on a machine that is busy with something
+# else (docs/testing.md). `make test-loaded ARGS=tests/bus` runs a part.
+LOAD ?= $(shell nproc)
+test-loaded: install
+	@pids=""; for i in $$(seq $(LOAD)); do $(PYTHON) -c 'while True: pass' & pids="$$pids $$!"; done; \
+	trap 'kill $$pids' EXIT; echo "$(LOAD) busy loops:$$pids"; $(VENV)/bin/pytest $(ARGS)
 
 # Two whole test runs at once with demos looping beside them: each run and each host names what
 # is machine-global (/dev/shm files, cgroups) with a part of its own, so none may see, count or
