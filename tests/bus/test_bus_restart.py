@@ -17,6 +17,7 @@ import pytest
 
 from multikernel.endpoints import connect
 from multikernel.protocol import NameOwnerChanged
+from tests._children import end
 
 from .conftest import PATIENCE, Peer, spawn
 
@@ -32,9 +33,7 @@ def hub_process(socket_path: Path) -> Iterator[subprocess.Popen[bytes]]:
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=20)
+        end(proc)
         assert proc.stderr is not None
         proc.stderr.close()
 
