@@ -42,7 +42,8 @@ def test_the_first_to_ask_owns_the_name() -> None:
     assert names.request("svc", 1) == (RequestNameResult.PRIMARY_OWNER, [changed(0, 1)])
     assert names.owner("svc") == 1
     assert names.names_of(1) == ["svc"]
-    assert "svc" in names and len(names) == 1
+    assert "svc" in names
+    assert len(names) == 1
 
 
 # -- 2. the owner asks again --------------------------------------------------------------------
@@ -118,7 +119,7 @@ def test_a_waiters_new_flags_are_the_ones_it_is_promoted_with() -> None:
     assert names.request("svc", 3, REPLACE) == (RequestNameResult.PRIMARY_OWNER, [changed(2, 3)])
 
 
-# -- 5. taking the name over ------------------------------------------------------------------------
+# -- 5. taking the name over -------------------------------------------------------------------
 
 
 def test_replacement_takes_the_name_and_the_old_owner_waits_first() -> None:
@@ -172,7 +173,8 @@ def test_release_by_the_last_owner_frees_the_name() -> None:
     names = registry((1, 0))
     assert names.release("svc", 1) == (ReleaseNameResult.RELEASED, [changed(1, 0)])
     assert names.owner("svc") is None
-    assert "svc" not in names and len(names) == 0
+    assert "svc" not in names
+    assert len(names) == 0
     assert names.request("svc", 2) == (RequestNameResult.PRIMARY_OWNER, [changed(0, 2)])
 
 
@@ -251,7 +253,7 @@ def test_names_that_cannot_be_requested_or_released(name: str) -> None:
 
 
 def test_a_unique_name_is_refused_with_what_to_ask_for_instead() -> None:
-    with pytest.raises(InvalidSubjectError, match="unique endpoint name.*'mk.svc.store'"):
+    with pytest.raises(InvalidSubjectError, match=r"unique endpoint name.*'mk\.svc\.store'"):
         validate_name(":1.42")
     assert validate_name("mk.svc.store") == "mk.svc.store"
 
