@@ -13,12 +13,13 @@ the tests do not notice *survives*, which names a behaviour no test pins down. T
 Binary operators are replaced by their nearest kin only (+ by -, * by /, << by >>, ...), not by
 all eleven, and `--sample N` tests N mutants per target picked with a fixed seed (a full run of a
 target takes from ten minutes to an hour on a 2-CPU machine). Survivors are written, with their
-diffs, to `.mutation/<target>-survivors.txt`.
+diffs, to `.mutation/<target>-survivors.txt`; after writing tests for them, `--survivors` tests
+only the last run's survivors again.
 
 Runs with cosmic-ray's own virtualenv (`make mutation` creates it in `.mutation/venv`); the tests
 run with the project's `.venv`. It changes the working tree while it runs: run it on a clean one.
 
-    .mutation/venv/bin/python tests/run_mutation.py [--sample N] [TARGET...]
+    .mutation/venv/bin/python tests/run_mutation.py [--sample N | --survivors] [TARGET...]
 """
 
 from __future__ import annotations
@@ -86,12 +87,34 @@ def kept(operator: str) -> bool:
     return parts[0] != "ReplaceBinaryOperator" or KIN.get(parts[1]) == parts[2]
 
 
-def prune(db: WorkDB, sample: int | None) -> None:
-    """Skip the far-fetched operator replacements, then all but a sample of the rest."""
+Mutant = tuple[str, str, int]  # module, operator, occurrence: the same mutant in another session
+
+
+def survivors_of(session: Path) -> set[Mutant]:
+    """The mutants that survived in an earlier session (to test them again after new tests)."""
+    found = set()
+    with use_db(str(session), WorkDB.Mode.open) as db:
+        for item, result in db.completed_work_items:
+            if result.test_outcome == TestOutcome.SURVIVED:
+                (m,) = item.mutations
+                found.add((str(m.module_path), m.operator_name, m.occurrence))
+    return found
+
+
+def prune(db: WorkDB, sample: int | None, only: set[Mutant] | None = None) -> None:
+    """Skip the far-fetched operator replacements, then all but a sample of the rest (or all
+    but the mutants in `only`)."""
     skip: list[tuple[str, str]] = []
     items = list(db.pending_work_items)
     wanted = [i for i in items if all(kept(m.operator_name) for m in i.mutations)]
     skip += [(i.job_id, "a far-fetched replacement") for i in items if i not in wanted]
+    if only is not None:
+        chosen = [
+            i for i in wanted
+            if {(str(m.module_path), m.operator_name, m.occurrence) for m in i.mutations} <= only
+        ]  # fmt: skip
+        skip += [(i.job_id, "survived no earlier run") for i in wanted if i not in chosen]
+        wanted = chosen
     if sample is not None and sample < len(wanted):
         picked = {i.job_id for i in random.Random(13).sample(wanted, sample)}
         skip += [(i.job_id, "not in the sample") for i in wanted if i.job_id not in picked]
@@ -99,14 +122,18 @@ def prune(db: WorkDB, sample: int | None) -> None:
         db.set_result(job_id, WorkResult(worker_outcome=WorkerOutcome.SKIPPED, output=why))
 
 
-def run(name: str, sample: int | None) -> dict[str, int]:
+def run(name: str, sample: int | None, again: bool) -> dict[str, int]:
     session = OUT / f"{name}.sqlite"
+    only = None
+    if again:
+        previous = session.rename(OUT / f"{name}-previous.sqlite")
+        only = survivors_of(previous)
     session.unlink(missing_ok=True)
     cfg = config(name)
     cosmic = [str(Path(sys.executable).with_name("cosmic-ray"))]
     subprocess.run([*cosmic, "init", str(cfg), str(session)], cwd=ROOT, check=True)
     with use_db(str(session)) as db:
-        prune(db, sample)
+        prune(db, sample, only)
     subprocess.run([*cosmic, "exec", str(cfg), str(session)], cwd=ROOT, check=True)
     counts = {"tested": 0, "killed": 0, "survived": 0, "incompetent": 0}
     survivors = []
@@ -128,6 +155,9 @@ def run(name: str, sample: int | None) -> dict[str, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sample", type=int, help="mutants to test per target")
+    parser.add_argument(
+        "--survivors", action="store_true", help="test again only the last run's survivors"
+    )
     parser.add_argument("targets", nargs="*", help=f"of {', '.join(TARGETS)} (all by default)")
     args = parser.parse_args()
     if unknown := set(args.targets) - set(TARGETS):
@@ -138,7 +168,7 @@ def main() -> int:
     if dirty.stdout.strip():
         print("the working tree has changes; commit or stash them first (mutants go on disk)")
         return 2
-    report = {name: run(name, args.sample) for name in args.targets}
+    report = {name: run(name, args.sample, args.survivors) for name in args.targets}
     print(json.dumps(report, indent=2))
     for name, counts in report.items():
         print(f"{name}: {counts['killed']} of {counts['tested']} mutants killed, "

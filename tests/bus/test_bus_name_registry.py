@@ -41,6 +41,9 @@ def test_the_first_to_ask_owns_the_name() -> None:
     names = NameRegistry()
     assert names.request("svc", 1) == (RequestNameResult.PRIMARY_OWNER, [changed(0, 1)])
     assert names.owner("svc") == 1
+    # Asked with no flags: it does not allow replacement, and a second asker queues.
+    assert names.request("svc", 2, REPLACE) == (RequestNameResult.IN_QUEUE, [])
+    assert names.release("svc", 2) == (ReleaseNameResult.RELEASED, [])
     assert names.names_of(1) == ["svc"]
     assert "svc" in names
     assert len(names) == 1
