@@ -224,9 +224,15 @@ class Endpoint:
         await self._link.control(NameRelease(service.name))
 
     async def _drain_quietly(self) -> None:
-        """The hub asked us to drain; if it goes away meanwhile, there is nobody to answer."""
-        with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+        """The hub asked us to drain; if it goes away meanwhile, there is nobody to answer.
+
+        Each service drains in a task of its own, so a hub gone meanwhile comes out of `drain`
+        in an exception group, which `contextlib.suppress` does not look into before 3.12.
+        """
+        try:
             await self.drain()
+        except* (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
 
     async def drain(self) -> None:
         """Lame duck: hand every service's name to the next owner, finish requests in flight."""
