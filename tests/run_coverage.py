@@ -63,6 +63,7 @@ def measure(pytest_args: list[str]) -> tuple[int, int]:
 def main(pytest_args: list[str]) -> int:
     subprocess.run(["rm", "-rf", str(DATA)], check=True)
     DATA.mkdir()
+    DATA.chmod(0o1777)  # the suite runs some processes as nobody: they write their data too
     MARK.touch()
     PTH.write_text(HOOK)
     try:
