@@ -6,6 +6,8 @@ and the in-memory bus only add I/O around this bookkeeping.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from multikernel.bus._names import NameRegistry, NamesStatistics, validate_name
@@ -225,6 +227,27 @@ def test_names_of_lists_only_names_held_sorted() -> None:
     assert names.owner("nothing") is None
 
 
+def test_names_of_leaves_out_names_it_waits_for_whoever_owns_them() -> None:
+    names = registry((1, 0), (2, 0))  # 2 waits behind an owner with a smaller id
+    assert names.names_of(2) == []
+    assert names.names_of(1) == ["svc"]
+
+
+def test_endpoint_ids_as_large_as_the_hubs_are_compared_by_value() -> None:
+    """The hub's ids start at the clock (sixteen digits): no small-int identity to lean on."""
+    first, second = (int(f"179602621643309{n}") for n in (8, 9))
+    names = NameRegistry()
+    names.request("svc", first)
+    assert names.request("svc", int(str(first))) == (RequestNameResult.ALREADY_OWNER, [])
+    names.request("svc", second)
+    assert names.names_of(int(str(first))) == ["svc"]
+    assert names.release("svc", int(str(second))) == (ReleaseNameResult.RELEASED, [])
+    assert names.release("svc", int(str(first))) == (
+        ReleaseNameResult.RELEASED,
+        [changed(first, 0)],
+    )
+
+
 # -- statistics ----------------------------------------------------------------------------------
 
 
@@ -240,6 +263,8 @@ def test_statistics_count_names_waiters_and_handoffs() -> None:
     names.release("b.svc", 4)  # dropped to nobody: not a hand-off
     names.remove_owner(1)  # 1 -> 2
     assert names.statistics() == NamesStatistics(names=1, queued=0, handoffs=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        names.statistics().names = 0  # type: ignore[misc]
 
 
 # -- what may be asked for -------------------------------------------------------------------------
