@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import typing
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -159,13 +159,13 @@ class MemoryEndpoint:
 
     def request_stream(
         self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """Call a streaming method: yields each reply until the service ends the stream."""
         return self._stream(target, method, body, response)
 
     async def _stream(
         self, target: str, method: str, body: object, response: Any
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         decoder = self._decoder(response)
         call = await self._call(target, method, body)
         try:

@@ -10,7 +10,7 @@ seams a `Service` needs: the endpoint that owns its name, and the channel a requ
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio
@@ -61,7 +61,7 @@ class Bus(Protocol):
 
     def request_stream(
         self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
-    ) -> AsyncIterator[T]: ...
+    ) -> AsyncGenerator[T, None]: ...
 
     def service(self, name: str, *, concurrency: int = 64, flags: int = 0) -> Service: ...
 

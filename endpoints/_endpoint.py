@@ -11,7 +11,7 @@ Works under asyncio, uvloop and trio (anyio).
 from __future__ import annotations
 
 import socket
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Collection, Coroutine, Mapping
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar, overload
@@ -193,13 +193,13 @@ class Endpoint:
 
     def request_stream(
         self, target: str, method: str, body: object = None, *, response: type[T] | Any = Any
-    ) -> AsyncIterator[T]:
+    ) -> AsyncGenerator[T, None]:
         """Call a streaming method: yields each reply until the service ends the stream."""
         return self._stream(target, method, body, response)
 
     async def _stream(
         self, target: str, method: str, body: object, response: Any
-    ) -> AsyncIterator[Any]:
+    ) -> AsyncGenerator[Any, None]:
         decoder = self._decoder(response)
         direct, correlation, reply = await self._clients.send_request(target, method, body)
         try:
@@ -241,9 +241,15 @@ class Endpoint:
         await self._link.control(NameRelease(service.name))
 
     async def _drain_quietly(self) -> None:
-        """The hub asked us to drain; if it goes away meanwhile, there is nobody to answer."""
-        with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+        """The hub asked us to drain; if it goes away meanwhile, there is nobody to answer.
+
+        Each service drains in a task of its own, so a hub gone meanwhile comes out of `drain`
+        in an exception group, which `contextlib.suppress` does not look into before 3.12.
+        """
+        try:
             await self.drain()
+        except* (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass
 
     async def drain(self) -> None:
         """Lame duck: hand every service's name to the next owner, finish requests in flight."""
@@ -318,13 +324,15 @@ class Endpoint:
             sub.discard()
             raise
 
-        async def records() -> AsyncIterator[MonitorRecord]:
+        async def records() -> AsyncGenerator[MonitorRecord, None]:
             async for message in sub:
                 yield msgspec.msgpack.decode(message.data, type=MonitorRecord)
 
+        iterator = records()
         try:
-            yield records()
+            yield iterator
         finally:
+            await iterator.aclose()  # not left to the garbage collector (trio warns of that)
             await sub.aclose()
 
     async def _stop_monitor(self, sub: Subscription) -> None:

@@ -32,7 +32,17 @@ def build_wheel(dist: Path, env: dict[str, str] | None = None) -> Path:
         ROOT,
         source,
         ignore=shutil.ignore_patterns(
-            ".git", ".venv", "build", "*.so", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"
+            ".git",
+            ".venv",
+            "build",
+            "*.so",
+            "*.egg-info",
+            "__pycache__",
+            ".*_cache",
+            ".hypothesis",
+            ".mutation",
+            ".coverage-data",
+            ".concurrent",  # tools' output: a virtualenv, logs
         ),
     )
     subprocess.run(
@@ -72,6 +82,7 @@ with Region.create(4096) as region:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # two wheel builds, a virtualenv and three pip installs: ~40 s when busy
 def test_wheel_installs_and_imports_every_module(tmp_path: Path) -> None:
     """Every module, the native ring core included; and without a compiler, the Python ring."""
     wheel = build_wheel(tmp_path / "dist")

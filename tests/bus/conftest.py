@@ -15,6 +15,7 @@ import anyio
 import pytest
 
 from multikernel.bus import Hub, Policy
+from tests._children import end
 
 PEER = Path(__file__).with_name("peer.py")
 #: How long a peer may stay silent before a test fails instead of hanging.
@@ -85,9 +86,7 @@ def spawn(
     try:
         yield Peer(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=20)
+        end(proc)
         for stream in (proc.stdin, proc.stdout):
             if stream is not None and not stream.closed:
                 stream.close()

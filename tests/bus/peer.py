@@ -6,11 +6,12 @@ Every role prints one JSON line per event on stdout ("ready" first) and exits wh
 closes (the test's way of saying "stop gracefully") or when it is killed.
 
   serve NAME [FLAGS]        serve NAME: echo, whoami, sleep, count, fail; report cancellations
+                            and how long a sleeping handler had before its deadline
   subscribe PATTERN [GROUP] print every message received
   publish SUBJECT COUNT     publish COUNT numbered messages, then print "done"
   call NAME METHOD ARG      one request; print its result or its error type and message
-  calls NAME                requests in a loop until stdin closes; print each outcome
-  garbage                   attach, then write garbage into the session channel
+  calls NAME [OWN]          requests in a loop until stdin closes; print each outcome
+  garbage [NAME]            attach (owning NAME), then write garbage into the session channel
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ async def serve(ep: Endpoint, name: str, flags: str = "0") -> None:
 
     @svc.method
     async def sleep(seconds: float) -> str:
-        say("sleeping", seconds=seconds)
+        left = anyio.current_effective_deadline() - anyio.current_time()  # inf: no deadline
+        say("sleeping", seconds=seconds, left=min(left, 1e9))
         try:
             await anyio.sleep(seconds)
         except anyio.get_cancelled_exc_class():
@@ -106,7 +108,9 @@ async def call(ep: Endpoint, name: str, method: str, argument: str) -> None:
         say("error", type=type(exc).__name__, message=str(exc))
 
 
-async def calls(ep: Endpoint, name: str) -> None:
+async def calls(ep: Endpoint, name: str, own: str | None = None) -> None:
+    if own is not None:  # a name of its own: the hub announces when it (re-)attaches
+        await ep.service(own).start()
     say("ready", id=ep.id)
     async with anyio.create_task_group() as tg:
 
@@ -127,7 +131,9 @@ async def calls(ep: Endpoint, name: str) -> None:
             await anyio.sleep(0.002)
 
 
-async def garbage(ep: Endpoint) -> None:
+async def garbage(ep: Endpoint, name: str | None = None) -> None:
+    if name is not None:  # owned first, so that the hub announces when it cuts us off
+        await ep.service(name).start()
     say("ready", id=ep.id)
     session = ep._link.session
     assert session is not None

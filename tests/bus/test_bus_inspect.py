@@ -12,7 +12,7 @@ from multikernel.bus import Hub
 from multikernel.endpoints import Endpoint, connect
 from multikernel.protocol import Kind, decode_header
 
-from .conftest import spawn
+from .conftest import PATIENCE, spawn
 
 pytestmark = pytest.mark.anyio
 
@@ -94,21 +94,26 @@ async def test_introspection_lists_services_with_schemas(hub: Hub, socket_path: 
 
 
 async def test_an_endpoint_writing_garbage_is_cut_off_alone(hub: Hub, socket_path: Path) -> None:
+    from multikernel.protocol import NameOwnerChanged
+
     async with connect(socket_path, name="bystander") as bystander:
         async with await bystander.subscribe("mk.bus.names.>") as names:
             with spawn("serve", socket_path, "victim-name") as server:
                 await server.expect("ready")
                 await names.receive()  # it owns its name
-                with spawn("garbage", socket_path) as garbage:
+                with spawn("garbage", socket_path, "vandal") as garbage:
                     first_id = (await garbage.expect("ready"))["id"]
-                    with anyio.fail_after(20):  # (it re-attaches under a new id afterwards)
-                        while any(
-                            e.endpoint_id == first_id
-                            for e in (await bystander.introspect()).endpoints
-                        ):
-                            await anyio.wait_all_tasks_blocked()
+                    with anyio.fail_after(PATIENCE):
+                        owned = (await names.receive()).decode(NameOwnerChanged)
+                        released = (await names.receive()).decode(NameOwnerChanged)
+                    assert owned == NameOwnerChanged("vandal", 0, first_id)
+                    assert released == NameOwnerChanged("vandal", first_id, 0)  # cut off
+                    # (it re-attaches under a new id afterwards)
+                    snapshot = await bystander.introspect()
+                    assert first_id not in {e.endpoint_id for e in snapshot.endpoints}
                 assert await bystander.request("victim-name", "echo", b"ok") == b"ok"
         assert hub.counters["errors"] >= 1
+        assert hub.counters["cut_off"] >= 1
 
 
 async def test_a_killed_endpoint_releases_its_names(hub: Hub, socket_path: Path) -> None:

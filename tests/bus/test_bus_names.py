@@ -10,7 +10,7 @@ from multikernel.bus import Hub
 from multikernel.endpoints import connect
 from multikernel.protocol import NameFlag, NameOwnerChanged, RequestNameResult
 
-from .conftest import spawn
+from .conftest import PATIENCE, spawn
 
 pytestmark = pytest.mark.anyio
 
@@ -83,11 +83,15 @@ async def test_draining_service_hands_over_and_finishes_in_flight_work(
 
                 tg.start_soon(call_old)
                 await started.wait()  # the call is running at the old owner
-                async with anyio.create_task_group() as drain_group:
+                async with (
+                    await client.subscribe("mk.bus.names.svc") as names,
+                    anyio.create_task_group() as drain_group,
+                ):
                     drain_group.start_soon(old.drain)
-                    with anyio.fail_after(20):
-                        while (await client.introspect()).names != {"svc": (b["id"],)}:
-                            pass  # the drain handed the name over (each look is a round trip)
+                    with anyio.fail_after(PATIENCE):  # the drain hands the name over at once
+                        change = (await names.receive()).decode(NameOwnerChanged)
+                    assert change == NameOwnerChanged("svc", old_ep.id, b["id"])
+                    assert (await client.introspect()).names == {"svc": (b["id"],)}
                     release.set()
             assert results == ["old finished"]
             assert (await client.request("svc", "whoami", None))["server"] == b["id"]

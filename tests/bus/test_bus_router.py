@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -132,6 +133,15 @@ def test_match_filtered_passes_a_rejected_members_turn_to_the_next() -> None:
     assert Counter(found[0] for found in picks) == {"w0": 50, "w2": 50}
 
 
+def test_match_filtered_turns_continue_in_order_after_the_cache_is_dropped() -> None:
+    router = _router(*((f"w{i}", "s.x", "g") for i in range(3)))
+    assert router.match_filtered("s.x", lambda key: True) == ["w0"]
+    router.subscribe("other", "t.*")  # a wildcard subscription drops every cached match
+    assert [router.match_filtered("s.x", lambda key: True) for _ in range(3)] == [
+        ["w1"], ["w2"], ["w0"],
+    ]  # fmt: skip
+
+
 def test_match_filtered_skips_a_group_with_no_allowed_member() -> None:
     router = _router(("p", "s.x"), ("w", "s.x", "g"))
     assert router.match_filtered("s.x", lambda key: key == "p") == ["p"]
@@ -160,6 +170,15 @@ def test_unsubscribe_prunes_the_trie_and_forgets_empty_groups() -> None:
     router.unsubscribe("b")
     stats = router.statistics()
     assert (stats.trie_nodes, stats.queue_groups, stats.subscriptions) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("token", ["1", "-x", "09", "z"])  # tokens before and after '>'
+def test_unsubscribing_a_literal_beside_a_full_wildcard_keeps_the_wildcard(token: str) -> None:
+    router = _router(("all", "s.>"), ("one", f"s.{token}"))
+    router.unsubscribe("one")
+    assert router.match("s.other") == ["all"]
+    assert router.match(f"s.{token}") == ["all"]
+    assert router.statistics().trie_nodes == 2  # s and its '>'; the literal's node is gone
 
 
 def test_unsubscribe_keeps_shared_prefix_nodes() -> None:
@@ -213,6 +232,15 @@ def test_cache_stays_within_its_bound() -> None:
     for n in range(100):
         assert router.match(f"s.{n}") == ["a"]
     assert router.statistics().cache_entries == 8
+
+
+def test_the_default_cache_holds_4096_subjects() -> None:
+    """The bound docs/security.md gives for a publisher of endless subjects."""
+    router: SubjectRouter[str] = SubjectRouter()
+    router.subscribe("a", ">")
+    for n in range(4097):
+        router.match(f"s.{n}")
+    assert router.statistics().cache_entries == 4096
 
 
 def test_zero_cache_size_disables_the_cache() -> None:
@@ -292,6 +320,12 @@ def test_statistics_count_subscriptions_groups_and_nodes() -> None:
         cache_hits=0,
         cache_misses=0,
     )
+
+
+def test_statistics_are_a_frozen_snapshot() -> None:
+    stats = _router(("a", "s.x")).statistics()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.subscriptions = 2  # type: ignore[misc]
 
 
 # --- property: the router agrees with the reference matcher ----------------------------------

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tests._children import end
 from tests.bus.conftest import Peer
 from tests.bus.test_bus_restart import hub_process, listening
 
@@ -43,9 +44,7 @@ def hostile(attack: str, argument: str, pass_fds: list[int]) -> Iterator[Hostile
     try:
         yield Hostile(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=PATIENCE)
+        end(proc)
         for stream in (proc.stdin, proc.stdout):
             if stream is not None and not stream.closed:
                 stream.close()

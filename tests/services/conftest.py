@@ -30,6 +30,16 @@ time.sleep(300)
 """
 
 
+#: A workload that ignores SIGTERM (and says so): only SIGKILL ends it.
+STUBBORN = """\
+import signal, time
+signal.signal(signal.SIGTERM, lambda signum, frame: print("ignoring SIGTERM", flush=True))
+print("up", flush=True)
+while True:
+    time.sleep(300)
+"""
+
+
 def make_image(root: Path, name: str, body: str, key: bytes, cert: bytes) -> Path:
     image = root / name
     image.mkdir()
@@ -48,6 +58,7 @@ async def _serve(root: Path, *, isolate: bool) -> AsyncIterator[Path]:
     crash = "import sys\nprint('starting')\nsys.exit('no config file: /etc/app.toml')\n"
     make_image(root, "crasher", crash, key, cert)
     make_image(root, "oneshot", "print('hello')\nprint('world')\n", key, cert)
+    make_image(root, "stubborn", STUBBORN, key, cert)
     config = HostConfig(
         root / "bus.sock", root / "state", trusted=[root / "cert.pem"], isolate=isolate
     )
@@ -67,7 +78,8 @@ async def _serve(root: Path, *, isolate: bool) -> AsyncIterator[Path]:
 @pytest.fixture
 async def host(tmp_path: Path) -> AsyncIterator[Path]:
     """A host (hub + lifecycle actor) with signed images: `image` (sleeps until stopped),
-    `crasher` (fails at start) and `oneshot` (prints two lines and exits 0)."""
+    `crasher` (fails at start), `oneshot` (prints two lines and exits 0) and `stubborn`
+    (ignores SIGTERM)."""
     async for root in _serve(tmp_path, isolate=True):
         yield root
 

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
+from multikernel.services import _local
 from multikernel.services._local import LocalPlatform
 from multikernel.services._local_probe import MIN_MEMORY, online_cpus
 from multikernel.services._local_process import LocalInstance
@@ -510,13 +512,33 @@ async def test_update_of_an_ended_instance_is_an_error(platform: LocalPlatform) 
                 platform.inspect(instance)
 
 
-@pytest.mark.parametrize("delay", [0, 0.005, 0.02])
+@pytest.mark.parametrize(
+    "when", ["before the keeper reports", "once it reports the agent's pid", "once the agent runs"]
+)
 async def test_a_cancelled_launch_leaves_nothing_behind(
-    platform: LocalPlatform, delay: float
+    platform: LocalPlatform, monkeypatch: pytest.MonkeyPatch, when: str
 ) -> None:
-    instance = None
+    """Cancelled at each point launch can be cancelled at, decided by what the keeper has said
+    (not by a delay): the keeper, the agent and the cgroups go, and the name is free again."""
+    scope = anyio.CancelScope()
+    read_report = _local.read_to_eof
+
+    async def read_then_cancel(fd: int) -> bytes:
+        if when == "once it reports the agent's pid":
+            await anyio.wait_readable(fd)  # its first line: the agent's process exists
+        if when != "once the agent runs":
+            scope.cancel()
+        report = await read_report(fd)
+        scope.cancel()  # the report is complete: the agent has exec'd
+        await anyio.lowlevel.checkpoint()
+        return report
+
+    monkeypatch.setattr(_local, "read_to_eof", read_then_cancel)
+    spec = make_spec(None)
     with anyio.fail_after(10):
-        with anyio.move_on_after(delay):
-            instance = await platform.launch(make_spec(None))
-        if instance is not None:
-            await instance.aclose()
+        with scope:
+            await platform.launch(spec)
+        assert scope.cancelled_caught
+        monkeypatch.undo()
+        async with await platform.launch(spec):  # the cancelled launch freed its name
+            pass

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -186,6 +188,35 @@ async def test_host_down_stops_a_foreground_host(tmp_path: Path) -> None:
         with anyio.fail_after(30):
             assert await proc.wait() == 0
     assert not (tmp_path / "host.pid").exists()
+
+
+async def test_host_up_starts_a_host_in_the_background_and_host_down_stops_it(
+    tmp_path: Path,
+) -> None:
+    """The default `host up`: the host goes on in the background, its log in the state dir."""
+    state = ("--state-dir", str(tmp_path))
+    code, out, err = await mkctl(tmp_path, *state, "host", "up", "--metrics", "off")
+    assert code == 0, err
+    pid = int((tmp_path / "host.pid").read_text())
+    log = tmp_path / "host.log"
+    assert out == f"host up: pid {pid}, socket {tmp_path / 'bus.sock'}, log {log}\n"
+    pidfd = os.pidfd_open(pid)  # not our child (mkctl's, which has exited): watch it this way
+    try:
+        assert (await mkctl(tmp_path, "show"))[0] == 0  # it serves
+        assert await fails(tmp_path, *state, "host", "up") == (
+            4,
+            f"error: a host is already running (pid {pid}); mkctl host down first",
+        )
+        code, out, _ = await mkctl(tmp_path, *state, "host", "down")
+        assert (code, out) == (0, f"host down (pid {pid})\n")
+        with anyio.fail_after(30):
+            await anyio.wait_readable(pidfd)  # it has exited
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # (the pidfd: never a reused pid)
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)  # if the test failed before down
+        os.close(pidfd)
+    assert not (tmp_path / "host.pid").exists()
+    assert b'"host ready"' in log.read_bytes()
 
 
 async def test_host_up_keeps_what_it_is_told_to_reserve(tmp_path: Path) -> None:

@@ -8,11 +8,14 @@ import pty
 import struct
 import sys
 import termios
+import time
 from pathlib import Path
 
 import anyio
 import anyio.abc
 import pytest
+
+from multikernel.services._agent import WORKLOAD_GRACE
 
 from .conftest import fails, mkctl
 
@@ -74,6 +77,21 @@ async def test_a_workload_that_runs_to_completion_has_started(host: Path) -> Non
         3,
         "error: no instance named 'nope' (known: job); mkctl create nope",
     )
+
+
+async def test_a_workload_that_ignores_sigterm_is_killed_after_the_grace(host: Path) -> None:
+    """The agent sends SIGTERM, waits WORKLOAD_GRACE (3 s), then SIGKILLs (docs/lifecycle.md)."""
+    code, out, _ = await _up(host, "stubborn", image="stubborn")
+    assert code == 0, out
+    asked = time.monotonic()
+    assert (await mkctl(host, "kill", "stubborn"))[0] == 0
+    assert time.monotonic() - asked >= WORKLOAD_GRACE  # SIGTERM alone did not end it
+    _, out, _ = await mkctl(host, "show", "stubborn", "-o", "json")
+    assert '"state": "loaded"' in out
+    code, out, _ = await mkctl(host, "logs", "stubborn")
+    assert (code, out) == (0, "up\nignoring SIGTERM\n")
+    assert (await mkctl(host, "start", "stubborn"))[0] == 0  # nothing of it is left in the way
+    assert (await mkctl(host, "kill", "stubborn", "--force"))[0] == 0
 
 
 async def test_logs_follow_prints_new_output_until_it_ends(host: Path) -> None:

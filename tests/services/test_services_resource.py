@@ -42,6 +42,7 @@ from multikernel.protocol import (
     TxRecord,
 )
 from multikernel.services._agent import AgentState, _serve
+from multikernel.services._agent_resources import InstanceResources
 from multikernel.services._enforce import HostSideError, LocalHostSide
 from multikernel.services._local import LocalPlatform
 from multikernel.services._placement import Holding
@@ -234,6 +235,18 @@ async def test_a_late_transaction_after_its_rollback_is_refused_by_the_agent() -
     answer = await agent.resource(late)
     assert (answer.error, answer.acks[0].result) == ("it was rolled back before it came", -125)
     assert agent.cpus == {0}
+
+
+async def test_the_real_agent_refuses_a_transaction_rolled_back_before_it_came() -> None:
+    """What FakeAgent does above is what the agent does (docs/resources.md, rollbacks)."""
+    cpus = frozenset(os.sched_getaffinity(0))
+    agent = InstanceResources(1, cpus)
+    undo = ResourceTransaction(tx=5, instance=1, cpus=tuple(sorted(cpus)), rollback_of=5)
+    late = ResourceTransaction(tx=5, instance=1, ops=(CpuAdd(1, cpu_id=2),), cpus=(0, 2))
+    assert (await agent.handle(undo)).error == ""
+    answer = await agent.handle(late)
+    assert (answer.error, answer.acks[0].result) == ("it was rolled back before it came", -125)
+    assert (agent.cpus, agent.tx) == (cpus, 0)  # nothing applied: not even our affinity
 
 
 async def test_another_instances_cpu_is_refused_naming_the_holder_and_what_is_free(

@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from multikernel.shm import ChannelHandle, Region, RingReader, RingWriter, format_ring, ring_size
+from tests._children import end
 
 PEER = Path(__file__).with_name("peer.py")
 
@@ -35,8 +36,6 @@ def spawn_peer(handle: ChannelHandle, role: str, *args: str) -> Iterator[subproc
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
+        end(proc)
         assert proc.stdout is not None
         proc.stdout.close()

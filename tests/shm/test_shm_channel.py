@@ -56,6 +56,21 @@ async def test_busy_receiver_costs_the_sender_no_doorbell(pair: tuple[Channel, C
     assert a.statistics().sent.wakeups_sent == 0
 
 
+async def test_a_reader_that_woke_up_costs_the_sender_no_more_doorbells(
+    pair: tuple[Channel, Channel],
+) -> None:
+    """Waking clears the reader's sleeping flag: the doorbell is rung for one sleep only."""
+    a, b = pair
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(b.receive)
+        await anyio.wait_all_tasks_blocked()  # asleep on its doorbell
+        await a.send(b"wake up")
+    for i in range(10):
+        await a.send(bytes([i]))
+    assert a.statistics().sent.wakeups_sent == 1
+    assert await b.receive_many(10) == [bytes([i]) for i in range(10)]
+
+
 async def test_full_ring_makes_the_sender_wait_until_room(pair: tuple[Channel, Channel]) -> None:
     a, b = pair
     frames = [bytes([i]) * 100 for i in range(30)]  # far more than a 1 KiB ring holds
@@ -79,11 +94,20 @@ async def test_cancel_scope_bounds_a_blocked_sender_and_nothing_is_lost(
 ) -> None:
     a, b = pair
     accepted = []
-    with anyio.move_on_after(0.05) as scope:
-        for i in range(100):
-            await a.send(bytes([i]) * 100)
-            accepted.append(bytes([i]) * 100)
+    scope = anyio.CancelScope()
+
+    async def send_until_cancelled() -> None:
+        with scope:
+            for i in range(100):
+                await a.send(bytes([i]) * 100)
+                accepted.append(bytes([i]) * 100)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(send_until_cancelled)
+        await anyio.wait_all_tasks_blocked()  # the ring is full and the sender waits for room
+        scope.cancel()
     assert scope.cancelled_caught
+    assert 0 < len(accepted) < 100
     assert await b.receive_many(100) == accepted
 
 
