@@ -16,7 +16,7 @@ import click
 from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints.mkctl._client import with_bus
 from multikernel.endpoints.mkctl._errors import EXIT_NOT_FOUND, CommandError
-from multikernel.endpoints.mkctl._instances import Restart, _complete_names, name_argument
+from multikernel.endpoints.mkctl._instances import RESTART, _complete_names, name_argument
 from multikernel.endpoints.mkctl._output import Verbs, emit, output_options, table
 from multikernel.protocol import (
     FaultHistory,
@@ -113,7 +113,7 @@ def history(name: str, limit: int) -> int:
 
 @fault.command(short_help="Show or set an instance's restart policy.")
 @name_argument
-@click.argument("policy", type=Restart(), required=False)
+@click.argument("policy", type=RESTART, required=False)
 @output_options
 def policy(name: str, policy: RestartPolicy | None) -> int:
     """Show the instance's restart policy, or set it to POLICY (MODE[,KEY=VALUE...][,standby],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
@@ -37,75 +37,48 @@ from multikernel.protocol import (
     parse_size,
 )
 
+T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 
-class Size(click.ParamType[int]):
-    """'256M', '1.5G', '2GiB', '4096' (bytes) → bytes; 0 is refused (say nothing to keep it)."""
 
-    name = "size"
+class Parsed(click.ParamType[T]):
+    """An option value read by one of the protocol's parsers; its ValueError is the message."""
 
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
-        if isinstance(value, int):
-            return value
+    def __init__(self, name: str, parse: Callable[[str], T]) -> None:
+        self.name = name
+        self.parse = parse
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> T:
+        if not isinstance(value, str):
+            return value  # type: ignore[no-any-return]  # converted already
         try:
-            return parse_size(str(value), minimum=1)
+            return self.parse(value)
         except ValueError as error:
             self.fail(str(error), param, ctx)
 
 
-class Cpus(click.ParamType[CpuSpec]):
-    """'2' → two CPUs the resource actor places; '@1', '@0-3,6' (or '0-3,6') → those CPUs."""
-
-    name = "cpus"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> CpuSpec:
-        if isinstance(value, CpuSpec):
-            return value
-        try:
-            return parse_cpus(str(value))
-        except ValueError as error:
-            self.fail(str(error), param, ctx)
-
-
-class Queues(click.ParamType[tuple[str, ...]]):
+def parse_queues(text: str) -> tuple[str, ...]:
     """'net/eth0/rx-0,block/vda/mq-0' → those I/O queues; 'none' → give them all back."""
+    text = text.strip()
+    if text == "none":
+        return ()
+    names = tuple(q.strip() for q in text.split(","))
+    if not all(names):
+        raise ValueError(f"not a queue list: {text!r} (e.g. net/eth0/rx-0,net/eth0/tx-0)")
+    return names
 
-    name = "queues"
 
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> tuple[str, ...]:
-        if isinstance(value, tuple):
-            return value
-        text = str(value).strip()
-        if text == "none":
-            return ()
-        names = tuple(q.strip() for q in text.split(","))
-        if not all(names):
-            self.fail(f"not a queue list: {text!r} (e.g. net/eth0/rx-0,net/eth0/tx-0)", param, ctx)
-        return names
+#: `--memory 256M|1.5G|2GiB|4096` (0 refused: say nothing to keep it); `--cpus 2|@1|@0-3,6`;
+#: `--queues a,b|none`; `--restart permanent,intensity=3,...` (docs/cli.md).
+SIZE = Parsed("size", lambda text: parse_size(text, minimum=1))
+CPUS = Parsed("cpus", parse_cpus)
+QUEUES = Parsed("queues", parse_queues)
+RESTART = Parsed("policy", parse_restart)
 
 
 def _split(cpus: CpuSpec | None) -> tuple[tuple[int, ...], int]:
     """A spec as the lifecycle's (ids, count) fields."""
     return ((), 0) if cpus is None else (cpus.ids, cpus.count)
-
-
-class Restart(click.ParamType[RestartPolicy]):
-    """'permanent', 'transient,intensity=3,period=30', 'permanent,group=web,standby' → policy."""
-
-    name = "policy"
-
-    def convert(
-        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
-    ) -> RestartPolicy:
-        if isinstance(value, RestartPolicy):
-            return value
-        try:
-            return parse_restart(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
 
 
 def _complete_names(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[str]:
@@ -151,13 +124,26 @@ _RESTART_HELP = (
 )
 
 
+def grant_options(cpus_help: str) -> Callable[[F], F]:
+    """--cpus, --memory, --queues, --restart and the output options (create and update)."""
+
+    def add(command: F) -> F:
+        for option in reversed((
+            click.option("--cpus", type=CPUS, default=None, help=cpus_help),
+            click.option("--memory", type=SIZE, default=None, help=_MEMORY_HELP),
+            click.option("--queues", type=QUEUES, default=None, help=_QUEUES_HELP),
+            click.option("--restart", type=RESTART, default=None, help=_RESTART_HELP),
+            output_options,
+        )):  # fmt: skip
+            command = option(command)
+        return command
+
+    return add
+
+
 @click.command()
 @name_argument
-@click.option("--cpus", type=Cpus(), default=None, help=_CPUS_HELP + " Default with --memory: 1.")
-@click.option("--memory", type=Size(), default=None, help=_MEMORY_HELP)
-@click.option("--queues", type=Queues(), default=None, help=_QUEUES_HELP)
-@click.option("--restart", type=Restart(), default=None, help=_RESTART_HELP)
-@output_options
+@grant_options(_CPUS_HELP + " Default with --memory: 1.")
 def create(
     name: str,
     cpus: CpuSpec | None,
@@ -173,11 +159,7 @@ def create(
 
 @click.command()
 @name_argument
-@click.option("--cpus", type=Cpus(), default=None, help=_CPUS_HELP)
-@click.option("--memory", type=Size(), default=None, help=_MEMORY_HELP)
-@click.option("--queues", type=Queues(), default=None, help=_QUEUES_HELP)
-@click.option("--restart", type=Restart(), default=None, help=_RESTART_HELP)
-@output_options
+@grant_options(_CPUS_HELP)
 def update(
     name: str,
     cpus: CpuSpec | None,
