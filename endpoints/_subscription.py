@@ -85,11 +85,18 @@ class Subscription:
     def try_push(self, message: Message) -> bool:
         """Hand `message` over without waiting; False when the buffer is full and the caller
         should `await offer(message)` instead (nothing was counted then)."""
+        return self._now(message, may_wait=bool(self.patience) and not self.stalled)
+
+    def push(self, message: Message) -> None:
+        """Hand `message` over, or drop it (counted, told as a gap) when the buffer is full."""
+        self._now(message, may_wait=False)
+
+    def _now(self, message: Message, *, may_wait: bool) -> bool:
         told = self._gap(message)
         try:
             self._send.send_nowait(told)
         except anyio.WouldBlock:
-            if self.patience and not self.stalled:
+            if may_wait:
                 return False
             self._drop(told)
             return True
@@ -98,18 +105,6 @@ class Subscription:
         self._handed(told)
         self.stalled = False  # it had room again: the next full buffer waits again
         return True
-
-    def push(self, message: Message) -> None:
-        """Hand `message` over, or drop it (counted, told as a gap) when the buffer is full."""
-        told = self._gap(message)
-        try:
-            self._send.send_nowait(told)
-        except anyio.WouldBlock:
-            self._drop(told)
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass  # closed while a delivery was on its way
-        else:
-            self._handed(told)
 
     async def offer(self, message: Message) -> None:
         """Wait up to `patience` for room (the caller reads nothing meanwhile), then hand it
