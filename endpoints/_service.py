@@ -168,6 +168,8 @@ class Service:
         self.served = self.failed = 0
         self._idle = anyio.Event()
         self._idle.set()
+        self._paused = False
+        self._settled = anyio.Event()  # while paused: set as each running request ends
 
     def method(self, handler: Handler | None = None, *, name: str | None = None) -> Any:
         """Register an async function (or async generator, for many replies) as a method."""
@@ -198,6 +200,47 @@ class Service:
             await self.endpoint._release_service(self)
         await self._idle.wait()
 
+    @property
+    def paused(self) -> bool:
+        return self._paused
+
+    async def pause(self) -> None:
+        """Start no request (new ones wait in the queue); return once the running ones ended.
+
+        An upgrade freezes a service this way before it takes its state: what ran is in the
+        state, what waits runs after `resume` (a rollback) or is refused by `refuse_waiting`.
+        """
+        self._paused = True
+        while self.in_flight > len(self._queue):
+            self._settled = anyio.Event()
+            await self._settled.wait()
+
+    def resume(self) -> None:
+        """Run the requests that waited while paused, and new ones, again."""
+        if self._paused:
+            self._paused = False
+            self._wake.set()
+
+    def refuse_waiting(self, error: Exception) -> int:
+        """Answer every request waiting in the queue with `error`; how many there were."""
+        refused = 0
+        while self._queue:
+            direct, header, _ = self._queue.popleft()
+            direct.send_nowait(
+                encode(Kind.ERROR, error_to_body(error), correlation=header.correlation)
+            )
+            self._ended()
+            refused += 1
+        return refused
+
+    def _ended(self) -> None:
+        """One request of the `in_flight` ones is over."""
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+        if self._paused:
+            self._settled.set()
+
     def submit(self, direct: ReplyChannel, header: Header, frame: bytes) -> None:
         """Queue a request for a worker (called by the channel's reader, without waiting).
 
@@ -223,7 +266,7 @@ class Service:
 
     def has_capacity(self) -> bool:
         """Whether a request may start now (under the concurrency limit, none waiting)."""
-        return self.in_flight < self.concurrency and not self._queue
+        return self.in_flight < self.concurrency and not self._queue and not self._paused
 
     def answer_now(
         self, direct: DirectChannel, header: Header, frame: bytes
@@ -315,21 +358,17 @@ class Service:
         try:
             await self._handle(direct, header, frame, started)
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self._ended()
 
     async def _work(self) -> None:
         try:
             while True:
-                while self._queue:
+                while self._queue and not self._paused:
                     direct, header, frame = self._queue.popleft()
                     try:
                         await self._handle(direct, header, frame)
                     finally:
-                        self.in_flight -= 1
-                        if self.in_flight == 0:
-                            self._idle.set()
+                        self._ended()
                 wake = self._wake
                 self._parked += 1
                 try:

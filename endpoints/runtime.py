@@ -10,6 +10,7 @@ endpoints keeps its own event loop, asyncio, uvloop or trio (all go through anyi
 from __future__ import annotations
 
 import importlib.util
+import os
 import resource
 from collections.abc import Awaitable, Callable
 from typing import TypeVar, TypeVarTuple, Unpack
@@ -43,3 +44,20 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
+
+
+async def until_eof(fd: int, scope: anyio.CancelScope) -> None:
+    """Cancel `scope` when the pipe `fd` reaches EOF: an actor's lifeline, whose only writer is
+    its host, ends when the host does, however it went."""
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            await anyio.wait_readable(fd)
+            try:
+                if not os.read(fd, 64):
+                    break
+            except BlockingIOError:
+                continue
+    finally:
+        os.close(fd)
+    scope.cancel()

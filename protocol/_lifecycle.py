@@ -120,6 +120,8 @@ class InstanceInfo(_LifecycleMessage, frozen=True):
     cause: str = ""  # why the last launch ended: requested, exited, crashed, lost, hang, garbage
     standby: U32 = 0  # pid of the warm standby agent, 0 when there is none
     queues: tuple[str, ...] = ()
+    image_source: str = ""  # where the loaded image was read from (LoadImage.image)
+    image_digest: str = ""  # "sha256:<hex>" of its signed payload
 
 
 class InstanceList(_LifecycleMessage, frozen=True):

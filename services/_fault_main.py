@@ -35,23 +35,6 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-async def until_eof(fd: int, scope: anyio.CancelScope) -> None:
-    """Cancel `scope` when the pipe `fd` reaches EOF (its writer, the host, is gone)."""
-    os.set_blocking(fd, False)
-    try:
-        while True:
-            await anyio.wait_readable(fd)
-            try:
-                if not os.read(fd, 64):
-                    break
-            except BlockingIOError:
-                continue
-    finally:
-        os.close(fd)
-    log.info("host gone: fault actor stopping")
-    scope.cancel()
-
-
 async def run_fault(state_dir: Path, detection: DetectionConfig) -> None:
     lifeline = os.environ.pop(ENV_LIFELINE, None)
     lock = await _lock(state_dir / "fault.lock")
@@ -59,7 +42,7 @@ async def run_fault(state_dir: Path, detection: DetectionConfig) -> None:
     try:
         async with connect(name="fault", reconnect=False) as ep, anyio.create_task_group() as tg:
             if lifeline is not None:
-                tg.start_soon(until_eof, int(lifeline), tg.cancel_scope)
+                tg.start_soon(runtime.until_eof, int(lifeline), tg.cancel_scope)
             await tg.start(FaultActor(ep, store, detection=detection).run)
     finally:
         store.close()

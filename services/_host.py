@@ -17,7 +17,8 @@ must serve before the lifecycle actor starts because the lifecycle actor reconci
 grants of instances `lifecycle.db` does not know are released; adopted and stored instances keep
 theirs); the lifecycle actor; then the fault actor (its own process, `python -m
 multikernel.services.fault`, attached on an instance-0 socket with a lifeline: `_children`), which
-asks the lifecycle actor for everything and so comes last; then metrics. Stopping goes the other
+asks the lifecycle actor for everything and so comes last; then the upgrade actor (the same way,
+`python -m multikernel.upgrade.actor`); then metrics. Stopping goes the other
 way: the fault actor first (so it restarts nothing being stopped), the lifecycle actor's instances,
 the resource actor, the hub.
 
@@ -158,6 +159,7 @@ class HostConfig:
     hello_timeout: float = 15.0
     heartbeat: float | None = None  # seconds between agents' heartbeats (None: theirs, 1 s)
     fault: bool = True  # run the fault actor (restarts failed instances by their policy)
+    upgrade: bool = True  # run the upgrade actor (mkctl upgrade)
     # The resource actor: what the host keeps, how grants are placed (docs/resources.md).
     reserve_cpus: frozenset[int] = frozenset()
     reserve_memory: int = 0
@@ -268,6 +270,8 @@ async def _run_lifecycle(
             if config.fault:
                 fault = fault_process(config, hub)
                 await actors.start(fault.run)
+            if config.upgrade:
+                await actors.start(upgrade_process(config, hub).run)
             if config.metrics:
                 collector = HostCollector(
                     hub.snapshot, lambda: ep.statistics()["services"], actor.infos
@@ -299,3 +303,9 @@ def fault_process(config: HostConfig, hub: Hub) -> ChildActor:
     if config.heartbeat is not None:
         argv += ["--heartbeat", f"{config.heartbeat:g}"]
     return ChildActor("fault", argv, lambda: hub.open_instance_socket(0))
+
+
+def upgrade_process(config: HostConfig, hub: Hub) -> ChildActor:
+    """The upgrade actor's process, attached to the hub on an instance-0 socket."""
+    argv = [sys.executable, "-m", "multikernel.upgrade.actor", "--state-dir", str(config.state_dir)]
+    return ChildActor("upgrade", argv, lambda: hub.open_instance_socket(0))

@@ -157,6 +157,8 @@ class Instance:
             cause=self.cause,
             standby=self.standby.proc.pid if self.standby is not None and self.standby.ready else 0,
             queues=self.queues,
+            image_source=str(image.source) if image else "",
+            image_digest=image.digest if image else "",
         )
 
 

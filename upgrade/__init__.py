@@ -15,3 +15,5 @@ from multikernel.upgrade._preserved import PreservedStateError as PreservedState
 from multikernel.upgrade._preserved import Schema as Schema
 from multikernel.upgrade._preserved import preserve as preserve
 from multikernel.upgrade._preserved import restore as restore
+from multikernel.upgrade._workload import MovedError as MovedError
+from multikernel.upgrade._workload import UpgradeControl as UpgradeControl

@@ -34,6 +34,12 @@ PUBLIC = {
     "FaultStatus", "FaultStatusList", "FaultStatusRequest", "HistoryRequest", "PolicyGet",
     "PolicyInfo", "PolicySet", "RestartInstance", "RestartPolicy", "fault_subject",
     "format_restart", "parse_restart", "EndpointCutOff",
+    # the upgrade actor's contract and an upgradable workload's control
+    "UPGRADE_STEPS", "OUTCOMES", "WORKLOAD_METHODS", "UPGRADE_METHODS", "ControlInfo", "Freeze",
+    "StateChunk", "Restored", "Health", "Deadlines", "StartRollout", "UndoRollout", "RolloutRef",
+    "InstanceUpgrade", "RolloutStatus", "RolloutList", "ListRollouts", "Revision",
+    "RevisionsQuery", "RevisionHistory", "UpgradeEvent", "control_name", "upgrade_subject",
+    "rollout_subject",
     # the resource actor's contract, and how CPUs and sizes are written
     "AGENT_RESOURCE_METHOD", "RESOURCE_METHODS", "CpuInfo", "CpuSpec", "Grant",
     "AGENT_ELASTIC_METHOD", "ElasticRequest", "LOAD_SUBJECT", "LoadReport",

@@ -1,0 +1,380 @@
+"""One instance's upgrade, step by step, and how each step is undone (docs/upgrade.md).
+
+`Upgrade.run` takes an instance (the *predecessor*) through ``UPGRADE_STEPS``: a successor
+instance is created beside it with the same resources (a surge grant from the resource actor),
+loaded with the new image (the lifecycle verifies it) and started; the predecessor's names are
+held at the hub, the predecessor is frozen and its state streamed to the actor, which keeps it in
+its state dir before anything else happens; the successor restores it and answers its health
+check; the names switch at once; the predecessor is stopped and deleted.
+
+Every step runs under its deadline. A failure up to the switch rolls back: the holds end (the
+predecessor keeps its names and what waited goes to it), the predecessor thaws, the successor is
+stopped and deleted. From the switch on the upgrade is done: what is left (stopping the
+predecessor) is finished, never undone, since the successor may have served calls already.
+
+The actor writes the upgrade's progress (`InstanceUpgrade`) before each step through `save`, so
+an actor restarted mid-way calls `recover`, which rolls back or finishes by the step recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import msgspec
+
+from multikernel.endpoints import Bus, retrying
+from multikernel.endpoints.log import get_logger
+from multikernel.protocol import (
+    ControlInfo,
+    CreateInstance,
+    Deadlines,
+    DeleteInstance,
+    Freeze,
+    Health,
+    InstanceInfo,
+    InstanceList,
+    InstanceUpgrade,
+    KillInstance,
+    LoadImage,
+    MultikernelError,
+    NoRespondersError,
+    NotFoundError,
+    RefusedError,
+    RestartPolicy,
+    Restored,
+    Revision,
+    ShowInstances,
+    StartInstance,
+    StateChunk,
+    UpdateInstance,
+    control_name,
+)
+from multikernel.upgrade._preserved import PreservedState
+from multikernel.upgrade._store import UpgradeStore
+
+log = get_logger("multikernel.upgrade")
+
+#: Steps after which the names have moved: an upgrade stopped there is finished, not undone.
+SWITCHED = ("switch", "drain")
+#: Bytes of state per restore call (a bus frame holds more; this keeps each call short).
+CHUNK = 256 << 10
+
+
+class UpgradeFailed(MultikernelError):
+    """One step failed or ran past its deadline; the upgrade was rolled back."""
+
+
+@dataclass
+class Upgrade:
+    """One instance's upgrade (see the module docstring)."""
+
+    bus: Bus
+    store: UpgradeStore
+    state_dir: Path
+    deadlines: Deadlines
+    record: InstanceUpgrade
+    save: Callable[[InstanceUpgrade], Awaitable[None]]
+    image: str = ""
+    deployment: str = ""
+    held: tuple[str, ...] = ()
+    frozen: bool = False
+    held_at: float = 0.0
+
+    async def _set(self, **changes: Any) -> None:
+        self.record = msgspec.structs.replace(self.record, **changes)
+        await self.save(self.record)
+
+    async def run(self) -> None:
+        """Upgrade; UpgradeFailed (after the rollback) if it did not happen."""
+        try:
+            await self._forward()
+        except Exception as error:
+            if self.record.step in SWITCHED:
+                # the names moved: finish the stop of the predecessor, do not undo
+                log.warning("upgrade done with a problem", name=self.record.name, error=str(error))
+                await self._set(
+                    outcome="done", error=f"{self.record.step}: {error}", ended_ns=_now()
+                )
+                return
+            message = f"{self.record.step}: {error}"
+            with anyio.CancelScope(shield=True):
+                await self.rollback(message)
+            raise UpgradeFailed(message) from error
+
+    async def _forward(self) -> None:
+        old = await self._show(self.record.name)
+        if old.state != "active":
+            raise RefusedError(
+                f"{old.name!r} is {old.state}: only an active instance is upgraded "
+                f"(mkctl start {old.name})"
+            )
+        self.deployment = self.store.deployment_of(old.name)
+        revision = self._first_revision(old)
+        await self._set(step="verify", revision=revision, started_ns=_now(), outcome="running")
+        successor = self._successor_name(revision)
+        await self._set(successor=successor, mode="surge")
+        kept = self._keep_image(revision)
+        with anyio.fail_after(self.deadlines.start):
+            await self._lifecycle(
+                "create",
+                CreateInstance(
+                    successor, cpu_count=max(len(old.cpus), 1), memory=old.memory,
+                    restart=RestartPolicy(mode="temporary"), queues=old.queues or None,
+                ),
+            )  # fmt: skip
+            new = await self._lifecycle("load", LoadImage(successor, kept))
+            self.store.add_revision(
+                self.deployment,
+                Revision(revision, successor, kept, new.image_digest, new.image_version),
+                current=False,
+            )
+            await self._set(step="start")
+            new = await self._lifecycle("start", StartInstance(successor))
+            ours = await self._describe(new.id, self.deadlines.start)
+        theirs = await self._predecessor(old)
+        missing = set(theirs.names) - set(ours.names)
+        if missing:
+            raise RefusedError(f"the new image does not serve {sorted(missing)}")
+        await self._switch_over(old, new, theirs, ours)
+        await self._set(step="drain")
+        await self._drain(old, new)
+        await self._set(outcome="done", ended_ns=_now())
+
+    async def _switch_over(
+        self, old: InstanceInfo, new: InstanceInfo, theirs: ControlInfo, ours: ControlInfo
+    ) -> None:
+        await self._set(step="freeze")
+        self.held_at = time.monotonic()
+        if theirs.names:
+            await self.bus.hold_names(theirs.names, hold_for=self.deadlines.hold)
+            self.held = theirs.names
+        image = b""
+        with anyio.fail_after(self.deadlines.freeze):
+            if theirs.endpoint:  # an upgradable predecessor: its state, whole
+                self.frozen = True
+                image = await self._freeze(old.id)
+        await self._set(step="restore")
+        with anyio.fail_after(self.deadlines.restore):
+            if ours.stateful and theirs.stateful:
+                await self._restore(new.id, image)
+        await self._set(step="health")
+        await self._healthy(new.id)
+        await self._set(step="switch")
+        if self.held:
+            await self.bus.switch_names({name: ours.endpoint for name in self.held})
+        held_ms = (time.monotonic() - self.held_at) * 1000
+        self.held = ()
+        self.store.set_current(self.deployment, self.record.revision)
+        await self._set(held_ms=held_ms)
+        log.info("names switched", name=old.name, successor=new.name, held_ms=round(held_ms, 1))
+
+    async def _drain(self, old: InstanceInfo, new: InstanceInfo) -> None:
+        if self.frozen:
+            await self._control(old.id, "finish")
+        with anyio.fail_after(self.deadlines.drain + 5):
+            await self._lifecycle("kill", KillInstance(old.name, grace=self.deadlines.drain))
+            await self._lifecycle("delete", DeleteInstance(old.name))
+        await self._lifecycle("update", UpdateInstance(new.name, restart=old.restart))
+
+    # -- the steps' parts ----------------------------------------------------------------------
+
+    def _first_revision(self, old: InstanceInfo) -> int:
+        """The revision the upgrade makes; the predecessor's own is recorded first if new."""
+        if not self.store.revisions(self.deployment):
+            kept = self._copy_image(old.image_source, 1)
+            self.store.add_revision(
+                self.deployment,
+                Revision(1, old.name, kept, old.image_digest, old.image_version),
+                current=True,
+            )
+        return self.store.next_revision(self.deployment)
+
+    def _successor_name(self, revision: int) -> str:
+        return f"{self.deployment[: 31 - len(str(revision)) - 2]}-r{revision}"
+
+    def _keep_image(self, revision: int) -> str:
+        return self._copy_image(self.image, revision)
+
+    def _copy_image(self, source: str, revision: int) -> str:
+        """A copy of the image in the actor's state dir (an undo loads it again); its path."""
+        if not source or not os.path.exists(source):
+            return source  # nothing to copy: a revision that cannot be undone to
+        dest = self.state_dir / "images" / self.deployment / f"r{revision}"
+        shutil.rmtree(dest, ignore_errors=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.isdir(source):
+            shutil.copytree(source, dest, symlinks=True)
+        else:
+            dest.mkdir()
+            dest = dest / os.path.basename(source)
+            shutil.copy2(source, dest)
+        return str(dest)
+
+    async def _predecessor(self, old: InstanceInfo) -> ControlInfo:
+        """The predecessor's control; one that serves none: its names, found at the hub."""
+        try:
+            info: ControlInfo = await self._control(old.id, "describe", response=ControlInfo)
+        except NoRespondersError:
+            snapshot = await self.bus.introspect()
+            names = sorted(
+                name
+                for e in snapshot.endpoints
+                if e.instance == old.id
+                for name in e.names
+                if not name.startswith("instance.")
+            )
+            info = ControlInfo(tuple(names), endpoint=0, stateful=False)
+        return info
+
+    async def _describe(self, instance: int, within: float) -> ControlInfo:
+        """The successor's control, once it serves it (it starts as its workload does)."""
+        info: ControlInfo = await retrying(self.bus, within=within).request(
+            control_name(instance), "describe", response=ControlInfo
+        )
+        return info
+
+    async def _freeze(self, instance: int) -> bytes:
+        image = bytearray()
+        request = Freeze(thaw_after=self.deadlines.hold + self.deadlines.drain)
+        chunk: StateChunk
+        async for chunk in self.bus.request_stream(
+            control_name(instance), "freeze", request, response=StateChunk
+        ):
+            if chunk.offset != len(image) or chunk.offset + len(chunk.data) > chunk.total:
+                raise RefusedError("the predecessor's state arrived out of order")
+            image += chunk.data
+        data = bytes(image)
+        if data:
+            PreservedState.decode(data)  # checked before it is kept or handed on
+        path = self.state_dir / "states" / f"{self.deployment}-r{self.record.revision}.mkps"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        await anyio.to_thread.run_sync(_write_durably, path, data)
+        return data
+
+    async def _restore(self, instance: int, image: bytes) -> None:
+        for offset in range(0, max(len(image), 1), CHUNK):
+            chunk = StateChunk(offset, len(image), image[offset : offset + CHUNK])
+            answer = await self._control(instance, "restore", chunk, response=Restored)
+        if not answer.done:
+            raise RefusedError("the successor did not finish reading the state")
+
+    async def _healthy(self, instance: int) -> None:
+        """Ask until the successor says it is healthy; UpgradeFailed at the deadline."""
+        last = Health(False, "no answer")
+        with anyio.move_on_after(self.deadlines.health):
+            delay = 0.01
+            while True:
+                try:
+                    last = await self._control(instance, "health", response=Health)
+                except (NoRespondersError, RefusedError) as error:
+                    last = Health(False, str(error))
+                if last.ok:
+                    return
+                await anyio.sleep(delay)  # a health check is polled, like any probe
+                delay = min(delay * 2, 0.5)
+        raise UpgradeFailed(
+            f"not healthy within {self.deadlines.health:g} s: {last.detail or 'it said no'}"
+        )
+
+    # -- undoing -------------------------------------------------------------------------------
+
+    async def rollback(self, why: str) -> None:
+        """Undo what was done so far: the predecessor keeps everything."""
+        log.warning("rolling back", name=self.record.name, why=why)
+        errors = []
+        if self.held:
+            try:
+                await self.bus.release_names(self.held)
+            except MultikernelError as error:  # its deadline ends it anyway
+                errors.append(f"release: {error}")
+            self.held = ()
+        old = await self._maybe_show(self.record.name)
+        if old is not None and old.state == "active":
+            try:
+                await self._control(old.id, "thaw")
+            except NoRespondersError:
+                pass  # not upgradable, or never frozen
+            except MultikernelError as error:
+                errors.append(f"thaw: {error}")
+        if self.record.successor:
+            await self._remove(self.record.successor, errors)
+            if self.deployment and self.record.revision:
+                self.store.drop_revision(self.deployment, self.record.revision)
+        await self._set(
+            outcome="rolled-back",
+            error=why + (f" (and {'; '.join(errors)})" if errors else ""),
+            ended_ns=_now(),
+        )
+
+    async def recover(self) -> None:
+        """Finish or undo an upgrade a previous run of the actor left at `record.step`."""
+        self.deployment = self.store.deployment_of(self.record.name)
+        if self.record.step in SWITCHED:
+            old = await self._maybe_show(self.record.name)
+            new = await self._maybe_show(self.record.successor)
+            if old is not None and new is not None:
+                self.frozen = old.state == "active"
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._drain(old, new)
+                    except MultikernelError as error:
+                        log.warning("drain after restart failed", error=str(error))
+            self.store.set_current(self.deployment, self.record.revision)
+            await self._set(outcome="done", ended_ns=_now())
+        else:
+            await self.rollback(f"the upgrade actor restarted at {self.record.step or 'start'}")
+
+    async def _remove(self, name: str, errors: list[str]) -> None:
+        try:
+            if (info := await self._maybe_show(name)) is None:
+                return
+            if info.state == "active":
+                await self._lifecycle("kill", KillInstance(name, force=True))
+            await self._lifecycle("delete", DeleteInstance(name))
+        except MultikernelError as error:
+            errors.append(f"removing {name}: {error}")
+
+    # -- calls ---------------------------------------------------------------------------------
+
+    async def _lifecycle(self, method: str, body: object) -> InstanceInfo:
+        info: InstanceInfo = await self.bus.request(
+            "lifecycle", method, body, response=InstanceInfo
+        )
+        return info
+
+    async def _show(self, name: str) -> InstanceInfo:
+        listing = await self.bus.request(
+            "lifecycle", "show", ShowInstances(name), response=InstanceList
+        )
+        return listing.instances[0]
+
+    async def _maybe_show(self, name: str) -> InstanceInfo | None:
+        try:
+            return await self._show(name)
+        except NotFoundError:
+            return None
+
+    async def _control(
+        self, instance: int, method: str, body: object = None, *, response: Any = Any
+    ) -> Any:
+        return await self.bus.request(control_name(instance), method, body, response=response)
+
+
+def _now() -> int:
+    return time.time_ns()
+
+
+def _write_durably(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
