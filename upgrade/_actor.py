@@ -198,9 +198,13 @@ class UpgradeActor:
             for index, item in enumerate(rollout.status.instances):
                 if item.outcome != "waiting":
                     continue
-                while rollout.status.outcome == "paused":
-                    await rollout.resumed.wait()
-                await surge.acquire()
+                while True:  # a pause may come while it waits for a surge slot
+                    while rollout.status.outcome == "paused":
+                        await rollout.resumed.wait()
+                    await surge.acquire()
+                    if rollout.status.outcome != "paused":
+                        break
+                    surge.release()
                 if failed:
                     surge.release()
                     break

@@ -25,6 +25,7 @@ from multikernel.endpoints.mkctl import (
     _instances,
     _logs,
     _resources,
+    _upgrade,
 )
 from multikernel.endpoints.mkctl._errors import EXIT_CODES, EXIT_USAGE, error_line, exit_code
 from multikernel.endpoints.mkctl._output import Settings, Verbs, output_options
@@ -78,6 +79,7 @@ for command in (
     _logs.logs,
     _fault.fault,
     _resources.resources,
+    _upgrade.upgrade,
     _bus.bus,
     _image.image,
     _completion.completion,

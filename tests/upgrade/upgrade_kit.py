@@ -5,7 +5,10 @@
 `UpgradeControl`. Version 1 writes the store as `StoreV1` (key -> value); version 2 reads it
 through a transform into `StoreV2` (key -> Entry(value, length)). A manifest parameter `mode`
 makes an image misbehave: `crash` (exits at start), `unhealthy` (says it is not healthy),
-`reject` (cannot read version 1 state: no transform), `slow-health` (healthy after a second).
+`reject` (cannot read version 1 state: no transform). `per_instance` serves `kv.<deployment>`
+instead of `kv` (the instance's name without an `-r<N>` suffix), so one image serves several
+instances under names of their own; `health_after` seconds makes its health check say no
+until then.
 """
 
 from __future__ import annotations
@@ -42,12 +45,12 @@ PATIENCE = 90.0
 POLICY = """
 [[rule]]
 who = "guest"
-own = ["kv", "kv2"]
-call = ["kv", "kv2"]
+own = ["kv", "kv.*"]
+call = ["kv", "kv.*"]
 """
 
 KV = """
-import json, os, sys
+import json, os, re, sys
 import anyio, msgspec
 from multikernel.endpoints import connect, runtime
 from multikernel.upgrade import IncompatibleStateError, PreservedState, Schema, UpgradeControl
@@ -56,6 +59,8 @@ VERSION = int(os.environ["KV_VERSION"])
 PARAMS = json.loads(os.environ.get("MULTIKERNEL_PARAMETERS") or "{}")
 MODE = PARAMS.get("mode", "")
 NAMES = PARAMS.get("names", ["kv"])
+if PARAMS.get("per_instance"):  # one name per deployment: kv.<first instance's name>
+    NAMES = ["kv." + re.sub(r"-r[0-9]+$", "", os.environ["MULTIKERNEL_INSTANCE_NAME"])]
 
 class StoreV1(msgspec.Struct):
     items: dict[str, str]
@@ -130,7 +135,11 @@ async def main():
                 count.value += 1
                 return count.value
 
+        born = anyio.current_time()
+
         def health():
+            if anyio.current_time() - born < PARAMS.get("health_after", 0):
+                return False
             return MODE != "unhealthy"
 
         control = UpgradeControl(ep, services, preserve=save, restore=load, health=health)
@@ -145,10 +154,16 @@ runtime.run(main)
 
 
 def make_image(
-    root: Path, keys: tuple[bytes, bytes], version: int, *, mode: str = "", **params: Any
+    root: Path,
+    keys: tuple[bytes, bytes],
+    version: int,
+    *,
+    mode: str = "",
+    tag: str = "",
+    **params: Any,
 ) -> Path:
     """A signed image of the KV workload at `version` (see the module docstring)."""
-    image = root / f"kv-v{version}{'-' + mode if mode else ''}"
+    image = root / f"kv-v{version}{'-' + mode if mode else ''}{'-' + tag if tag else ''}"
     image.mkdir()
     parameters = json.dumps({"mode": mode, **params})
     (image / "manifest.toml").write_text(
@@ -182,14 +197,27 @@ class UpgradeHost:
         return list(listing.instances)
 
     async def bring_up(self, name: str, image: Path) -> InstanceInfo:
+        """Create, load and start a KV instance; return once it owns its first name."""
+        info = await self.bring_up_plain(name, image)
+        await owned(self.ep, self.first_name(image, name))
+        return info
+
+    async def bring_up_plain(self, name: str, image: Path) -> InstanceInfo:
+        """Create, load and start an instance of `image`."""
         create = CreateInstance(
             name, cpu_count=1, memory=192 * MB, restart=RestartPolicy(mode="transient")
         )
         await self.lifecycle("create", create)
         await self.lifecycle("load", LoadImage(name, str(image)))
-        info = await self.lifecycle("start", StartInstance(name))
-        await owned(self.ep, "kv")
-        return info
+        return await self.lifecycle("start", StartInstance(name))
+
+    @staticmethod
+    def first_name(image: Path, instance: str) -> str:
+        """The first well-known name the KV workload of `image` serves in `instance`."""
+        manifest = (image / "manifest.toml").read_text()
+        if "per_instance = true" in manifest:
+            return f"kv.{instance}"
+        return "kv" if "names" not in manifest else manifest.split('names = ["')[1].split('"')[0]
 
     async def rollout(self, names: list[str], image: Path, **settings: Any) -> RolloutStatus:
         """Start a rollout and wait until it ends; its final status."""
@@ -247,3 +275,73 @@ async def upgrade_host(root: Path, cert: Path, **settings: Any) -> AsyncIterator
                 yield UpgradeHost(ep, root, config)
         finally:
             stop.set()
+
+
+#: A client in an instance of its own: calls `put` on each of its `targets` in turn, without a
+#: pause, through the retrying client, and serves its counts on instance.<id>.stats (`stats`,
+#: and `stop`, which ends the stream and answers the final counts).
+CALLER = """
+import json, os, time
+import anyio
+from multikernel.endpoints import connect, retrying, runtime
+
+ID = int(os.environ["MULTIKERNEL_INSTANCE"])
+TARGETS = json.loads(os.environ["MULTIKERNEL_PARAMETERS"])["targets"]
+counts = {"ok": 0, "errors": 0, "acked": {t: 0 for t in TARGETS}, "worst_ms": 0.0,
+          "last_error": ""}
+latencies = []
+
+async def main():
+    stopped = anyio.Event()
+    async with connect(name="caller") as ep, anyio.create_task_group() as tg:
+        calls = retrying(ep, within=10.0)
+        stats = ep.service(f"instance.{ID}.stats")
+
+        @stats.method
+        async def read(_: None) -> dict:
+            return {**counts, "retries": calls.retries, "latencies": latencies[-20000:]}
+
+        @stats.method
+        async def stop(_: None) -> dict:
+            stopped.set()
+            return {**counts, "retries": calls.retries}
+
+        await stats.start()
+
+        async def stream():
+            i = 0
+            while not stopped.is_set():
+                target = TARGETS[i % len(TARGETS)]
+                t0 = time.perf_counter()
+                try:
+                    await calls.request(target, "put", [f"c{i}", "x"])
+                except Exception as error:
+                    counts["errors"] += 1
+                    counts["last_error"] = repr(error)
+                else:
+                    counts["ok"] += 1
+                    counts["acked"][target] += 1
+                ms = (time.perf_counter() - t0) * 1000
+                latencies.append(ms)
+                counts["worst_ms"] = max(counts["worst_ms"], ms)
+                i += 1
+                await anyio.sleep(0.002)
+
+        tg.start_soon(stream)
+        await stopped.wait()
+        tg.cancel_scope.cancel()
+
+runtime.run(main)
+"""
+
+
+def make_caller(root: Path, keys: tuple[bytes, bytes], targets: list[str]) -> Path:
+    image = root / "caller"
+    image.mkdir()
+    (image / "manifest.toml").write_text(
+        'name = "caller"\nversion = "1"\nentry = ["{python}", "main.py"]\n'
+        f"[parameters]\ntargets = {json.dumps(targets)}\n"
+    )
+    (image / "main.py").write_text(textwrap.dedent(CALLER))
+    sign_image(image, *keys)
+    return image
