@@ -219,7 +219,8 @@ async def test_mkctl_upgrade_follows_a_rollout_and_reports_a_rollback(
         successor = json.loads(out.splitlines()[-1])["instances"][0]["successor"]
         code, out, err = await mkctl(host, "upgrade", "history", successor, "-o", "json")
         assert code == 0, err
-        assert [r["revision"] for r in json.loads(out)["revisions"]] == [1, 2]  # the rollback left none
+        revisions = [r["revision"] for r in json.loads(out)["revisions"]]
+        assert revisions == [1, 2], "the rolled-back attempt left no revision"
         code, out, _ = await mkctl(host, "upgrade", "status")
         assert code == 0
         assert successor in out
