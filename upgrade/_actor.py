@@ -62,6 +62,10 @@ class _Rollout:
     status: RolloutStatus
     resumed: anyio.Event = field(default_factory=anyio.Event)
 
+    @property
+    def paused(self) -> bool:
+        return self.status.outcome == "paused"
+
 
 class UpgradeActor:
     """Serves ``upgrade`` and runs its rollouts (see the module docstring)."""
@@ -199,10 +203,10 @@ class UpgradeActor:
                 if item.outcome != "waiting":
                     continue
                 while True:  # a pause may come while it waits for a surge slot
-                    while rollout.status.outcome == "paused":
+                    while rollout.paused:
                         await rollout.resumed.wait()
                     await surge.acquire()
-                    if rollout.status.outcome != "paused":
+                    if not rollout.paused:
                         break
                     surge.release()
                 if failed:
