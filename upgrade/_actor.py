@@ -62,8 +62,7 @@ class _Rollout:
     status: RolloutStatus
     resumed: anyio.Event = field(default_factory=anyio.Event)
 
-    @property
-    def paused(self) -> bool:
+    def paused(self) -> bool:  # a call: mypy would keep an attribute narrowed across awaits
         return self.status.outcome == "paused"
 
 
@@ -203,10 +202,10 @@ class UpgradeActor:
                 if item.outcome != "waiting":
                     continue
                 while True:  # a pause may come while it waits for a surge slot
-                    while rollout.paused:
+                    while rollout.paused():
                         await rollout.resumed.wait()
                     await surge.acquire()
-                    if not rollout.paused:
+                    if not rollout.paused():
                         break
                     surge.release()
                 if failed:
