@@ -371,3 +371,38 @@ def test_a_closure_without_its_root_is_a_usage_error(store: Store, tmp_path: Pat
         2,
         f"error: {store.hello} is not in its own closure ({other}): a wrong closure?",
     )
+
+
+def _loader_and_libc() -> tuple[Path, Path]:
+    """This machine's dynamic loader and libc, as `ldd /bin/echo` names them."""
+    listed = subprocess.run(
+        ["/usr/bin/ldd", "/bin/echo"], capture_output=True, text=True, check=True
+    )
+    paths = [Path(w) for w in listed.stdout.split() if w.startswith("/")]
+    libc = next(p for p in paths if p.name.startswith("libc.so"))
+    loader = next(p for p in paths if p.name.startswith("ld-"))
+    return loader, libc
+
+
+def test_an_elf_program_runs_through_the_closures_own_loader(store: Store, tmp_path: Path) -> None:
+    """What docs/images.md says to do for a host without Nix: the entry runs the program with
+    the loader of the closure's glibc (PT_INTERP names /nix/store, which such a host lacks)."""
+    loader, libc = _loader_and_libc()
+    glibc = store.dir / f"{nix_hash('glibc')}-glibc-2.39"
+    (glibc / "lib").mkdir(parents=True)
+    shutil.copy(loader, glibc / "lib" / loader.name)
+    shutil.copy(libc, glibc / "lib" / libc.name)
+    echo = store.dir / f"{nix_hash('echo')}-echo-1.0"
+    (echo / "bin").mkdir(parents=True)
+    shutil.copy("/bin/echo", echo / "bin" / "echo")
+    closure = tmp_path / "closure"
+    closure.write_text(f"{echo}\n{glibc}\n")
+    entry = f"{glibc}/lib/{loader.name} --library-path {glibc}/lib {echo}/bin/echo hi"
+    image = pack_nix(echo, closure_file=closure, entry=entry)
+    archive = tmp_path / "echo.tar"
+    archive.write_bytes(image.payload)
+    loaded = load_image(archive, tmp_path / "unpacked", trusted_certs=[], allow_unsigned=True)
+    shutil.rmtree(store.dir)
+    argv = [arg.replace("{image}", str(loaded.path)) for arg in loaded.manifest.entry]
+    assert argv[0] == f"{loaded.path}/nix/store/{glibc.name}/lib/{loader.name}"
+    assert subprocess.run(argv, capture_output=True, text=True, env={}, check=True).stdout == "hi\n"
