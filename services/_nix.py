@@ -207,13 +207,18 @@ def _run_nix(command: list[str], store: Path) -> list[StorePath]:
 
 
 def _read_closure(path: Path, store: Path) -> list[StorePath]:
-    """A closure file: store paths, one a line; a closureInfo directory's ``store-paths``."""
+    """A closure file: store paths, one a line (closureInfo's ``store-paths``), or a registration
+    (closureInfo's ``registration``, ``nix-store --dump-db``: each path with its hash, size,
+    deriver and references, whose paths are what is kept); or a closureInfo directory."""
     file = path / "store-paths" if path.is_dir() else path
     try:
-        lines = file.read_text().split()
+        lines = file.read_text().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise NixInputError(f"{file}: cannot read the closure ({exc})") from None
-    return [parse_store_path(line, store) for line in lines]
+    if all(line.startswith("/") for line in lines if line.strip()):
+        return [parse_store_path(line.strip(), store) for line in lines if line.strip()]
+    paths = [line for line in lines if line.startswith("/") and not line.endswith(".drv")]
+    return [parse_store_path(line, store) for line in paths]
 
 
 def _manifest(

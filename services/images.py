@@ -52,7 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     pack_.add_argument("--out", type=Path, required=True)
     pack_.add_argument("--from-nix", metavar="PATH", help="a Nix store path or derivation")
     pack_.add_argument("--derivation", action="store_true", help="realise PATH with Nix first")
-    pack_.add_argument("--closure", type=Path, help="store paths, one a line (closureInfo)")
+    pack_.add_argument(
+        "--closure", type=Path, help="store paths one a line, or closureInfo (its dir or files)"
+    )
     pack_.add_argument("--name", help="the manifest's name (default: from the store path)")
     pack_.add_argument("--version", help="the manifest's version (default: from the store path)")
     pack_.add_argument("--entry", help="what to run, 'bin/PROGRAM ARGS' (default: bin/<name>)")

@@ -143,6 +143,20 @@ def test_a_result_link_and_a_closure_info_directory(store: Store, tmp_path: Path
     assert [p.path for p in image.closure] == sorted([store.hello, store.greeting])
 
 
+def test_a_registration_file_gives_the_closure(store: Store, tmp_path: Path) -> None:
+    """closureInfo's `registration` (`nix-store --dump-db`): path, hash, size, deriver, the
+    number of references, the references."""
+    drv = store.dir / f"{nix_hash('drv')}-hello-2.12.1.drv"
+    registration = tmp_path / "registration"
+    registration.write_text(
+        f"{store.greeting}\n{'0' * 64}\n1234\n\n0\n"
+        f"{store.hello}\n{'1' * 64}\n5678\n{drv}\n1\n{store.greeting}\n"
+    )
+    image = pack_nix(store.hello, closure_file=registration)
+    assert [p.path for p in image.closure] == sorted([store.hello, store.greeting])
+    assert image.payload == pack_nix(store.hello, closure_file=store.closure).payload
+
+
 def test_name_version_and_entry_can_be_given(store: Store, tmp_path: Path) -> None:
     image = pack_nix(
         store.hello,
@@ -244,6 +258,18 @@ def test_a_derivation_without_nix_says_to_install_it(store: Store, tmp_path: Pat
     code, line = fails("--from-nix", drv, "--out", tmp_path / "x.tar")
     assert code == 1
     assert line.startswith(f"error: {drv}: realising a derivation needs Nix, and neither")
+
+
+def test_only_the_nix_command_builds_a_derivation(store: Store, tmp_path: Path) -> None:
+    """Where `nix` is installed without `nix-store`: `nix build --no-link --print-out-paths`."""
+    log = store.bin / "calls"
+    script = store.bin / "nix"
+    script.write_text(f'#!/bin/sh\necho "$@" >> {log}\necho {store.hello}\n')
+    script.chmod(0o755)
+    drv = store.dir / f"{nix_hash('drv')}-hello-2.12.1.drv"
+    image = pack_nix(drv, closure_file=store.closure)
+    assert image.root.path == store.hello
+    assert log.read_text() == f"build --no-link --print-out-paths {drv}^*\n"
 
 
 # --- refusals ------------------------------------------------------------------------------
