@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"warning: {warning}", file=sys.stderr)
             _write(args, image.payload)
             print(
-                f"packed {image.root.path} ({len(image.closure)} store paths) into {args.out}: "
+                f"packed {image.root.path} ({_paths(len(image.closure))}) into {args.out}: "
                 f"{image.manifest.name} {image.manifest.version}, entry "
                 f"{shlex.join(image.manifest.entry)}"
             )
@@ -123,6 +123,10 @@ def _check_pack_usage(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error("--derivation, --closure, --name, --version and --entry go with --from-nix")
     if (args.sign_key is None) != (args.cert is None):
         parser.error("--sign-key and --cert go together")
+
+
+def _paths(count: int) -> str:
+    return f"{count} store path{'' if count == 1 else 's'}"
 
 
 def _write(args: argparse.Namespace, payload: bytes) -> None:

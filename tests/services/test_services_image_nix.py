@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from multikernel.services._image import load_image
+from multikernel.services import _image
+from multikernel.services._image import load_image, verify_image
+from multikernel.services._manifest import ImageError
 from multikernel.services._nix import NIX_BASE32, pack_nix, parse_store_path, split_name
 from multikernel.services._signature import make_signing_key
 
@@ -187,7 +189,35 @@ def test_without_nix_or_a_closure_the_path_alone_with_a_warning(
         f"warning: nix-store is not on PATH and no --closure was given: the image holds {tool} "
         "alone, without its dependencies\n"
     )
-    assert out.startswith(f"packed {tool} (1 store paths)")
+    assert out.startswith(f"packed {tool} (1 store path) into")
+
+
+def test_a_closure_too_large_for_an_image_is_refused(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_image, "MAX_TOTAL_SIZE", 64)
+    with pytest.raises(ImageError, match=r"more than 64 bytes of files; too large for an image"):
+        pack_nix(store.hello, closure_file=store.closure)
+    monkeypatch.setattr(_image, "MAX_TOTAL_SIZE", 1 << 30)
+    monkeypatch.setattr(_image, "MAX_MEMBERS", 5)
+    with pytest.raises(ImageError, match=r"more than 5 entries; too many for an image"):
+        pack_nix(store.hello, closure_file=store.closure)
+
+
+def test_a_directory_packs_signed_too(keys: tuple[Path, Path], tmp_path: Path) -> None:
+    key, cert = keys
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "manifest.toml").write_text('name = "d"\nversion = "1"\nentry = ["x"]\n')
+    out = tmp_path / "d.tar"
+    code, _, err = mkctl_pack(tmp_path / "dir", "--out", out, "--sign-key", key, "--cert", cert)
+    assert code == 0, err
+    assert verify_image(out, trusted_certs=[cert.read_bytes()]).manifest.name == "d"
+    code, _, err = mkctl_pack(tmp_path / "dir", "--out", out, "--entry", "x")
+    assert (code, err.splitlines()[-1]) == (
+        2,
+        "mkctl image pack: error: --derivation, --closure, --name, --version and --entry go "
+        "with --from-nix",
+    )
 
 
 @pytest.mark.parametrize(
