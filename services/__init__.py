@@ -6,7 +6,7 @@
   memory cgroups, CPU affinity, and cache ways of its own where the machine has resctrl
   (`CacheShare`; docs/platform.md); `Platform` is the interface.
 - Images in the kernel's appended-signature format: `sign_image`, `verify_image`, `load_image`,
-  `make_signing_key` (docs/images.md).
+  `make_signing_key`; `pack_nix`, an image of a Nix store path and its closure (docs/images.md).
 - `ResourceActor`: the host's pool of CPUs, memory blocks and I/O queues (`discover_pool`,
   `Pool`) and every grant of it (the `resource` service), as transactions the instance's agent
   acknowledges; placement is a `PlacementPolicy` plugin (`PackPolicy`, `SpreadPolicy`,
@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from multikernel.services._local import LocalPlatform as LocalPlatform
     from multikernel.services._manifest import ImageError as ImageError
     from multikernel.services._manifest import Manifest as Manifest
+    from multikernel.services._nix import NixError as NixError
+    from multikernel.services._nix import NixImage as NixImage
+    from multikernel.services._nix import pack_nix as pack_nix
     from multikernel.services._placement import CpuScorer as CpuScorer
     from multikernel.services._placement import Holding as Holding
     from multikernel.services._placement import Placement as Placement
@@ -102,6 +105,9 @@ _LAZY = {
     "LocalPlatform": "multikernel.services._local",
     "make_signing_key": "multikernel.services._signature",
     "Manifest": "multikernel.services._manifest",
+    "NixError": "multikernel.services._nix",
+    "NixImage": "multikernel.services._nix",
+    "pack_nix": "multikernel.services._nix",
     "pack": "multikernel.services._image",
     "PackPolicy": "multikernel.services._policies",
     "place": "multikernel.services._placement",

@@ -21,9 +21,10 @@ import stat
 import tarfile
 import zlib
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Final
+from typing import BinaryIO, Final, Literal
 
 from multikernel.services._manifest import (
     MANIFEST_NAME,
@@ -59,6 +60,22 @@ class LoadedImage(VerifiedImage):
     path: Path
 
 
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One entry of an image being packed, named by its path inside the image.
+
+    A file's bytes are ``data``, or are read from ``source`` when it is written; ``source`` (or
+    the name) is also what an error names. A symlink's ``target`` must stay inside the image.
+    """
+
+    name: str
+    kind: Literal["dir", "file", "symlink"]
+    source: Path | None = None
+    data: bytes | None = None
+    executable: bool = False
+    target: str = ""
+
+
 def pack(directory: str | os.PathLike[str]) -> bytes:
     """The deterministic tar of a directory image: the same tree always gives the same bytes.
 
@@ -69,28 +86,70 @@ def pack(directory: str | os.PathLike[str]) -> bytes:
     root = Path(directory)
     if not (root / MANIFEST_NAME).is_file():
         raise ImageError(f"{root}: no {MANIFEST_NAME} at the top; an image directory needs one")
+    return pack_members(tree_members(root, "", skip_signature=True))
+
+
+def tree_members(root: Path, prefix: str, *, skip_signature: bool = False) -> Iterator[Member]:
+    """The members of a directory tree in ``pack``'s order, named ``prefix`` + their path."""
+    for rel, path, st in _walk(root, prefix, skip_signature):
+        yield path_member(rel, path, st)
+
+
+def path_member(name: str, path: Path, st: os.stat_result) -> Member:
+    """The member for one file, directory or symlink (as ``lstat`` gave ``st``) of a tree."""
+    if stat.S_ISDIR(st.st_mode):
+        return Member(name, "dir", path)
+    if stat.S_ISREG(st.st_mode):
+        return Member(name, "file", path, executable=bool(st.st_mode & 0o111))
+    if stat.S_ISLNK(st.st_mode):
+        return Member(name, "symlink", path, target=os.readlink(path))
+    raise ImageError(f"{path}: images hold files, directories and symlinks only")
+
+
+def pack_members(members: Iterable[Member]) -> bytes:
+    """A deterministic tar of ``members``, in their order, within the image limits."""
     buffer = io.BytesIO()
+    count = total = 0
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for rel, path, st in _walk(root, ""):
-            info = tarfile.TarInfo(rel)
+        for member in members:
+            where = member.source or member.name
+            info = tarfile.TarInfo(member.name)
             info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-            if stat.S_ISDIR(st.st_mode):
+            count += 1
+            if count > MAX_MEMBERS:
+                raise ImageError(f"{where}: more than {MAX_MEMBERS} entries; too many for an image")
+            if member.kind == "dir":
                 info.type, info.mode = tarfile.DIRTYPE, 0o755
                 tar.addfile(info)
-            elif stat.S_ISREG(st.st_mode):
-                info.size, info.mode = st.st_size, 0o755 if st.st_mode & 0o111 else 0o644
-                with path.open("rb") as stream:
-                    tar.addfile(info, stream)
-            elif stat.S_ISLNK(st.st_mode):
-                info.type, info.mode, info.linkname = tarfile.SYMTYPE, 0o777, os.readlink(path)
-                if _link_escapes(rel, info.linkname):
+            elif member.kind == "symlink":
+                info.type, info.mode, info.linkname = tarfile.SYMTYPE, 0o777, member.target
+                if _link_escapes(member.name, member.target):
                     raise ImageError(
-                        f"{path}: symlink to {info.linkname!r} points outside the image"
+                        f"{where}: symlink to {member.target!r} points outside the image"
                     )
                 tar.addfile(info)
             else:
-                raise ImageError(f"{path}: images hold files, directories and symlinks only")
+                info.mode = 0o755 if member.executable else 0o644
+                with _content(member) as (size, stream):
+                    total += size
+                    if total > MAX_TOTAL_SIZE:
+                        raise ImageError(
+                            f"{where}: more than {MAX_TOTAL_SIZE} bytes of files; too large "
+                            "for an image"
+                        )
+                    info.size = size
+                    tar.addfile(info, stream)
     return buffer.getvalue()
+
+
+@contextmanager
+def _content(member: Member) -> Iterator[tuple[int, BinaryIO]]:
+    if member.data is not None:
+        yield len(member.data), io.BytesIO(member.data)
+        return
+    assert member.source is not None
+    with member.source.open("rb") as stream:
+        yield os.fstat(stream.fileno()).st_size, stream
 
 
 def sign_image(
@@ -192,9 +251,11 @@ def _digest(payload: bytes) -> str:
     return "sha256:" + hashlib.sha256(payload).hexdigest()
 
 
-def _walk(root: Path, prefix: str) -> Iterator[tuple[str, Path, os.stat_result]]:
+def _walk(
+    root: Path, prefix: str, skip_signature: bool = False
+) -> Iterator[tuple[str, Path, os.stat_result]]:
     for entry in sorted(os.scandir(root), key=lambda e: e.name):
-        if not prefix and entry.name == SIGNATURE_NAME:
+        if skip_signature and entry.name == SIGNATURE_NAME:
             continue
         rel, st = prefix + entry.name, entry.stat(follow_symlinks=False)
         yield rel, Path(entry.path), st
