@@ -66,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not run the fault actor (failed instances stay down)",
     )
+    p.add_argument("--no-upgrade", action="store_true", help="do not run the upgrade actor")
     p.add_argument(
         "--reserve-cpus", type=_cpu_list, default=frozenset(), help="CPUs kept for the host (@0)"
     )
@@ -144,6 +145,7 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         isolate=not args.no_isolation,
         heartbeat=args.heartbeat,
         fault=not args.no_fault,
+        upgrade=not args.no_upgrade,
         reserve_cpus=args.reserve_cpus,
         reserve_memory=args.reserve_memory,
         placement=args.placement,

@@ -102,6 +102,11 @@ def _checked(parse: Callable[[str], object]) -> Callable[..., str | None]:
     help="Run no fault actor: failed instances stay down (docs/fault.md).",
 )
 @click.option(
+    "--no-upgrade",
+    is_flag=True,
+    help="Run no upgrade actor: mkctl upgrade is refused (docs/upgrade.md).",
+)
+@click.option(
     "--reserve-cpus",
     default=None,
     callback=_checked(lambda text: parse_cpus(text if text.startswith("@") else "@" + text)),
@@ -162,6 +167,7 @@ def up(
     socket_group: str | None,
     heartbeat: float | None,
     no_fault: bool,
+    no_upgrade: bool,
     reserve_cpus: str | None,
     reserve_memory: str | None,
     placement: str | None,
@@ -207,6 +213,8 @@ def up(
         command += ["--heartbeat", f"{heartbeat:g}"]
     if no_fault:
         command.append("--no-fault")
+    if no_upgrade:
+        command.append("--no-upgrade")
     if foreground:
         os.execv(sys.executable, command)  # the host takes over this process (and its pid)
     state.mkdir(parents=True, exist_ok=True)
