@@ -61,7 +61,7 @@ own = ["instance.{instance}.>"]
 BUILTIN_HOST_ONLY_TOML: Final = """\
 [host_only]  # the host actors' services, and the subjects instances speak on
 call = ["lifecycle", "resource", "fault", "upgrade"]
-publish = ["mk.instance.>"]
+publish = ["mk.instance.>", "mk.upgrade.>", "mk.upgrades.>"]
 """
 
 _NUMBER = re.compile(r"[0-9]+")

@@ -18,6 +18,7 @@ an actor restarted mid-way calls `recover`, which rolls back or finishes by the 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -56,7 +57,7 @@ from multikernel.protocol import (
     UpdateInstance,
     control_name,
 )
-from multikernel.upgrade._preserved import PreservedState
+from multikernel.upgrade._preserved import MAX_IMAGE, PreservedState
 from multikernel.upgrade._store import UpgradeStore
 
 log = get_logger("multikernel.upgrade")
@@ -142,6 +143,7 @@ class Upgrade:
         missing = set(theirs.names) - set(ours.names)
         if missing:
             raise RefusedError(f"the new image does not serve {sorted(missing)}")
+        await self._check_endpoint(ours.endpoint, new)
         await self._switch_over(old, new, theirs, ours)
         await self._set(step="drain")
         await self._drain(old, new)
@@ -233,6 +235,18 @@ class Upgrade:
             info = ControlInfo(tuple(names), endpoint=0, stateful=False)
         return info
 
+    async def _check_endpoint(self, endpoint: int, new: InstanceInfo) -> None:
+        """The endpoint the successor names as its services' owner is one of its own: the hub
+        says which instance each endpoint is on, whatever the successor claims."""
+        snapshot = await self.bus.introspect()
+        found = [e for e in snapshot.endpoints if e.endpoint_id == endpoint]
+        if not found or found[0].instance != new.id:
+            where = f"on instance {found[0].instance}" if found else "not attached"
+            raise RefusedError(
+                f"the successor names endpoint {endpoint} as its services' owner, which is "
+                f"{where}, not on instance {new.id}: refused"
+            )
+
     async def _describe(self, instance: int, within: float) -> ControlInfo:
         """The successor's control, once it serves it (it starts as its workload does)."""
         info: ControlInfo = await retrying(self.bus, within=within).request(
@@ -244,12 +258,26 @@ class Upgrade:
         image = bytearray()
         request = Freeze(thaw_after=self.deadlines.hold + self.deadlines.drain)
         chunk: StateChunk
-        async for chunk in self.bus.request_stream(
+        total = 0
+        stream = self.bus.request_stream(
             control_name(instance), "freeze", request, response=StateChunk
-        ):
-            if chunk.offset != len(image) or chunk.offset + len(chunk.data) > chunk.total:
-                raise RefusedError("the predecessor's state arrived out of order")
-            image += chunk.data
+        )
+        async with contextlib.aclosing(stream):  # closed here, also when a chunk is refused
+            async for chunk in stream:
+                if (
+                    chunk.offset != len(image)
+                    or chunk.offset + len(chunk.data) > chunk.total
+                    or chunk.total > MAX_IMAGE
+                    or (image and chunk.total != total)
+                ):
+                    raise RefusedError(
+                        f"the predecessor's state does not add up (a chunk at {chunk.offset} of "
+                        f"{chunk.total} after {len(image)} bytes): refused"
+                    )
+                total = chunk.total
+                image += chunk.data
+        if len(image) != total:
+            raise RefusedError(f"the predecessor's state ended at {len(image)} of {total} bytes")
         data = bytes(image)
         if data:
             PreservedState.decode(data)  # checked before it is kept or handed on
