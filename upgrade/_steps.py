@@ -22,7 +22,7 @@ import contextlib
 import os
 import shutil
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -259,7 +259,7 @@ class Upgrade:
         request = Freeze(thaw_after=self.deadlines.hold + self.deadlines.drain)
         chunk: StateChunk
         total = 0
-        stream = self.bus.request_stream(
+        stream: AsyncGenerator[StateChunk, None] = self.bus.request_stream(
             control_name(instance), "freeze", request, response=StateChunk
         )
         async with contextlib.aclosing(stream):  # closed here, also when a chunk is refused
