@@ -42,7 +42,7 @@ OUTCOMES: Final = ("running", "paused", "done", "rolled-back", "failed")
 Outcome: TypeAlias = Literal["running", "paused", "done", "rolled-back", "failed"]
 
 Seconds: TypeAlias = Annotated[float, msgspec.Meta(gt=0.0, le=3600.0)]
-Bytes: TypeAlias = Annotated[bytes, msgspec.Meta(max_length=1 << 20)]
+Bytes: TypeAlias = Annotated[bytes, msgspec.Meta(max_length=1 << 19)]  # a frame holds it
 
 
 class _UpgradeMessage(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -70,7 +70,7 @@ class Freeze(_UpgradeMessage, frozen=True):
     """
 
     thaw_after: Seconds = 30.0
-    chunk: Annotated[int, msgspec.Meta(ge=4096, le=1 << 20)] = 256 << 10
+    chunk: Annotated[int, msgspec.Meta(ge=4096, le=1 << 19)] = 256 << 10
 
 
 class StateChunk(_UpgradeMessage, frozen=True):

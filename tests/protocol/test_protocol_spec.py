@@ -98,6 +98,20 @@ def test_fault_method_table_matches_the_fault_methods() -> None:
     assert documented == code
 
 
+def test_upgrade_tables_match_the_code() -> None:
+    documented = {row[0]: (row[1], row[2]) for row in TABLES["upgrade-methods"]}
+    code = {m: (req.__name__, resp.__name__) for m, (req, resp) in protocol.UPGRADE_METHODS.items()}
+    assert documented == code
+    assert [row[0] for row in TABLES["upgrade-steps"]] == list(protocol.UPGRADE_STEPS)
+    assert [row[1] for row in TABLES["upgrade-steps"]] == list(protocol.UPGRADE_STEPS.values())
+    documented = {row[0]: (row[1], row[2]) for row in TABLES["workload-methods"]}
+    code = {
+        m: (req.__name__ if req else "-", resp.__name__ if resp else "-")
+        for m, (req, resp) in protocol.WORKLOAD_METHODS.items()
+    }
+    assert documented == code
+
+
 def test_fault_event_and_cause_tables_match_the_code() -> None:
     assert [row[0] for row in TABLES["fault-events"]] == list(protocol.FAULT_EVENTS)
     info = msgspec.inspect.type_info(protocol.FaultEvent)
@@ -142,6 +156,7 @@ def test_every_table_marker_is_checked() -> None:
     checked = {e.__name__ for e in ENUM_TABLES} | {"header", "control-tags", "kernel-tags"}
     checked |= {"fault-methods", "fault-events", "causes", "RestartPolicy"}
     checked |= {"resource-methods", "resource-messages"}
+    checked |= {"upgrade-methods", "upgrade-steps", "workload-methods"}
     assert set(TABLES) == checked
 
 
