@@ -166,6 +166,7 @@ class InstanceUpgrade(_UpgradeMessage, frozen=True):
     mode: Literal["", "surge", "in-place"] = ""
     error: str = ""
     held_ms: float = 0.0  # how long its names were held (freeze to switch)
+    down_ms: float = 0.0  # in place: from the predecessor's stop to the successor serving
     started_ns: U64 = 0
     ended_ns: U64 = 0
 

@@ -61,6 +61,11 @@ class _Rollout:
     request: StartRollout
     status: RolloutStatus
     resumed: anyio.Event = field(default_factory=anyio.Event)
+    in_place: anyio.Semaphore | None = None  # max_unavailable upgrades in place at once
+
+    def __post_init__(self) -> None:
+        if self.request.max_unavailable:
+            self.in_place = anyio.Semaphore(self.request.max_unavailable)
 
     def paused(self) -> bool:  # a call: mypy would keep an attribute narrowed across awaits
         return self.status.outcome == "paused"
@@ -252,6 +257,7 @@ class UpgradeActor:
         return Upgrade(
             self.bus, self.store, self.state_dir, rollout.request.deadlines,
             rollout.status.instances[index], save, image=rollout.request.image,
+            in_place=rollout.in_place,
         )  # fmt: skip
 
     async def _recover(self, rollout: _Rollout) -> None:

@@ -84,9 +84,11 @@ class Upgrade:
     save: Callable[[InstanceUpgrade], Awaitable[None]]
     image: str = ""
     deployment: str = ""
+    in_place: anyio.Semaphore | None = None  # the rollout's max_unavailable budget, if any
     held: tuple[str, ...] = ()
     frozen: bool = False
     held_at: float = 0.0
+    state: bytes = b""  # the predecessor's state image, once taken
 
     async def _set(self, **changes: Any) -> None:
         self.record = msgspec.structs.replace(self.record, **changes)
@@ -97,7 +99,7 @@ class Upgrade:
         try:
             await self._forward()
         except Exception as error:
-            if self.record.step in SWITCHED:
+            if self._names_moved():
                 # the names moved: finish the stop of the predecessor, do not undo
                 log.warning("upgrade done with a problem", name=self.record.name, error=str(error))
                 await self._set(
@@ -109,6 +111,18 @@ class Upgrade:
                 await self.rollback(message)
             raise UpgradeFailed(message) from error
 
+    def _names_moved(self) -> bool:
+        """Whether the successor may have served: from then on the upgrade is finished."""
+        if self.record.mode == "in-place":
+            return self.record.step == "switch"
+        return self.record.step in SWITCHED
+
+    def _state_path(self, kind: str) -> Path:
+        """Where the predecessor's state (`mkps`) or definition (`instance`) is kept."""
+        path = self.state_dir / "states" / f"{self.deployment}-r{self.record.revision}.{kind}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
     async def _forward(self) -> None:
         old = await self._show(self.record.name)
         if old.state != "active":
@@ -119,26 +133,17 @@ class Upgrade:
         self.deployment = self.store.deployment_of(old.name)
         revision = self._first_revision(old)
         await self._set(step="verify", revision=revision, started_ns=_now(), outcome="running")
-        successor = self._successor_name(revision)
-        await self._set(successor=successor, mode="surge")
-        kept = self._keep_image(revision)
-        with anyio.fail_after(self.deadlines.start):
-            await self._lifecycle(
-                "create",
-                CreateInstance(
-                    successor, cpu_count=max(len(old.cpus), 1), memory=old.memory,
-                    restart=RestartPolicy(mode="temporary"), queues=old.queues or None,
-                ),
-            )  # fmt: skip
-            new = await self._lifecycle("load", LoadImage(successor, kept))
-            self.store.add_revision(
-                self.deployment,
-                Revision(revision, successor, kept, new.image_digest, new.image_version),
-                current=False,
-            )
-            await self._set(step="start")
-            new = await self._lifecycle("start", StartInstance(successor))
-            ours = await self._describe(new.id, self.deadlines.start)
+        await self._set(successor=self._successor_name(revision), mode="surge")
+        self.image = self._keep_image(revision)
+        try:
+            with anyio.fail_after(self.deadlines.start):
+                await self._create(self.record.successor, old)
+        except RefusedError as error:
+            if error.remote_type != "ResourceUnavailableError":
+                raise
+            await self._in_place(old, error)
+            return
+        new, ours = await self._start_successor()
         theirs = await self._predecessor(old)
         missing = set(theirs.names) - set(ours.names)
         if missing:
@@ -148,6 +153,78 @@ class Upgrade:
         await self._set(step="drain")
         await self._drain(old, new)
         await self._set(outcome="done", ended_ns=_now())
+
+    async def _create(self, name: str, like: InstanceInfo, **changes: Any) -> InstanceInfo:
+        """Create `name` with `like`'s resources (a grant of its own from the resource actor)."""
+        return await self._lifecycle(
+            "create",
+            CreateInstance(
+                name, cpu_count=max(len(like.cpus), 1), memory=like.memory,
+                restart=changes.get("restart", RestartPolicy(mode="temporary")),
+                queues=like.queues or None,
+            ),
+        )  # fmt: skip
+
+    async def _start_successor(self) -> tuple[InstanceInfo, ControlInfo]:
+        """Load the new image into the created successor, start it, and find its control."""
+        successor = self.record.successor
+        with anyio.fail_after(self.deadlines.start):
+            new = await self._lifecycle("load", LoadImage(successor, self.image))
+            self.store.add_revision(
+                self.deployment,
+                Revision(
+                    self.record.revision, successor, self.image, new.image_digest,
+                    new.image_version,
+                ),
+                current=False,
+            )  # fmt: skip
+            await self._set(step="start")
+            new = await self._lifecycle("start", StartInstance(successor))
+            ours = await self._describe(new.id, self.deadlines.start)
+        return new, ours
+
+    # -- in place ------------------------------------------------------------------------------
+
+    async def _in_place(self, old: InstanceInfo, refused: RefusedError) -> None:
+        """No room for a successor beside `old`: stop it first (downtime), then replace it.
+
+        Allowed only within the rollout's `max_unavailable`. The predecessor's state is taken
+        and kept before it stops; a successor that fails is removed and the predecessor made
+        again from its kept image and state (`_restore_predecessor`).
+        """
+        if self.in_place is None:
+            raise RefusedError(
+                f"no room for a successor beside {old.name!r} ({refused}); to upgrade it in "
+                "place, with downtime, allow it: --max-unavailable 1"
+            )
+        async with self.in_place:
+            await self._set(mode="in-place", step="freeze")
+            theirs = await self._predecessor(old)
+            with anyio.fail_after(self.deadlines.freeze):
+                if theirs.endpoint:
+                    self.frozen = True
+                    self.state = await self._freeze(old.id)
+            _write_durably(self._state_path("instance"), msgspec.msgpack.encode(old))
+            await self._set(step="drain")
+            down = time.monotonic()
+            with anyio.fail_after(self.deadlines.drain + 5):
+                await self._lifecycle("kill", KillInstance(old.name, grace=self.deadlines.drain))
+                await self._lifecycle("delete", DeleteInstance(old.name))
+            self.frozen = False
+            await self._create(self.record.successor, old)
+            new, ours = await self._start_successor()
+            await self._set(step="restore")
+            with anyio.fail_after(self.deadlines.restore):
+                if ours.stateful and theirs.stateful:
+                    await self._restore(new.id, self.state)
+            await self._set(step="health")
+            await self._healthy(new.id)
+            await self._set(step="switch")
+            self.store.set_current(self.deployment, self.record.revision)
+            await self._lifecycle("update", UpdateInstance(new.name, restart=old.restart))
+            await self._set(
+                outcome="done", down_ms=(time.monotonic() - down) * 1000, ended_ns=_now()
+            )
 
     async def _switch_over(
         self, old: InstanceInfo, new: InstanceInfo, theirs: ControlInfo, ours: ControlInfo
@@ -281,9 +358,7 @@ class Upgrade:
         data = bytes(image)
         if data:
             PreservedState.decode(data)  # checked before it is kept or handed on
-        path = self.state_dir / "states" / f"{self.deployment}-r{self.record.revision}.mkps"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        await anyio.to_thread.run_sync(_write_durably, path, data)
+        await anyio.to_thread.run_sync(_write_durably, self._state_path("mkps"), data)
         return data
 
     async def _restore(self, instance: int, image: bytes) -> None:
@@ -314,16 +389,22 @@ class Upgrade:
     # -- undoing -------------------------------------------------------------------------------
 
     async def rollback(self, why: str) -> None:
-        """Undo what was done so far: the predecessor keeps everything."""
+        """Undo what was done so far: the predecessor keeps everything, or (in place, once it
+        was stopped) is made again from its kept image and state."""
         log.warning("rolling back", name=self.record.name, why=why)
-        errors = []
+        errors: list[str] = []
         if self.held:
             try:
                 await self.bus.release_names(self.held)
             except MultikernelError as error:  # its deadline ends it anyway
                 errors.append(f"release: {error}")
             self.held = ()
+        if self.record.successor:
+            await self._remove(self.record.successor, errors)
+            if self.deployment and self.record.revision:
+                self.store.drop_revision(self.deployment, self.record.revision)
         old = await self._maybe_show(self.record.name)
+        outcome = "rolled-back"
         if old is not None and old.state == "active":
             try:
                 await self._control(old.id, "thaw")
@@ -331,23 +412,47 @@ class Upgrade:
                 pass  # not upgradable, or never frozen
             except MultikernelError as error:
                 errors.append(f"thaw: {error}")
-        if self.record.successor:
-            await self._remove(self.record.successor, errors)
-            if self.deployment and self.record.revision:
-                self.store.drop_revision(self.deployment, self.record.revision)
+        elif old is None and self.record.mode == "in-place":
+            try:
+                await self._restore_predecessor()
+            except Exception as error:
+                outcome = "failed"
+                errors.append(
+                    f"{self.record.name!r} could not be made again ({error}); its state is kept "
+                    f"in {self._state_path('mkps')}"
+                )
         await self._set(
-            outcome="rolled-back",
+            outcome=outcome,
             error=why + (f" (and {'; '.join(errors)})" if errors else ""),
             ended_ns=_now(),
         )
 
+    async def _restore_predecessor(self) -> None:
+        """Make the predecessor stopped by an in-place upgrade again: its definition, the image
+        of the deployment's current revision, its kept state."""
+        old = msgspec.msgpack.decode(self._state_path("instance").read_bytes(), type=InstanceInfo)
+        state_file = self._state_path("mkps")
+        state = state_file.read_bytes() if state_file.exists() else b""
+        revisions = {r.revision: r for r in self.store.revisions(self.deployment)}
+        current = revisions.get(self.store.current(self.deployment))
+        with anyio.fail_after(self.deadlines.start + self.deadlines.restore):
+            await self._create(old.name, old, restart=old.restart)
+            image = current.image if current is not None else old.image_source
+            await self._lifecycle("load", LoadImage(old.name, image))
+            info = await self._lifecycle("start", StartInstance(old.name))
+            if state:
+                ours = await self._describe(info.id, self.deadlines.start)
+                if ours.stateful:
+                    await self._restore(info.id, state)
+        log.info("predecessor made again", name=old.name)
+
     async def recover(self) -> None:
         """Finish or undo an upgrade a previous run of the actor left at `record.step`."""
         self.deployment = self.store.deployment_of(self.record.name)
-        if self.record.step in SWITCHED:
+        if self._names_moved():
             old = await self._maybe_show(self.record.name)
             new = await self._maybe_show(self.record.successor)
-            if old is not None and new is not None:
+            if old is not None and new is not None and self.record.mode == "surge":
                 self.frozen = old.state == "active"
                 with anyio.CancelScope(shield=True):
                     try:

@@ -7,10 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from multikernel.protocol import RevisionHistory, RevisionsQuery, RolloutStatus, UndoRollout
+from multikernel.protocol import (
+    CreateInstance,
+    RevisionHistory,
+    RevisionsQuery,
+    RolloutStatus,
+    UndoRollout,
+)
 from multikernel.services._signature import make_signing_key
 
-from .upgrade_kit import UpgradeHost, finished, make_image, upgrade_host
+from .upgrade_kit import MB, UpgradeHost, finished, make_image, owned, upgrade_host
 
 pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
 
@@ -139,3 +145,66 @@ async def test_undo_returns_to_the_previous_revision(
             (3, True),
         ]
         assert history.revisions[2].digest == history.revisions[0].digest
+
+
+async def fill_the_pool(host: UpgradeHost) -> None:
+    """Take the CPU left (each CPU is one instance's here: cpu_share=1), so no successor fits."""
+    await host.lifecycle("create", CreateInstance(unique("filler"), cpu_count=1, memory=16 * MB))
+
+
+async def test_without_room_and_no_downtime_allowed_the_upgrade_is_refused(
+    tmp_path: Path, keys: tuple[bytes, bytes], cert: Path
+) -> None:
+    v1, v2 = make_image(tmp_path, keys, 1), make_image(tmp_path, keys, 2)
+    name = unique("kv")
+    async with upgrade_host(tmp_path, cert, fault=False, cpu_share=1) as host:
+        await host.bring_up(name, v1)
+        await fill_the_pool(host)
+        await fill(host)
+        status = await host.rollout([name], v2)
+        assert status.outcome == "failed"
+        (item,) = status.instances
+        assert (item.outcome, item.step) == ("rolled-back", "verify")
+        assert "--max-unavailable 1" in item.error
+        assert await host.ep.request("kv", "count") == 5
+
+
+async def test_in_place_with_downtime_when_there_is_no_room(
+    tmp_path: Path, keys: tuple[bytes, bytes], cert: Path
+) -> None:
+    v1, v2 = make_image(tmp_path, keys, 1), make_image(tmp_path, keys, 2)
+    name = unique("kv")
+    async with upgrade_host(tmp_path, cert, fault=False, cpu_share=1) as host:
+        await host.bring_up(name, v1)
+        await fill_the_pool(host)
+        await fill(host)
+        status = await host.rollout([name], v2, max_unavailable=1)
+        assert status.outcome == "done", status
+        (item,) = status.instances
+        assert (item.outcome, item.mode) == ("done", "in-place")
+        assert item.down_ms > 0
+        assert await host.ep.request("kv", "version") == 2
+        assert await host.ep.request("kv", "get", "k4") == "vvvvv"
+        assert await host.ep.request("kv", "count") == 5
+        assert name not in {info.name for info in await host.show()}
+
+
+async def test_a_failed_in_place_upgrade_makes_the_predecessor_again(
+    tmp_path: Path, keys: tuple[bytes, bytes], cert: Path
+) -> None:
+    v1, bad = make_image(tmp_path, keys, 1), make_image(tmp_path, keys, 2, mode="reject")
+    name = unique("kv")
+    async with upgrade_host(tmp_path, cert, fault=False, cpu_share=1) as host:
+        old = await host.bring_up(name, v1)
+        await fill_the_pool(host)
+        await fill(host)
+        status = await host.rollout([name], bad, max_unavailable=1)
+        assert status.outcome == "failed"
+        (item,) = status.instances
+        assert (item.outcome, item.mode, item.step) == ("rolled-back", "in-place", "restore")
+        await owned(host.ep, "kv")
+        assert await host.ep.request("kv", "version") == 1
+        assert await host.ep.request("kv", "count") == 5, "its state, kept by the actor"
+        again = (await host.show(name))[0]
+        assert (again.state, again.image_version) == ("active", "1")
+        assert again.id != old.id
