@@ -5,8 +5,10 @@ a host starts (the bus hub and the lifecycle actor); a throwaway key signs three
 instances are created, loaded (signatures verified) and started, each an isolated process tree
 with its own agent: `alpha` serves a key-value service, `beta` is an application that calls it
 over the bus (inter-instance RPC on a direct shared-memory channel) and publishes what it sees,
-`gamma` watches those publications. After a few seconds of live figures every instance is shut
-down (SHUTDOWN, SHUTDOWN_ACK, HALTED), deleted, and the host stops, leaving nothing behind.
+`gamma` watches those publications. After a few seconds of live figures alpha is upgraded to a
+new version of its image while beta goes on calling it (the upgrade actor: a successor takes its
+store and its name at once), and a few more seconds of figures follow. Then every instance is
+shut down (SHUTDOWN, SHUTDOWN_ACK, HALTED), deleted, and the host stops, leaving nothing behind.
 With `--hold` (`make demo HOLD=1`) the instances stay up until Enter, for `mkctl` and the
 README's Python snippet to talk to them through the socket it prints.
 """
@@ -23,15 +25,19 @@ from pathlib import Path
 
 import anyio
 
-from multikernel.endpoints import Bus, connect, runtime
+from multikernel.endpoints import Bus, Subscription, connect, runtime
 from multikernel.protocol import (
+    UPGRADE_STEPS,
     CreateInstance,
     DeleteInstance,
     InstanceInfo,
     InstanceStateChanged,
     KillInstance,
     LoadImage,
+    RolloutStatus,
     StartInstance,
+    StartRollout,
+    UpgradeEvent,
 )
 from multikernel.services._cgroups import CgroupLayout
 from multikernel.services._host import HostConfig, cgroup_group, run_host
@@ -53,11 +59,14 @@ subscribe = ["demo.>"]
 
 KV = """
 import anyio
-from multikernel.endpoints import connect, current_caller
+from multikernel.endpoints import connect
+from multikernel.upgrade import PreservedState, Schema, UpgradeControl
+
+STORE = Schema(dict, 1)  # the whole store, one node; a new version declares its transforms here
 
 async def main():
     store = {}
-    async with connect(name="kv-server") as bus:
+    async with connect(name="kv-server") as bus, anyio.create_task_group() as tg:
         kv = bus.service("demo.kv", concurrency=32)
 
         @kv.method
@@ -69,6 +78,16 @@ async def main():
         async def get(key: str) -> object:
             return store.get(key)
 
+        def save():
+            state = PreservedState()
+            state.put("store", store, schema="dict")
+            return state
+
+        def load(state):
+            store.update(state.get("store", STORE))
+
+        # an upgrade hands the store to the next version (docs/upgrade.md)
+        await tg.start(UpgradeControl(bus, [kv], preserve=save, restore=load).run)
         await kv.start()
         await anyio.sleep_forever()
 
@@ -78,10 +97,11 @@ anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
 CLIENT = """
 import time
 import anyio
-from multikernel.endpoints import connect
+from multikernel.endpoints import connect, retrying
 
 async def main():
-    async with connect(name="kv-client") as bus:
+    async with connect(name="kv-client") as ep:
+        bus = retrying(ep, within=5.0)  # rides out the upgrade's switch (docs/upgrade.md)
         while True:  # wait until the service is up (it lives in another instance)
             try:
                 await bus.request("demo.kv", "get", "nothing")
@@ -98,7 +118,7 @@ async def main():
                 latencies.append((time.perf_counter_ns() - t0) / 2000)
                 i += 1
             latencies.sort()
-            await bus.publish("demo.stats", {
+            await ep.publish("demo.stats", {
                 "calls": 2 * len(latencies), "p50_us": latencies[len(latencies) // 2],
                 "p99_us": latencies[int(len(latencies) * 0.99)],
             })
@@ -120,11 +140,13 @@ anyio.run(main, backend="asyncio", backend_options={"use_uvloop": True})
 """
 
 
-def _image(root: Path, name: str, source: str, key: bytes, cert: bytes) -> Path:
-    image = root / name
+def _image(
+    root: Path, name: str, source: str, key: bytes, cert: bytes, version: str = "1.0"
+) -> Path:
+    image = root / f"{name}-{version}"
     image.mkdir()
     (image / "manifest.toml").write_text(
-        f'name = "{name}"\nversion = "1.0"\nentry = ["{{python}}", "main.py"]\n'
+        f'name = "{name}"\nversion = "{version}"\nentry = ["{{python}}", "main.py"]\n'
     )
     (image / "main.py").write_text(textwrap.dedent(source))
     sign_image(image, key, cert)
@@ -148,7 +170,8 @@ async def demo(root: Path, hold: bool = False) -> None:
         name: _image(root, name, src, key, cert)
         for name, src in (("kv", KV), ("client", CLIENT), ("watcher", WATCHER))
     }
-    say(f"signed three images with a throwaway key ({root / 'cert.pem'} is trusted)")
+    images["kv-2.0"] = _image(root, "kv", KV, key, cert, version="2.0")
+    say(f"signed four images with a throwaway key ({root / 'cert.pem'} is trusted)")
     # Grants are exclusive CPUs; a machine with fewer CPUs than the demo's three instances lets
     # them share (--cpu-share), as a development host may.
     share = -(-3 // (os.cpu_count() or 1))
@@ -165,7 +188,7 @@ async def demo(root: Path, hold: bool = False) -> None:
     stop = anyio.Event()
     async with anyio.create_task_group() as host:
         await host.start(run_host, config, stop)
-        say(f"host up: bus hub, resource and lifecycle actors on {config.socket}\n")
+        say(f"host up: bus hub, resource, lifecycle, fault, upgrade actors on {config.socket}\n")
         async with connect(config.socket, name="demo") as bus:
             await _watch(bus, images, config.socket if hold else None)
         stop.set()  # as `mkctl host down` would: instances stopped, bus drained
@@ -210,8 +233,10 @@ async def _watch(bus: Bus, images: dict[str, Path], hold: Path | None = None) ->
                 event(change.name, change.new).set()
 
         tg.start_soon(print_states)
-        plan = (("alpha", "kv"), ("beta", "client"), ("gamma", "watcher"))
-        for name, image in plan:
+        plan: tuple[tuple[str, str], ...] = (
+            ("kv", "alpha"), ("client", "beta"), ("watcher", "gamma"),
+        )  # fmt: skip
+        for image, name in plan:
             create = CreateInstance(name, cpu_count=1, memory=256 << 20)
             await step("create", create, f"create {name} --cpus 1 --memory 256M", name)
             await step(
@@ -224,20 +249,61 @@ async def _watch(bus: Bus, images: dict[str, Path], hold: Path | None = None) ->
             )
         say(f"\nbeta calls alpha's demo.kv service; gamma relays beta's figures ({SECONDS} s):")
         say(f"{'second':>6} {'calls/s':>8} {'p50 us':>8} {'p99 us':>8}   relayed from endpoint")
-        with anyio.move_on_after(SECONDS + 1):
-            for second in range(1, SECONDS + 1):
-                figures = (await seen.receive()).value()
-                say(
-                    f"{second:>6} {figures['calls']:>8} {figures['p50_us']:>8.1f} "
-                    f"{figures['p99_us']:>8.1f}   {figures['from']}"
-                )
+        second = await _figures(seen, 0, SECONDS)
+        say(
+            "\nalpha is upgraded to kv 2.0 while beta calls it: a successor takes alpha's store "
+            "and the name demo.kv at once\n$ mkctl upgrade alpha --image kv-2.0"
+        )
+        alpha = await _upgrade(bus, images["kv-2.0"])
+        await _figures(seen, second, 3)
+        plan = (("alpha", alpha), *plan[1:])
         if hold is not None:
             await _hold(hold)
         say("")
-        for name, _ in reversed(plan):  # the service last: its callers go first
+        for _, name in reversed(plan):  # the service last: its callers go first
             await step("kill", KillInstance(name), f"kill {name}", name)
             await step("delete", DeleteInstance(name), f"delete {name}", name)
         tg.cancel_scope.cancel()
+
+
+async def _figures(seen: Subscription, second: int, seconds: int) -> int:
+    """Print `seconds` lines of beta's figures, as gamma relays them; the last second shown."""
+    with anyio.move_on_after(seconds + 1):
+        for _ in range(seconds):
+            figures = (await seen.receive()).value()
+            second += 1
+            say(
+                f"{second:>6} {figures['calls']:>8} {figures['p50_us']:>8.1f} "
+                f"{figures['p99_us']:>8.1f}   {figures['from']}"
+            )
+    return second
+
+
+async def _upgrade(bus: Bus, image: Path) -> str:
+    """Upgrade alpha to `image`, printing each step; the successor's name."""
+    async with (
+        await bus.subscribe("mk.upgrade.alpha.>") as steps,
+        await bus.subscribe("mk.upgrades.*") as ends,
+    ):
+        await bus.request("upgrade", "rollout", StartRollout(("alpha",), str(image)))
+        shown = ""
+        with anyio.fail_after(60):
+            async for message in steps:
+                event = message.decode(UpgradeEvent)
+                if event.step != shown:  # a step may publish more than once
+                    shown = event.step
+                    say(f"    [upgrade alpha] {event.step}: {UPGRADE_STEPS[event.step]}")
+                if event.outcome != "running":
+                    break
+            status = (await ends.receive()).decode(RolloutStatus)
+    (item,) = status.instances
+    if status.outcome != "done":
+        raise SystemExit(f"the demo's upgrade {status.outcome}: {status.error}")
+    say(
+        f"    alpha is now {item.successor} (kv 2.0); demo.kv was held {item.held_ms:.1f} ms, "
+        "no call failed, the store came along"
+    )
+    return item.successor
 
 
 def _leftovers(state_dir: Path) -> list[str]:

@@ -52,7 +52,7 @@ async def test_state_and_names_survive_an_upgrade_with_a_schema_change(
 ) -> None:
     v1, v2 = make_image(tmp_path, keys, 1), make_image(tmp_path, keys, 2)
     name = unique("kv")
-    async with upgrade_host(tmp_path, cert, fault=False) as host:
+    async with upgrade_host(tmp_path, cert) as host:  # with the fault actor watching
         old = await host.bring_up(name, v1)
         await fill(host)
         status = await host.rollout([name], v2)
