@@ -232,13 +232,14 @@ class BenchHost:
             await owned(self.ep, owns)
         return info
 
+    async def show(self) -> list[InstanceInfo]:
+        listing = await self.ep.request("lifecycle", "show", ShowInstances(), response=InstanceList)
+        return list(listing.instances)
+
     async def remove_all(self) -> None:
         """Kill and delete every instance (best effort: this runs on the way out)."""
         with anyio.move_on_after(30):
-            listing = await self.ep.request(
-                "lifecycle", "show", ShowInstances(), response=InstanceList
-            )
-            for info in listing.instances:
+            for info in await self.show():
                 try:
                     if info.state == "active":
                         await self.lifecycle("kill", KillInstance(info.name, force=True))

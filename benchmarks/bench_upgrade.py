@@ -35,9 +35,12 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 
 import anyio
 
@@ -74,6 +77,52 @@ class Window:
         return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
+class LoopWatch:
+    """Notes when this process's event loop (the hub's and the lifecycle actor's) stalls for more
+    than `limit` seconds: a thread samples the main thread's stack while the loop's heartbeat is
+    late, so a stall here is told from one in the caller or an instance (other processes)."""
+
+    def __init__(self, limit: float = 0.02) -> None:
+        self.limit = limit
+        self.beat = time.monotonic()
+        self.stalls: list[tuple[int, float, str]] = []  # (wall ns at its start, ms, where)
+        self._offset = time.time_ns() - time.monotonic_ns()
+        self._main = threading.get_ident()
+        self._done = threading.Event()
+
+    async def run(self) -> None:
+        thread = threading.Thread(target=self._watch, daemon=True)
+        thread.start()
+        try:
+            while True:
+                self.beat = time.monotonic()
+                await anyio.sleep(0.002)
+        finally:
+            self._done.set()
+
+    def _watch(self) -> None:
+        began = 0.0
+        where: list[str] = []
+        while not self._done.wait(0.005):
+            beat = self.beat
+            if time.monotonic() - beat > self.limit:
+                began = began or beat
+                frame = sys._current_frames().get(self._main)
+                where.append(_innermost(frame) if frame is not None else "?")
+            elif began:
+                common = max(set(where), key=where.count)
+                self.stalls.append((self._offset + int(began * 1e9), (beat - began) * 1000, common))
+                began, where = 0.0, []
+
+
+def _innermost(frame: FrameType) -> str:
+    """The innermost frames of a stack, inner first, as file:line function."""
+    return " < ".join(
+        f"{Path(f.filename).name}:{f.lineno} {f.name}"
+        for f in reversed(traceback.extract_stack(frame)[-4:])
+    )
+
+
 @dataclass
 class Round:
     windows: dict[str, Window]
@@ -86,6 +135,8 @@ class Round:
     loadavg: str
     outcome: str
     slowest: list[str]  # the slowest calls, each with where the rollout was at its start
+    stalls: list[str]  # this process's event loop (the hub's) late by more than 20 ms
+    cpus: dict[str, tuple[int, ...]]  # instance -> its CPUs
 
 
 def cpu_times() -> tuple[int, int]:
@@ -108,11 +159,18 @@ async def one_round(
     v1, v2 = make_kv(root, keys, 1), make_kv(root, keys, 2)
     caller_image = make_caller(root, keys, targets, args.rate)
     events: list[UpgradeEvent] = []
-    async with bench_host(root, cert) as host:
+    watch = LoopWatch()
+    cpus: dict[str, tuple[int, ...]] = {}
+    async with (
+        bench_host(root, cert, placement=args.placement) as host,
+        anyio.create_task_group() as watching,
+    ):
         ep = host.ep
         for name, target in zip(instances, targets, strict=True):
-            await host.bring_up(name, v1, target)
+            cpus[name] = (await host.bring_up(name, v1, target)).cpus
         caller = await host.bring_up(f"caller-{tag}", caller_image)
+        cpus[caller.name] = caller.cpus
+        watching.start_soon(watch.run)
         stats = f"instance.{caller.id}.stats"
         await owned(ep, stats)
         cpu0, wall0 = cpu_times(), time.monotonic()
@@ -154,6 +212,9 @@ async def one_round(
             count = await ep.request(target, "count")
             version = await ep.request(target, "version")
             counts[target] = (final["acked"][i], count, version)
+        for info in await host.show():
+            cpus.setdefault(info.name, info.cpus)
+        watching.cancel_scope.cancel()
 
     by_name: dict[str, list[UpgradeEvent]] = {name: [] for name in instances}
     for event in sorted(events, key=lambda e: e.time_ns):
@@ -193,6 +254,11 @@ async def one_round(
             (r for r in records if r[1] >= begin), key=lambda r: -r[2]
         )[: args.outliers]
     ]
+    stalls = [
+        f"{ms:7.1f} ms at {(start - rollout_at) / 1e6:+8.0f} ms (rollout: {where(start)}) in {at}"
+        for start, ms, at in sorted(watch.stalls, key=lambda s: -s[1])
+        if start >= begin
+    ]
     windows = {name: Window() for name in WINDOWS}
     for index, start, duration, failed, retries in records:
         if start < begin:
@@ -217,6 +283,8 @@ async def one_round(
         loadavg=loadavg(),
         outcome=status.outcome + (f" ({status.error})" if status.error else ""),
         slowest=slowest,
+        stalls=stalls,
+        cpus=cpus,
     )
 
 
@@ -249,10 +317,14 @@ def print_round(number: int, r: Round) -> None:
         f"  targets: failed == 0: {failed} {verdict(failed == 0)}; "
         f"p99 during switch <= {TARGET_P99_MS:g} ms: {p99:.2f} {verdict(p99 <= TARGET_P99_MS)}"
     )
+    print("  CPUs: " + ", ".join(f"{n} {list(c)}" for n, c in r.cpus.items()))
     if r.slowest:
         print("  slowest calls (start from the rollout request; the upgrade step then):")
         for line in r.slowest:
             print("   " + line)
+    print(f"  hub loop stalls > 20 ms: {len(r.stalls)}")
+    for line in r.stalls[:5]:
+        print("   " + line)
 
 
 def spread(values: list[float]) -> str:
@@ -293,7 +365,8 @@ async def main(args: argparse.Namespace) -> None:
     keys = make_signing_key("bench upgrade", algorithm="ec-p256")
     print(
         f"rolling upgrade of 3 KV instances (max_surge=1) under {args.rate:g} puts/s per name; "
-        f"baseline {args.baseline:g} s, after {args.after:g} s; loadavg {loadavg()}"
+        f"baseline {args.baseline:g} s, after {args.after:g} s; placement {args.placement}; "
+        f"loadavg {loadavg()}"
     )
     rounds: list[Round] = []
     for number in range(1, args.rounds + 1):
@@ -318,6 +391,11 @@ if __name__ == "__main__":
     parser.add_argument("--rate", type=float, default=500.0, help="puts per second per name")
     parser.add_argument("--baseline", type=float, default=5.0, help="seconds before the rollout")
     parser.add_argument("--after", type=float, default=2.0, help="seconds after the rollout")
+    parser.add_argument(
+        "--placement",
+        default="pack",
+        help="the resource actor's: pack (the host's default), spread",
+    )
     parser.add_argument("--outliers", type=int, default=5, help="slowest calls to show")
     parser.add_argument("--quick", action="store_true", help="1 round, 1 s baseline, 0.5 s after")
     args = parser.parse_args()
