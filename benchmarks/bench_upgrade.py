@@ -126,7 +126,8 @@ def _innermost(frame: FrameType) -> str:
 @dataclass
 class Round:
     windows: dict[str, Window]
-    held_ms: dict[str, float]  # instance -> names held
+    held_ms: dict[str, float]  # instance -> names held, as the actor timed it
+    hub_held_ms: dict[str, float]  # instance -> its name held, NameHeld to NameHoldEnded at the hub
     steps: dict[str, dict[str, float]]  # instance -> step -> ms
     counts: dict[str, tuple[int, int, int]]  # target -> (acked, final count, final version)
     rate: float  # calls per second the caller achieved, all targets
@@ -135,6 +136,7 @@ class Round:
     loadavg: str
     outcome: str
     slowest: list[str]  # the slowest calls, each with where the rollout was at its start
+    slowest_switch: list[str]  # the slowest calls during a switch, timed from its events
     stalls: list[str]  # this process's event loop (the hub's) late by more than 20 ms
     cpus: dict[str, tuple[int, ...]]  # instance -> its CPUs
 
@@ -159,6 +161,7 @@ async def one_round(
     v1, v2 = make_kv(root, keys, 1), make_kv(root, keys, 2)
     caller_image = make_caller(root, keys, targets, args.rate)
     events: list[UpgradeEvent] = []
+    hub_holds: dict[tuple[str, str], int] = {}  # (name, held/ended) -> when the hub said so
     watch = LoopWatch()
     cpus: dict[str, tuple[int, ...]] = {}
     async with (
@@ -179,6 +182,7 @@ async def one_round(
         await anyio.sleep(args.baseline)
         async with (
             await ep.subscribe("mk.upgrade.>") as updates,
+            await ep.subscribe("mk.bus.holds.>") as holds,
             await ep.subscribe("mk.upgrades.*") as ends,
             anyio.create_task_group() as tg,
         ):
@@ -187,7 +191,15 @@ async def one_round(
                 async for message in updates:
                     events.append(message.decode(UpgradeEvent))
 
+            async def collect_holds() -> None:  # the hub is in this process: its own time
+                async for message in holds:
+                    kind = "ended" if "reason" in message.value() else "held"
+                    hub_holds[(message.subject.removeprefix("mk.bus.holds."), kind)] = (
+                        time.time_ns()
+                    )
+
             tg.start_soon(collect)
+            tg.start_soon(collect_holds)
             rollout_at = time.time_ns()
             started = await ep.request(
                 "upgrade", "rollout", StartRollout(tuple(instances), str(v2), max_surge=1),
@@ -254,6 +266,17 @@ async def one_round(
             (r for r in records if r[1] >= begin), key=lambda r: -r[2]
         )[: args.outliers]
     ]
+    in_switch = [
+        r for r in records if r[0] in switch and switch[r[0]][0] <= r[1] <= switch[r[0]][1]
+    ]
+    slowest_switch = [
+        f"{duration / 1e6:7.1f} ms {targets[index]:<10} started freeze+"
+        f"{(start - switch[index][0]) / 1e6:.1f} ms, answered switched"
+        f"{(start + duration - switch[index][1]) / 1e6:+.1f} ms, hub's hold end"
+        f"{(start + duration - hub_holds.get((targets[index], 'ended'), 0)) / 1e6:+.1f} ms; "
+        f"retries {retries}"
+        for index, start, duration, _, retries in sorted(in_switch, key=lambda r: -r[2])[:3]
+    ]
     stalls = [
         f"{ms:7.1f} ms at {(start - rollout_at) / 1e6:+8.0f} ms (rollout: {where(start)}) in {at}"
         for start, ms, at in sorted(watch.stalls, key=lambda s: -s[1])
@@ -272,9 +295,14 @@ async def one_round(
         if index in switch and switch[index][0] <= start <= switch[index][1]:
             windows["during switch"].add(duration, failed, retries)
     busy = (cpu1[0] - cpu0[0]) / max(cpu1[1] - cpu0[1], 1)
+    hub_held = {
+        name: (hub_holds.get((t, "ended"), 0) - hub_holds.get((t, "held"), 0)) / 1e6
+        for name, t in zip(instances, targets, strict=True)
+    }
     return Round(
         windows=windows,
         held_ms={i.name: i.held_ms for i in status.instances},
+        hub_held_ms=hub_held,
         steps=steps,
         counts=counts,
         rate=len(records) / (wall1 - wall0),
@@ -283,6 +311,7 @@ async def one_round(
         loadavg=loadavg(),
         outcome=status.outcome + (f" ({status.error})" if status.error else ""),
         slowest=slowest,
+        slowest_switch=slowest_switch,
         stalls=stalls,
         cpus=cpus,
     )
@@ -304,10 +333,10 @@ def print_round(number: int, r: Round) -> None:
             f"  {name:<14} {w.calls:>6} {w.failed:>6} {w.retried:>7} "
             f"{w.pct(0.5):>7.2f} {w.pct(0.99):>7.2f} {max(w.ms, default=float('nan')):>7.2f}"
         )
-    print(f"  {'instance':<14} {'held ms':>7} " + " ".join(f"{s:>7}" for s in STEPS))
+    print(f"  {'instance':<14} {'held ms':>7} {'at hub':>7} " + " ".join(f"{s:>7}" for s in STEPS))
     for name, held in r.held_ms.items():
         durations = " ".join(f"{r.steps[name][s]:>7.1f}" for s in STEPS)
-        print(f"  {name:<14} {held:>7.1f} {durations}")
+        print(f"  {name:<14} {held:>7.1f} {r.hub_held_ms[name]:>7.1f} {durations}")
     print("  acked vs count: " + ", ".join(
         f"{t} {a}/{c} v{v} {'ok' if a == c else 'DIFFERS'}" for t, (a, c, v) in r.counts.items()
     ))  # fmt: skip
@@ -321,6 +350,10 @@ def print_round(number: int, r: Round) -> None:
     if r.slowest:
         print("  slowest calls (start from the rollout request; the upgrade step then):")
         for line in r.slowest:
+            print("   " + line)
+    if r.slowest_switch:
+        print("  slowest calls during a switch (freeze: its event; switched: names moved):")
+        for line in r.slowest_switch:
             print("   " + line)
     print(f"  hub loop stalls > 20 ms: {len(r.stalls)}")
     for line in r.stalls[:5]:
@@ -343,14 +376,15 @@ def print_medians(rounds: list[Round]) -> None:
             f"{spread([w.pct(0.5) for w in ws]):>18} {spread([w.pct(0.99) for w in ws]):>18} "
             f"{spread([max(w.ms, default=float('nan')) for w in ws]):>20}"
         )
-    print(f"  {'instance':<14} {'held ms':>7} " + " ".join(f"{s:>7}" for s in STEPS))
+    print(f"  {'instance':<14} {'held ms':>7} {'at hub':>7} " + " ".join(f"{s:>7}" for s in STEPS))
     for position in range(3):
         held = statistics.median(list(r.held_ms.values())[position] for r in rounds)
+        at_hub = statistics.median(list(r.hub_held_ms.values())[position] for r in rounds)
         durations = " ".join(
             f"{statistics.median(list(r.steps.values())[position][s] for r in rounds):>7.1f}"
             for s in STEPS
         )
-        print(f"  {'abc'[position] + ' (median)':<14} {held:>7.1f} {durations}")
+        print(f"  {'abc'[position] + ' (median)':<14} {held:>7.1f} {at_hub:>7.1f} {durations}")
     failed = sum(w.failed for r in rounds for w in r.windows.values())
     lost = sum(a != c for r in rounds for a, c, _ in r.counts.values())
     p99 = statistics.median(r.windows["during switch"].pct(0.99) for r in rounds)
