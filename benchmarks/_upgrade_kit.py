@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 
 from multikernel.endpoints import Endpoint, connect
 from multikernel.protocol import (
@@ -259,10 +260,15 @@ async def owned(ep: Endpoint, name: str) -> None:
                     return
 
 
+class Interrupted(Exception):
+    """The host stopped on a signal (it handles SIGINT and SIGTERM: it stops its instances)."""
+
+
 @asynccontextmanager
 async def bench_host(root: Path, cert: Path, **settings: Any) -> AsyncIterator[BenchHost]:
     """A host (hub, resource, lifecycle, upgrade; no fault actor) on `root`, and an endpoint on
-    it; every instance is killed and deleted and the host stopped on the way out."""
+    it; every instance is killed and deleted and the host stopped on the way out. Ctrl-C stops
+    the host, which cancels the body: `Interrupted`."""
     config = HostConfig(
         root / "bus.sock",
         root / "state",
@@ -274,16 +280,39 @@ async def bench_host(root: Path, cert: Path, **settings: Any) -> AsyncIterator[B
         **{"cpu_share": 8, **settings},
     )
     stop = anyio.Event()
+    host_done = anyio.Event()
+    interrupted = False
     async with anyio.create_task_group() as tg:
-        await tg.start(run_host, config, stop)
+
+        async def serve(*, task_status: anyio.abc.TaskStatus[None]) -> None:
+            nonlocal interrupted
+            try:
+                await run_host(config, stop, task_status=task_status)
+            finally:
+                host_done.set()
+            if not stop.is_set():  # a signal: the body must not wait for a hub that left
+                interrupted = True
+                tg.cancel_scope.cancel()
+
+        await tg.start(serve)
         try:
             async with connect(config.socket, name="bench") as ep:
                 host = BenchHost(ep, config)
                 try:
                     await owned(ep, "upgrade")
                     yield host
+                except Exception:
+                    # the actors leave before the host returns: is it stopping on a signal?
+                    with anyio.move_on_after(10):
+                        await host_done.wait()
+                    if stop.is_set() or not host_done.is_set():
+                        raise
+                    interrupted = True
                 finally:
-                    with anyio.CancelScope(shield=True):
-                        await host.remove_all()
+                    if not interrupted:
+                        with anyio.CancelScope(shield=True):
+                            await host.remove_all()
         finally:
             stop.set()
+    if interrupted:
+        raise Interrupted("interrupted: the host stopped its instances")

@@ -46,7 +46,7 @@ import anyio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _upgrade_kit import bench_host, make_caller, make_kv, owned
+from _upgrade_kit import Interrupted, bench_host, make_caller, make_kv, owned
 
 from multikernel.protocol import RolloutStatus, StartRollout, UpgradeEvent
 from multikernel.services._signature import make_signing_key
@@ -438,5 +438,5 @@ if __name__ == "__main__":
     os.environ.setdefault("MULTIKERNEL_LOG_LEVEL", "WARNING")  # the actors' and agents' logs
     try:
         anyio.run(main, args, backend_options={"use_uvloop": True})
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         sys.exit("interrupted: the host and its instances were stopped")
