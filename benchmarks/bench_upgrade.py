@@ -277,6 +277,19 @@ async def one_round(
         f"retries {retries}"
         for index, start, duration, _, retries in sorted(in_switch, key=lambda r: -r[2])[:3]
     ]
+    released = []  # per instance: when its held calls were answered, from the hub's hold end
+    for index, target in enumerate(targets):
+        end = hub_holds.get((target, "ended"), 0)
+        held = sorted(
+            (r[1] + r[2] - end) / 1e6
+            for r in in_switch
+            if r[0] == index and end and r[1] < end and r[1] + r[2] > end
+        )
+        if held:
+            released.append(
+                f"{instances[index]}: {len(held)} held calls answered {held[0]:+.1f} .. "
+                f"{held[-1]:+.1f} ms after the hub's hold end"
+            )
     stalls = [
         f"{ms:7.1f} ms at {(start - rollout_at) / 1e6:+8.0f} ms (rollout: {where(start)}) in {at}"
         for start, ms, at in sorted(watch.stalls, key=lambda s: -s[1])
@@ -311,7 +324,7 @@ async def one_round(
         loadavg=loadavg(),
         outcome=status.outcome + (f" ({status.error})" if status.error else ""),
         slowest=slowest,
-        slowest_switch=slowest_switch,
+        slowest_switch=slowest_switch + released,
         stalls=stalls,
         cpus=cpus,
     )
