@@ -21,8 +21,14 @@ Per instance: how long its names were held (`held_ms` in the rollout status) and
 duration from the events' times. Targets: no failed call; p99 during the switch <= 50 ms. Then
 each KV's final `count` must equal the puts the caller saw acknowledged (nothing lost or twice).
 With `--rounds N`, the medians (min-max) over the rounds follow. Percentiles are nearest-rank;
-the during-switch window holds only some 100 calls per round at the default rate, so its p99 is
-close to its second-worst call.
+the during-switch window holds only some 40-70 calls per round at the default rate, so its p99
+is its worst call.
+
+To say where the time goes, each round also prints each instance's CPUs, the hub's own view of
+each hold (`mk.bus.holds.<name>`, timed here: the hub runs in this process), the slowest calls
+with the upgrade step under way when they started, when each instance's held calls were answered
+after the hub ended its hold, and stalls of this process's event loop (the hub's, shared with the
+lifecycle actor) over 20 ms with the stack they were in.
 """
 
 from __future__ import annotations
