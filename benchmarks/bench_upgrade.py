@@ -384,7 +384,7 @@ def spread(values: list[float]) -> str:
 
 
 def print_medians(rounds: list[Round]) -> None:
-    print(f"\nmedians (min-max) over {len(rounds)} rounds")
+    print(f"\nmedians (min-max) over {len(rounds)} rounds (failed, retried: totals)")
     print(f"  {'window':<14} {'calls':>6} {'failed':>6} {'retried':>7} "
           f"{'p50 ms':>18} {'p99 ms':>18} {'max ms':>20}")  # fmt: skip
     for name in WINDOWS:
