@@ -380,8 +380,11 @@ class LifecycleActor:
             if self._states.store is not None:
                 self._states.store.delete(inst.name)
             del self.instances[inst.name]
-            self._drop_image(inst)
-            shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
+            # an image is thousands of files: removed in a thread, not on the hub's event loop
+            await anyio.to_thread.run_sync(self._drop_image, inst)
+            await anyio.to_thread.run_sync(
+                lambda: shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
+            )
             if inst.resources is not None:
                 try:
                     await self._grants.release(inst)

@@ -204,7 +204,10 @@ class Upgrade:
                 if theirs.endpoint:
                     self.frozen = True
                     self.state = await self._freeze(old.id)
-            _write_durably(self._state_path("instance"), msgspec.msgpack.encode(old))
+            await self._keep_state(self.state)  # before the predecessor is stopped
+            await anyio.to_thread.run_sync(
+                _write_durably, self._state_path("instance"), msgspec.msgpack.encode(old)
+            )
             await self._set(step="drain")
             down = time.monotonic()
             with anyio.fail_after(self.deadlines.drain + 5):
@@ -241,8 +244,10 @@ class Upgrade:
                 image = await self._freeze(old.id)
         await self._set(step="restore")
         with anyio.fail_after(self.deadlines.restore):
-            if ours.stateful and theirs.stateful:
-                await self._restore(new.id, image)
+            async with anyio.create_task_group() as tg:  # kept on disk while it is restored
+                tg.start_soon(self._keep_state, image)
+                if ours.stateful and theirs.stateful:
+                    await self._restore(new.id, image)
         await self._set(step="health")
         await self._healthy(new.id)
         await self._set(step="switch")
@@ -358,8 +363,11 @@ class Upgrade:
         data = bytes(image)
         if data:
             PreservedState.decode(data)  # checked before it is kept or handed on
-        await anyio.to_thread.run_sync(_write_durably, self._state_path("mkps"), data)
         return data
+
+    async def _keep_state(self, image: bytes) -> None:
+        """Write the predecessor's state to the state dir, durably (an fsync: in a thread)."""
+        await anyio.to_thread.run_sync(_write_durably, self._state_path("mkps"), image)
 
     async def _restore(self, instance: int, image: bytes) -> None:
         for offset in range(0, max(len(image), 1), CHUNK):

@@ -240,7 +240,10 @@ def _show_status(status: RolloutStatus) -> None:
 
 
 @upgrade.command(name="list", short_help="The newest rollouts.")
-@click.option("--limit", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option(
+    "--limit", type=click.IntRange(1, 1000), default=20, show_default=True,
+    help="At most this many rollouts (the newest).",
+)  # fmt: skip
 @output_options
 def list_(limit: int) -> int:
     """The newest rollouts, oldest first: when, outcome, instances and image."""
