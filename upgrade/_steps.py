@@ -244,10 +244,13 @@ class Upgrade:
                 image = await self._freeze(old.id)
         await self._set(step="restore")
         with anyio.fail_after(self.deadlines.restore):
-            async with anyio.create_task_group() as tg:  # kept on disk while it is restored
-                tg.start_soon(self._keep_state, image)
-                if ours.stateful and theirs.stateful:
-                    await self._restore(new.id, image)
+            try:
+                async with anyio.create_task_group() as tg:  # kept on disk while it is restored
+                    tg.start_soon(self._keep_state, image)
+                    if ours.stateful and theirs.stateful:
+                        await self._restore(new.id, image)
+            except BaseExceptionGroup as group:  # the error itself, not its group
+                raise group.exceptions[0] from None
         await self._set(step="health")
         await self._healthy(new.id)
         await self._set(step="switch")

@@ -88,7 +88,7 @@ async def test_introspect_shows_signatures_and_schemas(host: Path) -> None:
     assert create["response"]["$ref"] == "#/$defs/InstanceInfo"
     assert await fails(host, "bus", "introspect", "nope") == (
         3,
-        "error: no service 'nope' on the bus (known: fault, lifecycle, resource)",
+        "error: no service 'nope' on the bus (known: fault, lifecycle, resource, upgrade)",
     )
 
 
