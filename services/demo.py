@@ -300,8 +300,8 @@ async def _upgrade(bus: Bus, image: Path) -> str:
     if status.outcome != "done":
         raise SystemExit(f"the demo's upgrade {status.outcome}: {status.error}")
     say(
-        f"    alpha is now {item.successor} (kv 2.0); demo.kv was held {item.held_ms:.1f} ms, "
-        "no call failed, the store came along"
+        f"    alpha is now {item.successor} (kv 2.0) with alpha's store; demo.kv was held "
+        f"{item.held_ms:.1f} ms, beta's calls waited, then went on:"
     )
     return item.successor
 
