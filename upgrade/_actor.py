@@ -50,7 +50,8 @@ from multikernel.protocol import (
     rollout_subject,
     upgrade_subject,
 )
-from multikernel.upgrade._steps import Upgrade, UpgradeFailed
+from multikernel.upgrade._handover import UpgradeFailed
+from multikernel.upgrade._steps import Upgrade
 from multikernel.upgrade._store import UpgradeStore
 
 log = get_logger("multikernel.upgrade")

@@ -18,11 +18,10 @@ an actor restarted mid-way calls `recover`, which rolls back or finishes by the 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,15 +29,13 @@ from typing import Any
 import anyio
 import msgspec
 
-from multikernel.endpoints import Bus, retrying
+from multikernel.endpoints import Bus
 from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
     ControlInfo,
     CreateInstance,
     Deadlines,
     DeleteInstance,
-    Freeze,
-    Health,
     InstanceInfo,
     InstanceList,
     InstanceUpgrade,
@@ -49,15 +46,22 @@ from multikernel.protocol import (
     NotFoundError,
     RefusedError,
     RestartPolicy,
-    Restored,
     Revision,
     ShowInstances,
     StartInstance,
-    StateChunk,
     UpdateInstance,
     control_name,
 )
-from multikernel.upgrade._preserved import MAX_IMAGE, PreservedState
+from multikernel.upgrade._handover import (
+    UpgradeFailed,
+    check_endpoint,
+    describe,
+    give_state,
+    predecessor_control,
+    take_state,
+    wait_healthy,
+    write_durably,
+)
 from multikernel.upgrade._store import UpgradeStore
 
 log = get_logger("multikernel.upgrade")
@@ -66,10 +70,6 @@ log = get_logger("multikernel.upgrade")
 SWITCHED = ("switch", "drain")
 #: Bytes of state per restore call (a bus frame holds more; this keeps each call short).
 CHUNK = 256 << 10
-
-
-class UpgradeFailed(MultikernelError):
-    """One step failed or ran past its deadline; the upgrade was rolled back."""
 
 
 @dataclass
@@ -144,11 +144,11 @@ class Upgrade:
             await self._in_place(old, error)
             return
         new, ours = await self._start_successor()
-        theirs = await self._predecessor(old)
+        theirs = await predecessor_control(self.bus, old)
         missing = set(theirs.names) - set(ours.names)
         if missing:
             raise RefusedError(f"the new image does not serve {sorted(missing)}")
-        await self._check_endpoint(ours.endpoint, new)
+        await check_endpoint(self.bus, ours.endpoint, new)
         await self._switch_over(old, new, theirs, ours)
         await self._set(step="drain")
         await self._drain(old, new)
@@ -180,7 +180,7 @@ class Upgrade:
             )  # fmt: skip
             await self._set(step="start")
             new = await self._lifecycle("start", StartInstance(successor))
-            ours = await self._describe(new.id, self.deadlines.start)
+            ours = await describe(self.bus, new.id, self.deadlines.start)
         return new, ours
 
     # -- in place ------------------------------------------------------------------------------
@@ -199,14 +199,14 @@ class Upgrade:
             )
         async with self.in_place:
             await self._set(mode="in-place", step="freeze")
-            theirs = await self._predecessor(old)
+            theirs = await predecessor_control(self.bus, old)
             with anyio.fail_after(self.deadlines.freeze):
                 if theirs.endpoint:
                     self.frozen = True
-                    self.state = await self._freeze(old.id)
+                    self.state = await take_state(self.bus, old.id, self._thaw_after())
             await self._keep_state(self.state)  # before the predecessor is stopped
             await anyio.to_thread.run_sync(
-                _write_durably, self._state_path("instance"), msgspec.msgpack.encode(old)
+                write_durably, self._state_path("instance"), msgspec.msgpack.encode(old)
             )
             await self._set(step="drain")
             down = time.monotonic()
@@ -219,9 +219,9 @@ class Upgrade:
             await self._set(step="restore")
             with anyio.fail_after(self.deadlines.restore):
                 if ours.stateful and theirs.stateful:
-                    await self._restore(new.id, self.state)
+                    await give_state(self.bus, new.id, self.state)
             await self._set(step="health")
-            await self._healthy(new.id)
+            await wait_healthy(self.bus, new.id, self.deadlines.health)
             await self._set(step="switch")
             self.store.set_current(self.deployment, self.record.revision)
             await self._lifecycle("update", UpdateInstance(new.name, restart=old.restart))
@@ -241,18 +241,18 @@ class Upgrade:
         with anyio.fail_after(self.deadlines.freeze):
             if theirs.endpoint:  # an upgradable predecessor: its state, whole
                 self.frozen = True
-                image = await self._freeze(old.id)
+                image = await take_state(self.bus, old.id, self._thaw_after())
         await self._set(step="restore")
         with anyio.fail_after(self.deadlines.restore):
             try:
                 async with anyio.create_task_group() as tg:  # kept on disk while it is restored
                     tg.start_soon(self._keep_state, image)
                     if ours.stateful and theirs.stateful:
-                        await self._restore(new.id, image)
+                        await give_state(self.bus, new.id, image)
             except BaseExceptionGroup as group:  # the error itself, not its group
                 raise group.exceptions[0] from None
         await self._set(step="health")
-        await self._healthy(new.id)
+        await wait_healthy(self.bus, new.id, self.deadlines.health)
         await self._set(step="switch")
         if self.held:
             await self.bus.switch_names({name: ours.endpoint for name in self.held})
@@ -304,98 +304,13 @@ class Upgrade:
             shutil.copy2(source, dest)
         return str(dest)
 
-    async def _predecessor(self, old: InstanceInfo) -> ControlInfo:
-        """The predecessor's control; one that serves none: its names, found at the hub."""
-        try:
-            info: ControlInfo = await self._control(old.id, "describe", response=ControlInfo)
-        except NoRespondersError:
-            snapshot = await self.bus.introspect()
-            names = sorted(
-                name
-                for e in snapshot.endpoints
-                if e.instance == old.id
-                for name in e.names
-                if not name.startswith("instance.")
-            )
-            info = ControlInfo(tuple(names), endpoint=0, stateful=False)
-        return info
-
-    async def _check_endpoint(self, endpoint: int, new: InstanceInfo) -> None:
-        """The endpoint the successor names as its services' owner is one of its own: the hub
-        says which instance each endpoint is on, whatever the successor claims."""
-        snapshot = await self.bus.introspect()
-        found = [e for e in snapshot.endpoints if e.endpoint_id == endpoint]
-        if not found or found[0].instance != new.id:
-            where = f"on instance {found[0].instance}" if found else "not attached"
-            raise RefusedError(
-                f"the successor names endpoint {endpoint} as its services' owner, which is "
-                f"{where}, not on instance {new.id}: refused"
-            )
-
-    async def _describe(self, instance: int, within: float) -> ControlInfo:
-        """The successor's control, once it serves it (it starts as its workload does)."""
-        info: ControlInfo = await retrying(self.bus, within=within).request(
-            control_name(instance), "describe", response=ControlInfo
-        )
-        return info
-
-    async def _freeze(self, instance: int) -> bytes:
-        image = bytearray()
-        request = Freeze(thaw_after=self.deadlines.hold + self.deadlines.drain)
-        chunk: StateChunk
-        total = 0
-        stream: AsyncGenerator[StateChunk, None] = self.bus.request_stream(
-            control_name(instance), "freeze", request, response=StateChunk
-        )
-        async with contextlib.aclosing(stream):  # closed here, also when a chunk is refused
-            async for chunk in stream:
-                if (
-                    chunk.offset != len(image)
-                    or chunk.offset + len(chunk.data) > chunk.total
-                    or chunk.total > MAX_IMAGE
-                    or (image and chunk.total != total)
-                ):
-                    raise RefusedError(
-                        f"the predecessor's state does not add up (a chunk at {chunk.offset} of "
-                        f"{chunk.total} after {len(image)} bytes): refused"
-                    )
-                total = chunk.total
-                image += chunk.data
-        if len(image) != total:
-            raise RefusedError(f"the predecessor's state ended at {len(image)} of {total} bytes")
-        data = bytes(image)
-        if data:
-            PreservedState.decode(data)  # checked before it is kept or handed on
-        return data
+    def _thaw_after(self) -> float:
+        """How long a frozen predecessor waits for us before it thaws by itself."""
+        return self.deadlines.hold + self.deadlines.drain
 
     async def _keep_state(self, image: bytes) -> None:
         """Write the predecessor's state to the state dir, durably (an fsync: in a thread)."""
-        await anyio.to_thread.run_sync(_write_durably, self._state_path("mkps"), image)
-
-    async def _restore(self, instance: int, image: bytes) -> None:
-        for offset in range(0, max(len(image), 1), CHUNK):
-            chunk = StateChunk(offset, len(image), image[offset : offset + CHUNK])
-            answer = await self._control(instance, "restore", chunk, response=Restored)
-        if not answer.done:
-            raise RefusedError("the successor did not finish reading the state")
-
-    async def _healthy(self, instance: int) -> None:
-        """Ask until the successor says it is healthy; UpgradeFailed at the deadline."""
-        last = Health(False, "no answer")
-        with anyio.move_on_after(self.deadlines.health):
-            delay = 0.01
-            while True:
-                try:
-                    last = await self._control(instance, "health", response=Health)
-                except (NoRespondersError, RefusedError) as error:
-                    last = Health(False, str(error))
-                if last.ok:
-                    return
-                await anyio.sleep(delay)  # a health check is polled, like any probe
-                delay = min(delay * 2, 0.5)
-        raise UpgradeFailed(
-            f"not healthy within {self.deadlines.health:g} s: {last.detail or 'it said no'}"
-        )
+        await anyio.to_thread.run_sync(write_durably, self._state_path("mkps"), image)
 
     # -- undoing -------------------------------------------------------------------------------
 
@@ -452,9 +367,9 @@ class Upgrade:
             await self._lifecycle("load", LoadImage(old.name, image))
             info = await self._lifecycle("start", StartInstance(old.name))
             if state:
-                ours = await self._describe(info.id, self.deadlines.start)
+                ours = await describe(self.bus, info.id, self.deadlines.start)
                 if ours.stateful:
-                    await self._restore(info.id, state)
+                    await give_state(self.bus, info.id, state)
         log.info("predecessor made again", name=old.name)
 
     async def recover(self) -> None:
@@ -513,12 +428,3 @@ class Upgrade:
 
 def _now() -> int:
     return time.time_ns()
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

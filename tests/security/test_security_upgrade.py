@@ -44,7 +44,8 @@ from multikernel.protocol import (
     control_name,
 )
 from multikernel.upgrade import PreservedState, UpgradeControl
-from multikernel.upgrade._steps import Upgrade, UpgradeFailed
+from multikernel.upgrade._handover import UpgradeFailed
+from multikernel.upgrade._steps import Upgrade
 from multikernel.upgrade._store import UpgradeStore
 
 pytestmark = pytest.mark.anyio
