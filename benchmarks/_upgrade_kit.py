@@ -2,9 +2,10 @@
 `bench_upgrade.py` (a benchmark does not import from tests/: this follows
 tests/upgrade/upgrade_kit.py).
 
-`KV` serves `kv.<deployment>` (the instance's name without its `-r<N>` suffix), so one image
-serves several instances under names of their own, and keeps its store and counter across an
-upgrade through `UpgradeControl` (v1 writes `StoreV1`, v2 reads it through a transform).
+The KV workload is `multikernel.upgrade.testing`'s, serving `kv.<deployment>` (`per_instance`),
+so one image serves several instances under names of their own; it keeps its store and counter
+across an upgrade through `UpgradeControl` (v1 writes `StoreV1`, v2 reads it through a
+transform).
 
 `CALLER`, an instance of its own, sends `put` to each target at `rate` calls per second (each on
 its own schedule; a call is a task of its own, so a held call delays no other start), through
@@ -42,6 +43,7 @@ from multikernel.protocol import (
 )
 from multikernel.services._host import HostConfig, run_host
 from multikernel.services._image import sign_image
+from multikernel.upgrade.testing import kv_image
 
 MB = 1 << 20
 PATIENCE = 90.0
@@ -53,73 +55,6 @@ own = ["kv.*"]
 call = ["kv.*"]
 """
 
-KV = """
-import json, os, re
-import anyio, msgspec
-from multikernel.endpoints import connect, runtime
-from multikernel.upgrade import PreservedState, Schema, UpgradeControl
-
-VERSION = int(os.environ["KV_VERSION"])
-NAME = "kv." + re.sub(r"-r[0-9]+$", "", os.environ["MULTIKERNEL_INSTANCE_NAME"])
-
-class StoreV1(msgspec.Struct):
-    items: dict[str, str]
-
-class Entry(msgspec.Struct):
-    value: str
-    length: int
-
-class StoreV2(msgspec.Struct):
-    items: dict[str, Entry]
-
-class Counter(msgspec.Struct):
-    value: int
-
-def v1_to_v2(old):
-    return {"items": {k: {"value": v, "length": len(v)} for k, v in old["items"].items()}}
-
-STORE = Schema(StoreV1, 1) if VERSION == 1 else Schema(StoreV2, 2, {1: v1_to_v2})
-COUNTER = Schema(Counter, 1)
-items = {}
-count = Counter(0)
-
-def save():
-    state = PreservedState()
-    state.put("kv/store", (StoreV1 if VERSION == 1 else StoreV2)(items), version=VERSION)
-    state.put("counter", count)
-    return state
-
-def load(state):
-    global count
-    items.update(state.get("kv/store", STORE).items)
-    count = state.get("counter", COUNTER)
-
-async def main():
-    async with connect(name="kv") as ep, anyio.create_task_group() as tg:
-        kv = ep.service(NAME)
-
-        @kv.method
-        async def put(pair: list) -> int:
-            key, value = pair
-            items[key] = value if VERSION == 1 else Entry(value, len(value))
-            count.value += 1
-            return count.value
-
-        @kv.method(name="count")
-        async def count_value(_: None) -> int:
-            return count.value
-
-        @kv.method
-        async def version(_: None) -> int:
-            return VERSION
-
-        control = UpgradeControl(ep, [kv], preserve=save, restore=load)
-        await tg.start(control.run)
-        await kv.start()
-        await anyio.sleep_forever()
-
-runtime.run(main)
-"""
 
 CALLER = """
 import json, os, time
@@ -202,8 +137,10 @@ def _image(root: Path, keys: tuple[bytes, bytes], name: str, body: str, extra: s
 
 
 def make_kv(root: Path, keys: tuple[bytes, bytes], version: int) -> Path:
-    """A signed image of the KV workload at `version`."""
-    return _image(root, keys, f"kv-v{version}", KV, f'[env]\nKV_VERSION = "{version}"\n')
+    """A signed image of the KV workload at `version`, serving kv.<deployment>."""
+    image = kv_image(root / f"kv-v{version}", version, per_instance=True)
+    sign_image(image, *keys)
+    return image
 
 
 def make_caller(root: Path, keys: tuple[bytes, bytes], targets: list[str], rate: float) -> Path:

@@ -20,7 +20,6 @@ from multikernel.protocol import (
     StartRollout,
     UpgradeEvent,
 )
-from multikernel.services._signature import make_signing_key
 
 from .upgrade_kit import (
     PATIENCE,
@@ -38,18 +37,6 @@ pytestmark = [pytest.mark.anyio, pytest.mark.timeout(400)]
 @pytest.fixture
 def anyio_backend() -> tuple[str, dict[str, object]]:
     return ("asyncio", {"use_uvloop": True})
-
-
-@pytest.fixture(scope="module")
-def keys() -> tuple[bytes, bytes]:
-    return make_signing_key("upgrade tests", algorithm="ec-p256")
-
-
-@pytest.fixture
-def cert(tmp_path: Path, keys: tuple[bytes, bytes]) -> Path:
-    path = tmp_path / "cert.pem"
-    path.write_bytes(keys[1])
-    return path
 
 
 def names(count: int) -> list[str]:

@@ -1,14 +1,9 @@
-"""A real host with its upgrade actor, and a stateful service in two versions, for upgrade tests.
+"""A real host with its upgrade actor, the KV workload's images, and a caller, for upgrade tests.
 
-`KV` is the workload of the test images: it serves the well-known name `kv` (`put`, `get`,
-`count`, `version`, `slow`) and keeps a store and a counter across upgrades through
-`UpgradeControl`. Version 1 writes the store as `StoreV1` (key -> value); version 2 reads it
-through a transform into `StoreV2` (key -> Entry(value, length)). A manifest parameter `mode`
-makes an image misbehave: `crash` (exits at start), `unhealthy` (says it is not healthy),
-`reject` (cannot read version 1 state: no transform). `per_instance` serves `kv.<deployment>`
-instead of `kv` (the instance's name without an `-r<N>` suffix), so one image serves several
-instances under names of their own; `health_after` seconds makes its health check say no
-until then.
+The KV workload (`multikernel.upgrade.testing`) serves `kv` and keeps a store and a counter across
+upgrades, with a schema change between versions 1 and 2; its manifest parameters make an image
+misbehave (`mode`) or serve names of its own (`per_instance`). `CALLER` is a client in an
+instance of its own that keeps calling while a rollout runs.
 """
 
 from __future__ import annotations
@@ -38,6 +33,7 @@ from multikernel.protocol import (
 )
 from multikernel.services._host import HostConfig, run_host
 from multikernel.services._image import sign_image
+from multikernel.upgrade.testing import kv_image
 
 MB = 1 << 20
 PATIENCE = 90.0
@@ -47,109 +43,6 @@ POLICY = """
 who = "guest"
 own = ["kv", "kv.*"]
 call = ["kv", "kv.*"]
-"""
-
-KV = """
-import json, os, re, sys
-import anyio, msgspec
-from multikernel.endpoints import connect, runtime
-from multikernel.upgrade import IncompatibleStateError, PreservedState, Schema, UpgradeControl
-
-VERSION = int(os.environ["KV_VERSION"])
-PARAMS = json.loads(os.environ.get("MULTIKERNEL_PARAMETERS") or "{}")
-MODE = PARAMS.get("mode", "")
-NAMES = PARAMS.get("names", ["kv"])
-if PARAMS.get("per_instance"):  # one name per deployment: kv.<first instance's name>
-    NAMES = ["kv." + re.sub(r"-r[0-9]+$", "", os.environ["MULTIKERNEL_INSTANCE_NAME"])]
-
-class StoreV1(msgspec.Struct):
-    items: dict[str, str]
-
-class Entry(msgspec.Struct):
-    value: str
-    length: int
-
-class StoreV2(msgspec.Struct):
-    items: dict[str, Entry]
-
-class Counter(msgspec.Struct):
-    value: int
-
-def v1_to_v2(old):
-    return {"items": {k: {"value": v, "length": len(v)} for k, v in old["items"].items()}}
-
-if VERSION == 1:
-    STORE = Schema(StoreV1, 1)
-elif MODE == "reject":
-    STORE = Schema(StoreV2, 2)  # no transform from version 1: refuses it
-else:
-    STORE = Schema(StoreV2, 2, {1: v1_to_v2})
-COUNTER = Schema(Counter, 1)
-
-items = {}
-count = Counter(0)
-
-def value_of(entry):
-    return entry if VERSION == 1 else entry.value
-
-def save():
-    state = PreservedState()
-    state.put("kv/store", (StoreV1 if VERSION == 1 else StoreV2)(items), version=VERSION)
-    state.put("counter", count)
-    return state
-
-def load(state):
-    global count
-    items.update(state.get("kv/store", STORE).items)
-    count = state.get("counter", COUNTER)
-
-async def main():
-    if MODE == "crash":
-        sys.exit("crashing at start, as asked")
-    async with connect(name="kv") as ep, anyio.create_task_group() as tg:
-        services = [ep.service(name) for name in NAMES]
-        for kv in services:
-            @kv.method
-            async def put(pair: list) -> int:
-                key, value = pair
-                items[key] = value if VERSION == 1 else Entry(value, len(value))
-                count.value += 1
-                return count.value
-
-            @kv.method
-            async def get(key: str) -> str | None:
-                entry = items.get(key)
-                return None if entry is None else value_of(entry)
-
-            @kv.method(name="count")
-            async def count_value(_: None) -> int:
-                return count.value
-
-            @kv.method
-            async def version(_: None) -> int:
-                return VERSION
-
-            @kv.method
-            async def slow(seconds: float) -> int:
-                await anyio.sleep(seconds)
-                count.value += 1
-                return count.value
-
-        born = anyio.current_time()
-
-        def health():
-            if anyio.current_time() - born < PARAMS.get("health_after", 0):
-                return False
-            return MODE != "unhealthy"
-
-        control = UpgradeControl(ep, services, preserve=save, restore=load, health=health)
-        await tg.start(control.run)
-        for kv in services:
-            await kv.start()
-        print(f"kv v{VERSION} serving", flush=True)
-        await anyio.sleep_forever()
-
-runtime.run(main)
 """
 
 
@@ -162,22 +55,11 @@ def make_image(
     tag: str = "",
     **params: Any,
 ) -> Path:
-    """A signed image of the KV workload at `version` (see the module docstring)."""
-    image = root / f"kv-v{version}{'-' + mode if mode else ''}{'-' + tag if tag else ''}"
-    image.mkdir()
-    parameters = json.dumps({"mode": mode, **params})
-    (image / "manifest.toml").write_text(
-        f'name = "kv"\nversion = "{version}"\nentry = ["{{python}}", "main.py"]\n'
-        f'[env]\nKV_VERSION = "{version}"\n'
-        f"[parameters]\n{_toml_table(json.loads(parameters))}"
-    )
-    (image / "main.py").write_text(textwrap.dedent(KV))
+    """A signed image of the KV workload at `version` (multikernel.upgrade.testing)."""
+    name = f"kv-v{version}{'-' + mode if mode else ''}{'-' + tag if tag else ''}"
+    image = kv_image(root / name, version, mode=mode, **params)
     sign_image(image, *keys)
     return image
-
-
-def _toml_table(values: dict[str, Any]) -> str:
-    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in values.items())
 
 
 @dataclass
