@@ -68,8 +68,6 @@ log = get_logger("multikernel.upgrade")
 
 #: Steps after which the names have moved: an upgrade stopped there is finished, not undone.
 SWITCHED = ("switch", "drain")
-#: Bytes of state per restore call (a bus frame holds more; this keeps each call short).
-CHUNK = 256 << 10
 
 
 @dataclass
@@ -89,6 +87,7 @@ class Upgrade:
     frozen: bool = False
     held_at: float = 0.0
     state: bytes = b""  # the predecessor's state image, once taken
+    switched: bool = False  # the names moved (this run saw switch_names succeed)
 
     async def _set(self, **changes: Any) -> None:
         self.record = msgspec.structs.replace(self.record, **changes)
@@ -99,7 +98,7 @@ class Upgrade:
         try:
             await self._forward()
         except Exception as error:
-            if self._names_moved():
+            if self.switched:
                 # the names moved: finish the stop of the predecessor, do not undo
                 log.warning("upgrade done with a problem", name=self.record.name, error=str(error))
                 await self._set(
@@ -111,11 +110,22 @@ class Upgrade:
                 await self.rollback(message)
             raise UpgradeFailed(message) from error
 
-    def _names_moved(self) -> bool:
-        """Whether the successor may have served: from then on the upgrade is finished."""
-        if self.record.mode == "in-place":
-            return self.record.step == "switch"
-        return self.record.step in SWITCHED
+    async def _names_moved(self) -> bool:
+        """After a restart: whether the successor may have served (the upgrade is then
+        finished). At `switch` the journal says the move was asked, not that it happened: the
+        hub says whether the successor owns a name now."""
+        step, mode = self.record.step, self.record.mode
+        if mode == "in-place" or step != "switch":
+            return step == "switch" if mode == "in-place" else step in SWITCHED
+        successor = await self._maybe_show(self.record.successor)
+        if successor is None:
+            return False
+        snapshot = await self.bus.introspect()
+        mine = {e.endpoint_id for e in snapshot.endpoints if e.instance == successor.id}
+        return any(
+            owners and owners[0] in mine and not name.startswith("instance.")
+            for name, owners in snapshot.names.items()
+        )
 
     def _state_path(self, kind: str) -> Path:
         """Where the predecessor's state (`mkps`) or definition (`instance`) is kept."""
@@ -223,6 +233,7 @@ class Upgrade:
             await self._set(step="health")
             await wait_healthy(self.bus, new.id, self.deadlines.health)
             await self._set(step="switch")
+            self.switched = True  # it serves its names already
             self.store.set_current(self.deployment, self.record.revision)
             await self._lifecycle("update", UpdateInstance(new.name, restart=old.restart))
             await self._set(
@@ -256,6 +267,7 @@ class Upgrade:
         await self._set(step="switch")
         if self.held:
             await self.bus.switch_names({name: ours.endpoint for name in self.held})
+        self.switched = True
         held_ms = (time.monotonic() - self.held_at) * 1000
         self.held = ()
         self.store.set_current(self.deployment, self.record.revision)
@@ -375,7 +387,7 @@ class Upgrade:
     async def recover(self) -> None:
         """Finish or undo an upgrade a previous run of the actor left at `record.step`."""
         self.deployment = self.store.deployment_of(self.record.name)
-        if self._names_moved():
+        if await self._names_moved():
             old = await self._maybe_show(self.record.name)
             new = await self._maybe_show(self.record.successor)
             if old is not None and new is not None and self.record.mode == "surge":

@@ -303,3 +303,16 @@ async def test_a_successor_that_never_answers_health_is_removed(tmp_path: Path) 
         error = await rolled_back(actor, lifecycle, upgrade)
         assert "health" in error
         assert "not healthy within" in error
+
+
+async def test_a_switch_the_hub_refuses_is_rolled_back_not_taken_as_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def refused(moves: object) -> None:
+        raise NotFoundError("the new owner is not attached")
+
+    async with world(tmp_path, honest) as (actor, lifecycle, upgrade):
+        monkeypatch.setattr(actor, "switch_names", refused)
+        error = await rolled_back(actor, lifecycle, upgrade)
+        assert error.startswith("switch: the new owner is not attached")
+        assert not upgrade.switched
