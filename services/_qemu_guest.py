@@ -1,0 +1,104 @@
+"""Inside a `qemu` guest: what `/init` runs, told what to do by the kernel command line.
+
+`mk.mode=` on the command line picks the job (default `hello`):
+
+- `hello`: print one line (`multikernel-guest: hello python 3.11.7 uptime 4.21`) and return,
+  which powers the guest off; the image test and the boot benchmark wait for that line.
+- `echo`: find the ivshmem device, map its shared memory (BAR 2, `resource2` in sysfs), wait for
+  the host to lay out a channel at its start, print `multikernel-guest: ring ready`, and send
+  every frame back until the host closes its side. No doorbell: both sides poll (`WaitPolicy`).
+
+The guest's serial console is the host's only view of it before the ring is up, so every line
+meant for the host starts with `multikernel-guest: `; anything else on the console is the
+kernel's.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Final
+
+import anyio
+
+from multikernel.shm import Channel, WaitPolicy
+
+PREFIX: Final = "multikernel-guest: "
+IVSHMEM_VENDOR: Final = "0x1af4"
+IVSHMEM_DEVICE: Final = "0x1110"
+PCI_DEVICES: Final = Path("/sys/bus/pci/devices")
+CHANNEL_MAGIC: Final = int.from_bytes(b"MKCHAN\x00\x00", "little")
+
+
+def say(text: str) -> None:
+    print(PREFIX + text, flush=True)
+
+
+def kernel_args(cmdline: str) -> dict[str, str]:
+    """The `mk.*` parameters of a kernel command line, without their prefix."""
+    args = {}
+    for word in cmdline.split():
+        key, _, value = word.partition("=")
+        if key.startswith("mk."):
+            args[key[3:]] = value
+    return args
+
+
+def find_ivshmem(devices: Path = PCI_DEVICES) -> Path:
+    """The sysfs directory of the first ivshmem device (vendor 0x1af4, device 0x1110)."""
+    for device in sorted(devices.iterdir()):
+        vendor = (device / "vendor").read_text().strip()
+        if vendor == IVSHMEM_VENDOR and (device / "device").read_text().strip() == IVSHMEM_DEVICE:
+            return device
+    raise FileNotFoundError(f"no ivshmem device ({IVSHMEM_VENDOR}:{IVSHMEM_DEVICE}) in {devices}")
+
+
+def wait_for_channel(bar: Path, timeout: float = 60.0) -> None:
+    """Return once the host has laid out a channel at the start of `bar` (its magic is last)."""
+    deadline = time.monotonic() + timeout
+    with open(bar, "rb", buffering=0) as f:
+        while True:
+            f.seek(0)
+            if int.from_bytes(f.read(8), "little") == CHANNEL_MAGIC:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no channel appeared in {bar} within {timeout} s")
+            time.sleep(0.001)
+
+
+def echo(args: dict[str, str]) -> None:
+    device = find_ivshmem()
+    (device / "enable").write_text("1")  # memory decoding on, as a driver's probe would do
+    bar = device / "resource2"
+    wait_for_channel(bar)
+    policy = WaitPolicy(poll_min=float(args.get("poll_min", 10e-6)), poll_max=1e-3)
+    with Channel.open_path(bar, 1, policy) as channel:
+        say(f"ring ready {device.name}")
+        count = 0
+        while True:
+            try:
+                frame = channel.receive_blocking()
+            except anyio.EndOfStream:  # the host closed its side
+                break
+            channel.send_blocking(frame)
+            count += 1
+        say(f"echoed {count}")
+
+
+def main() -> None:
+    try:
+        args = kernel_args(Path("/proc/cmdline").read_text())
+    except OSError:
+        args = {}
+    mode = args.get("mode", "hello")
+    if mode == "hello":
+        uptime = Path("/proc/uptime").read_text().split()[0]
+        version = ".".join(map(str, sys.version_info[:3]))
+        say(f"hello python {version} uptime {uptime}")
+    elif mode == "echo":
+        echo(args)
+    else:
+        say(f"unknown mk.mode={mode}")
+        os._exit(2)
