@@ -140,9 +140,11 @@ class IvshmemServer:
         assert self._tg is not None
         self._tg.cancel_scope.cancel()
         try:
-            return await self._tg.__aexit__(exc_type, exc, tb)
+            # Not the body's exception: it goes on as it is, never wrapped in a group.
+            await self._tg.__aexit__(None, None, None)
         finally:
             await self._close()
+        return None
 
     async def _close(self) -> None:
         with anyio.CancelScope(shield=True):

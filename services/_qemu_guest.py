@@ -15,6 +15,7 @@ kernel's.
 
 from __future__ import annotations
 
+import mmap
 import os
 import sys
 import time
@@ -23,7 +24,7 @@ from typing import Final
 
 import anyio
 
-from multikernel.shm import Channel, WaitPolicy
+from multikernel.shm import Channel, Region, WaitPolicy
 
 PREFIX: Final = "multikernel-guest: "
 IVSHMEM_VENDOR: Final = "0x1af4"
@@ -58,14 +59,15 @@ def find_ivshmem(devices: Path = PCI_DEVICES) -> Path:
 def wait_for_channel(bar: Path, timeout: float = 60.0) -> None:
     """Return once the host has laid out a channel at the start of `bar` (its magic is last)."""
     deadline = time.monotonic() + timeout
-    with open(bar, "rb", buffering=0) as f:
-        while True:
-            f.seek(0)
-            if int.from_bytes(f.read(8), "little") == CHANNEL_MAGIC:
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no channel appeared in {bar} within {timeout} s")
-            time.sleep(0.001)
+    with Region.open(bar, mmap.PAGESIZE) as region, memoryview(region.mmap) as view:
+        magic = view[:8].cast("Q")  # sysfs BARs can be mapped, not read
+        try:
+            while magic[0] != CHANNEL_MAGIC:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no channel appeared in {bar} within {timeout} s")
+                time.sleep(0.001)
+        finally:
+            magic.release()
 
 
 def echo(args: dict[str, str]) -> None:
