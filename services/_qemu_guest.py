@@ -24,7 +24,7 @@ from typing import Final
 
 import anyio
 
-from multikernel.shm import Channel, Region, WaitPolicy
+from multikernel.shm import Channel, Region, WaitPolicy, native_available
 
 PREFIX: Final = "multikernel-guest: "
 IVSHMEM_VENDOR: Final = "0x1af4"
@@ -75,9 +75,11 @@ def echo(args: dict[str, str]) -> None:
     (device / "enable").write_text("1")  # memory decoding on, as a driver's probe would do
     bar = device / "resource2"
     wait_for_channel(bar)
-    policy = WaitPolicy(poll_min=float(args.get("poll_min", 10e-6)), poll_max=1e-3)
+    policy = WaitPolicy(
+        poll_min=float(args.get("poll_min", 10e-6)), poll_max=float(args.get("poll_max", 1e-3))
+    )
     with Channel.open_path(bar, 1, policy) as channel:
-        say(f"ring ready {device.name}")
+        say(f"ring ready {device.name} native={native_available()}")
         count = 0
         while True:
             try:

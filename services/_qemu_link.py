@@ -44,6 +44,7 @@ class GuestLink:
     server: IvshmemServer
     channel: Channel
     ready_after: float  # seconds from starting QEMU to the guest's end of the ring open
+    guest_says: str  # the guest's "ring ready" line: its device and whether its core is native
 
 
 @asynccontextmanager
@@ -64,19 +65,20 @@ async def open_guest(
         with Region.create(SHARED_MEMORY) as region:
             format_channel(region, capacity)
             socket_path = workdir / "ivshmem.sock"
-            poll = policy.poll_min if policy is not None else WaitPolicy().poll_min
+            polls = policy or WaitPolicy()  # the guest polls as we do
             config = VmConfig(
                 image, memory_mib=memory_mib, cpus=cpus, ivshmem_socket=socket_path,
-                args=(("mode", "echo"), ("poll_min", f"{poll:g}")),
+                args=(("mode", "echo"), ("poll_min", f"{polls.poll_min:g}"),
+                      ("poll_max", f"{polls.poll_max:g}")),
             )  # fmt: skip
             async with IvshmemServer(socket_path, region.fd) as server:
                 started = time.monotonic()
                 async with await Vm.start(config) as vm:
-                    await vm.console_line("ring ready")
+                    says = await vm.console_line("ring ready")
                     ready = time.monotonic() - started
                     with Channel.open_region(region, 0, policy) as channel:
                         try:
-                            yield GuestLink(vm, server, channel, ready)
+                            yield GuestLink(vm, server, channel, ready, says)
                         finally:
                             channel.close()  # the guest sees end of stream and powers off
                             with anyio.move_on_after(grace, shield=True):
