@@ -29,7 +29,7 @@ import functools
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +60,11 @@ class Peer:
     vectors: tuple[int, ...]
 
 
+def make_peer(peer_id: int, vectors: int) -> Peer:
+    """A peer with a fresh eventfd per vector (close them with `close_peer`)."""
+    return Peer(peer_id, _eventfds(vectors))
+
+
 def _eventfds(count: int) -> tuple[int, ...]:
     fds: list[int] = []
     try:
@@ -72,7 +77,8 @@ def _eventfds(count: int) -> tuple[int, ...]:
     return tuple(fds)
 
 
-def _close(peer: Peer) -> None:
+def close_peer(peer: Peer) -> None:
+    """Close a peer's eventfds (idempotent per fd: errors are ignored)."""
     for fd in peer.vectors:
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -152,9 +158,9 @@ class IvshmemServer:
                 await self._listener.aclose()
             for client in list(self._clients.values()):
                 await client.stream.aclose()
-                _close(client.peer)
+                close_peer(client.peer)
             self._clients.clear()
-            _close(self.host)
+            close_peer(self.host)
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
 
@@ -203,15 +209,11 @@ class IvshmemServer:
             sock = client.sock
             try:
                 with anyio.fail_after(SEND_DEADLINE):
-                    await _send(sock, PROTOCOL_VERSION)
-                    await _send(sock, peer_id)
-                    await _send(sock, -1, self.memory_fd)
-                    for known in (self.host, *(c.peer for c in self._clients.values())):
-                        await _announce(sock, known)
-                    await _announce(sock, peer)  # its own, last: the ones it is rung through
+                    known = (self.host, *(c.peer for c in self._clients.values()))
+                    await send_handshake(sock, peer, self.memory_fd, known)
             except (OSError, TimeoutError):
                 log.info("ivshmem client left during its handshake", peer=peer_id)
-                _close(peer)
+                close_peer(peer)
                 return None
             for other in list(self._clients.values()):
                 await self._tell(other, functools.partial(_announce, other.sock, peer))
@@ -238,7 +240,7 @@ class IvshmemServer:
         with anyio.CancelScope(shield=True):
             async with self._lock:
                 self._clients.pop(client.peer.id, None)
-                _close(client.peer)
+                close_peer(client.peer)
                 for other in list(self._clients.values()):
                     await self._tell(other, functools.partial(_send, other.sock, client.peer.id))
             await self._notify()
@@ -273,6 +275,19 @@ class IvshmemServer:
             raise LookupError(f"no ivshmem peer {peer_id} is connected")
         with contextlib.suppress(BlockingIOError):  # the counter is full: it is rung already
             os.eventfd_write(client.peer.vectors[vector], 1)
+
+
+async def send_handshake(
+    sock: socket.socket, peer: Peer, memory_fd: int, others: Iterable[Peer]
+) -> None:
+    """What a client hears on connecting: the version, its id, the memory, every other peer's
+    eventfds, then its own (last: those it is interrupted through). `sock` is non-blocking."""
+    await _send(sock, PROTOCOL_VERSION)
+    await _send(sock, peer.id)
+    await _send(sock, -1, memory_fd)
+    for other in others:
+        await _announce(sock, other)
+    await _announce(sock, peer)
 
 
 async def _send(sock: socket.socket, number: int, fd: int | None = None) -> None:

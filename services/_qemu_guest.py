@@ -5,8 +5,9 @@
 - `hello`: print one line (`multikernel-guest: hello python 3.11.7 uptime 4.21`) and return,
   which powers the guest off; the image test and the boot benchmark wait for that line.
 - `echo`: find the ivshmem device, map its shared memory (BAR 2, `resource2` in sysfs), wait for
-  the host to lay out a channel at its start, print `multikernel-guest: ring ready`, and send
-  every frame back until the host closes its side. No doorbell: both sides poll (`WaitPolicy`).
+  the host to lay out a channel at its start, say `ring ready <device> native=<bool>` on the
+  console and as the first frame on the ring, then send every frame back until the host closes
+  its side. No doorbell: both sides poll (`WaitPolicy`).
 
 The guest's serial console is the host's only view of it before the ring is up, so every line
 meant for the host starts with `multikernel-guest: `; anything else on the console is the
@@ -79,7 +80,9 @@ def echo(args: dict[str, str]) -> None:
         poll_min=float(args.get("poll_min", 10e-6)), poll_max=float(args.get("poll_max", 1e-3))
     )
     with Channel.open_path(bar, 1, policy) as channel:
-        say(f"ring ready {device.name} native={native_available()}")
+        hello = f"ring ready {device.name} native={native_available()}"
+        say(hello)
+        channel.send_blocking(hello.encode())  # the host's launch waits for this frame
         count = 0
         while True:
             try:

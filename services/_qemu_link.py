@@ -44,7 +44,7 @@ class GuestLink:
     server: IvshmemServer
     channel: Channel
     ready_after: float  # seconds from starting QEMU to the guest's end of the ring open
-    guest_says: str  # the guest's "ring ready" line: its device and whether its core is native
+    guest_says: str  # the guest's first frame: its device and whether its ring core is native
 
 
 @asynccontextmanager
@@ -74,9 +74,10 @@ async def open_guest(
             async with IvshmemServer(socket_path, region.fd) as server:
                 started = time.monotonic()
                 async with await Vm.start(config) as vm:
-                    says = await vm.console_line("ring ready")
-                    ready = time.monotonic() - started
+                    await vm.console_line("ring ready")
                     with Channel.open_region(region, 0, policy) as channel:
+                        says = (await channel.receive()).decode()  # the guest's hello frame
+                        ready = time.monotonic() - started
                         try:
                             yield GuestLink(vm, server, channel, ready, says)
                         finally:

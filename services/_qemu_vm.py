@@ -45,6 +45,7 @@ class VmConfig:
     args: tuple[tuple[str, str], ...] = ()  # mk.<key>=<value> on the kernel command line
     ivshmem_socket: Path | None = None  # an ivshmem server's socket: adds ivshmem-doorbell
     vectors: int = 1
+    console: Path | None = None  # the serial console to this file, not to QEMU's stdout
 
     def __post_init__(self) -> None:
         if self.memory_mib < 128:
@@ -54,6 +55,9 @@ class VmConfig:
         for key, value in self.args:
             if not (key.isidentifier() and value and " " not in value):
                 raise ValueError(f"bad guest argument mk.{key}={value!r}")
+        for path in (self.ivshmem_socket, self.console):
+            if path is not None and "," in str(path):  # QEMU's option syntax
+                raise ValueError(f"a path QEMU is given may not contain ',': {path}")
 
 
 def qemu_argv(config: VmConfig, qemu: str = QEMU) -> list[str]:
@@ -62,7 +66,8 @@ def qemu_argv(config: VmConfig, qemu: str = QEMU) -> list[str]:
     append += [f"mk.{key}={value}" for key, value in config.args]
     argv = [
         qemu, "-accel", "tcg", "-m", str(config.memory_mib), "-smp", str(config.cpus),
-        "-display", "none", "-nodefaults", "-no-reboot", "-serial", "stdio",
+        "-display", "none", "-nodefaults", "-no-reboot",
+        "-serial", "stdio" if config.console is None else f"file:{config.console}",
         "-kernel", str(config.image.kernel), "-initrd", str(config.image.initramfs),
         "-append", " ".join(append),
     ]  # fmt: skip
@@ -81,12 +86,17 @@ class Vm:
         self.process = process
         self.config = config
         self.console: deque[str] = deque(maxlen=200)  # the last lines QEMU printed
-        assert process.stdout is not None
-        self._stdout = BufferedByteReceiveStream(process.stdout)
+        self._stdout = (
+            BufferedByteReceiveStream(process.stdout) if process.stdout is not None else None
+        )
 
     @classmethod
-    async def start(cls, config: VmConfig) -> Self:
-        """Start QEMU for `config`; `LaunchError` if QEMU is not installed."""
+    async def start(cls, config: VmConfig, output: int | None = None) -> Self:
+        """Start QEMU for `config`; `LaunchError` if QEMU is not installed.
+
+        QEMU's own output (and the console, unless `config.console`) is read through
+        `console_line`, or goes to the file descriptor `output`.
+        """
         qemu = shutil.which(QEMU)
         if qemu is None:
             raise LaunchError(
@@ -94,7 +104,10 @@ class Vm:
                 "qemu-system-x86"
             )
         process = await anyio.open_process(
-            qemu_argv(config, qemu), stdin=subprocess.DEVNULL, stderr=subprocess.STDOUT
+            qemu_argv(config, qemu),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if output is None else output,
+            stderr=subprocess.STDOUT,
         )
         return cls(process, config)
 
@@ -103,6 +116,8 @@ class Vm:
         return self.process.pid
 
     async def _line(self) -> str:
+        if self._stdout is None:
+            raise RuntimeError("QEMU's output goes to a file; there is no console to read")
         raw = await self._stdout.receive_until(b"\n", 1 << 16)
         line = raw.decode(errors="replace").rstrip("\r")
         self.console.append(line)
@@ -125,7 +140,7 @@ class Vm:
     async def drain(self) -> None:
         """Read QEMU's output to its end (keeping the last lines), so QEMU never blocks on it."""
         with contextlib.suppress(anyio.EndOfStream, anyio.IncompleteRead):
-            while True:
+            while self._stdout is not None:
                 await self._line()
 
     async def wait(self) -> int:
