@@ -35,7 +35,7 @@ LOCAL_ECHO = """\
 import sys
 import anyio
 from multikernel.shm import Channel, WaitPolicy
-policy = WaitPolicy(poll_min=float(sys.argv[2]))
+policy = WaitPolicy(poll_min=float(sys.argv[2]), poll_max=float(sys.argv[3]))
 with Channel.open_path(sys.argv[1], 1, policy) as channel:
     print("ready", flush=True)
     while True:
@@ -105,7 +105,14 @@ async def run_local(args: argparse.Namespace, report: Callable[[str, str], None]
         format_channel(region, args.capacity)
         assert region.path is not None
         child = subprocess.Popen(  # noqa: ASYNC220 (the echo peer, started before timing)
-            [sys.executable, "-c", LOCAL_ECHO, str(region.path), str(args.poll_min)],
+            [
+                sys.executable,
+                "-c",
+                LOCAL_ECHO,
+                str(region.path),
+                str(args.poll_min),
+                str(args.poll_max),
+            ],
             stdout=subprocess.PIPE,
         )
         try:
