@@ -35,7 +35,8 @@ LOCAL_ECHO = """\
 import sys
 import anyio
 from multikernel.shm import Channel, WaitPolicy
-policy = WaitPolicy(poll_min=float(sys.argv[2]), poll_max=float(sys.argv[3]))
+spin, poll_min, poll_max = map(float, sys.argv[2:5])  # after the region's path
+policy = WaitPolicy(spin, poll_min=poll_min, poll_max=poll_max)
 with Channel.open_path(sys.argv[1], 1, policy) as channel:
     print("ready", flush=True)
     while True:
@@ -83,7 +84,7 @@ async def run_guest(args: argparse.Namespace, report: Callable[[str, str], None]
     started = time.perf_counter()
     image = build_image()
     report("image (cached after the first build)", f"{time.perf_counter() - started:.2f} s")
-    policy = WaitPolicy(poll_min=args.poll_min, poll_max=args.poll_max)
+    policy = WaitPolicy(args.spin, poll_min=args.poll_min, poll_max=args.poll_max)
     frame = b"x" * args.size
     for boot in range(args.boots):
         async with open_guest(image, capacity=args.capacity, policy=policy) as link:
@@ -96,10 +97,12 @@ async def run_guest(args: argparse.Namespace, report: Callable[[str, str], None]
                 report("host <-> guest, sync", percentiles(samples))
                 samples = await async_round_trips(link.channel, frame, args.runs, args.warmup)
                 report("host <-> guest, async", percentiles(samples))
+        echoed = [line for line in link.vm.console if "echoed" in line]  # its count, as a check
+        report(f"guest {boot + 1} says (after powering off)", echoed[-1] if echoed else "nothing")
 
 
 async def run_local(args: argparse.Namespace, report: Callable[[str, str], None]) -> None:
-    policy = WaitPolicy(poll_min=args.poll_min, poll_max=args.poll_max)
+    policy = WaitPolicy(args.spin, poll_min=args.poll_min, poll_max=args.poll_max)
     frame = b"x" * args.size
     with Region.create(channel_size(args.capacity), backing="shm") as region:
         format_channel(region, args.capacity)
@@ -110,6 +113,7 @@ async def run_local(args: argparse.Namespace, report: Callable[[str, str], None]
                 "-c",
                 LOCAL_ECHO,
                 str(region.path),
+                str(args.spin),
                 str(args.poll_min),
                 str(args.poll_max),
             ],
@@ -139,6 +143,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="bytes per frame")
     parser.add_argument("--capacity", type=int, default=64 << 10)
     parser.add_argument("--boots", type=int, default=1, help="guests to boot (timed)")
+    parser.add_argument("--spin", type=float, default=WaitPolicy().spin, help="both sides")
     parser.add_argument("--poll-min", type=float, default=WaitPolicy().poll_min)
     parser.add_argument("--poll-max", type=float, default=WaitPolicy().poll_max)
     args = parser.parse_args()
@@ -146,7 +151,8 @@ def main() -> None:
         args.runs, args.warmup = 300, 50
     print(
         f"{os.cpu_count()} CPUs, load {os.getloadavg()[0]:.2f}; {args.size}-byte frames, "
-        f"polling (no doorbell), poll {args.poll_min * 1e6:g}..{args.poll_max * 1e6:g} us; "
+        f"polling (no doorbell), spin {args.spin * 1e6:g} us, "
+        f"poll {args.poll_min * 1e6:g}..{args.poll_max * 1e6:g} us; "
         "round trips in us"
     )
 

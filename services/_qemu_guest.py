@@ -76,8 +76,11 @@ def echo(args: dict[str, str]) -> None:
     (device / "enable").write_text("1")  # memory decoding on, as a driver's probe would do
     bar = device / "resource2"
     wait_for_channel(bar)
+    default = WaitPolicy()
     policy = WaitPolicy(
-        poll_min=float(args.get("poll_min", 10e-6)), poll_max=float(args.get("poll_max", 1e-3))
+        spin=float(args.get("spin", default.spin)),
+        poll_min=float(args.get("poll_min", default.poll_min)),
+        poll_max=float(args.get("poll_max", default.poll_max)),
     )
     with Channel.open_path(bar, 1, policy) as channel:
         hello = f"ring ready {device.name} native={native_available()}"

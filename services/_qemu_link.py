@@ -68,8 +68,8 @@ async def open_guest(
             polls = policy or WaitPolicy()  # the guest polls as we do
             config = VmConfig(
                 image, memory_mib=memory_mib, cpus=cpus, ivshmem_socket=socket_path,
-                args=(("mode", "echo"), ("poll_min", f"{polls.poll_min:g}"),
-                      ("poll_max", f"{polls.poll_max:g}")),
+                args=(("mode", "echo"), ("spin", f"{polls.spin:g}"),
+                      ("poll_min", f"{polls.poll_min:g}"), ("poll_max", f"{polls.poll_max:g}")),
             )  # fmt: skip
             async with IvshmemServer(socket_path, region.fd) as server:
                 started = time.monotonic()

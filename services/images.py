@@ -5,7 +5,7 @@ sign IMAGE --key KEY --cert CERT [--out OUT]
 verify IMAGE --trusted CERT...      check the signature (and manifest) as `load` would
 pack DIR --out ARCHIVE [--sign-key KEY --cert CERT]
                                     a deterministic archive of an image directory
-build --kernel RELEASE|auto --out DIR [--sign-key KEY --cert CERT]
+build [--kernel RELEASE|auto|latest] --out DIR [--sign-key KEY --cert CERT]
                                     a `qemu` guest image: a Debian cloud kernel and an
                                     initramfs with Python and our package (docs/platform.md)
 pack --from-nix PATH --out ARCHIVE [--derivation] [--closure FILE] [--name N] [--version V]
@@ -66,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     pack_.add_argument("--cert", type=Path, help="the signing key's certificate")
     build = verbs.add_parser("build", help="a qemu guest image: a kernel and an initramfs")
     build.add_argument(
-        "--kernel", default="auto", help="the Debian kernel release (default: the current cloud)"
+        "--kernel",
+        default="auto",
+        help="a Debian kernel release; auto: the cached one, else the current cloud kernel; "
+        "latest: the current cloud kernel",
     )
     build.add_argument("--out", type=Path, required=True, help="the image directory to write")
     build.add_argument("--sign-key", type=Path, help="sign the image with this key")
@@ -100,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{verified.digest}"
             )
         elif args.verb == "build":
-            guest = build_image(release=None if args.kernel == "auto" else args.kernel)
+            auto = args.kernel in ("auto", "latest")
+            guest = build_image(
+                release=None if auto else args.kernel, refresh=args.kernel == "latest"
+            )
             out = write_image_dir(guest, args.out)
             if args.sign_key is not None:
                 sign_image(out, args.sign_key.read_bytes(), args.cert.read_bytes())

@@ -4,14 +4,17 @@ Python, whose first line reaches the host on the serial console."""
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 
 import pytest
 
 from multikernel.services._qemu_image import (
     GuestImage,
+    ImageBuildError,
     _Cpio,
     build_initramfs,
+    fetch_kernel,
     guest_tree,
 )
 from multikernel.services._qemu_vm import Vm, VmConfig, qemu_argv
@@ -60,6 +63,17 @@ def test_initramfs_is_deterministic_and_cached(guest_image: GuestImage, tmp_path
     names = _entries(first)
     assert names["init"] & 0o777 == 0o755
     assert any(name.endswith("_channel.cpython-311.pyc") for name in names)
+
+
+def test_auto_takes_the_cached_kernel_without_asking_apt(tmp_path: Path) -> None:
+    for release in ("6.1.0-1-cloud-amd64", "6.1.0-2-cloud-amd64"):
+        (tmp_path / "kernel" / release).mkdir(parents=True)
+        (tmp_path / "kernel" / release / "vmlinuz").write_bytes(b"kernel " + release.encode())
+    newest = tmp_path / "kernel" / "6.1.0-1-cloud-amd64" / "vmlinuz"
+    os.utime(newest, (2e9, 2e9))  # fetched last
+    assert fetch_kernel(tmp_path) == (newest, "6.1.0-1-cloud-amd64")
+    with pytest.raises(ImageBuildError, match="bad kernel release"):
+        fetch_kernel(tmp_path, "../../etc")
 
 
 def test_qemu_command_line(guest_image: GuestImage, tmp_path: Path) -> None:
