@@ -5,9 +5,10 @@
 - `hello`: print one line (`multikernel-guest: hello python 3.11.7 uptime 4.21`) and return,
   which powers the guest off; the image test and the boot benchmark wait for that line.
 - `echo`: find the ivshmem device, map its shared memory (BAR 2, `resource2` in sysfs), wait for
-  the host to lay out a channel at its start, say `ring ready <device> native=<bool>` on the
-  console and as the first frame on the ring, then send every frame back until the host closes
-  its side. No doorbell: both sides poll (`WaitPolicy`).
+  the host to lay out a channel at its start, ring the host's doorbell once (vector 0, through
+  BAR 0), say `ring ready <device> peer=<its ivshmem id> native=<bool>` on the console and as
+  the first frame on the ring, then send every frame back until the host closes its side. The
+  ring itself has no doorbell: both sides poll (`WaitPolicy`).
 
 The guest's serial console is the host's only view of it before the ring is up, so every line
 meant for the host starts with `multikernel-guest: `; anything else on the console is the
@@ -32,6 +33,7 @@ IVSHMEM_VENDOR: Final = "0x1af4"
 IVSHMEM_DEVICE: Final = "0x1110"
 PCI_DEVICES: Final = Path("/sys/bus/pci/devices")
 CHANNEL_MAGIC: Final = int.from_bytes(b"MKCHAN\x00\x00", "little")
+HOST_PEER: Final = 0
 
 
 def say(text: str) -> None:
@@ -71,6 +73,23 @@ def wait_for_channel(bar: Path, timeout: float = 60.0) -> None:
             magic.release()
 
 
+def ring_host(device: Path, vector: int = 0) -> int:
+    """Ring the host (peer 0) on `vector` through the device's doorbell; our own peer id.
+
+    BAR 0 holds the registers: IVPosition (our id, -1 until the server gave one) at 8, the
+    doorbell at 12, where writing `(peer << 16) | vector` makes QEMU write that peer's eventfd.
+    Both are 32-bit registers: one aligned 4-byte load or store each.
+    """
+    with (
+        Region.open(device / "resource0", 256) as registers,
+        memoryview(registers.mmap) as view,
+        view[:16].cast("i") as words,
+    ):
+        position = words[2]
+        words[3] = (HOST_PEER << 16) | vector
+    return position
+
+
 def echo(args: dict[str, str]) -> None:
     device = find_ivshmem()
     (device / "enable").write_text("1")  # memory decoding on, as a driver's probe would do
@@ -83,7 +102,8 @@ def echo(args: dict[str, str]) -> None:
         poll_max=float(args.get("poll_max", default.poll_max)),
     )
     with Channel.open_path(bar, 1, policy) as channel:
-        hello = f"ring ready {device.name} native={native_available()}"
+        peer = ring_host(device)
+        hello = f"ring ready {device.name} peer={peer} native={native_available()}"
         say(hello)
         channel.send_blocking(hello.encode())  # the host's launch waits for this frame
         count = 0

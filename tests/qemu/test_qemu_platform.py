@@ -50,6 +50,7 @@ async def test_a_guest_runs_on_its_grant_and_stops_when_its_channel_closes(
     cpu = max(online_cpus())
     async with await platform.launch(spec("web", cpus=frozenset({cpu}))) as guest:
         assert guest.hello.startswith("ring ready")
+        assert " peer=1 " in guest.hello  # the one-client handshake made QEMU peer 1
         report = platform.inspect(guest)
         assert report.affinity == {cpu}
         assert report.memory_limit == 256 * MiB

@@ -1,8 +1,12 @@
 """The host and a real guest kernel exchange messages over one of our rings laid out in an
-ivshmem device's memory, with no doorbell (both sides poll)."""
+ivshmem device's memory, with no doorbell (both sides poll); the guest's doorbell register
+reaches the host's eventfd."""
 
 from __future__ import annotations
 
+import os
+
+import anyio
 import pytest
 
 from multikernel.services._qemu_image import GuestImage
@@ -18,6 +22,10 @@ async def test_host_and_guest_talk_over_an_ivshmem_ring(guest_image: GuestImage)
     sizes = [0, 1, 7, 8, 9, 100, 4096, 30_000, 32_760]  # 32_760: the largest for 64 KiB
     async with open_guest(guest_image) as link:
         assert link.server.peers.keys() == {1}
+        assert " peer=1 " in link.guest_says  # IVPosition: the id our server gave QEMU
+        with anyio.fail_after(30):  # the guest rang us once, through its doorbell register
+            await anyio.wait_readable(link.server.host.vectors[0])
+        assert os.eventfd_read(link.server.host.vectors[0]) == 1
         for i, size in enumerate(sizes * 3):
             frame = bytes([i % 251]) * size
             await link.channel.send(frame)
