@@ -8,7 +8,10 @@ each side polls, spinning for `WaitPolicy.spin` then sleeping from `poll_min` do
 program echoes every frame (`multikernel.services.qemu_guest`, mk.mode=echo). The local peer is
 a Python process doing the same over a /dev/shm file. The host side sends a `--size`-byte frame
 and waits for it to come back, `--runs` times after `--warmup`, with the blocking API (`sync`)
-and with the async one under asyncio (`async`).
+and with the async one under asyncio (`async`). Then one more guest rings the host's eventfd
+(through its doorbell register, BAR0+12) after every reply, and the host sleeps on that eventfd
+instead of polling (the guest still polls): the "host on its doorbell" row
+(`--no-doorbell` skips it).
 
 Prints: the guest's boot time (QEMU started -> the guest's end of the ring open), then p50 / p99
 / min / max of the round trip in microseconds per set-up. Asserts nothing.
@@ -18,7 +21,9 @@ Usage: ``python benchmarks/bench_qemu.py [--quick] [--runs N] [--size B] [--boot
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -80,6 +85,25 @@ async def async_round_trips(channel: Channel, frame: bytes, runs: int, warmup: i
     return samples
 
 
+def doorbell_round_trips(
+    channel: Channel, bell: int, frame: bytes, runs: int, warmup: int
+) -> list[float]:
+    """The host sleeps on its eventfd (rung by the guest after each reply) instead of polling."""
+    poller = select.poll()
+    poller.register(bell, select.POLLIN)
+    samples = []
+    for i in range(warmup + runs):
+        started = time.perf_counter()
+        channel.send_blocking(frame)
+        while channel.try_receive() is None:
+            poller.poll()
+            with contextlib.suppress(BlockingIOError):
+                os.eventfd_read(bell)
+        if i >= warmup:
+            samples.append(time.perf_counter() - started)
+    return samples
+
+
 async def run_guest(args: argparse.Namespace, report: Callable[[str, str], None]) -> None:
     started = time.perf_counter()
     image = build_image()
@@ -99,6 +123,11 @@ async def run_guest(args: argparse.Namespace, report: Callable[[str, str], None]
                 report("host <-> guest, async", percentiles(samples))
         echoed = [line for line in link.vm.console if "echoed" in line]  # its count, as a check
         report(f"guest {boot + 1} says (after powering off)", echoed[-1] if echoed else "nothing")
+    if args.doorbell:
+        async with open_guest(image, capacity=args.capacity, policy=policy, ring_each=True) as link:
+            bell = link.server.host.vectors[0]
+            samples = doorbell_round_trips(link.channel, bell, frame, args.runs, args.warmup)
+            report("host <-> guest, host on its doorbell", percentiles(samples))
 
 
 async def run_local(args: argparse.Namespace, report: Callable[[str, str], None]) -> None:
@@ -143,6 +172,12 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=64, help="bytes per frame")
     parser.add_argument("--capacity", type=int, default=64 << 10)
     parser.add_argument("--boots", type=int, default=1, help="guests to boot (timed)")
+    parser.add_argument(
+        "--no-doorbell",
+        dest="doorbell",
+        action="store_false",
+        help="skip the guest that rings the host after every reply (one more boot)",
+    )
     parser.add_argument("--spin", type=float, default=WaitPolicy().spin, help="both sides")
     parser.add_argument("--poll-min", type=float, default=WaitPolicy().poll_min)
     parser.add_argument("--poll-max", type=float, default=WaitPolicy().poll_max)

@@ -8,7 +8,8 @@
   the host to lay out a channel at its start, ring the host's doorbell once (vector 0, through
   BAR 0), say `ring ready <device> peer=<its ivshmem id> native=<bool>` on the console and as
   the first frame on the ring, then send every frame back until the host closes its side. The
-  ring itself has no doorbell: both sides poll (`WaitPolicy`).
+  ring itself has no doorbell: both sides poll (`WaitPolicy`); with `mk.ring=1` the guest also
+  rings the host after every frame it sends back, so the host may sleep on its eventfd.
 
 The guest's serial console is the host's only view of it before the ring is up, so every line
 meant for the host starts with `multikernel-guest: `; anything else on the console is the
@@ -17,10 +18,12 @@ kernel's.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
 
@@ -73,8 +76,9 @@ def wait_for_channel(bar: Path, timeout: float = 60.0) -> None:
             magic.release()
 
 
-def ring_host(device: Path, vector: int = 0) -> int:
-    """Ring the host (peer 0) on `vector` through the device's doorbell; our own peer id.
+@contextlib.contextmanager
+def doorbell(device: Path) -> Iterator[tuple[int, Callable[[int, int], None]]]:
+    """Our ivshmem id and a function that rings `(peer, vector)`, while BAR 0 is mapped.
 
     BAR 0 holds the registers: IVPosition (our id, -1 until the server gave one) at 8, the
     doorbell at 12, where writing `(peer << 16) | vector` makes QEMU write that peer's eventfd.
@@ -85,9 +89,11 @@ def ring_host(device: Path, vector: int = 0) -> int:
         memoryview(registers.mmap) as view,
         view[:16].cast("i") as words,
     ):
-        position = words[2]
-        words[3] = (HOST_PEER << 16) | vector
-    return position
+
+        def ring(peer: int, vector: int) -> None:
+            words[3] = (peer << 16) | vector
+
+        yield words[2], ring
 
 
 def echo(args: dict[str, str]) -> None:
@@ -101,8 +107,9 @@ def echo(args: dict[str, str]) -> None:
         poll_min=float(args.get("poll_min", default.poll_min)),
         poll_max=float(args.get("poll_max", default.poll_max)),
     )
-    with Channel.open_path(bar, 1, policy) as channel:
-        peer = ring_host(device)
+    ring_each = args.get("ring") == "1"  # ring the host after every frame, not only once
+    with Channel.open_path(bar, 1, policy) as channel, doorbell(device) as (peer, ring):
+        ring(HOST_PEER, 0)
         hello = f"ring ready {device.name} peer={peer} native={native_available()}"
         say(hello)
         channel.send_blocking(hello.encode())  # the host's launch waits for this frame
@@ -113,6 +120,8 @@ def echo(args: dict[str, str]) -> None:
             except anyio.EndOfStream:  # the host closed its side
                 break
             channel.send_blocking(frame)
+            if ring_each:
+                ring(HOST_PEER, 0)
             count += 1
         say(f"echoed {count}")
 

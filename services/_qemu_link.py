@@ -56,8 +56,13 @@ async def open_guest(
     capacity: int = DEFAULT_CAPACITY,
     policy: WaitPolicy | None = None,
     grace: float = 30.0,
+    ring_each: bool = False,
 ) -> AsyncIterator[GuestLink]:
-    """Boot a guest running the echo program, joined over ivshmem (see the module docstring)."""
+    """Boot a guest running the echo program, joined over ivshmem (see the module docstring).
+
+    `ring_each`: the guest rings the host's vector-0 eventfd (`server.host.vectors[0]`) after
+    every frame it sends back, not only once at start.
+    """
     if channel_size(capacity) > SHARED_MEMORY:
         raise ValueError(f"a channel of capacity {capacity} does not fit in {SHARED_MEMORY} bytes")
     workdir = Path(tempfile.mkdtemp(prefix="mk-qemu-"))  # 0700, and short enough for AF_UNIX
@@ -69,7 +74,8 @@ async def open_guest(
             config = VmConfig(
                 image, memory_mib=memory_mib, cpus=cpus, ivshmem_socket=socket_path,
                 args=(("mode", "echo"), ("spin", f"{polls.spin:g}"),
-                      ("poll_min", f"{polls.poll_min:g}"), ("poll_max", f"{polls.poll_max:g}")),
+                      ("poll_min", f"{polls.poll_min:g}"), ("poll_max", f"{polls.poll_max:g}"),
+                      ("ring", "1" if ring_each else "0")),
             )  # fmt: skip
             async with IvshmemServer(socket_path, region.fd) as server:
                 started = time.monotonic()
