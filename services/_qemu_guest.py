@@ -2,7 +2,8 @@
 
 `mk.mode=` on the command line picks the job (default `hello`):
 
-- `hello`: print one line (`multikernel-guest: hello python 3.11.7 uptime 4.21`) and return,
+- `hello`: print one line (`multikernel-guest: hello python 3.11.7 uptime 4.21 started 3.10`:
+  seconds since boot now and when the interpreter started) and return,
   which powers the guest off; the image test and the boot benchmark wait for that line.
 - `echo`: find the ivshmem device, map its shared memory (BAR 2, `resource2` in sysfs), wait for
   the host to lay out a channel at its start, ring the host's doorbell once (vector 0, through
@@ -26,10 +27,6 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Final
-
-import anyio
-
-from multikernel.shm import Channel, Region, WaitPolicy, native_available
 
 PREFIX: Final = "multikernel-guest: "
 IVSHMEM_VENDOR: Final = "0x1af4"
@@ -64,6 +61,8 @@ def find_ivshmem(devices: Path = PCI_DEVICES) -> Path:
 
 def wait_for_channel(bar: Path, timeout: float = 60.0) -> None:
     """Return once the host has laid out a channel at the start of `bar` (its magic is last)."""
+    from multikernel.shm import Region
+
     deadline = time.monotonic() + timeout
     with Region.open(bar, mmap.PAGESIZE) as region, memoryview(region.mmap) as view:
         magic = view[:8].cast("Q")  # sysfs BARs can be mapped, not read
@@ -84,6 +83,8 @@ def doorbell(device: Path) -> Iterator[tuple[int, Callable[[int, int], None]]]:
     doorbell at 12, where writing `(peer << 16) | vector` makes QEMU write that peer's eventfd.
     Both are 32-bit registers: one aligned 4-byte load or store each.
     """
+    from multikernel.shm import Region
+
     with (
         Region.open(device / "resource0", 256) as registers,
         memoryview(registers.mmap) as view,
@@ -97,6 +98,10 @@ def doorbell(device: Path) -> Iterator[tuple[int, Callable[[int, int], None]]]:
 
 
 def echo(args: dict[str, str]) -> None:
+    import anyio  # here, not above: `hello` measures the interpreter's start without them
+
+    from multikernel.shm import Channel, WaitPolicy, native_available
+
     device = find_ivshmem()
     (device / "enable").write_text("1")  # memory decoding on, as a driver's probe would do
     bar = device / "resource2"
@@ -126,6 +131,12 @@ def echo(args: dict[str, str]) -> None:
         say(f"echoed {count}")
 
 
+def started() -> float:
+    """When this process was started, in seconds since boot (field 22 of /proc/self/stat)."""
+    fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+    return int(fields[19]) / os.sysconf("SC_CLK_TCK")
+
+
 def main() -> None:
     try:
         args = kernel_args(Path("/proc/cmdline").read_text())
@@ -135,7 +146,7 @@ def main() -> None:
     if mode == "hello":
         uptime = Path("/proc/uptime").read_text().split()[0]
         version = ".".join(map(str, sys.version_info[:3]))
-        say(f"hello python {version} uptime {uptime}")
+        say(f"hello python {version} uptime {uptime} started {started():.2f}")
     elif mode == "echo":
         echo(args)
     else:

@@ -210,6 +210,7 @@ def _init_script(python: str) -> bytes:
         "/bin/busybox mount -t proc proc /proc\n"
         "/bin/busybox mount -t sysfs sysfs /sys\n"
         "/bin/busybox mount -t devtmpfs devtmpfs /dev\n"
+        'echo "multikernel-guest: init at $(/bin/busybox cut -d" " -f1 /proc/uptime) s"\n'
         f"{python} -I -X frozen_modules=on -m multikernel.services.qemu_guest\n"
         'echo "multikernel-guest: exit $?"\n'
         "/bin/busybox poweroff -f\n"
