@@ -24,13 +24,15 @@ eventfds and the socket and removes the instance's directory; idempotent.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal as signals
 import socket
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -55,6 +57,7 @@ from multikernel.services._qemu_link import SHARED_MEMORY
 from multikernel.services._qemu_vm import QEMU, Vm, VmConfig
 from multikernel.shm import Channel, Region, WaitPolicy, format_channel
 
+T = TypeVar("T")
 MIN_MEMORY: Final = 128 << 20
 CAPACITY: Final = 64 << 10
 #: How long a guest may take from QEMU's start to its first frame (TCG on a busy 2-CPU host
@@ -153,22 +156,24 @@ class QemuPlatform:
             instance.region = region
             _pin(vm.pid, spec.resources.cpus)
             with anyio.fail_after(BOOT_TIMEOUT):
-                await self._join(instance, listener)
-                instance.channel = Channel.open_region(region, 0, self.policy)
-                instance.hello = (await instance.channel.receive()).decode(errors="replace")
+                await _unless_exited(instance.vm, functools.partial(self._join, instance, listener))
+                instance.channel = channel = Channel.open_region(region, 0, self.policy)
+                hello = await _unless_exited(instance.vm, channel.receive)
+                instance.hello = hello.decode(errors="replace")
         except BaseException as exc:
             listener.close()
+            tail = ""
             with anyio.CancelScope(shield=True):
                 if instance is not None:
                     await self.kill(instance)
-                    tail = _tail(instance.console) + _tail(workdir / "qemu.log")
+                    tail = _tail(workdir / "qemu.log") + _tail(instance.console)
                     await self.reclaim(instance)
                 else:
                     self._running.discard(spec.unit)
                     shutil.rmtree(workdir, ignore_errors=True)
-            if isinstance(exc, (OSError, TimeoutError, anyio.EndOfStream)):
-                detail = f" Its last output:\n{tail}" if instance is not None and tail else ""
-                raise LaunchError(f"guest {spec.unit!r} did not come up: {exc!r}.{detail}") from exc
+            if isinstance(exc, (OSError, TimeoutError, anyio.EndOfStream, _Exited)):
+                detail = f" Its last output:\n{tail}" if tail else ""
+                raise LaunchError(f"guest {spec.unit!r} did not come up: {exc}.{detail}") from exc
             raise
         listener.close()
         return instance
@@ -256,6 +261,35 @@ class QemuPlatform:
             memory_limit=instance.resources.memory,
             processes=threads,
         )
+
+
+class _Exited(Exception):
+    """QEMU ended while `launch` waited for its guest."""
+
+
+async def _unless_exited(vm: Vm, step: Callable[[], Awaitable[T]]) -> T:
+    """`await step()`, unless QEMU ends first (then `_Exited`, at once rather than at the boot
+    timeout). The step's own exception comes out as it is, not in a group."""
+    done: list[T] = []
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await vm.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            done.append(await step())
+        except Exception as exc:  # raised below, outside the task group
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if not done:
+        raise _Exited(f"QEMU exited with status {vm.process.returncode}")
+    return done[0]
 
 
 def _check_resources(resources: Resources) -> None:

@@ -4,17 +4,19 @@ nothing behind."""
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import os
 import signal
 import sys
 import tempfile
+from pathlib import Path
 
 import anyio
 import pytest
 
 from multikernel.services._local_probe import online_cpus
-from multikernel.services._platform import InvalidSpecError, LaunchSpec, Resources
+from multikernel.services._platform import InvalidSpecError, LaunchError, LaunchSpec, Resources
 from multikernel.services._qemu_image import GuestImage
 from multikernel.services._qemu_platform import QemuPlatform
 
@@ -39,6 +41,21 @@ async def test_specs_a_guest_cannot_take_are_refused_before_anything_starts() ->
         await platform.launch(spec("cpus", cpus=frozenset({4096})))
     assert platform.capabilities().namespaces
     assert not platform.capabilities().cpuset
+
+
+@pytest.mark.timeout(60)
+async def test_qemu_failing_at_start_fails_the_launch_at_once_saying_why(
+    guest_image: GuestImage, tmp_path: Path
+) -> None:
+    """Not at the boot timeout: as soon as QEMU exits, with what QEMU said."""
+    kernel = tmp_path / "not-a-kernel"
+    kernel.write_bytes(b"garbage")
+    platform = QemuPlatform(dataclasses.replace(guest_image, kernel=kernel))
+    with anyio.fail_after(30), pytest.raises(LaunchError) as failed:
+        await platform.launch(spec("broken"))
+    first = str(failed.value).splitlines()[0]
+    assert first == "guest 'broken' did not come up: QEMU exited with status 1. Its last output:"
+    assert "qemu: linux kernel too old" in str(failed.value)  # what QEMU said, in qemu.log
 
 
 @pytest.mark.slow
