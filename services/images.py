@@ -5,6 +5,9 @@ sign IMAGE --key KEY --cert CERT [--out OUT]
 verify IMAGE --trusted CERT...      check the signature (and manifest) as `load` would
 pack DIR --out ARCHIVE [--sign-key KEY --cert CERT]
                                     a deterministic archive of an image directory
+build [--kernel RELEASE|auto|latest] --out DIR [--sign-key KEY --cert CERT]
+                                    a `qemu` guest image: a Debian cloud kernel and an
+                                    initramfs with Python and our package (docs/platform.md)
 pack --from-nix PATH --out ARCHIVE [--derivation] [--closure FILE] [--name N] [--version V]
      [--entry 'bin/PROGRAM ARGS'] [--sign-key KEY --cert CERT]
                                     an image of a Nix store path and its closure (docs/images.md)
@@ -24,6 +27,7 @@ from pathlib import Path
 from multikernel.protocol import MultikernelError
 from multikernel.services._image import pack, sign_image, verify_image
 from multikernel.services._nix import NixInputError, pack_nix
+from multikernel.services._qemu_image import build_image, write_image_dir
 from multikernel.services._signature import make_signing_key
 
 
@@ -60,7 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     pack_.add_argument("--entry", help="what to run, 'bin/PROGRAM ARGS' (default: bin/<name>)")
     pack_.add_argument("--sign-key", type=Path, help="sign the archive with this key")
     pack_.add_argument("--cert", type=Path, help="the signing key's certificate")
+    build = verbs.add_parser("build", help="a qemu guest image: a kernel and an initramfs")
+    build.add_argument(
+        "--kernel",
+        default="auto",
+        help="a Debian kernel release; auto: the cached one, else the current cloud kernel; "
+        "latest: the current cloud kernel",
+    )
+    build.add_argument("--out", type=Path, required=True, help="the image directory to write")
+    build.add_argument("--sign-key", type=Path, help="sign the image with this key")
+    build.add_argument("--cert", type=Path, help="the signing key's certificate")
     args = top.parse_args(argv)
+    if args.verb == "build" and (args.sign_key is None) != (args.cert is None):
+        build.error("--sign-key and --cert go together")
     if args.verb == "pack":
         _check_pack_usage(pack_, args)
     try:
@@ -85,6 +101,19 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"{verified.manifest.name} {verified.manifest.version}: signed by {signer}, "
                 f"{verified.digest}"
+            )
+        elif args.verb == "build":
+            auto = args.kernel in ("auto", "latest")
+            guest = build_image(
+                release=None if auto else args.kernel, refresh=args.kernel == "latest"
+            )
+            out = write_image_dir(guest, args.out)
+            if args.sign_key is not None:
+                sign_image(out, args.sign_key.read_bytes(), args.cert.read_bytes())
+            print(
+                f"built {out}: kernel {guest.kernel_version}, initramfs "
+                f"{guest.initramfs.stat().st_size / 2**20:.1f} MiB ({guest.digest[:12]})"
+                + (", signed" if args.sign_key is not None else "")
             )
         elif args.from_nix is None:
             _write(args, pack(args.directory))

@@ -306,6 +306,24 @@ class Channel(ObjectStream[bytes]):
             raise ValueError(f"a channel has sides 0 and 1, not {side}")
         return cls._open(Region.open(path), side, [None] * 4, None, policy)
 
+    @classmethod
+    def open_region(cls, region: Region, side: int, policy: WaitPolicy | None = None) -> Self:
+        """Open one end of a channel laid out in `region`, with no doorbells (polling).
+
+        For a region we made and share through something other than a channel handle (a
+        memfd QEMU maps as an ivshmem device's memory). The channel maps it again through a
+        duplicate of its fd, so `region` stays the caller's to close, before or after.
+        """
+        if side not in (0, 1):
+            raise ValueError(f"a channel has sides 0 and 1, not {side}")
+        fd = os.dup(region.fd)
+        try:
+            own = Region(fd, region.size)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls._open(own, side, [None] * 4, None, policy)
+
     # -- anyio ObjectStream -------------------------------------------------------------------
 
     async def send(self, item: Buffer) -> None:

@@ -189,6 +189,23 @@ async def test_channel_without_doorbells_polls_any_mmapable_file(tmp_path: Path)
         assert b.statistics().received.waits >= 1
 
 
+async def test_channel_over_a_region_we_hold_maps_its_own_copy() -> None:
+    """`open_region` polls a channel in a region the caller keeps (an ivshmem device's memory),
+    and closing either the channel or the caller's region leaves the other usable."""
+    from multikernel.shm import Region, channel_size, format_channel
+
+    region = Region.create(channel_size(4096))
+    format_channel(region, 4096)
+    policy = WaitPolicy(spin=0, poll_max=2e-3)
+    a, b = Channel.open_region(region, 0, policy), Channel.open_region(region, 1, policy)
+    region.close()
+    async with a, b:
+        await a.send(b"over the region")
+        assert await b.receive() == b"over the region"
+    with Region.create(channel_size(64)) as other, pytest.raises(ValueError):
+        Channel.open_region(other, 2)
+
+
 async def test_maximum_payload_is_half_the_capacity(pair: tuple[Channel, Channel]) -> None:
     a, b = pair
     big = b"m" * max_payload(1024)
