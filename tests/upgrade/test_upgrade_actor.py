@@ -17,7 +17,7 @@ from multikernel.protocol import (
 
 from .upgrade_kit import MB, UpgradeHost, finished, make_image, owned, upgrade_host
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(300)]
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ from .upgrade_kit import (
     upgrade_host,
 )
 
-pytestmark = [pytest.mark.anyio, pytest.mark.timeout(400)]
+pytestmark = [pytest.mark.anyio, pytest.mark.slow, pytest.mark.timeout(400)]
 
 
 @pytest.fixture
