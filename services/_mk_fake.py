@@ -28,15 +28,20 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import signal
 import subprocess
+import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 from multikernel.services import _mk_dt as dt
+from multikernel.services import _mk_init
 from multikernel.services._mk_fake_ops import FakeInstance, FakePool, Refused, Transaction, apply
 from multikernel.services._mk_kernel import (
     KEXEC_FILE_UNLOAD,
@@ -47,6 +52,7 @@ from multikernel.services._mk_kernel import (
     REBOOT_CMD_HALT,
     REBOOT_CMD_HALT_FORCE,
 )
+from multikernel.services._mk_vsock import AGENT_PORT, UnixVsock
 
 
 @dataclass
@@ -63,7 +69,35 @@ class RebootCall:
     instance_id: int
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
 BootHook = Callable[[FakeInstance], "subprocess.Popen[bytes]"]
+
+
+def boot_init(vsock: UnixVsock, *, python: str = sys.executable) -> BootHook:
+    """A `BootHook` that runs the instance's userspace as a local process: our init
+    (`_mk_init`), listening on the vsock stand-in `vsock` for (the instance's id, AGENT_PORT).
+    It runs in a session of its own, so a halt ends every process it started."""
+
+    def boot(inst: FakeInstance) -> subprocess.Popen[bytes]:
+        where = str(vsock.path(inst.id, AGENT_PORT))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(where)
+        init = Path(_mk_init.__file__)
+        return subprocess.Popen([python, "-I", "-S", str(init), where], start_new_session=True)
+
+    return boot
+
+
+def _locked(method: Callable[P, R]) -> Callable[P, R]:
+    """One call at a time, as the kernel's mutexes make it: the platform calls from threads."""
+
+    @functools.wraps(method)
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        with args[0]._lock:  # type: ignore[attr-defined]
+            return method(*args, **kwargs)
+
+    return call
 
 
 class FakeMultikernel:
@@ -85,21 +119,25 @@ class FakeMultikernel:
         self.calls: list[KexecCall | RebootCall] = []
         self.transactions: dict[int, Transaction] = {}
         self._next_tx = 1
+        self._lock = threading.RLock()
         (self.kernfs / "instances").mkdir(parents=True, exist_ok=True)
         (self.kernfs / "overlays").mkdir(exist_ok=True)
-        (self.kernfs / "overlays" / "new").write_bytes(b"")
+        _put(self.kernfs / "overlays" / "new", b"")
         self._sync()
 
     # -- the seam ---------------------------------------------------------------------------
 
+    @_locked
     def read(self, path: str) -> bytes:
         self.notice_exits()
         return (self.kernfs / path).read_bytes()
 
+    @_locked
     def listdir(self, path: str) -> list[str]:
         self.notice_exits()
         return os.listdir(self.kernfs / path)
 
+    @_locked
     def write(self, path: str, data: bytes) -> None:
         if path.strip("/") != "overlays/new":
             if not (self.kernfs / path).exists():
@@ -125,6 +163,7 @@ class FakeMultikernel:
     def mkdir(self, path: str) -> None:
         raise OSError(errno.EPERM, os.strerror(errno.EPERM), path)
 
+    @_locked
     def rmdir(self, path: str) -> None:
         parts = path.strip("/").split("/")
         if len(parts) != 2 or parts[0] != "overlays" or not parts[1].startswith("tx_"):
@@ -141,6 +180,7 @@ class FakeMultikernel:
         del self.transactions[tx.id]
         self._sync()
 
+    @_locked
     def iomem(self) -> str:
         lines = []
         for base, size in sorted(self.pool.chunks):
@@ -151,6 +191,7 @@ class FakeMultikernel:
                         lines.append(f"  {rb:08x}-{rb + rs - 1:08x} : mk-instance-{inst.id}")
         return "\n".join(lines) + "\n"
 
+    @_locked
     def kexec_file_load(self, kernel_fd: int, initrd_fd: int, cmdline: bytes, flags: int) -> None:
         kernel = os.readlink(f"/proc/self/fd/{kernel_fd}")
         initrd = os.readlink(f"/proc/self/fd/{initrd_fd}") if initrd_fd >= 0 else None
@@ -170,6 +211,7 @@ class FakeMultikernel:
             inst.state, inst.kernel = "loaded", kernel
         self._sync()
 
+    @_locked
     def reboot(self, cmd: int, instance_id: int) -> None:
         self.calls.append(RebootCall(cmd, instance_id))
         self.notice_exits()
@@ -194,6 +236,7 @@ class FakeMultikernel:
 
     # -- what a test does to the instances ---------------------------------------------------
 
+    @_locked
     def panic(self, name: str) -> None:
         """The instance's kernel panics: its userspace is gone, it is `loaded` again."""
         inst = self.pool.instances[name]
@@ -201,12 +244,14 @@ class FakeMultikernel:
         inst.state, inst.halted_by = "loaded", "panic"
         self._sync()
 
+    @_locked
     def fail(self, name: str) -> None:
         inst = self.pool.instances[name]
         self._end(inst, signal.SIGKILL)
         inst.state = "failed"
         self._sync()
 
+    @_locked
     def notice_exits(self) -> None:
         """An active instance whose process ended went down by itself: `loaded`."""
         changed = False
@@ -255,16 +300,16 @@ class FakeMultikernel:
         for base, size in self.pool.chunks:
             resources.children.append(_memory_node(base, size))
         root.children.append(resources)
-        (self.kernfs / "device_tree").write_bytes(dt.build(root))
+        _put(self.kernfs / "device_tree", dt.build(root))
         instances = self.kernfs / "instances"
         for gone in set(os.listdir(instances)) - set(self.pool.instances):
             shutil.rmtree(instances / gone)
         for inst in self.pool.instances.values():
             where = instances / inst.name
             where.mkdir(exist_ok=True)
-            (where / "id").write_text(f"{inst.id}\n")
-            (where / "status").write_text(f"{inst.state}\n")
-            (where / "device_tree").write_bytes(_instance_tree(inst))
+            _put(where / "id", f"{inst.id}\n")
+            _put(where / "status", f"{inst.state}\n")
+            _put(where / "device_tree", _instance_tree(inst))
         overlays = self.kernfs / "overlays"
         for gone in {d for d in os.listdir(overlays) if d.startswith("tx_")} - {
             f"tx_{n}" for n in self.transactions
@@ -273,11 +318,18 @@ class FakeMultikernel:
         for tx in self.transactions.values():
             where = overlays / f"tx_{tx.id}"
             where.mkdir(exist_ok=True)
-            (where / "id").write_text(f"{tx.id}\n")
-            (where / "status").write_text(f"{tx.status}\n")
-            (where / "instance").write_text(f"{tx.target}\n")
-            (where / "resources").write_text(f"{tx.resources}\n")
-            (where / "dtbo").write_bytes(tx.dtbo)
+            _put(where / "id", f"{tx.id}\n")
+            _put(where / "status", f"{tx.status}\n")
+            _put(where / "instance", f"{tx.target}\n")
+            _put(where / "resources", f"{tx.resources}\n")
+            _put(where / "dtbo", tx.dtbo)
+
+
+def _put(path: Path, data: str | bytes) -> None:
+    """Replace a file whole: a reader sees the old content or the new, as from the kernel."""
+    part = path.with_name(f".{path.name}.new")
+    part.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(part, path)
 
 
 def _memory_node(base: int, size: int) -> dt.Node:
