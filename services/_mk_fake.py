@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import ParamSpec, TypeVar
 
 from multikernel.services import _mk_dt as dt
-from multikernel.services import _mk_init
 from multikernel.services._mk_fake_ops import FakeInstance, FakePool, Refused, Transaction, apply
 from multikernel.services._mk_kernel import (
     KEXEC_FILE_UNLOAD,
@@ -83,8 +82,8 @@ def boot_init(vsock: UnixVsock, *, python: str = sys.executable) -> BootHook:
         where = str(vsock.path(inst.id, AGENT_PORT))
         with contextlib.suppress(FileNotFoundError):
             os.unlink(where)
-        init = Path(_mk_init.__file__)
-        return subprocess.Popen([python, "-I", "-S", str(init), where], start_new_session=True)
+        argv = [python, "-P", "-m", "multikernel.services._mk_init", where]
+        return subprocess.Popen(argv, start_new_session=True)
 
     return boot
 

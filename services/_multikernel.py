@@ -14,8 +14,10 @@ Every step is one of the kernel's own (docs/platform.md, "multikernel"), through
 | `remove` | `rmdir overlays/tx_<N>` of our transactions, newest first | `kerf delete` |
 
 `launch` is create + load + boot, then the host opens vsock streams to the instance's init
-(`_mk_init`) and hands it the agent's command line and, as streams relayed here, the fds it would
-have inherited (`_mk_vsock`). A refusal at any step undoes the steps before it. The instance's
+(`_mk_init`) and hands it the agent's command line and the fds it would have inherited, each as a
+stream: its hub session carried by a bridge at each end (`_mk_session`), other sockets and its
+output pipe relayed as bytes (`_mk_vsock`). A refusal at any step undoes the steps before it.
+The instance's
 `status` file is polled: when it leaves `active` (halted, or a panic that put it back to `loaded`)
 the launch has ended, `wait` answers, and the lifecycle's watcher and the fault actor see a
 crashed instance as on any platform. Every transaction an instance made is rolled back by
@@ -29,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -53,6 +54,7 @@ from multikernel.services._mk_kernel import (
     MultikernelKernel,
     kexec_flags,
 )
+from multikernel.services._mk_session import OpenStream, host_bridge, send_line
 from multikernel.services._mk_vsock import AGENT_PORT, Connector, relay
 from multikernel.services._namespaces import namespace_ids
 from multikernel.services._platform import (
@@ -277,7 +279,8 @@ class MultikernelPlatform:
     async def _attach(self, inst: MultikernelInstance) -> None:
         """Open the instance's launch stream and one per fd its agent gets; start the relays."""
         spec = inst.spec
-        modes = {str(fd): _mode(fd) for fd in spec.pass_fds}
+        bus = spec.env.get("MULTIKERNEL_BUS_FD", "")
+        modes = {str(fd): "session" if str(fd) == bus else _mode(fd) for fd in spec.pass_fds}
         with anyio.move_on_after(self.boot_timeout) as scope:
             inst.control = await self._connect(inst)
         if scope.cancelled_caught or inst.control is None:
@@ -286,12 +289,12 @@ class MultikernelPlatform:
                 f"{AGENT_PORT} within {self.boot_timeout:g} s (status {self.status(spec.name)})"
             )
         launch = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": spec.cwd, "fds": modes}
-        await _send_line(inst.control, launch)
+        await send_line(inst.control, launch)
         for fd, mode in modes.items():
             if mode == "hold":
                 continue
             stream = await self.connector.connect(spec.instance_id, AGENT_PORT)
-            await _send_line(stream, {"fd": int(fd)})
+            await send_line(stream, {"fd": int(fd)})
             host = os.dup(int(fd))
             os.set_blocking(host, False)
             inst.streams.append((host, stream))
@@ -316,7 +319,12 @@ class MultikernelPlatform:
                 async with anyio.create_task_group() as tg:
                     for (host, stream), mode in zip(inst.streams, modes, strict=True):
                         stream.setblocking(False)
-                        tg.start_soon(partial(relay, host, stream.fileno(), both_ways=mode == "rw"))
+                        if mode == "session":
+                            opener = partial(self.connector.connect, inst.instance_id, AGENT_PORT)
+                            tg.start_soon(_session, host, stream, opener)
+                        else:
+                            both = mode == "rw"
+                            tg.start_soon(partial(relay, host, stream.fileno(), both_ways=both))
                 await inst.ended.wait()
         finally:
             _close_streams(inst)
@@ -486,6 +494,11 @@ class MultikernelPlatform:
         return inst
 
 
+async def _session(host: int, stream: socket.socket, open_stream: OpenStream) -> None:
+    with socket.socket(fileno=os.dup(host)) as hub:
+        await host_bridge(hub, stream, open_stream)
+
+
 def _close_streams(inst: MultikernelInstance) -> None:
     for host, stream in inst.streams:
         os.close(host)
@@ -502,16 +515,6 @@ def _mode(fd: int) -> str:
     if stat.S_ISFIFO(mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
         return "w"
     return "hold"
-
-
-async def _send_line(sock: socket.socket, value: object) -> None:
-    data = json.dumps(value).encode() + b"\n"
-    sock.setblocking(False)
-    view = memoryview(data)
-    while view:
-        await anyio.wait_writable(sock)
-        with contextlib.suppress(BlockingIOError):
-            view = view[sock.send(view) :]
 
 
 def _reported_exit(control: socket.socket | None) -> int | None:
