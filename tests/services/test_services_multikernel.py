@@ -15,6 +15,8 @@ import sys
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
 import anyio
 import pytest
@@ -274,3 +276,77 @@ async def test_a_refused_grant_is_undone_and_the_instance_keeps_what_it_had(
 async def test_specs_the_kernel_cannot_take_are_refused_before_anything(platform, wiring):
     with pytest.raises(InvalidSpecError, match="1 to 511"):
         await platform.launch(wiring.spec(instance_id=512))
+
+
+async def test_a_grant_the_kernel_did_not_apply_as_asked_is_rolled_back(
+    platform, kernel, wiring, monkeypatch
+):
+    with anyio.fail_after(30):
+        async with await platform.launch(wiring.spec()) as proc:
+            wiring.launched()
+            before = transactions(kernel)
+            truth = platform.held
+            calls = iter([truth("web"), (frozenset({1}), truth("web")[1])])
+            monkeypatch.setattr(platform, "held", lambda name: next(calls))  # a lying read-back
+            with pytest.raises(PlatformError) as wrong:
+                await platform.grant(proc, Resources(frozenset({1, 2}), 16 * MiB))
+            monkeypatch.undo()
+            assert "holds CPUs [1], not [1, 2]: rolled back" in str(wrong.value)
+            assert transactions(kernel) == before
+            assert platform.held("web")[0] == frozenset({1})
+
+
+class RecordingSocket:
+    """What `VsockConnector` does to its socket, with no vsock transport needed."""
+
+    made: ClassVar[list[RecordingSocket]] = []
+
+    def __init__(self, family: int, kind: int) -> None:
+        self.family, self.kind, self.calls = family, kind, []
+        RecordingSocket.made.append(self)
+
+    def setsockopt(self, *args: int) -> None:
+        self.calls.append(("setsockopt", args))
+
+    def bind(self, address: tuple[int, int]) -> None:
+        self.calls.append(("bind", address))
+        if address[1] == 1023:
+            raise OSError(98, "Address already in use")  # kerf exec holds it: take the next
+
+    def connect(self, address: tuple[int, int]) -> None:
+        self.calls.append(("connect", address))
+
+    def close(self) -> None:
+        self.calls.append(("close", ()))
+
+
+def test_the_vsock_connector_uses_the_multikernel_transport_from_a_reserved_port(monkeypatch):
+    from multikernel.services import _mk_vsock
+
+    RecordingSocket.made.clear()
+    fake = SimpleNamespace(**{n: getattr(socket, n) for n in dir(socket) if n.isupper()})
+    fake.socket = RecordingSocket
+    monkeypatch.setattr(_mk_vsock, "socket", fake)  # this module's sockets only
+    _mk_vsock.VsockConnector._connect(5, 1022)
+    (made,) = RecordingSocket.made
+    assert made.family == socket.AF_VSOCK
+    assert made.calls == [
+        ("setsockopt", (socket.AF_VSOCK, 9, 1)),  # SO_VM_SOCKETS_TRANSPORT = multikernel
+        ("bind", (socket.VMADDR_CID_ANY, 1023)),
+        ("bind", (socket.VMADDR_CID_ANY, 1022)),  # reserved: only root binds it
+        ("connect", (5, 1022)),  # CID = the instance id
+    ]
+
+
+async def test_the_real_kernel_seam_reads_and_writes_under_its_root(tmp_path):
+    from multikernel.services._mk_kernel import SysfsKernel
+
+    (tmp_path / "instances" / "web").mkdir(parents=True)
+    (tmp_path / "instances" / "web" / "status").write_text("active\n")
+    (tmp_path / "overlays").mkdir()
+    (tmp_path / "overlays" / "new").write_bytes(b"")
+    real = SysfsKernel(tmp_path, lock_path=tmp_path / "kerf.lock")
+    assert real.read("instances/web/status") == b"active\n"
+    assert real.listdir("instances") == ["web"]
+    real.write("overlays/new", b"\xd0\x0d\xfe\xed")
+    assert (tmp_path / "overlays" / "new").read_bytes() == b"\xd0\x0d\xfe\xed"
