@@ -43,6 +43,7 @@ from typing import Final, Self
 import anyio
 import anyio.abc
 import anyio.to_thread
+from kerf.vmlinuz import VmlinuzError, open_kernel_fd
 
 from multikernel.endpoints.log import get_logger
 from multikernel.services import _mk_dt as dt
@@ -224,7 +225,8 @@ class MultikernelPlatform:
     async def _kexec(self, what: str, flags: int) -> None:
         fds = []
         try:
-            fds.append(os.open(self.image.kernel, os.O_RDONLY | os.O_CLOEXEC))
+            # kerf's: an ELF vmlinux as it is, a bzImage's vmlinux extracted into a memfd.
+            fds.append(await anyio.to_thread.run_sync(open_kernel_fd, self.image.kernel))
             if self.image.initrd is not None:
                 fds.append(os.open(self.image.initrd, os.O_RDONLY | os.O_CLOEXEC))
             initrd = fds[1] if len(fds) > 1 else -1
@@ -234,6 +236,8 @@ class MultikernelPlatform:
             )
         except OSError as error:
             raise PlatformError(explain(what, error)) from error
+        except VmlinuzError as error:
+            raise PlatformError(f"{what}: {self.image.kernel}: {error}") from error
         finally:
             for fd in fds:
                 os.close(fd)

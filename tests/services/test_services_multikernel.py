@@ -8,6 +8,7 @@ to its output fd, so what crosses the "kernels" is checked byte for byte.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import os
 import shutil
 import socket
@@ -350,3 +351,28 @@ async def test_the_real_kernel_seam_reads_and_writes_under_its_root(tmp_path):
     assert real.listdir("instances") == ["web"]
     real.write("overlays/new", b"\xd0\x0d\xfe\xed")
     assert (tmp_path / "overlays" / "new").read_bytes() == b"\xd0\x0d\xfe\xed"
+
+
+def bzimage(vmlinux: bytes) -> bytes:
+    """A bzImage (x86 boot protocol 2.15) whose gzip payload is `vmlinux`."""
+    payload = gzip.compress(vmlinux)
+    image = bytearray(1024)  # the boot sector and one setup sector
+    image[0x1F1] = 1  # setup_sects
+    image[0x202:0x206] = b"HdrS"
+    image[0x206:0x208] = (0x020F).to_bytes(2, "little")
+    image[0x248:0x250] = (0).to_bytes(4, "little") + len(payload).to_bytes(4, "little")
+    return bytes(image) + payload
+
+
+async def test_a_bzimage_is_loaded_as_the_vmlinux_kerf_extracts(kernel, vsock, wiring, tmp_path):
+    (tmp_path / "bzImage").write_bytes(bzimage(b"\x7fELF\x02\x01" + bytes(58)))
+    image = BootImage(tmp_path / "bzImage", cmdline="quiet")
+    async with MultikernelPlatform(kernel, image, connector=vsock, poll=0.01) as mk:
+        with anyio.fail_after(30):
+            async with await mk.launch(wiring.spec()):
+                wiring.launched()
+                assert status(kernel, "web") == "active"
+    (load, *_) = kernel.calls
+    assert isinstance(load, KexecCall)
+    assert load.kernel.startswith("/memfd:kerf-vmlinux")
+    assert load.flags == 0x10 | (3 << 5) | 0x4  # no initrd: KEXEC_FILE_NO_INITRAMFS
