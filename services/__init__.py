@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from multikernel.services._manifest import Manifest as Manifest
     from multikernel.services._mk_kernel import MultikernelKernel as MultikernelKernel
     from multikernel.services._mk_kernel import SysfsKernel as SysfsKernel
+    from multikernel.services._mk_steps import BootImage as BootImage
     from multikernel.services._mk_vsock import VsockConnector as VsockConnector
-    from multikernel.services._multikernel import BootImage as BootImage
     from multikernel.services._multikernel import MultikernelPlatform as MultikernelPlatform
     from multikernel.services._nix import NixError as NixError
     from multikernel.services._nix import NixImage as NixImage
@@ -93,7 +93,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "BadSignatureError": "multikernel.services._signature",
-    "BootImage": "multikernel.services._multikernel",
+    "BootImage": "multikernel.services._mk_steps",
     "CacheShare": "multikernel.services._platform",
     "Capabilities": "multikernel.services._platform",
     "CpuScorer": "multikernel.services._placement",

@@ -156,3 +156,28 @@ def test_kexec_flags_carry_the_instance_id_as_documented():
     assert kexec_flags(5, unload=True) == 0x10 | (5 << 5) | 0x1
     with pytest.raises(ValueError):
         kexec_flags(512)
+
+
+def test_our_kernel_abi_numbers_are_kerfs():
+    """The flags and commands we pass are the ones kerf passes to the same kernel."""
+    from kerf.kill import main as kill
+    from kerf.load import main as load
+    from kerf.start import main as start
+    from kerf.unload import main as unload
+
+    from multikernel.services import _mk_kernel as ours
+
+    assert (ours.KEXEC_MULTIKERNEL, ours.KEXEC_MK_ID_MASK, ours.KEXEC_MK_ID_SHIFT) == (
+        load.KEXEC_MULTIKERNEL, load.KEXEC_MK_ID_MASK, load.KEXEC_MK_ID_SHIFT,
+    )  # fmt: skip
+    assert (ours.KEXEC_FILE_NO_INITRAMFS, ours.KEXEC_FILE_UNLOAD) == (
+        load.KEXEC_FILE_NO_INITRAMFS, unload.KEXEC_FILE_UNLOAD,
+    )  # fmt: skip
+    assert ours.kexec_flags(7) == load.KEXEC_MULTIKERNEL | load.KEXEC_MK_ID(7)
+    assert (ours.REBOOT_MAGIC1, ours.REBOOT_MAGIC2) == (
+        start.LINUX_REBOOT_MAGIC1, start.LINUX_REBOOT_MAGIC2,
+    )  # fmt: skip
+    assert ours.REBOOT_CMD_BOOT == start.LINUX_REBOOT_CMD_MULTIKERNEL
+    assert (ours.REBOOT_CMD_HALT, ours.REBOOT_CMD_HALT_FORCE) == (
+        kill.LINUX_REBOOT_CMD_MULTIKERNEL_HALT, kill.LINUX_REBOOT_CMD_MULTIKERNEL_HALT_FORCE,
+    )  # fmt: skip

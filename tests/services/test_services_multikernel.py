@@ -164,8 +164,8 @@ async def test_the_full_lifecycle_drives_the_kernel_with_the_documented_calls(
         assert report.own_pid_namespace
 
         await platform.update(proc, Resources(frozenset({1, 2}), 32 * MiB))
-        assert platform.held("web")[0] == frozenset({1, 2})
-        assert sum(size for _, size in platform.held("web")[1]) == 32 * MiB
+        assert platform.steps.held("web")[0] == frozenset({1, 2})
+        assert sum(size for _, size in platform.steps.held("web")[1]) == 32 * MiB
 
         await platform.kill(proc)
         assert await platform.wait(proc) == -9
@@ -240,16 +240,16 @@ async def test_a_kernel_image_the_kernel_refuses_rolls_the_instance_back(
 
 async def test_a_bad_overlay_and_an_unknown_instance_are_clear_errors(platform, kernel):
     with pytest.raises(PlatformError) as bad:
-        await platform.apply("cannot apply", b"\xd0\x0d\xfe\xed" + bytes(60))
+        await platform.steps.apply("cannot apply", b"\xd0\x0d\xfe\xed" + bytes(60))
     assert str(bad.value) == "cannot apply: EINVAL: the kernel refused it as invalid (see dmesg)"
     grow = dt.update_overlay(
         "ghost", (frozenset({1}), MiB), (frozenset({1, 2}), MiB), regions=[], add_base=None
     )
     with pytest.raises(PlatformError) as unknown:
-        await platform.apply("cannot give 'ghost' its new resources", grow)
+        await platform.steps.apply("cannot give 'ghost' its new resources", grow)
     assert str(unknown.value).startswith("cannot give 'ghost' its new resources: ENOENT")
     with pytest.raises(PlatformError, match="no instance 'ghost' in the kernel"):
-        platform.held("ghost")
+        platform.steps.held("ghost")
     assert transactions(kernel) == []
 
 
@@ -263,15 +263,15 @@ async def test_a_refused_grant_is_undone_and_the_instance_keeps_what_it_had(
             before = transactions(kernel)
             with pytest.raises(PlatformError, match="EBUSY"):
                 await platform.update(proc, Resources(frozenset({1, 2, 3}), 64 * MiB))
-            assert platform.held("web")[0] == frozenset({1})
-            assert sum(size for _, size in platform.held("web")[1]) == 16 * MiB
+            assert platform.steps.held("web")[0] == frozenset({1})
+            assert sum(size for _, size in platform.steps.held("web")[1]) == 16 * MiB
             assert transactions(kernel) == before
             assert proc.resources == Resources(frozenset({1}), 16 * MiB)
 
-            tx = await platform.grant(proc, Resources(frozenset({1, 2}), 16 * MiB))
+            tx = await platform.steps.grant("web", Resources(frozenset({1, 2}), 16 * MiB))
             assert tx is not None
-            await platform.rollback(tx)  # rmdir tx_<N>: the CPU goes back to the pool
-            assert platform.held("web")[0] == frozenset({1})
+            await platform.steps.rollback(tx)  # rmdir tx_<N>: the CPU goes back to the pool
+            assert platform.steps.held("web")[0] == frozenset({1})
 
 
 async def test_specs_the_kernel_cannot_take_are_refused_before_anything(platform, wiring):
@@ -283,18 +283,20 @@ async def test_a_grant_the_kernel_did_not_apply_as_asked_is_rolled_back(
     platform, kernel, wiring, monkeypatch
 ):
     with anyio.fail_after(30):
-        async with await platform.launch(wiring.spec()) as proc:
+        async with await platform.launch(wiring.spec()):
             wiring.launched()
             before = transactions(kernel)
-            truth = platform.held
+            truth = platform.steps.held
             calls = iter([truth("web"), (frozenset({1}), truth("web")[1])])
-            monkeypatch.setattr(platform, "held", lambda name: next(calls))  # a lying read-back
+            monkeypatch.setattr(
+                platform.steps, "held", lambda name: next(calls)
+            )  # a lying read-back
             with pytest.raises(PlatformError) as wrong:
-                await platform.grant(proc, Resources(frozenset({1, 2}), 16 * MiB))
+                await platform.steps.grant("web", Resources(frozenset({1, 2}), 16 * MiB))
             monkeypatch.undo()
             assert "holds CPUs [1], not [1, 2]: rolled back" in str(wrong.value)
             assert transactions(kernel) == before
-            assert platform.held("web")[0] == frozenset({1})
+            assert platform.steps.held("web")[0] == frozenset({1})
 
 
 class RecordingSocket:
