@@ -10,17 +10,15 @@ multikernel file system (`mount -t multikernel none /sys/fs/multikernel`: the gl
 - `reboot(0xfee1dead, 672274793, cmd, &(int){id})` with `cmd` MULTIKERNEL (boot), _HALT or
   _HALT_FORCE.
 
-`SysfsKernel` is the real one (the files under `/sys/fs/multikernel`, the calls through
-libc's `syscall`, as kerf makes them); `multikernel.services.testing.FakeMultikernel` a fake that
+`SysfsKernel` is the real one (the files under `/sys/fs/multikernel`, the calls through kerf's
+own wrappers of libc's `syscall`); `multikernel.services.testing.FakeMultikernel` a fake that
 acts like the kernel (docs/platform.md, "multikernel"). The platform is the same code on both.
 Errors stay `OSError`s with the kernel's errno here; the platform turns them into its own.
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import platform as _machine
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -41,12 +39,6 @@ REBOOT_MAGIC2: Final = 672274793  # 0x28121969
 REBOOT_CMD_BOOT: Final = 0x4D4B4C49  # LINUX_REBOOT_CMD_MULTIKERNEL
 REBOOT_CMD_HALT: Final = 0x4D4B4C48  # LINUX_REBOOT_CMD_MULTIKERNEL_HALT
 REBOOT_CMD_HALT_FORCE: Final = 0x4D4B4C46  # LINUX_REBOOT_CMD_MULTIKERNEL_HALT_FORCE
-
-_SYSCALLS: Final = {  # machine -> (kexec_file_load, reboot)
-    "x86_64": (320, 169),
-    "aarch64": (294, 142),
-    "riscv64": (294, 142),
-}
 
 
 def kexec_flags(instance_id: int, *, unload: bool = False, initramfs: bool = True) -> int:
@@ -95,15 +87,15 @@ class MultikernelKernel(Protocol):
 
 
 class SysfsKernel:
-    """The real kernel: its file system under `root`, its system calls through libc."""
+    """The real kernel: its file system under `root`; its system calls are kerf's own wrappers
+    (`kerf.load.main.kexec_file_load`, `kerf.start.main.boot_multikernel`,
+    `kerf.kill.main.halt_multikernel`: ctypes `syscall` with the architecture's numbers)."""
 
     def __init__(self, root: Path = KERNFS_ROOT, *, lock_path: Path | None = None) -> None:
         self.root = root
         run = Path("/var/run")
         default = (run if os.access(run, os.W_OK) else Path("/tmp")) / "kerf.lock"
         self.lock_path = lock_path if lock_path is not None else default
-        self._libc = ctypes.CDLL(None, use_errno=True)
-        self._numbers = _SYSCALLS.get(_machine.machine())
 
     def read(self, path: str) -> bytes:
         return (self.root / path).read_bytes()
@@ -127,25 +119,18 @@ class SysfsKernel:
     def iomem(self) -> str:
         return Path("/proc/iomem").read_text()
 
-    def _syscall(self, index: int, *args: object) -> None:
-        if self._numbers is None:
-            raise OSError(38, f"multikernel system calls are not known on {_machine.machine()}")
-        call = self._libc.syscall
-        call.restype = ctypes.c_long
-        if call(ctypes.c_long(self._numbers[index]), *args) < 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, os.strerror(errno))
-
     def kexec_file_load(self, kernel_fd: int, initrd_fd: int, cmdline: bytes, flags: int) -> None:
-        text = ctypes.create_string_buffer(cmdline)  # NUL-terminated; the length counts it
-        self._syscall(
-            0, ctypes.c_int(kernel_fd), ctypes.c_int(initrd_fd), ctypes.c_ulong(len(cmdline) + 1),
-            text, ctypes.c_ulong(flags),
-        )  # fmt: skip
+        from kerf.load.main import kexec_file_load  # ~0.1 s of imports: only where it runs
+
+        kexec_file_load(kernel_fd, initrd_fd, cmdline.decode(), flags)
 
     def reboot(self, cmd: int, instance_id: int) -> None:
-        arg = ctypes.c_int(instance_id)
-        self._syscall(
-            1, ctypes.c_ulong(REBOOT_MAGIC1), ctypes.c_ulong(REBOOT_MAGIC2), ctypes.c_ulong(cmd),
-            ctypes.byref(arg),
-        )  # fmt: skip
+        from kerf.kill.main import halt_multikernel
+        from kerf.start.main import boot_multikernel
+
+        if cmd == REBOOT_CMD_BOOT:
+            boot_multikernel(instance_id)
+        elif cmd in (REBOOT_CMD_HALT, REBOOT_CMD_HALT_FORCE):
+            halt_multikernel(instance_id, force=cmd == REBOOT_CMD_HALT_FORCE)
+        else:
+            raise ValueError(f"not a multikernel reboot command: {cmd:#x}")

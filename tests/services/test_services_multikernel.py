@@ -378,3 +378,27 @@ async def test_a_bzimage_is_loaded_as_the_vmlinux_kerf_extracts(kernel, vsock, w
     assert isinstance(load, KexecCall)
     assert load.kernel.startswith("/memfd:kerf-vmlinux")
     assert load.flags == 0x10 | (3 << 5) | 0x4  # no initrd: KEXEC_FILE_NO_INITRAMFS
+
+
+def test_the_real_seam_makes_its_system_calls_through_kerf(monkeypatch, tmp_path):
+    from kerf.kill import main as kill
+    from kerf.load import main as load
+    from kerf.start import main as start
+
+    from multikernel.services._mk_kernel import REBOOT_CMD_HALT, SysfsKernel, kexec_flags
+
+    calls: list[tuple[object, ...]] = []
+    monkeypatch.setattr(load, "kexec_file_load", lambda *a: calls.append(("kexec", *a)))
+    monkeypatch.setattr(start, "boot_multikernel", lambda i: calls.append(("boot", i)))
+    monkeypatch.setattr(kill, "halt_multikernel", lambda i, force: calls.append(("halt", i, force)))
+    real = SysfsKernel(tmp_path, lock_path=tmp_path / "kerf.lock")
+    real.kexec_file_load(5, -1, b"quiet", kexec_flags(3))
+    real.reboot(REBOOT_CMD_BOOT, 3)
+    real.reboot(REBOOT_CMD_HALT, 3)
+    real.reboot(REBOOT_CMD_HALT_FORCE, 3)
+    assert calls == [
+        ("kexec", 5, -1, "quiet", 0x10 | 3 << 5),
+        ("boot", 3),
+        ("halt", 3, False),
+        ("halt", 3, True),
+    ]
