@@ -13,6 +13,7 @@ through the `MultikernelKernel` seam (docs/platform.md, "multikernel"):
 - `status`, `held` (an instance's CPUs and memory ranges) and `free_range` (from `/proc/iomem`).
 
 Every refusal of the kernel becomes one line with its errno and what to do (`explain`).
+`MultikernelHostSide` is the resource actor's end of a grant on such a host: the same overlays.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import anyio.to_thread
 from kerf.vmlinuz import VmlinuzError, open_kernel_fd
 
 from multikernel.services import _mk_dt as dt
+from multikernel.services._enforce import HostSideError
 from multikernel.services._mk_kernel import MultikernelKernel, kexec_flags
 from multikernel.services._platform import PlatformError, Resources
 
@@ -102,6 +104,19 @@ class KernelSteps:
         if len(made) != 1:
             raise PlatformError(f"{what}: the kernel made transactions {sorted(made)}, not one")
         return made.pop()
+
+    def grants_of(self, name: str) -> list[int]:
+        """The applied transactions under `/instances/<name>` (grants, whoever made them)."""
+        found = []
+        for tx in sorted(self._transactions()):
+            try:
+                target = self.kernel.read(f"overlays/tx_{tx}/instance").decode().strip()
+                status = self.kernel.read(f"overlays/tx_{tx}/status").decode().strip()
+            except FileNotFoundError:
+                continue  # rolled back meanwhile
+            if target == f"/instances/{name}" and status == "applied":
+                found.append(tx)
+        return found
 
     def _transactions(self) -> set[int]:
         return {int(d[3:]) for d in self.kernel.listdir("overlays") if d.startswith("tx_")}
@@ -213,3 +228,29 @@ class KernelSteps:
             if at + size <= end:
                 return at
         raise PlatformError(f"the pool has no {size} free bytes in one range (kerf show)")
+
+
+class MultikernelHostSide:
+    """The host's end of the resource actor's grants on a multikernel kernel (`_enforce`'s
+    `HostSide`): a running instance's CPUs and memory change by an overlay. An instance the
+    kernel does not have yet gets its grant when it is created (at its next launch)."""
+
+    def __init__(self, steps: KernelSteps) -> None:
+        self.steps = steps
+
+    async def apply(
+        self, instance: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+    ) -> None:
+        if self.steps.status(instance) == "absent":
+            if running:
+                raise HostSideError(
+                    f"{instance!r} runs, but the multikernel kernel has no instance of that "
+                    "name: is the resource actor looking at this host's kernel?"
+                )
+            return
+        held_cpus, regions = self.steps.held(instance)
+        size = memory if memory is not None else sum(s for _, s in regions)
+        try:
+            await self.steps.grant(instance, Resources(cpus or held_cpus, size))
+        except PlatformError as error:
+            raise HostSideError(str(error)) from error

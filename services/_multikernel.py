@@ -281,7 +281,12 @@ class MultikernelPlatform:
         if inst.relaying:
             await inst.relayed.wait()
         _close_streams(inst)
-        for tx in reversed(inst.transactions):
+        # Newest first: grants (ours, or the resource actor's through its host side), then the
+        # instance-create, which removes the instance.
+        made = set(inst.transactions)
+        if made:  # the instance is ours (a refused create leaves another's alone)
+            made |= set(self.steps.grants_of(inst.name))
+        for tx in sorted(made, reverse=True):
             await self.steps.rollback(tx)
         inst.transactions.clear()
         if inst.control is not None:

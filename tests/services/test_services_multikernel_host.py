@@ -29,8 +29,11 @@ from multikernel.protocol import (
     InstanceStateChanged,
     KillInstance,
     LoadImage,
+    RefusedError,
     StartInstance,
+    UpdateInstance,
 )
+from multikernel.services import _mk_dt as dt
 from multikernel.services._fault import FaultActor
 from multikernel.services._fault_store import FaultStore
 from multikernel.services._fault_watch import DetectionConfig
@@ -40,6 +43,7 @@ from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local_probe import online_cpus
 from multikernel.services._mk_fake import FakeMultikernel, RebootCall, boot_init
 from multikernel.services._mk_kernel import REBOOT_CMD_BOOT
+from multikernel.services._mk_steps import MultikernelHostSide
 from multikernel.services._mk_vsock import UnixVsock
 from multikernel.services._multikernel import BootImage, MultikernelPlatform
 from multikernel.services._pool import discover_pool
@@ -69,6 +73,12 @@ class Host:
         )
         return info
 
+    def memory(self, name: str) -> int:
+        tree = dt.parse(self.kernel.read(f"instances/{name}/device_tree"))
+        resources = tree.child("resources")
+        assert resources is not None
+        return sum(c.reg()[1] for c in resources.children if c.name.startswith("memory@"))
+
     def status(self, name: str) -> str:
         try:
             return self.kernel.read(f"instances/{name}/status").decode().strip()
@@ -91,7 +101,10 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
     state = tmp_path / "state"
     hub = Hub(tmp_path / "bus.sock", policy=Policy.from_toml(host_rule(os.getuid())))
     kernel = FakeMultikernel(
-        tmp_path / "machine", cpus=online_cpus(), memory=[(1 << 32, 1 << 30)], boot=boot_init(vsock)
+        tmp_path / "machine",
+        cpus=online_cpus(),
+        memory=[(1 << 32, 384 * MB)],
+        boot=boot_init(vsock),
     )
     platform = MultikernelPlatform(
         kernel, BootImage(tmp_path / "vmlinux"), connector=vsock, poll=0.01
@@ -109,7 +122,9 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
                 connect(hub.path, name="test") as bus,
                 anyio.create_task_group() as actors,
             ):
-                await actors.start(ResourceActor(resource_ep, discover_pool(), resources).run)
+                grants = MultikernelHostSide(platform.steps)  # a running instance's: overlays
+                resource = ResourceActor(resource_ep, discover_pool(), resources, host=grants)
+                await actors.start(resource.run)
                 lifecycle = LifecycleActor(
                     lifecycle_ep, platform, open_instance_socket=hub.open_instance_socket,
                     state_dir=state, trusted_certs=[cert], hello_timeout=20, heartbeat=HEARTBEAT,
@@ -153,6 +168,18 @@ async def test_an_instance_kernel_runs_our_agent_and_a_panic_is_restarted(host: 
             assert host.status("web") == "active"
             boots = [c for c in host.kernel.calls if c == RebootCall(REBOOT_CMD_BOOT, info.id)]
             assert len(boots) == 2
+
+            # A grant to the running instance reaches its kernel as an overlay.
+            grown = await host.call("update", UpdateInstance("web", memory=256 * MB))
+            assert grown.memory == 256 * MB
+            assert host.memory("web") == 256 * MB
+            with pytest.raises(RefusedError) as refused:  # more than the kernel's pool has free
+                await host.call("update", UpdateInstance("web", memory=512 * MB))
+            assert str(refused.value).startswith(
+                "'web' did not get its new grant: the host could not apply it: the pool has no "
+                "268435456 free bytes in one range (kerf show); nothing changed"
+            )
+            assert host.memory("web") == 256 * MB  # the grant was rolled back
 
             assert (await host.call("kill", KillInstance("web"))).state == "loaded"
             assert host.status("web") == "absent"  # reclaimed: every transaction undone
