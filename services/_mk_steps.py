@@ -71,9 +71,20 @@ class BootImage:
 class KernelSteps:
     """The kernel's steps for the instances of one platform (see the module docstring)."""
 
-    def __init__(self, kernel: MultikernelKernel, image: BootImage) -> None:
+    def __init__(self, kernel: MultikernelKernel, image: BootImage | None = None) -> None:
         self.kernel = kernel
-        self.image = image
+        self.image = image  # None: grants only (the resource actor's), no kernel to load
+
+    def check_mounted(self) -> None:
+        """`PlatformError` unless the kernel's multikernel file system is there."""
+        try:
+            self.kernel.listdir("overlays")
+            self.kernel.listdir("instances")
+        except OSError as error:
+            raise PlatformError(
+                f"no multikernel file system ({error.strerror}): is this a multikernel kernel? "
+                "mount -t multikernel none /sys/fs/multikernel, or give its path (--kernfs)"
+            ) from error
 
     def status(self, name: str) -> str:
         """The instance's state as the kernel says it (`absent` if it has none)."""
@@ -136,6 +147,8 @@ class KernelSteps:
         return await self.apply(f"cannot create instance {name!r}", overlay)
 
     async def load(self, name: str, instance_id: int) -> None:
+        if self.image is None:
+            raise PlatformError(f"cannot load a kernel into {name!r}: no kernel image given")
         flags = kexec_flags(instance_id, initramfs=self.image.initrd is not None)
         await self._kexec(f"cannot load a kernel into {name!r}", flags)
 
@@ -143,6 +156,8 @@ class KernelSteps:
         await self._kexec(f"cannot unload {name!r}", kexec_flags(instance_id, unload=True))
 
     async def _kexec(self, what: str, flags: int) -> None:
+        if self.image is None:
+            raise PlatformError(f"{what}: no kernel image given")
         fds = []
         try:
             # kerf's: an ELF vmlinux as it is, a bzImage's vmlinux extracted into a memfd.
