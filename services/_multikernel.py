@@ -184,11 +184,12 @@ class MultikernelPlatform:
         self._tg.start_soon(self._relay, inst, [m for m in modes.values() if m != "hold"])
 
     async def _connect(self, inst: MultikernelInstance) -> socket.socket | None:
-        """Connect to the init once it listens; None if the instance went down first."""
+        """Connect to the init once it listens (refused, or reset as AF_VSOCK answers when
+        nothing listens yet: try again); None if the instance went down first."""
         while self.steps.status(inst.name) == "active":
             try:
                 return await self.connector.connect(inst.instance_id, AGENT_PORT)
-            except (ConnectionRefusedError, FileNotFoundError):
+            except (ConnectionRefusedError, ConnectionResetError, FileNotFoundError):
                 await anyio.sleep(self.poll)
         return None
 
