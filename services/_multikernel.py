@@ -175,10 +175,10 @@ class MultikernelPlatform:
             if mode == "hold":
                 continue
             stream = await self.connector.connect(spec.instance_id, AGENT_PORT)
-            await send_line(stream, {"fd": int(fd)})
             host = os.dup(int(fd))
+            inst.streams.append((host, stream))  # closed by the relay, or by `_undo`
             os.set_blocking(host, False)
-            inst.streams.append((host, stream))
+            await send_line(stream, {"fd": int(fd)})
         assert self._tg is not None
         inst.relaying = True
         self._tg.start_soon(self._relay, inst, [m for m in modes.values() if m != "hold"])
