@@ -4,7 +4,10 @@
   kernel's states, with verified images and negotiated shutdown (docs/lifecycle.md).
 - `LocalPlatform`: an instance as an isolated process tree: PID/UTS/mount namespaces, cpuset and
   memory cgroups, CPU affinity, and cache ways of its own where the machine has resctrl
-  (`CacheShare`; docs/platform.md); `Platform` is the interface.
+  (`CacheShare`; docs/platform.md); `Platform` is the interface. `MultikernelPlatform`: an
+  instance as a kernel of its own on a multikernel kernel, driven through the kernel's own
+  interfaces behind one seam (`MultikernelKernel`: `SysfsKernel` on such a machine), its agent
+  reached over AF_VSOCK (`VsockConnector`), booting a `BootImage` (docs/platform.md).
 - Images in the kernel's appended-signature format: `sign_image`, `verify_image`, `load_image`,
   `make_signing_key`; `pack_nix`, an image of a Nix store path and its closure (docs/images.md).
 - `ResourceActor`: the host's pool of CPUs, memory blocks and I/O queues (`discover_pool`,
@@ -14,7 +17,8 @@
   `ElasticBounds`; an optional rebalancer is a `RebalancePolicy` plugin (`PressureRebalancer`)
   deciding `Resize`s from a `RebalanceState` of load reports. docs/resources.md.
   `multikernel.services.testing` has a fake machine (`FakeSysfs`), a fake resctrl
-  (`FakeResctrl`) and a fake agent (`FakeAgent`) for tests.
+  (`FakeResctrl`), a fake agent (`FakeAgent`) and a fake multikernel kernel (`FakeMultikernel`,
+  with `boot_init` and `UnixVsock`) for tests.
 - `run_host` / `python -m multikernel.services.host`: the hub and the actors (`mkctl host up`);
   the resource actor runs in a process of its own (`python -m multikernel.services.resource`).
 - `python -m multikernel.services.agent`: the first process of every instance.
@@ -40,6 +44,11 @@ if TYPE_CHECKING:
     from multikernel.services._local import LocalPlatform as LocalPlatform
     from multikernel.services._manifest import ImageError as ImageError
     from multikernel.services._manifest import Manifest as Manifest
+    from multikernel.services._mk_kernel import MultikernelKernel as MultikernelKernel
+    from multikernel.services._mk_kernel import SysfsKernel as SysfsKernel
+    from multikernel.services._mk_steps import BootImage as BootImage
+    from multikernel.services._mk_vsock import VsockConnector as VsockConnector
+    from multikernel.services._multikernel import MultikernelPlatform as MultikernelPlatform
     from multikernel.services._nix import NixError as NixError
     from multikernel.services._nix import NixImage as NixImage
     from multikernel.services._nix import pack_nix as pack_nix
@@ -84,6 +93,7 @@ if TYPE_CHECKING:
 
 _LAZY = {
     "BadSignatureError": "multikernel.services._signature",
+    "BootImage": "multikernel.services._mk_steps",
     "CacheShare": "multikernel.services._platform",
     "Capabilities": "multikernel.services._platform",
     "CpuScorer": "multikernel.services._placement",
@@ -105,6 +115,8 @@ _LAZY = {
     "LocalPlatform": "multikernel.services._local",
     "make_signing_key": "multikernel.services._signature",
     "Manifest": "multikernel.services._manifest",
+    "MultikernelKernel": "multikernel.services._mk_kernel",
+    "MultikernelPlatform": "multikernel.services._multikernel",
     "NixError": "multikernel.services._nix",
     "NixImage": "multikernel.services._nix",
     "pack_nix": "multikernel.services._nix",
@@ -134,10 +146,12 @@ _LAZY = {
     "SignatureError": "multikernel.services._signature",
     "SignerInfo": "multikernel.services._signature",
     "SpreadPolicy": "multikernel.services._policies",
+    "SysfsKernel": "multikernel.services._mk_kernel",
     "UnsignedImageError": "multikernel.services._signature",
     "UntrustedSignerError": "multikernel.services._signature",
     "VerifiedImage": "multikernel.services._image",
     "verify_image": "multikernel.services._image",
+    "VsockConnector": "multikernel.services._mk_vsock",
 }
 __all__ = sorted(_LAZY)
 

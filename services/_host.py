@@ -43,6 +43,7 @@ import re
 import secrets
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,7 +60,11 @@ from multikernel.services._elastic import AGENT_RULE
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._metrics import HostCollector, registry, serve_metrics
-from multikernel.services._platform import PlatformError
+from multikernel.services._mk_kernel import SysfsKernel
+from multikernel.services._mk_steps import BootImage, KernelSteps
+from multikernel.services._mk_vsock import VsockConnector
+from multikernel.services._multikernel import MultikernelPlatform
+from multikernel.services._platform import Platform, PlatformError
 from multikernel.services._recovery import Recovered, recover
 from multikernel.services._resource_process import ResourceConfig, resource_argv
 
@@ -175,6 +180,11 @@ class HostConfig:
     metrics: str = "127.0.0.1:0"  # where Prometheus scrapes (port 0: any free one); "" off
     #: Who may connect to the control socket (default 0600: the host's own user and root).
     socket_access: SocketAccess = field(default_factory=SocketAccess)
+    #: What runs the instances: "local" (process trees) or "multikernel" (kernels of their own,
+    #: on a multikernel kernel whose file system is at `kernfs`, booting `boot`).
+    platform: str = "local"
+    kernfs: Path = Path("/sys/fs/multikernel")
+    boot: BootImage | None = None
 
     def policy(self) -> Policy:
         rules = host_rule(os.getuid()) + AGENT_RULE
@@ -188,6 +198,7 @@ class HostConfig:
             sysfs_root=str(self.sysfs_root), isolate=self.isolate,
             cgroup_group=cgroup_group(self.state_dir), elastic_max_cpus=self.elastic_max_cpus,
             elastic_max_memory=self.elastic_max_memory, rebalance=self.rebalance,
+            kernfs=str(self.kernfs) if self.platform == "multikernel" else "",
         )  # fmt: skip
 
 
@@ -202,18 +213,47 @@ async def run_host(
     Cancelling it also stops the instances (forcibly: the bus is going away with it).
     """
     config.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-    platform = LocalPlatform(
+    if config.platform == "multikernel":
+        async with multikernel_platform(config) as platform:
+            await _run_host(config, platform, stop, task_status)
+        return
+    if config.platform != "local":
+        raise PlatformError(f"unknown platform {config.platform!r}: local or multikernel")
+    local = LocalPlatform(
         isolate=config.isolate, group=cgroup_group(config.state_dir),
         memory_bandwidth=config.memory_bandwidth,
     )  # fmt: skip
-    for warning in platform.capabilities().warnings:
+    for warning in local.capabilities().warnings:
         log.warning("isolation", warning=warning)
-    if platform.cache is not None:
-        log.info("cache partitioning", resctrl=platform.cache.info.describe())
-        for name in platform.remove_stale_cache_groups():
+    if local.cache is not None:
+        log.info("cache partitioning", resctrl=local.cache.info.describe())
+        for name in local.remove_stale_cache_groups():
             log.info("stale resctrl group removed", instance=name)
+    try:
+        await _run_host(config, local, stop, task_status)
+    finally:
+        local.close()  # the host's cgroup group, now that its instances are reclaimed
+
+
+def multikernel_platform(config: HostConfig) -> MultikernelPlatform:
+    """The multikernel platform of `config`: the kernel at `kernfs`, booting `boot`, its
+    instances' agents reached over AF_VSOCK (docs/platform.md, "multikernel")."""
+    if config.boot is None:
+        raise PlatformError("the multikernel platform boots a kernel: give it one (--kernel PATH)")
+    kernel = SysfsKernel(config.kernfs)
+    KernelSteps(kernel).check_mounted()
+    return MultikernelPlatform(kernel, config.boot, connector=VsockConnector())
+
+
+async def _run_host(
+    config: HostConfig,
+    platform: Platform,
+    stop: anyio.Event | None,
+    task_status: anyio.abc.TaskStatus[Hub],
+) -> None:
     resource = config.resource_config()
     recovered: Recovered | None = None
+    instance_of: Callable[[int], int] = getattr(platform, "instance_of", lambda pid: 0)
     try:
         # Before the hub listens: an agent re-attaching by path must be known when it asks.
         recovered = await recover(platform, config.state_dir)
@@ -221,7 +261,7 @@ async def run_host(
             config.socket,
             policy=config.policy(),
             socket_access=config.socket_access,
-            instance_of=platform.instance_of,
+            instance_of=instance_of,
         )
         async with anyio.create_task_group() as tg:
             await tg.start(hub.serve)
@@ -238,13 +278,12 @@ async def run_host(
     finally:
         if recovered is not None:
             recovered.store.close()  # the actor closes it when it ran; idempotent
-        platform.close()  # the host's cgroup group, now that its instances are reclaimed
 
 
 async def _run_lifecycle(
     config: HostConfig,
     hub: Hub,
-    platform: LocalPlatform,
+    platform: Platform,
     recovered: Recovered,
     stop: anyio.Event | None,
     task_status: anyio.abc.TaskStatus[Hub],
@@ -284,7 +323,8 @@ async def _run_lifecycle(
                 socket=str(config.socket),
                 pid=os.getpid(),
                 state_dir=str(config.state_dir),
-                cgroups=[str(p) for p in platform.cgroup_parents],
+                platform=platform.name,
+                cgroups=[str(p) for p in getattr(platform, "cgroup_parents", [])],
             )
             task_status.started(hub)
             await _until_stopped(stop)

@@ -59,9 +59,16 @@ class ResourceConfig(msgspec.Struct, frozen=True, kw_only=True):
     elastic_max_cpus: int = 0
     elastic_max_memory: int = 0
     rebalance: str = ""  # "": none; "pressure"; or package.module:attribute
+    kernfs: str = ""  # the multikernel file system, on the multikernel platform ("": local)
 
     def host_side(self) -> HostSide:
-        """The host's end of grants: the instances' cgroups, on the real machine only."""
+        """The host's end of grants: the instances' cgroups, on the real machine only; on the
+        multikernel platform, the kernel's overlays."""
+        if self.kernfs:
+            from multikernel.services._mk_kernel import SysfsKernel
+            from multikernel.services._mk_steps import KernelSteps, MultikernelHostSide
+
+            return MultikernelHostSide(KernelSteps(SysfsKernel(Path(self.kernfs))))
         if self.sysfs_root != "/":
             return NoHostSide()
         # The host's own platform's cgroups: same isolation, same group.

@@ -19,7 +19,8 @@ from multikernel.endpoints import runtime
 from multikernel.endpoints.log import configure, get_logger
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import MultikernelError, parse_cpus, parse_size
-from multikernel.services._host import HostConfig, run_host
+from multikernel.services._host import HostConfig, multikernel_platform, run_host
+from multikernel.services._mk_steps import BootImage
 from multikernel.services._rebalance import load_rebalancer
 
 log = get_logger("multikernel.host")
@@ -124,6 +125,22 @@ def parser() -> argparse.ArgumentParser:
         "with --socket-group lets that group connect; docs/security.md)",
     )
     p.add_argument("--socket-group", default=None, help="control socket group (a name or a gid)")
+    p.add_argument(
+        "--platform",
+        choices=("local", "multikernel"),
+        default="local",
+        help="what runs instances: process trees here (local), or kernels of their own on a "
+        "multikernel kernel (docs/platform.md)",
+    )
+    p.add_argument(
+        "--kernfs",
+        type=Path,
+        default=Path("/sys/fs/multikernel"),
+        help="the multikernel file system (--platform multikernel)",
+    )
+    p.add_argument("--kernel", type=Path, default=None, help="the kernel instances boot (vmlinux)")
+    p.add_argument("--initrd", type=Path, default=None, help="their initrd (with our init)")
+    p.add_argument("--cmdline", default="", help="their kernel command line")
     p.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     return p
 
@@ -158,6 +175,9 @@ def config_from(args: argparse.Namespace) -> HostConfig:
         memory_bandwidth=args.memory_bandwidth,
         metrics="" if args.metrics == "off" else args.metrics,
         socket_access=SocketAccess.parse(args.socket_mode, args.socket_group),
+        platform=args.platform,
+        kernfs=args.kernfs,
+        boot=None if args.kernel is None else BootImage(args.kernel, args.initrd, args.cmdline),
     )
 
 
@@ -195,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     runtime.raise_fd_limit()
     try:
         config = config_from(args)
+        if config.platform == "multikernel":
+            multikernel_platform(config)  # no kernel there: say so in one line, before anything
         runtime.run(_serve, config, args.ready_fd, args.pid_file)
     except (MultikernelError, OSError, RuntimeError, ValueError) as exc:
         print(f"host: {exc}", file=sys.stderr)

@@ -44,6 +44,18 @@ never answer (`hang`), to test what the resource actor does then::
         await agent.serve(ep)
         ...
         assert agent.transactions[-1].ops == (CpuAdd(3, cpu_id=2),)
+
+`FakeMultikernel` is the multikernel kernel's side (its file system under `/sys/fs/multikernel`,
+`kexec_file_load` and `reboot`, every call recorded) in a directory of your choice, acting like
+the kernel: overlay transactions, rollback, the instance states, and the kernel's refusals. Hand
+it to a `MultikernelPlatform`; with `boot=boot_init(UnixVsock(dir))` a booted instance runs our
+in-instance init as a local process, reached through `UnixVsock`, the stand-in for AF_VSOCK::
+
+    vsock = UnixVsock(short_dir)
+    with FakeMultikernel(tmp_path, cpus={1, 2, 3}, boot=boot_init(vsock)) as kernel:
+        async with MultikernelPlatform(kernel, BootImage(vmlinux), connector=vsock) as mk:
+            ...
+            kernel.panic("web")  # the instance's kernel goes down: `loaded` again
 """
 
 from __future__ import annotations
@@ -57,9 +69,11 @@ import anyio
 from multikernel.endpoints import Bus
 from multikernel.protocol import ResourceTransaction, ResourceTransactionAck
 from multikernel.services._agent_resources import InstanceResources, refused
+from multikernel.services._mk_fake import FakeMultikernel, boot_init
+from multikernel.services._mk_vsock import UnixVsock
 from multikernel.services._resctrl_fake import FakeResctrl
 
-__all__ = ["FakeAgent", "FakeResctrl", "FakeSysfs"]
+__all__ = ["FakeAgent", "FakeMultikernel", "FakeResctrl", "FakeSysfs", "UnixVsock", "boot_init"]
 
 
 def _cpu_list(cpus: list[int]) -> str:

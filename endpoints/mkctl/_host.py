@@ -20,7 +20,12 @@ import click
 
 from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints.mkctl._client import with_bus
-from multikernel.endpoints.mkctl._errors import EXIT_NOT_FOUND, EXIT_REFUSED, CommandError
+from multikernel.endpoints.mkctl._errors import (
+    EXIT_NOT_FOUND,
+    EXIT_REFUSED,
+    CommandError,
+    UsageError,
+)
 from multikernel.endpoints.mkctl._output import Verbs, emit, output_options, settings, warn
 from multikernel.endpoints.mkctl._show import instance_table
 from multikernel.protocol import InstanceList, ShowInstances, parse_cpus, parse_size
@@ -156,6 +161,32 @@ def _checked(parse: Callable[[str], object]) -> Callable[..., str | None]:
     metavar="[POLICY]",
     help="Resize grants by the instances' load: pressure (alone: the default) or module:attr.",
 )
+@click.option(
+    "--platform",
+    type=click.Choice(["local", "multikernel"]),
+    default="local",
+    show_default=True,
+    help="What runs instances: process trees here, or kernels of their own (docs/platform.md).",
+)
+@click.option(
+    "--kernfs",
+    type=click.Path(),
+    default=None,
+    help="The multikernel file system (default /sys/fs/multikernel).",
+)
+@click.option(
+    "--kernel",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The kernel instances boot, on the multikernel platform (vmlinux or bzImage).",
+)
+@click.option(
+    "--initrd",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Their initrd, with multikernel's init (multikernel platform).",
+)
+@click.option("--cmdline", default=None, help="Their kernel command line (multikernel platform).")
 def up(
     foreground: bool,
     policy: str | None,
@@ -176,8 +207,19 @@ def up(
     elastic_max_cpus: int | None,
     elastic_max_memory: str | None,
     rebalance: str | None,
+    platform: str,
+    kernfs: str | None,
+    kernel: str | None,
+    initrd: str | None,
+    cmdline: str | None,
 ) -> int:
     """Start the host (in the background unless --foreground)."""
+    if platform == "multikernel" and kernel is None:
+        raise UsageError("--platform multikernel boots a kernel: give it with --kernel PATH")
+    if platform == "local" and (kernfs or kernel or initrd or cmdline):
+        raise UsageError(
+            "--kernfs, --kernel, --initrd and --cmdline are for --platform multikernel"
+        )
     options = settings()
     state, socket = options.state_path(), options.socket_path()
     pidfile = state / "host.pid"
@@ -206,6 +248,11 @@ def up(
         ("--elastic-max-cpus", None if elastic_max_cpus is None else str(elastic_max_cpus)),
         ("--elastic-max-memory", elastic_max_memory),
         ("--rebalance", rebalance),
+        ("--platform", platform if platform != "local" else None),
+        ("--kernfs", kernfs),
+        ("--kernel", kernel),
+        ("--initrd", initrd),
+        ("--cmdline", cmdline),
     ):
         if value is not None:
             command += [flag, value]

@@ -1,0 +1,363 @@
+"""The multikernel platform: an instance is a Linux kernel of its own on reserved CPUs and memory.
+
+Every step is one of the kernel's own (`_mk_steps.KernelSteps`; docs/platform.md,
+"multikernel"), through the one seam `MultikernelKernel` (`_mk_kernel`: the real kernel, or
+`_mk_fake` in tests):
+
+- `launch`: an instance-create overlay (`ready`), `kexec_file_load` (`loaded`),
+  `reboot(MULTIKERNEL)` (`active`): kerf's create, load and start;
+- `update`: a cpu/memory add/remove overlay under `/instances/<name>`: kerf's update;
+- `kill`: `reboot(MULTIKERNEL_HALT_FORCE)` (`loaded`; `signal(SIGTERM)` halts): kerf's kill;
+- `reclaim`: `kexec_file_load(KEXEC_FILE_UNLOAD)` (`ready`), then `rmdir tx_<N>` of each of its
+  transactions, newest first (gone): kerf's unload and delete.
+
+`launch` is create + load + boot, then the host opens vsock streams to the instance's init
+(`_mk_init`) and hands it the agent's command line and the fds it would have inherited, each as a
+stream: its hub session carried by a bridge at each end (`_mk_session`), other sockets and its
+output pipe relayed as bytes (`_mk_vsock`). A refusal at any step undoes the steps before it.
+The instance's `status` file is polled: when it leaves `active` (halted, or a panic that put it
+back to `loaded`) the launch has ended, `wait` answers, and the lifecycle's watcher and the
+fault actor see a crashed instance as on any platform. Every transaction an instance made is
+rolled back by `reclaim`, so the pool is as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import socket
+import stat
+from functools import partial
+from typing import Final, Self
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+
+from multikernel.endpoints.log import get_logger
+from multikernel.services._mk_kernel import (
+    MAX_INSTANCE_ID,
+    REBOOT_CMD_BOOT,
+    REBOOT_CMD_HALT,
+    REBOOT_CMD_HALT_FORCE,
+    MultikernelKernel,
+)
+from multikernel.services._mk_session import OpenStream, host_bridge, send_line
+from multikernel.services._mk_steps import BootImage, KernelSteps
+from multikernel.services._mk_vsock import AGENT_PORT, Connector, relay
+from multikernel.services._namespaces import namespace_ids
+from multikernel.services._platform import (
+    Capabilities,
+    InstanceProcess,
+    InvalidSpecError,
+    IsolationReport,
+    LaunchError,
+    LaunchSpec,
+    NamespaceIds,
+    PlatformError,
+    Resources,
+)
+
+log = get_logger("multikernel.services.multikernel")
+
+#: The status `wait` answers for an instance whose kernel went down by itself (a panic) before
+#: its init could report the agent's exit.
+KERNEL_DOWN: Final = 1
+
+
+class MultikernelInstance(InstanceProcess):
+    """A launch on the multikernel platform: the instance's transactions and streams."""
+
+    def __init__(self, platform: MultikernelPlatform, spec: LaunchSpec) -> None:
+        super().__init__(platform, spec, pid=0)  # no host pid: it runs on a kernel of its own
+        self.transactions: list[int] = []
+        self.control: socket.socket | None = None
+        self.streams: list[tuple[int, socket.socket]] = []  # (host fd, vsock), both ours
+        self.ended = anyio.Event()
+        self.relays = anyio.CancelScope()
+        self.relaying = False  # its relay task was started (and closes the streams when done)
+        self.relayed = anyio.Event()
+        self.forced = False
+        self.reclaimed = False
+
+
+class MultikernelPlatform:
+    """Instances as kernels of their own (see the module docstring). `async with` it: its task
+    group holds each instance's relays and watcher."""
+
+    name = "multikernel"
+
+    def __init__(
+        self,
+        kernel: MultikernelKernel,
+        image: BootImage,
+        *,
+        connector: Connector,
+        poll: float = 0.02,
+        boot_timeout: float = 30.0,
+    ) -> None:
+        self.kernel = kernel
+        self.steps = KernelSteps(kernel, image)
+        self.connector = connector
+        self.poll = poll
+        self.boot_timeout = boot_timeout
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._running: dict[str, MultikernelInstance] = {}
+
+    async def __aenter__(self) -> Self:
+        self._tg = await anyio.create_task_group().__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._tg is not None
+        with anyio.CancelScope(shield=True):
+            for inst in list(self._running.values()):
+                with contextlib.suppress(PlatformError):
+                    await self.reclaim(inst)
+        self._tg.cancel_scope.cancel()
+        await self._tg.__aexit__(None, None, None)
+        self._tg = None
+
+    def capabilities(self) -> Capabilities:
+        # A kernel of its own on CPUs and memory no other kernel uses: more than any namespace.
+        return Capabilities(namespaces=True, cpuset=True, memory_limit=True, affinity=True)
+
+    def check(self, spec: LaunchSpec) -> None:
+        if not 1 <= spec.instance_id <= MAX_INSTANCE_ID:
+            raise InvalidSpecError(
+                f"instance id {spec.instance_id}: the kernel takes 1 to {MAX_INSTANCE_ID}"
+            )
+        if spec.slot:
+            raise InvalidSpecError("a multikernel instance has one kernel: no standby slots")
+        if spec.name in self._running:
+            raise LaunchError(f"instance {spec.name!r} is running: kill and reclaim it first")
+
+    async def launch(self, spec: LaunchSpec) -> MultikernelInstance:
+        if self._tg is None:
+            raise RuntimeError("use the multikernel platform inside `async with`")
+        self.check(spec)
+        inst = MultikernelInstance(self, spec)
+        self._running[spec.name] = inst
+        try:
+            inst.transactions.append(
+                await self.steps.create(spec.name, spec.instance_id, spec.resources)
+            )
+            await self.steps.load(spec.name, spec.instance_id)
+            self.steps.reboot(f"cannot boot {spec.name!r}", REBOOT_CMD_BOOT, spec.instance_id)
+            await self._attach(inst)
+        except BaseException as error:
+            with anyio.CancelScope(shield=True):
+                await self._undo(inst)
+            if isinstance(error, PlatformError) and not isinstance(error, LaunchError):
+                raise LaunchError(str(error)) from error
+            raise
+        self._tg.start_soon(self._watch, inst)
+        return inst
+
+    async def _attach(self, inst: MultikernelInstance) -> None:
+        """Open the instance's launch stream and one per fd its agent gets; start the relays."""
+        spec = inst.spec
+        bus = spec.env.get("MULTIKERNEL_BUS_FD", "")
+        modes = {str(fd): "session" if str(fd) == bus else _mode(fd) for fd in spec.pass_fds}
+        with anyio.move_on_after(self.boot_timeout) as scope:
+            inst.control = await self._connect(inst)
+        if scope.cancelled_caught or inst.control is None:
+            raise LaunchError(
+                f"instance {spec.name!r} booted but its init did not answer on vsock port "
+                f"{AGENT_PORT} within {self.boot_timeout:g} s "
+                f"(status {self.steps.status(spec.name)})"
+            )
+        launch = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": spec.cwd, "fds": modes}
+        await send_line(inst.control, launch)
+        for fd, mode in modes.items():
+            if mode == "hold":
+                continue
+            stream = await self.connector.connect(spec.instance_id, AGENT_PORT)
+            host = os.dup(int(fd))
+            inst.streams.append((host, stream))  # closed by the relay, or by `_undo`
+            os.set_blocking(host, False)
+            await send_line(stream, {"fd": int(fd)})
+        assert self._tg is not None
+        inst.relaying = True
+        self._tg.start_soon(self._relay, inst, [m for m in modes.values() if m != "hold"])
+
+    async def _connect(self, inst: MultikernelInstance) -> socket.socket | None:
+        """Connect to the init once it listens (refused, or reset as AF_VSOCK answers when
+        nothing listens yet: try again); None if the instance went down first."""
+        while self.steps.status(inst.name) == "active":
+            try:
+                return await self.connector.connect(inst.instance_id, AGENT_PORT)
+            except (ConnectionRefusedError, ConnectionResetError, FileNotFoundError):
+                await anyio.sleep(self.poll)
+        return None
+
+    async def _relay(self, inst: MultikernelInstance, modes: list[str]) -> None:
+        """Relay each stream until it ends or the launch does; then close them all, so the
+        hub sees the agent's bus socket end as it would see a local agent's."""
+        try:
+            with inst.relays:
+                async with anyio.create_task_group() as tg:
+                    for (host, stream), mode in zip(inst.streams, modes, strict=True):
+                        stream.setblocking(False)
+                        if mode == "session":
+                            opener = partial(self.connector.connect, inst.instance_id, AGENT_PORT)
+                            tg.start_soon(_session, host, stream, opener)
+                        else:
+                            both = mode == "rw"
+                            tg.start_soon(partial(relay, host, stream.fileno(), both_ways=both))
+                await inst.ended.wait()
+        finally:
+            _close_streams(inst)
+            inst.relayed.set()
+
+    async def _watch(self, inst: MultikernelInstance) -> None:
+        """Poll the kernel's status until the instance leaves `active`; then it has ended."""
+        # The status file is all the kernel offers (it sends no kernfs notification): poll it.
+        while self.steps.status(inst.name) == "active":  # noqa: ASYNC110
+            await anyio.sleep(self.poll)
+        status = _reported_exit(inst.control)
+        if status is None:
+            status = -signal.SIGKILL if inst.forced else KERNEL_DOWN
+            if not inst.forced:
+                log.warning(
+                    "instance kernel went down",
+                    instance=inst.name,
+                    status=self.steps.status(inst.name),
+                )
+        if inst.returncode is None:
+            inst.returncode = status
+        inst.relays.cancel()
+        inst.ended.set()
+
+    async def update(self, proc: InstanceProcess, resources: Resources) -> None:
+        """A cpu/memory overlay for the instance (`KernelSteps.grant`), undone at reclaim."""
+        inst = self._own(proc)
+        tx = await self.steps.grant(inst.name, resources)
+        if tx is not None:
+            inst.transactions.append(tx)
+        inst.resources = resources
+
+    async def wait(self, proc: InstanceProcess) -> int:
+        inst = self._mine(proc)
+        await inst.ended.wait()
+        assert inst.returncode is not None
+        return inst.returncode
+
+    def signal(self, proc: InstanceProcess, signum: int) -> None:
+        """SIGKILL force-halts the instance, SIGTERM halts it; a kernel takes no other signal."""
+        inst = self._own(proc)
+        if inst.ended.is_set():
+            return
+        if signum == signal.SIGKILL:
+            inst.forced = True
+        if signum in (signal.SIGKILL, signal.SIGTERM):
+            cmd = REBOOT_CMD_HALT_FORCE if signum == signal.SIGKILL else REBOOT_CMD_HALT
+            with contextlib.suppress(PlatformError):  # it went down meanwhile
+                self.steps.reboot(f"cannot halt {inst.name!r}", cmd, inst.instance_id)
+
+    async def kill(self, proc: InstanceProcess) -> None:
+        inst = self._mine(proc)
+        if inst.reclaimed:
+            return
+        self.signal(inst, signal.SIGKILL)
+        await inst.ended.wait()
+
+    async def reclaim(self, proc: InstanceProcess) -> None:
+        """Halt what is left, unload its kernel, undo every transaction it made; idempotent."""
+        inst = self._mine(proc)
+        if inst.reclaimed:
+            return
+        await self.kill(inst)
+        await self._undo(inst)
+
+    async def _undo(self, inst: MultikernelInstance) -> None:
+        if self.steps.status(inst.name) == "active":
+            inst.forced = True
+            self.steps.reboot(f"cannot halt {inst.name!r}", REBOOT_CMD_HALT_FORCE, inst.instance_id)
+        if self.steps.status(inst.name) == "loaded":
+            await self.steps.unload(inst.name, inst.instance_id)
+        inst.relays.cancel()
+        if inst.relaying:
+            await inst.relayed.wait()
+        _close_streams(inst)
+        # Newest first: grants (ours, or the resource actor's through its host side), then the
+        # instance-create, which removes the instance.
+        made = set(inst.transactions)
+        if made:  # the instance is ours (a refused create leaves another's alone)
+            made |= set(self.steps.grants_of(inst.name))
+        for tx in sorted(made, reverse=True):
+            await self.steps.rollback(tx)
+        inst.transactions.clear()
+        if inst.control is not None:
+            inst.control.close()
+        inst.reclaimed = True
+        if inst.returncode is None:
+            inst.returncode = -signal.SIGKILL
+        inst.ended.set()
+        if self._running.get(inst.name) is inst:
+            del self._running[inst.name]
+
+    def inspect(self, proc: InstanceProcess) -> IsolationReport:
+        inst = self._own(proc)
+        cpus, regions = self.steps.held(inst.name)
+        return IsolationReport(
+            pid=0,
+            namespace_pid=1,
+            affinity=cpus,
+            namespaces=NamespaceIds(0, 0, 0),  # another kernel: none of ours
+            host_namespaces=NamespaceIds(*namespace_ids("self")),
+            cpuset_cpus=cpus,
+            memory_limit=sum(size for _, size in regions),
+        )
+
+    def _mine(self, proc: InstanceProcess) -> MultikernelInstance:
+        if isinstance(proc, MultikernelInstance) and proc.platform is self:
+            return proc
+        raise TypeError(f"{proc!r} was not launched by this platform")
+
+    def _own(self, proc: InstanceProcess) -> MultikernelInstance:
+        inst = self._mine(proc)
+        if inst.reclaimed:
+            raise anyio.ClosedResourceError(f"instance {proc.name!r} has been reclaimed")
+        return inst
+
+
+async def _session(host: int, stream: socket.socket, open_stream: OpenStream) -> None:
+    with socket.socket(fileno=os.dup(host)) as hub:
+        await host_bridge(hub, stream, open_stream)
+
+
+def _close_streams(inst: MultikernelInstance) -> None:
+    for host, stream in inst.streams:
+        os.close(host)
+        stream.close()
+    inst.streams.clear()
+
+
+def _mode(fd: int) -> str:
+    """How an fd the agent gets crosses to its kernel: `rw` (a socket: relayed both ways), `w`
+    (a pipe it writes: relayed to here), `hold` (anything else: a pipe of its own there)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISSOCK(mode):
+        return "rw"
+    if stat.S_ISFIFO(mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+        return "w"
+    return "hold"
+
+
+def _reported_exit(control: socket.socket | None) -> int | None:
+    """The agent's exit status, if the instance's init wrote `exit <status>` before it ended."""
+    if control is None:
+        return None
+    try:
+        control.setblocking(False)
+        data = control.recv(64)
+    except OSError:
+        return None
+    text = data.decode(errors="replace").strip()
+    if text.startswith("exit "):
+        with contextlib.suppress(ValueError):
+            return int(text[5:])
+    return None

@@ -1,0 +1,187 @@
+"""The lifecycle, resource and fault actors on the multikernel platform, against the fake kernel.
+
+The same actors as on the local platform, in this process: the hub, the resource actor (on this
+machine's pool, with no host side: the kernel's overlays are the platform's), the lifecycle actor
+with a `MultikernelPlatform` over a `FakeMultikernel`, and the fault actor. Each instance is a
+fake kernel whose userspace is our real agent, reached over the vsock stand-in; a panic the
+kernel reports (the instance back to `loaded`) is a crash the fault actor restarts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import textwrap
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+
+from multikernel.bus import Hub, Policy
+from multikernel.endpoints import Endpoint, connect
+from multikernel.protocol import (
+    CreateInstance,
+    DeleteInstance,
+    InstanceInfo,
+    InstanceStateChanged,
+    KillInstance,
+    LoadImage,
+    RefusedError,
+    StartInstance,
+    UpdateInstance,
+)
+from multikernel.services import _mk_dt as dt
+from multikernel.services._fault import FaultActor
+from multikernel.services._fault_store import FaultStore
+from multikernel.services._fault_watch import DetectionConfig
+from multikernel.services._host import host_rule
+from multikernel.services._image import sign_image
+from multikernel.services._lifecycle import LifecycleActor
+from multikernel.services._local_probe import online_cpus
+from multikernel.services._mk_fake import FakeMultikernel, RebootCall, boot_init
+from multikernel.services._mk_kernel import REBOOT_CMD_BOOT
+from multikernel.services._mk_steps import MultikernelHostSide
+from multikernel.services._mk_vsock import UnixVsock
+from multikernel.services._multikernel import BootImage, MultikernelPlatform
+from multikernel.services._pool import discover_pool
+from multikernel.services._resource import ResourceActor
+from multikernel.services._resource_store import ResourceStore
+from multikernel.services._signature import make_signing_key
+
+pytestmark = pytest.mark.anyio
+MB = 1 << 20
+HEARTBEAT = 0.2
+
+
+@pytest.fixture
+def anyio_backend() -> tuple[str, dict[str, object]]:
+    return ("asyncio", {"use_uvloop": True})
+
+
+@dataclass
+class Host:
+    bus: Endpoint
+    kernel: FakeMultikernel
+    image: Path
+
+    async def call(self, method: str, body: object) -> InstanceInfo:
+        info: InstanceInfo = await self.bus.request(
+            "lifecycle", method, body, response=InstanceInfo
+        )
+        return info
+
+    def memory(self, name: str) -> int:
+        tree = dt.parse(self.kernel.read(f"instances/{name}/device_tree"))
+        resources = tree.child("resources")
+        assert resources is not None
+        return sum(c.reg()[1] for c in resources.children if c.name.startswith("memory@"))
+
+    def status(self, name: str) -> str:
+        try:
+            return self.kernel.read(f"instances/{name}/status").decode().strip()
+        except FileNotFoundError:
+            return "absent"
+
+
+@pytest.fixture
+async def host(tmp_path: Path) -> AsyncIterator[Host]:
+    key, cert = make_signing_key("multikernel tests", algorithm="ec-p256")
+    image = tmp_path / "image"
+    image.mkdir()
+    (image / "manifest.toml").write_text(
+        'name = "sleeper"\nversion = "1"\nentry = ["{python}", "main.py"]\n'
+    )
+    (image / "main.py").write_text(textwrap.dedent("import time\ntime.sleep(300)\n"))
+    sign_image(image, key, cert)
+    (tmp_path / "vmlinux").write_bytes(b"\x7fELF" + bytes(60))
+    vsock = UnixVsock(Path(tempfile.mkdtemp(prefix="mkvs-")))
+    state = tmp_path / "state"
+    hub = Hub(tmp_path / "bus.sock", policy=Policy.from_toml(host_rule(os.getuid())))
+    kernel = FakeMultikernel(
+        tmp_path / "machine",
+        cpus=online_cpus(),
+        memory=[(1 << 32, 384 * MB)],
+        boot=boot_init(vsock),
+    )
+    platform = MultikernelPlatform(
+        kernel, BootImage(tmp_path / "vmlinux"), connector=vsock, poll=0.01
+    )
+    resources = ResourceStore(state / "resource.db")
+    faults = FaultStore(state / "fault.db")
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(hub.serve)
+            async with (
+                platform,
+                connect(hub.path, name="resource") as resource_ep,
+                connect(hub.path, name="lifecycle") as lifecycle_ep,
+                connect(hub.path, name="fault") as fault_ep,
+                connect(hub.path, name="test") as bus,
+                anyio.create_task_group() as actors,
+            ):
+                grants = MultikernelHostSide(platform.steps)  # a running instance's: overlays
+                resource = ResourceActor(resource_ep, discover_pool(), resources, host=grants)
+                await actors.start(resource.run)
+                lifecycle = LifecycleActor(
+                    lifecycle_ep, platform, open_instance_socket=hub.open_instance_socket,
+                    state_dir=state, trusted_certs=[cert], hello_timeout=20, heartbeat=HEARTBEAT,
+                )  # fmt: skip
+                await actors.start(lifecycle.run)
+                fault = FaultActor(fault_ep, faults, detection=DetectionConfig(period=HEARTBEAT))
+                await actors.start(fault.run)
+                yield Host(bus, kernel, image)
+                actors.cancel_scope.cancel()
+            tg.cancel_scope.cancel()
+    finally:
+        kernel.close()
+        resources.close()
+        faults.close()
+        shutil.rmtree(vsock.directory, ignore_errors=True)
+
+
+async def next_state(states, new: str) -> InstanceStateChanged:  # type: ignore[no-untyped-def]
+    async for message in states:
+        change = message.decode(InstanceStateChanged)
+        if change.new == new:
+            return change
+    raise AssertionError("the subscription ended")
+
+
+@pytest.mark.timeout(90)
+async def test_an_instance_kernel_runs_our_agent_and_a_panic_is_restarted(host: Host) -> None:
+    with anyio.fail_after(60):
+        async with await host.bus.subscribe("mk.instance.*.state") as states:
+            await host.call("create", CreateInstance("web", cpu_count=1, memory=128 * MB))
+            await host.call("load", LoadImage("web", str(host.image)))
+            info = await host.call("start", StartInstance("web"))
+            assert info.state == "active"
+            assert host.status("web") == "active"
+            await next_state(states, "active")
+
+            host.kernel.panic("web")  # the instance's kernel goes down: `loaded` again
+            crashed = await next_state(states, "loaded")
+            assert crashed.cause == "crashed"
+            await next_state(states, "active")  # the fault actor restarted it
+            assert host.status("web") == "active"
+            boots = [c for c in host.kernel.calls if c == RebootCall(REBOOT_CMD_BOOT, info.id)]
+            assert len(boots) == 2
+
+            # A grant to the running instance reaches its kernel as an overlay.
+            grown = await host.call("update", UpdateInstance("web", memory=256 * MB))
+            assert grown.memory == 256 * MB
+            assert host.memory("web") == 256 * MB
+            with pytest.raises(RefusedError) as refused:  # more than the kernel's pool has free
+                await host.call("update", UpdateInstance("web", memory=512 * MB))
+            assert str(refused.value).startswith(
+                "'web' did not get its new grant: the host could not apply it: the pool has no "
+                "268435456 free bytes in one range (kerf show); nothing changed"
+            )
+            assert host.memory("web") == 256 * MB  # the grant was rolled back
+
+            assert (await host.call("kill", KillInstance("web"))).state == "loaded"
+            assert host.status("web") == "absent"  # reclaimed: every transaction undone
+            await host.call("delete", DeleteInstance("web"))
+    assert [d for d in host.kernel.listdir("overlays") if d.startswith("tx_")] == []
