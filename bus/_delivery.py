@@ -29,8 +29,8 @@ class Receiver(Protocol):
     @property
     def session(self) -> _Subscriber: ...
 
-    within: Decision
-    across: Decision
+    within: bool
+    across: bool
 
 
 def subscribe_decisions(
@@ -92,9 +92,9 @@ def route(
         nonlocal denied
         record = receivers[key]
         if record.session.identity.instance == instance:
-            ok = bool(within) and bool(record.within)
+            ok = bool(within) and record.within
         else:
-            ok = bool(across) and bool(record.across)
+            ok = bool(across) and record.across
         denied += not ok
         return ok
 

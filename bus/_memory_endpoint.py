@@ -21,6 +21,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
+from multikernel.bus._compact import compacted
 from multikernel.bus._memory_link import REPLY_BUFFER, Call, Link
 from multikernel.bus._policy import Identity
 from multikernel.endpoints import (
@@ -67,6 +68,7 @@ class MemoryEndpoint:
         self.async_errors = 0
         self._bus = bus
         self._subs: dict[int, Subscription] = {}
+        self._subs_peak = 0  # its largest size since rebuilt (compacted)
         self._next_sid = 1
         self._services: dict[str, Service] = {}
         self._links: dict[str, Link] = {}  # client side: the current channel to each name
@@ -117,10 +119,12 @@ class MemoryEndpoint:
             sub.discard()
             raise
         self._subs[sid] = sub
+        self._subs_peak = max(self._subs_peak, len(self._subs))
         return sub
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         if self._subs.pop(sub.sid, None) is not None:
+            self._subs, self._subs_peak = compacted(self._subs, self._subs_peak)
             self._bus._unsubscribe(self.id, sub.sid)
 
     # -- requests -----------------------------------------------------------------------------

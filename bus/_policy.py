@@ -38,6 +38,10 @@ from multikernel.protocol import validate_pattern, validate_subject
 
 #: Decisions kept per policy before the cache starts over (it never grows without bound).
 CACHE_LIMIT: Final = 1 << 16
+#: Subscribe decisions have a smaller cache of their own: a pattern is asked about once per
+#: subscription and the hub keeps the answer with it, so a cache as large as the other would only
+#: hold ~300 bytes per subscription (a denial's reason names the pattern) for nothing.
+SUBSCRIBE_CACHE_LIMIT: Final = 1 << 10
 
 _VERB: Final = {"publish": "publish", "subscribe": "subscribe to", "call": "call", "own": "own"}
 
@@ -91,6 +95,7 @@ class Policy:
             key: BUILTIN_HOST_ONLY[key] + parsed.host_only[key] for key in HOST_ONLY_KEYS
         }
         self._cache: dict[_Key, Decision] = {}
+        self._subscribe_cache: dict[_Key, Decision] = {}
 
     @classmethod
     def default(cls) -> Policy:
@@ -174,12 +179,14 @@ class Policy:
 
     def _decide(self, action: Action, who: Identity, thing: str, within: bool) -> Decision:
         key = (action, who.instance, who.uid, who.names, thing, within)
-        decision = self._cache.get(key)
+        subscribing = action == "subscribe"
+        cache = self._subscribe_cache if subscribing else self._cache
+        decision = cache.get(key)
         if decision is None:
             decision = self._evaluate(action, who, thing, within)
-            if len(self._cache) >= CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = decision
+            if len(cache) >= (SUBSCRIBE_CACHE_LIMIT if subscribing else CACHE_LIMIT):
+                cache.clear()
+            cache[key] = decision
         return decision
 
     def _evaluate(self, action: Action, who: Identity, thing: str, within: bool) -> Decision:

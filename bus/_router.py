@@ -51,6 +51,7 @@ from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Generic, NamedTuple, TypeVar, cast
 
+from multikernel.bus._compact import compacted
 from multikernel.protocol import InvalidSubjectError, validate_pattern, validate_subject
 
 K = TypeVar("K", bound=Hashable)
@@ -58,8 +59,6 @@ K = TypeVar("K", bound=Hashable)
 DEFAULT_CACHE_SIZE: Final = 4096
 #: A holder keeps up to this many plain keys in a list (removal O(n)), more in a dict.
 LIST_MAX: Final = 16
-#: A dict is rebuilt once it has shrunk to a quarter of its peak, if that peak was at least this.
-SHRINK_FLOOR: Final = 256
 
 
 @dataclass(frozen=True)
@@ -210,7 +209,7 @@ class SubjectRouter(Generic[K]):
         self._wildcards = 0  # wildcard subscriptions: while none, a match is one dict lookup
         self._literals: dict[str, _Holder[K]] = {}
         self._subs: dict[K, str | _Grouped] = {}
-        self._peaks = {"subs": 0, "literals": 0}  # the dicts' largest sizes since rebuilt
+        self._subs_peak = self._literals_peak = 0  # their largest sizes since last rebuilt
         self._order = itertools.count()
         self._group_sizes: dict[str, int] = {}
         self._turns: dict[str, int] = {}  # picks per group, to seed new cursors
@@ -238,7 +237,7 @@ class SubjectRouter(Generic[K]):
             found = self._literals.get(pattern)
             if found is None:
                 found = self._literals[pattern] = _Holder()
-                self._grew("literals", len(self._literals))
+                self._literals_peak = max(self._literals_peak, len(self._literals))
             holder = found
         if queue_group is None:
             holder.plain = _plain_add(holder.plain, key)
@@ -259,7 +258,7 @@ class SubjectRouter(Generic[K]):
                     holder.cursors[queue_group] = self._turns[queue_group]
             members.append(key)
             self._subs[key] = _Grouped(pattern, queue_group, next(self._order))
-        self._grew("subs", len(self._subs))
+        self._subs_peak = max(self._subs_peak, len(self._subs))
         self._invalidate(pattern, wild)
 
     def unsubscribe(self, key: K) -> bool:
@@ -301,8 +300,8 @@ class SubjectRouter(Generic[K]):
             self._prune(path, tokens)
         elif holder.is_empty():
             del self._literals[pattern]
-            self._literals = self._shrunk("literals", self._literals)
-        self._subs = self._shrunk("subs", self._subs)
+            self._literals, self._literals_peak = compacted(self._literals, self._literals_peak)
+        self._subs, self._subs_peak = compacted(self._subs, self._subs_peak)
         self._invalidate(pattern, wild)
         return True
 
@@ -505,16 +504,3 @@ class SubjectRouter(Generic[K]):
             self._cache.clear()
         elif self._cache:
             self._cache.pop(pattern, None)
-
-    def _grew(self, which: str, size: int) -> None:
-        if size > self._peaks[which]:
-            self._peaks[which] = size
-
-    def _shrunk(self, which: str, table: dict[Any, Any]) -> dict[Any, Any]:
-        """``table``, rebuilt to its size if it shrank to a quarter of its peak (a dict never
-        gives its table back on deletion)."""
-        size = len(table)
-        if self._peaks[which] < SHRINK_FLOOR or size * 4 > self._peaks[which]:
-            return table
-        self._peaks[which] = size
-        return dict(table)

@@ -93,6 +93,7 @@ class Endpoint:
         self._mirror = Mirroring()
         self._clients = ClientChannels(self._link, self._mirror)
         self._subs: dict[int, Subscription] = {}
+        self._subs_peak = 0  # its largest size since rebuilt: see `_unsubscribe`
         self._next_sid = 1
         self._services: dict[str, Service] = {}
         self._monitor: Subscription | None = None
@@ -154,10 +155,18 @@ class Endpoint:
             sub.discard()
             raise
         sub.cross_instance = bool(getattr(ok, "value", 0))
+        self._subs_peak = max(self._subs_peak, len(self._subs))
         return sub
 
     async def _unsubscribe(self, sub: Subscription) -> None:
-        if self._subs.pop(sub.sid, None) is not None and not self._link.closing:
+        if self._subs.pop(sub.sid, None) is None:
+            return
+        if self._subs_peak >= 256 and len(self._subs) * 4 <= self._subs_peak:
+            # A dict never gives back its table: rebuild it at a quarter of its peak, as the
+            # bus does with its own tables (multikernel.bus._compact), so memory comes back.
+            self._subs = dict(self._subs)
+            self._subs_peak = len(self._subs)
+        if not self._link.closing:
             # If the hub is gone, it forgot the subscription with the session.
             with suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
                 await self._link.control(Unsubscribe(sid=sub.sid))

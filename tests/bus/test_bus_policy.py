@@ -280,6 +280,20 @@ def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(default._cache) <= 4
 
 
+def test_subscribe_decisions_have_a_smaller_cache_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hub keeps each subscription's answer itself, so the policy need not keep 64k of
+    them: subscribing to many patterns leaves at most SUBSCRIBE_CACHE_LIMIT behind."""
+    monkeypatch.setattr(_policy, "SUBSCRIBE_CACHE_LIMIT", 4)
+    default = Policy.default()
+    for n in range(10):
+        default.may_subscribe(G2, f"app.{n}.*")
+    assert len(default._subscribe_cache) <= 4
+    assert not default._cache
+    assert default.may_subscribe(G2, "app.9.*") is default.may_subscribe(G2, "app.9.*")
+
+
 def test_invalid_subject_raises_and_is_not_cached() -> None:
     default = Policy.default()
     with pytest.raises(InvalidSubjectError):
