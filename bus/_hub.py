@@ -72,9 +72,12 @@ from multikernel.protocol import (
     ReleaseNames,
     ServiceInfo,
     Subscribe,
+    SubscribedMany,
+    SubscribeMany,
     SwitchNames,
     TooLargeError,
     Unsubscribe,
+    UnsubscribeMany,
     decode_body,
     decode_header,
     encode,
@@ -339,36 +342,25 @@ class Hub:
     ) -> None:
         who = session.identity
         match body:
-            case Subscribe(subject=pattern, queue_group=group, sid=sid):
-                within, across = subscribe_decisions(
-                    self.policy,
-                    who,
-                    pattern,
-                    len(session.subscriptions),
-                    self.limits.max_subscriptions,
-                )
-                key = (session.id, sid)
-                if key in self._subs:
-                    raise ProtocolError(f"subscription id {sid} is already in use on this endpoint")
-                self._router.subscribe(key, pattern, group)
-                record = SubscriptionRecord(
-                    session,
-                    sid,
-                    pattern,
-                    group,
-                    bool(within),
-                    bool(across),
-                    sid.to_bytes(8, "little"),
-                )
-                self._subs[key] = session.subscriptions[sid] = record
-                self._subs_peak = max(self._subs_peak, len(self._subs))
-                session.subscriptions_peak = max(
-                    session.subscriptions_peak, len(session.subscriptions)
-                )
-                self._restricted += not (within and across)
+            case Subscribe():
+                across = self._subscribe(session, body)
                 self._answer_with_batch(session, correlation, _OK_ACROSS if across else _OK)
             case Unsubscribe(sid=sid):
                 self._unsubscribe(session, sid)
+                self._answer_with_batch(session, correlation, _OK)
+            case SubscribeMany(subscriptions=items):
+                made: list[int] = []
+                try:
+                    for item in items:
+                        made.append(int(self._subscribe(session, item)))
+                except MultikernelError:
+                    for item in items[: len(made)]:  # all or none
+                        self._unsubscribe(session, item.sid)
+                    raise
+                self._answer_with_batch(session, correlation, SubscribedMany(bytes(made)))
+            case UnsubscribeMany(sids=sids):
+                for sid in sids:
+                    self._unsubscribe(session, sid)
                 self._answer_with_batch(session, correlation, _OK)
             case NameRequest(name=name, flags=flags):
                 decision = self.policy.may_own(who, name)
@@ -472,6 +464,30 @@ class Hub:
         self._owner_changes(changes)
         for move in moves:
             self._holds.end(move.name, "switched")
+
+    def _subscribe(self, session: Session, item: Subscribe) -> bool:
+        """Make one subscription (or raise why not); whether it may hear other instances."""
+        pattern, sid = item.subject, item.sid
+        within, across = subscribe_decisions(
+            self.policy,
+            session.identity,
+            pattern,
+            len(session.subscriptions),
+            self.limits.max_subscriptions,
+        )
+        key = (session.id, sid)
+        if key in self._subs:
+            raise ProtocolError(f"subscription id {sid} is already in use on this endpoint")
+        self._router.subscribe(key, pattern, item.queue_group)
+        record = SubscriptionRecord(
+            session, sid, pattern, item.queue_group, bool(within), bool(across),
+            sid.to_bytes(8, "little"),
+        )  # fmt: skip
+        self._subs[key] = session.subscriptions[sid] = record
+        self._subs_peak = max(self._subs_peak, len(self._subs))
+        session.subscriptions_peak = max(session.subscriptions_peak, len(session.subscriptions))
+        self._restricted += not (within and across)
+        return bool(across)
 
     def _unsubscribe(self, session: Session, sid: int) -> None:
         record = session.subscriptions.pop(sid, None)
