@@ -55,18 +55,23 @@ DECISION_CACHE_SIZE = 1024
 
 
 def publish_decisions(
-    policy: Policy, cache: dict[str, tuple[Decision, Decision]], who: Identity, subject: str
-) -> tuple[Decision, Decision]:
-    """May `who` publish `subject` within its instance, and across instances (cached)."""
-    decisions = cache.get(subject)
-    if decisions is None:
-        if len(cache) >= DECISION_CACHE_SIZE:
-            cache.clear()  # a cache, not a record: a publisher of endless subjects starts over
-        decisions = cache[subject] = (
-            policy.may_publish(who, subject, within_instance=True),
-            policy.may_publish(who, subject),
-        )
-    return decisions
+    policy: Policy, cache: dict[str, tuple[bool, bool]], who: Identity, subject: str
+) -> tuple[bool, bool]:
+    """May `who` publish `subject` within its instance, and across instances: the answers alone
+    (the reasons are asked for again when a denial is reported, `denial_message`). When no rule
+    could single the subject out (`Policy.publish_verdicts`), nothing is cached per subject, so
+    endless distinct subjects cost no policy work; else cached per subject."""
+    verdicts = cache.get(subject)
+    if verdicts is None:
+        verdicts = policy.publish_verdicts(who, subject)
+        if verdicts is None:
+            if len(cache) >= DECISION_CACHE_SIZE:
+                cache.clear()  # a cache, not a record: a publisher of endless subjects starts over
+            verdicts = cache[subject] = (
+                bool(policy.may_publish(who, subject, within_instance=True)),
+                bool(policy.may_publish(who, subject)),
+            )
+    return verdicts
 
 
 def route(
@@ -74,7 +79,7 @@ def route(
     receivers: Mapping[K, Receiver],
     subject: str,
     instance: int,
-    decisions: tuple[Decision, Decision],
+    decisions: tuple[bool, bool],
     *,
     anyone_restricted: bool = True,
 ) -> tuple[list[K], int]:
@@ -92,9 +97,9 @@ def route(
         nonlocal denied
         record = receivers[key]
         if record.session.identity.instance == instance:
-            ok = bool(within) and record.within
+            ok = within and record.within
         else:
-            ok = bool(across) and record.across
+            ok = across and record.across
         denied += not ok
         return ok
 
@@ -102,7 +107,9 @@ def route(
     return keys, denied
 
 
-def denial_message(subject: str, decisions: tuple[Decision, Decision]) -> str:
+def denial_message(
+    policy: Policy, who: Identity, subject: str, decisions: tuple[bool, bool]
+) -> str:
     """What the publisher is told (once per subject per policy) when some deliveries were denied."""
-    reason = decisions[1].reason if not decisions[1] else "subscribers' rules"
+    reason = policy.may_publish(who, subject).reason if not decisions[1] else "subscribers' rules"
     return f"publication on {subject!r} not delivered to some subscribers: {reason}"

@@ -295,7 +295,9 @@ class Hub:
             self.counters["denied"] += denied
             if subject not in session.denials_reported:  # once per subject per policy
                 session.denials_reported.add(subject)
-                error = AccessDeniedError(denial_message(subject, decisions))
+                error = AccessDeniedError(
+                    denial_message(self.policy, session.identity, subject, decisions)
+                )
                 frame = encode(Kind.ERROR, error_to_body(error), correlation=correlation)
                 session.deliver(frame, droppable=False)
         if self._monitors:

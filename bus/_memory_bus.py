@@ -36,7 +36,7 @@ from multikernel.bus._holds import HOLDS_SUBJECT, check_hold, check_may_hold, ch
 from multikernel.bus._memory_endpoint import MemoryEndpoint
 from multikernel.bus._memory_link import Link
 from multikernel.bus._names import NameRegistry
-from multikernel.bus._policy import Decision, Identity, Policy
+from multikernel.bus._policy import Identity, Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits
 from multikernel.endpoints import Message, Service, Subscription
@@ -85,7 +85,7 @@ class _Session:
     subscriptions: dict[int, _SubscriptionRecord] = field(default_factory=dict)
     subscriptions_peak: int = 0  # its largest size since rebuilt (compacted)
     services: dict[str, ServiceInfo] = field(default_factory=dict)
-    publish_decisions: dict[str, tuple[Decision, Decision]] = field(default_factory=dict)
+    publish_decisions: dict[str, tuple[bool, bool]] = field(default_factory=dict)
     denials_reported: set[str] = field(default_factory=set)
     frames_in: int = 0
     frames_out: int = 0
@@ -271,7 +271,9 @@ class MemoryBus:
             self.counters["denied"] += denied
             if subject not in session.denials_reported:  # once per subject per policy
                 session.denials_reported.add(subject)
-                error = AccessDeniedError(denial_message(subject, decisions))
+                error = AccessDeniedError(
+                    denial_message(self.policy, session.identity, subject, decisions)
+                )
                 session.frames_out += 1
                 session.endpoint._async_error(error_from_body(error_to_body(error)))
         return full

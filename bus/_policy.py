@@ -260,6 +260,19 @@ class Policy:
             default = "cross-instance traffic is denied by default"
         return Decision(False, f"no rule in {self.source} allows {subject} to {what}; {default}")
 
+    def publish_verdicts(self, who: Identity, subject: str) -> tuple[bool, bool] | None:
+        """May ``who`` publish ``subject`` (within its instance, across), when that follows from
+        ``who``'s rules alone, with no work per subject: no rule pattern starts with the
+        subject's first token (the defaults decide), or no deny rule applies and an allow rule
+        grants ``>``. None when the subject must be looked at (``may_publish``). The subject is
+        not validated here: the hub's router does that for every subject it routes."""
+        rules = self._rules_for("publish", who)
+        if rules.firsts is not _EVERY_TOKEN and subject.split(".", 1)[0] not in rules.firsts:
+            return self.same_instance_allowed, False
+        if not rules.deny and any(pattern == ">" for pattern, _ in rules.allow):
+            return True, True
+        return None
+
     def _rules_for(self, action: Action, who: Identity) -> _Rules:
         """The rules that apply to ``who`` for ``action``, expanded and flattened in order, each
         pattern with the decision it gives; cached per identity (a rule set is asked about per

@@ -27,7 +27,7 @@ from typing import Literal
 
 import anyio
 
-from multikernel.bus._policy import Decision, Identity
+from multikernel.bus._policy import Identity
 from multikernel.protocol import HEADER_SIZE, MAX_SUBJECT_BYTES, ServiceInfo
 from multikernel.shm import Channel, PeerDiedError, ShmError, max_payload
 
@@ -119,7 +119,7 @@ class Session:
         self.monitor: str | None = None
         self.draining = False
         self.features = 0  # granted at attach (Welcome.features)
-        self.publish_decisions: dict[str, tuple[Decision, Decision]] = {}
+        self.publish_decisions: dict[str, tuple[bool, bool]] = {}
         self.denials_reported: set[str] = set()
         self.frames_in = self.frames_out = self.dropped = self.denied = 0
         self._pending: deque[bytes] = deque()

@@ -86,6 +86,8 @@ log = get_logger("multikernel.endpoints")
 #: hub makes them in one go (~5-10 us each), so a batch holds it up for a few milliseconds.
 BATCH = 512
 UNSUBSCRIBE_BATCH = 4096  # sids per UnsubscribeMany (~9 bytes each)
+#: Subjects `publish` remembers as valid: a cache, so 1M distinct subjects do not grow the client.
+VALID_SUBJECTS = 4096
 
 
 def _batches(subs: list[Subscription], max_body: int) -> Iterator[list[Subscription]]:
@@ -161,6 +163,8 @@ class Endpoint:
         """Publish `body` (any msgspec-encodable value) on `subject` to every subscriber."""
         if subject not in self._valid_subjects:
             validate_subject(subject)
+            if len(self._valid_subjects) >= VALID_SUBJECTS:
+                self._valid_subjects.clear()  # a publisher of endless subjects starts over
             self._valid_subjects.add(subject)
         await self._link.to_hub(encode(Kind.PUBLISH, body, subject=subject, max_body=self.max_body))
 
