@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Protocol, TypeVar
 
-from multikernel.bus._policy import Decision, Identity, Policy
+from multikernel.bus._policy import Identity, Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.protocol import AccessDeniedError, BusyError, validate_pattern
 
@@ -35,16 +35,17 @@ class Receiver(Protocol):
 
 def subscribe_decisions(
     policy: Policy, who: Identity, pattern: str, held: int, limit: int
-) -> tuple[Decision, Decision]:
-    """May `who` subscribe `pattern` within its instance, and across: refused (AccessDenied)
-    only if neither, since a subscription limited to its own instance is still useful."""
+) -> tuple[bool, bool]:
+    """May `who` subscribe `pattern` within its instance, and across: refused (AccessDenied,
+    with the policy's reason) only if neither, since a subscription limited to its own instance
+    is still useful."""
     validate_pattern(pattern)
     if held >= limit:
         raise BusyError(f"an endpoint may hold {limit} subscriptions")
-    within = policy.may_subscribe(who, pattern, within_instance=True)
-    across = policy.may_subscribe(who, pattern)
+    within, across = policy.subscribe_verdicts(who, pattern)
     if not within and not across:
-        raise AccessDeniedError(f"subscribe to {pattern!r} refused: {across.reason}")
+        reason = policy.may_subscribe(who, pattern).reason
+        raise AccessDeniedError(f"subscribe to {pattern!r} refused: {reason}")
     return within, across
 
 

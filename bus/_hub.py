@@ -199,8 +199,7 @@ class Hub:
             session.denials_reported.clear()
         for record in self._subs.values():
             who = record.session.identity
-            record.within = bool(policy.may_subscribe(who, record.pattern, within_instance=True))
-            record.across = bool(policy.may_subscribe(who, record.pattern))
+            record.within, record.across = policy.subscribe_verdicts(who, record.pattern)
         self._restricted = sum(not (r.within and r.across) for r in self._subs.values())
         self._monitors.recheck(policy)
         self._channels.recheck(policy)

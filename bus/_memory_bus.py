@@ -184,8 +184,7 @@ class MemoryBus:
             session.denials_reported.clear()
         for record in self._subs.values():
             who, pattern = record.session.identity, record.subscription.pattern
-            record.within = bool(policy.may_subscribe(who, pattern, within_instance=True))
-            record.across = bool(policy.may_subscribe(who, pattern))
+            record.within, record.across = policy.subscribe_verdicts(who, pattern)
         for token, link in list(self._links.items()):
             client, server = self._sessions[link.client.id], self._sessions[link.server.id]
             if not policy.may_connect(client.identity, server.identity, link.target):

@@ -273,6 +273,20 @@ class Policy:
             return True, True
         return None
 
+    def subscribe_verdicts(self, who: Identity, pattern: str) -> tuple[bool, bool]:
+        """May ``who`` subscribe ``pattern`` (a valid one) within its instance, and across: the
+        answers alone, as ``may_subscribe`` gives them, from ``who``'s rules when the pattern's
+        first token concerns none of them or an allow rule grants ``>`` with no deny rule, else
+        by evaluating (not cached: the hub keeps the answers with the subscription)."""
+        rules = self._rules_for("subscribe", who)
+        first = pattern.split(".", 1)[0]
+        if rules.firsts is not _EVERY_TOKEN and first not in rules.firsts and first not in _WILD:
+            return self.same_instance_allowed, False
+        if not rules.deny and any(allowed == ">" for allowed, _ in rules.allow):
+            return True, True
+        within = self._evaluate("subscribe", who, pattern, True)
+        return bool(within), bool(self._evaluate("subscribe", who, pattern, False))
+
     def _rules_for(self, action: Action, who: Identity) -> _Rules:
         """The rules that apply to ``who`` for ``action``, expanded and flattened in order, each
         pattern with the decision it gives; cached per identity (a rule set is asked about per

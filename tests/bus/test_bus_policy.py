@@ -477,3 +477,15 @@ def test_skipping_the_rules_for_an_unrelated_first_token_decides_as_walking_them
         "own": lambda p: p.may_own(who, thing),
     }[action]
     assert ask(fast) == ask(slow)
+    if action == "subscribe":  # the hub's answers alone agree with the decisions
+        expected = (
+            bool(slow.may_subscribe(who, thing, within_instance=True)),
+            bool(slow.may_subscribe(who, thing)),
+        )
+        assert fast.subscribe_verdicts(who, thing) == expected
+    if action == "publish" and (verdicts := fast.publish_verdicts(who, thing)) is not None:
+        expected = (
+            bool(slow.may_publish(who, thing, within_instance=True)),
+            bool(slow.may_publish(who, thing)),
+        )
+        assert verdicts == expected
