@@ -86,6 +86,7 @@ class _Rules(NamedTuple):
     held: tuple[str, ...]
     allow: tuple[tuple[str, Decision], ...]
     firsts: frozenset[str]
+    everything: bool  # no deny pattern, and an allow pattern is '>': allowed whatever the thing
 
 
 _WILD: Final = ("*", ">")
@@ -267,10 +268,10 @@ class Policy:
         grants ``>``. None when the subject must be looked at (``may_publish``). The subject is
         not validated here: the hub's router does that for every subject it routes."""
         rules = self._rules_for("publish", who)
+        if rules.everything:
+            return True, True
         if rules.firsts is not _EVERY_TOKEN and subject.split(".", 1)[0] not in rules.firsts:
             return self.same_instance_allowed, False
-        if not rules.deny and any(pattern == ">" for pattern, _ in rules.allow):
-            return True, True
         return None
 
     def subscribe_verdicts(self, who: Identity, pattern: str) -> tuple[bool, bool]:
@@ -280,10 +281,10 @@ class Policy:
         by evaluating (not cached: the hub keeps the answers with the subscription)."""
         rules = self._rules_for("subscribe", who)
         first = pattern.split(".", 1)[0]
+        if rules.everything:
+            return True, True
         if rules.firsts is not _EVERY_TOKEN and first not in rules.firsts and first not in _WILD:
             return self.same_instance_allowed, False
-        if not rules.deny and any(allowed == ">" for allowed, _ in rules.allow):
-            return True, True
         within = self._evaluate("subscribe", who, pattern, True)
         return bool(within), bool(self._evaluate("subscribe", who, pattern, False))
 
@@ -315,7 +316,8 @@ class Policy:
         held = tuple(expand(raw, who.instance) for raw in raws)
         firsts = {p.split(".", 1)[0] for p in (*held, *(p for p, _ in deny + allow))}
         every = bool(firsts & {"*", ">"})
-        return _Rules(deny, held, allow, _EVERY_TOKEN if every else frozenset(firsts))
+        everything = not deny and any(pattern == ">" for pattern, _ in allow)
+        return _Rules(deny, held, allow, _EVERY_TOKEN if every else frozenset(firsts), everything)
 
 
 _SAME_INSTANCE_ALLOWED: Final = Decision(
