@@ -13,8 +13,12 @@ then ``[[rule]]`` allows, then the default denial; docs/access-control.md is the
     if not decision:
         raise AccessDeniedError(f"call 'resource' refused: {decision.reason}")
 
-Decisions are pure and cached per (who, what), so asking again is one dict lookup. Rules are parsed
-and checked by ``multikernel.bus._rules``; pattern containment lives in ``_patterns``.
+Decisions are pure and cached per (who, what), so asking again is one dict lookup. The rules that
+apply to an identity for an action are flattened once (``_Rules``), so a decision that is not
+cached walks a few expanded patterns, and one whose first token no pattern starts with is the
+default at once; the hub asks for bare answers (``subscribe_verdicts``, ``publish_verdicts``) and
+for reasons only to refuse. Rules are parsed and checked by ``multikernel.bus._rules``; pattern
+containment lives in ``_patterns``.
 """
 
 from __future__ import annotations
