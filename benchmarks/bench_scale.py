@@ -15,7 +15,9 @@ alternate ours, NATS, ours, NATS, ...; the tables give medians over rounds and, 
   Reported: subscribe/s (wall time of the client), the server's CPU per subscribe
   (/proc/<pid>/task/*/schedstat), the server's bytes per subscription (RssAnon growth: the
   process's own memory, not the session rings it shares with endpoints) and what it still holds
-  after unsubscribing all (RssAnon over the level before subscribing, per subscription).
+  after unsubscribing all (RssAnon over the level before subscribing, per subscription). The
+  `subscribe()` row runs after the `subscribe_many` one on the same hub, which reuses the memory
+  that one gave back: read its memory columns as such.
 - **Routing.** A subscriber holds `route.>` (ours: the wildcard trie and its 4,096-subject cache)
   or literal subscriptions to `lit.0` ... `lit.9999` (ours: one dict, no cache); a publisher
   sends M 64-byte messages cycling over D distinct subjects (10, 10k, 1M; for `lit.` only the

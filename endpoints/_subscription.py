@@ -197,7 +197,8 @@ class Subscription:
         return SubscriptionStatistics(self.delivered, self.dropped, buffered, self.missed)
 
     def discard(self) -> None:
-        """Close the buffer without telling the hub (it never accepted the subscription)."""
+        """Close the buffer without telling the hub (it never accepted the subscription, or
+        the caller tells it for many at once: `unsubscribe_many`)."""
         self.active = False
         self._close_buffer()
 
