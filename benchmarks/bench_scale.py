@@ -26,6 +26,9 @@ alternate ours, NATS, ours, NATS, ...; the tables give medians over rounds and, 
   published message, which is the routing cost (and, for `route.>`, one delivery each), and
   messages/s end to end.
 
+- **Fan-out** (``--fanout 10,50``): bench_bus.py's pub/sub phases with that many subscriber
+  processes, run as a child with its own report (the code is there, not copied here).
+
 Processes outnumber CPUs (2 vCPUs: server, client, subscriber), nothing is pinned: figures are
 noisy, compare ratios within one run. Children die with the driver and are stopped in `finally`.
 """
@@ -245,6 +248,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="10k subscriptions, 1 round")
     parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument(
+        "--fanout",
+        default="",
+        help="then fan-out to these subscriber counts, e.g. 10,50: bench_bus.py --pub-only "
+        "--fanout LIST (its pub/sub phases and tables, against NATS)",
+    )
     args = parser.parse_args()
     rounds = args.rounds or (1 if args.quick else 3)
     sizes = (10_000,) if args.quick else (10_000, 100_000)
@@ -277,7 +286,12 @@ def main() -> int:
     print("\nSubscriptions (medians over rounds; / NATS: ours over NATS in the same run)")
     print(report_subscriptions(subs))
     print("\nRouting: server CPU per published message (64 B), medians over rounds")
-    print(report_routing(routes))
+    print(report_routing(routes), flush=True)
+    if args.fanout:  # bench_bus's fan-out phases, run as they are there (its own pinning)
+        print(f"\nFan-out: benchmarks/bench_bus.py --pub-only --fanout {args.fanout}", flush=True)
+        command = [sys.executable, str(HERE / "bench_bus.py"), "--pub-only", "--fanout"]
+        command += [args.fanout, *(["--quick"] if args.quick else [])]
+        return subprocess.run(command, check=False).returncode
     return 0
 
 

@@ -125,7 +125,7 @@ class Subscription:
     def _now(self, message: Message, *, may_wait: bool) -> bool:
         told = self._gap(message)
         try:
-            self._send.send_nowait(told)
+            (self._streams or self._buffer())[0].send_nowait(told)
         except anyio.WouldBlock:
             if may_wait:
                 return False
@@ -177,7 +177,7 @@ class Subscription:
         self._streak += 1
         if self._streak < 64:
             try:
-                return self._receive.receive_nowait()
+                return (self._streams or self._buffer())[1].receive_nowait()
             except anyio.WouldBlock:
                 pass
             except anyio.EndOfStream:
