@@ -66,6 +66,7 @@ bench: install
 	$(PY) benchmarks/bench_protocol.py --quick
 	$(PY) benchmarks/bench_router.py --quick
 	$(PY) benchmarks/bench_bus.py --quick
+	$(PY) benchmarks/bench_scale.py --quick
 	$(PY) benchmarks/bench_lifecycle.py --quick
 	$(PY) benchmarks/bench_resource.py --quick
 

@@ -148,6 +148,7 @@ class Worker:
         cpu: int | None,
         log: Path,
         fds: tuple[int, ...] = (),
+        script: Path = WORKER,
     ) -> None:
         self.role = role
         self.system = system
@@ -156,7 +157,7 @@ class Worker:
         self.res_r, res_w = os.pipe()
         with open(log, "wb") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, str(WORKER), role, system, address, str(cmd_r), str(res_w),
+                [sys.executable, str(script), role, system, address, str(cmd_r), str(res_w),
                  str(-1 if cpu is None else cpu)],
                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                 pass_fds=(cmd_r, res_w, *fds), cwd=HERE.parent,

@@ -42,6 +42,12 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         default=Limits.block_patience,
         help="seconds `block` holds a publisher for one subscriber before dropping for it",
     )
+    parser.add_argument(
+        "--max-subscriptions",
+        type=int,
+        default=Limits.max_subscriptions,
+        help="subscriptions one endpoint may hold",
+    )
     parser.add_argument("--grace", type=float, default=5.0, help="drain time on SIGTERM (s)")
     parser.add_argument(
         "--socket-mode",
@@ -61,6 +67,7 @@ async def run(args: argparse.Namespace) -> None:
         max_pending=args.max_pending,
         slow_consumer=args.slow_consumer,
         block_patience=args.block_patience,
+        max_subscriptions=args.max_subscriptions,
     )
     access = SocketAccess.parse(args.socket_mode, args.socket_group)
     hub = Hub(

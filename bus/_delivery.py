@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping
 from typing import Protocol, TypeVar
 
-from multikernel.bus._policy import Decision, Identity, Policy
+from multikernel.bus._policy import Identity, Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.protocol import AccessDeniedError, BusyError, validate_pattern
 
@@ -29,22 +29,23 @@ class Receiver(Protocol):
     @property
     def session(self) -> _Subscriber: ...
 
-    within: Decision
-    across: Decision
+    within: bool
+    across: bool
 
 
 def subscribe_decisions(
     policy: Policy, who: Identity, pattern: str, held: int, limit: int
-) -> tuple[Decision, Decision]:
-    """May `who` subscribe `pattern` within its instance, and across: refused (AccessDenied)
-    only if neither, since a subscription limited to its own instance is still useful."""
+) -> tuple[bool, bool]:
+    """May `who` subscribe `pattern` within its instance, and across: refused (AccessDenied,
+    with the policy's reason) only if neither, since a subscription limited to its own instance
+    is still useful."""
     validate_pattern(pattern)
     if held >= limit:
         raise BusyError(f"an endpoint may hold {limit} subscriptions")
-    within = policy.may_subscribe(who, pattern, within_instance=True)
-    across = policy.may_subscribe(who, pattern)
+    within, across = policy.subscribe_verdicts(who, pattern)
     if not within and not across:
-        raise AccessDeniedError(f"subscribe to {pattern!r} refused: {across.reason}")
+        reason = policy.may_subscribe(who, pattern).reason
+        raise AccessDeniedError(f"subscribe to {pattern!r} refused: {reason}")
     return within, across
 
 
@@ -55,18 +56,23 @@ DECISION_CACHE_SIZE = 1024
 
 
 def publish_decisions(
-    policy: Policy, cache: dict[str, tuple[Decision, Decision]], who: Identity, subject: str
-) -> tuple[Decision, Decision]:
-    """May `who` publish `subject` within its instance, and across instances (cached)."""
-    decisions = cache.get(subject)
-    if decisions is None:
-        if len(cache) >= DECISION_CACHE_SIZE:
-            cache.clear()  # a cache, not a record: a publisher of endless subjects starts over
-        decisions = cache[subject] = (
-            policy.may_publish(who, subject, within_instance=True),
-            policy.may_publish(who, subject),
-        )
-    return decisions
+    policy: Policy, cache: dict[str, tuple[bool, bool]], who: Identity, subject: str
+) -> tuple[bool, bool]:
+    """May `who` publish `subject` within its instance, and across instances: the answers alone
+    (the reasons are asked for again when a denial is reported, `denial_message`). When no rule
+    could single the subject out (`Policy.publish_verdicts`), nothing is cached per subject, so
+    endless distinct subjects cost no policy work; else cached per subject."""
+    verdicts = cache.get(subject)
+    if verdicts is None:
+        verdicts = policy.publish_verdicts(who, subject)
+        if verdicts is None:
+            if len(cache) >= DECISION_CACHE_SIZE:
+                cache.clear()  # a cache, not a record: a publisher of endless subjects starts over
+            verdicts = cache[subject] = (
+                bool(policy.may_publish(who, subject, within_instance=True)),
+                bool(policy.may_publish(who, subject)),
+            )
+    return verdicts
 
 
 def route(
@@ -74,7 +80,7 @@ def route(
     receivers: Mapping[K, Receiver],
     subject: str,
     instance: int,
-    decisions: tuple[Decision, Decision],
+    decisions: tuple[bool, bool],
     *,
     anyone_restricted: bool = True,
 ) -> tuple[list[K], int]:
@@ -92,9 +98,9 @@ def route(
         nonlocal denied
         record = receivers[key]
         if record.session.identity.instance == instance:
-            ok = bool(within) and bool(record.within)
+            ok = within and record.within
         else:
-            ok = bool(across) and bool(record.across)
+            ok = across and record.across
         denied += not ok
         return ok
 
@@ -102,7 +108,9 @@ def route(
     return keys, denied
 
 
-def denial_message(subject: str, decisions: tuple[Decision, Decision]) -> str:
+def denial_message(
+    policy: Policy, who: Identity, subject: str, decisions: tuple[bool, bool]
+) -> str:
     """What the publisher is told (once per subject per policy) when some deliveries were denied."""
-    reason = decisions[1].reason if not decisions[1] else "subscribers' rules"
+    reason = policy.may_publish(who, subject).reason if not decisions[1] else "subscribers' rules"
     return f"publication on {subject!r} not delivered to some subscribers: {reason}"

@@ -22,6 +22,7 @@ import anyio
 import anyio.abc
 
 from multikernel.bus._channels import ChannelBroker
+from multikernel.bus._compact import compacted
 from multikernel.bus._delivery import (
     denial_message,
     publish_decisions,
@@ -71,9 +72,12 @@ from multikernel.protocol import (
     ReleaseNames,
     ServiceInfo,
     Subscribe,
+    SubscribedMany,
+    SubscribeMany,
     SwitchNames,
     TooLargeError,
     Unsubscribe,
+    UnsubscribeMany,
     decode_body,
     decode_header,
     encode,
@@ -88,6 +92,8 @@ log = get_logger("multikernel.bus")
 PAGE_SLACK = 4096
 
 
+_OK: Final = Ok()
+_OK_ACROSS: Final = Ok(value=1)  # Subscribe's answer when the subscription reaches across instances
 _GAP: Final = struct.Struct("<I")
 _GAP_OFFSET: Final = MISSED_OFFSET
 
@@ -139,6 +145,7 @@ class Hub:
         self._sessions = self._endpoints.by_id
         self._router: SubjectRouter[tuple[int, int]] = SubjectRouter()
         self._subs: dict[tuple[int, int], SubscriptionRecord] = {}
+        self._subs_peak = 0  # its largest size since rebuilt (compacted)
         self._restricted = 0  # subscriptions some publisher may be denied: the slow path
         self._names = NameRegistry()
         self._channels = ChannelBroker(
@@ -192,8 +199,7 @@ class Hub:
             session.denials_reported.clear()
         for record in self._subs.values():
             who = record.session.identity
-            record.within = policy.may_subscribe(who, record.pattern, within_instance=True)
-            record.across = policy.may_subscribe(who, record.pattern)
+            record.within, record.across = policy.subscribe_verdicts(who, record.pattern)
         self._restricted = sum(not (r.within and r.across) for r in self._subs.values())
         self._monitors.recheck(policy)
         self._channels.recheck(policy)
@@ -241,6 +247,14 @@ class Hub:
             )
         session.deliver(frame, droppable=False)
 
+    def _answer_with_batch(self, session: Session, correlation: int, body: object) -> None:
+        """Like `_reply`, sent at the end of the batch being dispatched (`flush`): many
+        Subscribes in one batch are answered in one ring publish and one doorbell, not one each
+        (the doorbell was most of a subscribe's cost at the hub)."""
+        if not session.staged and not session.answers:
+            self._dirty.append(session)
+        session.answers.append(encode(Kind.CONTROL, body, correlation=correlation))
+
     def _fail(self, session: Session, correlation: int, error: MultikernelError) -> None:
         self.counters["errors"] += 1
         if isinstance(error, AccessDeniedError):
@@ -272,7 +286,7 @@ class Hub:
             record = subs[key]
             stamped[_DESTINATION_OFFSET : _DESTINATION_OFFSET + 8] = record.sid_bytes
             target = record.session
-            if not target.staged:
+            if not target.staged and not target.answers:
                 dirty.append(target)
             target.staged.append((bytes(stamped), record))  # sent with the batch, in order
         if denied:
@@ -280,7 +294,9 @@ class Hub:
             self.counters["denied"] += denied
             if subject not in session.denials_reported:  # once per subject per policy
                 session.denials_reported.add(subject)
-                error = AccessDeniedError(denial_message(subject, decisions))
+                error = AccessDeniedError(
+                    denial_message(self.policy, session.identity, subject, decisions)
+                )
                 frame = encode(Kind.ERROR, error_to_body(error), correlation=correlation)
                 session.deliver(frame, droppable=False)
         if self._monitors:
@@ -296,6 +312,9 @@ class Hub:
         delivered = dropped = 0
         congested: list[Session] = []
         for session in dirty:
+            if session.answers:
+                answers, session.answers = session.answers, []
+                session.answer_many(answers)
             staged, session.staged = session.staged, []
             frames = [frame for frame, _ in staged]
             told: set[int] = set()
@@ -324,27 +343,26 @@ class Hub:
     ) -> None:
         who = session.identity
         match body:
-            case Subscribe(subject=pattern, queue_group=group, sid=sid):
-                within, across = subscribe_decisions(
-                    self.policy,
-                    who,
-                    pattern,
-                    len(session.subscriptions),
-                    self.limits.max_subscriptions,
-                )
-                key = (session.id, sid)
-                if key in self._subs:
-                    raise ProtocolError(f"subscription id {sid} is already in use on this endpoint")
-                self._router.subscribe(key, pattern, group)
-                record = SubscriptionRecord(
-                    session, sid, pattern, group, within, across, sid.to_bytes(8, "little")
-                )
-                self._subs[key] = session.subscriptions[sid] = record
-                self._restricted += not (within and across)
-                self._reply(session, correlation, Ok(value=int(bool(across))))
+            case Subscribe():
+                across = self._subscribe(session, body)
+                self._answer_with_batch(session, correlation, _OK_ACROSS if across else _OK)
             case Unsubscribe(sid=sid):
                 self._unsubscribe(session, sid)
-                self._reply(session, correlation, Ok())
+                self._answer_with_batch(session, correlation, _OK)
+            case SubscribeMany(subscriptions=items):
+                made: list[int] = []
+                try:
+                    for item in items:
+                        made.append(int(self._subscribe(session, item)))
+                except MultikernelError:
+                    for item in items[: len(made)]:  # all or none
+                        self._unsubscribe(session, item.sid)
+                    raise
+                self._answer_with_batch(session, correlation, SubscribedMany(bytes(made)))
+            case UnsubscribeMany(sids=sids):
+                for sid in sids:
+                    self._unsubscribe(session, sid)
+                self._answer_with_batch(session, correlation, _OK)
             case NameRequest(name=name, flags=flags):
                 decision = self.policy.may_own(who, name)
                 if not decision:
@@ -448,12 +466,40 @@ class Hub:
         for move in moves:
             self._holds.end(move.name, "switched")
 
+    def _subscribe(self, session: Session, item: Subscribe) -> bool:
+        """Make one subscription (or raise why not); whether it may hear other instances."""
+        pattern, sid = item.subject, item.sid
+        within, across = subscribe_decisions(
+            self.policy,
+            session.identity,
+            pattern,
+            len(session.subscriptions),
+            self.limits.max_subscriptions,
+        )
+        key = (session.id, sid)
+        if key in self._subs:
+            raise ProtocolError(f"subscription id {sid} is already in use on this endpoint")
+        self._router.subscribe(key, pattern, item.queue_group)
+        record = SubscriptionRecord(
+            session, sid, pattern, item.queue_group, bool(within), bool(across),
+            sid.to_bytes(8, "little"),
+        )  # fmt: skip
+        self._subs[key] = session.subscriptions[sid] = record
+        self._subs_peak = max(self._subs_peak, len(self._subs))
+        session.subscriptions_peak = max(session.subscriptions_peak, len(session.subscriptions))
+        self._restricted += not (within and across)
+        return bool(across)
+
     def _unsubscribe(self, session: Session, sid: int) -> None:
         record = session.subscriptions.pop(sid, None)
         if record is not None:
             self._restricted -= not (record.within and record.across)
             self._subs.pop((session.id, sid), None)
             self._router.unsubscribe((session.id, sid))
+            self._subs, self._subs_peak = compacted(self._subs, self._subs_peak)
+            session.subscriptions, session.subscriptions_peak = compacted(
+                session.subscriptions, session.subscriptions_peak
+            )
 
     def _owner_changes(self, changes: list[NameOwnerChanged]) -> None:
         announce_owner_changes(

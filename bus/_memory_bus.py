@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import anyio
 import msgspec
 
+from multikernel.bus._compact import compacted
 from multikernel.bus._delivery import (
     denial_message,
     publish_decisions,
@@ -35,7 +36,7 @@ from multikernel.bus._holds import HOLDS_SUBJECT, check_hold, check_may_hold, ch
 from multikernel.bus._memory_endpoint import MemoryEndpoint
 from multikernel.bus._memory_link import Link
 from multikernel.bus._names import NameRegistry
-from multikernel.bus._policy import Decision, Identity, Policy
+from multikernel.bus._policy import Identity, Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits
 from multikernel.endpoints import Message, Service, Subscription
@@ -66,12 +67,12 @@ log = get_logger("multikernel.bus.testing")
 NAMES_SUBJECT = "mk.bus.names"
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class _SubscriptionRecord:
     session: _Session
     subscription: Subscription
-    within: Decision
-    across: Decision
+    within: bool
+    across: bool
     delivered: int = 0
 
 
@@ -82,8 +83,9 @@ class _Session:
     identity: Identity
     endpoint: MemoryEndpoint
     subscriptions: dict[int, _SubscriptionRecord] = field(default_factory=dict)
+    subscriptions_peak: int = 0  # its largest size since rebuilt (compacted)
     services: dict[str, ServiceInfo] = field(default_factory=dict)
-    publish_decisions: dict[str, tuple[Decision, Decision]] = field(default_factory=dict)
+    publish_decisions: dict[str, tuple[bool, bool]] = field(default_factory=dict)
     denials_reported: set[str] = field(default_factory=set)
     frames_in: int = 0
     frames_out: int = 0
@@ -113,6 +115,7 @@ class MemoryBus:
         self._sessions: dict[int, _Session] = {}
         self._router: SubjectRouter[tuple[int, int]] = SubjectRouter()
         self._subs: dict[tuple[int, int], _SubscriptionRecord] = {}
+        self._subs_peak = 0  # its largest size since rebuilt (compacted)
         self._names = NameRegistry()
         self._links: dict[int, Link] = {}
         self._holds: dict[str, _Hold] = {}
@@ -181,8 +184,7 @@ class MemoryBus:
             session.denials_reported.clear()
         for record in self._subs.values():
             who, pattern = record.session.identity, record.subscription.pattern
-            record.within = policy.may_subscribe(who, pattern, within_instance=True)
-            record.across = policy.may_subscribe(who, pattern)
+            record.within, record.across = policy.subscribe_verdicts(who, pattern)
         for token, link in list(self._links.items()):
             client, server = self._sessions[link.client.id], self._sessions[link.server.id]
             if not policy.may_connect(client.identity, server.identity, link.target):
@@ -221,8 +223,10 @@ class MemoryBus:
             self._router.subscribe(key, pattern, subscription.queue_group)
         except MultikernelError as exc:
             raise self._fail(session, exc) from None
-        record = _SubscriptionRecord(session, subscription, within, across)
+        record = _SubscriptionRecord(session, subscription, bool(within), bool(across))
         self._subs[key] = session.subscriptions[subscription.sid] = record
+        self._subs_peak = max(self._subs_peak, len(self._subs))
+        session.subscriptions_peak = max(session.subscriptions_peak, len(session.subscriptions))
         session.frames_out += 1
         return bool(across)
 
@@ -231,6 +235,10 @@ class MemoryBus:
         if session is not None and session.subscriptions.pop(sid, None) is not None:
             del self._subs[(endpoint_id, sid)]
             self._router.unsubscribe((endpoint_id, sid))
+            self._subs, self._subs_peak = compacted(self._subs, self._subs_peak)
+            session.subscriptions, session.subscriptions_peak = compacted(
+                session.subscriptions, session.subscriptions_peak
+            )
 
     def _publish(
         self, endpoint_id: int, subject: str, data: bytes
@@ -262,7 +270,9 @@ class MemoryBus:
             self.counters["denied"] += denied
             if subject not in session.denials_reported:  # once per subject per policy
                 session.denials_reported.add(subject)
-                error = AccessDeniedError(denial_message(subject, decisions))
+                error = AccessDeniedError(
+                    denial_message(self.policy, session.identity, subject, decisions)
+                )
                 session.frames_out += 1
                 session.endpoint._async_error(error_from_body(error_to_body(error)))
         return full

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import itertools
 import typing
-from collections.abc import AsyncGenerator, Callable, Collection, Coroutine, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -21,6 +29,7 @@ import anyio.abc
 import anyio.lowlevel
 import msgspec
 
+from multikernel.bus._compact import compacted
 from multikernel.bus._memory_link import REPLY_BUFFER, Call, Link
 from multikernel.bus._policy import Identity
 from multikernel.endpoints import (
@@ -67,6 +76,7 @@ class MemoryEndpoint:
         self.async_errors = 0
         self._bus = bus
         self._subs: dict[int, Subscription] = {}
+        self._subs_peak = 0  # its largest size since rebuilt (compacted)
         self._next_sid = 1
         self._services: dict[str, Service] = {}
         self._links: dict[str, Link] = {}  # client side: the current channel to each name
@@ -117,10 +127,45 @@ class MemoryEndpoint:
             sub.discard()
             raise
         self._subs[sid] = sub
+        self._subs_peak = max(self._subs_peak, len(self._subs))
         return sub
+
+    async def subscribe_many(
+        self,
+        patterns: Sequence[str],
+        *,
+        queue_group: str | None = None,
+        max_pending: int = 1024,
+        patience: float = DEFAULT_PATIENCE,
+    ) -> list[Subscription]:
+        """`subscribe` to each of `patterns`, all or none (as `Endpoint.subscribe_many`)."""
+        for pattern in patterns:
+            validate_pattern(pattern)
+        subs: list[Subscription] = []
+        try:
+            for pattern in patterns:
+                subs.append(
+                    await self.subscribe(
+                        pattern, queue_group=queue_group, max_pending=max_pending,
+                        patience=patience,
+                    )
+                )  # fmt: skip
+        except BaseException:
+            await self.unsubscribe_many(subs)
+            raise
+        return subs
+
+    async def unsubscribe_many(self, subscriptions: Iterable[Subscription]) -> None:
+        """Close each of `subscriptions`, as its `aclose` does."""
+        for sub in subscriptions:
+            if sub.active and self._subs.pop(sub.sid, None) is not None:
+                sub.discard()
+                self._bus._unsubscribe(self.id, sub.sid)
+        self._subs, self._subs_peak = compacted(self._subs, self._subs_peak)
 
     async def _unsubscribe(self, sub: Subscription) -> None:
         if self._subs.pop(sub.sid, None) is not None:
+            self._subs, self._subs_peak = compacted(self._subs, self._subs_peak)
             self._bus._unsubscribe(self.id, sub.sid)
 
     # -- requests -----------------------------------------------------------------------------

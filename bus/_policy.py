@@ -13,8 +13,12 @@ then ``[[rule]]`` allows, then the default denial; docs/access-control.md is the
     if not decision:
         raise AccessDeniedError(f"call 'resource' refused: {decision.reason}")
 
-Decisions are pure and cached per (who, what), so asking again is one dict lookup. Rules are parsed
-and checked by ``multikernel.bus._rules``; pattern containment lives in ``_patterns``.
+Decisions are pure and cached per (who, what), so asking again is one dict lookup. The rules that
+apply to an identity for an action are flattened once (``_Rules``), so a decision that is not
+cached walks a few expanded patterns, and one whose first token no pattern starts with is the
+default at once; the hub asks for bare answers (``subscribe_verdicts``, ``publish_verdicts``) and
+for reasons only to refuse. Rules are parsed and checked by ``multikernel.bus._rules``; pattern
+containment lives in ``_patterns``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Final, NamedTuple
 
 from multikernel.bus._patterns import expand, pattern_contains, patterns_overlap
 from multikernel.bus._rules import (
@@ -38,6 +42,10 @@ from multikernel.protocol import validate_pattern, validate_subject
 
 #: Decisions kept per policy before the cache starts over (it never grows without bound).
 CACHE_LIMIT: Final = 1 << 16
+#: Subscribe decisions have a smaller cache of their own: a pattern is asked about once per
+#: subscription and the hub keeps the answer with it, so a cache as large as the other would only
+#: hold ~300 bytes per subscription (a denial's reason names the pattern) for nothing.
+SUBSCRIBE_CACHE_LIMIT: Final = 1 << 10
 
 _VERB: Final = {"publish": "publish", "subscribe": "subscribe to", "call": "call", "own": "own"}
 
@@ -72,6 +80,24 @@ class Decision:
 _Key = tuple[str, int, int, frozenset[str], str, bool]
 
 
+class _Rules(NamedTuple):
+    """What decides one action for one identity: deny and allow patterns (expanded, in rule
+    order) each with the decision it gives, the ``[host_only]`` patterns, and the first tokens
+    of them all (``_EVERY_TOKEN`` when one starts with a wildcard): a thing whose first token
+    is a literal outside that set concerns no rule, and only the defaults decide."""
+
+    deny: tuple[tuple[str, Decision], ...]
+    held: tuple[str, ...]
+    allow: tuple[tuple[str, Decision], ...]
+    firsts: frozenset[str]
+    everything: bool  # no deny pattern, and an allow pattern is '>': allowed whatever the thing
+
+
+_WILD: Final = ("*", ">")
+_EVERY_TOKEN: Final = frozenset(_WILD)  # the firsts of a rule set with a wildcard-first pattern
+_VERDICT: Final = {True: "allows", False: "denies"}
+
+
 class Policy:
     """Immutable rules and a decision cache; build with ``default``, ``from_toml`` or ``load``.
 
@@ -91,6 +117,8 @@ class Policy:
             key: BUILTIN_HOST_ONLY[key] + parsed.host_only[key] for key in HOST_ONLY_KEYS
         }
         self._cache: dict[_Key, Decision] = {}
+        self._subscribe_cache: dict[_Key, Decision] = {}
+        self._compiled: dict[tuple[Action, int, int, frozenset[str]], _Rules] = {}
 
     @classmethod
     def default(cls) -> Policy:
@@ -174,12 +202,14 @@ class Policy:
 
     def _decide(self, action: Action, who: Identity, thing: str, within: bool) -> Decision:
         key = (action, who.instance, who.uid, who.names, thing, within)
-        decision = self._cache.get(key)
+        subscribing = action == "subscribe"
+        cache = self._subscribe_cache if subscribing else self._cache
+        decision = cache.get(key)
         if decision is None:
             decision = self._evaluate(action, who, thing, within)
-            if len(self._cache) >= CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = decision
+            if len(cache) >= (SUBSCRIBE_CACHE_LIMIT if subscribing else CACHE_LIMIT):
+                cache.clear()
+            cache[key] = decision
         return decision
 
     def _evaluate(self, action: Action, who: Identity, thing: str, within: bool) -> Decision:
@@ -187,20 +217,37 @@ class Policy:
             validate_pattern(thing)
         elif action != "monitor":
             validate_subject(thing)
-        what = "monitor" if action == "monitor" else f"{_VERB[action]} {thing!r}"
-        for rule in self._deny:
-            found = rule.find(action, who.instance, who.uid, who.names, thing, patterns_overlap)
-            if found is not None:
-                return Decision(False, f"{rule.label} denies {_granted(action, found)}")
-        held = self._held_back(action, who.instance, thing) if within else None
+        if action == "monitor":
+            for listed, allowed in ((self._deny, False), (self._allow, True)):
+                for rule in listed:
+                    if rule.find(action, who.instance, who.uid, who.names, thing, pattern_contains):
+                        return Decision(allowed, f"{rule.label} {_VERDICT[allowed]} monitor")
+            return self._by_default(action, who, thing, within, None)
+        rules = self._rules_for(action, who)
+        first = thing.split(".", 1)[0]
+        if rules.firsts is not _EVERY_TOKEN and first not in rules.firsts and first not in _WILD:
+            return self._by_default(action, who, thing, within, None)  # no rule concerns it
+        for pattern, decision in rules.deny:
+            if patterns_overlap(pattern, thing):
+                return decision
+        held = None
+        if within:
+            test = patterns_overlap if action == "subscribe" else pattern_contains
+            held = next((pattern for pattern in rules.held if test(pattern, thing)), None)
+            if self.same_instance_allowed and held is None:
+                return _SAME_INSTANCE_ALLOWED
+        for pattern, decision in rules.allow:
+            if pattern_contains(pattern, thing):
+                return decision
+        return self._by_default(action, who, thing, within, held)
+
+    def _by_default(
+        self, action: Action, who: Identity, thing: str, within: bool, held: str | None
+    ) -> Decision:
+        """The answer when no rule decided: the same-instance default, or a denial saying why."""
         if within and self.same_instance_allowed and held is None:
-            return Decision(
-                True, 'same-instance traffic is allowed ([defaults] same_instance = "allow")'
-            )
-        for rule in self._allow:
-            found = rule.find(action, who.instance, who.uid, who.names, thing, pattern_contains)
-            if found is not None:
-                return Decision(True, f"{rule.label} allows {_granted(action, found)}")
+            return _SAME_INSTANCE_ALLOWED
+        what = "monitor" if action == "monitor" else f"{_VERB[action]} {thing!r}"
         subject = f"instance {who.instance} (uid {who.uid})"
         if held is not None and self.same_instance_allowed:
             selector = f"instance:{who.instance} & uid:{who.uid}"
@@ -218,19 +265,68 @@ class Policy:
             default = "cross-instance traffic is denied by default"
         return Decision(False, f"no rule in {self.source} allows {subject} to {what}; {default}")
 
-    def _held_back(self, action: Action, instance: int, thing: str) -> str | None:
-        """The `[host_only]` pattern that keeps `thing` from the same-instance default, if any.
-
-        A subscription is held back when it could receive any held-back subject (overlap).
-        """
-        if action not in HOST_ONLY_KEYS:
-            return None
-        test = patterns_overlap if action == "subscribe" else pattern_contains
-        for raw in self.host_only[action]:
-            pattern = expand(raw, instance)
-            if test(pattern, thing):
-                return pattern
+    def publish_verdicts(self, who: Identity, subject: str) -> tuple[bool, bool] | None:
+        """May ``who`` publish ``subject`` (within its instance, across), when that follows from
+        ``who``'s rules alone, with no work per subject: no rule pattern starts with the
+        subject's first token (the defaults decide), or no deny rule applies and an allow rule
+        grants ``>``. None when the subject must be looked at (``may_publish``). The subject is
+        not validated here: the hub's router does that for every subject it routes."""
+        rules = self._rules_for("publish", who)
+        if rules.everything:
+            return True, True
+        if rules.firsts is not _EVERY_TOKEN and subject.split(".", 1)[0] not in rules.firsts:
+            return self.same_instance_allowed, False
         return None
+
+    def subscribe_verdicts(self, who: Identity, pattern: str) -> tuple[bool, bool]:
+        """May ``who`` subscribe ``pattern`` (a valid one) within its instance, and across: the
+        answers alone, as ``may_subscribe`` gives them, from ``who``'s rules when the pattern's
+        first token concerns none of them or an allow rule grants ``>`` with no deny rule, else
+        by evaluating (not cached: the hub keeps the answers with the subscription)."""
+        rules = self._rules_for("subscribe", who)
+        first = pattern.split(".", 1)[0]
+        if rules.everything:
+            return True, True
+        if rules.firsts is not _EVERY_TOKEN and first not in rules.firsts and first not in _WILD:
+            return self.same_instance_allowed, False
+        within = self._evaluate("subscribe", who, pattern, True)
+        return bool(within), bool(self._evaluate("subscribe", who, pattern, False))
+
+    def _rules_for(self, action: Action, who: Identity) -> _Rules:
+        """The rules that apply to ``who`` for ``action``, expanded and flattened in order, each
+        pattern with the decision it gives; cached per identity (a rule set is asked about per
+        pattern: walking selectors and formatting reasons each time cost ~5 us a decision)."""
+        key = (action, who.instance, who.uid, who.names)
+        rules = self._compiled.get(key)
+        if rules is None:
+            if len(self._compiled) >= CACHE_LIMIT:
+                self._compiled.clear()
+            rules = self._compiled[key] = self._compile(action, who)
+        return rules
+
+    def _compile(self, action: Action, who: Identity) -> _Rules:
+        def flatten(rules: tuple[Rule, ...], allowed: bool) -> tuple[tuple[str, Decision], ...]:
+            flat = []
+            for rule in rules:
+                if rule.grants[action] and rule.applies(who.instance, who.uid, who.names):
+                    for raw in rule.grants[action]:
+                        pattern = expand(raw, who.instance)
+                        verdict = f"{rule.label} {_VERDICT[allowed]} {_granted(action, pattern)}"
+                        flat.append((pattern, Decision(allowed, verdict)))
+            return tuple(flat)
+
+        deny, allow = flatten(self._deny, False), flatten(self._allow, True)
+        raws = self.host_only[action] if action in HOST_ONLY_KEYS else ()
+        held = tuple(expand(raw, who.instance) for raw in raws)
+        firsts = {p.split(".", 1)[0] for p in (*held, *(p for p, _ in deny + allow))}
+        every = bool(firsts & {"*", ">"})
+        everything = not deny and any(pattern == ">" for pattern, _ in allow)
+        return _Rules(deny, held, allow, _EVERY_TOKEN if every else frozenset(firsts), everything)
+
+
+_SAME_INSTANCE_ALLOWED: Final = Decision(
+    True, 'same-instance traffic is allowed ([defaults] same_instance = "allow")'
+)
 
 
 def _granted(action: Action, pattern: str) -> str:

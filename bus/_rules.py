@@ -109,6 +109,10 @@ class Rule:
     grants: Mapping[str, tuple[str, ...]]
     monitor: bool
 
+    def applies(self, instance: int, uid: int, names: frozenset[str]) -> bool:
+        """Whether the rule's ``who`` selects this identity."""
+        return any(all(t.matches(instance, uid, names) for t in terms) for terms in self.who)
+
     def find(
         self,
         action: Action,
@@ -123,7 +127,7 @@ class Rule:
         patterns = () if action == "monitor" else self.grants[action]
         if not (patterns or (action == "monitor" and self.monitor)):
             return None
-        if not any(all(t.matches(instance, uid, names) for t in terms) for terms in self.who):
+        if not self.applies(instance, uid, names):
             return None
         if action == "monitor":
             return "monitor"

@@ -27,7 +27,7 @@ from typing import Literal
 
 import anyio
 
-from multikernel.bus._policy import Decision, Identity
+from multikernel.bus._policy import Identity
 from multikernel.protocol import HEADER_SIZE, MAX_SUBJECT_BYTES, ServiceInfo
 from multikernel.shm import Channel, PeerDiedError, ShmError, max_payload
 
@@ -66,16 +66,17 @@ class Limits:
                 )
 
 
-@dataclass
+@dataclass(slots=True, eq=False)
 class SubscriptionRecord:
-    """One subscription as the hub keeps it, with its access decisions precomputed."""
+    """One subscription as the hub keeps it, with its access decisions precomputed (slots: the
+    hub holds one per subscription, and a dict per record cost ~300 bytes each)."""
 
     session: Session
     sid: int
     pattern: str
     queue_group: str | None
-    within: Decision
-    across: Decision
+    within: bool  # may it receive from its own instance (the decision's reason is not kept)
+    across: bool  # from other instances
     sid_bytes: bytes = b""  # the sid as it goes into a frame's destination field
     delivered: int = 0
     dropped: int = 0
@@ -106,17 +107,19 @@ class Session:
         self.id = identity.endpoint_id
         self.id_bytes = self.id.to_bytes(8, "little")  # as stamped into a frame's source field
         self.staged: list[tuple[bytes, SubscriptionRecord]] = []
+        self.answers: list[bytes] = []  # control answers staged with the batch (Subscribe's Ok)
         self.channel = channel
         self.sock = sock
         self.limits = limits
         self.max_frame = max_payload(limits.session_capacity)
         self.socket_lock = anyio.Lock()
         self.subscriptions: dict[int, SubscriptionRecord] = {}
+        self.subscriptions_peak = 0  # its largest size since rebuilt (compacted)
         self.services: dict[str, ServiceInfo] = {}
         self.monitor: str | None = None
         self.draining = False
         self.features = 0  # granted at attach (Welcome.features)
-        self.publish_decisions: dict[str, tuple[Decision, Decision]] = {}
+        self.publish_decisions: dict[str, tuple[bool, bool]] = {}
         self.denials_reported: set[str] = set()
         self.frames_in = self.frames_out = self.dropped = self.denied = 0
         self._pending: deque[bytes] = deque()
@@ -197,6 +200,22 @@ class Session:
             self.stalled = True
             return False
         return True
+
+    def answer_many(self, frames: list[bytes]) -> None:
+        """Send control answers in order, in one ring publish (one doorbell) when they fit;
+        never dropped, like `deliver(droppable=False)`."""
+        if self.closed:
+            return
+        sent = 0
+        if not self._pending:
+            try:
+                sent = self.channel.writer.try_send_many(frames)
+            except PEER_FAULTS as exc:
+                self.cut_off(f"its session channel failed: {exc!r}", garbage=wrote_garbage(exc))
+                return
+            self.frames_out += sent
+        for frame in frames[sent:]:
+            self.deliver(frame, droppable=False)
 
     def deliver_many(self, frames: list[bytes]) -> int:
         """Deliver publications in order, in one ring publish when they fit; returns how many

@@ -10,7 +10,15 @@ seams a `Service` needs: the endpoint that owns its name, and the channel a requ
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable, Collection, Coroutine, Mapping
+from collections.abc import (
+    AsyncGenerator,
+    Callable,
+    Collection,
+    Coroutine,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar, overload
 
 import anyio
@@ -50,6 +58,19 @@ class Bus(Protocol):
         max_pending: int = 1024,
         patience: float = ...,
     ) -> Subscription: ...
+
+    async def subscribe_many(
+        self,
+        patterns: Sequence[str],
+        *,
+        queue_group: str | None = None,
+        max_pending: int = 1024,
+        patience: float = ...,
+    ) -> list[Subscription]:
+        """`subscribe` to each of `patterns` in few frames, all or none."""
+
+    async def unsubscribe_many(self, subscriptions: Iterable[Subscription]) -> None:
+        """Close each of `subscriptions` (as its `aclose`), telling the hub in few frames."""
 
     @overload
     async def request(self, target: str, method: str, body: object = None) -> Any: ...

@@ -47,7 +47,7 @@ log = get_logger("multikernel.endpoints")
 
 FEATURES = (
     Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
-    | Feature.NAME_HOLDS
+    | Feature.NAME_HOLDS | Feature.SUBSCRIBE_MANY
 )  # fmt: skip
 
 
@@ -108,6 +108,7 @@ class HubLink:
         self.name = name
         self.id = 0
         self.max_body = DEFAULT_MAX_BODY
+        self.features = 0  # granted at attach (Welcome.features)
         self._path = path
         self._fd = fd
         self.wait = wait
@@ -214,6 +215,7 @@ class HubLink:
             raise
         self.id = welcome.endpoint_id
         self.max_body = welcome.max_body
+        self.features = welcome.features
         return session
 
     async def open_session(self) -> tuple[socket.socket, Channel]:

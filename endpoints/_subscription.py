@@ -43,6 +43,9 @@ class SubscriptionStatistics:
     missed: int = 0  # every gap told so far: this endpoint's drops and the hub's
 
 
+#: One generic alias for every buffer (subscripting per call made a new one for each stream).
+_new_buffer = anyio.create_memory_object_stream[Message]
+
 #: How long a full subscription buffer holds up the endpoint's reading, by default (seconds).
 DEFAULT_PATIENCE = 2.0
 
@@ -58,6 +61,12 @@ class Subscription:
     (`Message.missed`). `patience=0` drops at once and never holds anything up.
     """
 
+    __slots__ = (
+        "__weakref__", "_max_pending", "_streak", "_streams", "_unreported", "_unsubscribe",
+        "active", "cross_instance", "delivered", "dropped", "missed", "patience", "pattern",
+        "queue_group", "sid", "stalled",
+    )  # fmt: skip
+
     def __init__(
         self,
         sid: int,
@@ -71,9 +80,13 @@ class Subscription:
         self.pattern = pattern
         self.queue_group = queue_group
         self.cross_instance = False
-        self._send: MemoryObjectSendStream[Message]
-        self._receive: MemoryObjectReceiveStream[Message]
-        self._send, self._receive = anyio.create_memory_object_stream[Message](max_pending)
+        # The buffer is made when first needed (a message arrives or someone reads): an idle
+        # subscription, as most of a large table are, then costs this object alone (the pair of
+        # streams is ~1.5 KB).
+        self._max_pending = max_pending
+        self._streams: (
+            tuple[MemoryObjectSendStream[Message], MemoryObjectReceiveStream[Message]] | None
+        ) = None
         self._unsubscribe = unsubscribe
         self.delivered = self.dropped = self.missed = 0
         self.patience = patience
@@ -91,10 +104,28 @@ class Subscription:
         """Hand `message` over, or drop it (counted, told as a gap) when the buffer is full."""
         self._now(message, may_wait=False)
 
+    @property
+    def _send(self) -> MemoryObjectSendStream[Message]:
+        return self._buffer()[0]
+
+    @property
+    def _receive(self) -> MemoryObjectReceiveStream[Message]:
+        return self._buffer()[1]
+
+    def _buffer(
+        self,
+    ) -> tuple[MemoryObjectSendStream[Message], MemoryObjectReceiveStream[Message]]:
+        if self._streams is None:
+            self._streams = _new_buffer(self._max_pending)
+            if not self.active:  # closed before anything needed it: reads end at once
+                self._streams[0].close()
+                self._streams[1].close()
+        return self._streams
+
     def _now(self, message: Message, *, may_wait: bool) -> bool:
         told = self._gap(message)
         try:
-            self._send.send_nowait(told)
+            (self._streams or self._buffer())[0].send_nowait(told)
         except anyio.WouldBlock:
             if may_wait:
                 return False
@@ -146,7 +177,7 @@ class Subscription:
         self._streak += 1
         if self._streak < 64:
             try:
-                return self._receive.receive_nowait()
+                return (self._streams or self._buffer())[1].receive_nowait()
             except anyio.WouldBlock:
                 pass
             except anyio.EndOfStream:
@@ -162,20 +193,24 @@ class Subscription:
         return await self._receive.receive()
 
     def statistics(self) -> SubscriptionStatistics:
-        buffered = self._receive.statistics().current_buffer_used
+        buffered = 0 if self._streams is None else self._receive.statistics().current_buffer_used
         return SubscriptionStatistics(self.delivered, self.dropped, buffered, self.missed)
 
     def discard(self) -> None:
-        """Close the buffer without telling the hub (it never accepted the subscription)."""
+        """Close the buffer without telling the hub (it never accepted the subscription, or
+        the caller tells it for many at once: `unsubscribe_many`)."""
         self.active = False
-        self._send.close()
-        self._receive.close()
+        self._close_buffer()
+
+    def _close_buffer(self) -> None:
+        if self._streams is not None:
+            self._streams[0].close()
+            self._streams[1].close()
 
     async def aclose(self) -> None:
         if self.active:
             self.active = False
-            self._send.close()
-            self._receive.close()
+            self._close_buffer()
             # Shielded, so a cancelled owner still tells the hub; bounded, so a hub that is going
             # away too cannot hold us (it forgets the subscription with the session anyway).
             with anyio.move_on_after(2, shield=True):

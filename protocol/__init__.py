@@ -79,8 +79,11 @@ from multikernel.protocol._control import NameRequest as NameRequest
 from multikernel.protocol._control import NameRequestReply as NameRequestReply
 from multikernel.protocol._control import ReleaseNames as ReleaseNames
 from multikernel.protocol._control import Subscribe as Subscribe
+from multikernel.protocol._control import SubscribedMany as SubscribedMany
+from multikernel.protocol._control import SubscribeMany as SubscribeMany
 from multikernel.protocol._control import SwitchNames as SwitchNames
 from multikernel.protocol._control import Unsubscribe as Unsubscribe
+from multikernel.protocol._control import UnsubscribeMany as UnsubscribeMany
 from multikernel.protocol._control import Welcome as Welcome
 from multikernel.protocol._envelope import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY
 from multikernel.protocol._envelope import HEADER_SIZE as HEADER_SIZE

@@ -47,6 +47,7 @@ class Feature(IntFlag):
     DRAIN = 0x0008  # Drain (lame-duck mode) is understood
     MONITOR = 0x0010  # the endpoint may receive Flag.COPY frames
     NAME_HOLDS = 0x0020  # NameHeld and NameHoldEnded notices are understood
+    SUBSCRIBE_MANY = 0x0040  # SubscribeMany and UnsubscribeMany are understood
 
 
 class ErrorCode(IntEnum):

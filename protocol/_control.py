@@ -82,6 +82,26 @@ class Unsubscribe(_ControlMessage, frozen=True, tag="unsubscribe"):
     sid: U64 = 0
 
 
+class SubscribeMany(_ControlMessage, frozen=True, tag="subscribe_many"):
+    """Several Subscribes in one frame (feature SUBSCRIBE_MANY), all made or none: the first
+    refused one is the error answer. Answered with ``SubscribedMany``."""
+
+    subscriptions: tuple[Subscribe, ...]
+
+
+class SubscribedMany(_ControlMessage, frozen=True, tag="subscribed_many"):
+    """Hub → endpoint: every Subscribe of a SubscribeMany was made; ``across[i]`` is what
+    ``Ok.value`` answers to the i-th alone (1: it may also hear other instances)."""
+
+    across: bytes
+
+
+class UnsubscribeMany(_ControlMessage, frozen=True, tag="unsubscribe_many"):
+    """Undo the Subscribes with these ``sids`` (feature SUBSCRIBE_MANY); answered with Ok."""
+
+    sids: tuple[U64, ...]
+
+
 class NameRequest(_ControlMessage, frozen=True, tag="name_request"):
     """Ask to own a well-known name (``flags``: NameFlag bits, D-Bus semantics)."""
 
@@ -200,6 +220,9 @@ Control: TypeAlias = (
     | Welcome
     | Subscribe
     | Unsubscribe
+    | SubscribeMany
+    | SubscribedMany
+    | UnsubscribeMany
     | NameRequest
     | NameRequestReply
     | NameRelease

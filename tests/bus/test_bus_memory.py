@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 import tempfile
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -16,6 +18,7 @@ import msgspec
 import pytest
 
 from multikernel.bus import Hub, Limits, Policy
+from multikernel.bus._policy import SUBSCRIBE_CACHE_LIMIT
 from multikernel.bus.testing import MemoryBus, MemoryEndpoint
 from multikernel.endpoints import Bus, Endpoint, Service, connect, current_caller
 from multikernel.protocol import (
@@ -625,3 +628,37 @@ async def test_the_memory_bus_holds_and_switches_names_as_the_hub_does() -> None
         assert answers == [new.id]
         assert (await holds.receive()).decode(NameHoldEnded) == NameHoldEnded("svc", "switched")
         assert (await caller.introspect()).names == {"svc": (new.id, old.id)}
+
+
+def _ours(snapshot: tracemalloc.Snapshot) -> int:
+    """Bytes held, leaving out the event loops' own (each unsubscribe's bounded wait leaves a
+    timer in the loop until its deadline passes)."""
+    loops = [tracemalloc.Filter(False, f"*/{name}/*") for name in ("asyncio", "anyio", "trio")]
+    return sum(stat.size for stat in snapshot.filter_traces(loops).statistics("filename"))
+
+
+async def test_ten_thousand_subscriptions_cost_under_a_kilobyte_each_and_come_back() -> None:
+    """Bus and client side together (the double runs both in this process): each idle
+    subscription is small, and unsubscribing all of them gives the memory back, but for the
+    policy's bounded cache of subscribe decisions."""
+    count = 10_000
+    bus = MemoryBus(limits=Limits(max_subscriptions=count))
+    patterns = [f"app.s{n}.state" for n in range(count)]
+    async with bus.connect("many") as endpoint:
+        await (await endpoint.subscribe("warm.up")).aclose()
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = _ours(tracemalloc.take_snapshot())
+            subscriptions = [await endpoint.subscribe(p) for p in patterns]
+            gc.collect()
+            held = _ours(tracemalloc.take_snapshot()) - before
+            for subscription in subscriptions:
+                await subscription.aclose()
+            del subscriptions
+            gc.collect()
+            kept = _ours(tracemalloc.take_snapshot()) - before
+        finally:
+            tracemalloc.stop()
+    assert held / count < 1024, f"{held / count:.0f} bytes per subscription"
+    assert kept < SUBSCRIBE_CACHE_LIMIT * 320, f"{kept} bytes kept after unsubscribing all"

@@ -280,6 +280,20 @@ def test_decision_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(default._cache) <= 4
 
 
+def test_subscribe_decisions_have_a_smaller_cache_of_their_own(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The hub keeps each subscription's answer itself, so the policy need not keep 64k of
+    them: subscribing to many patterns leaves at most SUBSCRIBE_CACHE_LIMIT behind."""
+    monkeypatch.setattr(_policy, "SUBSCRIBE_CACHE_LIMIT", 4)
+    default = Policy.default()
+    for n in range(10):
+        default.may_subscribe(G2, f"app.{n}.*")
+    assert len(default._subscribe_cache) <= 4
+    assert not default._cache
+    assert default.may_subscribe(G2, "app.9.*") is default.may_subscribe(G2, "app.9.*")
+
+
 def test_invalid_subject_raises_and_is_not_cached() -> None:
     default = Policy.default()
     with pytest.raises(InvalidSubjectError):
@@ -417,3 +431,61 @@ def test_doc_full_example_parses_and_means_what_it_says() -> None:
     assert rules.may_connect(ep(4), ep(2), "db.primary")
     assert rules.may_monitor(ep(0, uid=990))
     assert not rules.may_subscribe(G3, "db.events.>", within_instance=True)
+
+
+_SAMPLE_POLICY = """
+[host_only]
+subscribe = ["ops.secret.>"]
+[[deny]]
+who = "instance:3"
+subscribe = ["app.private.*"]
+publish = ["app.{instance}.x"]
+[[rule]]
+who = "name:svc.*"
+subscribe = ["app.>"]
+call = ["resource"]
+[[rule]]
+who = "guest"
+publish = ["app.{instance}.>"]
+"""
+_words = st.sampled_from(["app", "ops", "mk", "instance", "2", "3", "secret", "private", "x"])
+
+
+@given(
+    tokens=st.lists(st.one_of(_words, st.sampled_from(["*", ">"])), min_size=1, max_size=4),
+    who=st.sampled_from([ep(0, 0), ep(2), ep(3), ep(3, names=("svc.a",)), ep(0, 1000)]),
+    action=st.sampled_from(["subscribe", "publish", "call", "own"]),
+    within=st.booleans(),
+)
+def test_skipping_the_rules_for_an_unrelated_first_token_decides_as_walking_them(
+    tokens: list[str], who: Identity, action: str, within: bool
+) -> None:
+    """The shortcut (no rule pattern starts with the thing's first token) gives the same
+    decision and reason as walking the rules."""
+    if ">" in tokens[:-1] or (action != "subscribe" and {"*", ">"} & set(tokens)):
+        return  # not a valid pattern or subject
+    thing = ".".join(tokens)
+    fast, slow = Policy.from_toml(_SAMPLE_POLICY), Policy.from_toml(_SAMPLE_POLICY)
+    compile_all = slow._compile
+    slow._compile = lambda *args: compile_all(*args)._replace(  # type: ignore[method-assign]
+        firsts=_policy._EVERY_TOKEN
+    )
+    ask = {
+        "subscribe": lambda p: p.may_subscribe(who, thing, within_instance=within),
+        "publish": lambda p: p.may_publish(who, thing, within_instance=within),
+        "call": lambda p: p.may_call(who, thing, within_instance=within),
+        "own": lambda p: p.may_own(who, thing),
+    }[action]
+    assert ask(fast) == ask(slow)
+    if action == "subscribe":  # the hub's answers alone agree with the decisions
+        expected = (
+            bool(slow.may_subscribe(who, thing, within_instance=True)),
+            bool(slow.may_subscribe(who, thing)),
+        )
+        assert fast.subscribe_verdicts(who, thing) == expected
+    if action == "publish" and (verdicts := fast.publish_verdicts(who, thing)) is not None:
+        expected = (
+            bool(slow.may_publish(who, thing, within_instance=True)),
+            bool(slow.may_publish(who, thing)),
+        )
+        assert verdicts == expected

@@ -219,3 +219,22 @@ async def test_sigterm_drains_then_exits_within_the_grace_period(
             proc.communicate(timeout=PATIENCE)
     assert proc.returncode == 0, stderr
     assert not socket_path.exists()  # noqa: ASYNC240 - after the hub is gone, nothing to wait for
+
+
+async def test_subscribe_many_makes_all_or_none(socket_path: Path) -> None:
+    """A batch that would pass the limit is refused whole: nothing of it stays at the hub or in
+    the endpoint, and the subscriptions made before it still work."""
+    async with (
+        hub_with(socket_path, limits=Limits(max_subscriptions=700)),
+        connect(socket_path) as ep,
+    ):
+        first = await ep.subscribe_many([f"s.{n}" for n in range(100)])
+        with pytest.raises(BusyError):
+            await ep.subscribe_many([f"t.{n}" for n in range(1000)])  # the 2nd of two frames fails
+        assert len((await ep.introspect()).subscriptions) == 100
+        assert len(ep.statistics()["subscriptions"]) == 100
+        await ep.publish("s.7", 7)
+        assert (await first[7].receive()).value() == 7
+        await ep.unsubscribe_many(first)
+        assert not (await ep.introspect()).subscriptions
+        assert not any(sub.active for sub in first)

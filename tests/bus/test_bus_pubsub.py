@@ -9,7 +9,7 @@ import pytest
 
 from multikernel.bus import Hub
 from multikernel.endpoints import connect
-from multikernel.protocol import InvalidSubjectError, Kind, encode
+from multikernel.protocol import Feature, InvalidSubjectError, Kind, encode
 
 from .conftest import spawn
 
@@ -154,3 +154,23 @@ async def test_bodies_over_the_hubs_limit_are_refused_before_sending(
         async with await ep.subscribe("big.thing") as sub:
             await ep.publish("big.thing", b"x" * (hub.limits.max_body - 64))  # just fits
             assert len((await sub.receive()).value()) == hub.limits.max_body - 64
+
+
+@pytest.mark.parametrize("batched", [True, False], ids=["SubscribeMany", "one by one"])
+async def test_subscribe_many_delivers_as_subscribe_does(
+    hub: Hub, socket_path: Path, batched: bool
+) -> None:
+    """With the hub's SUBSCRIBE_MANY feature in few frames, without it (an older hub) one
+    Subscribe each: the same subscriptions either way."""
+    async with connect(socket_path) as ep:
+        if not batched:
+            ep._link.features &= ~Feature.SUBSCRIBE_MANY
+        subs = await ep.subscribe_many([f"many.{n}" for n in range(1500)] + ["many.*"])
+        assert [s.pattern for s in subs[:2]] == ["many.0", "many.1"]
+        await ep.publish("many.1499", "last")
+        assert (await subs[1499].receive()).value() == "last"
+        assert (await subs[-1].receive()).subject == "many.1499"
+        assert len((await ep.introspect()).subscriptions) == 1501
+        await ep.unsubscribe_many(subs[:1000])
+        await subs[1000].aclose()
+        assert len((await ep.introspect()).subscriptions) == 500

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
+import tracemalloc
 from collections import Counter
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -182,10 +185,21 @@ def test_unsubscribing_a_literal_beside_a_full_wildcard_keeps_the_wildcard(token
 
 
 def test_unsubscribe_keeps_shared_prefix_nodes() -> None:
-    router = _router(("a", "mk.x.y"), ("b", "mk.x"))
+    router = _router(("a", "mk.*.y"), ("b", "mk.*"))
     router.unsubscribe("a")
     assert router.statistics().trie_nodes == 2
     assert router.match("mk.x") == ["b"]
+
+
+def test_literal_patterns_live_outside_the_trie_and_leave_with_their_last_subscription() -> None:
+    router = _router(("a", "mk.x.y"), ("b", "mk.x"), ("c", "mk.x", "g"))
+    stats = router.statistics()
+    assert (stats.trie_nodes, stats.literal_subjects) == (0, 2)
+    router.unsubscribe("b")
+    assert router.statistics().literal_subjects == 2  # c still holds mk.x
+    router.unsubscribe("c")
+    router.unsubscribe("a")
+    assert router.statistics().literal_subjects == 0
 
 
 # --- the cache -------------------------------------------------------------------------------
@@ -245,11 +259,20 @@ def test_the_default_cache_holds_4096_subjects() -> None:
 
 def test_zero_cache_size_disables_the_cache() -> None:
     router: SubjectRouter[str] = SubjectRouter(cache_size=0)
-    router.subscribe("a", "s.x")
+    router.subscribe("a", "s.*")
     router.match("s.x")
     router.match("s.x")
     stats = router.statistics()
     assert (stats.cache_entries, stats.cache_hits, stats.cache_misses) == (0, 0, 2)
+
+
+def test_literal_subjects_need_no_cache_while_there_is_no_wildcard() -> None:
+    router = _router(("a", "s.x"), ("b", "s.x", "g"))
+    for n in range(10_000):
+        assert router.match(f"s.{n}") == []
+    assert router.match("s.x") == ["a", "b"]
+    stats = router.statistics()
+    assert (stats.cache_entries, stats.cache_hits, stats.cache_misses) == (0, 0, 0)
 
 
 def test_negative_cache_size_is_rejected() -> None:
@@ -315,10 +338,11 @@ def test_statistics_count_subscriptions_groups_and_nodes() -> None:
     assert router.statistics() == RouterStatistics(
         subscriptions=3,
         queue_groups=1,
-        trie_nodes=6,  # mk, instance, *, state, >, x
+        trie_nodes=5,  # mk, instance, *, state, >; mk.x is a literal subject
         cache_entries=0,
         cache_hits=0,
         cache_misses=0,
+        literal_subjects=1,
     )
 
 
@@ -370,3 +394,81 @@ def test_router_agrees_with_brute_force_subject_matches(
             chosen = [key for key in found if live[key][1] == name]
             assert len(chosen) == (1 if members else 0)
             assert set(chosen) <= members
+
+
+_literal_pattern = st.lists(_tokens, min_size=1, max_size=3).map(".".join)
+_op = st.one_of(
+    st.tuples(st.just("subscribe"), st.integers(0, 15), st.one_of(_literal_pattern, _pattern),
+              st.sampled_from([None, None, "g1", "g2"])),
+    st.tuples(st.just("unsubscribe"), st.integers(0, 15), st.just(""), st.none()),
+    st.tuples(st.just("match"), st.integers(0, 0), _subject, st.none()),
+)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops=st.lists(_op, max_size=40), cache_size=st.sampled_from([0, 2, 4096]))
+def test_router_agrees_with_a_naive_matcher_through_any_interleaving(
+    ops: list[tuple[str, int, str, str | None]], cache_size: int
+) -> None:
+    """Subscribes, unsubscribes and matches in any order, literal-only stretches included (the
+    dict path) and wildcard ones (trie and cache): the same plain keys as a loop over every
+    subscription, one matching member per group, and an empty router at the end."""
+    router: SubjectRouter[int] = SubjectRouter(cache_size=cache_size)
+    live: dict[int, tuple[str, str | None]] = {}
+    for op, key, text, group in ops:
+        if op == "subscribe" and key not in live:
+            router.subscribe(key, text, group)
+            live[key] = (text, group)
+        elif op == "unsubscribe":
+            assert router.unsubscribe(key) is (live.pop(key, None) is not None)
+        elif op == "match":
+            found = router.match(text)
+            matching = {k: g for k, (p, g) in live.items() if subject_matches(p, text)}
+            assert sorted(k for k in found if live[k][1] is None) == sorted(
+                k for k, g in matching.items() if g is None
+            )
+            for name in ("g1", "g2"):
+                chosen = [k for k in found if live[k][1] == name]
+                members = {k for k, g in matching.items() if g == name}
+                assert len(chosen) == (1 if members else 0)
+                assert set(chosen) <= members
+    for key in list(live):
+        router.unsubscribe(key)
+    stats = router.statistics()
+    assert (stats.subscriptions, stats.trie_nodes, stats.literal_subjects, stats.queue_groups) == (
+        0, 0, 0, 0,
+    )  # fmt: skip
+
+
+# --- memory ----------------------------------------------------------------------------------
+
+
+def _traced(action: Callable[[], object]) -> int:
+    """Bytes allocated by ``action`` and still held after it."""
+    gc.collect()
+    before = tracemalloc.get_traced_memory()[0]
+    action()
+    gc.collect()
+    return tracemalloc.get_traced_memory()[0] - before
+
+
+@pytest.mark.parametrize("pattern", ["svc.s{}.get", "svc.s{}.*"])
+def test_ten_thousand_subscriptions_are_small_and_their_memory_comes_back(pattern: str) -> None:
+    count = 10_000
+    patterns = [pattern.format(n) for n in range(count)]
+    keys = [(1, n) for n in range(count)]
+    router: SubjectRouter[tuple[int, int]] = SubjectRouter()
+    router.subscribe((0, 0), "x.y")
+    router.match("x.y")
+    tracemalloc.start()
+    try:
+        held = _traced(
+            lambda: [router.subscribe(k, p) for k, p in zip(keys, patterns, strict=True)]
+        )
+        kept = _traced(lambda: [router.unsubscribe(k) for k in keys])
+    finally:
+        tracemalloc.stop()
+    per_subscription = held / count
+    limit = 200 if "*" not in pattern else 800  # literal: two dict slots and a holder
+    assert per_subscription < limit, f"{per_subscription:.0f} bytes per subscription"
+    assert held + kept < 32 << 10, f"{held + kept} bytes kept after unsubscribing all"

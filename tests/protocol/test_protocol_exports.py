@@ -17,7 +17,8 @@ PUBLIC = {
     # control messages
     "CONTROL_DECODER", "Control", "Drain", "Heartbeat", "Hello", "NameOwnerChanged",
     "NameRelease", "NameReleaseReply", "NameRequest", "NameRequestReply", "Subscribe",
-    "Unsubscribe", "Welcome", "HoldNames", "NameHeld", "NameHoldEnded", "NameMove",
+    "Unsubscribe", "SubscribeMany", "SubscribedMany", "UnsubscribeMany", "Welcome", "HoldNames",
+    "NameHeld", "NameHoldEnded", "NameMove",
     "ReleaseNames", "SwitchNames",
     # direct channels, services, monitor, introspection
     "AttachRequest", "BusSnapshot", "ChannelInfo", "ChannelOpen", "ChannelReady",
