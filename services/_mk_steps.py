@@ -129,6 +129,29 @@ class KernelSteps:
                 found.append(tx)
         return found
 
+    def created(self, name: str) -> int | None:
+        """The applied transaction whose `instance-create` made instance `name`, if any."""
+        for tx in sorted(self._transactions()):
+            try:
+                if self.kernel.read(f"overlays/tx_{tx}/status").decode().strip() != "applied":
+                    continue
+                tree = dt.parse(self.kernel.read(f"overlays/tx_{tx}/dtbo"))
+            except (FileNotFoundError, dt.DeviceTreeError):
+                continue
+            for fragment in tree.children:
+                overlay = fragment.child("__overlay__")
+                made = overlay.child("instance-create") if overlay is not None else None
+                if made is not None and made.string("instance-name") == name:
+                    return tx
+        return None
+
+    def instance_id(self, name: str) -> int | None:
+        """The id the kernel gave instance `name` (None: it has no such instance)."""
+        try:
+            return int(self.kernel.read(f"instances/{name}/id").decode().strip())
+        except (FileNotFoundError, ValueError):
+            return None
+
     def _transactions(self) -> set[int]:
         return {int(d[3:]) for d in self.kernel.listdir("overlays") if d.startswith("tx_")}
 

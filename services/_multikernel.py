@@ -37,6 +37,7 @@ import anyio.abc
 import anyio.to_thread
 
 from multikernel.endpoints.log import get_logger
+from multikernel.services import _mk_adopt
 from multikernel.services._mk_kernel import (
     MAX_INSTANCE_ID,
     REBOOT_CMD_BOOT,
@@ -298,6 +299,37 @@ class MultikernelPlatform:
         inst.ended.set()
         if self._running.get(inst.name) is inst:
             del self._running[inst.name]
+
+    # -- after a host restart (`_mk_adopt`) --------------------------------------------------
+
+    def record(self, proc: InstanceProcess) -> str:
+        """What a restarted host needs to find this launch again (JSON, for the state store)."""
+        inst = self._own(proc)
+        return _mk_adopt.encode_record(inst.name, inst.instance_id, inst.transactions)
+
+    def adopt(self, spec: LaunchSpec, record: str) -> MultikernelInstance | None:
+        """Watch the recorded launch again if the kernel still runs it (None if it does not)."""
+        found = _mk_adopt.decode_record(record)
+        if self._tg is None or spec.name in self._running:
+            return None
+        if not _mk_adopt.adoptable(self.steps, found):
+            return None
+        inst = MultikernelInstance(self, spec)
+        inst.transactions.extend(found.transactions)
+        self._running[spec.name] = inst
+        self._tg.start_soon(self._watch, inst)
+        log.info("instance adopted", instance=spec.name, id=found.id)
+        return inst
+
+    async def reclaim_record(self, record: str) -> None:
+        """End what is left of a recorded launch that was not adopted; undo its transactions."""
+        found = _mk_adopt.decode_record(record)
+        made = set(found.transactions)
+        await _mk_adopt.reclaim(self.steps, found.name, found.id, made, within=self.boot_timeout)
+
+    async def reclaim_unit(self, unit: str) -> None:
+        """Reclaim what a launch of `unit` cut short by a crash left in the kernel."""
+        await _mk_adopt.reclaim_unit(self.steps, unit, within=self.boot_timeout)
 
     def inspect(self, proc: InstanceProcess) -> IsolationReport:
         inst = self._own(proc)

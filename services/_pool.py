@@ -272,6 +272,25 @@ def discover_pool(
     """
     cpus = discover_cpus(root)
     block_size, blocks = discover_memory(root)
+    return make_pool(
+        cpus, block_size, blocks, discover_queues(root),
+        reserve_cpus=reserve_cpus, reserve_memory=reserve_memory,
+    )  # fmt: skip
+
+
+def make_pool(
+    cpus: Mapping[int, Cpu],
+    block_size: int,
+    blocks: Mapping[int, MemoryBlock],
+    queues: Mapping[str, Queue],
+    *,
+    reserve_cpus: frozenset[int] = frozenset(),
+    reserve_memory: int = 0,
+) -> Pool:
+    """The pool of these CPUs, blocks and queues, less what the host keeps (the lowest blocks).
+
+    Raises `PoolError` naming the setting that is wrong.
+    """
     unknown = reserve_cpus - cpus.keys()
     if unknown:
         raise PoolError(
@@ -295,7 +314,7 @@ def discover_pool(
         cpus={c: cpu for c, cpu in cpus.items() if c not in reserve_cpus},
         block_size=block_size,
         blocks={b: blocks[b] for b in order[kept:]},
-        queues=discover_queues(root),
+        queues=dict(queues),
         reserved_cpus={c: cpus[c] for c in sorted(reserve_cpus)},
         reserved_blocks={b: blocks[b] for b in order[:kept]},
     )

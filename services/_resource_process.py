@@ -34,7 +34,7 @@ from multikernel.services._elastic import ElasticBounds
 from multikernel.services._enforce import HostSide, LocalHostSide, NoHostSide
 from multikernel.services._local import LocalPlatform
 from multikernel.services._policies import load_policy
-from multikernel.services._pool import discover_pool
+from multikernel.services._pool import Pool, discover_pool
 from multikernel.services._rebalance import load_rebalancer
 from multikernel.services._resource import ResourceActor
 from multikernel.services._resource_store import ResourceStore
@@ -60,6 +60,18 @@ class ResourceConfig(msgspec.Struct, frozen=True, kw_only=True):
     elastic_max_memory: int = 0
     rebalance: str = ""  # "": none; "pressure"; or package.module:attribute
     kernfs: str = ""  # the multikernel file system, on the multikernel platform ("": local)
+
+    def pool(self) -> Pool:
+        """What the actor lends: this machine's (its sysfs), or on the multikernel platform
+        the kernel's pool (its global device tree, `_mk_pool`)."""
+        cpus, memory = frozenset(self.reserve_cpus), self.reserve_memory
+        if self.kernfs:
+            from multikernel.services._mk_kernel import SysfsKernel
+            from multikernel.services._mk_pool import kernel_pool
+
+            kernel = SysfsKernel(Path(self.kernfs))
+            return kernel_pool(kernel, reserve_cpus=cpus, reserve_memory=memory)
+        return discover_pool(Path(self.sysfs_root), reserve_cpus=cpus, reserve_memory=memory)
 
     def host_side(self) -> HostSide:
         """The host's end of grants: the instances' cgroups, on the real machine only; on the
@@ -97,11 +109,7 @@ async def serve_resource(
     task_status: anyio.abc.TaskStatus[ResourceActor] = anyio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `resource` until cancelled; the store is closed on every path."""
-    pool = discover_pool(
-        Path(config.sysfs_root),
-        reserve_cpus=frozenset(config.reserve_cpus),
-        reserve_memory=config.reserve_memory,
-    )
+    pool = config.pool()
     policy = load_policy(config.policy)
     store = ResourceStore(Path(config.state_dir) / "resource.db")
     try:

@@ -237,6 +237,10 @@ class Supervisor:
         """Collect an adopted launch's output again: open the read end its agent holds."""
         if inst.proc is None or not inst.output_fd:
             return
+        if not inst.proc.pid:  # no host pid: it runs on a kernel of its own (multikernel)
+            why = "it runs on a kernel of its own: no pipe here to reopen"
+            log.warning("output not collected again", instance=inst.name, error=why)
+            return
         path = f"/proc/{inst.proc.pid}/fd/{inst.output_fd}"
         try:
             pipe = os.readlink(path).startswith("pipe:")

@@ -28,6 +28,7 @@ from multikernel.endpoints.mkctl import (
     _upgrade,
 )
 from multikernel.endpoints.mkctl._errors import EXIT_CODES, EXIT_USAGE, error_line, exit_code
+from multikernel.endpoints.mkctl._kerf import KERF_VERBS
 from multikernel.endpoints.mkctl._output import Settings, Verbs, output_options
 
 
@@ -38,11 +39,18 @@ def _version() -> str:
         return "unknown"
 
 
+class TopVerbs(Verbs):
+    """mkctl's verbs, and kerf's names for some of them (`_kerf`; not listed in --help)."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        return super().get_command(ctx, KERF_VERBS.get(cmd_name, cmd_name))
+
+
 _EPILOG = "Exit status: " + "; ".join(f"{code} {what}" for code, what in EXIT_CODES.items())
 
 
 @click.group(
-    cls=Verbs,
+    cls=TopVerbs,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     epilog=_EPILOG,
 )

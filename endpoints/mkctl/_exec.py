@@ -23,7 +23,7 @@ import click
 from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints.mkctl._client import with_bus
 from multikernel.endpoints.mkctl._errors import UsageError
-from multikernel.endpoints.mkctl._instances import PASS_THROUGH, name_argument, strip_dashes
+from multikernel.endpoints.mkctl._instances import PASS_THROUGH, name_or_id, strip_dashes
 from multikernel.endpoints.mkctl._output import emit, output_options, table
 from multikernel.protocol import (
     AgentStatus,
@@ -62,7 +62,7 @@ def _exit_status(status: int) -> int:
     show_default=True,
     help="Seconds the command may run before it is killed (not with -it).",
 )
-@name_argument
+@name_or_id
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @output_options
 def exec_(

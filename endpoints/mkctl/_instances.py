@@ -6,6 +6,7 @@ answer is shown as a table, or as JSON/YAML with `-o`.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -101,6 +102,39 @@ def name_argument(command: Callable[..., Any]) -> Callable[..., Any]:
     return click.argument("name", shell_complete=_complete_names)(command)
 
 
+def name_or_id(command: Callable[..., Any]) -> Callable[..., Any]:
+    """NAME, or `--id N` as kerf says it: the instance whose id is N (docs/platform.md, "mkctl
+    and kerf"). With --id, a word where NAME would be is the first of the verb's COMMAND."""
+
+    @functools.wraps(command)
+    def run(*args: Any, name: str | None, instance_id: int | None, **kwargs: Any) -> Any:
+        if instance_id is not None:
+            if name and "command" in kwargs:
+                kwargs["command"] = (name, *kwargs["command"])
+            elif name:
+                raise click.UsageError(
+                    f"give a name or --id, not both ({name!r}, --id {instance_id})"
+                )
+            name = instance_named(instance_id)
+        elif not name:
+            raise click.UsageError("missing the instance: NAME (or --id N)")
+        return command(*args, name=name, **kwargs)
+
+    run = click.argument("name", required=False, shell_complete=_complete_names)(run)
+    return click.option(
+        "--id", "instance_id", type=int, default=None, help="The instance by its id (kerf's --id)."
+    )(run)
+
+
+def instance_named(instance_id: int) -> str:
+    """The name of the instance whose id is `instance_id` (`NotFoundError` if none has it)."""
+    listed: InstanceList = _lifecycle("show", ShowInstances(""), InstanceList)
+    for info in listed.instances:
+        if info.id == instance_id:
+            return info.name
+    raise NotFoundError(f"no instance has id {instance_id} (mkctl show lists them)")
+
+
 def _lifecycle(method: str, body: object, response: type = InstanceInfo) -> Any:
     async def work(ep: Endpoint) -> Any:
         return await ep.request("lifecycle", method, body, response=response)
@@ -124,13 +158,21 @@ _RESTART_HELP = (
 )
 
 
+class Aliased(click.Option):
+    """An option with kerf's names as second names (`--cpus`, `-c`, `--cpu-count`); an error
+    names it by ours alone."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        return f"'{self.opts[0]}'"
+
+
 def grant_options(cpus_help: str) -> Callable[[F], F]:
     """--cpus, --memory, --queues, --restart and the output options (create and update)."""
 
     def add(command: F) -> F:
         for option in reversed((
-            click.option("--cpus", type=CPUS, default=None, help=cpus_help),
-            click.option("--memory", type=SIZE, default=None, help=_MEMORY_HELP),
+            click.option("--cpus", "-c", "--cpu-count", cls=Aliased, type=CPUS, help=cpus_help),
+            click.option("--memory", "-m", cls=Aliased, type=SIZE, help=_MEMORY_HELP),
             click.option("--queues", type=QUEUES, default=None, help=_QUEUES_HELP),
             click.option("--restart", type=RESTART, default=None, help=_RESTART_HELP),
             output_options,
@@ -158,7 +200,7 @@ def create(
 
 
 @click.command()
-@name_argument
+@name_or_id
 @grant_options(_CPUS_HELP)
 def update(
     name: str,
@@ -192,7 +234,7 @@ PASS_THROUGH = {"ignore_unknown_options": True, "allow_interspersed_args": False
 
 
 @click.command(context_settings=PASS_THROUGH, short_help="Start a loaded instance.")
-@name_argument
+@name_or_id
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @output_options
 def start(name: str, command: tuple[str, ...]) -> int:
@@ -201,8 +243,8 @@ def start(name: str, command: tuple[str, ...]) -> int:
 
 
 @click.command()
-@name_argument
-@click.option("--force", is_flag=True, help="Skip the negotiated shutdown: kill at once.")
+@name_or_id
+@click.option("--force", "-f", is_flag=True, help="Skip the negotiated shutdown: kill at once.")
 @click.option(
     "--grace", type=float, default=5.0, show_default=True, help="Seconds to wait for a clean halt."
 )
@@ -213,7 +255,7 @@ def kill(name: str, force: bool, grace: float) -> int:
 
 
 @click.command()
-@name_argument
+@name_or_id
 @output_options
 def delete(name: str) -> int:
     """Forget a stopped instance and release what it holds."""
@@ -227,10 +269,15 @@ def delete(name: str) -> int:
 
 @click.command(short_help="Instances: state, resources, image, pid, restart policy.")
 @click.argument("name", default="", shell_complete=_complete_names)
+@click.option(
+    "--id", "instance_id", type=int, default=None, help="The instance by its id (kerf's --id)."
+)
 @output_options
-def show(name: str) -> int:
+def show(name: str, instance_id: int | None) -> int:
     """Instances: state, resources, image, pid, restart policy (all, or the one named); -o wide
     adds the launch generation, restarts, why the last launch ended and the fault actor's view."""
+    if instance_id is not None:
+        name = instance_named(instance_id)
     wide = settings().output == "wide"
 
     async def work(ep: Endpoint) -> tuple[InstanceList, dict[str, str]]:

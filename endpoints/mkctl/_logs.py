@@ -20,7 +20,7 @@ import click
 from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints.mkctl._client import with_bus
 from multikernel.endpoints.mkctl._errors import UsageError
-from multikernel.endpoints.mkctl._instances import name_argument
+from multikernel.endpoints.mkctl._instances import name_or_id
 from multikernel.endpoints.mkctl._output import output_options, settings
 from multikernel.protocol import LogLine, LogLines, ReadLogs
 
@@ -59,7 +59,7 @@ def _print(line: LogLine, timestamps: bool, as_json: bool) -> None:
 
 
 @click.command()
-@name_argument
+@name_or_id
 @click.option("-f", "--follow", is_flag=True, help="Go on printing new output until it ends.")
 @click.option("--since", default=None, help="Only output newer than 30s, 5m, 2h, 1d or a time.")
 @click.option("--tail", type=int, default=0, help="Only the last N lines.")

@@ -1,7 +1,7 @@
 """The lifecycle, resource and fault actors on the multikernel platform, against the fake kernel.
 
-The same actors as on the local platform, in this process: the hub, the resource actor (on this
-machine's pool, with no host side: the kernel's overlays are the platform's), the lifecycle actor
+The same actors as on the local platform, in this process: the hub, the resource actor (lending
+the kernel's pool, its grants to a running instance made by overlay), the lifecycle actor
 with a `MultikernelPlatform` over a `FakeMultikernel`, and the fault actor. Each instance is a
 fake kernel whose userspace is our real agent, reached over the vsock stand-in; a panic the
 kernel reports (the instance back to `loaded`) is a crash the fault actor restarts.
@@ -43,10 +43,10 @@ from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local_probe import online_cpus
 from multikernel.services._mk_fake import FakeMultikernel, RebootCall, boot_init
 from multikernel.services._mk_kernel import REBOOT_CMD_BOOT
+from multikernel.services._mk_pool import kernel_pool
 from multikernel.services._mk_steps import MultikernelHostSide
 from multikernel.services._mk_vsock import UnixVsock
 from multikernel.services._multikernel import BootImage, MultikernelPlatform
-from multikernel.services._pool import discover_pool
 from multikernel.services._resource import ResourceActor
 from multikernel.services._resource_store import ResourceStore
 from multikernel.services._signature import make_signing_key
@@ -103,7 +103,8 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
     kernel = FakeMultikernel(
         tmp_path / "machine",
         cpus=online_cpus(),
-        memory=[(1 << 32, 384 * MB)],
+        # Three 128 MiB chunks: 384 MiB for the resource actor, but no 256 MiB in one range.
+        memory=[(1 << 32, 128 * MB), (1 << 33, 128 * MB), (1 << 34, 128 * MB)],
         boot=boot_init(vsock),
     )
     platform = MultikernelPlatform(
@@ -123,7 +124,8 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
                 anyio.create_task_group() as actors,
             ):
                 grants = MultikernelHostSide(platform.steps)  # a running instance's: overlays
-                resource = ResourceActor(resource_ep, discover_pool(), resources, host=grants)
+                pool = kernel_pool(kernel)
+                resource = ResourceActor(resource_ep, pool, resources, host=grants)
                 await actors.start(resource.run)
                 lifecycle = LifecycleActor(
                     lifecycle_ep, platform, open_instance_socket=hub.open_instance_socket,
@@ -169,17 +171,19 @@ async def test_an_instance_kernel_runs_our_agent_and_a_panic_is_restarted(host: 
             boots = [c for c in host.kernel.calls if c == RebootCall(REBOOT_CMD_BOOT, info.id)]
             assert len(boots) == 2
 
-            # A grant to the running instance reaches its kernel as an overlay.
-            grown = await host.call("update", UpdateInstance("web", memory=256 * MB))
-            assert grown.memory == 256 * MB
-            assert host.memory("web") == 256 * MB
-            with pytest.raises(RefusedError) as refused:  # more than the kernel's pool has free
-                await host.call("update", UpdateInstance("web", memory=512 * MB))
+            # A grant the resource actor can lend but the kernel cannot place (256 MiB more, in
+            # one range) is refused by the kernel and rolled back.
+            with pytest.raises(RefusedError) as refused:
+                await host.call("update", UpdateInstance("web", memory=384 * MB))
             assert str(refused.value).startswith(
                 "'web' did not get its new grant: the host could not apply it: the pool has no "
                 "268435456 free bytes in one range (kerf show); nothing changed"
             )
-            assert host.memory("web") == 256 * MB  # the grant was rolled back
+            assert host.memory("web") == 128 * MB  # the grant was rolled back
+            # A grant to the running instance reaches its kernel as an overlay.
+            grown = await host.call("update", UpdateInstance("web", memory=256 * MB))
+            assert grown.memory == 256 * MB
+            assert host.memory("web") == 256 * MB
 
             assert (await host.call("kill", KillInstance("web"))).state == "loaded"
             assert host.status("web") == "absent"  # reclaimed: every transaction undone
