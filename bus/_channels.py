@@ -31,6 +31,7 @@ from multikernel.protocol import (
     Kind,
     MultikernelError,
     NoRespondersError,
+    RefusedError,
     encode,
 )
 from multikernel.shm import create_channel_handles
@@ -81,6 +82,13 @@ class ChannelBroker:
         decision = policy.may_connect(client.identity, server.identity, target)
         if not decision:
             raise AccessDeniedError(f"calling {target!r} refused: {decision.reason}")
+        if client.sock is None or server.sock is None:
+            raise RefusedError(
+                f"calling {target!r} needs a direct channel, and the "
+                f"{'caller' if client.sock is None else 'owner'} is attached over a region "
+                "shared with another kernel, where no file descriptor can be handed over; "
+                "direct channels into a region are not built yet (docs/bus.md, region sessions)"
+            )
         self._check_limits(client, server, target)
         tg.start_soon(self._hand_over, client, server, target, correlation)
 
@@ -137,6 +145,7 @@ class ChannelBroker:
                     peer.identity.uid,
                     peer.identity.pid,
                 )
+                assert session.sock is not None  # open() refuses sessions over a region
                 async with session.socket_lock:
                     await send_handle(
                         session.sock, encode(Kind.CONTROL, ready, correlation=corr), handle
@@ -155,6 +164,13 @@ class ChannelBroker:
     async def hand_over_attachment(self, session: Session, correlation: int) -> None:
         """A new socket bound to the requester's own instance, for a process it starts there."""
         instance = session.identity.instance
+        if session.sock is None:
+            error = RefusedError(
+                "an attachment is a socket, and this endpoint is attached over a region shared "
+                "with another kernel, where no file descriptor can be handed over"
+            )
+            self._fail(session, correlation, error)
+            return
         # Bound to the requester's instance and uid: an attachment never widens who it is.
         try:
             theirs = self._open_instance_socket(instance, uid=session.identity.uid)

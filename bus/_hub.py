@@ -81,6 +81,7 @@ from multikernel.protocol import (
     snapshot_page,
     validate_pattern,
 )
+from multikernel.shm import Channel
 
 log = get_logger("multikernel.bus")
 
@@ -179,6 +180,20 @@ class Hub:
         made, not from anything the process says.
         """
         return self._endpoints.open_instance_socket(instance, uid=uid, pid=pid)
+
+    async def serve_region(
+        self, instance: int, channel: Channel, *, uid: int | None = None, pid: int = 0
+    ) -> None:
+        """Serve a session over `channel`, one laid out in a region shared with another kernel
+        (a guest's ivshmem memory, the analogue of the boot-time IPI buffer), until it ends.
+
+        The session's identity is `instance`, `uid` (default: the hub's own) and `pid`, from
+        which region the caller handed over, never from what the peer says. The protocol is a
+        socket session's (Hello, Welcome, then frames on the channel), without a socket: direct
+        channels to or from it are refused with `RefusedError`. Run it in a task group while the
+        hub serves; cancel it when the peer dies (QEMU exits). The hub closes `channel`.
+        """
+        await self._endpoints.serve_region(instance, channel, uid=uid, pid=pid)
 
     async def drain(self, grace: float = 10.0) -> None:
         """Lame duck: accept no one new, ask every endpoint to drain, wait `grace` s for them."""

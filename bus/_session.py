@@ -98,7 +98,7 @@ class Session:
         self,
         identity: Identity,
         channel: Channel,
-        sock: socket.socket,
+        sock: socket.socket | None,  # None: a session over a region (no fds can reach it)
         limits: Limits,
     ) -> None:
         self.identity = identity

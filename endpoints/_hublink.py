@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Coroutine
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
@@ -103,6 +103,7 @@ class HubLink:
         fd: int | None,
         wait: WaitPolicy,
         reconnect: bool,
+        channel: Channel | None = None,
     ) -> None:
         self.owner = owner
         self.name = name
@@ -110,9 +111,10 @@ class HubLink:
         self.max_body = DEFAULT_MAX_BODY
         self._path = path
         self._fd = fd
+        self._region = channel  # a session channel in a region: used once, no socket
         self.wait = wait
         # An inherited socket is used once; re-attaching needs the hub's path as well.
-        self._reconnect = reconnect and (fd is None or path is not None)
+        self._reconnect = reconnect and channel is None and (fd is None or path is not None)
         self._gone = False  # the hub went away and we may not re-attach: fail, never wait
         self.session: Channel | None = None
         self._attached = anyio.Event()
@@ -197,7 +199,10 @@ class HubLink:
         if not isinstance(ready, ChannelReady) or ready.role != "session" or len(fds) != HANDLE_FDS:
             close_fds(fds)
             raise ProtocolError("the hub's first message was not a session channel")
-        session = Channel.attach(ChannelHandle(1, fds), self.wait)
+        return await self._greet(Channel.attach(ChannelHandle(1, fds), self.wait))
+
+    async def _greet(self, session: Channel) -> Channel:
+        """Hello on the session channel, the hub's Welcome back (closing it on failure)."""
         try:
             hello = Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, FEATURES, self.name)
             await session.send(encode(Kind.CONTROL, hello))
@@ -216,8 +221,16 @@ class HubLink:
         self.max_body = welcome.max_body
         return session
 
-    async def open_session(self) -> tuple[socket.socket, Channel]:
+    async def open_session(self) -> tuple[socket.socket | None, Channel]:
         """Connect to the hub and attach; raises HubUnavailableError saying what to do."""
+        if self._region is not None:  # the hub is on the other side of a shared region
+            region, self._region = self._region, None
+            try:
+                return None, await self._greet(region)
+            except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                raise HubUnavailableError(
+                    "the hub closed the region's session channel while we attached"
+                ) from exc
         where = "the inherited bus socket" if self._fd is not None else self._path
         try:
             sock = await self._connect_socket()
@@ -242,7 +255,7 @@ class HubLink:
 
     async def run_sessions(
         self,
-        sock: socket.socket,
+        sock: socket.socket | None,
         session: Channel,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -250,10 +263,11 @@ class HubLink:
         """Serve the session we have; when the hub goes, re-attach (with back-off) and restore."""
         first = True
         while True:
-            with sock:
+            with sock or nullcontext():
                 async with session, anyio.create_task_group() as tg:
                     self.session = session
-                    tg.start_soon(self._read_socket, sock, tg.cancel_scope)
+                    if sock is not None:  # a session over a region has no socket
+                        tg.start_soon(self._read_socket, sock, tg.cancel_scope)
                     tg.start_soon(self.owner._flush_mirror)
                     if not first:
                         tg.start_soon(self.owner._restore)

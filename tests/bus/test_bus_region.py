@@ -1,0 +1,89 @@
+"""A session over a region: an endpoint with no socket attaches through a channel in memory it
+shares with the hub (a memfd standing in for a guest's ivshmem memory; tests/qemu boots a real
+guest), and the hub binds who it is from the region it handed over, not from what it says."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import anyio
+import pytest
+
+from multikernel.bus import Policy
+from multikernel.endpoints import connect
+from multikernel.protocol import RefusedError
+from tests.bus.conftest import hub_serving, region_peer, tell
+
+pytestmark = pytest.mark.anyio
+
+ANYONE_MAY_SERVE = """
+[[rule]]
+who = "*"
+own = ["on.host", "in.guest"]
+call = ["on.host", "in.guest"]
+"""
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+async def test_an_endpoint_attaches_over_a_region_bound_to_the_instance_the_host_says(
+    tmp_path: Path,
+) -> None:
+    async with hub_serving(tmp_path) as (hub, tg):
+        with region_peer("honest") as (channel, peer):
+            tg.start_soon(hub.serve_region, 7, channel)
+            endpoint = (await peer.expect("ready"))["endpoint"]
+            (info,) = [e for e in hub.snapshot().endpoints if e.endpoint_id == endpoint]
+            assert (info.name, info.instance, info.uid, info.pid) == ("liar", 7, os.getuid(), 0)
+            same = hub.open_instance_socket(7)
+            async with (
+                connect(fd=same.detach(), name="in-7") as inside,
+                connect(hub.path, name="host") as host,
+                await inside.subscribe("from.guest") as sub,
+                await host.subscribe("from.guest"),
+            ):
+                tell(peer, "publish from.guest")
+                await peer.expect("published")
+                with anyio.fail_after(10):
+                    message = await sub.__anext__()
+                assert (message.decode(bytes), message.source) == (b"from the region", endpoint)
+                # The host's subscriber is in instance 0: the default policy keeps instance 7's
+                # publication from it, as it would any local instance's.
+                assert hub._sessions[endpoint].denied == 1
+            await peer.stop()
+            with anyio.fail_after(10):
+                while endpoint in hub._sessions:  # noqa: ASYNC110 - the hub has no event for it
+                    await anyio.sleep(0.01)
+
+
+async def test_direct_channels_to_or_from_a_region_session_are_refused_saying_why(
+    tmp_path: Path,
+) -> None:
+    async with hub_serving(tmp_path, Policy.from_toml(ANYONE_MAY_SERVE)) as (hub, tg):
+        with region_peer("honest") as (channel, peer):
+            tg.start_soon(hub.serve_region, 7, channel)
+            await peer.expect("ready")
+            async with connect(hub.path, name="host") as host:
+                svc = host.service("on.host")
+
+                @svc.method
+                async def echo(data: bytes) -> bytes:
+                    return data
+
+                await svc.start()
+                tell(peer, "call on.host")
+                error = await peer.expect("error")
+                assert error["type"] == "RefusedError"
+                assert error["message"].startswith(
+                    "calling 'on.host' needs a direct channel, and the caller is attached over a "
+                    "region shared with another kernel"
+                )
+                tell(peer, "own in.guest")
+                await peer.expect("owned")
+                with pytest.raises(RefusedError, match="the owner is attached over a region"):
+                    await host.request("in.guest", "echo", b"hi")
+            await peer.stop()
