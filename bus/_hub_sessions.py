@@ -50,7 +50,14 @@ from multikernel.protocol import (
     encode,
     error_to_body,
 )
-from multikernel.shm import Channel, PeerDiedError, ShmError, WaitPolicy, create_channel
+from multikernel.shm import (
+    Channel,
+    PeerDiedError,
+    ShmError,
+    WaitPolicy,
+    create_channel,
+    max_payload,
+)
 
 log = get_logger("multikernel.bus")
 
@@ -299,6 +306,13 @@ class Sessions:
         """
         uid = os.getuid() if uid is None else uid
         with channel:
+            needed = max_payload(self.limits.session_capacity)
+            if min(channel.writer.max_payload, channel.reader.max_payload) < needed:
+                raise ValueError(
+                    f"a session channel must carry frames of {needed} bytes both ways: format "
+                    f"it with a capacity of at least Limits.session_capacity "
+                    f"({self.limits.session_capacity})"
+                )
             try:
                 frame = await channel.receive()
                 await self._greet_and_serve(channel, None, frame, pid, uid, instance)

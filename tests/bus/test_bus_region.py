@@ -13,6 +13,7 @@ import pytest
 from multikernel.bus import Policy
 from multikernel.endpoints import connect
 from multikernel.protocol import RefusedError
+from multikernel.shm import Channel, Region, channel_size, format_channel
 from tests.bus.conftest import hub_serving, region_peer, tell
 
 pytestmark = pytest.mark.anyio
@@ -87,3 +88,13 @@ async def test_direct_channels_to_or_from_a_region_session_are_refused_saying_wh
                 with pytest.raises(RefusedError, match="the owner is attached over a region"):
                     await host.request("in.guest", "echo", b"hi")
             await peer.stop()
+
+
+async def test_a_region_channel_too_small_for_the_hubs_frames_is_refused(tmp_path: Path) -> None:
+    """Refused before any session, and closed (the hub took it: the suite checks for leaks)."""
+    with Region.create(channel_size(1 << 16)) as region:
+        format_channel(region, 1 << 16)
+        channel = Channel.open_region(region, 0)
+        async with hub_serving(tmp_path) as (hub, _):
+            with pytest.raises(ValueError, match=r"capacity of at least Limits\.session_capacity"):
+                await hub.serve_region(7, channel)
