@@ -36,6 +36,7 @@ from multikernel.bus._name_events import SOURCE_OFFSET as _SOURCE_OFFSET
 from multikernel.bus._name_events import announce_cutoff, announce_owner_changes, publish_event
 from multikernel.bus._names import NameRegistry
 from multikernel.bus._policy import Identity, Policy
+from multikernel.bus._relay import end_relay, forward
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
 from multikernel.bus._snapshot import build_snapshot
@@ -227,6 +228,8 @@ class Hub:
         self._owner_changes(self._names.remove_owner(session.id))  # clients hear of it first
         self._holds.holder_left(session.id)  # what waited goes to whoever owns the name now
         self._channels.forget_endpoint(session.id)
+        for token in list(session.relays):
+            end_relay(session, token)
         if session.cut_reason:
             announce_cutoff(session, self._router, self._subs)
 
@@ -239,7 +242,7 @@ class Hub:
             elif header.kind == Kind.CONTROL:
                 body = decode_body(header, frame, CONTROL_DECODER)
                 self._control(session, header.correlation, body, header.deadline_ns)
-            else:
+            elif not (session.relays and forward(session, header, frame)):
                 raise ProtocolError(
                     f"{header.kind.name.lower()} frames travel on direct channels, not through "
                     "the hub; open one with ChannelOpen"
@@ -398,6 +401,7 @@ class Hub:
             case ChannelRevoke(token=token):
                 if self._channels.side_of(session, token) is not None:
                     del self._channels.records[token]
+                    end_relay(session, token)
             case ServiceInfo(name=name):
                 if self._names.owner(name) != session.id:
                     raise ProtocolError(f"describe {name!r} after owning it (NameRequest)")

@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 
 from multikernel.endpoints._calls import Correlations
+from multikernel.endpoints._relayed import RelayedChannel
 from multikernel.endpoints._subscription import Message, Subscription
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import HANDLE_FDS, close_fds, receive_handle
@@ -117,6 +118,7 @@ class HubLink:
         self._reconnect = reconnect and channel is None and (fd is None or path is not None)
         self._gone = False  # the hub went away and we may not re-attach: fail, never wait
         self.session: Channel | None = None
+        self.relays: dict[int, RelayedChannel] = {}  # over a region: channels the hub relays
         self._attached = anyio.Event()
         self._calls = Correlations()
         self._send_lock = anyio.Lock()
@@ -279,6 +281,8 @@ class HubLink:
                     await self._read_session(session)
                     tg.cancel_scope.cancel()
                 self.session = None
+                for relayed in list(self.relays.values()):
+                    relayed.close()  # the hub forgot them with the session
                 if self._attached.is_set():
                     self._attached = anyio.Event()
                 self._calls.fail_all(HubUnavailableError("the hub went away; re-attaching"))
@@ -311,6 +315,9 @@ class HubLink:
         kind = header.kind
         if kind == Kind.PUBLISH:
             return self.owner._on_publication(header, frame)
+        if self.relays and (relayed := self.relays.get(header.destination)) is not None:
+            relayed.reader.put(frame)  # an answer on a channel the hub relays for us
+            return None
         if header.correlation and self._calls.deliver(header, frame):
             return None
         if kind == Kind.ERROR:
@@ -321,6 +328,11 @@ class HubLink:
         if kind == Kind.CONTROL:
             self.owner._on_notice(header, frame, decode_body(header, frame, CONTROL_DECODER))
         return None
+
+    def relayed(self, token: int) -> RelayedChannel:
+        """The direct channel `token`, which the hub relays (we are attached over a region)."""
+        channel = self.relays[token] = RelayedChannel(self, token)
+        return channel
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         if self.tg is None:

@@ -61,9 +61,11 @@ async def test_an_endpoint_attaches_over_a_region_bound_to_the_instance_the_host
                     await anyio.sleep(0.01)
 
 
-async def test_direct_channels_to_or_from_a_region_session_are_refused_saying_why(
+async def test_a_region_endpoint_calls_a_service_through_a_channel_the_hub_relays(
     tmp_path: Path,
 ) -> None:
+    """No fd reaches it, so the hub holds its side of the direct channel and relays; when the
+    service goes, the caller is told and its next call finds nobody."""
     async with hub_serving(tmp_path, Policy.from_toml(ANYONE_MAY_SERVE)) as (hub, tg):
         with region_peer("honest") as (channel, peer):
             tg.start_soon(hub.serve_region, 7, channel)
@@ -73,20 +75,33 @@ async def test_direct_channels_to_or_from_a_region_session_are_refused_saying_wh
 
                 @svc.method
                 async def echo(data: bytes) -> bytes:
-                    return data
+                    return data * 2
 
                 await svc.start()
-                tell(peer, "call on.host")
-                error = await peer.expect("error")
-                assert error["type"] == "RefusedError"
-                assert error["message"].startswith(
-                    "calling 'on.host' needs a direct channel, and the caller is attached over a "
-                    "region shared with another kernel"
-                )
-                tell(peer, "own in.guest")
-                await peer.expect("owned")
-                with pytest.raises(RefusedError, match="the owner is attached over a region"):
+                for _ in range(3):  # the first opens the channel, the others reuse it
+                    tell(peer, "call on.host")
+                    assert (await peer.expect("answer"))["value"] == "hihi"
+                (record,) = hub.snapshot().channels
+                assert record.target == "on.host"
+            tell(peer, "call on.host")
+            assert (await peer.expect("error"))["type"] == "NoRespondersError"
+            await peer.stop()
+
+
+async def test_serving_from_a_region_is_refused_saying_why(tmp_path: Path) -> None:
+    async with hub_serving(tmp_path, Policy.from_toml(ANYONE_MAY_SERVE)) as (hub, tg):
+        with region_peer("honest") as (channel, peer):
+            tg.start_soon(hub.serve_region, 7, channel)
+            await peer.expect("ready")
+            tell(peer, "own in.guest")
+            await peer.expect("owned")
+            async with connect(hub.path, name="host") as host:
+                with pytest.raises(RefusedError) as refused:
                     await host.request("in.guest", "echo", b"hi")
+                assert str(refused.value).startswith(
+                    "calling 'in.guest' needs a direct channel to its owner, which is attached "
+                    "over a region shared with another kernel"
+                )
             await peer.stop()
 
 
