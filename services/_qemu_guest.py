@@ -13,7 +13,7 @@
   rings the host after every frame it sends back, so the host may sleep on its eventfd.
 - `attach`: the same device and wait, then attach to the host's hub over the session channel
   the host laid there (`connect(channel=...)`, docs/bus.md "Sessions over a region"), publish,
-  call `mk.call` if given, and say each step on the console.
+  call `mk.call` if given (`mk.calls` more, timed), and say each step on the console.
 
 The guest's serial console is the host's only view of it before the ring is up, so every line
 meant for the host starts with `multikernel-guest: `; anything else on the console is the
@@ -137,7 +137,8 @@ def echo(args: dict[str, str]) -> None:
 def attach(args: dict[str, str]) -> None:
     """Attach to the host's hub over the session channel the host laid in the ivshmem memory
     (`connect(channel=...)`: no socket crosses into a guest), say so, publish one message on
-    `guest.hello`, call `mk.call` (`echo`) if given and say what came back, then detach."""
+    `guest.hello`, call `mk.call` (`echo`) if given and say what came back, then `mk.calls`
+    more and say their round trips (through the hub's relay), then detach."""
     import anyio
 
     from multikernel.endpoints import connect
@@ -164,6 +165,15 @@ def attach(args: dict[str, str]) -> None:
                 try:
                     answer = await ep.request(target, "echo", b"ping")
                     say(f"call answered {answer!r}")
+                    times = []
+                    for _ in range(int(args.get("calls", "0"))):
+                        start = time.perf_counter()
+                        await ep.request(target, "echo", b"ping")
+                        times.append(time.perf_counter() - start)
+                    if times:
+                        times.sort()
+                        p50, p99 = times[len(times) // 2], times[len(times) * 99 // 100]
+                        say(f"calls {len(times)} p50 {p50 * 1e6:.0f} us p99 {p99 * 1e6:.0f} us")
                 except MultikernelError as exc:
                     say(f"call failed {type(exc).__name__}: {exc}")
 
