@@ -23,9 +23,20 @@ from typing import Final
 import anyio
 
 from multikernel.bus._session import PEER_FAULTS, Session
-from multikernel.protocol import DESTINATION_OFFSET, BusyError, Header, Kind, encode, error_to_body
+from multikernel.endpoints.log import get_logger
+from multikernel.protocol import (
+    DESTINATION_OFFSET,
+    BusyError,
+    Header,
+    Kind,
+    ProtocolError,
+    decode_header,
+    encode,
+    error_to_body,
+)
 from multikernel.shm import Channel, ChannelHandle, PeerDiedError, WaitPolicy
 
+log = get_logger("multikernel.bus")
 _TOKEN: Final = struct.Struct("<Q")
 #: The hub never spins (bus/_hub_sessions.py), on a relayed channel either.
 RELAY_WAIT: Final = WaitPolicy(spin=0)
@@ -79,6 +90,12 @@ async def run_relay(client: Session, token: int, relay: Relay) -> None:
             with relay.scope:
                 while True:
                     for frame in await relay.channel.receive_many():
+                        try:  # garbage would end the caller's whole session, not a channel
+                            decode_header(frame)
+                        except ProtocolError as exc:
+                            log.warning("relay ended: garbage from the server", token=token,
+                                        caller=client.id, error=str(exc))  # fmt: skip
+                            return
                         client.deliver(stamped(frame, token), droppable=False)
         except (anyio.EndOfStream, PeerDiedError, *PEER_FAULTS):
             pass  # the server's side closed, or garbage from it: this relay ends, nothing else

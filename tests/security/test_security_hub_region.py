@@ -12,6 +12,10 @@ from pathlib import Path
 import anyio
 import pytest
 
+from multikernel.bus import Policy
+from multikernel.endpoints import connect
+from multikernel.protocol import ChannelReady
+from multikernel.shm import Channel
 from tests.bus.conftest import Peer, hub_serving, region_peer, tell
 from tests.security.test_security_hub import (
     cut_offs,
@@ -84,3 +88,52 @@ async def test_garbage_instead_of_hello_on_a_region_is_refused_alone(
             assert '"instance": 7' in refused
             assert '"region": true' in refused
             await still_served(client)
+
+
+ANYONE_MAY_SERVE = """
+[[rule]]
+who = "*"
+own = ["on.host"]
+call = ["on.host"]
+"""
+
+
+@pytest.mark.parametrize("garbage", [b"abc", b"\x00" * 64], ids=["short", "not-an-envelope"])
+async def test_garbage_from_a_server_ends_the_relay_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, garbage: bytes
+) -> None:
+    """A server that writes garbage on a channel the hub relays for a region caller ends that
+    relay (the caller is told and opens another on its next call), never the caller's session
+    or the hub."""
+    policy = Policy.from_toml(ANYONE_MAY_SERVE)
+    async with hub_serving(tmp_path, policy) as (hub, tg), connect(hub.path) as server:
+        svc = server.service("on.host")
+
+        @svc.method
+        async def echo(data: bytes) -> bytes:
+            return data
+
+        await svc.start()
+        served: list[Channel] = []
+        on_server_channel = server._on_server_channel
+
+        def keep(ready: ChannelReady, channel: Channel) -> None:
+            served.append(channel)
+            on_server_channel(ready, channel)
+
+        server._on_server_channel = keep  # type: ignore[method-assign]
+        with region_peer("honest") as (channel, caller):
+            tg.start_soon(hub.serve_region, 7, channel)
+            endpoint = (await caller.expect("ready"))["endpoint"]
+            tell(caller, "call on.host")
+            assert (await caller.expect("answer"))["value"] == "hi"
+            (first,) = hub.snapshot().channels
+            served[0].try_send(garbage)
+            await wait_until(lambda: not hub.snapshot().channels)  # the relay ended
+            tell(caller, "call on.host")
+            assert (await caller.expect("answer"))["value"] == "hi"  # on a new channel
+            (second,) = hub.snapshot().channels
+            assert second.token != first.token
+            assert endpoint in hub._sessions
+            assert cut_offs(caplog) == []
+            await caller.stop()
