@@ -6,6 +6,10 @@ then only: routes publications to subscribers (header-only, the body bytes untou
 control requests (subscribe, names, channel setup, monitor, introspection), and publishes
 name-owner changes. Requests and replies flow on direct channels it creates between the two
 endpoints, so a hub restart does not interrupt them: endpoints re-attach and re-register.
+
+An endpoint in another kernel attaches over a channel in memory shared with it instead
+(`serve_region`): no fd reaches it, so the hub relays its direct channels (bus/_relay.py), the
+one case where the hub is on the request path.
 """
 
 from __future__ import annotations

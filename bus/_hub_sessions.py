@@ -1,7 +1,8 @@
 """The hub's sessions: listening, attaching endpoints, reading their frames, letting them go.
 
 `Sessions` is everything about one endpoint's session from accept to detach: the control socket
-(or a socket made for an instance), the session channel it hands over, Hello/Welcome, the read
+(or a socket made for an instance, or no socket: a channel in a region shared with another
+kernel, `serve_region`), the session channel it hands over, Hello/Welcome, the read
 loop that hands each frame to the hub and flushes after each batch, and telling the hub when an
 endpoint goes. What the frames ask for (routing, control requests, names, direct channels) is
 the hub's (bus/_hub.py), through the `SessionHandler` it implements.
