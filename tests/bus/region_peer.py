@@ -7,7 +7,8 @@ ivshmem memory; the process opens side 1 of it and `connect(channel=...)`: no so
 It prints one JSON line per event and exits when its stdin closes.
 
   honest     attach as "liar" (a name says nothing of who it is), print its endpoint id, serve
-             requests from stdin lines: "publish SUBJECT", "call NAME", "own NAME"
+             requests from stdin lines: "publish SUBJECT", "call NAME", "own NAME", and
+             "forge TOKEN" (a request for a relayed channel it was never given)
   garbage    write one frame of garbage on the session channel after attaching
   early      write garbage where the hub waits for Hello (never attaches)
   counters   attach, then write a bogus tail counter into its ring, far past its size
@@ -22,7 +23,8 @@ from typing import Any
 import anyio
 
 from multikernel.endpoints import connect
-from multikernel.protocol import MultikernelError
+from multikernel.endpoints._relayed import stamped
+from multikernel.protocol import Kind, MultikernelError, encode
 from multikernel.shm import Channel, Region, WaitPolicy
 from multikernel.shm import _layout as L
 
@@ -65,6 +67,10 @@ async def main(fd: int, size: int, role: str) -> None:
                     svc = ep.service(arg)
                     await svc.start()
                     say("owned", name=arg)
+                elif verb == "forge":  # a request for a relayed channel it was never given
+                    frame = encode(Kind.REQUEST, b"", subject="echo", correlation=1)
+                    await ep._link.to_hub(stamped(frame, int(arg)))
+                    say("forged", token=int(arg))
                 elif verb == "call":
                     say("answer", value=(await ep.request(arg, "echo", b"hi")).decode())
             except MultikernelError as exc:

@@ -137,3 +137,41 @@ async def test_garbage_from_a_server_ends_the_relay_alone(
             assert endpoint in hub._sessions
             assert cut_offs(caplog) == []
             await caller.stop()
+
+
+async def test_a_request_for_a_relay_it_was_never_given_is_refused_not_forwarded(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A region endpoint can name any token in a frame; the hub looks it up among that
+    session's own relays only, so another caller's channel is out of reach: the frame is
+    answered with a protocol error and the session goes on."""
+    policy = Policy.from_toml(ANYONE_MAY_SERVE)
+    async with hub_serving(tmp_path, policy) as (hub, tg), connect(hub.path) as server:
+        svc = server.service("on.host")
+
+        @svc.method
+        async def echo(data: bytes) -> bytes:
+            return data
+
+        await svc.start()
+        with region_peer("honest") as (good, honest), region_peer("honest") as (bad, forger):
+            tg.start_soon(hub.serve_region, 7, good)
+            tg.start_soon(hub.serve_region, 8, bad)
+            await honest.expect("ready")
+            forger_id = (await forger.expect("ready"))["endpoint"]
+            tell(honest, "call on.host")
+            assert (await honest.expect("answer"))["value"] == "hi"
+            (relayed,) = hub.snapshot().channels
+            calls_served = hub._sessions[forger_id].frames_in
+            errors = hub.counters["errors"]
+            tell(forger, f"forge {relayed.token}")
+            await forger.expect("forged")
+            await wait_until(lambda: hub.counters["errors"] == errors + 1)
+            assert hub._sessions[forger_id].frames_in == calls_served + 1
+            tell(forger, "publish still.here")
+            await forger.expect("published")
+            tell(honest, "call on.host")
+            assert (await honest.expect("answer"))["value"] == "hi"
+            assert cut_offs(caplog) == []
+            await honest.stop()
+            await forger.stop()
