@@ -19,6 +19,7 @@ import anyio
 import anyio.abc
 
 from multikernel.bus._policy import Policy
+from multikernel.bus._relay import end_relay, open_relay, run_relay
 from multikernel.bus._session import Limits, Session
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import send_handle, send_with_fds
@@ -31,9 +32,10 @@ from multikernel.protocol import (
     Kind,
     MultikernelError,
     NoRespondersError,
+    RefusedError,
     encode,
 )
-from multikernel.shm import create_channel_handles
+from multikernel.shm import ChannelHandle, create_channel_handles
 
 log = get_logger("multikernel.bus")
 
@@ -81,8 +83,15 @@ class ChannelBroker:
         decision = policy.may_connect(client.identity, server.identity, target)
         if not decision:
             raise AccessDeniedError(f"calling {target!r} refused: {decision.reason}")
+        if server.sock is None:
+            raise RefusedError(
+                f"calling {target!r} needs a direct channel to its owner, which is attached "
+                "over a region shared with another kernel, where no file descriptor can be "
+                "handed over; serving from a region is not built yet (docs/bus.md, sessions "
+                "over a region)"
+            )
         self._check_limits(client, server, target)
-        tg.start_soon(self._hand_over, client, server, target, correlation)
+        tg.start_soon(self._hand_over, tg, client, server, target, correlation)
 
     def _check_limits(self, client: Session, server: Session, target: str) -> None:
         """Each channel costs both sides file descriptors and memory: a caller that asks again
@@ -106,8 +115,51 @@ class ChannelBroker:
                 "(Limits.max_served_channels); retry later"
             )
 
+    def _relay(
+        self,
+        tg: anyio.abc.TaskGroup,
+        client: Session,
+        server: Session,
+        token: int,
+        target: str,
+        handle: ChannelHandle,
+        correlation: int,
+    ) -> None:
+        """Hold the caller's side for a caller over a region (bus/_relay.py) and tell it the
+        channel is ready on its session channel, with no fds."""
+        relay = open_relay(client, token, handle)  # takes the handle's fds
+
+        async def run() -> None:
+            try:
+                await run_relay(client, token, relay)
+            finally:
+                if self.records.pop(token, None) is not None and not client.closed:
+                    reason = f"the owner of {target!r} closed the channel"
+                    client.deliver(
+                        encode(Kind.CONTROL, ChannelRevoke(token, reason=reason)),
+                        droppable=False,
+                    )
+
+        tg.start_soon(run)
+        ready = ChannelReady(
+            token,
+            "client",
+            target,
+            server.id,
+            server.identity.name,
+            server.identity.instance,
+            server.identity.uid,
+            server.identity.pid,
+        )
+        client.deliver(encode(Kind.CONTROL, ready, correlation=correlation), droppable=False)
+
     async def _hand_over(
-        self, client: Session, server: Session, target: str, correlation: int
+        self,
+        tg: anyio.abc.TaskGroup,
+        client: Session,
+        server: Session,
+        target: str,
+        correlation: int,
     ) -> None:
         token = next(self._tokens)
         try:
@@ -127,6 +179,9 @@ class ChannelBroker:
                 (server, client, "server", right, 0),
                 (client, server, "client", left, correlation),
             ):
+                if session.sock is None:  # a caller over a region: the hub holds its side
+                    self._relay(tg, session, peer, token, target, left, corr)
+                    continue
                 ready = ChannelReady(
                     token,
                     role,
@@ -137,6 +192,7 @@ class ChannelBroker:
                     peer.identity.uid,
                     peer.identity.pid,
                 )
+                assert session.sock is not None  # open() refuses sessions over a region
                 async with session.socket_lock:
                     await send_handle(
                         session.sock, encode(Kind.CONTROL, ready, correlation=corr), handle
@@ -155,6 +211,13 @@ class ChannelBroker:
     async def hand_over_attachment(self, session: Session, correlation: int) -> None:
         """A new socket bound to the requester's own instance, for a process it starts there."""
         instance = session.identity.instance
+        if session.sock is None:
+            error = RefusedError(
+                "an attachment is a socket, and this endpoint is attached over a region shared "
+                "with another kernel, where no file descriptor can be handed over"
+            )
+            self._fail(session, correlation, error)
+            return
         # Bound to the requester's instance and uid: an attachment never widens who it is.
         try:
             theirs = self._open_instance_socket(instance, uid=session.identity.uid)
@@ -193,6 +256,7 @@ class ChannelBroker:
             decision = policy.may_connect(client.identity, server.identity, record.target)
             if not decision:
                 del self.records[token]
+                end_relay(client, token)
                 revoke = encode(Kind.CONTROL, ChannelRevoke(token, reason=decision.reason))
                 client.deliver(revoke, droppable=False)
                 server.deliver(revoke, droppable=False)

@@ -6,6 +6,10 @@ then only: routes publications to subscribers (header-only, the body bytes untou
 control requests (subscribe, names, channel setup, monitor, introspection), and publishes
 name-owner changes. Requests and replies flow on direct channels it creates between the two
 endpoints, so a hub restart does not interrupt them: endpoints re-attach and re-register.
+
+An endpoint in another kernel attaches over a channel in memory shared with it instead
+(`serve_region`): no fd reaches it, so the hub relays its direct channels (bus/_relay.py), the
+one case where the hub is on the request path.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from multikernel.bus._name_events import SOURCE_OFFSET as _SOURCE_OFFSET
 from multikernel.bus._name_events import announce_cutoff, announce_owner_changes, publish_event
 from multikernel.bus._names import NameRegistry
 from multikernel.bus._policy import Identity, Policy
+from multikernel.bus._relay import end_relay, forward
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
 from multikernel.bus._snapshot import build_snapshot
@@ -85,6 +90,7 @@ from multikernel.protocol import (
     snapshot_page,
     validate_pattern,
 )
+from multikernel.shm import Channel
 
 log = get_logger("multikernel.bus")
 
@@ -187,6 +193,20 @@ class Hub:
         """
         return self._endpoints.open_instance_socket(instance, uid=uid, pid=pid)
 
+    async def serve_region(
+        self, instance: int, channel: Channel, *, uid: int | None = None, pid: int = 0
+    ) -> None:
+        """Serve a session over `channel`, one laid out in a region shared with another kernel
+        (a guest's ivshmem memory, the analogue of the boot-time IPI buffer), until it ends.
+
+        The session's identity is `instance`, `uid` (default: the hub's own) and `pid`, from
+        which region the caller handed over, never from what the peer says. The protocol is a
+        socket session's (Hello, Welcome, then frames on the channel), without a socket: direct
+        channels to or from it are refused with `RefusedError`. Run it in a task group while the
+        hub serves; cancel it when the peer dies (QEMU exits). The hub closes `channel`.
+        """
+        await self._endpoints.serve_region(instance, channel, uid=uid, pid=pid)
+
     async def drain(self, grace: float = 10.0) -> None:
         """Lame duck: accept no one new, ask every endpoint to drain, wait `grace` s for them."""
         await self._endpoints.drain(grace)
@@ -218,6 +238,8 @@ class Hub:
         self._owner_changes(self._names.remove_owner(session.id))  # clients hear of it first
         self._holds.holder_left(session.id)  # what waited goes to whoever owns the name now
         self._channels.forget_endpoint(session.id)
+        for token in list(session.relays):
+            end_relay(session, token)
         if session.cut_reason:
             announce_cutoff(session, self._router, self._subs)
 
@@ -230,7 +252,7 @@ class Hub:
             elif header.kind == Kind.CONTROL:
                 body = decode_body(header, frame, CONTROL_DECODER)
                 self._control(session, header.correlation, body, header.deadline_ns)
-            else:
+            elif not (session.relays and forward(session, header, frame)):
                 raise ProtocolError(
                     f"{header.kind.name.lower()} frames travel on direct channels, not through "
                     "the hub; open one with ChannelOpen"
@@ -401,6 +423,7 @@ class Hub:
             case ChannelRevoke(token=token):
                 if self._channels.side_of(session, token) is not None:
                     del self._channels.records[token]
+                    end_relay(session, token)
             case ServiceInfo(name=name):
                 if self._names.owner(name) != session.id:
                     raise ProtocolError(f"describe {name!r} after owning it (NameRequest)")

@@ -1,7 +1,8 @@
 """The hub's sessions: listening, attaching endpoints, reading their frames, letting them go.
 
 `Sessions` is everything about one endpoint's session from accept to detach: the control socket
-(or a socket made for an instance), the session channel it hands over, Hello/Welcome, the read
+(or a socket made for an instance, or no socket: a channel in a region shared with another
+kernel, `serve_region`), the session channel it hands over, Hello/Welcome, the read
 loop that hands each frame to the hub and flushes after each batch, and telling the hub when an
 endpoint goes. What the frames ask for (routing, control requests, names, direct channels) is
 the hub's (bus/_hub.py), through the `SessionHandler` it implements.
@@ -50,7 +51,14 @@ from multikernel.protocol import (
     encode,
     error_to_body,
 )
-from multikernel.shm import PeerDiedError, ShmError, WaitPolicy, create_channel
+from multikernel.shm import (
+    Channel,
+    PeerDiedError,
+    ShmError,
+    WaitPolicy,
+    create_channel,
+    max_payload,
+)
 
 log = get_logger("multikernel.bus")
 
@@ -282,62 +290,106 @@ class Sessions:
                 theirs.close()
             with anyio.fail_after(self.limits.hello_timeout):
                 frame = await ours.receive()
-            header = decode_header(frame, max_body=self.limits.max_body)
-            hello = (
-                decode_body(header, frame, CONTROL_DECODER) if header.kind == Kind.CONTROL else None
-            )
-            if not isinstance(hello, Hello):
-                raise ProtocolError("the first frame on a session must be a Hello control message")
-            version = min(hello.max_version, PROTOCOL_VERSION)
-            if version < hello.min_version or version not in SUPPORTED_VERSIONS:
-                error = UnsupportedVersionError(
-                    f"this hub speaks protocol versions {sorted(SUPPORTED_VERSIONS)}, the "
-                    f"endpoint {hello.min_version}..{hello.max_version}"
+            await self._greet_and_serve(ours, sock, frame, pid, uid, instance)
+
+    async def serve_region(
+        self, instance: int, channel: Channel, *, uid: int | None = None, pid: int = 0
+    ) -> None:
+        """Serve one session over `channel`, a channel laid out in a region shared with another
+        kernel (a guest's ivshmem memory), until the peer closes its side, garbage cuts it off,
+        or the caller cancels (the peer's death is the caller's to see: QEMU's exit).
+
+        The session is bound to `instance`, `uid` (default: the hub's own) and `pid` (QEMU's,
+        say) as the caller says, never as the peer says. No fd crosses a region, so such a
+        session has no control socket: direct channels to or from it are refused (docs/bus.md).
+        No hello timeout: a guest says Hello once it has booted, and how long that may take is
+        the caller's cancel scope. The hub closes `channel` when the session ends.
+        """
+        uid = os.getuid() if uid is None else uid
+        with channel:
+            needed = max_payload(self.limits.session_capacity)
+            if min(channel.writer.max_payload, channel.reader.max_payload) < needed:
+                raise ValueError(
+                    f"a session channel must carry frames of {needed} bytes both ways: format "
+                    f"it with a capacity of at least Limits.session_capacity "
+                    f"({self.limits.session_capacity})"
                 )
-                ours.try_send(
-                    encode(Kind.ERROR, error_to_body(error), correlation=header.correlation)
-                )
-                raise error
-            if len(self.by_id) >= self.limits.max_sessions:
-                busy = BusyError(
-                    f"the hub serves its maximum of {self.limits.max_sessions} endpoints "
-                    "(Limits.max_sessions); retry when some have left"
-                )
-                ours.try_send(
-                    encode(Kind.ERROR, error_to_body(busy), correlation=header.correlation)
-                )
-                raise ProtocolError(f"refused: {busy}")
-            identity = Identity(next(self._ids), instance, uid, pid, hello.name)
-            session = Session(identity, ours, sock, self.limits)
-            session.features = hello.features & FEATURES
-            self.by_id[session.id] = session
-            self.counters["sessions"] += 1
-            welcome = encode(
-                Kind.CONTROL,
-                Welcome(version, session.id, session.features, self.limits.max_body),
-                correlation=header.correlation,
-            )
-            session.deliver(welcome, droppable=False)
-            self._handler.attached(session)
-            log.info(
-                "endpoint attached",
-                endpoint=session.id,
-                name=hello.name,
-                pid=pid,
-                instance=instance,
-            )
             try:
-                async with anyio.create_task_group() as tg:
-                    session.cancel_scope = tg.cancel_scope
-                    tg.start_soon(session.flush_forever)
+                frame = await channel.receive()
+                await self._greet_and_serve(channel, None, frame, pid, uid, instance)
+            except (ProtocolError, ShmError) as exc:
+                log.warning(
+                    "endpoint refused at attach", instance=instance, region=True, error=str(exc)
+                )
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                pass  # the peer closed its side before it said Hello
+            except Exception as exc:  # the same boundary as a socket session's
+                log.error("endpoint cut off: internal error", instance=instance, region=True,
+                          error=repr(exc), exc_info=True)  # fmt: skip
+
+    async def _greet_and_serve(
+        self,
+        ours: Channel,
+        sock: socket.socket | None,
+        frame: bytes,
+        pid: int,
+        uid: int,
+        instance: int,
+    ) -> None:
+        """Hello (`frame`, the session's first) → Welcome, then the session until it ends."""
+        header = decode_header(frame, max_body=self.limits.max_body)
+        hello = decode_body(header, frame, CONTROL_DECODER) if header.kind == Kind.CONTROL else None
+        if not isinstance(hello, Hello):
+            raise ProtocolError("the first frame on a session must be a Hello control message")
+        version = min(hello.max_version, PROTOCOL_VERSION)
+        if version < hello.min_version or version not in SUPPORTED_VERSIONS:
+            error = UnsupportedVersionError(
+                f"this hub speaks protocol versions {sorted(SUPPORTED_VERSIONS)}, the "
+                f"endpoint {hello.min_version}..{hello.max_version}"
+            )
+            ours.try_send(encode(Kind.ERROR, error_to_body(error), correlation=header.correlation))
+            raise error
+        if len(self.by_id) >= self.limits.max_sessions:
+            busy = BusyError(
+                f"the hub serves its maximum of {self.limits.max_sessions} endpoints "
+                "(Limits.max_sessions); retry when some have left"
+            )
+            ours.try_send(encode(Kind.ERROR, error_to_body(busy), correlation=header.correlation))
+            raise ProtocolError(f"refused: {busy}")
+        identity = Identity(next(self._ids), instance, uid, pid, hello.name)
+        session = Session(identity, ours, sock, self.limits)
+        session.features = hello.features & FEATURES
+        self.by_id[session.id] = session
+        self.counters["sessions"] += 1
+        welcome = encode(
+            Kind.CONTROL,
+            Welcome(version, session.id, session.features, self.limits.max_body),
+            correlation=header.correlation,
+        )
+        session.deliver(welcome, droppable=False)
+        self._handler.attached(session)
+        log.info(
+            "endpoint attached",
+            endpoint=session.id,
+            name=hello.name,
+            pid=pid,
+            instance=instance,
+            region=sock is None,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                session.cancel_scope = tg.cancel_scope
+                tg.start_soon(session.flush_forever)
+                if sock is not None:
                     tg.start_soon(self._watch_socket, session)
-                    await self._receive_loop(session)
-            finally:
-                self._end_session(session)
+                await self._receive_loop(session)
+        finally:
+            self._end_session(session)
 
     async def _watch_socket(self, session: Session) -> None:
         """The endpoint never writes on its control socket after attach: EOF means it went;
         a byte means it misbehaves (and would otherwise wake the hub over and over)."""
+        assert session.sock is not None  # only sessions that came over a socket are watched
         if await wait_closed(session.sock):
             session.cut_off("wrote on its control socket after attach")
         elif session.cancel_scope is not None:

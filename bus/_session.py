@@ -23,13 +23,16 @@ import socket
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import anyio
 
 from multikernel.bus._policy import Identity
 from multikernel.protocol import HEADER_SIZE, MAX_SUBJECT_BYTES, ServiceInfo
 from multikernel.shm import Channel, PeerDiedError, ShmError, max_payload
+
+if TYPE_CHECKING:
+    from multikernel.bus._relay import Relay
 
 #: What a misbehaving endpoint can do to its own side of a session, and is cut off for.
 PEER_FAULTS = (anyio.BrokenResourceError, anyio.ClosedResourceError, ShmError)
@@ -99,7 +102,7 @@ class Session:
         self,
         identity: Identity,
         channel: Channel,
-        sock: socket.socket,
+        sock: socket.socket | None,  # None: a session over a region (no fds can reach it)
         limits: Limits,
     ) -> None:
         self.identity = identity
@@ -116,6 +119,7 @@ class Session:
         self.subscriptions: dict[int, SubscriptionRecord] = {}
         self.subscriptions_peak = 0  # its largest size since rebuilt (compacted)
         self.services: dict[str, ServiceInfo] = {}
+        self.relays: dict[int, Relay] = {}  # direct channels the hub relays for it, by token
         self.monitor: str | None = None
         self.draining = False
         self.features = 0  # granted at attach (Welcome.features)

@@ -25,6 +25,7 @@ import anyio
 from multikernel.endpoints._calls import Reply
 from multikernel.endpoints._direct import DirectChannel, Mirroring
 from multikernel.endpoints._hublink import HubLink
+from multikernel.endpoints._relayed import RelayedChannel
 from multikernel.endpoints.wire import request_frame
 from multikernel.protocol import (
     BusyError,
@@ -126,7 +127,11 @@ class ClientChannels:
             try:
                 ready, handle = await self._open(target)
                 old = self.by_target.get(target)
-                channel = Channel.attach(handle, self._link.wait)
+                channel: Channel | RelayedChannel = (
+                    self._link.relayed(ready.token)  # over a region: the hub relays it
+                    if handle is None
+                    else Channel.attach(handle, self._link.wait)
+                )
                 direct = DirectChannel(ready, channel, self._mirror)
                 self.by_target[target] = direct
                 if old is not None:
@@ -143,8 +148,11 @@ class ClientChannels:
                 del self._moved_while_opening[target]
                 event.set()
 
-    async def _open(self, target: str) -> tuple[ChannelReady, ChannelHandle]:
+    async def _open(self, target: str) -> tuple[ChannelReady, ChannelHandle | None]:
+        """The channel's description and handle; no handle when the hub relays it."""
         result = await self._link.control(ChannelOpen(target))
+        if isinstance(result, ChannelReady):  # on the session channel: no fds, a relay
+            return result, None
         assert isinstance(result, tuple)
         ready, handle = result
         return ready, handle
@@ -192,7 +200,11 @@ class ClientChannels:
             del self.held[target]
 
     def revoke(self, token: int) -> None:
-        """The hub withdrew a channel (the policy changed): no new calls on it."""
+        """The hub withdrew a channel (the policy changed; a relayed one also when its owner
+        closed it): no new calls on it, and calls waiting on a relayed one fail now."""
+        relayed = self._link.relays.get(token)
+        if relayed is not None:
+            relayed.reader.close()
         for direct in list(self.by_target.values()):
             if direct.token == token:
                 direct.stale = True

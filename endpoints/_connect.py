@@ -29,7 +29,7 @@ import anyio
 
 from multikernel.endpoints._endpoint import Endpoint
 from multikernel.endpoints.wire import ENV_FD, ENV_SOCKET, default_socket_path
-from multikernel.shm import WaitPolicy
+from multikernel.shm import Channel, WaitPolicy
 
 
 @asynccontextmanager
@@ -37,6 +37,7 @@ async def connect(
     path: str | os.PathLike[str] | None = None,
     *,
     fd: int | None = None,
+    channel: Channel | None = None,
     name: str = "",
     wait: WaitPolicy | None = None,
     reconnect: bool = True,
@@ -48,19 +49,31 @@ async def connect(
     inside an instance), else at `default_socket_path()`. With `reconnect`, a hub restart is
     survived: the endpoint re-attaches and re-registers; over an inherited socket only when
     $MULTIKERNEL_BUS says where the hub listens (else its next send raises HubUnavailableError).
+
+    With `channel`, the hub is on the other side of that session channel, already open in a
+    region shared with the hub's kernel (an ivshmem device's memory in a guest): Hello goes on
+    it, nothing is looked up, there is no socket (so no direct channels: calls to services are
+    refused with RefusedError) and no re-attach; the endpoint owns `channel`.
     """
     inherited = False
-    if path is None and fd is None and (env_fd := os.environ.get(ENV_FD)):
+    if channel is not None:
+        if path is not None or fd is not None:
+            channel.close()
+            raise ValueError("connect() takes one of path, fd and channel")
+        reconnect = False
+    if path is None and fd is None and channel is None and (env_fd := os.environ.get(ENV_FD)):
         fd = int(env_fd)
         os.environ.pop(ENV_FD)  # one owner: children do not inherit a claim to it
         inherited = True
     if path is not None:
         where: Path | None = Path(path)
+    elif channel is not None:
+        where = None
     elif fd is None:
         where = default_socket_path()
     else:  # an inherited socket re-attaches where $MULTIKERNEL_BUS says, if it says
         where = default_socket_path() if inherited and os.environ.get(ENV_SOCKET) else None
-    endpoint = Endpoint(name or f"pid{os.getpid()}", where, fd, wait, reconnect)
+    endpoint = Endpoint(name or f"pid{os.getpid()}", where, fd, wait, reconnect, channel)
     link = endpoint._link
     sock, session = await link.open_session()  # before the task group: a clean error
     raised: BaseException | None = None  # by the caller's block: re-raised outside the group

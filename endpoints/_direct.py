@@ -36,6 +36,7 @@ from multikernel.shm import Channel
 log = get_logger("multikernel.endpoints")
 
 if TYPE_CHECKING:
+    from multikernel.endpoints._relayed import RelayedChannel
     from multikernel.endpoints._service import Service
 
 
@@ -67,7 +68,9 @@ class DirectChannel:
     #: How long a server waits for a caller to read its replies before cutting it off (s).
     reply_patience: float = 5.0
 
-    def __init__(self, ready: ChannelReady, channel: Channel, mirror: Mirroring) -> None:
+    def __init__(
+        self, ready: ChannelReady, channel: Channel | RelayedChannel, mirror: Mirroring
+    ) -> None:
         self.token = ready.token
         self.target = ready.target
         self.role = ready.role

@@ -125,8 +125,9 @@ class Endpoint:
         fd: int | None,
         wait: WaitPolicy | None,
         reconnect: bool,
+        channel: Channel | None = None,
     ) -> None:
-        self._link = HubLink(self, name, path, fd, wait or ENDPOINT_WAIT, reconnect)
+        self._link = HubLink(self, name, path, fd, wait or ENDPOINT_WAIT, reconnect, channel)
         self._mirror = Mirroring()
         self._clients = ClientChannels(self._link, self._mirror)
         self._subs: dict[int, Subscription] = {}

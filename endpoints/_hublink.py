@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Callable, Coroutine
-from contextlib import suppress
+from contextlib import nullcontext, suppress
 from pathlib import Path
 from typing import Any, NoReturn, Protocol
 
@@ -20,6 +20,7 @@ import anyio
 import anyio.abc
 
 from multikernel.endpoints._calls import Correlations
+from multikernel.endpoints._relayed import RelayedChannel
 from multikernel.endpoints._subscription import Message, Subscription
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import HANDLE_FDS, close_fds, receive_handle
@@ -103,6 +104,7 @@ class HubLink:
         fd: int | None,
         wait: WaitPolicy,
         reconnect: bool,
+        channel: Channel | None = None,
     ) -> None:
         self.owner = owner
         self.name = name
@@ -111,11 +113,13 @@ class HubLink:
         self.features = 0  # granted at attach (Welcome.features)
         self._path = path
         self._fd = fd
+        self._region = channel  # a session channel in a region: used once, no socket
         self.wait = wait
         # An inherited socket is used once; re-attaching needs the hub's path as well.
-        self._reconnect = reconnect and (fd is None or path is not None)
+        self._reconnect = reconnect and channel is None and (fd is None or path is not None)
         self._gone = False  # the hub went away and we may not re-attach: fail, never wait
         self.session: Channel | None = None
+        self.relays: dict[int, RelayedChannel] = {}  # over a region: channels the hub relays
         self._attached = anyio.Event()
         self._calls = Correlations()
         self._send_lock = anyio.Lock()
@@ -198,7 +202,10 @@ class HubLink:
         if not isinstance(ready, ChannelReady) or ready.role != "session" or len(fds) != HANDLE_FDS:
             close_fds(fds)
             raise ProtocolError("the hub's first message was not a session channel")
-        session = Channel.attach(ChannelHandle(1, fds), self.wait)
+        return await self._greet(Channel.attach(ChannelHandle(1, fds), self.wait))
+
+    async def _greet(self, session: Channel) -> Channel:
+        """Hello on the session channel, the hub's Welcome back (closing it on failure)."""
         try:
             hello = Hello(PROTOCOL_VERSION, PROTOCOL_VERSION, FEATURES, self.name)
             await session.send(encode(Kind.CONTROL, hello))
@@ -218,8 +225,16 @@ class HubLink:
         self.features = welcome.features
         return session
 
-    async def open_session(self) -> tuple[socket.socket, Channel]:
+    async def open_session(self) -> tuple[socket.socket | None, Channel]:
         """Connect to the hub and attach; raises HubUnavailableError saying what to do."""
+        if self._region is not None:  # the hub is on the other side of a shared region
+            region, self._region = self._region, None
+            try:
+                return None, await self._greet(region)
+            except (anyio.EndOfStream, anyio.BrokenResourceError) as exc:
+                raise HubUnavailableError(
+                    "the hub closed the region's session channel while we attached"
+                ) from exc
         where = "the inherited bus socket" if self._fd is not None else self._path
         try:
             sock = await self._connect_socket()
@@ -244,7 +259,7 @@ class HubLink:
 
     async def run_sessions(
         self,
-        sock: socket.socket,
+        sock: socket.socket | None,
         session: Channel,
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
@@ -252,10 +267,11 @@ class HubLink:
         """Serve the session we have; when the hub goes, re-attach (with back-off) and restore."""
         first = True
         while True:
-            with sock:
+            with sock or nullcontext():
                 async with session, anyio.create_task_group() as tg:
                     self.session = session
-                    tg.start_soon(self._read_socket, sock, tg.cancel_scope)
+                    if sock is not None:  # a session over a region has no socket
+                        tg.start_soon(self._read_socket, sock, tg.cancel_scope)
                     tg.start_soon(self.owner._flush_mirror)
                     if not first:
                         tg.start_soon(self.owner._restore)
@@ -267,6 +283,8 @@ class HubLink:
                     await self._read_session(session)
                     tg.cancel_scope.cancel()
                 self.session = None
+                for relayed in list(self.relays.values()):
+                    relayed.close()  # the hub forgot them with the session
                 if self._attached.is_set():
                     self._attached = anyio.Event()
                 self._calls.fail_all(HubUnavailableError("the hub went away; re-attaching"))
@@ -299,6 +317,9 @@ class HubLink:
         kind = header.kind
         if kind == Kind.PUBLISH:
             return self.owner._on_publication(header, frame)
+        if self.relays and (relayed := self.relays.get(header.destination)) is not None:
+            relayed.reader.put(frame)  # an answer on a channel the hub relays for us
+            return None
         if header.correlation and self._calls.deliver(header, frame):
             return None
         if kind == Kind.ERROR:
@@ -309,6 +330,11 @@ class HubLink:
         if kind == Kind.CONTROL:
             self.owner._on_notice(header, frame, decode_body(header, frame, CONTROL_DECODER))
         return None
+
+    def relayed(self, token: int) -> RelayedChannel:
+        """The direct channel `token`, which the hub relays (we are attached over a region)."""
+        channel = self.relays[token] = RelayedChannel(self, token)
+        return channel
 
     def spawn(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> None:
         if self.tg is None:

@@ -86,6 +86,7 @@ from multikernel.protocol._control import Unsubscribe as Unsubscribe
 from multikernel.protocol._control import UnsubscribeMany as UnsubscribeMany
 from multikernel.protocol._control import Welcome as Welcome
 from multikernel.protocol._envelope import DEFAULT_MAX_BODY as DEFAULT_MAX_BODY
+from multikernel.protocol._envelope import DESTINATION_OFFSET as DESTINATION_OFFSET
 from multikernel.protocol._envelope import HEADER_SIZE as HEADER_SIZE
 from multikernel.protocol._envelope import MISSED_OFFSET as MISSED_OFFSET
 from multikernel.protocol._envelope import Header as Header

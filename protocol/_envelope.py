@@ -65,6 +65,9 @@ def _offset_of(field: str) -> int:
 #: Where the source endpoint id sits, for ``stamp_source``.
 SOURCE_OFFSET: Final = _offset_of("source")
 
+#: Where the destination sits: a delivery's subscription id, or a relayed channel's token.
+DESTINATION_OFFSET: Final = _offset_of("destination")
+
 #: Where the hub writes a delivery's gap (``Header.missed``): the reserved word (a ``<I``).
 MISSED_OFFSET: Final = _offset_of("reserved")
 

@@ -11,6 +11,9 @@
   the first frame on the ring, then send every frame back until the host closes its side. The
   ring itself has no doorbell: both sides poll (`WaitPolicy`); with `mk.ring=1` the guest also
   rings the host after every frame it sends back, so the host may sleep on its eventfd.
+- `attach`: the same device and wait, then attach to the host's hub over the session channel
+  the host laid there (`connect(channel=...)`, docs/bus.md "Sessions over a region"), publish,
+  call `mk.call` if given (`mk.calls` more, timed), and say each step on the console.
 
 The guest's serial console is the host's only view of it before the ring is up, so every line
 meant for the host starts with `multikernel-guest: `; anything else on the console is the
@@ -131,6 +134,53 @@ def echo(args: dict[str, str]) -> None:
         say(f"echoed {count}")
 
 
+def attach(args: dict[str, str]) -> None:
+    """Attach to the host's hub over the session channel the host laid in the ivshmem memory
+    (`connect(channel=...)`: no socket crosses into a guest), say so, publish one message on
+    `guest.hello`, call `mk.call` (`echo`) if given and say what came back, then `mk.calls`
+    more and say their round trips (through the hub's relay), then detach."""
+    import anyio
+
+    from multikernel.endpoints import connect
+    from multikernel.protocol import MultikernelError
+    from multikernel.shm import Channel, WaitPolicy
+
+    device = find_ivshmem()
+    (device / "enable").write_text("1")
+    bar = device / "resource2"
+    wait_for_channel(bar)
+    default = WaitPolicy()
+    policy = WaitPolicy(
+        spin=float(args.get("spin", default.spin)),
+        poll_min=float(args.get("poll_min", default.poll_min)),
+        poll_max=float(args.get("poll_max", default.poll_max)),
+    )
+
+    async def session() -> None:
+        async with connect(channel=Channel.open_path(bar, 1, policy), name="guest") as ep:
+            uptime = time.clock_gettime(time.CLOCK_BOOTTIME)
+            say(f"attached endpoint={ep.id} uptime {uptime:.2f}")
+            await ep.publish("guest.hello", f"from {os.uname().release}".encode())
+            if target := args.get("call"):
+                try:
+                    answer = await ep.request(target, "echo", b"ping")
+                    say(f"call answered {answer!r}")
+                    times = []
+                    for _ in range(int(args.get("calls", "0"))):
+                        start = time.perf_counter()
+                        await ep.request(target, "echo", b"ping")
+                        times.append(time.perf_counter() - start)
+                    if times:
+                        times.sort()
+                        p50, p99 = times[len(times) // 2], times[len(times) * 99 // 100]
+                        say(f"calls {len(times)} p50 {p50 * 1e6:.0f} us p99 {p99 * 1e6:.0f} us")
+                except MultikernelError as exc:
+                    say(f"call failed {type(exc).__name__}: {exc}")
+
+    anyio.run(session)
+    say("detached")
+
+
 def started() -> float:
     """When this process was started, in seconds since boot (field 22 of /proc/self/stat)."""
     fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
@@ -149,6 +199,8 @@ def main() -> None:
         say(f"hello python {version} uptime {uptime} started {started():.2f}")
     elif mode == "echo":
         echo(args)
+    elif mode == "attach":
+        attach(args)
     else:
         say(f"unknown mk.mode={mode}")
         os._exit(2)

@@ -50,6 +50,7 @@ BUSYBOX: Final = Path("/bin/busybox")
 GUEST_MODULES: Final = (
     "multikernel.services.qemu_guest",
     "multikernel.shm",
+    "multikernel.endpoints",
     "anyio",
     "anyio._backends._asyncio",
     "msgspec",

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,14 @@ import anyio
 import pytest
 
 from multikernel.bus import Hub, Policy
+from multikernel.shm import Channel, Region, channel_size, format_channel
 from tests._children import end
+from tests.bus.region_peer import POLLING
 
 PEER = Path(__file__).with_name("peer.py")
+REGION_PEER = Path(__file__).with_name("region_peer.py")
+#: A region's session channel carries the hub's largest frame (Limits.session_capacity).
+REGION_CAPACITY = 1 << 20
 #: How long a peer may stay silent before a test fails instead of hanging.
 PATIENCE = 20.0
 
@@ -90,6 +95,46 @@ def spawn(
         for stream in (proc.stdin, proc.stdout):
             if stream is not None and not stream.closed:
                 stream.close()
+
+
+@contextmanager
+def region_peer(role: str) -> Iterator[tuple[Channel, Peer]]:
+    """The hub's end of a fresh region's channel (a memfd standing in for a guest's ivshmem
+    memory) and the process on the other end (tests/bus/region_peer.py ROLE)."""
+    with Region.create(channel_size(REGION_CAPACITY)) as region:
+        format_channel(region, REGION_CAPACITY)
+        ours = Channel.open_region(region, 0, POLLING)
+        proc = subprocess.Popen(
+            [sys.executable, str(REGION_PEER), str(region.fd), str(region.size), role],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            pass_fds=(region.fd,),
+            bufsize=0,
+        )
+        try:
+            yield ours, Peer(proc)
+        finally:
+            ours.close()
+            end(proc)
+            for stream in (proc.stdin, proc.stdout):
+                if stream is not None and not stream.closed:
+                    stream.close()
+
+
+@asynccontextmanager
+async def hub_serving(
+    tmp_path: Path, policy: Policy | None = None
+) -> AsyncIterator[tuple[Hub, anyio.abc.TaskGroup]]:
+    hub = Hub(tmp_path / "bus.sock", policy=policy)
+    async with anyio.create_task_group() as tg:
+        await tg.start(hub.serve)
+        yield hub, tg
+        tg.cancel_scope.cancel()
+
+
+def tell(peer: Peer, line: str) -> None:
+    assert peer.proc.stdin is not None
+    peer.proc.stdin.write(line.encode() + b"\n")
 
 
 @pytest.fixture

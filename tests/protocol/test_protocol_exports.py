@@ -8,8 +8,9 @@ import multikernel.protocol as protocol
 
 PUBLIC = {
     # envelope
-    "DEFAULT_MAX_BODY", "HEADER_SIZE", "MISSED_OFFSET", "Header", "body_view", "deadline_after",
-    "decode", "decode_body", "decode_header", "encode", "seconds_left", "stamp_source",
+    "DEFAULT_MAX_BODY", "DESTINATION_OFFSET", "HEADER_SIZE", "MISSED_OFFSET", "Header",
+    "body_view", "deadline_after", "decode", "decode_body", "decode_header", "encode",
+    "seconds_left", "stamp_source",
     # the one table of codes
     "MAGIC", "PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "CpuFlag", "DeviceFlag", "ErrorCode",
     "Feature", "Flag", "InstanceState", "Kind", "MemType", "MsgType", "NameFlag",
