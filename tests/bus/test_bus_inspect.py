@@ -136,7 +136,7 @@ async def test_a_killed_endpoint_releases_its_names(hub: Hub, socket_path: Path)
 def test_the_hub_stamps_the_header_fields_the_protocol_defines() -> None:
     import struct
 
-    from multikernel.bus import _hub
+    from multikernel.bus import _hub_pubsub
     from multikernel.protocol._envelope import HEADER_FIELDS
 
     offsets, offset = {}, 0
@@ -146,4 +146,4 @@ def test_the_hub_stamps_the_header_fields_the_protocol_defines() -> None:
     assert (
         offsets["source"],
         offsets["destination"],
-    ) == (_hub._SOURCE_OFFSET, _hub._DESTINATION_OFFSET)
+    ) == (_hub_pubsub._SOURCE_OFFSET, _hub_pubsub._DESTINATION_OFFSET)
