@@ -66,6 +66,7 @@ from multikernel.services._platform import (
     NamespaceIds,
     PlatformError,
     Resources,
+    launched_by,
 )
 from multikernel.services._resctrl import ResctrlFs
 from multikernel.services._resctrl_groups import ResctrlError, ResctrlGroups
@@ -206,16 +207,11 @@ class LocalPlatform:
             await anyio.to_thread.run_sync(call, *args)
 
     def _mine(self, proc: InstanceProcess) -> LocalInstance:
-        if isinstance(proc, LocalInstance) and proc.platform is self:
-            return proc
-        raise TypeError(f"{proc!r} was not launched by this platform")
+        return launched_by(self, proc, LocalInstance)
 
     def _own(self, proc: InstanceProcess) -> LocalInstance:
         """`proc`, if it is ours and has not been reclaimed."""
-        instance = self._mine(proc)
-        if instance.reclaimed:
-            raise anyio.ClosedResourceError(f"instance {proc.name!r} has been reclaimed")
-        return instance
+        return launched_by(self, proc, LocalInstance, live=True)
 
     def instance_cgroups(self, name: str) -> list[InstanceCgroups]:
         """The cgroups of the instance `name` if it runs on this host, else []: found by name

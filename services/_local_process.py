@@ -51,7 +51,6 @@ class LocalInstance(InstanceProcess):
         self.cgroups = cgroups
         self.keeper_fd: int | None = os.pidfd_open(pid) if keeper_fd is None else keeper_fd
         self.agent_fd: int | None = None  # with namespaces: the agent is the keeper's child
-        self.reclaimed = False
 
     @property
     def signal_fd(self) -> int | None:

@@ -59,6 +59,7 @@ from multikernel.services._platform import (
     NamespaceIds,
     PlatformError,
     Resources,
+    launched_by,
 )
 
 log = get_logger("multikernel.services.multikernel")
@@ -81,7 +82,6 @@ class MultikernelInstance(InstanceProcess):
         self.relaying = False  # its relay task was started (and closes the streams when done)
         self.relayed = anyio.Event()
         self.forced = False
-        self.reclaimed = False
 
 
 class MultikernelPlatform:
@@ -345,15 +345,11 @@ class MultikernelPlatform:
         )
 
     def _mine(self, proc: InstanceProcess) -> MultikernelInstance:
-        if isinstance(proc, MultikernelInstance) and proc.platform is self:
-            return proc
-        raise TypeError(f"{proc!r} was not launched by this platform")
+        return launched_by(self, proc, MultikernelInstance)
 
     def _own(self, proc: InstanceProcess) -> MultikernelInstance:
-        inst = self._mine(proc)
-        if inst.reclaimed:
-            raise anyio.ClosedResourceError(f"instance {proc.name!r} has been reclaimed")
-        return inst
+        """`proc`, if it is ours and has not been reclaimed."""
+        return launched_by(self, proc, MultikernelInstance, live=True)
 
 
 async def _session(host: int, stream: socket.socket, open_stream: OpenStream) -> None:

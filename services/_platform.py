@@ -17,7 +17,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Final, Protocol, Self
+from typing import Final, Protocol, Self, TypeVar
+
+import anyio
 
 from multikernel.protocol import MultikernelError, RefusedError
 
@@ -229,6 +231,7 @@ class InstanceProcess:
         self.pid = pid
         self.resources = spec.resources
         self.returncode: int | None = None
+        self.reclaimed = False  # set by the platform's `reclaim`
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"returncode={self.returncode}"
@@ -249,6 +252,19 @@ class InstanceProcess:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+P = TypeVar("P", bound=InstanceProcess)
+
+
+def launched_by(platform: object, proc: InstanceProcess, kind: type[P], *, live: bool = False) -> P:
+    """`proc` as the platform's own `kind`: TypeError if another platform launched it, and with
+    `live`, anyio.ClosedResourceError once it has been reclaimed."""
+    if not isinstance(proc, kind) or proc.platform is not platform:
+        raise TypeError(f"{proc!r} was not launched by this platform")
+    if live and proc.reclaimed:
+        raise anyio.ClosedResourceError(f"instance {proc.name!r} has been reclaimed")
+    return proc
 
 
 class Platform(Protocol):

@@ -51,6 +51,7 @@ from multikernel.services._platform import (
     NamespaceIds,
     PlatformError,
     Resources,
+    launched_by,
 )
 from multikernel.services._qemu_image import GuestImage, build_image
 from multikernel.services._qemu_link import SHARED_MEMORY
@@ -79,7 +80,6 @@ class QemuInstance(InstanceProcess):
         self.host_peer: Peer | None = None
         self.guest_peer: Peer | None = None
         self.hello = ""  # the guest's first frame
-        self.reclaimed = False
 
 
 class QemuPlatform:
@@ -194,9 +194,7 @@ class QemuPlatform:
         await send_handshake(link, instance.guest_peer, instance.region.fd, [instance.host_peer])
 
     def _mine(self, proc: InstanceProcess) -> QemuInstance:
-        if isinstance(proc, QemuInstance) and proc.platform is self:
-            return proc
-        raise TypeError(f"{proc!r} was not launched by this platform")
+        return launched_by(self, proc, QemuInstance)
 
     async def update(self, proc: InstanceProcess, resources: Resources) -> None:
         instance = self._mine(proc)
