@@ -6,7 +6,6 @@ import json
 import os
 import secrets
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from multikernel.protocol import (
     StartRollout,
     UpgradeEvent,
 )
+from tests.services.conftest import mkctl
 
 from .upgrade_kit import (
     PATIENCE,
@@ -177,14 +177,6 @@ async def owned_again(ep: Endpoint) -> None:
                     return
 
 
-async def mkctl(host: UpgradeHost, *args: str) -> tuple[int, str, str]:
-    env = {**os.environ, "MULTIKERNEL_BUS": str(host.config.socket)}
-    done = await anyio.run_process(
-        [sys.executable, "-m", "multikernel.endpoints.mkctl", *args], env=env, check=False
-    )
-    return done.returncode, done.stdout.decode(), done.stderr.decode()
-
-
 async def test_mkctl_upgrade_follows_a_rollout_and_reports_a_rollback(
     tmp_path: Path, keys: tuple[bytes, bytes], cert: Path
 ) -> None:
@@ -193,7 +185,7 @@ async def test_mkctl_upgrade_follows_a_rollout_and_reports_a_rollback(
     name = f"kv-{secrets.token_hex(2)}"
     async with upgrade_host(tmp_path, cert, fault=False) as host:
         await host.bring_up(name, v1)
-        code, out, err = await mkctl(host, "upgrade", name, "--image", str(bad))
+        code, out, err = await mkctl(host.root, "upgrade", name, "--image", str(bad))
         assert code == 1, (out, err)
         assert "Traceback" not in err
         assert "rolled back" in err or "restore" in err, err
@@ -201,26 +193,26 @@ async def test_mkctl_upgrade_follows_a_rollout_and_reports_a_rollback(
         assert events[-1]["outcome"] == "failed"
         assert {e.get("step") for e in events[:-1]} >= {"verify", "start", "freeze", "restore"}
 
-        code, out, err = await mkctl(host, "upgrade", name, "--image", str(v2))
+        code, out, err = await mkctl(host.root, "upgrade", name, "--image", str(v2))
         assert code == 0, (out, err)
         successor = json.loads(out.splitlines()[-1])["instances"][0]["successor"]
-        code, out, err = await mkctl(host, "upgrade", "history", successor, "-o", "json")
+        code, out, err = await mkctl(host.root, "upgrade", "history", successor, "-o", "json")
         assert code == 0, err
         revisions = [r["revision"] for r in json.loads(out)["revisions"]]
         assert revisions == [1, 2], "the rolled-back attempt left no revision"
-        code, out, _ = await mkctl(host, "upgrade", "status")
+        code, out, _ = await mkctl(host.root, "upgrade", "status")
         assert code == 0
         assert successor in out
-        code, out, _ = await mkctl(host, "upgrade", "list")
+        code, out, _ = await mkctl(host.root, "upgrade", "list")
         assert code == 0
         assert len(out.strip().splitlines()) == 3  # a header and two rollouts
 
-        code, out, err = await mkctl(host, "upgrade", "nosuch", "--image", str(v2))
+        code, out, err = await mkctl(host.root, "upgrade", "nosuch", "--image", str(v2))
         assert code == 3, (out, err)
         assert "no instance 'nosuch'" in err
-        code, out, err = await mkctl(host, "upgrade", successor, "--image", "/nonexistent")
+        code, out, err = await mkctl(host.root, "upgrade", successor, "--image", "/nonexistent")
         assert code == 3
         assert "no image at" in err
-        code, out, err = await mkctl(host, "upgrade", "undo", successor, "--to-revision", "9")
+        code, out, err = await mkctl(host.root, "upgrade", "undo", successor, "--to-revision", "9")
         assert code == 3
         assert "no revision 9" in err

@@ -34,6 +34,7 @@ from multikernel.protocol import (
 from multikernel.services._host import HostConfig, run_host
 from multikernel.services._image import sign_image
 from multikernel.upgrade.testing import kv_image
+from tests.services.fault_kit import owned
 
 MB = 1 << 20
 PATIENCE = 90.0
@@ -124,17 +125,6 @@ async def finished(ep: Endpoint, events: Subscription, rollout: int) -> RolloutS
             if ended.rollout == rollout and ended.outcome not in ("running", "paused"):
                 return ended
     raise AssertionError("the subscription ended")
-
-
-async def owned(ep: Endpoint, name: str) -> None:
-    """Until the well-known `name` has an owner."""
-    async with await ep.subscribe(f"mk.bus.names.{name}") as changes:
-        if name in (await ep.introspect()).names:
-            return
-        with anyio.fail_after(PATIENCE):
-            async for message in changes:
-                if message.value().get("new_owner"):
-                    return
 
 
 @asynccontextmanager
