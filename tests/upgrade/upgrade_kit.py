@@ -150,8 +150,8 @@ async def upgrade_host(root: Path, cert: Path, **settings: Any) -> AsyncIterator
 
 
 #: A client in an instance of its own: calls `put` on each of its `targets` in turn, without a
-#: pause, through the retrying client, and serves its counts on instance.<id>.stats (`stats`,
-#: and `stop`, which ends the stream and answers the final counts).
+#: pause, through the retrying client, and serves its counts on instance.<id>.stats (`read`,
+#: and `stop`, which ends the stream and answers the final counts once its last call ended).
 CALLER = """
 import json, os, time
 import anyio
@@ -164,7 +164,7 @@ counts = {"ok": 0, "errors": 0, "acked": {t: 0 for t in TARGETS}, "worst_ms": 0.
 latencies = []
 
 async def main():
-    stopped = anyio.Event()
+    stopped, ended = anyio.Event(), anyio.Event()
     async with connect(name="caller") as ep, anyio.create_task_group() as tg:
         calls = retrying(ep, within=10.0)
         stats = ep.service(f"instance.{ID}.stats")
@@ -176,6 +176,7 @@ async def main():
         @stats.method
         async def stop(_: None) -> dict:
             stopped.set()
+            await ended.wait()  # its call in flight is counted (acked or not) before we answer
             return {**counts, "retries": calls.retries}
 
         await stats.start()
@@ -198,10 +199,10 @@ async def main():
                 counts["worst_ms"] = max(counts["worst_ms"], ms)
                 i += 1
                 await anyio.sleep(0.002)
+            ended.set()
 
         tg.start_soon(stream)
-        await stopped.wait()
-        tg.cancel_scope.cancel()
+        await anyio.sleep_forever()  # until the host stops the instance
 
 runtime.run(main)
 """
