@@ -19,6 +19,7 @@ single fd to wait on, under any event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import fcntl
 import os
@@ -26,12 +27,15 @@ import select
 import signal
 import stat
 import threading
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import anyio
 import anyio.lowlevel
 
 from multikernel.shm._errors import UnsafeHandleError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 _fence_lock = threading.Lock()
 _fence_acquire = _fence_lock.acquire
@@ -126,15 +130,44 @@ class Doorbell:
 
 
 class WaitSet:
-    """What one side of a ring sleeps on: its doorbell, the peer's liveness fd, our own wake-ups."""
+    """What one side of a ring sleeps on: its doorbell, the peer's liveness fd, our own wake-ups.
 
-    __slots__ = ("_closed", "_epoll", "_own", "_own_rung", "_probe", "bell", "fileno")
+    Two ways to sleep on it. The blocking API and event loops other than asyncio's wait on one
+    epoll fd holding all of them (`fileno`). Under an asyncio loop (uvloop included) the fds are
+    instead registered with the loop itself, once, and stay registered: a wait is then a future,
+    with no `epoll_ctl` per wait and no epoll fd nested in the loop's (adding an epoll fd to
+    another costs the kernel a loop check across every epoll in the process, tens of
+    microseconds, and a wake-up through two levels of epoll costs more than through one). The
+    loop's callbacks drain the doorbell as it rings, note a peer that goes, and complete the
+    waiting future; a ring that comes while nobody waits is drained and forgotten (a side looks
+    at its ring after announcing sleep, so nothing it should see can be lost that way).
+    """
+
+    __slots__ = (
+        "_closed",
+        "_epoll",
+        "_gone",
+        "_liveness",
+        "_loop",
+        "_loop_fds",
+        "_own",
+        "_own_rung",
+        "_probe",
+        "_waiter",
+        "bell",
+        "fileno",
+    )
 
     def __init__(self, bell: Doorbell, liveness_fd: int | None) -> None:
         self.bell = bell
         self._closed = False
+        self._liveness = liveness_fd
         self._own: int | None = None  # the private eventfd of `wake`, made on first use
         self._own_rung = False
+        self._gone = False  # a loop callback saw the peer go
+        self._loop: asyncio.AbstractEventLoop | None = None  # where our fds are registered
+        self._loop_fds: list[int] = []  # registered there (the liveness fd as our own dup)
+        self._waiter: asyncio.Future[None] | None = None
         self._epoll = select.epoll()
         self._epoll.register(bell.fd, select.EPOLLIN)
         self._probe = select.poll()  # peer_gone: the ringer hung up, or the liveness fd fired
@@ -148,17 +181,35 @@ class WaitSet:
         """True once the peer has gone: its doorbell end is closed or the liveness fd fired.
 
         A peer can make this true while it lives (close its end, write to its liveness end):
-        that only ends its own channel.
+        that only ends its own channel. While registered with the running asyncio loop, the
+        loop's callbacks have seen anything that happened before the last turn of the loop,
+        and a wait wakes for anything after: no system call is needed.
         """
-        return not self._closed and bool(self._probe.poll(0))
+        if self._closed:
+            return False
+        if self._gone:
+            return True
+        if self._loop is not None and self._loop is running_loop():
+            return False
+        return bool(self._probe.poll(0))
+
+    @property
+    def on_loop(self) -> bool:
+        """The fds are registered with the running asyncio loop: the doorbell is drained there."""
+        return self._loop is not None and self._loop is running_loop()
 
     def wake(self) -> None:
         """Wake whoever sleeps here, from this process: never through the peer's pipe end."""
         if self._closed:
             return
+        if self._loop is not None and self._loop is running_loop():
+            self._fire()  # the waiter is a future of this very loop
+            return
         if self._own is None:
             self._own = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             self._epoll.register(self._own, select.EPOLLIN)
+            if self._loop is not None:
+                self._watch(self._own, self._on_own)
         self._own_rung = True
         with contextlib.suppress(BlockingIOError):  # saturated: already woken
             os.eventfd_write(self._own, 1)
@@ -176,20 +227,113 @@ class WaitSet:
                 os.eventfd_read(self._own)
 
     async def wait(self) -> None:
-        """Sleep until the doorbell rings or the peer goes, without a thread (any event loop).
+        """Sleep until the doorbell rings or the peer goes, without a thread (any event loop)."""
+        loop = running_loop()
+        if loop is None:  # trio, or another loop anyio runs on
+            await anyio.wait_readable(self.fileno)
+            return
+        await self.sleep(loop)
 
-        (The blocking API sleeps in the ring's core instead: `wait()` there polls `fileno`.)
+    def sleep(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        """Under the running asyncio `loop`: a future that completes when the doorbell rings,
+        the peer goes or `wake` is called (done at once if the peer is known to be gone), and
+        fails with ClosedResourceError if the wait set is closed. Only the loop's callbacks
+        drain the doorbell then (`on_loop`).
         """
-        await anyio.wait_readable(self.fileno)
+        if self._closed:
+            raise anyio.ClosedResourceError
+        if self._loop is not loop:
+            self._register(loop)
+        waiter = self._waiter = loop.create_future()
+        if self._gone:
+            waiter.set_result(None)
+        return waiter
+
+    # -- registration with an asyncio loop ----------------------------------------------------
+
+    def _register(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._unregister()
+        self._loop = loop
+        self._watch(self.bell.fd, self._on_bell)
+        if self._liveness is not None:
+            self._watch(os.dup(self._liveness), self._on_liveness, owned=True)
+        if self._own is not None:
+            self._watch(self._own, self._on_own)
+
+    def _watch(self, fd: int, callback: Callable[[int], None], *, owned: bool = False) -> None:
+        assert self._loop is not None
+        try:
+            self._loop.add_reader(fd, callback, fd)
+        except BaseException:
+            if owned:
+                os.close(fd)
+            raise
+        self._loop_fds.append(fd if owned else -fd - 1)  # negative: not ours to close
+
+    def _unwatch(self, fd: int) -> None:
+        for i, entry in enumerate(self._loop_fds):
+            if entry in (fd, -fd - 1):
+                del self._loop_fds[i]
+                self._remove(entry)
+                return
+
+    def _remove(self, entry: int) -> None:
+        fd = entry if entry >= 0 else -entry - 1
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError, ValueError, OSError):
+                loop.remove_reader(fd)
+        if entry >= 0:
+            os.close(fd)
+
+    def _unregister(self) -> None:
+        while self._loop_fds:
+            self._remove(self._loop_fds.pop())
+        self._loop = None
+
+    def _fire(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if self._closed:
+                waiter.set_exception(anyio.ClosedResourceError())
+            else:
+                waiter.set_result(None)
+
+    def _on_bell(self, fd: int) -> None:
+        try:
+            rung = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:  # EBADF and the like: treat it as the ringer gone
+            rung = b""
+        if not rung:  # end of file: the ringer hung up, and the pipe stays readable
+            self._gone = True
+            self._unwatch(fd)
+        elif len(rung) == 64:
+            self.bell.drain()
+        self._fire()
+
+    def _on_liveness(self, fd: int) -> None:
+        self._gone = True  # the peer wrote to its end or closed it: gone either way
+        self._unwatch(fd)
+        self._fire()
+
+    def _on_own(self, fd: int) -> None:
+        self._own_rung = False
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(fd)
+        self._fire()
 
     def close(self) -> None:
-        """Wake any task waiting here with ClosedResourceError, then release the epoll fd.
+        """Wake any task waiting here with ClosedResourceError, then release what is ours.
 
         The doorbell and the liveness fd belong to the ring and channel; they close them.
         """
         if self._closed:
             return
         self._closed = True
+        self._unregister()
+        self._fire()
         # Outside an event loop (closed from synchronous code) nobody can be waiting on it, and
         # anyio says so with NoEventLoopError (a RuntimeError).
         with contextlib.suppress(RuntimeError):
@@ -197,3 +341,11 @@ class WaitSet:
         self._epoll.close()
         if self._own is not None:
             os.close(self._own)
+
+
+def running_loop() -> asyncio.AbstractEventLoop | None:
+    """The running asyncio loop (uvloop's too), or None under trio or outside any loop."""
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -289,7 +289,7 @@ static PyObject *reader_take_one(Core *c, int status) {
 
 /* What `wait` found; the same numbers as WAIT_* in _pycore.py. */
 enum { WAIT_READY = 0, WAIT_READY_SLEPT = 1, WAIT_TIMEOUT = 2, WAIT_PEER_CLOSED = 3,
-       WAIT_WOKEN_EMPTY = 4 };
+       WAIT_WOKEN_EMPTY = 4, WAIT_SLEEP = 5 };
 
 /* wait(wait_fd, bell_fd, timeout_ms, n): the sleep half of a wait, after the spin. Announces
  * sleep (flag, full fence), looks again (a frame to read, or room for `n` bytes; a reader that
@@ -342,6 +342,54 @@ static PyObject *core_wait(Core *c, PyObject *const *args, Py_ssize_t nargs) {
     if (!ready(c, (uint64_t)v[3]))
         return PyLong_FromLong(WAIT_WOKEN_EMPTY);
     if (v[3] < 0) /* a reader that wants the frame: take it here, before any Python runs */
+        return reader_take_one(c, WAIT_READY_SLEPT);
+    return PyLong_FromLong(WAIT_READY_SLEPT);
+}
+
+/* n from a Python int; -1 with an exception set on error (a reader's n = -1 is fine). */
+static int arg_n(PyObject *arg, long *n) {
+    *n = PyLong_AsLong(arg);
+    return *n == -1 && PyErr_Occurred() ? -1 : 0;
+}
+
+/* prepare_sleep(n): the first half of `wait` for a side that sleeps elsewhere (on an event
+ * loop): announce sleep (flag, full fence) and look again. Something there: the flag is cleared
+ * and the result is `wait`'s (a reader passing n = -1 gets the frame itself). Nothing: the flag
+ * stays set and WAIT_SLEEP says to sleep now, then call after_sleep. */
+static PyObject *core_prepare_sleep(Core *c, PyObject *arg) {
+    long n;
+    if (arg_n(arg, &n) < 0)
+        return NULL;
+    if (!c->has_view || c->broken != NULL)
+        return raise_unusable(c);
+    int (*ready)(Core *, uint64_t) = c->my_flags == SLOT_PRODUCER_FLAGS ? writer_ready : reader_ready;
+    volatile uint64_t *slot = &c->hdr[c->my_flags];
+    store64(slot, load64(slot) | SIDE_SLEEPING);
+    fence();
+    if (!ready(c, (uint64_t)n))
+        return PyLong_FromLong(WAIT_SLEEP);
+    store64(slot, load64(slot) & ~(uint64_t)SIDE_SLEEPING);
+    int status = load64(&c->hdr[c->peer_flags]) & SIDE_CLOSED ? WAIT_PEER_CLOSED : WAIT_READY;
+    if (n < 0)
+        return reader_take_one(c, status);
+    return PyLong_FromLong(status);
+}
+
+/* after_sleep(n): the second half: clear our flag (whoever woke us drained the doorbell) and
+ * look again: `wait`'s outcomes after a sleep (WAIT_READY_SLEPT or the frame, or
+ * WAIT_WOKEN_EMPTY). */
+static PyObject *core_after_sleep(Core *c, PyObject *arg) {
+    long n;
+    if (arg_n(arg, &n) < 0)
+        return NULL;
+    if (!c->has_view)
+        return raise_unusable(c);
+    volatile uint64_t *slot = &c->hdr[c->my_flags];
+    store64(slot, load64(slot) & ~(uint64_t)SIDE_SLEEPING);
+    int (*ready)(Core *, uint64_t) = c->my_flags == SLOT_PRODUCER_FLAGS ? writer_ready : reader_ready;
+    if (!ready(c, (uint64_t)n))
+        return PyLong_FromLong(WAIT_WOKEN_EMPTY);
+    if (n < 0)
         return reader_take_one(c, WAIT_READY_SLEPT);
     return PyLong_FromLong(WAIT_READY_SLEPT);
 }
@@ -697,7 +745,9 @@ static PyGetSetDef core_getset[] = {
     {"set_closed", (PyCFunction)core_set_closed, METH_NOARGS, NULL},                            \
     {"release", (PyCFunction)core_release, METH_NOARGS, NULL},                                  \
     {"woken", (PyCFunction)core_woken, METH_O, "clear our sleeping flag, drain the doorbell"},  \
-    {"wait", (PyCFunction)(void (*)(void))core_wait, METH_FASTCALL, NULL}
+    {"wait", (PyCFunction)(void (*)(void))core_wait, METH_FASTCALL, NULL},                     \
+    {"prepare_sleep", (PyCFunction)core_prepare_sleep, METH_O, "announce sleep, look again"},  \
+    {"after_sleep", (PyCFunction)core_after_sleep, METH_O, "clear the flag, look again"}
 
 static PyMethodDef writer_methods[] = {
     {"try_send", (PyCFunction)writer_try_send, METH_O, NULL},

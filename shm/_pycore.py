@@ -41,6 +41,7 @@ WAIT_READY_SLEPT = 1  # slept, and something is there now
 WAIT_TIMEOUT = 2
 WAIT_PEER_CLOSED = 3  # the peer's closed flag is set: whatever is left, then the end
 WAIT_WOKEN_EMPTY = 4  # slept and woke to nothing: the peer may be gone, or a spurious wake
+WAIT_SLEEP = 5  # prepare_sleep: announced and nothing there: sleep now, then after_sleep
 
 
 def _drain(fd: int) -> None:
@@ -179,6 +180,31 @@ class _Core:
             return WAIT_TIMEOUT
         if self.closed:
             raise self._unusable()
+        if not self._ready(n):
+            return WAIT_WOKEN_EMPTY
+        return self._take_one(WAIT_READY_SLEPT) if n < 0 else WAIT_READY_SLEPT
+
+    def prepare_sleep(self, n: int) -> bytes | int:
+        """The first half of `wait` for a side that sleeps elsewhere (on an event loop).
+
+        Announce sleep and look again: if something is there, the flag is cleared and the
+        outcome is `wait`'s (a reader passing n = -1 gets the frame); if not, the flag stays set
+        and WAIT_SLEEP says to sleep now and then call `after_sleep`.
+        """
+        if self.closed or self.broken is not None:
+            raise self._unusable()
+        self.announce()
+        if not self._ready(n):
+            return WAIT_SLEEP
+        self.unannounce()
+        status = WAIT_PEER_CLOSED if self.peer_flags() & L.SIDE_CLOSED else WAIT_READY
+        return self._take_one(status) if n < 0 else status
+
+    def after_sleep(self, n: int) -> bytes | int:
+        """The second half: clear our flag (whoever woke us drained the doorbell), look again."""
+        if self.closed:
+            raise self._unusable()
+        self.unannounce()
         if not self._ready(n):
             return WAIT_WOKEN_EMPTY
         return self._take_one(WAIT_READY_SLEPT) if n < 0 else WAIT_READY_SLEPT

@@ -30,9 +30,16 @@ import anyio.lowlevel
 from multikernel.shm import _layout as L
 from multikernel.shm._core import Buffer as Buffer
 from multikernel.shm._core import Core, Implementation
-from multikernel.shm._doorbell import Doorbell, WaitSet
+from multikernel.shm._doorbell import Doorbell, WaitSet, running_loop
 from multikernel.shm._errors import LayoutError
-from multikernel.shm._pycore import WAIT_PEER_CLOSED, WAIT_READY, WAIT_READY_SLEPT, WAIT_TIMEOUT
+from multikernel.shm._pycore import (
+    WAIT_PEER_CLOSED,
+    WAIT_READY,
+    WAIT_READY_SLEPT,
+    WAIT_SLEEP,
+    WAIT_TIMEOUT,
+    WAIT_WOKEN_EMPTY,
+)
 from multikernel.shm._wait import SpinGovernor, WaitPolicy
 
 if TYPE_CHECKING:
@@ -59,6 +66,26 @@ def _checkpoint() -> Callable[[], Awaitable[None]]:
     except RuntimeError:  # trio, or another loop anyio runs on
         return anyio.lowlevel.checkpoint
     return _asyncio_checkpoint
+
+
+async def cancel_point() -> None:
+    """anyio's `checkpoint_if_cancelled`, at a fraction of its cost under asyncio.
+
+    It runs on every send and receive, and anyio's costs 2-4 us there (finding the backend, then
+    the task's cancel scopes through a weak-key dictionary): more than the ring's round trip.
+    Under asyncio a task that a cancel scope (or anything else) cancelled has a cancellation
+    request pending, which `Task.cancelling()` tells; yielding once then raises it. One case
+    differs: a task that cancels its own enclosing scope and then sends or receives without
+    waiting raises at its next wait instead of at this call (nothing is lost: the frame was
+    handed over). Under other loops (trio) this is anyio's own.
+    """
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop: trio, or another loop anyio runs on
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return
+    if task is not None and task.cancelling():
+        await asyncio.sleep(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,17 +214,18 @@ class _RingSide:
     def _peer_died(self) -> bool:
         return self._waitset.peer_gone() if self._waitset is not None else False
 
+    def _wants_spin(self) -> bool:
+        """Whether this wait spins first: the gate allows it and the governor expects an answer."""
+        gate = self.spin_gate
+        return (gate is None or gate()) and self._governor.should_spin()
+
     def _spin(self, attempt: Callable[[], T | None], n: int = 0) -> T | None:
         """Spin (the core yields the CPU each turn) until `attempt` succeeds or the window ends.
 
-        `n` is the payload size a writer waits to make room for.
+        `n` is the payload size a writer waits to make room for. The caller asked `_wants_spin`.
         """
-        governor = self._governor
-        if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
-            return None
         spin = self._core.spin
-        deadline = _now() + governor.spin_ns
-        n = max(n, 0)  # -1: a reader that wants the frame from wait() (spin ignores it)
+        deadline = _now() + self._governor.spin_ns
         while (left := deadline - _now()) > 0 and spin(left, n):
             result = attempt()
             if result is not None:
@@ -209,27 +237,26 @@ class _RingSide:
         """Spin in slices of `SLICE_NS` (in the core, yielding the CPU each turn), going back to
         the event loop between slices so that other tasks run: the answer is often produced by
         one of them (a handler in this very process). A turn of the event loop costs several
-        times a turn of the native spin, so a slice is a few microseconds, not one turn.
+        times a turn of the native spin, so a slice is a few microseconds, not one turn. The
+        first slice comes before the first turn of the loop: an answer from another process
+        is caught without paying one. The caller asked `_wants_spin`.
         """
         if not self.policy.cooperative:
             return self._spin(attempt, n)
-        governor = self._governor
-        if (self.spin_gate is not None and not self.spin_gate()) or not governor.should_spin():
-            return None
         checkpoint = _checkpoint()
         spin = self._core.spin
         self._nudged = False
-        deadline = _now() + governor.spin_ns
+        deadline = _now() + self._governor.spin_ns
         while (left := deadline - _now()) > 0:
-            await checkpoint()
-            if self._nudged:  # something was just sent that the peer will answer: spin on
-                self._nudged = False
-                deadline = _now() + governor.spin_ns
             if spin(min(left, SLICE_NS), n):
                 result = attempt()
                 if result is not None:
                     self._spins += 1
                     return result
+            await checkpoint()
+            if self._nudged:  # something was just sent that the peer will answer: spin on
+                self._nudged = False
+                deadline = _now() + self._governor.spin_ns
         return None
 
     def _announce_sleep(
@@ -258,7 +285,7 @@ class _RingSide:
             return
         self._waits += 1
         waitset = self._waitset
-        if waitset is None:
+        if waitset is None or waitset.on_loop:  # no doorbell, or the loop's callback drains it
             self._core.unannounce()
         else:
             self._core.woken(waitset.bell.fd)  # clears our flag, drains the doorbell
@@ -276,7 +303,7 @@ class _RingSide:
         `n`: the payload size a writer waits to make room for (0 for a reader).
         """
         started = _now()
-        result = self._spin(attempt, n)
+        result = self._spin(attempt, max(n, 0)) if self._wants_spin() else None
         if result is not None:
             self._governor.learn(_now() - started, caught=True)
             return result
@@ -358,23 +385,61 @@ class _RingSide:
 
         The spin goes back to the event loop between short native slices (`_spin_async`), so
         the task that will produce what we wait for (often in this very process: a handler about
-        to reply) runs while we spin.
+        to reply) runs while we spin. `n`: the payload size a writer waits to make room for; a
+        reader passing -1 gets its frame from the core as it wakes (`attempt` is try_receive).
+
+        Under an asyncio loop the loop itself watches the doorbell (`WaitSet`), and the core
+        announces sleep and looks again in one call, then after the wake clears the flag and
+        looks again (taking a reader's frame) in another: as little Python as possible runs on
+        a CPU that was just woken, its caches cold. Other loops sleep on the wait set's fd.
         """
         if self._busy:
             raise anyio.BusyResourceError("waiting on this ring side")
         self._busy = True
         started = _now()
         caught = True
+        waitset = self._waitset
+        loop = running_loop() if waitset is not None else None
+        core = self._core
         try:
             backoff = self.policy.poll_min
-            while (result := await self._spin_async(attempt, n)) is None:
+            while True:
+                if self._wants_spin():
+                    result = await self._spin_async(attempt, max(n, 0))
+                    if result is not None:
+                        break
                 caught = False
+                if loop is not None:
+                    assert waitset is not None
+                    outcome = core.prepare_sleep(n)
+                    if outcome == WAIT_SLEEP:
+                        try:
+                            await waitset.sleep(loop)
+                        except BaseException:
+                            if not self._closed:
+                                core.unannounce()
+                            raise
+                        self._waits += 1
+                        outcome = core.after_sleep(n)
+                    if outcome.__class__ is bytes:
+                        result = typing.cast("T", outcome)
+                        break
+                    if outcome == WAIT_WOKEN_EMPTY:
+                        self._check_usable()
+                    # `attempt` validates what the peer wrote (a bogus counter reads as "not
+                    # ready" to the core's quick look); woken to nothing, the peer may be gone.
+                    result = attempt()
+                    if result is None and outcome in (WAIT_PEER_CLOSED, WAIT_WOKEN_EMPTY):
+                        result = at_end()
+                    if result is not None:
+                        break
+                    continue
                 result = self._announce_sleep(attempt, at_end)
                 if result is not None:
                     break
                 try:
-                    if self._waitset is not None:
-                        await self._waitset.wait()
+                    if waitset is not None:
+                        await waitset.wait()
                     else:
                         await anyio.sleep(backoff)
                         backoff = min(backoff * 2, self.policy.poll_max)

@@ -9,7 +9,15 @@ from pathlib import Path
 import anyio
 import pytest
 
-from multikernel.shm import Channel, ChannelHandle, WaitPolicy, create_channel, max_payload
+from multikernel.shm import (
+    Channel,
+    ChannelHandle,
+    RingCorruptedError,
+    WaitPolicy,
+    create_channel,
+    max_payload,
+)
+from multikernel.shm._layout import SLOT_HEAD
 
 pytestmark = pytest.mark.anyio
 
@@ -222,3 +230,49 @@ async def test_a_broker_can_create_both_ends_and_keep_nothing() -> None:
         assert await b.receive() == b"brokered"
         await b.send(b"reply")
         assert await a.receive() == b"reply"
+
+
+async def test_a_sender_waiting_for_room_is_quarantined_by_a_bogus_head(
+    pair: tuple[Channel, Channel],
+) -> None:
+    """The core's quick "is there room" look reads a bogus head as "no room"; the wake-up the
+    peer rings must still reach the validation, or the sender would sleep forever."""
+    a, b = pair
+    while a.try_send(bytes(100)):
+        pass
+    writer = a.writer
+    with pytest.RaisesGroup(RingCorruptedError):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(a.send, bytes(100))
+            await anyio.wait_all_tasks_blocked()  # asleep, waiting for room
+            head = writer._offset + SLOT_HEAD * 8
+            with memoryview(writer._mm)[head : head + 8].cast("Q") as slot:
+                slot[0] = slot[0] + (1 << 40)  # consumed more than was ever published
+            bell = b.reader._peer_bell  # b reads what a writes: it rings a's "room" bell
+            assert bell is not None
+            bell.ring()
+    await b.aclose()
+
+
+async def test_a_receiver_cancelled_in_its_sleep_takes_no_frame(
+    pair: tuple[Channel, Channel],
+) -> None:
+    a, b = pair
+    got: list[bytes] = []
+    scope = anyio.CancelScope()
+
+    async def receiver() -> None:
+        with scope:
+            got.append(await b.receive())
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(receiver)
+        await anyio.wait_all_tasks_blocked()  # asleep on its doorbell
+        scope.cancel()
+        await a.send(b"after")  # rings the bell of a receiver that is being cancelled
+    assert scope.cancelled_caught
+    assert got == []
+    assert b.reader.statistics().frames == 0
+    assert await b.receive() == b"after"  # the next receive gets it, and sleeps fine again
+    await a.send(b"again")
+    assert await b.receive() == b"again"
