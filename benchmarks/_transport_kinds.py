@@ -178,6 +178,48 @@ class EventfdPair:
                 os.close(fd)
 
 
+class EventfdAsync(EventfdPair):
+    """The reference for (c)'s doorbell path: the same eventfd ping-pong, awaited under uvloop.
+
+    Each side's eventfd is watched by the loop (`add_reader` once; a future per wait): the
+    mechanism our async ring side sleeps on, with nothing of ours around it.
+    """
+
+    def __init__(self, out_fd: int, in_fd: int, size: int = 64) -> None:
+        super().__init__(out_fd, in_fd, size)
+        os.set_blocking(in_fd, False)  # our own eventfd: nobody else reads it
+        self._loop: Any = None
+        self._waiter: Any = None
+        self._values: deque[int] = deque()
+
+    def _readable(self) -> None:
+        try:
+            self._values.append(os.eventfd_read(self._in))
+        except BlockingIOError:
+            return
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def send(self, data: bytes) -> None:  # type: ignore[override]
+        super().send(data)
+
+    async def recv(self) -> bytes:  # type: ignore[override]
+        import asyncio
+
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self._in, self._readable)
+        while not self._values:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        return self._NAMES.get(self._values.popleft(), self._data)
+
+    def close(self) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._in)
+        super().close()
+
+
 class MpPipe:
     """multiprocessing.Pipe(): a Connection over a socketpair (send_bytes / recv_bytes)."""
 
@@ -364,6 +406,14 @@ KINDS = [
     Kind("ring-msgspec", "(b) ring + msgspec Struct", ours=True, typed=True, batch=True),
     Kind("ring-async", "(c) ring, async, uvloop", ours=True, is_async=True, batch=True, idle=True),
     Kind("eventfd", "eventfd ping-pong (ref.)", reference=True, rtt_only=True, kernel_wake=True),
+    Kind(
+        "eventfd-async",
+        "eventfd ping-pong, uvloop (ref.)",
+        reference=True,
+        is_async=True,
+        rtt_only=True,
+        kernel_wake=True,
+    ),
     Kind("mp-pipe", "multiprocessing.Pipe", kernel_wake=True),
     Kind("mp-queue", "multiprocessing.Queue", kernel_wake=True, spawn_mp=True),
     Kind("os-pipe", "os.pipe + length prefix", batch=True, kernel_wake=True),
@@ -391,9 +441,9 @@ def create(kind: Kind, workdir: Path) -> Created:
             after_spawn=[handle.close],
             cleanup=[ch.close, handle.close],
         )
-    if key == "eventfd":
+    if key in ("eventfd", "eventfd-async"):
         to_peer, to_us = os.eventfd(0, os.EFD_CLOEXEC), os.eventfd(0, os.EFD_CLOEXEC)
-        pair = EventfdPair(to_peer, to_us)
+        pair = (EventfdAsync if kind.is_async else EventfdPair)(to_peer, to_us)
         return Created(
             open=lambda: pair,
             pass_fds=[to_peer, to_us],
@@ -488,9 +538,9 @@ def attach(kind: Kind, argument: str) -> Any:
 
         ch = Channel.attach(ChannelHandle.from_argument(argument), _policy(kind))
         return RingAsync(ch) if kind.is_async else RingSync(ch)
-    if key == "eventfd":
+    if key in ("eventfd", "eventfd-async"):
         out_fd, in_fd = (int(x) for x in argument.split(","))
-        return EventfdPair(out_fd, in_fd)
+        return (EventfdAsync if kind.is_async else EventfdPair)(out_fd, in_fd)
     if key == "mp-pipe":
         from multiprocessing.connection import Connection
 
