@@ -193,6 +193,14 @@ class WaitSet:
             return False
         return bool(self._probe.poll(0))
 
+    def sleep_fds(self) -> tuple[int, int]:
+        """What a blocking sleep polls: (-1, the liveness fd or -1) to poll the doorbell and the
+        liveness fd themselves, one wake-up with no epoll between; or (the epoll fd, -1) once
+        `wake` has made our own eventfd, which only the epoll set holds."""
+        if self._own is not None:
+            return self.fileno, -1
+        return -1, -1 if self._liveness is None else self._liveness
+
     @property
     def on_loop(self) -> bool:
         """The fds are registered with the running asyncio loop: the doorbell is drained there."""

@@ -53,6 +53,7 @@ typedef struct {
     int my_flags, peer_flags;
     unsigned long long frames, bytes, wakeups, full;
     PyObject *broken;        /* the quarantine error, once raised */
+    int bell_dirty;          /* `wait` woke on the doorbell and left draining it for later */
 } Core;
 
 static inline uint64_t load64(volatile uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
@@ -248,21 +249,27 @@ static PyObject *core_set_closed(Core *c, PyObject *unused) {
     Py_RETURN_NONE;
 }
 
-/* After waking: clear our sleeping flag, then empty the doorbell pipe (bounded, whatever the peer
- * wrote: a short read, EAGAIN or end of file ends it). Nothing if the side was released. */
-static void woken(Core *c, int bell) {
-    if (!c->has_view)
-        return;
-    volatile uint64_t *slot = &c->hdr[c->my_flags];
-    store64(slot, load64(slot) & ~(uint64_t)SIDE_SLEEPING);
-    if (bell < 0)
-        return;
+/* Empty the doorbell pipe (bounded, whatever the peer wrote: a short read, EAGAIN or end of file
+ * ends it). */
+static void drain_bell(int bell) {
     static char scratch[65536]; /* what is read is thrown away: sharing it is harmless */
     if (read(bell, scratch, 64) < 64)
         return;
     for (int i = 0; i < 16; i++)
         if (read(bell, scratch, sizeof scratch) < (ssize_t)sizeof scratch)
             return;
+}
+
+/* After waking: clear our sleeping flag, then empty the doorbell pipe. Nothing if the side was
+ * released. */
+static void woken(Core *c, int bell) {
+    if (!c->has_view)
+        return;
+    volatile uint64_t *slot = &c->hdr[c->my_flags];
+    store64(slot, load64(slot) & ~(uint64_t)SIDE_SLEEPING);
+    c->bell_dirty = 0;
+    if (bell >= 0)
+        drain_bell(bell);
 }
 
 static PyObject *core_woken(Core *c, PyObject *arg) {
@@ -291,26 +298,32 @@ static PyObject *reader_take_one(Core *c, int status) {
 enum { WAIT_READY = 0, WAIT_READY_SLEPT = 1, WAIT_TIMEOUT = 2, WAIT_PEER_CLOSED = 3,
        WAIT_WOKEN_EMPTY = 4, WAIT_SLEEP = 5 };
 
-/* wait(wait_fd, bell_fd, timeout_ms, n): the sleep half of a wait, after the spin. Announces
- * sleep (flag, full fence), looks again (a frame to read, or room for `n` bytes; a reader that
- * passes n = -1 gets the frame itself, taken as soon as it woke, instead of WAIT_READY_SLEPT),
- * and unless
- * that found something or the peer's closed flag, polls `wait_fd` (the wait set's epoll fd) with
- * the GIL released; on waking clears the flag, drains the doorbell and looks again. Returns one
- * of WAIT_*; a signal is a spurious wake (WAIT_WOKEN_EMPTY) unless its handler raised. */
+/* wait(wait_fd, bell_fd, timeout_ms, n, live_fd=-1): the sleep half of a wait, after the spin.
+ * Announces sleep (flag, full fence), looks again (a frame to read, or room for `n` bytes; a
+ * reader that passes n = -1 gets the frame itself, taken as soon as it woke, instead of
+ * WAIT_READY_SLEPT), and unless that found something or the peer's closed flag, sleeps with the
+ * GIL released: in poll() on the doorbell and the liveness fd themselves when wait_fd is -1 (one
+ * wake-up, no epoll in between), else on `wait_fd` (the wait set's epoll fd). On waking it clears
+ * the flag and looks again. The byte that woke it is drained at the start of the next wait, not
+ * now: that read is not on the path from the wake-up to the frame. Returns one of WAIT_*; a
+ * signal is a spurious wake (WAIT_WOKEN_EMPTY) unless its handler raised. */
 static PyObject *core_wait(Core *c, PyObject *const *args, Py_ssize_t nargs) {
-    long v[4];
-    if (nargs != 4) {
-        PyErr_SetString(PyExc_TypeError, "wait(wait_fd, bell_fd, timeout_ms, n)");
+    long v[5] = {0, 0, 0, 0, -1};
+    if (nargs != 4 && nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "wait(wait_fd, bell_fd, timeout_ms, n, live_fd=-1)");
         return NULL;
     }
-    for (int i = 0; i < 4; i++) {
+    for (int i = 0; i < nargs; i++) {
         v[i] = PyLong_AsLong(args[i]);
         if (v[i] == -1 && PyErr_Occurred())
             return NULL;
     }
     if (!c->has_view || c->broken != NULL)
         return raise_unusable(c);
+    if (c->bell_dirty && v[1] >= 0) {
+        c->bell_dirty = 0;
+        drain_bell((int)v[1]);
+    }
     int (*ready)(Core *, uint64_t) = c->my_flags == SLOT_PRODUCER_FLAGS ? writer_ready : reader_ready;
     volatile uint64_t *slot = &c->hdr[c->my_flags];
     store64(slot, load64(slot) | SIDE_SLEEPING);
@@ -322,13 +335,22 @@ static PyObject *core_wait(Core *c, PyObject *const *args, Py_ssize_t nargs) {
         store64(slot, load64(slot) & ~(uint64_t)SIDE_SLEEPING);
         return PyLong_FromLong(status);
     }
-    struct pollfd p = {.fd = (int)v[0], .events = POLLIN};
+    struct pollfd p[2] = {{.fd = (int)v[0], .events = POLLIN}, {.fd = -1, .events = POLLIN}};
+    nfds_t nfds = 1;
+    if (v[0] < 0) {
+        p[0].fd = (int)v[1];
+        p[1].fd = (int)v[4];
+        nfds = v[4] >= 0 ? 2 : 1;
+    }
     int r, err;
     Py_BEGIN_ALLOW_THREADS
-    r = poll(&p, 1, (int)v[2]);
+    r = poll(p, nfds, (int)v[2]);
     err = errno;
     Py_END_ALLOW_THREADS
-    woken(c, (int)v[1]);
+    if (c->has_view) {
+        store64(slot, load64(slot) & ~(uint64_t)SIDE_SLEEPING);
+        c->bell_dirty = 1;
+    }
     if (r < 0 && err != EINTR) {
         errno = err;
         return PyErr_SetFromErrno(PyExc_OSError);

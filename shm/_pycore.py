@@ -90,6 +90,8 @@ class _Core:
         self.broken: BaseException | None = None
         self.closed = False
         self._poller: select.poll | None = None
+        self._polled: tuple[int, int, int] | None = None  # the fds `_poller` holds
+        self._bell_dirty = False  # `wait` woke on the doorbell and left draining it for later
 
     def _corrupt(self, what: str) -> BaseException:
         self.broken = self._errors.corrupted(
@@ -146,36 +148,50 @@ class _Core:
             return
         q, slot = self._q, self._my_flags
         q[slot] = q[slot] & ~L.SIDE_SLEEPING
+        self._bell_dirty = False
         if bell >= 0:
             _drain(bell)
 
     def _ready(self, n: int) -> bool:
         raise NotImplementedError
 
-    def wait(self, wait_fd: int, bell: int, timeout_ms: int, n: int) -> bytes | int:
+    def wait(
+        self, wait_fd: int, bell: int, timeout_ms: int, n: int, live_fd: int = -1
+    ) -> bytes | int:
         """The sleep half of a wait, after the spin; returns one of the WAIT_* outcomes.
 
         Announce sleep (flag, fence), look again (a frame to read, or room for `n` bytes; a
         reader that passes n = -1 gets the frame itself instead of WAIT_READY_SLEPT); unless
-        that found something or the peer's closed flag, poll `wait_fd` (the wait set), then
-        `woken` and look again. A signal whose handler returns is a spurious wake-up.
+        that found something or the peer's closed flag, poll the doorbell and `live_fd`
+        themselves when `wait_fd` is -1, else `wait_fd` (the wait set); then clear the flag and
+        look again. The doorbell is drained at the start of the next wait, off the path from
+        the wake-up to the frame. A signal whose handler returns is a spurious wake-up.
         """
         if self.closed or self.broken is not None:
             raise self._unusable()
+        if self._bell_dirty and bell >= 0:
+            self._bell_dirty = False
+            _drain(bell)
         self.announce()
         if self._ready(n):
             self.unannounce()
             if self.peer_flags() & L.SIDE_CLOSED:
                 return WAIT_PEER_CLOSED
             return WAIT_READY
+        fds = (wait_fd, -1, -1) if wait_fd >= 0 else (-1, bell, live_fd)
         poller = self._poller
-        if poller is None:
+        if poller is None or self._polled != fds:
             poller = self._poller = select.poll()
-            poller.register(wait_fd, select.POLLIN)
+            self._polled = fds
+            for fd in fds:
+                if fd >= 0:
+                    poller.register(fd, select.POLLIN)
         try:
             ready = poller.poll(timeout_ms)
         finally:
-            self.woken(bell)
+            if not self.closed:
+                self.unannounce()
+                self._bell_dirty = True
         if not ready:
             return WAIT_TIMEOUT
         if self.closed:

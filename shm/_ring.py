@@ -323,13 +323,14 @@ class _RingSide:
             return self._poll(attempt, at_end, timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         core = self._core
-        wait_fd, bell_fd = waitset.fileno, waitset.bell.fd
+        bell_fd = waitset.bell.fd
         while True:
             timeout_ms = -1
             if deadline is not None:
                 timeout_ms = max(0, int((deadline - time.monotonic()) * 1000))
-            # Announce, look again, sleep, clear the flag and drain the bell: one call.
-            outcome = core.wait(wait_fd, bell_fd, timeout_ms, n)
+            # Announce, look again, sleep, clear the flag (the bell is drained next time): one call.
+            wait_fd, live_fd = waitset.sleep_fds()
+            outcome = core.wait(wait_fd, bell_fd, timeout_ms, n, live_fd)
             if outcome.__class__ is bytes:  # a reader's frame, taken as soon as it woke
                 self._waits += 1
                 waitset.drain_own()
