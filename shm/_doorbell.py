@@ -132,15 +132,16 @@ class Doorbell:
 class WaitSet:
     """What one side of a ring sleeps on: its doorbell, the peer's liveness fd, our own wake-ups.
 
-    Two ways to sleep on it. The blocking API and event loops other than asyncio's wait on one
-    epoll fd holding all of them (`fileno`). Under an asyncio loop (uvloop included) the fds are
-    instead registered with the loop itself, once, and stay registered: a wait is then a future,
-    with no `epoll_ctl` per wait and no epoll fd nested in the loop's (adding an epoll fd to
-    another costs the kernel a loop check across every epoll in the process, tens of
-    microseconds, and a wake-up through two levels of epoll costs more than through one). The
-    loop's callbacks drain the doorbell as it rings, note a peer that goes, and complete the
-    waiting future; a ring that comes while nobody waits is drained and forgotten (a side looks
-    at its ring after announcing sleep, so nothing it should see can be lost that way).
+    Three ways to sleep on it. The blocking API polls the doorbell and the liveness fd
+    themselves (`sleep_fds`). Trio waits on one epoll fd holding all of them (`fileno`, made on
+    first use: a side used only under asyncio never has one). Under an asyncio loop (uvloop
+    included) the fds are registered with the loop itself, once, and stay registered: a wait is
+    then a future, with no `epoll_ctl` per wait and no epoll fd nested in the loop's (adding an
+    epoll fd to another costs the kernel a loop check across every epoll in the process, tens
+    of microseconds, and a wake-up through two levels of epoll costs more than through one).
+    The loop's callbacks drain the doorbell as it rings, note a peer that goes, and complete
+    the waiting future; a ring that comes while nobody waits is drained and forgotten (a side
+    looks at its ring after announcing sleep, so nothing it should see can be lost that way).
     """
 
     __slots__ = (
@@ -155,7 +156,6 @@ class WaitSet:
         "_probe",
         "_waiter",
         "bell",
-        "fileno",
     )
 
     def __init__(self, bell: Doorbell, liveness_fd: int | None) -> None:
@@ -168,14 +168,26 @@ class WaitSet:
         self._loop: asyncio.AbstractEventLoop | None = None  # where our fds are registered
         self._loop_fds: list[int] = []  # registered there (the liveness fd as our own dup)
         self._waiter: asyncio.Future[None] | None = None
-        self._epoll = select.epoll()
-        self._epoll.register(bell.fd, select.EPOLLIN)
+        self._epoll: select.epoll | None = None  # made on first use: asyncio never needs it
         self._probe = select.poll()  # peer_gone: the ringer hung up, or the liveness fd fired
         self._probe.register(bell.fd, 0)  # POLLHUP is always reported
         if liveness_fd is not None:
-            self._epoll.register(liveness_fd, select.EPOLLIN)
             self._probe.register(liveness_fd, select.POLLIN)
-        self.fileno = self._epoll.fileno()
+
+    @property
+    def fileno(self) -> int:
+        """One fd to wait on for all of them: an epoll set holding the doorbell, the liveness fd
+        and our own eventfd, made on first use (trio, or a blocking sleep after `wake`)."""
+        if self._epoll is None:
+            if self._closed:
+                raise anyio.ClosedResourceError
+            self._epoll = select.epoll()
+            self._epoll.register(self.bell.fd, select.EPOLLIN)
+            if self._liveness is not None:
+                self._epoll.register(self._liveness, select.EPOLLIN)
+            if self._own is not None:
+                self._epoll.register(self._own, select.EPOLLIN)
+        return self._epoll.fileno()
 
     def peer_gone(self) -> bool:
         """True once the peer has gone: its doorbell end is closed or the liveness fd fired.
@@ -215,7 +227,8 @@ class WaitSet:
             return
         if self._own is None:
             self._own = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            self._epoll.register(self._own, select.EPOLLIN)
+            if self._epoll is not None:
+                self._epoll.register(self._own, select.EPOLLIN)
             if self._loop is not None:
                 self._watch(self._own, self._on_own)
         self._own_rung = True
@@ -255,6 +268,13 @@ class WaitSet:
         waiter = self._waiter = loop.create_future()
         if self._gone:
             waiter.set_result(None)
+        else:
+            # Registered already, this costs no system call; it restores a registration that
+            # somebody else's remove_reader took away. anyio's wait_readable, cancelled after
+            # its socket was closed elsewhere, removes whatever is registered on that fd number
+            # by then: ours, if our doorbell got the number. Only a wait in progress can miss
+            # a ring that way, as each wait's own registration could before.
+            loop.add_reader(self.bell.fd, self._on_bell, self.bell.fd)
         return waiter
 
     # -- registration with an asyncio loop ----------------------------------------------------
@@ -344,9 +364,10 @@ class WaitSet:
         self._fire()
         # Outside an event loop (closed from synchronous code) nobody can be waiting on it, and
         # anyio says so with NoEventLoopError (a RuntimeError).
-        with contextlib.suppress(RuntimeError):
-            anyio.notify_closing(self.fileno)
-        self._epoll.close()
+        if self._epoll is not None:
+            with contextlib.suppress(RuntimeError):
+                anyio.notify_closing(self._epoll.fileno())
+            self._epoll.close()
         if self._own is not None:
             os.close(self._own)
 
