@@ -10,7 +10,7 @@ import anyio.lowlevel
 from multikernel.shm import _core
 from multikernel.shm import _layout as L
 from multikernel.shm._errors import PeerDiedError
-from multikernel.shm._ring import _RingSide, cancel_point
+from multikernel.shm._ring import _RingSide, cancel_pending, cancel_point
 
 if TYPE_CHECKING:
     import mmap
@@ -76,7 +76,8 @@ class RingReader(_RingSide):
 
     async def receive(self) -> bytes:
         """The next frame, waiting without blocking the event loop (beyond the spin window)."""
-        await cancel_point()
+        if cancel_pending():
+            await cancel_point()
         frame = self._core.try_receive()
         if frame is None:  # n = -1: under asyncio the core hands over the frame as it wakes
             frame = await self._await(self._core.try_receive, self._end_check, -1)
@@ -84,7 +85,8 @@ class RingReader(_RingSide):
 
     async def receive_many(self, max_frames: int = 256) -> list[bytes]:
         """At least one and up to `max_frames` frames, waiting for the first one if needed."""
-        await cancel_point()
+        if cancel_pending():
+            await cancel_point()
         core = self._core
         frames = core.try_receive_many(max_frames)
         if not frames:

@@ -68,24 +68,34 @@ def _checkpoint() -> Callable[[], Awaitable[None]]:
     return _asyncio_checkpoint
 
 
-async def cancel_point() -> None:
-    """anyio's `checkpoint_if_cancelled`, at a fraction of its cost under asyncio.
+def cancel_pending() -> bool:
+    """Whether a send or receive must check for cancellation (`cancel_point`) before going on.
 
-    It runs on every send and receive, and anyio's costs 2-4 us there (finding the backend, then
-    the task's cancel scopes through a weak-key dictionary): more than the ring's round trip.
-    Under asyncio a task that a cancel scope (or anything else) cancelled has a cancellation
-    request pending, which `Task.cancelling()` tells; yielding once then raises it. One case
-    differs: a task that cancels its own enclosing scope and then sends or receives without
-    waiting raises at its next wait instead of at this call (nothing is lost: the frame was
-    handed over). Under other loops (trio) this is anyio's own.
+    anyio's `checkpoint_if_cancelled` runs on every send and receive, and costs 2-4 us there
+    (finding the backend, then the task's cancel scopes through a weak-key dictionary): more
+    than the ring's round trip. Under asyncio a task that a cancel scope (or anything else)
+    cancelled has a cancellation request pending, which `Task.cancelling()` tells without an
+    await; only then does the call yield (`cancel_point`), which raises it. One case differs: a
+    task that cancels its own enclosing scope and then sends or receives without waiting raises
+    at its next wait instead of at this call (nothing is lost: the frame was handed over).
+    Under other loops (trio) the answer is always yes, and the check is anyio's own.
     """
     try:
         task = asyncio.current_task()
     except RuntimeError:  # no asyncio loop: trio, or another loop anyio runs on
+        return True
+    return task is not None and task.cancelling() > 0
+
+
+async def cancel_point() -> None:
+    """After `cancel_pending`: under asyncio yield once (the pending cancellation raises), else
+    anyio's `checkpoint_if_cancelled`."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
         await anyio.lowlevel.checkpoint_if_cancelled()
         return
-    if task is not None and task.cancelling():
-        await asyncio.sleep(0)
+    await asyncio.sleep(0)
 
 
 @dataclass(frozen=True, slots=True)

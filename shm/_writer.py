@@ -11,7 +11,7 @@ import anyio.lowlevel
 from multikernel.shm import _core
 from multikernel.shm import _layout as L
 from multikernel.shm._errors import FrameTooLargeError, PeerDiedError
-from multikernel.shm._ring import _RingSide, cancel_point
+from multikernel.shm._ring import _RingSide, cancel_pending, cancel_point
 
 if TYPE_CHECKING:
     import mmap
@@ -76,13 +76,15 @@ class RingWriter(_RingSide):
 
     async def send(self, data: Buffer) -> None:
         """Send one frame, waiting for room without blocking the event loop."""
-        await cancel_point()
+        if cancel_pending():
+            await cancel_point()
         if not self._core.try_send(data):
             await self._await(lambda: self._sent_one(data), self._end_check, len(data))
 
     async def send_many(self, frames: Sequence[Buffer]) -> None:
         """Send every frame in order, publishing in batches and waiting for room as needed."""
-        await cancel_point()
+        if cancel_pending():
+            await cancel_point()
         if any(len(f) > self.max_payload for f in frames):
             raise self._too_large(max(len(f) for f in frames))
         done = self._core.try_send_many(frames)
