@@ -77,6 +77,8 @@ log = get_logger("multikernel.endpoints")
 #: often and every miss cost a ~60 µs cross-core wake-up (docs/bus.md, "Waiting").
 ENDPOINT_WAIT = WaitPolicy(spin=100e-6)
 
+_MORE = int(Flag.MORE)  # a plain int: `int & IntFlag` runs enum's Python code
+
 
 class Endpoint(PubSub):
     """One attachment to the bus. Create it with `connect()`.
@@ -163,7 +165,7 @@ class Endpoint(PubSub):
         try:
             while (item := await direct.next_reply(reply)) is not None:
                 header, frame = item
-                if header.flags & Flag.MORE:
+                if header.flags & _MORE:
                     yield decoder.decode(frame[header.body_offset :])
         finally:
             self._clients.abandon(direct, correlation, reply)
