@@ -42,10 +42,14 @@ class MkLaunchRecord(msgspec.Struct, frozen=True):
     name: str
     id: int
     transactions: tuple[int, ...]  # the launch's own (its instance-create first)
+    kept: bool = False  # the instance outlives the launch (made by the lifecycle's create)
 
 
-def encode_record(name: str, instance_id: int, transactions: list[int]) -> str:
-    return msgspec.json.encode(MkLaunchRecord(name, instance_id, tuple(transactions))).decode()
+def encode_record(
+    name: str, instance_id: int, transactions: list[int], *, kept: bool = False
+) -> str:
+    record = MkLaunchRecord(name, instance_id, tuple(transactions), kept)
+    return msgspec.json.encode(record).decode()
 
 
 def decode_record(record: str) -> MkLaunchRecord:
@@ -57,18 +61,26 @@ def adoptable(steps: KernelSteps, found: MkLaunchRecord) -> bool:
     return steps.instance_id(found.name) == found.id and steps.status(found.name) == "active"
 
 
-async def reclaim(
-    steps: KernelSteps, name: str, instance_id: int, made: set[int], *, within: float
-) -> None:
-    """End what is left of instance `name` (id `instance_id`) in the kernel and roll back its
-    transactions (`made`, plus every grant under `/instances/<name>`), newest first."""
+async def halt(steps: KernelSteps, name: str, instance_id: int, *, within: float) -> bool:
+    """Force-halt instance `name` if the kernel runs it under `instance_id`; False if the
+    kernel has no such instance (gone, or another's of that name: nothing of ours)."""
     if steps.instance_id(name) != instance_id:
-        return  # gone, or another's instance of that name: nothing of ours
+        return False
     if steps.status(name) == "active":
         steps.reboot(f"cannot halt {name!r}", REBOOT_CMD_HALT_FORCE, instance_id)
         with anyio.move_on_after(within):
             while steps.status(name) == "active":  # noqa: ASYNC110 (the kernel only has a file)
                 await anyio.sleep(0.01)
+    return True
+
+
+async def reclaim(
+    steps: KernelSteps, name: str, instance_id: int, made: set[int], *, within: float
+) -> None:
+    """End what is left of instance `name` (id `instance_id`) in the kernel and roll back its
+    transactions (`made`, plus every grant under `/instances/<name>`), newest first."""
+    if not await halt(steps, name, instance_id, within=within):
+        return
     if steps.status(name) == "loaded":
         await steps.unload(name, instance_id)
     created = steps.created(name)
@@ -80,10 +92,11 @@ async def reclaim(
 
 
 async def reclaim_unit(steps: KernelSteps, unit: str, *, within: float) -> None:
-    """A launch of `unit` cut short by a crash, before its record was stored: reclaim the
-    instance its `instance-create` made, if the kernel has it."""
+    """A launch of `unit` cut short by a crash, before its record was stored: halt the instance
+    its `instance-create` made, if the kernel runs it. The instance itself stays (`loaded` or
+    `ready`), as the lifecycle still has it: its next start boots it, its delete removes it."""
     instance_id = steps.instance_id(unit)
     if instance_id is None or steps.created(unit) is None:
         return
     with contextlib.suppress(PlatformError):
-        await reclaim(steps, unit, instance_id, set(), within=within)
+        await halt(steps, unit, instance_id, within=within)

@@ -169,6 +169,30 @@ class KernelSteps:
         overlay = dt.create_overlay(name, instance_id, resources.cpus, resources.memory)
         return await self.apply(f"cannot create instance {name!r}", overlay)
 
+    async def prepare(
+        self, name: str, instance_id: int, resources: Resources, *, load: bool
+    ) -> int | None:
+        """Bring instance `name` to `ready` (made by an instance-create if the kernel has no such
+        instance: its transaction is answered) and, with `load`, to `loaded`; idempotent. An
+        instance of that name under another id is not ours: `PlatformError`."""
+        made = None
+        status = self.status(name)
+        if status == "absent":
+            made = await self.create(name, instance_id, resources)
+            status = "ready"
+        elif (other := self.instance_id(name)) != instance_id:
+            raise PlatformError(
+                f"the kernel has an instance named {name!r} under id {other}, not {instance_id}: "
+                f"not this host's (kerf delete {name}, or pick another name)"
+            )
+        elif status == "failed":
+            raise PlatformError(
+                f"the kernel says instance {name!r} failed: mkctl delete {name} removes it"
+            )
+        if load and status == "ready":
+            await self.load(name, instance_id)
+        return made
+
     async def load(self, name: str, instance_id: int) -> None:
         if self.image is None:
             raise PlatformError(f"cannot load a kernel into {name!r}: no kernel image given")

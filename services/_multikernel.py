@@ -82,6 +82,9 @@ class MultikernelInstance(InstanceProcess):
         self.relaying = False  # its relay task was started (and closes the streams when done)
         self.relayed = anyio.Event()
         self.forced = False
+        #: The kernel instance outlives the launch (the lifecycle's `create`/`load` made it):
+        #: reclaiming the launch halts it, back to `loaded`, and leaves it for the next boot.
+        self.kept = False
 
 
 class MultikernelPlatform:
@@ -142,10 +145,14 @@ class MultikernelPlatform:
         inst = MultikernelInstance(self, spec)
         self._running[spec.name] = inst
         try:
-            inst.transactions.append(
-                await self.steps.create(spec.name, spec.instance_id, spec.resources)
-            )
-            await self.steps.load(spec.name, spec.instance_id)
+            # Made by the lifecycle's create and load already (kept), or else by this launch.
+            if self.steps.status(spec.name) == "absent":
+                inst.transactions.append(
+                    await self.steps.create(spec.name, spec.instance_id, spec.resources)
+                )
+            else:
+                inst.kept = True
+            await self.steps.prepare(spec.name, spec.instance_id, spec.resources, load=True)
             self.steps.reboot(f"cannot boot {spec.name!r}", REBOOT_CMD_BOOT, spec.instance_id)
             await self._attach(inst)
         except BaseException as error:
@@ -277,7 +284,7 @@ class MultikernelPlatform:
         if self.steps.status(inst.name) == "active":
             inst.forced = True
             self.steps.reboot(f"cannot halt {inst.name!r}", REBOOT_CMD_HALT_FORCE, inst.instance_id)
-        if self.steps.status(inst.name) == "loaded":
+        if self.steps.status(inst.name) == "loaded" and not inst.kept:
             await self.steps.unload(inst.name, inst.instance_id)
         inst.relays.cancel()
         if inst.relaying:
@@ -285,7 +292,7 @@ class MultikernelPlatform:
         _close_streams(inst)
         # Newest first: grants (ours, or the resource actor's through its host side), then the
         # instance-create, which removes the instance.
-        made = set(inst.transactions)
+        made = set() if inst.kept else set(inst.transactions)  # a kept one's grants stay its own
         if made:  # the instance is ours (a refused create leaves another's alone)
             made |= set(self.steps.grants_of(inst.name))
         for tx in sorted(made, reverse=True):
@@ -300,12 +307,35 @@ class MultikernelPlatform:
         if self._running.get(inst.name) is inst:
             del self._running[inst.name]
 
+    # -- the lifecycle's create, load and delete ----------------------------------------------
+
+    async def prepare(
+        self, name: str, instance_id: int, resources: Resources, *, load: bool
+    ) -> None:
+        """The lifecycle's `create` (the kernel's instance, `ready`: kerf create) and `load`
+        (its kernel, `loaded`: kerf load). It stays so between launches: each start boots it."""
+        if not 1 <= instance_id <= MAX_INSTANCE_ID:
+            raise InvalidSpecError(
+                f"instance id {instance_id}: the kernel takes 1 to {MAX_INSTANCE_ID}"
+            )
+        await self.steps.prepare(name, instance_id, resources, load=load)
+
+    async def release(self, name: str, instance_id: int) -> None:
+        """The lifecycle's `delete`: unload the instance's kernel and undo every transaction
+        that made or resized it (kerf unload and delete); nothing if the kernel has no such
+        instance under that id."""
+        if name in self._running:
+            raise PlatformError(f"instance {name!r} is running: kill it first")
+        await _mk_adopt.reclaim(self.steps, name, instance_id, set(), within=self.boot_timeout)
+
     # -- after a host restart (`_mk_adopt`) --------------------------------------------------
 
     def record(self, proc: InstanceProcess) -> str:
         """What a restarted host needs to find this launch again (JSON, for the state store)."""
         inst = self._own(proc)
-        return _mk_adopt.encode_record(inst.name, inst.instance_id, inst.transactions)
+        return _mk_adopt.encode_record(
+            inst.name, inst.instance_id, inst.transactions, kept=inst.kept
+        )
 
     def adopt(self, spec: LaunchSpec, record: str) -> MultikernelInstance | None:
         """Watch the recorded launch again if the kernel still runs it (None if it does not)."""
@@ -316,6 +346,7 @@ class MultikernelPlatform:
             return None
         inst = MultikernelInstance(self, spec)
         inst.transactions.extend(found.transactions)
+        inst.kept = found.kept
         self._running[spec.name] = inst
         self._tg.start_soon(self._watch, inst)
         log.info("instance adopted", instance=spec.name, id=found.id)
@@ -324,6 +355,9 @@ class MultikernelPlatform:
     async def reclaim_record(self, record: str) -> None:
         """End what is left of a recorded launch that was not adopted; undo its transactions."""
         found = _mk_adopt.decode_record(record)
+        if found.kept:  # the instance outlives its launches: halted, left `loaded`
+            await _mk_adopt.halt(self.steps, found.name, found.id, within=self.boot_timeout)
+            return
         made = set(found.transactions)
         await _mk_adopt.reclaim(self.steps, found.name, found.id, made, within=self.boot_timeout)
 

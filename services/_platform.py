@@ -276,6 +276,19 @@ class Platform(Protocol):
         """Which isolation is really applied here, with a warning per missing piece."""
         ...
 
+    async def prepare(
+        self, name: str, instance_id: int, resources: Resources, *, load: bool
+    ) -> None:
+        """What an instance needs before it starts, made at the lifecycle's `create` (`load`
+        False) and `load` (True) and kept across its launches: on the multikernel platform the
+        kernel's instance (`ready`) and its loaded kernel (`loaded`); nothing on the others.
+        Idempotent; raises `PlatformError` with the kernel's reason."""
+        ...
+
+    async def release(self, name: str, instance_id: int) -> None:
+        """Undo `prepare` (the lifecycle's `delete`): nothing if there is nothing."""
+        ...
+
     async def launch(self, spec: LaunchSpec) -> InstanceProcess:
         """Start the instance's agent inside its isolation; returns once the agent is executing.
 
