@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import socket
 from pathlib import Path
@@ -137,3 +138,12 @@ async def relay(host: int, instance: int, *, both_ways: bool = True) -> None:
         tg.start_soon(pump, instance, host)
         if both_ways:
             tg.start_soon(pump, host, instance)
+
+
+async def send_line(stream: socket.socket, value: object) -> None:
+    """One JSON line (how each stream to an instance's init says what it is)."""
+    data = memoryview(json.dumps(value).encode() + b"\n")
+    while data:
+        await anyio.wait_writable(stream)
+        with contextlib.suppress(BlockingIOError):
+            data = data[stream.send(data) :]

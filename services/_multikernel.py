@@ -30,6 +30,7 @@ import signal
 import socket
 import stat
 from functools import partial
+from pathlib import Path
 from typing import Final, Self
 
 import anyio
@@ -37,7 +38,8 @@ import anyio.abc
 import anyio.to_thread
 
 from multikernel.endpoints.log import get_logger
-from multikernel.services import _mk_adopt
+from multikernel.services import _mk_adopt, _mk_control
+from multikernel.services._mk_control import Control, OpenSession
 from multikernel.services._mk_kernel import (
     MAX_INSTANCE_ID,
     REBOOT_CMD_BOOT,
@@ -45,9 +47,9 @@ from multikernel.services._mk_kernel import (
     REBOOT_CMD_HALT_FORCE,
     MultikernelKernel,
 )
-from multikernel.services._mk_session import OpenStream, host_bridge, send_line
+from multikernel.services._mk_session import OpenStream, host_bridge
 from multikernel.services._mk_steps import BootImage, KernelSteps
-from multikernel.services._mk_vsock import AGENT_PORT, Connector, relay
+from multikernel.services._mk_vsock import AGENT_PORT, Connector, relay, send_line
 from multikernel.services._namespaces import namespace_ids
 from multikernel.services._platform import (
     Capabilities,
@@ -79,6 +81,8 @@ class MultikernelInstance(InstanceProcess):
         self.streams: list[tuple[int, socket.socket]] = []  # (host fd, vsock), both ours
         self.ended = anyio.Event()
         self.relays = anyio.CancelScope()
+        self.sessions = anyio.CancelScope()  # its control connection's reader and sessions
+        self.ctl: Control | None = None
         self.relaying = False  # its relay task was started (and closes the streams when done)
         self.relayed = anyio.Event()
         self.forced = False
@@ -101,14 +105,26 @@ class MultikernelPlatform:
         connector: Connector,
         poll: float = 0.02,
         boot_timeout: float = 30.0,
+        shared: Path | None = None,
     ) -> None:
         self.kernel = kernel
         self.steps = KernelSteps(kernel, image)
         self.connector = connector
         self.poll = poll
         self.boot_timeout = boot_timeout
+        #: Memory both kernels map (a DAXFS mount; in tests the vsock stand-in's directory):
+        #: direct channels to an instance cross there (`_mk_channels`); None: they are dropped.
+        self.shared = shared
         self._tg: anyio.abc.TaskGroup | None = None
         self._running: dict[str, MultikernelInstance] = {}
+        self._open_session: OpenSession | None = None
+        self._hub_up = anyio.Event()
+
+    def serve_sessions(self, open_session: OpenSession) -> None:
+        """The hub is up: sessions for processes re-attaching in an instance open with
+        `open_session` (the hub's `open_instance_socket`; `_mk_control`)."""
+        self._open_session = open_session
+        self._hub_up.set()
 
     async def __aenter__(self) -> Self:
         self._tg = await anyio.create_task_group().__aenter__()
@@ -179,6 +195,7 @@ class MultikernelPlatform:
             )
         launch = {"argv": list(spec.argv), "env": dict(spec.env), "cwd": spec.cwd, "fds": modes}
         await send_line(inst.control, launch)
+        inst.ctl = Control(inst.control)
         for fd, mode in modes.items():
             if mode == "hold":
                 continue
@@ -190,6 +207,37 @@ class MultikernelPlatform:
         assert self._tg is not None
         inst.relaying = True
         self._tg.start_soon(self._relay, inst, [m for m in modes.values() if m != "hold"])
+        self._tg.start_soon(self._control, inst)
+
+    async def _control(self, inst: MultikernelInstance) -> None:
+        """Answer the init's control lines (`_mk_control`): a session for each process that
+        re-attaches, until the launch ends. An adopted launch first opens a new control."""
+        opener = partial(self.connector.connect, inst.instance_id, AGENT_PORT)
+        with inst.sessions:
+            if inst.ctl is None:
+                try:
+                    inst.control = await _mk_control.reattach(self.connector, inst.instance_id)
+                except OSError as error:
+                    log.warning("adopted instance's init not reached", instance=inst.name,
+                                error=str(error))  # fmt: skip
+                    return
+                inst.ctl = Control(inst.control)
+            async with anyio.create_task_group() as tg:
+
+                async def open_one() -> None:
+                    await self._hub_up.wait()
+                    assert self._open_session is not None
+                    await _mk_control.resume(
+                        self.connector,
+                        inst.instance_id,
+                        self._open_session,
+                        opener,
+                        tg,
+                        shared=self.shared,
+                    )
+
+                await inst.ctl.serve(open_one)
+                await anyio.sleep_forever()  # its sessions run until the launch ends
 
     async def _connect(self, inst: MultikernelInstance) -> socket.socket | None:
         """Connect to the init once it listens (refused, or reset as AF_VSOCK answers when
@@ -211,7 +259,7 @@ class MultikernelPlatform:
                         stream.setblocking(False)
                         if mode == "session":
                             opener = partial(self.connector.connect, inst.instance_id, AGENT_PORT)
-                            tg.start_soon(_session, host, stream, opener)
+                            tg.start_soon(_session, host, stream, opener, self.shared)
                         else:
                             both = mode == "rw"
                             tg.start_soon(partial(relay, host, stream.fileno(), both_ways=both))
@@ -225,7 +273,9 @@ class MultikernelPlatform:
         # The status file is all the kernel offers (it sends no kernfs notification): poll it.
         while self.steps.status(inst.name) == "active":  # noqa: ASYNC110
             await anyio.sleep(self.poll)
-        status = _reported_exit(inst.control)
+        if inst.ctl is not None:
+            inst.ctl.drain()
+        status = inst.ctl.exit_status if inst.ctl is not None else None
         if status is None:
             status = -signal.SIGKILL if inst.forced else KERNEL_DOWN
             if not inst.forced:
@@ -237,6 +287,7 @@ class MultikernelPlatform:
         if inst.returncode is None:
             inst.returncode = status
         inst.relays.cancel()
+        inst.sessions.cancel()
         inst.ended.set()
 
     async def update(self, proc: InstanceProcess, resources: Resources) -> None:
@@ -287,6 +338,7 @@ class MultikernelPlatform:
         if self.steps.status(inst.name) == "loaded" and not inst.kept:
             await self.steps.unload(inst.name, inst.instance_id)
         inst.relays.cancel()
+        inst.sessions.cancel()
         if inst.relaying:
             await inst.relayed.wait()
         _close_streams(inst)
@@ -349,6 +401,7 @@ class MultikernelPlatform:
         inst.kept = found.kept
         self._running[spec.name] = inst
         self._tg.start_soon(self._watch, inst)
+        self._tg.start_soon(self._control, inst)  # its agent's sessions, again
         log.info("instance adopted", instance=spec.name, id=found.id)
         return inst
 
@@ -386,9 +439,11 @@ class MultikernelPlatform:
         return launched_by(self, proc, MultikernelInstance, live=True)
 
 
-async def _session(host: int, stream: socket.socket, open_stream: OpenStream) -> None:
+async def _session(
+    host: int, stream: socket.socket, open_stream: OpenStream, shared: Path | None
+) -> None:
     with socket.socket(fileno=os.dup(host)) as hub:
-        await host_bridge(hub, stream, open_stream)
+        await host_bridge(hub, stream, open_stream, shared=shared)
 
 
 def _close_streams(inst: MultikernelInstance) -> None:
@@ -407,19 +462,3 @@ def _mode(fd: int) -> str:
     if stat.S_ISFIFO(mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
         return "w"
     return "hold"
-
-
-def _reported_exit(control: socket.socket | None) -> int | None:
-    """The agent's exit status, if the instance's init wrote `exit <status>` before it ended."""
-    if control is None:
-        return None
-    try:
-        control.setblocking(False)
-        data = control.recv(64)
-    except OSError:
-        return None
-    text = data.decode(errors="replace").strip()
-    if text.startswith("exit "):
-        with contextlib.suppress(ValueError):
-            return int(text[5:])
-    return None
