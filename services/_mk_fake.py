@@ -4,12 +4,15 @@
 acts like the kernel's `kernel/multikernel/` as its documentation and `kernfs.c` describe it:
 
 - `kernfs/device_tree`: the pool (`/resources`: `cpus`, `cpus-available`, one `memory@<base>`
-  per chunk), regenerated at every change; `kernfs/instances/<name>/{id,status,device_tree}`;
+  per chunk, `devices/<name>` with the `pci-id` of each PCI device), regenerated at every
+  change; `kernfs/instances/<name>/{id,status,device_tree}` (its `device_tree` lists its devices'
+  PCI addresses in `/resources/devices`: the fake's layout);
   `mkdir` anywhere is EPERM, writes to anything but `overlays/new` EINVAL;
 - `overlays/new` takes a DTBO as one write; each write makes `overlays/tx_<N>/{id,status,
   instance,resources,dtbo}`; its fragments run in unit-address order, each fragment's operations
   in the kernel's order; a refused operation (EINVAL bad overlay or resource, ENOENT unknown
-  instance, EBUSY a CPU or range not free, EEXIST a taken name or id, EPERM a pool target) undoes
+  instance, EBUSY a CPU, range or device not free, EEXIST a taken name or id, EPERM a pool
+  target, ENODEV a device not in the pool) undoes
   what the transaction did, leaves `status` `failed` and fails the write with that errno;
   `rmdir tx_<N>` undoes an applied transaction in reverse (EBUSY if that would destroy a loaded or
   active instance) and removes the directory, as it clears a failed one;
@@ -108,12 +111,15 @@ class FakeMultikernel:
         *,
         cpus: set[int] | range = range(1, 4),
         memory: list[tuple[int, int]] | None = None,
+        devices: dict[str, str] | None = None,
         boot: BootHook | None = None,
     ) -> None:
         self.directory = directory
         self.kernfs = directory / "kernfs"
         self.lock_path = directory / "kerf.lock"
-        self.pool = FakePool(set(cpus), list(memory or [(0x1_0000_0000, 1 << 30)]))
+        self.pool = FakePool(
+            set(cpus), list(memory or [(0x1_0000_0000, 1 << 30)]), devices=dict(devices or {})
+        )
         self.boot = boot
         self.calls: list[KexecCall | RebootCall] = []
         self.transactions: dict[int, Transaction] = {}
@@ -298,6 +304,12 @@ class FakeMultikernel:
         })  # fmt: skip
         for base, size in self.pool.chunks:
             resources.children.append(_memory_node(base, size))
+        if self.pool.devices:
+            pool_devices = dt.Node("devices")
+            for name, pci_id in sorted(self.pool.devices.items()):
+                device = {"device-type": b"pci\0", "pci-id": pci_id.encode() + b"\0"}
+                pool_devices.children.append(dt.Node(name, device))
+            resources.children.append(pool_devices)
         root.children.append(resources)
         _put(self.kernfs / "device_tree", dt.build(root))
         instances = self.kernfs / "instances"
@@ -340,6 +352,8 @@ def _memory_node(base: int, size: int) -> dt.Node:
 def _instance_tree(inst: FakeInstance) -> bytes:
     root = dt.Node("", {"compatible": b"multikernel-v1\0", "id": dt.u32(inst.id)})
     resources = dt.Node("resources", {"cpus": dt.cpu_cells(inst.cpus)})
+    if inst.devices:  # the PCI addresses lent to it (the fake's layout)
+        resources.props["devices"] = b"".join(d.encode() + b"\0" for d in sorted(inst.devices))
     resources.children.extend(_memory_node(b, s) for b, s in inst.regions)
     root.children.append(resources)
     return dt.build(root)

@@ -189,6 +189,12 @@ class KernelSteps:
             raise PlatformError(
                 f"the kernel says instance {name!r} failed: mkctl delete {name} removes it"
             )
+        if made is not None and resources.devices:  # an instance-create names no devices
+            try:
+                await self.grant(name, resources, resources.devices)
+            except PlatformError:
+                await self.rollback(made)
+                raise
         if load and status == "ready":
             await self.load(name, instance_id)
         return made
@@ -230,12 +236,17 @@ class KernelSteps:
         except OSError as error:
             raise PlatformError(explain(what, error)) from error
 
-    async def grant(self, name: str, resources: Resources) -> int | None:
-        """Give instance `name` exactly `resources` in one transaction (cpu/memory add/remove);
-        its id, or None if nothing changes. Refused or not as asked: undone, `PlatformError`."""
+    async def grant(
+        self, name: str, resources: Resources, devices: frozenset[str] | None = None
+    ) -> int | None:
+        """Give instance `name` exactly `resources` (and `devices`, PCI addresses; None: those
+        it has) in one transaction (cpu/memory/device add/remove); its id, or None if nothing
+        changes. Refused or not as asked: undone, `PlatformError`."""
         cpus, regions = self.held(name)
+        had = self.devices(name)
+        devices = had if devices is None else devices
         memory = sum(size for _, size in regions)
-        if (cpus, memory) == (resources.cpus, resources.memory):
+        if (cpus, memory, had) == (resources.cpus, resources.memory, devices):
             return None
         add_base = None
         if resources.memory > memory:
@@ -243,19 +254,32 @@ class KernelSteps:
         try:
             overlay = dt.update_overlay(
                 name, (cpus, memory), (resources.cpus, resources.memory),
-                regions=regions, add_base=add_base,
+                regions=regions, add_base=add_base, devices=(had, devices),
             )  # fmt: skip
         except Exception as error:  # kerf's ResourceError: memory leaves in whole regions
             raise PlatformError(f"cannot resize {name!r}: {error}") from error
         tx = await self.apply(f"cannot give {name!r} its new resources", overlay)
         got_cpus, got = self.held(name)
-        if (got_cpus, sum(s for _, s in got)) != (resources.cpus, resources.memory):
+        got_devices = self.devices(name)
+        if (got_cpus, sum(s for _, s in got), got_devices) != (
+            resources.cpus, resources.memory, devices,
+        ):  # fmt: skip
             await self.rollback(tx)
             raise PlatformError(
                 f"the kernel applied transaction {tx} for {name!r} but it holds CPUs "
-                f"{sorted(got_cpus)}, not {sorted(resources.cpus)}: rolled back"
+                f"{sorted(got_cpus)} and devices {sorted(got_devices)}, not "
+                f"{sorted(resources.cpus)} and {sorted(devices)}: rolled back"
             )
         return tx
+
+    def devices(self, name: str) -> frozenset[str]:
+        """The PCI addresses of the devices the kernel says instance `name` has."""
+        try:
+            tree = dt.parse(self.kernel.read(f"instances/{name}/device_tree"))
+        except FileNotFoundError as error:
+            raise PlatformError(explain(f"no instance {name!r} in the kernel", error)) from error
+        resources = tree.child("resources") or dt.Node("resources")
+        return frozenset(resources.strings("devices"))
 
     def held(self, name: str) -> tuple[frozenset[int], list[tuple[int, int]]]:
         """The CPUs and memory ranges the kernel says instance `name` has."""
@@ -301,7 +325,13 @@ class MultikernelHostSide:
         self.steps = steps
 
     async def apply(
-        self, instance: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+        self,
+        instance: str,
+        cpus: frozenset[int],
+        memory: int | None,
+        *,
+        running: bool = False,
+        devices: frozenset[str] | None = None,
     ) -> None:
         if self.steps.status(instance) == "absent":
             if running:
@@ -313,6 +343,6 @@ class MultikernelHostSide:
         held_cpus, regions = self.steps.held(instance)
         size = memory if memory is not None else sum(s for _, s in regions)
         try:
-            await self.steps.grant(instance, Resources(cpus or held_cpus, size))
+            await self.steps.grant(instance, Resources(cpus or held_cpus, size), devices)
         except PlatformError as error:
             raise HostSideError(str(error)) from error

@@ -166,6 +166,10 @@ class MultikernelPlatform:
                 inst.transactions.append(
                     await self.steps.create(spec.name, spec.instance_id, spec.resources)
                 )
+                if spec.resources.devices and (
+                    tx := await self.steps.grant(spec.name, spec.resources, spec.resources.devices)
+                ):
+                    inst.transactions.append(tx)
             else:
                 inst.kept = True
             await self.steps.prepare(spec.name, spec.instance_id, spec.resources, load=True)
@@ -293,7 +297,7 @@ class MultikernelPlatform:
     async def update(self, proc: InstanceProcess, resources: Resources) -> None:
         """A cpu/memory overlay for the instance (`KernelSteps.grant`), undone at reclaim."""
         inst = self._own(proc)
-        tx = await self.steps.grant(inst.name, resources)
+        tx = await self.steps.grant(inst.name, resources, resources.devices)
         if tx is not None:
             inst.transactions.append(tx)
         inst.resources = resources

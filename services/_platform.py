@@ -47,6 +47,13 @@ class LaunchError(PlatformError):
     failed); everything the attempt took has been given back."""
 
 
+def devices_of(queues: tuple[str, ...] | list[str]) -> frozenset[str]:
+    """The PCI addresses of the whole devices among granted `queues`."""
+    return frozenset(
+        q.removeprefix(DEVICE_QUEUE_PREFIX) for q in queues if q.startswith(DEVICE_QUEUE_PREFIX)
+    )
+
+
 def check_name(name: str) -> str:
     """`name` if it is a valid instance name, else `InvalidSpecError` saying what is allowed."""
     if not NAME_PATTERN.fullmatch(name):
@@ -57,12 +64,23 @@ def check_name(name: str) -> str:
     return name
 
 
+#: A granted queue that is a whole PCI device (`pci/<DDDD:BB:SS.F>`, from a multikernel kernel's
+#: pool: `_mk_pool`), lent to the instance's kernel by a device overlay.
+DEVICE_QUEUE_PREFIX: Final = "pci/"
+
+
 @dataclass(frozen=True)
 class Resources:
-    """What an instance was given: host CPU ids and a memory size in bytes."""
+    """What an instance was given: host CPU ids, a memory size in bytes, and the PCI addresses
+    of whole devices (only a multikernel kernel lends those: `devices_of`)."""
 
     cpus: frozenset[int]
     memory: int
+    devices: frozenset[str] = frozenset()
+
+    @classmethod
+    def granted(cls, cpus: frozenset[int], memory: int, queues: tuple[str, ...]) -> Resources:
+        return cls(cpus, memory, devices_of(queues))
 
     def __post_init__(self) -> None:
         if not self.cpus:

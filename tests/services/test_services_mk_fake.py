@@ -181,3 +181,38 @@ def test_our_kernel_abi_numbers_are_kerfs():
     assert (ours.REBOOT_CMD_HALT, ours.REBOOT_CMD_HALT_FORCE) == (
         kill.LINUX_REBOOT_CMD_MULTIKERNEL_HALT, kill.LINUX_REBOOT_CMD_MULTIKERNEL_HALT_FORCE,
     )  # fmt: skip
+
+
+def test_device_overlays_lend_the_pools_devices_and_refuse_the_rest(tmp_path):
+    kernel = FakeMultikernel(tmp_path, cpus={1, 2}, devices={"nvme0": "0000:01:00.0"})
+    pool = dt.parse(kernel.read("device_tree")).child("resources")
+    assert pool is not None
+    devices = pool.child("devices")
+    assert devices is not None
+    assert [(d.name, d.string("pci-id")) for d in devices.children] == [("nvme0", "0000:01:00.0")]
+    kernel.write("overlays/new", dt.create_overlay("web", 3, frozenset({1}), 16 * MiB))
+    kernel.write("overlays/new", dt.create_overlay("db", 4, frozenset({2}), 16 * MiB))
+
+    def lend(name: str, before: set[str], after: set[str]) -> None:
+        cpus = frozenset({1 if name == "web" else 2})
+        overlay = dt.update_overlay(
+            name, (cpus, 16 * MiB), (cpus, 16 * MiB), regions=[], add_base=None,
+            devices=(frozenset(before), frozenset(after)),
+        )  # fmt: skip
+        kernel.write("overlays/new", overlay)
+
+    lend("web", set(), {"0000:01:00.0"})
+    web = dt.parse(kernel.read("instances/web/device_tree")).child("resources")
+    assert web is not None
+    assert web.strings("devices") == ["0000:01:00.0"]
+    with pytest.raises(OSError) as busy:
+        lend("db", set(), {"0000:01:00.0"})  # lent to web
+    assert busy.value.errno == errno.EBUSY
+    with pytest.raises(OSError) as unknown:
+        lend("db", set(), {"0000:02:00.0"})  # not in the pool
+    assert unknown.value.errno == errno.ENODEV
+    with pytest.raises(OSError) as not_its:
+        lend("db", {"0000:01:00.0"}, set())  # removing a device db does not have
+    assert not_its.value.errno == errno.EINVAL
+    kernel.rmdir("overlays/tx_3")  # web's device-add, rolled back
+    lend("db", set(), {"0000:01:00.0"})

@@ -56,6 +56,7 @@ from multikernel.services._signature import make_signing_key
 pytestmark = pytest.mark.anyio
 MB = 1 << 20
 HEARTBEAT = 0.2
+NVME = "0000:01:00.0"
 
 
 @pytest.fixture
@@ -80,6 +81,12 @@ class Host:
         resources = tree.child("resources")
         assert resources is not None
         return sum(c.reg()[1] for c in resources.children if c.name.startswith("memory@"))
+
+    def devices(self, name: str) -> list[str]:
+        tree = dt.parse(self.kernel.read(f"instances/{name}/device_tree"))
+        resources = tree.child("resources")
+        assert resources is not None
+        return resources.strings("devices")
 
     def transactions(self) -> list[str]:
         return [d for d in self.kernel.listdir("overlays") if d.startswith("tx_")]
@@ -110,6 +117,7 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
         cpus=online_cpus(),
         # Three 128 MiB chunks: 384 MiB for the resource actor, but no 256 MiB in one range.
         memory=[(1 << 32, 128 * MB), (1 << 33, 128 * MB), (1 << 34, 128 * MB)],
+        devices={"nvme0": NVME},
         boot=boot_init(vsock),
     )
     platform = MultikernelPlatform(
@@ -223,4 +231,27 @@ async def test_a_create_the_kernel_refuses_leaves_nothing(host: Host) -> None:
         assert host.status("big") == "ready"
         await host.call("delete", DeleteInstance(info.name))
     assert host.status("big") == "absent"
+    assert host.transactions() == []
+
+
+@pytest.mark.timeout(60)
+async def test_a_grant_that_carries_a_device_reaches_the_kernel_as_a_device_overlay(
+    host: Host,
+) -> None:
+    """The kernel's PCI devices are in the resource actor's pool (`pci/<address>`); granting
+    one lends it to the instance's kernel (device-add), giving it back removes it."""
+    with anyio.fail_after(30):
+        queues = (f"pci/{NVME}",)
+        await host.call("create", CreateInstance("db", cpu_count=1, memory=128 * MB, queues=queues))
+        assert host.devices("db") == [NVME]  # device-add, right after the instance-create
+        await host.call("update", UpdateInstance("db", queues=()))
+        assert host.devices("db") == []  # device-remove
+        await host.call("update", UpdateInstance("db", queues=queues))
+        assert host.devices("db") == [NVME]
+        with pytest.raises(RefusedError):  # the resource actor lends it once
+            await host.call(
+                "create", CreateInstance("web", cpu_count=1, memory=128 * MB, queues=queues)
+            )
+        await host.call("delete", DeleteInstance("db"))
+    assert host.status("db") == "absent"
     assert host.transactions() == []
