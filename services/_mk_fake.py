@@ -55,6 +55,12 @@ from multikernel.services._mk_kernel import (
     REBOOT_CMD_HALT_FORCE,
 )
 from multikernel.services._mk_vsock import AGENT_PORT, UnixVsock
+from multikernel.services._signature import (
+    SignatureError,
+    UnsignedImageError,
+    UntrustedSignerError,
+    verify,
+)
 
 
 @dataclass
@@ -113,6 +119,7 @@ class FakeMultikernel:
         memory: list[tuple[int, int]] | None = None,
         devices: dict[str, str] | None = None,
         boot: BootHook | None = None,
+        trusted: list[bytes] | None = None,
     ) -> None:
         self.directory = directory
         self.kernfs = directory / "kernfs"
@@ -121,6 +128,10 @@ class FakeMultikernel:
             set(cpus), list(memory or [(0x1_0000_0000, 1 << 30)]), devices=dict(devices or {})
         )
         self.boot = boot
+        #: With certificates, it enforces kernel signatures as a locked-down kernel does: an
+        #: image without an appended signature is ENODATA, one no certificate here signed ENOKEY,
+        #: a signature that does not match EBADMSG.
+        self.trusted = trusted
         self.calls: list[KexecCall | RebootCall] = []
         self.transactions: dict[int, Transaction] = {}
         self._next_tx = 1
@@ -213,6 +224,7 @@ class FakeMultikernel:
                 raise OSError(errno.EBUSY, f"instance {inst.name} is {inst.state}")
             if os.pread(kernel_fd, 4, 0) != b"\x7fELF":
                 raise OSError(errno.ENOEXEC, "the kernel image is not an ELF vmlinux")
+            self._check_signature(kernel_fd)
             inst.state, inst.kernel = "loaded", kernel
         self._sync()
 
@@ -238,6 +250,22 @@ class FakeMultikernel:
         else:
             raise OSError(errno.EINVAL, f"unknown reboot command {cmd:#x}")
         self._sync()
+
+    def signatures_enforced(self) -> bool:
+        return self.trusted is not None
+
+    def _check_signature(self, kernel_fd: int) -> None:
+        if self.trusted is None:
+            return
+        image = os.pread(kernel_fd, os.fstat(kernel_fd).st_size, 0)
+        try:
+            verify(image, self.trusted)
+        except UnsignedImageError:
+            raise OSError(errno.ENODATA, "the kernel image is not signed") from None
+        except UntrustedSignerError:
+            raise OSError(errno.ENOKEY, "no trusted key signed the kernel image") from None
+        except SignatureError:
+            raise OSError(errno.EBADMSG, "the kernel image's signature does not match") from None
 
     # -- what a test does to the instances ---------------------------------------------------
 

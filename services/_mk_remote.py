@@ -36,7 +36,18 @@ from multikernel.services._mk_vsock import Connector, UnixVsock, VsockConnector
 _LENGTH: Final = struct.Struct(">I")
 _MAX: Final = 16 << 20  # a DTBO or a device tree is far smaller
 _OPS: Final = frozenset(
-    {"read", "write", "listdir", "mkdir", "rmdir", "iomem", "kexec_file_load", "reboot", "info"}
+    {
+        "read",
+        "write",
+        "listdir",
+        "mkdir",
+        "rmdir",
+        "iomem",
+        "kexec_file_load",
+        "reboot",
+        "signatures_enforced",
+        "info",
+    }
 )
 
 
@@ -126,6 +137,9 @@ class RemoteKernel:
 
     def reboot(self, cmd: int, instance_id: int) -> None:
         self._call("reboot", cmd, instance_id)
+
+    def signatures_enforced(self) -> bool:
+        return bool(self._call("signatures_enforced"))
 
 
 class KernelServer:

@@ -28,11 +28,12 @@ from typing import Final
 
 import anyio
 import anyio.to_thread
-from kerf.vmlinuz import VmlinuzError, open_kernel_fd
+from kerf.signature import MODULE_SIG_STRING as SIGNATURE_MARKER
+from kerf.vmlinuz import BZIMAGE_HEADER_SIZE, VmlinuzError, is_bzimage, open_kernel_fd
 
 from multikernel.services import _mk_dt as dt
 from multikernel.services._enforce import HostSideError
-from multikernel.services._mk_kernel import MultikernelKernel, kexec_flags
+from multikernel.services._mk_kernel import KEXEC_FILE_UNLOAD, MultikernelKernel, kexec_flags
 from multikernel.services._platform import PlatformError, Resources
 
 #: What each errno of the kernel's overlay, kexec and reboot paths means, and what to do.
@@ -48,6 +49,12 @@ _MEANING: Final = {
     errno.EPERM: "the kernel does not allow it (is this kernel the pool's owner? are you root?)",
     errno.ENOEXEC: "the kernel image is not an ELF vmlinux (kerf load extracts it from a bzImage)",
     errno.ENODEV: "the device is not in the pool",
+    errno.ENODATA: "the kernel image is not signed and this host enforces kernel signatures "
+    "(sign it: kerf sign)",
+    errno.ENOKEY: "the kernel image's signer is not trusted by this host (enroll its "
+    "certificate, e.g. as a MOK)",
+    errno.EKEYREJECTED: "the kernel image's signature was rejected by this host's keys",
+    errno.EBADMSG: "the kernel image's signature does not match it (re-sign it: kerf sign)",
 }
 
 
@@ -211,6 +218,8 @@ class KernelSteps:
     async def _kexec(self, what: str, flags: int) -> None:
         if self.image is None:
             raise PlatformError(f"{what}: no kernel image given")
+        if not flags & KEXEC_FILE_UNLOAD:
+            await anyio.to_thread.run_sync(self._check_signed, what)
         fds = []
         try:
             # kerf's: an ELF vmlinux as it is, a bzImage's vmlinux extracted into a memfd.
@@ -229,6 +238,32 @@ class KernelSteps:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _check_signed(self, what: str) -> None:
+        """On a host that enforces kernel signatures (kerf's check, through the seam), refuse an
+        image the kernel would refuse for want of one, before loading, saying what to do: a
+        bzImage (its extracted vmlinux carries no signature) or an unsigned vmlinux."""
+        assert self.image is not None
+        if not self.kernel.signatures_enforced():
+            return
+        try:
+            with open(self.image.kernel, "rb") as image:
+                head = image.read(BZIMAGE_HEADER_SIZE)
+                image.seek(-len(SIGNATURE_MARKER), os.SEEK_END)
+                tail = image.read()
+        except OSError as error:
+            raise PlatformError(f"{what}: {self.image.kernel}: {error.strerror}") from error
+        if is_bzimage(head):
+            raise PlatformError(
+                f"{what}: this host enforces kernel signatures and {self.image.kernel} is a "
+                "bzImage, whose extracted vmlinux is unsigned: give a signed ELF vmlinux "
+                "(kerf sign)"
+            )
+        if tail != SIGNATURE_MARKER:
+            raise PlatformError(
+                f"{what}: this host enforces kernel signatures and {self.image.kernel} is not "
+                "signed: sign it (kerf sign)"
+            )
 
     def reboot(self, what: str, cmd: int, instance_id: int) -> None:
         try:

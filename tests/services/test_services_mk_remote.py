@@ -40,6 +40,7 @@ def served(tmp_path: Path) -> Iterator[tuple[FakeMultikernel, RemoteKernel]]:
 def test_the_remote_seam_answers_as_the_fake_does(served, tmp_path):
     kernel, remote = served
     assert remote.lock_path == kernel.lock_path
+    assert remote.signatures_enforced() is False
     assert remote.read("device_tree") == kernel.read("device_tree")
     remote.write("overlays/new", dt.create_overlay("web", 3, frozenset({1}), 16 * MiB))
     assert remote.read("instances/web/status") == b"ready\n"
