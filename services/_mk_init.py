@@ -113,8 +113,9 @@ class _Host:
 
 
 async def _output(read: int, stream: socket.socket) -> None:
-    """The agent's output pipe to the host's stream; once the host is gone, drained and
-    dropped, so a workload that prints never fails on a broken stream."""
+    """The agent's output pipe to the host's stream; once the host is gone, to the init's own
+    stderr (the instance's console: `kerf console`), so a workload that prints never fails on
+    a broken stream and what it says is not lost."""
     os.set_blocking(read, False)
     stream.setblocking(False)
     broken = False
@@ -126,6 +127,10 @@ async def _output(read: int, stream: socket.socket) -> None:
             continue
         if not data:
             return
+        if broken:
+            with contextlib.suppress(OSError):
+                os.write(2, data)
+            continue
         view = memoryview(data)
         while view and not broken:
             await anyio.wait_writable(stream)
