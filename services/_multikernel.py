@@ -355,6 +355,7 @@ class MultikernelPlatform:
             await self.steps.rollback(tx)
         inst.transactions.clear()
         if inst.control is not None:
+            anyio.notify_closing(inst.control)  # its reader may wait on it still
             inst.control.close()
         inst.reclaimed = True
         if inst.returncode is None:
