@@ -14,16 +14,20 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any, cast
 
 import anyio
+import msgspec
 import pytest
 
-from multikernel.endpoints import connect, retrying
+from multikernel.endpoints import Endpoint, connect, retrying
 from multikernel.protocol import (
     DeleteInstance,
     KillInstance,
+    LogLines,
+    ReadLogs,
     RestartPolicy,
     SystemHeartbeat,
 )
@@ -80,6 +84,16 @@ def machine(tmp_path: Path) -> Iterator[Machine]:
         found.close()
 
 
+async def _logged(ep: Endpoint, name: str, text: str) -> None:
+    """Until a line of the instance's output, as the host collected it, contains `text`."""
+    with anyio.fail_after(PATIENCE):
+        stream = ep.request_stream("lifecycle", "logs", ReadLogs(name, follow=True))
+        async for batch in cast(AsyncIterator[Any], stream):
+            if any(text in line.text for line in msgspec.convert(batch, LogLines).lines):
+                return
+    raise AssertionError(f"{text!r} never showed in {name}'s output")
+
+
 @pytest.mark.timeout(240)
 async def test_a_killed_host_process_comes_back_and_its_adopted_instance_answers(
     tmp_path: Path, machine: Machine
@@ -100,6 +114,9 @@ async def test_a_killed_host_process_comes_back_and_its_adopted_instance_answers
             kv = f"instance.{info.id}.kv"
             await owned(ep, kv)
             before = await ep.request(kv, "ping", None)  # a direct channel across kernels
+            # Its `svc.start()` has had the hub's answer (it prints once it has): a host killed
+            # before that answer arrives fails the workload's start, as on any platform.
+            await _logged(ep, "web", '"event": "serving"')
             assert machine.status("web") == "active"
 
             host.kill()  # the whole host process: no goodbye
