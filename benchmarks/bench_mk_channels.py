@@ -21,6 +21,7 @@ Usage: ``python benchmarks/bench_mk_channels.py [--rounds N] [--count N] [--quic
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import statistics
@@ -94,7 +95,8 @@ def _peer(role: str, args: list[str]) -> None:
     os.sched_setaffinity(0, {max(online_cpus())})
     run = {"echo": lambda: _echo(fds), "shared": lambda: _shared(fds, extra, side),
            "stream": lambda: _stream(fds, extra, side)}[role]  # fmt: skip
-    anyio.run(run)
+    with contextlib.suppress(Exception):  # ended by the caller killing its processes
+        anyio.run(run)
 
 
 # -- the caller ------------------------------------------------------------------------------
