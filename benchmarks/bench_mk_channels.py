@@ -8,13 +8,15 @@ interleaved round by round (A B C A B C …):
 - ``shared``: the path ``services/_mk_channels.py`` builds across kernels: the caller's channel to
   the host's pump, a ring pair in a sealed region both sides map, polled without a doorbell
   (back-off up to 1 ms), the init's pump, the server's channel (two extra processes, two copies);
+- ``shared50``: the same with the polls' back-off capped at 50 µs instead of 1 ms;
 - ``stream``: the alternative it replaced: the caller's channel to a pump that carries frames over
   a byte stream (a Unix socketpair standing in for AF_VSOCK, as the session bridge does:
   ``_mk_session``), a pump at the other end, the server's channel.
 
 The caller is pinned to the first CPU, every other process to the last. Prints, per path, the
 round trip's p50 and p99 (median over rounds, with the p50's min-max) in µs, the ratio of its p50
-to ``direct``'s in the same round, and the CPU time all its processes used per round trip.
+to ``direct``'s in the same round, the CPU time all its processes used per round trip, and
+what they use while idle (percent of one CPU over one second).
 Usage: ``python benchmarks/bench_mk_channels.py [--rounds N] [--count N] [--quick]``.
 """
 
@@ -39,6 +41,7 @@ from multikernel.shm import (
     Channel,
     ChannelHandle,
     Region,
+    WaitPolicy,
     channel_size,
     create_channel_handles,
     format_channel,
@@ -57,12 +60,13 @@ async def _echo(fds: list[int]) -> None:
                 await server.send(frame)
 
 
-async def _shared(fds: list[int], region_fd: int, side: int) -> None:
+async def _shared(fds: list[int], region_fd: int, side: int, poll_max: float) -> None:
     # side 0: the host's pump (the caller's channel's server end <-> the region, side 0);
     # side 1: the init's pump (the region, side 1 <-> the server's channel, client end).
     handle = ChannelHandle(1 - side, fds)
     region = Region.from_fd(region_fd)
-    async with Channel.attach(handle) as near, Channel.open_region(region, side) as far:
+    policy = WaitPolicy(poll_max=poll_max)
+    async with Channel.attach(handle) as near, Channel.open_region(region, side, policy) as far:
         region.close()
         await pump(near, far)
 
@@ -92,8 +96,9 @@ def _peer(role: str, args: list[str]) -> None:
     fds = [int(a) for a in args[0].split(",")]
     extra = int(args[1]) if len(args) > 1 else -1
     side = int(args[2]) if len(args) > 2 else 0
+    poll_max = float(args[3]) if len(args) > 3 else 1e-3
     os.sched_setaffinity(0, {max(online_cpus())})
-    run = {"echo": lambda: _echo(fds), "shared": lambda: _shared(fds, extra, side),
+    run = {"echo": lambda: _echo(fds), "shared": lambda: _shared(fds, extra, side, poll_max),
            "stream": lambda: _stream(fds, extra, side)}[role]  # fmt: skip
     with contextlib.suppress(Exception):  # ended by the caller killing its processes
         anyio.run(run)
@@ -102,9 +107,9 @@ def _peer(role: str, args: list[str]) -> None:
 # -- the caller ------------------------------------------------------------------------------
 
 
-def _spawn(role: str, fds: list[int], *extra: int) -> subprocess.Popen[bytes]:
+def _spawn(role: str, fds: list[int], *extra: int | str) -> subprocess.Popen[bytes]:
     args = [",".join(map(str, fds)), *map(str, extra)]
-    keep = [fd for fd in [*fds, *extra[:1]] if fd >= 0]
+    keep = [fd for fd in [*fds, *extra[:1]] if isinstance(fd, int) and fd >= 0]
     return subprocess.Popen(
         [sys.executable, __file__, "--peer", role, *args], pass_fds=keep, close_fds=True
     )
@@ -121,12 +126,12 @@ class Route:
             self.procs.append(_spawn("echo", server.fds))
         else:
             inner_client, inner_server = create_channel_handles()
-            if name == "shared":
+            if name.startswith("shared"):
+                poll = "5e-05" if name == "shared50" else "0.001"
                 region = Region.create(channel_size(CAPACITY))
                 format_channel(region, CAPACITY)
-                a = b = region.fd
-                self.procs.append(_spawn("shared", server.fds, a, 0))
-                self.procs.append(_spawn("shared", inner_client.fds, b, 1))
+                self.procs.append(_spawn("shared", server.fds, region.fd, 0, poll))
+                self.procs.append(_spawn("shared", inner_client.fds, region.fd, 1, poll))
                 region.close()
             else:
                 left, right = socket.socketpair()
@@ -169,7 +174,7 @@ class Route:
 
 async def main(rounds: int, count: int) -> None:
     os.sched_setaffinity(0, {min(online_cpus())})
-    paths = [Route(name) for name in ("direct", "shared", "stream")]
+    paths = [Route(name) for name in ("direct", "shared", "shared50", "stream")]
     results: dict[str, list[tuple[float, float, float, float]]] = {p.name: [] for p in paths}
     try:
         for _ in range(rounds):
@@ -180,13 +185,18 @@ async def main(rounds: int, count: int) -> None:
                 p50, p99 = times[len(times) // 2], times[int(len(times) * 0.99)]
                 reference = reference or p50
                 results[path.name].append((p50, p99, p50 / reference, cpu))
+        idle = {}
+        for path in paths:  # what its processes cost while nothing is sent
+            cpu = path.cpu()
+            await anyio.sleep(1.0)
+            idle[path.name] = (path.cpu() - cpu) * 100
     finally:
         for path in paths:
             path.close()
     print(f"64-byte round trips, {rounds} rounds x {count}; caller on CPU {min(online_cpus())}, "
           f"every other process on CPU {max(online_cpus())}")  # fmt: skip
     print(f"{'path':8} {'p50 µs':>9} {'(min-max)':>17} {'p99 µs':>9} {'x direct':>9} "
-          f"{'peer CPU µs/rt':>15}")  # fmt: skip
+          f"{'peer CPU µs/rt':>15} {'idle CPU %':>10}")  # fmt: skip
     for name, rows in results.items():
         p50s = [r[0] for r in rows]
         print(
@@ -194,7 +204,7 @@ async def main(rounds: int, count: int) -> None:
             f"{f'({min(p50s):.1f}-{max(p50s):.1f})':>17} "
             f"{statistics.median(r[1] for r in rows):9.1f} "
             f"{statistics.median(r[2] for r in rows):9.2f} "
-            f"{statistics.median(r[3] for r in rows):15.1f}"
+            f"{statistics.median(r[3] for r in rows):15.1f} {idle[name]:10.1f}"
         )
 
 
