@@ -24,11 +24,9 @@ rolled back by `reclaim`, so the pool is as it was.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import signal
 import socket
-import stat
 from functools import partial
 from pathlib import Path
 from typing import Final, Self
@@ -49,7 +47,7 @@ from multikernel.services._mk_kernel import (
 )
 from multikernel.services._mk_session import OpenStream, host_bridge
 from multikernel.services._mk_steps import BootImage, KernelSteps
-from multikernel.services._mk_vsock import AGENT_PORT, Connector, relay, send_line
+from multikernel.services._mk_vsock import AGENT_PORT, Connector, crossing, relay, send_line
 from multikernel.services._namespaces import namespace_ids
 from multikernel.services._platform import (
     Capabilities,
@@ -188,7 +186,7 @@ class MultikernelPlatform:
         """Open the instance's launch stream and one per fd its agent gets; start the relays."""
         spec = inst.spec
         bus = spec.env.get("MULTIKERNEL_BUS_FD", "")
-        modes = {str(fd): "session" if str(fd) == bus else _mode(fd) for fd in spec.pass_fds}
+        modes = {str(fd): "session" if str(fd) == bus else crossing(fd) for fd in spec.pass_fds}
         with anyio.move_on_after(self.boot_timeout) as scope:
             inst.control = await self._connect(inst)
         if scope.cancelled_caught or inst.control is None:
@@ -456,14 +454,3 @@ def _close_streams(inst: MultikernelInstance) -> None:
         os.close(host)
         stream.close()
     inst.streams.clear()
-
-
-def _mode(fd: int) -> str:
-    """How an fd the agent gets crosses to its kernel: `rw` (a socket: relayed both ways), `w`
-    (a pipe it writes: relayed to here), `hold` (anything else: a pipe of its own there)."""
-    mode = os.fstat(fd).st_mode
-    if stat.S_ISSOCK(mode):
-        return "rw"
-    if stat.S_ISFIFO(mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
-        return "w"
-    return "hold"
