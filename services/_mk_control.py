@@ -16,6 +16,7 @@ comes to the new host.
 from __future__ import annotations
 
 import contextlib
+import os
 import secrets
 import socket
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ import anyio.abc
 
 from multikernel.endpoints.log import get_logger
 from multikernel.services._mk_session import OpenStream, host_bridge
-from multikernel.services._mk_vsock import AGENT_PORT, Connector, send_line
+from multikernel.services._mk_vsock import AGENT_PORT, Connector, relay, send_line
 
 log = get_logger("multikernel.services.multikernel")
 
@@ -97,6 +98,25 @@ async def reattach(connector: Connector, cid: int) -> socket.socket:
         sock.close()
         raise
     return sock
+
+
+async def collect_output(connector: Connector, cid: int, sink: int) -> None:
+    """Bring instance `cid`'s output back to a host that adopted it: a stream the init writes
+    it to (`{"output": true}`), copied into the pipe `sink` (closed here) until either ends."""
+    try:
+        stream = await connector.connect(cid, AGENT_PORT)
+    except OSError as error:
+        os.close(sink)
+        log.warning("output not collected again", instance=cid, error=str(error))
+        return
+    with stream:
+        try:
+            stream.setblocking(False)
+            os.set_blocking(sink, False)
+            await send_line(stream, {"output": True})
+            await relay(sink, stream.fileno(), both_ways=False)
+        finally:
+            os.close(sink)
 
 
 async def resume(

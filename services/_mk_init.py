@@ -112,34 +112,46 @@ class _Host:
             self.tell("session")
 
 
-async def _output(read: int, stream: socket.socket) -> None:
-    """The agent's output pipe to the host's stream; once the host is gone, to the init's own
-    stderr (the instance's console: `kerf console`), so a workload that prints never fails on
-    a broken stream and what it says is not lost."""
-    os.set_blocking(read, False)
-    stream.setblocking(False)
-    broken = False
-    while True:
-        await anyio.wait_readable(read)
-        try:
-            data = os.read(read, 65536)
-        except BlockingIOError:
-            continue
-        if not data:
-            return
-        if broken:
-            with contextlib.suppress(OSError):
-                os.write(2, data)
-            continue
-        view = memoryview(data)
-        while view and not broken:
-            await anyio.wait_writable(stream)
+class _Output:
+    """Where the agent's output goes: the host's stream (the launch's, or the one a restarted
+    host opens with `{"output": true}`), else the init's stderr, the instance's console."""
+
+    def __init__(self, stream: socket.socket) -> None:
+        self.stream: socket.socket | None = stream
+
+    def to(self, stream: socket.socket) -> None:
+        old, self.stream = self.stream, stream
+        if old is not None:
+            anyio.notify_closing(old)  # the pump may wait on it
+            old.close()
+
+    async def pump(self, read: int) -> None:
+        """Copy the pipe `read` until it ends; a workload that prints never fails on a broken
+        stream, and what it says is not lost."""
+        os.set_blocking(read, False)
+        while True:
+            await anyio.wait_readable(read)
             try:
-                view = view[stream.send(view) :]
+                data = os.read(read, 65536)
             except BlockingIOError:
                 continue
-            except OSError:
-                broken = True
+            if not data:
+                return
+            view = memoryview(data)
+            while view and self.stream is not None:
+                stream = self.stream
+                stream.setblocking(False)
+                try:
+                    await anyio.wait_writable(stream)
+                    view = view[stream.send(view) :]
+                except BlockingIOError:
+                    continue
+                except (OSError, anyio.ClosedResourceError):
+                    if self.stream is stream:
+                        self.stream = None
+            if view:
+                with contextlib.suppress(OSError):
+                    os.write(2, view)
 
 
 async def _run(listener: socket.socket, bus_path: str, shared: Path) -> None:
@@ -150,7 +162,7 @@ async def _run(listener: socket.socket, bus_path: str, shared: Path) -> None:
     held: dict[int, int] = {}  # number in the agent -> our fd
     keep: list[socket.socket] = []
     bridges: list[tuple[socket.socket, socket.socket]] = []
-    outputs: list[tuple[int, socket.socket]] = []
+    outputs: list[tuple[int, _Output]] = []
     for _ in [m for m in modes.values() if m != "hold"]:
         conn, header = _accept(listener)
         number = int(header["fd"])
@@ -162,7 +174,7 @@ async def _run(listener: socket.socket, bus_path: str, shared: Path) -> None:
         elif modes[str(number)] == "w":
             r, w = os.pipe()
             held[number] = w
-            outputs.append((r, conn))
+            outputs.append((r, _Output(conn)))
         else:
             held[number] = conn.fileno()
             keep.append(conn)
@@ -206,6 +218,8 @@ async def _run(listener: socket.socket, bus_path: str, shared: Path) -> None:
                             host.control.close()
                             host.control = conn
                             host.ask_sessions()
+                        elif header.get("output") and outputs:
+                            outputs[0][1].to(conn)  # a restarted host collects it again
                         elif header.get("resume") and host.waiting:
                             waiting = sockets[str(header["key"])] = host.waiting.pop(0)
                             tg.start_soon(instance_bridge, waiting, conn)
@@ -240,8 +254,8 @@ async def _run(listener: socket.socket, bus_path: str, shared: Path) -> None:
                 tg.start_soon(reattaches, bus)
             for ours, stream in bridges:
                 tg.start_soon(instance_bridge, ours, stream)
-            for read, stream in outputs:
-                tg.start_soon(_output, read, stream)
+            for read, output in outputs:
+                tg.start_soon(output.pump, read)
             await anyio.wait_readable(pidfd)
             tg.cancel_scope.cancel()
     # It has ended (the pidfd said so): reaping it does not block.

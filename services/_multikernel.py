@@ -81,6 +81,7 @@ class MultikernelInstance(InstanceProcess):
         self.relays = anyio.CancelScope()
         self.sessions = anyio.CancelScope()  # its control connection's reader and sessions
         self.ctl: Control | None = None
+        self.output_sink: int | None = None  # an adopted launch's: the write end of `output`
         self.relaying = False  # its relay task was started (and closes the streams when done)
         self.relayed = anyio.Event()
         self.forced = False
@@ -225,6 +226,11 @@ class MultikernelPlatform:
                     return
                 inst.ctl = Control(inst.control)
             async with anyio.create_task_group() as tg:
+                if inst.output_sink is not None:
+                    sink, inst.output_sink = inst.output_sink, None
+                    tg.start_soon(
+                        _mk_control.collect_output, self.connector, inst.instance_id, sink
+                    )
 
                 async def open_one() -> None:
                     await self._hub_up.wait()
@@ -341,6 +347,10 @@ class MultikernelPlatform:
             await self.steps.unload(inst.name, inst.instance_id)
         inst.relays.cancel()
         inst.sessions.cancel()
+        for fd in (inst.output_sink, inst.output):  # an adopted launch's, if nobody took them
+            if fd is not None:
+                os.close(fd)
+        inst.output_sink = inst.output = None
         if inst.relaying:
             await inst.relayed.wait()
         _close_streams(inst)
@@ -402,6 +412,7 @@ class MultikernelPlatform:
         inst = MultikernelInstance(self, spec)
         inst.transactions.extend(found.transactions)
         inst.kept = found.kept
+        inst.output, inst.output_sink = os.pipe()  # fed once its init is reached again
         self._running[spec.name] = inst
         self._tg.start_soon(self._watch, inst)
         self._tg.start_soon(self._control, inst)  # its agent's sessions, again

@@ -250,6 +250,9 @@ class InstanceProcess:
         self.resources = spec.resources
         self.returncode: int | None = None
         self.reclaimed = False  # set by the platform's `reclaim`
+        #: An adopted launch's output brought back by the platform itself (a pipe's read end,
+        #: the taker's to close), where there is no pipe on this kernel to reopen (multikernel).
+        self.output: int | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"returncode={self.returncode}"

@@ -7,7 +7,8 @@ actor a process of its own, both driving the kernel through the socket as they w
 real one. The host is SIGKILLed while an instance runs; the kernel runs it on. A host started again
 on the same state dir adopts it (no new boot), and the instance's agent and workload re-attach
 through the init (`_mk_init`, `_mk_control`): heartbeats, `mkctl exec` and a call into the
-workload's service (a direct channel across kernels, `_mk_channels`) reach it again.
+workload's service (a direct channel across kernels, `_mk_channels`) reach it again, and what it
+prints is collected by the new host.
 """
 
 from __future__ import annotations
@@ -141,6 +142,9 @@ async def test_a_killed_host_process_comes_back_and_its_adopted_instance_answers
             # So is its workload, the same process, over a new direct channel.
             await owned(ep, kv)
             assert (await calls.request(kv, "ping", None))["pid"] == before["pid"]
+            # And what it prints is collected again, by the new host.
+            await calls.request(kv, "say", "after the restart")
+            await _logged(ep, "web", "after the restart")
 
             killed = await lifecycle(calls, "kill", KillInstance("web"))
             assert killed.state == "loaded"
