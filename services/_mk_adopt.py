@@ -7,18 +7,16 @@ overlay transactions that made and resized it). For every launch the lifecycle s
 (`_recovery.recover`) then, for each:
 
 - **adopts** a launch whose instance the kernel still has, under the same id, `active`: the
-  platform watches its `status` again, and kills and reclaims it like one it launched. What it
-  cannot get back is the launch stream to the instance's init, so `wait` answers `KERNEL_DOWN`
-  (or -9 after a forced halt), never the agent's own exit status;
+  platform watches its `status` again, and kills and reclaims it like one it launched; it opens a
+  new control connection to the instance's init, which brings the agent's sessions, its output
+  and its exit status back (`_mk_control`);
 - **reclaims** any other: force-halt if it is still `active` (a launch the lifecycle never saw
-  become active), unload its kernel if `loaded`, roll back every transaction it made and every
-  grant under `/instances/<name>`, newest first. An instance the kernel no longer has (or has
-  under another id: not ours) is left alone;
+  become active); an instance the lifecycle made (`kept`: its create and load) stays `loaded`
+  for its next start, one the launch made itself is also unloaded and every transaction it made
+  and every grant under `/instances/<name>` rolled back, newest first. An instance the kernel no
+  longer has (or has under another id: not ours) is left alone;
 - a launch cut short before its record was stored (`reclaim_unit`) is found by the
-  `instance-create` transaction that named it, and reclaimed the same way.
-
-Nothing here re-bridges the agent's hub session: the host's end of it died with the old host
-(docs/platform.md, "What is left").
+  `instance-create` transaction that named it, and halted: the lifecycle still has the instance.
 """
 
 from __future__ import annotations
