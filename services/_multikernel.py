@@ -4,21 +4,23 @@ Every step is one of the kernel's own (`_mk_steps.KernelSteps`; docs/platform.md
 "multikernel"), through the one seam `MultikernelKernel` (`_mk_kernel`: the real kernel, or
 `_mk_fake` in tests):
 
-- `launch`: an instance-create overlay (`ready`), `kexec_file_load` (`loaded`),
-  `reboot(MULTIKERNEL)` (`active`): kerf's create, load and start;
-- `update`: a cpu/memory add/remove overlay under `/instances/<name>`: kerf's update;
-- `kill`: `reboot(MULTIKERNEL_HALT_FORCE)` (`loaded`; `signal(SIGTERM)` halts): kerf's kill;
-- `reclaim`: `kexec_file_load(KEXEC_FILE_UNLOAD)` (`ready`), then `rmdir tx_<N>` of each of its
-  transactions, newest first (gone): kerf's unload and delete.
+- `prepare` (the lifecycle's create and load): an instance-create overlay (`ready`), then
+  `kexec_file_load` (`loaded`): kerf's create and load; `release` (its delete):
+  `kexec_file_load(KEXEC_FILE_UNLOAD)`, then `rmdir tx_<N>` of each transaction that made or
+  resized it, newest first: kerf's unload and delete;
+- `launch`: `reboot(MULTIKERNEL)` (`active`): kerf's start (creating and loading first if the
+  kernel has no such instance; such a launch's end removes it again);
+- `update`: a cpu/memory/device add/remove overlay under `/instances/<name>`: kerf's update;
+- `kill`: `reboot(MULTIKERNEL_HALT_FORCE)` (`loaded`; `signal(SIGTERM)` halts): kerf's kill.
 
-`launch` is create + load + boot, then the host opens vsock streams to the instance's init
-(`_mk_init`) and hands it the agent's command line and the fds it would have inherited, each as a
-stream: its hub session carried by a bridge at each end (`_mk_session`), other sockets and its
-output pipe relayed as bytes (`_mk_vsock`). A refusal at any step undoes the steps before it.
-The instance's `status` file is polled: when it leaves `active` (halted, or a panic that put it
-back to `loaded`) the launch has ended, `wait` answers, and the lifecycle's watcher and the
-fault actor see a crashed instance as on any platform. Every transaction an instance made is
-rolled back by `reclaim`, so the pool is as it was.
+A launch opens vsock streams to the instance's init (`_mk_init`) and hands it the agent's command
+line and the fds it would have inherited, each as a stream: its hub session carried by a bridge
+at each end (`_mk_session`; direct channels through shared memory, `_mk_channels`), other
+sockets and its output pipe relayed as bytes (`_mk_vsock`), and the init's control lines
+answered (`_mk_control`). A refusal at any step undoes the steps before it. The instance's
+`status` file is polled: when it leaves `active` (halted, or a panic that put it back to
+`loaded`) the launch has ended, `wait` answers, and the lifecycle's watcher and the fault actor
+see a crashed instance as on any platform; the instance stays `loaded` for its next start.
 """
 
 from __future__ import annotations
