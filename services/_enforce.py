@@ -34,10 +34,18 @@ class HostSideError(MultikernelError):
 
 
 class HostSide(Protocol):
-    """Applies grants at the host's end (see the module docstring)."""
+    """Applies grants at the host's end (see the module docstring). `devices` are the PCI
+    addresses of the devices the grant lends (None: unchanged); only a multikernel kernel
+    lends whole devices to an instance."""
 
     async def apply(
-        self, instance: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+        self,
+        instance: str,
+        cpus: frozenset[int],
+        memory: int | None,
+        *,
+        running: bool = False,
+        devices: frozenset[str] | None = None,
     ) -> None: ...
 
 
@@ -45,7 +53,13 @@ class NoHostSide:
     """Nothing to apply at the host's end."""
 
     async def apply(
-        self, instance: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+        self,
+        instance: str,
+        cpus: frozenset[int],
+        memory: int | None,
+        *,
+        running: bool = False,
+        devices: frozenset[str] | None = None,
     ) -> None:
         return None
 
@@ -57,7 +71,13 @@ class LocalHostSide:
         self.platform = platform
 
     async def apply(
-        self, instance: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+        self,
+        instance: str,
+        cpus: frozenset[int],
+        memory: int | None,
+        *,
+        running: bool = False,
+        devices: frozenset[str] | None = None,  # a process tree is lent no whole device
     ) -> None:
         trees = self.platform.instance_cgroups(instance)
         if not trees:

@@ -60,9 +60,8 @@ from multikernel.services._elastic import AGENT_RULE
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local import LocalPlatform
 from multikernel.services._metrics import HostCollector, registry, serve_metrics
-from multikernel.services._mk_kernel import SysfsKernel
+from multikernel.services._mk_remote import connector_for, open_kernel
 from multikernel.services._mk_steps import BootImage, KernelSteps
-from multikernel.services._mk_vsock import VsockConnector
 from multikernel.services._multikernel import MultikernelPlatform
 from multikernel.services._platform import Platform, PlatformError
 from multikernel.services._recovery import Recovered, recover
@@ -240,9 +239,10 @@ def multikernel_platform(config: HostConfig) -> MultikernelPlatform:
     instances' agents reached over AF_VSOCK (docs/platform.md, "multikernel")."""
     if config.boot is None:
         raise PlatformError("the multikernel platform boots a kernel: give it one (--kernel PATH)")
-    kernel = SysfsKernel(config.kernfs)
+    kernel = open_kernel(config.kernfs)  # or a fake kernel served there (`_mk_remote`)
     KernelSteps(kernel).check_mounted()
-    return MultikernelPlatform(kernel, config.boot, connector=VsockConnector())
+    connector, shared = connector_for(kernel)
+    return MultikernelPlatform(kernel, config.boot, connector=connector, shared=shared)
 
 
 async def _run_host(
@@ -265,6 +265,8 @@ async def _run_host(
         )
         async with anyio.create_task_group() as tg:
             await tg.start(hub.serve)
+            if isinstance(platform, MultikernelPlatform):  # adopted agents' sessions, again
+                platform.serve_sessions(hub.open_instance_socket)
             async with anyio.create_task_group() as processes:
                 # The resource actor first: the lifecycle actor reconciles with it as it starts.
                 resource_actor = ActorProcess(

@@ -113,7 +113,9 @@ class StoredInstance(msgspec.Struct):
 
     @property
     def resources(self) -> Resources | None:
-        return Resources(frozenset(self.cpus), self.memory) if self.cpus and self.memory else None
+        if not (self.cpus and self.memory):
+            return None
+        return Resources.granted(frozenset(self.cpus), self.memory, self.queues)
 
 
 _ENCODER = msgspec.json.Encoder()

@@ -120,7 +120,7 @@ class Instance:
 
     def grant(self, grant: Grant) -> None:
         """What the resource actor granted: the instance's CPUs, memory and queues from now on."""
-        self.resources = Resources(frozenset(grant.cpus), grant.memory)
+        self.resources = Resources.granted(frozenset(grant.cpus), grant.memory, grant.queues)
         self.queues, self.resource_tx = tuple(grant.queues), grant.tx
 
     def require(self, *states: str, verb: str) -> None:

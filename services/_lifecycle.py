@@ -82,7 +82,7 @@ from multikernel.services._instances import (
 )
 from multikernel.services._lifecycle_grants import ResourceClient, describe
 from multikernel.services._output import InstanceLog
-from multikernel.services._platform import Platform, check_name
+from multikernel.services._platform import Platform, PlatformError, check_name
 from multikernel.services._recovery import Recovered, recover
 from multikernel.services._supervisor import Supervisor
 
@@ -269,6 +269,8 @@ class LifecycleActor:
             self.instances[name] = inst
             if grant is not None:
                 inst.grant(grant)
+                self._states.save(inst)  # stored first: a crash after leaves nothing unknown
+                await self._prepare(inst, load=False, undo=True)
         await self._states.move(inst, EMPTY, "created")
         if grant is not None:
             await self._states.move(inst, READY, f"resources granted: {describe(grant)}")
@@ -298,8 +300,11 @@ class LifecycleActor:
                 inst.resources.memory if inst.resources else 0,
                 inst.queues,
             )
+            was = inst.resources
             inst.grant(grant)
             self._states.save(inst)
+            if was is None:  # its first grant: the platform makes what `create` would have
+                await self._prepare(inst, load=False)
             if changed and inst.standby is not None:
                 await self._supervisor.discard_standby(inst)  # made for the old grant
                 self._keep_standby(inst)
@@ -335,6 +340,11 @@ class LifecycleActor:
                     f"{len(inst.resources.cpus)} and {format_size(inst.resources.memory)}: "
                     f"mkctl update {inst.name} --cpus N --memory SIZE"
                 )
+            try:
+                await self._prepare(inst, load=True)
+            except InstanceError:
+                self._drop_image(inst)
+                raise
             await self._states.move(
                 inst, LOADED, f"image {manifest.name} {manifest.version} verified"
             )
@@ -385,6 +395,10 @@ class LifecycleActor:
             await anyio.to_thread.run_sync(
                 lambda: shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
             )
+            try:
+                await self.platform.release(inst.name, inst.id)
+            except PlatformError as error:  # forgotten anyway: say what is left in the kernel
+                log.warning("platform left the instance", instance=inst.name, error=str(error))
             if inst.resources is not None:
                 try:
                     await self._grants.release(inst)
@@ -426,6 +440,23 @@ class LifecycleActor:
             if inst.state != FAILED:
                 await self._states.move(inst, FAILED, request.reason or "marked failed")
             return self._info(inst)
+
+    async def _prepare(self, inst: Instance, *, load: bool, undo: bool = False) -> None:
+        """`Platform.prepare` for the instance's `create` or `load`; the platform's refusal is
+        the request's. With `undo` (a create), the instance is forgotten and its grant released
+        first, so a refused create leaves nothing."""
+        assert inst.resources is not None
+        try:
+            await self.platform.prepare(inst.name, inst.id, inst.resources, load=load)
+        except PlatformError as error:
+            if undo:
+                self._store().delete(inst.name)
+                del self.instances[inst.name]
+                try:
+                    await self._grants.release(inst)
+                except InstanceError as gone:  # the next reconcile releases it
+                    log.warning("grant not released yet", instance=inst.name, error=str(gone))
+            raise InstanceRefusedError(str(error)) from error
 
     def _keep_standby(self, inst: Instance) -> None:
         """Start a warm standby for `inst` in the background, if its policy wants one."""

@@ -150,6 +150,14 @@ class LocalPlatform:
         """Raise `InvalidSpecError` unless this host can give an instance `resources`."""
         check_resources(resources)
 
+    async def prepare(
+        self, name: str, instance_id: int, resources: Resources, *, load: bool
+    ) -> None:
+        """Nothing: every launch makes its instance anew (`Platform.prepare`)."""
+
+    async def release(self, name: str, instance_id: int) -> None:
+        """Nothing: `prepare` made nothing."""
+
     async def launch(self, spec: LaunchSpec) -> LocalInstance:
         self.check(spec.resources)
         if spec.unit in self._running:

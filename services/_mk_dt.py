@@ -69,6 +69,11 @@ class Node:
             raise DeviceTreeError(f"{self.name}/{prop} is {len(value)} bytes, not a u64")
         return int(struct.unpack(">Q", value)[0])
 
+    def strings(self, prop: str) -> list[str]:
+        """A stringlist property (NUL-separated)."""
+        value = self.props.get(prop, b"")
+        return [s.decode(errors="replace") for s in value.split(b"\0") if s]
+
     def cells(self, prop: str) -> list[int]:
         """A list of CPU ids: 64-bit cells, or 32-bit ones in older trees."""
         value = self.props.get(prop, b"")
@@ -145,12 +150,18 @@ def cpu_cells(cpus: list[int] | set[int] | frozenset[int]) -> bytes:
 # -- overlays, by kerf -------------------------------------------------------------------------
 
 
-def _instance(name: str, instance_id: int | None, cpus: frozenset[int], memory: int) -> Any:
+def _instance(
+    name: str,
+    instance_id: int | None,
+    cpus: frozenset[int],
+    memory: int,
+    devices: frozenset[str] = frozenset(),
+) -> Any:
     return Instance(
         name=name,
         id=instance_id,
         resources=InstanceResources(
-            cpus=sorted(cpus), memory_base=0, memory_bytes=memory, devices=[]
+            cpus=sorted(cpus), memory_base=0, memory_bytes=memory, devices=sorted(devices)
         ),
     )
 
@@ -179,13 +190,15 @@ def update_overlay(
     *,
     regions: list[tuple[int, int]],
     add_base: int | None,
+    devices: tuple[frozenset[str], frozenset[str]] = (frozenset(), frozenset()),
 ) -> bytes:
-    """cpu/memory add/remove under `/instances/<name>`, from `old` to `new` (CPUs, bytes).
+    """cpu/memory/device add/remove under `/instances/<name>`, from `old` to `new` (CPUs,
+    bytes), and from `devices[0]` to `devices[1]` (PCI addresses, `DDDD:BB:SS.F`).
 
     `regions` are the instance's memory ranges, oldest first (a shrink gives back whole ones,
     newest first); `add_base` is where a grow's memory goes (a free pool range)."""
     blob = OverlayGenerator().generate_update_overlay(
-        name, _instance(name, None, *old), _instance(name, None, *new),
+        name, _instance(name, None, *old, devices[0]), _instance(name, None, *new, devices[1]),
         memory_regions=regions, memory_add_base=add_base,
     )  # fmt: skip
     return bytes(cast(bytearray, blob))

@@ -4,12 +4,15 @@
 acts like the kernel's `kernel/multikernel/` as its documentation and `kernfs.c` describe it:
 
 - `kernfs/device_tree`: the pool (`/resources`: `cpus`, `cpus-available`, one `memory@<base>`
-  per chunk), regenerated at every change; `kernfs/instances/<name>/{id,status,device_tree}`;
+  per chunk, `devices/<name>` with the `pci-id` of each PCI device), regenerated at every
+  change; `kernfs/instances/<name>/{id,status,device_tree}` (its `device_tree` lists its devices'
+  PCI addresses in `/resources/devices`: the fake's layout);
   `mkdir` anywhere is EPERM, writes to anything but `overlays/new` EINVAL;
 - `overlays/new` takes a DTBO as one write; each write makes `overlays/tx_<N>/{id,status,
   instance,resources,dtbo}`; its fragments run in unit-address order, each fragment's operations
   in the kernel's order; a refused operation (EINVAL bad overlay or resource, ENOENT unknown
-  instance, EBUSY a CPU or range not free, EEXIST a taken name or id, EPERM a pool target) undoes
+  instance, EBUSY a CPU, range or device not free, EEXIST a taken name or id, EPERM a pool
+  target, ENODEV a device not in the pool) undoes
   what the transaction did, leaves `status` `failed` and fails the write with that errno;
   `rmdir tx_<N>` undoes an applied transaction in reverse (EBUSY if that would destroy a loaded or
   active instance) and removes the directory, as it clears a failed one;
@@ -52,6 +55,12 @@ from multikernel.services._mk_kernel import (
     REBOOT_CMD_HALT_FORCE,
 )
 from multikernel.services._mk_vsock import AGENT_PORT, UnixVsock
+from multikernel.services._signature import (
+    SignatureError,
+    UnsignedImageError,
+    UntrustedSignerError,
+    verify,
+)
 
 
 @dataclass
@@ -108,13 +117,21 @@ class FakeMultikernel:
         *,
         cpus: set[int] | range = range(1, 4),
         memory: list[tuple[int, int]] | None = None,
+        devices: dict[str, str] | None = None,
         boot: BootHook | None = None,
+        trusted: list[bytes] | None = None,
     ) -> None:
         self.directory = directory
         self.kernfs = directory / "kernfs"
         self.lock_path = directory / "kerf.lock"
-        self.pool = FakePool(set(cpus), list(memory or [(0x1_0000_0000, 1 << 30)]))
+        self.pool = FakePool(
+            set(cpus), list(memory or [(0x1_0000_0000, 1 << 30)]), devices=dict(devices or {})
+        )
         self.boot = boot
+        #: With certificates, it enforces kernel signatures as a locked-down kernel does: an
+        #: image without an appended signature is ENODATA, one no certificate here signed ENOKEY,
+        #: a signature that does not match EBADMSG.
+        self.trusted = trusted
         self.calls: list[KexecCall | RebootCall] = []
         self.transactions: dict[int, Transaction] = {}
         self._next_tx = 1
@@ -207,6 +224,7 @@ class FakeMultikernel:
                 raise OSError(errno.EBUSY, f"instance {inst.name} is {inst.state}")
             if os.pread(kernel_fd, 4, 0) != b"\x7fELF":
                 raise OSError(errno.ENOEXEC, "the kernel image is not an ELF vmlinux")
+            self._check_signature(kernel_fd)
             inst.state, inst.kernel = "loaded", kernel
         self._sync()
 
@@ -232,6 +250,22 @@ class FakeMultikernel:
         else:
             raise OSError(errno.EINVAL, f"unknown reboot command {cmd:#x}")
         self._sync()
+
+    def signatures_enforced(self) -> bool:
+        return self.trusted is not None
+
+    def _check_signature(self, kernel_fd: int) -> None:
+        if self.trusted is None:
+            return
+        image = os.pread(kernel_fd, os.fstat(kernel_fd).st_size, 0)
+        try:
+            verify(image, self.trusted)
+        except UnsignedImageError:
+            raise OSError(errno.ENODATA, "the kernel image is not signed") from None
+        except UntrustedSignerError:
+            raise OSError(errno.ENOKEY, "no trusted key signed the kernel image") from None
+        except SignatureError:
+            raise OSError(errno.EBADMSG, "the kernel image's signature does not match") from None
 
     # -- what a test does to the instances ---------------------------------------------------
 
@@ -298,6 +332,12 @@ class FakeMultikernel:
         })  # fmt: skip
         for base, size in self.pool.chunks:
             resources.children.append(_memory_node(base, size))
+        if self.pool.devices:
+            pool_devices = dt.Node("devices")
+            for name, pci_id in sorted(self.pool.devices.items()):
+                device = {"device-type": b"pci\0", "pci-id": pci_id.encode() + b"\0"}
+                pool_devices.children.append(dt.Node(name, device))
+            resources.children.append(pool_devices)
         root.children.append(resources)
         _put(self.kernfs / "device_tree", dt.build(root))
         instances = self.kernfs / "instances"
@@ -340,6 +380,8 @@ def _memory_node(base: int, size: int) -> dt.Node:
 def _instance_tree(inst: FakeInstance) -> bytes:
     root = dt.Node("", {"compatible": b"multikernel-v1\0", "id": dt.u32(inst.id)})
     resources = dt.Node("resources", {"cpus": dt.cpu_cells(inst.cpus)})
+    if inst.devices:  # the PCI addresses lent to it (the fake's layout)
+        resources.props["devices"] = b"".join(d.encode() + b"\0" for d in sorted(inst.devices))
     resources.children.extend(_memory_node(b, s) for b, s in inst.regions)
     root.children.append(resources)
     return dt.build(root)

@@ -52,6 +52,7 @@ class FakeInstance:
     kernel: str | None = None
     process: subprocess.Popen[bytes] | None = None
     halted_by: str = ""  # "halt", "force", "panic": how it last left `active`
+    devices: set[str] = field(default_factory=set)  # PCI addresses lent to it
 
 
 @dataclass
@@ -59,6 +60,10 @@ class FakePool:
     cpus: set[int]
     chunks: list[tuple[int, int]]
     instances: dict[str, FakeInstance] = field(default_factory=dict)
+    devices: dict[str, str] = field(default_factory=dict)  # node name -> PCI address
+
+    def lent_devices(self) -> set[str]:
+        return set().union(*(i.devices for i in self.instances.values()))
 
     def free_cpus(self) -> set[int]:
         lent = set().union(*(i.cpus for i in self.instances.values()))
@@ -252,8 +257,32 @@ def _memory_remove(pool: FakePool, tx: Transaction, inst: FakeInstance, op: dt.N
         tx.undo.append(partial(inst.regions.insert, at, region))
 
 
-def _device(pool: FakePool, tx: Transaction, inst: FakeInstance, op: dt.Node) -> None:
-    raise Refused(errno.ENODEV, "this fake's pool has no PCI devices")
+def _pci_ids(op: dt.Node) -> set[str]:
+    ids = set()
+    for item in _items(op, "pci@"):
+        pci_id = item.string("pci-id")
+        if not pci_id or pci_id.count(":") != 2 or "." not in pci_id:
+            raise Refused(errno.EINVAL, f"{op.name}/{item.name}: no valid pci-id")
+        ids.add(pci_id)
+    return ids
+
+
+def _device_add(pool: FakePool, tx: Transaction, inst: FakeInstance, op: dt.Node) -> None:
+    ids = _pci_ids(op)
+    if unknown := ids - set(pool.devices.values()):
+        raise Refused(errno.ENODEV, f"devices {sorted(unknown)} are not in the pool")
+    if lent := ids & pool.lent_devices():
+        raise Refused(errno.EBUSY, f"devices {sorted(lent)} are lent already")
+    inst.devices |= ids
+    tx.undo.append(lambda: inst.devices.difference_update(ids))
+
+
+def _device_remove(pool: FakePool, tx: Transaction, inst: FakeInstance, op: dt.Node) -> None:
+    ids = _pci_ids(op)
+    if ids - inst.devices:
+        raise Refused(errno.EINVAL, f"devices {sorted(ids - inst.devices)} are not {inst.name}'s")
+    inst.devices -= ids
+    tx.undo.append(lambda: inst.devices.update(ids))
 
 
 _STEPS = {
@@ -261,6 +290,6 @@ _STEPS = {
     "cpu-remove": _cpu_remove,
     "memory-add": _memory_add,
     "memory-remove": _memory_remove,
-    "device-add": _device,
-    "device-remove": _device,
+    "device-add": _device_add,
+    "device-remove": _device_remove,
 }

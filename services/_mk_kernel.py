@@ -85,6 +85,11 @@ class MultikernelKernel(Protocol):
 
     def reboot(self, cmd: int, instance_id: int) -> None: ...
 
+    def signatures_enforced(self) -> bool:
+        """Whether `kexec_file_load` refuses kernels without a signature this kernel trusts
+        (lockdown `integrity`/`confidentiality`, or CONFIG_KEXEC_SIG_FORCE)."""
+        ...
+
 
 class SysfsKernel:
     """The real kernel: its file system under `root`; its system calls are kerf's own wrappers
@@ -123,6 +128,11 @@ class SysfsKernel:
         from kerf.load.main import kexec_file_load  # ~0.1 s of imports: only where it runs
 
         kexec_file_load(kernel_fd, initrd_fd, cmdline.decode(), flags)
+
+    def signatures_enforced(self) -> bool:
+        from kerf.signature import kexec_signatures_enforced  # kerf's own check
+
+        return bool(kexec_signatures_enforced())
 
     def reboot(self, cmd: int, instance_id: int) -> None:
         from kerf.kill.main import halt_multikernel

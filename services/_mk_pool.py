@@ -11,8 +11,12 @@ reads as the hardware inventory:
   pool's memory chunks, cut here into blocks of `DEFAULT_BLOCK_SIZE` (128 MiB, kerf's unit too),
   the remainder of a chunk that is not a whole block left out.
 
-Devices (`/resources/devices`) are not in it yet: the platform has no device overlays
-(docs/platform.md). The host's reservations (`--reserve-cpus`, `--reserve-memory`) leave the pool
+- `devices/<name>` with a `pci-id` (`DDDD:BB:SS.F`): a whole PCI device the kernel can lend an
+  instance (device-add), in the pool as the queue `pci/<pci-id>` of kind `device`: `--queues
+  pci/0000:01:00.0` asks for it, and the grant reaches the kernel as a device overlay
+  (`MultikernelHostSide`).
+
+The host's reservations (`--reserve-cpus`, `--reserve-memory`) leave the pool
 as on the local platform (`_pool.make_pool`). The tree is read through the seam
 (`MultikernelKernel.read`), so the fake kernel's pool is what the tests see.
 """
@@ -29,6 +33,7 @@ from multikernel.services._pool import (
     MemoryBlock,
     Pool,
     PoolError,
+    Queue,
     make_pool,
 )
 
@@ -82,6 +87,13 @@ def kernel_pool(
             f"the multikernel kernel's pool has no memory in whole {block_size >> 20} MiB "
             "blocks (/resources has no large enough memory@ chunk)"
         )
+    devices = resources.child("devices") or dt.Node("devices")
+    queues = {}
+    for device in devices.children:  # each a whole device the kernel can lend an instance
+        pci_id = device.string("pci-id")
+        if pci_id:
+            name = f"pci/{pci_id}"
+            queues[name] = Queue(name, "device", pci_id, device.u32("numa-node-id") or 0)
     return make_pool(
-        cpus, block_size, blocks, {}, reserve_cpus=reserve_cpus, reserve_memory=reserve_memory
+        cpus, block_size, blocks, queues, reserve_cpus=reserve_cpus, reserve_memory=reserve_memory
     )

@@ -11,17 +11,18 @@ carried by two bridges and a byte stream (AF_VSOCK between real kernels, `UnixVs
   (`ChannelReady(role="session")`), and forwards its frames over the stream.
 
 The agent and the hub see the session they always see; frames cross as `<u32 length><frame>`.
-Channels the hub would hand the agent directly (fds on its socket) are not carried: those need
-shared memory both kernels map (DAX regions; docs/platform.md, "multikernel", what is left).
+Direct channels the hub hands a process there (fds on its socket) cross through memory both
+kernels map (`_mk_channels`), when the host has such memory (`shared`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
+import secrets
 import socket
 import struct
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import anyio
 
@@ -35,6 +36,8 @@ from multikernel.protocol import (
     decode_header,
     encode,
 )
+from multikernel.services import _mk_channels
+from multikernel.services._mk_vsock import send_line
 from multikernel.shm import Channel, ChannelHandle, create_channel
 
 log = get_logger("multikernel.services.multikernel")
@@ -98,11 +101,18 @@ async def _forward(session: Channel, stream: socket.socket) -> None:
 
 
 async def host_bridge(
-    instance_socket: socket.socket, stream: socket.socket, open_stream: OpenStream
+    instance_socket: socket.socket,
+    stream: socket.socket,
+    open_stream: OpenStream,
+    *,
+    key: str = "0",
+    shared: Path | None = None,
 ) -> None:
-    """Take the session the hub hands `instance_socket` and carry it over `stream`. An attach
-    socket the hub hands later (`ChannelReady(role="attach")`: for a process the agent starts)
-    gets a stream of its own (`open_stream`), announced with the hub's frame, and a bridge."""
+    """Take the session the hub hands `instance_socket` and carry it over `stream`; `key` names
+    this session to the instance's init. An attach socket the hub hands later
+    (`ChannelReady(role="attach")`: for a process the agent starts) gets a stream of its own
+    (`open_stream`), announced with the hub's frame, and a bridge. A direct channel is carried
+    through a region in `shared` (`_mk_channels.share`), or dropped if there is none."""
     instance_socket.setblocking(False)
     try:
         frame, fds = await receive_handle(instance_socket)
@@ -123,11 +133,13 @@ async def host_bridge(
                     frame, fds = await receive_handle(instance_socket)
                     ready = decode_body(decode_header(frame), frame, CONTROL_DECODER)
                     if isinstance(ready, ChannelReady) and ready.role == "attach" and len(fds) == 1:
-                        tg.start_soon(
-                            _carry_attach, frame, socket.socket(fileno=fds[0]), open_stream
-                        )
+                        attach = socket.socket(fileno=fds[0])
+                        tg.start_soon(_carry_attach, frame, attach, open_stream, key, shared)
                         continue
-                    for fd in fds:  # a direct channel: shared memory this kernel cannot share
+                    if shared is not None and isinstance(ready, ChannelReady):
+                        tg.start_soon(_carry_channel, frame, fds, open_stream, key, shared)
+                        continue
+                    for fd in fds:  # no memory both kernels map: nothing to carry it in
                         socket.close(fd)
                     log.warning("direct channel not carried to another kernel")
 
@@ -136,7 +148,9 @@ async def host_bridge(
         tg.cancel_scope.cancel()
 
 
-async def _carry_attach(frame: bytes, attach: socket.socket, open_stream: OpenStream) -> None:
+async def _carry_attach(
+    frame: bytes, attach: socket.socket, open_stream: OpenStream, via: str, shared: Path | None
+) -> None:
     with attach:
         try:
             stream = await open_stream()
@@ -145,25 +159,35 @@ async def _carry_attach(frame: bytes, attach: socket.socket, open_stream: OpenSt
             return
         with stream:
             stream.setblocking(False)
-            await send_line(stream, {"attach": frame.hex()})
-            await host_bridge(attach, stream, open_stream)
+            key = secrets.token_hex(8)
+            await send_line(stream, {"attach": frame.hex(), "key": key, "via": via})
+            await host_bridge(attach, stream, open_stream, key=key, shared=shared)
 
 
-async def send_line(stream: socket.socket, value: object) -> None:
-    """One JSON line (how each stream to an instance's init says what it is)."""
-    data = memoryview(json.dumps(value).encode() + b"\n")
-    while data:
-        await anyio.wait_writable(stream)
-        with contextlib.suppress(BlockingIOError):
-            data = data[stream.send(data) :]
+async def _carry_channel(
+    frame: bytes, fds: list[int], open_stream: OpenStream, key: str, shared: Path
+) -> None:
+    try:
+        stream = await open_stream()
+    except OSError as error:
+        for fd in fds:
+            socket.close(fd)
+        log.warning("direct channel not carried to the instance", error=str(error))
+        return
+    await _mk_channels.share(frame, fds, shared=shared, stream=stream, key=key)
 
 
 async def attach_for_agent(
-    agent_socket: socket.socket, frame: bytes, stream: socket.socket
+    agent_socket: socket.socket,
+    frame: bytes,
+    stream: socket.socket,
+    on_socket: Callable[[socket.socket], None] = lambda sock: None,
 ) -> None:
     """In the instance: give the agent the attach socket the hub's `frame` announced (one end
-    of a socketpair, sent with that frame on its bus socket) and bridge the other end."""
+    of a socketpair, sent with that frame on its bus socket) and bridge the other end (told to
+    `on_socket`: channels for that process are handed there)."""
     ours, agents = socket.socketpair()
+    on_socket(ours)
     with ours:
         try:
             await send_with_fds(agent_socket, frame, [agents.fileno()])

@@ -28,11 +28,12 @@ from typing import Final
 
 import anyio
 import anyio.to_thread
-from kerf.vmlinuz import VmlinuzError, open_kernel_fd
+from kerf.signature import MODULE_SIG_STRING as SIGNATURE_MARKER
+from kerf.vmlinuz import BZIMAGE_HEADER_SIZE, VmlinuzError, is_bzimage, open_kernel_fd
 
 from multikernel.services import _mk_dt as dt
 from multikernel.services._enforce import HostSideError
-from multikernel.services._mk_kernel import MultikernelKernel, kexec_flags
+from multikernel.services._mk_kernel import KEXEC_FILE_UNLOAD, MultikernelKernel, kexec_flags
 from multikernel.services._platform import PlatformError, Resources
 
 #: What each errno of the kernel's overlay, kexec and reboot paths means, and what to do.
@@ -48,6 +49,12 @@ _MEANING: Final = {
     errno.EPERM: "the kernel does not allow it (is this kernel the pool's owner? are you root?)",
     errno.ENOEXEC: "the kernel image is not an ELF vmlinux (kerf load extracts it from a bzImage)",
     errno.ENODEV: "the device is not in the pool",
+    errno.ENODATA: "the kernel image is not signed and this host enforces kernel signatures "
+    "(sign it: kerf sign)",
+    errno.ENOKEY: "the kernel image's signer is not trusted by this host (enroll its "
+    "certificate, e.g. as a MOK)",
+    errno.EKEYREJECTED: "the kernel image's signature was rejected by this host's keys",
+    errno.EBADMSG: "the kernel image's signature does not match it (re-sign it: kerf sign)",
 }
 
 
@@ -169,6 +176,36 @@ class KernelSteps:
         overlay = dt.create_overlay(name, instance_id, resources.cpus, resources.memory)
         return await self.apply(f"cannot create instance {name!r}", overlay)
 
+    async def prepare(
+        self, name: str, instance_id: int, resources: Resources, *, load: bool
+    ) -> int | None:
+        """Bring instance `name` to `ready` (made by an instance-create if the kernel has no such
+        instance: its transaction is answered) and, with `load`, to `loaded`; idempotent. An
+        instance of that name under another id is not ours: `PlatformError`."""
+        made = None
+        status = self.status(name)
+        if status == "absent":
+            made = await self.create(name, instance_id, resources)
+            status = "ready"
+        elif (other := self.instance_id(name)) != instance_id:
+            raise PlatformError(
+                f"the kernel has an instance named {name!r} under id {other}, not {instance_id}: "
+                f"not this host's (kerf delete {name}, or pick another name)"
+            )
+        elif status == "failed":
+            raise PlatformError(
+                f"the kernel says instance {name!r} failed: mkctl delete {name} removes it"
+            )
+        if made is not None and resources.devices:  # an instance-create names no devices
+            try:
+                await self.grant(name, resources, resources.devices)
+            except PlatformError:
+                await self.rollback(made)
+                raise
+        if load and status == "ready":
+            await self.load(name, instance_id)
+        return made
+
     async def load(self, name: str, instance_id: int) -> None:
         if self.image is None:
             raise PlatformError(f"cannot load a kernel into {name!r}: no kernel image given")
@@ -181,6 +218,8 @@ class KernelSteps:
     async def _kexec(self, what: str, flags: int) -> None:
         if self.image is None:
             raise PlatformError(f"{what}: no kernel image given")
+        if not flags & KEXEC_FILE_UNLOAD:
+            await anyio.to_thread.run_sync(self._check_signed, what)
         fds = []
         try:
             # kerf's: an ELF vmlinux as it is, a bzImage's vmlinux extracted into a memfd.
@@ -200,18 +239,49 @@ class KernelSteps:
             for fd in fds:
                 os.close(fd)
 
+    def _check_signed(self, what: str) -> None:
+        """On a host that enforces kernel signatures (kerf's check, through the seam), refuse an
+        image the kernel would refuse for want of one, before loading, saying what to do: a
+        bzImage (its extracted vmlinux carries no signature) or an unsigned vmlinux."""
+        assert self.image is not None
+        if not self.kernel.signatures_enforced():
+            return
+        try:
+            with open(self.image.kernel, "rb") as image:
+                head = image.read(BZIMAGE_HEADER_SIZE)
+                image.seek(-len(SIGNATURE_MARKER), os.SEEK_END)
+                tail = image.read()
+        except OSError as error:
+            raise PlatformError(f"{what}: {self.image.kernel}: {error.strerror}") from error
+        if is_bzimage(head):
+            raise PlatformError(
+                f"{what}: this host enforces kernel signatures and {self.image.kernel} is a "
+                "bzImage, whose extracted vmlinux is unsigned: give a signed ELF vmlinux "
+                "(kerf sign)"
+            )
+        if tail != SIGNATURE_MARKER:
+            raise PlatformError(
+                f"{what}: this host enforces kernel signatures and {self.image.kernel} is not "
+                "signed: sign it (kerf sign)"
+            )
+
     def reboot(self, what: str, cmd: int, instance_id: int) -> None:
         try:
             self.kernel.reboot(cmd, instance_id)
         except OSError as error:
             raise PlatformError(explain(what, error)) from error
 
-    async def grant(self, name: str, resources: Resources) -> int | None:
-        """Give instance `name` exactly `resources` in one transaction (cpu/memory add/remove);
-        its id, or None if nothing changes. Refused or not as asked: undone, `PlatformError`."""
+    async def grant(
+        self, name: str, resources: Resources, devices: frozenset[str] | None = None
+    ) -> int | None:
+        """Give instance `name` exactly `resources` (and `devices`, PCI addresses; None: those
+        it has) in one transaction (cpu/memory/device add/remove); its id, or None if nothing
+        changes. Refused or not as asked: undone, `PlatformError`."""
         cpus, regions = self.held(name)
+        had = self.devices(name)
+        devices = had if devices is None else devices
         memory = sum(size for _, size in regions)
-        if (cpus, memory) == (resources.cpus, resources.memory):
+        if (cpus, memory, had) == (resources.cpus, resources.memory, devices):
             return None
         add_base = None
         if resources.memory > memory:
@@ -219,19 +289,32 @@ class KernelSteps:
         try:
             overlay = dt.update_overlay(
                 name, (cpus, memory), (resources.cpus, resources.memory),
-                regions=regions, add_base=add_base,
+                regions=regions, add_base=add_base, devices=(had, devices),
             )  # fmt: skip
         except Exception as error:  # kerf's ResourceError: memory leaves in whole regions
             raise PlatformError(f"cannot resize {name!r}: {error}") from error
         tx = await self.apply(f"cannot give {name!r} its new resources", overlay)
         got_cpus, got = self.held(name)
-        if (got_cpus, sum(s for _, s in got)) != (resources.cpus, resources.memory):
+        got_devices = self.devices(name)
+        if (got_cpus, sum(s for _, s in got), got_devices) != (
+            resources.cpus, resources.memory, devices,
+        ):  # fmt: skip
             await self.rollback(tx)
             raise PlatformError(
                 f"the kernel applied transaction {tx} for {name!r} but it holds CPUs "
-                f"{sorted(got_cpus)}, not {sorted(resources.cpus)}: rolled back"
+                f"{sorted(got_cpus)} and devices {sorted(got_devices)}, not "
+                f"{sorted(resources.cpus)} and {sorted(devices)}: rolled back"
             )
         return tx
+
+    def devices(self, name: str) -> frozenset[str]:
+        """The PCI addresses of the devices the kernel says instance `name` has."""
+        try:
+            tree = dt.parse(self.kernel.read(f"instances/{name}/device_tree"))
+        except FileNotFoundError as error:
+            raise PlatformError(explain(f"no instance {name!r} in the kernel", error)) from error
+        resources = tree.child("resources") or dt.Node("resources")
+        return frozenset(resources.strings("devices"))
 
     def held(self, name: str) -> tuple[frozenset[int], list[tuple[int, int]]]:
         """The CPUs and memory ranges the kernel says instance `name` has."""
@@ -277,7 +360,13 @@ class MultikernelHostSide:
         self.steps = steps
 
     async def apply(
-        self, instance: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+        self,
+        instance: str,
+        cpus: frozenset[int],
+        memory: int | None,
+        *,
+        running: bool = False,
+        devices: frozenset[str] | None = None,
     ) -> None:
         if self.steps.status(instance) == "absent":
             if running:
@@ -289,6 +378,6 @@ class MultikernelHostSide:
         held_cpus, regions = self.steps.held(instance)
         size = memory if memory is not None else sum(s for _, s in regions)
         try:
-            await self.steps.grant(instance, Resources(cpus or held_cpus, size))
+            await self.steps.grant(instance, Resources(cpus or held_cpus, size), devices)
         except PlatformError as error:
             raise HostSideError(str(error)) from error

@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
+import json
 import os
 import socket
+import stat
 from pathlib import Path
 from typing import Final, Protocol
 
@@ -137,3 +140,23 @@ async def relay(host: int, instance: int, *, both_ways: bool = True) -> None:
         tg.start_soon(pump, instance, host)
         if both_ways:
             tg.start_soon(pump, host, instance)
+
+
+async def send_line(stream: socket.socket, value: object) -> None:
+    """One JSON line (how each stream to an instance's init says what it is)."""
+    data = memoryview(json.dumps(value).encode() + b"\n")
+    while data:
+        await anyio.wait_writable(stream)
+        with contextlib.suppress(BlockingIOError):
+            data = data[stream.send(data) :]
+
+
+def crossing(fd: int) -> str:
+    """How an fd the agent gets crosses to its kernel: `rw` (a socket: relayed both ways), `w`
+    (a pipe it writes: relayed to here), `hold` (anything else: a pipe of its own there)."""
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISSOCK(mode):
+        return "rw"
+    if stat.S_ISFIFO(mode) and fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_WRONLY:
+        return "w"
+    return "hold"

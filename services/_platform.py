@@ -47,6 +47,13 @@ class LaunchError(PlatformError):
     failed); everything the attempt took has been given back."""
 
 
+def devices_of(queues: tuple[str, ...] | list[str]) -> frozenset[str]:
+    """The PCI addresses of the whole devices among granted `queues`."""
+    return frozenset(
+        q.removeprefix(DEVICE_QUEUE_PREFIX) for q in queues if q.startswith(DEVICE_QUEUE_PREFIX)
+    )
+
+
 def check_name(name: str) -> str:
     """`name` if it is a valid instance name, else `InvalidSpecError` saying what is allowed."""
     if not NAME_PATTERN.fullmatch(name):
@@ -57,12 +64,23 @@ def check_name(name: str) -> str:
     return name
 
 
+#: A granted queue that is a whole PCI device (`pci/<DDDD:BB:SS.F>`, from a multikernel kernel's
+#: pool: `_mk_pool`), lent to the instance's kernel by a device overlay.
+DEVICE_QUEUE_PREFIX: Final = "pci/"
+
+
 @dataclass(frozen=True)
 class Resources:
-    """What an instance was given: host CPU ids and a memory size in bytes."""
+    """What an instance was given: host CPU ids, a memory size in bytes, and the PCI addresses
+    of whole devices (only a multikernel kernel lends those: `devices_of`)."""
 
     cpus: frozenset[int]
     memory: int
+    devices: frozenset[str] = frozenset()
+
+    @classmethod
+    def granted(cls, cpus: frozenset[int], memory: int, queues: tuple[str, ...]) -> Resources:
+        return cls(cpus, memory, devices_of(queues))
 
     def __post_init__(self) -> None:
         if not self.cpus:
@@ -232,6 +250,9 @@ class InstanceProcess:
         self.resources = spec.resources
         self.returncode: int | None = None
         self.reclaimed = False  # set by the platform's `reclaim`
+        #: An adopted launch's output brought back by the platform itself (a pipe's read end,
+        #: the taker's to close), where there is no pipe on this kernel to reopen (multikernel).
+        self.output: int | None = None
 
     def __repr__(self) -> str:
         state = "running" if self.returncode is None else f"returncode={self.returncode}"
@@ -274,6 +295,19 @@ class Platform(Protocol):
 
     def capabilities(self) -> Capabilities:
         """Which isolation is really applied here, with a warning per missing piece."""
+        ...
+
+    async def prepare(
+        self, name: str, instance_id: int, resources: Resources, *, load: bool
+    ) -> None:
+        """What an instance needs before it starts, made at the lifecycle's `create` (`load`
+        False) and `load` (True) and kept across its launches: on the multikernel platform the
+        kernel's instance (`ready`) and its loaded kernel (`loaded`); nothing on the others.
+        Idempotent; raises `PlatformError` with the kernel's reason."""
+        ...
+
+    async def release(self, name: str, instance_id: int) -> None:
+        """Undo `prepare` (the lifecycle's `delete`): nothing if there is nothing."""
         ...
 
     async def launch(self, spec: LaunchSpec) -> InstanceProcess:

@@ -122,6 +122,14 @@ class QemuPlatform:
             )
         _check_resources(spec.resources)
 
+    async def prepare(
+        self, name: str, instance_id: int, resources: Resources, *, load: bool
+    ) -> None:
+        """Nothing: every launch makes its instance anew (`Platform.prepare`)."""
+
+    async def release(self, name: str, instance_id: int) -> None:
+        """Nothing: `prepare` made nothing."""
+
     async def launch(self, spec: LaunchSpec) -> QemuInstance:
         self.check(spec)
         if spec.unit in self._running:

@@ -66,10 +66,10 @@ class ResourceConfig(msgspec.Struct, frozen=True, kw_only=True):
         the kernel's pool (its global device tree, `_mk_pool`)."""
         cpus, memory = frozenset(self.reserve_cpus), self.reserve_memory
         if self.kernfs:
-            from multikernel.services._mk_kernel import SysfsKernel
             from multikernel.services._mk_pool import kernel_pool
+            from multikernel.services._mk_remote import open_kernel
 
-            kernel = SysfsKernel(Path(self.kernfs))
+            kernel = open_kernel(Path(self.kernfs))
             return kernel_pool(kernel, reserve_cpus=cpus, reserve_memory=memory)
         return discover_pool(Path(self.sysfs_root), reserve_cpus=cpus, reserve_memory=memory)
 
@@ -77,10 +77,10 @@ class ResourceConfig(msgspec.Struct, frozen=True, kw_only=True):
         """The host's end of grants: the instances' cgroups, on the real machine only; on the
         multikernel platform, the kernel's overlays."""
         if self.kernfs:
-            from multikernel.services._mk_kernel import SysfsKernel
+            from multikernel.services._mk_remote import open_kernel
             from multikernel.services._mk_steps import KernelSteps, MultikernelHostSide
 
-            return MultikernelHostSide(KernelSteps(SysfsKernel(Path(self.kernfs))))
+            return MultikernelHostSide(KernelSteps(open_kernel(Path(self.kernfs))))
         if self.sysfs_root != "/":
             return NoHostSide()
         # The host's own platform's cgroups: same isolation, same group.

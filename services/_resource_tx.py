@@ -89,7 +89,10 @@ class Applier:
                 )
         memory = None if after.blocks == before.blocks else self._memory(after)
         try:
-            await self._host(name, after.cpus, memory, running=applied_by == "instance")
+            await self._host(
+                name, after.cpus, memory, running=applied_by == "instance",
+                devices=self._devices(after),
+            )  # fmt: skip
         except TransactionFailed as failed:
             raise TransactionFailed(failed.reason, acks) from None
         return applied_by, acks
@@ -118,7 +121,7 @@ class Applier:
             problems.append(f"the instance did not confirm the rollback ({failed.reason})")
         memory = None if after.blocks == before.blocks else self._memory(before)
         try:
-            await self._host(name, before.cpus, memory)
+            await self._host(name, before.cpus, memory, devices=self._devices(before))
         except TransactionFailed as failed:
             problems.append(failed.reason)
         if problems:
@@ -142,11 +145,22 @@ class Applier:
         except (MultikernelError, anyio.BrokenResourceError, anyio.ClosedResourceError) as e:
             raise TransactionFailed(f"the instance's agent failed: {e}") from None
 
+    def _devices(self, holding: Holding) -> frozenset[str]:
+        """The PCI addresses of the whole devices among `holding`'s queues (kind `device`)."""
+        queues = [self.pool.queues.get(q) for q in holding.queues]
+        return frozenset(q.device for q in queues if q is not None and q.kind == "device")
+
     async def _host(
-        self, name: str, cpus: frozenset[int], memory: int | None, *, running: bool = False
+        self,
+        name: str,
+        cpus: frozenset[int],
+        memory: int | None,
+        *,
+        running: bool = False,
+        devices: frozenset[str] | None = None,
     ) -> None:
         try:
-            await self.host.apply(name, cpus, memory, running=running)
+            await self.host.apply(name, cpus, memory, running=running, devices=devices)
         except HostSideError as error:
             raise TransactionFailed(f"the host could not apply it: {error}") from None
 

@@ -238,8 +238,12 @@ class Supervisor:
         if inst.proc is None or not inst.output_fd:
             return
         if not inst.proc.pid:  # no host pid: it runs on a kernel of its own (multikernel)
-            why = "it runs on a kernel of its own: no pipe here to reopen"
-            log.warning("output not collected again", instance=inst.name, error=why)
+            output, inst.proc.output = inst.proc.output, None
+            if output is None:
+                why = "it runs on a kernel of its own, which did not hand its output back"
+                log.warning("output not collected again", instance=inst.name, error=why)
+                return
+            self._collect(inst, output, watchers)
             return
         path = f"/proc/{inst.proc.pid}/fd/{inst.output_fd}"
         try:

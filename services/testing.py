@@ -56,6 +56,10 @@ in-instance init as a local process, reached through `UnixVsock`, the stand-in f
         async with MultikernelPlatform(kernel, BootImage(vmlinux), connector=vsock) as mk:
             ...
             kernel.panic("web")  # the instance's kernel goes down: `loaded` again
+
+`KernelServer(kernel, socket_path, vsock=vsock.directory)` serves such a kernel to other
+processes: a host started with `--kernfs socket_path` drives it (and can be killed while its
+instances run on), as it would drive the real kernel.
 """
 
 from __future__ import annotations
@@ -70,10 +74,19 @@ from multikernel.endpoints import Bus
 from multikernel.protocol import ResourceTransaction, ResourceTransactionAck
 from multikernel.services._agent_resources import InstanceResources, refused
 from multikernel.services._mk_fake import FakeMultikernel, boot_init
+from multikernel.services._mk_remote import KernelServer
 from multikernel.services._mk_vsock import UnixVsock
 from multikernel.services._resctrl_fake import FakeResctrl
 
-__all__ = ["FakeAgent", "FakeMultikernel", "FakeResctrl", "FakeSysfs", "UnixVsock", "boot_init"]
+__all__ = [
+    "FakeAgent",
+    "FakeMultikernel",
+    "FakeResctrl",
+    "FakeSysfs",
+    "KernelServer",
+    "UnixVsock",
+    "boot_init",
+]
 
 
 def _cpu_list(cpus: list[int]) -> str:

@@ -181,3 +181,83 @@ def test_our_kernel_abi_numbers_are_kerfs():
     assert (ours.REBOOT_CMD_HALT, ours.REBOOT_CMD_HALT_FORCE) == (
         kill.LINUX_REBOOT_CMD_MULTIKERNEL_HALT, kill.LINUX_REBOOT_CMD_MULTIKERNEL_HALT_FORCE,
     )  # fmt: skip
+
+
+def test_device_overlays_lend_the_pools_devices_and_refuse_the_rest(tmp_path):
+    kernel = FakeMultikernel(tmp_path, cpus={1, 2}, devices={"nvme0": "0000:01:00.0"})
+    pool = dt.parse(kernel.read("device_tree")).child("resources")
+    assert pool is not None
+    devices = pool.child("devices")
+    assert devices is not None
+    assert [(d.name, d.string("pci-id")) for d in devices.children] == [("nvme0", "0000:01:00.0")]
+    kernel.write("overlays/new", dt.create_overlay("web", 3, frozenset({1}), 16 * MiB))
+    kernel.write("overlays/new", dt.create_overlay("db", 4, frozenset({2}), 16 * MiB))
+
+    def lend(name: str, before: set[str], after: set[str]) -> None:
+        cpus = frozenset({1 if name == "web" else 2})
+        overlay = dt.update_overlay(
+            name, (cpus, 16 * MiB), (cpus, 16 * MiB), regions=[], add_base=None,
+            devices=(frozenset(before), frozenset(after)),
+        )  # fmt: skip
+        kernel.write("overlays/new", overlay)
+
+    lend("web", set(), {"0000:01:00.0"})
+    web = dt.parse(kernel.read("instances/web/device_tree")).child("resources")
+    assert web is not None
+    assert web.strings("devices") == ["0000:01:00.0"]
+    with pytest.raises(OSError) as busy:
+        lend("db", set(), {"0000:01:00.0"})  # lent to web
+    assert busy.value.errno == errno.EBUSY
+    with pytest.raises(OSError) as unknown:
+        lend("db", set(), {"0000:02:00.0"})  # not in the pool
+    assert unknown.value.errno == errno.ENODEV
+    with pytest.raises(OSError) as not_its:
+        lend("db", {"0000:01:00.0"}, set())  # removing a device db does not have
+    assert not_its.value.errno == errno.EINVAL
+    kernel.rmdir("overlays/tx_3")  # web's device-add, rolled back
+    lend("db", set(), {"0000:01:00.0"})
+
+
+@pytest.mark.anyio
+async def test_a_host_that_enforces_signatures_loads_only_a_signed_vmlinux(tmp_path):
+    """kerf's check (`kexec_signatures_enforced`, through the seam) before the load; the kernel's
+    own refusals (here the fake's, as a locked-down kernel's) with what to do."""
+    from multikernel.services._mk_steps import BootImage, KernelSteps
+    from multikernel.services._platform import PlatformError
+    from multikernel.services._signature import make_signing_key, sign
+
+    key, cert = make_signing_key("kernel", algorithm="ec-p256")
+    other_key, other_cert = make_signing_key("someone else", algorithm="ec-p256")
+    kernel = FakeMultikernel(tmp_path / "m", cpus={1}, trusted=[cert])
+    assert kernel.signatures_enforced()
+    kernel.write("overlays/new", dt.create_overlay("web", 3, frozenset({1}), 16 * MiB))
+    vmlinux = b"\x7fELF" + bytes(60)
+    images = {
+        "plain": vmlinux,
+        "bzImage": bytes(0x202) + b"HdrS" + bytes(600),
+        "foreign": sign(vmlinux, other_key, other_cert),
+        "tampered": sign(vmlinux, key, cert).replace(bytes(60), b"\1" * 60, 1),
+        "signed": sign(vmlinux, key, cert),
+    }
+    refusals = {}
+    for name, data in images.items():
+        (tmp_path / name).write_bytes(data)
+        try:
+            await KernelSteps(kernel, BootImage(tmp_path / name)).load("web", 3)
+        except PlatformError as error:
+            refusals[name] = str(error).removeprefix("cannot load a kernel into 'web': ")
+    assert refusals == {
+        "plain": f"this host enforces kernel signatures and {tmp_path / 'plain'} is not signed: "
+        "sign it (kerf sign)",
+        "bzImage": f"this host enforces kernel signatures and {tmp_path / 'bzImage'} is a "
+        "bzImage, whose extracted vmlinux is unsigned: give a signed ELF vmlinux (kerf sign)",
+        "foreign": "ENOKEY: the kernel image's signer is not trusted by this host (enroll its "
+        "certificate, e.g. as a MOK)",
+        "tampered": "EBADMSG: the kernel image's signature does not match it (re-sign it: kerf "
+        "sign)",
+    }
+    assert status(kernel, "web") == "loaded"
+    # Refused before the kernel saw them: only the foreign, tampered and signed loads reached it.
+    assert [c.kernel for c in kernel.calls if isinstance(c, KexecCall)] == [
+        str(tmp_path / n) for n in ("foreign", "tampered", "signed")
+    ]

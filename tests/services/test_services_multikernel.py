@@ -294,7 +294,8 @@ async def test_a_grant_the_kernel_did_not_apply_as_asked_is_rolled_back(
             with pytest.raises(PlatformError) as wrong:
                 await platform.steps.grant("web", Resources(frozenset({1, 2}), 16 * MiB))
             monkeypatch.undo()
-            assert "holds CPUs [1], not [1, 2]: rolled back" in str(wrong.value)
+            expected = "holds CPUs [1] and devices [], not [1, 2] and []: rolled back"
+            assert expected in str(wrong.value)
             assert transactions(kernel) == before
             assert platform.steps.held("web")[0] == frozenset({1})
 

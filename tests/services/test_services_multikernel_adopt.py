@@ -6,7 +6,8 @@ platform forgets them, as a host killed outright would leave them (its hub and t
 the instances' vsock streams stay up, as the fake cannot lose a process's fds without losing its
 own state). While nobody watches, one instance's kernel panics. Host B, on the same state dir and
 kernel, adopts the instance the kernel still runs (`active`: no new boot) and reclaims the other
-(unloaded, its transactions rolled back); killing the adopted one leaves nothing in the kernel.
+(halted: its kernel stays `loaded`, as the lifecycle's `load` left it); deleting both leaves
+nothing in the kernel.
 """
 
 from __future__ import annotations
@@ -187,17 +188,20 @@ async def test_a_restarted_host_adopts_the_instances_the_kernel_still_runs(
                     assert machine.status("web") == "active"  # adopted: not booted again
                     new = machine.kernel.calls[len(before) :]
                     assert RebootCall(REBOOT_CMD_BOOT, ids["web"]) not in new
-                    # db was reclaimed: its kernel unloaded, its transactions rolled back.
-                    assert machine.status("db") == "absent"
-                    unloads = [c for c in new if isinstance(c, KexecCall)]
-                    assert [c.flags & KEXEC_FILE_UNLOAD for c in unloads] == [KEXEC_FILE_UNLOAD]
-                    assert len(machine.transactions()) < tx_before
+                    # db's launch was reclaimed: its kernel, loaded, stays for its next start.
+                    assert machine.status("db") == "loaded"
+                    assert not [c for c in new if isinstance(c, KexecCall)]
+                    assert len(machine.transactions()) == tx_before
 
                     killed = await call(bus, "kill", KillInstance("web", force=True))
                     assert killed.state == "loaded"
-                    assert machine.status("web") == "absent"
+                    assert machine.status("web") == "loaded"
                     for name in ("web", "db"):
                         await call(bus, "delete", DeleteInstance(name))
+                        assert machine.status(name) == "absent"
+                    unloads = [c for c in machine.kernel.calls[len(before) :]]
+                    unloads = [c for c in unloads if isinstance(c, KexecCall)]
+                    assert [c.flags & KEXEC_FILE_UNLOAD for c in unloads] == [KEXEC_FILE_UNLOAD] * 2
             assert machine.transactions() == []
             dead.cancel_scope.cancel()
     finally:
@@ -216,20 +220,32 @@ async def test_a_launch_cut_short_or_not_adoptable_is_reclaimed_and_anothers_lef
     steps = platform.steps
     resources = Resources(frozenset({1}), 128 * MB)
     async with platform:
-        # A launch cut short before its record was stored: created and loaded, never booted.
-        await steps.create("cut", 3, resources)
-        await steps.load("cut", 3)
+        # A launch cut short before its record was stored: booted, never recorded. The
+        # lifecycle still has the instance: it is halted, its kernel left `loaded`.
+        await platform.prepare("cut", 3, resources, load=True)
+        steps.reboot("boot", REBOOT_CMD_BOOT, 3)
         # A recorded launch the lifecycle never saw become active: booted, still running.
         made = await steps.create("early", 4, Resources(frozenset({2}), 128 * MB))
         await steps.load("early", 4)
         steps.reboot("boot", REBOOT_CMD_BOOT, 4)
         record = _mk_adopt.encode_record("early", 4, [made])
+        # A recorded launch of an instance the lifecycle made (kept): halted, left `loaded`.
+        await platform.prepare("kept", 6, Resources(frozenset({4}), 128 * MB), load=True)
+        steps.reboot("boot", REBOOT_CMD_BOOT, 6)
+        kept = _mk_adopt.encode_record("kept", 6, [], kept=True)
         # kerf's instance under a name our record has, with another id: not ours.
         await steps.create("theirs", 9, Resources(frozenset({3}), 128 * MB))
 
         await platform.reclaim_unit("cut")
         await platform.reclaim_record(record)
+        await platform.reclaim_record(kept)
         await platform.reclaim_record(_mk_adopt.encode_record("theirs", 5, []))
         await platform.reclaim_unit("nothing")
+        assert steps.status("cut") == steps.status("kept") == "loaded"
+        assert steps.status("early") == "absent"
+        # The lifecycle's delete of each; `theirs` under another id is not ours to remove.
+        await platform.release("cut", 3)
+        await platform.release("kept", 6)
+        await platform.release("theirs", 5)
     assert os.listdir(kernel.kernfs / "instances") == ["theirs"]
     assert len([d for d in kernel.listdir("overlays") if d.startswith("tx_")]) == 1

@@ -1,9 +1,8 @@
 """`mkctl host up --platform multikernel`: its options, and a host that cannot find the kernel.
 
-A host on the multikernel platform needs a multikernel kernel (no fake can stand in: the fake's
-state lives in the process that made it, and the resource actor is a process of its own); here
-the command line is checked, and a host pointed at a tree that is not the kernel's file system
-refuses to start with a line that says what to do.
+A host on the multikernel platform needs a multikernel kernel, or the fake served on a socket
+(`test_services_multikernel_restart.py`); here the command line is checked, and a host pointed at
+a tree that is not the kernel's file system refuses to start with a line that says what to do.
 """
 
 from __future__ import annotations

@@ -26,10 +26,12 @@ from multikernel.protocol import (
     CreateInstance,
     DeleteInstance,
     InstanceInfo,
+    InstanceList,
     InstanceStateChanged,
     KillInstance,
     LoadImage,
     RefusedError,
+    ShowInstances,
     StartInstance,
     UpdateInstance,
 )
@@ -41,8 +43,8 @@ from multikernel.services._host import host_rule
 from multikernel.services._image import sign_image
 from multikernel.services._lifecycle import LifecycleActor
 from multikernel.services._local_probe import online_cpus
-from multikernel.services._mk_fake import FakeMultikernel, RebootCall, boot_init
-from multikernel.services._mk_kernel import REBOOT_CMD_BOOT
+from multikernel.services._mk_fake import FakeMultikernel, KexecCall, RebootCall, boot_init
+from multikernel.services._mk_kernel import REBOOT_CMD_BOOT, kexec_flags
 from multikernel.services._mk_pool import kernel_pool
 from multikernel.services._mk_steps import MultikernelHostSide
 from multikernel.services._mk_vsock import UnixVsock
@@ -54,6 +56,7 @@ from multikernel.services._signature import make_signing_key
 pytestmark = pytest.mark.anyio
 MB = 1 << 20
 HEARTBEAT = 0.2
+NVME = "0000:01:00.0"
 
 
 @pytest.fixture
@@ -78,6 +81,15 @@ class Host:
         resources = tree.child("resources")
         assert resources is not None
         return sum(c.reg()[1] for c in resources.children if c.name.startswith("memory@"))
+
+    def devices(self, name: str) -> list[str]:
+        tree = dt.parse(self.kernel.read(f"instances/{name}/device_tree"))
+        resources = tree.child("resources")
+        assert resources is not None
+        return resources.strings("devices")
+
+    def transactions(self) -> list[str]:
+        return [d for d in self.kernel.listdir("overlays") if d.startswith("tx_")]
 
     def status(self, name: str) -> str:
         try:
@@ -105,6 +117,7 @@ async def host(tmp_path: Path) -> AsyncIterator[Host]:
         cpus=online_cpus(),
         # Three 128 MiB chunks: 384 MiB for the resource actor, but no 256 MiB in one range.
         memory=[(1 << 32, 128 * MB), (1 << 33, 128 * MB), (1 << 34, 128 * MB)],
+        devices={"nvme0": NVME},
         boot=boot_init(vsock),
     )
     platform = MultikernelPlatform(
@@ -157,7 +170,9 @@ async def test_an_instance_kernel_runs_our_agent_and_a_panic_is_restarted(host: 
     with anyio.fail_after(60):
         async with await host.bus.subscribe("mk.instance.*.state") as states:
             await host.call("create", CreateInstance("web", cpu_count=1, memory=128 * MB))
+            assert host.status("web") == "ready"  # the kernel's instance, made at create
             await host.call("load", LoadImage("web", str(host.image)))
+            assert host.status("web") == "loaded"  # its kernel, loaded at load
             info = await host.call("start", StartInstance("web"))
             assert info.state == "active"
             assert host.status("web") == "active"
@@ -170,6 +185,11 @@ async def test_an_instance_kernel_runs_our_agent_and_a_panic_is_restarted(host: 
             assert host.status("web") == "active"
             boots = [c for c in host.kernel.calls if c == RebootCall(REBOOT_CMD_BOOT, info.id)]
             assert len(boots) == 2
+            # Booted again as it was: neither created again nor reloaded.
+            assert [c.flags for c in host.kernel.calls if isinstance(c, KexecCall)] == [
+                kexec_flags(info.id, initramfs=False)
+            ]
+            assert len(host.transactions()) == 1  # its instance-create
 
             # A grant the resource actor can lend but the kernel cannot place (256 MiB more, in
             # one range) is refused by the kernel and rolled back.
@@ -186,6 +206,52 @@ async def test_an_instance_kernel_runs_our_agent_and_a_panic_is_restarted(host: 
             assert host.memory("web") == 256 * MB
 
             assert (await host.call("kill", KillInstance("web"))).state == "loaded"
-            assert host.status("web") == "absent"  # reclaimed: every transaction undone
+            assert host.status("web") == "loaded"  # halted; its kernel stays for the next start
             await host.call("delete", DeleteInstance("web"))
+            assert host.status("web") == "absent"  # unloaded, every transaction undone
     assert [d for d in host.kernel.listdir("overlays") if d.startswith("tx_")] == []
+
+
+@pytest.mark.timeout(60)
+async def test_a_create_the_kernel_refuses_leaves_nothing(host: Host) -> None:
+    """The kernel's instance is made at create: a refusal there is the create's, with the
+    kernel's reason, and leaves no instance, no grant and no transaction behind."""
+    with anyio.fail_after(30):
+        # 256 MiB: the resource actor has the blocks, the kernel has no such range in one chunk.
+        with pytest.raises(RefusedError) as refused:
+            await host.call("create", CreateInstance("big", cpu_count=1, memory=256 * MB))
+        assert str(refused.value).startswith("cannot create instance 'big': ENOMEM: ")
+        assert host.status("big") == "absent"
+        listed = await host.bus.request(
+            "lifecycle", "show", ShowInstances(""), response=InstanceList
+        )
+        assert listed.instances == ()
+        # Its grant was released: the pool lends all of it again.
+        info = await host.call("create", CreateInstance("big", cpu_count=1, memory=128 * MB))
+        assert host.status("big") == "ready"
+        await host.call("delete", DeleteInstance(info.name))
+    assert host.status("big") == "absent"
+    assert host.transactions() == []
+
+
+@pytest.mark.timeout(60)
+async def test_a_grant_that_carries_a_device_reaches_the_kernel_as_a_device_overlay(
+    host: Host,
+) -> None:
+    """The kernel's PCI devices are in the resource actor's pool (`pci/<address>`); granting
+    one lends it to the instance's kernel (device-add), giving it back removes it."""
+    with anyio.fail_after(30):
+        queues = (f"pci/{NVME}",)
+        await host.call("create", CreateInstance("db", cpu_count=1, memory=128 * MB, queues=queues))
+        assert host.devices("db") == [NVME]  # device-add, right after the instance-create
+        await host.call("update", UpdateInstance("db", queues=()))
+        assert host.devices("db") == []  # device-remove
+        await host.call("update", UpdateInstance("db", queues=queues))
+        assert host.devices("db") == [NVME]
+        with pytest.raises(RefusedError):  # the resource actor lends it once
+            await host.call(
+                "create", CreateInstance("web", cpu_count=1, memory=128 * MB, queues=queues)
+            )
+        await host.call("delete", DeleteInstance("db"))
+    assert host.status("db") == "absent"
+    assert host.transactions() == []

@@ -42,7 +42,18 @@ def test_the_pool_is_the_kernels_cpus_and_memory_chunks(tmp_path: Path) -> None:
     assert pool.block_size == 128 * MB
     # 8 blocks of the first chunk; the second starts mid-block: its 2 whole blocks only.
     assert pool.memory == 10 * 128 * MB
-    assert pool.queues == {}
+    assert pool.queues == {}  # no devices in this kernel's pool
+
+
+def test_the_kernels_pci_devices_are_queues_of_kind_device(tmp_path: Path) -> None:
+    kernel = FakeMultikernel(
+        tmp_path, memory=[(4 * GB, GB)], devices={"nvme0": "0000:01:00.0", "eth1": "0000:02:00.1"}
+    )
+    pool = kernel_pool(kernel)
+    assert {(q.name, q.kind, q.device) for q in pool.queues.values()} == {
+        ("pci/0000:01:00.0", "device", "0000:01:00.0"),
+        ("pci/0000:02:00.1", "device", "0000:02:00.1"),
+    }
 
 
 def test_the_hosts_reservations_leave_the_kernels_pool(tmp_path: Path) -> None:
