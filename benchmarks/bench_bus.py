@@ -61,9 +61,15 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_bus_worker.py"
-SYSTEMS = ("ours", "nats", "zmq", "grpc", "ring")
-PUBSUB = ("ours", "nats")  # the others are measured on RPC only
-LABEL = {"ours": "ours", "nats": "NATS", "zmq": "ZeroMQ", "grpc": "gRPC", "ring": "ring"}
+SYSTEMS = ("ours", "stream", "nats", "zmq", "grpc", "ring")
+PUBSUB = ("ours", "stream", "nats")  # the others are measured on RPC only
+RPC_ONLY_NOT = ("stream",)  # pub/sub only: publishes through a broadcast stream
+#: The process that serves a system (CPU accounting): the stream's set-up is our hub's.
+INFRA = {"stream": "ours"}
+LABEL = {
+    "ours": "ours", "stream": "ours (stream)", "nats": "NATS", "zmq": "ZeroMQ", "grpc": "gRPC",
+    "ring": "ring",
+}  # fmt: skip
 NOISY_SHARE = 0.25  # other load above this share of all CPUs flags a phase (and its round)
 STARTUP_TIMEOUT = 30.0
 N_SUBS = 4
@@ -76,6 +82,8 @@ RPC_PHASES = (  # name, gap (s), outstanding
 PUB_PHASES = (("1 sub", 1), ("4 subs", 4))
 RPC_P50_GOAL = 0.10  # ours/NATS p50 at most this
 PUB_GOAL = 1.0  # ours/NATS throughput at least this
+#: Issue 15, through a stream: per subscriber with 1 and 4 subscribers, delivered with 10 and 50.
+STREAM_GOAL = {1: 3.0, 4: 3.0, 10: 1.0, 50: 1.0}
 
 
 def die_with_parent() -> None:
@@ -304,6 +312,7 @@ def started(cpus: tuple[int | None, int | None], systems: tuple[str, ...]) -> It
             "ours": (str(sock), str(sock)),
             "nats": (f"nats://127.0.0.1:{port}",) * 2,
             "zmq": (f"ipc://{workdir}/zmq.ipc",) * 2,
+            "stream": (str(sock), str(sock)),
             "grpc": (f"unix:{workdir}/grpc.sock",) * 2,
         }
         handles = None
@@ -422,7 +431,7 @@ def run_pub(
     cpu = {
         "client": per[client.pid],
         "server": sum(per[w.pid] for w in subs),
-        "infra": per[setup.infra[system].pid],
+        "infra": per[setup.infra[INFRA.get(system, system)].pid],
         "wall": b.when - a.when,
         "units": n,
     }
@@ -432,7 +441,7 @@ def run_pub(
 def run_round(setup: Setup, rnd: int, args: argparse.Namespace, out: list[Record]) -> None:
     for system in setup.systems:
         t0 = time.monotonic()
-        for name, gap, conc in RPC_PHASES:
+        for name, gap, conc in RPC_PHASES if system not in RPC_ONLY_NOT else ():
             out.append(run_rpc(setup, system, rnd, name, gap, conc, args.rpc_dur))
         for name, k in PUB_PHASES if system in PUBSUB else ():
             run_pub(setup, system, rnd, name, k, max(1, args.pub_n // 10), timed=False)
@@ -553,25 +562,38 @@ def rpc_table(res: Results) -> str:
 
 
 def pub_table(res: Results) -> str:
+    """Per phase: ours through a stream, ours through the hub, NATS; ratios within each round."""
     rows = []
-    for name, _ in PUB_PHASES:
+    for name, k in PUB_PHASES:
+        lost = {
+            system: "/".join(
+                num(sum(res.values(system, name, m)))
+                for m in ("missing", "hub_dropped", "client_dropped")
+            )
+            for system in ("stream", "ours")
+        }
         rows.append(
             [
                 name,
+                spread(res.values("stream", name, "per_sub")),
                 spread(res.values("ours", name, "per_sub")),
                 spread(res.values("nats", name, "per_sub")),
+                ratio_text(res.ratios(name, "per_sub", system="stream")),
                 ratio_text(res.ratios(name, "per_sub")),
+                spread([k * v for v in res.values("stream", name, "per_sub")]),
+                spread([k * v for v in res.values("nats", name, "per_sub")]),
+                spread(res.values("stream", name, "publish_rate")),
                 spread(res.values("ours", name, "publish_rate")),
                 spread(res.values("nats", name, "publish_rate")),
-                "/".join(
-                    num(sum(res.values("ours", name, m)))
-                    for m in ("missing", "hub_dropped", "client_dropped")
-                ),
+                lost["stream"],
+                lost["ours"],
                 num(sum(res.values("nats", name, "missing"))),
             ]
         )
-    headers = ["subscribers", "ours msgs/s/sub", "NATS msgs/s/sub", "ours/NATS",
-               "ours publish/s", "NATS publish/s", "ours lost/hub-drop/ep-drop",
+    headers = ["subscribers", "stream msgs/s/sub", "hub msgs/s/sub", "NATS msgs/s/sub",
+               "stream/NATS", "hub/NATS", "stream delivered/s", "NATS delivered/s",
+               "stream publish/s", "hub publish/s", "NATS publish/s",
+               "stream lost/hub-drop/ep-drop", "hub lost/hub-drop/ep-drop",
                "NATS lost"]  # fmt: skip
     return table(headers, rows)
 
@@ -697,6 +719,16 @@ def target_rows(res: Results, label: str) -> list[list[str]]:
         )  # fmt: skip
         rows.append([f"pub/sub {name} msgs/s", f"ours/NATS >= {PUB_GOAL}", ratio_text(ratios),
                      verdict, label])  # fmt: skip
+    for name, k in PUB_PHASES:
+        goal = STREAM_GOAL.get(k)
+        ratios = res.ratios(name, "per_sub", system="stream")
+        if goal is None or not ratios:
+            continue
+        lost = sum(res.values("stream", name, "missing"))
+        ok = statistics.median(ratios) >= goal and not lost
+        rows.append([f"stream {name} msgs/s, nothing lost", f"stream/NATS >= {goal}, lost 0",
+                     f"{ratio_text(ratios)}, lost {num(lost)}", "PASS" if ok else "FAIL",
+                     label])  # fmt: skip
     return rows
 
 
@@ -747,7 +779,7 @@ def report(records: list[Record], args: argparse.Namespace, cpus: tuple[Any, Any
         f"Load from other work (rounds flagged when > {NOISY_SHARE:.0%} of all CPUs)",
         noise_table(records, args.rounds),
         "",
-        "Targets (issue 4)",
+        "Targets (issue 4; stream rows: issue 15)",
     ]
     rows = target_rows(res, "all rounds")
     clean = set(range(args.rounds)) - noisy

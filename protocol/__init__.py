@@ -43,6 +43,14 @@ from multikernel.protocol._bus import MonitorRecord as MonitorRecord
 from multikernel.protocol._bus import MonitorStart as MonitorStart
 from multikernel.protocol._bus import MonitorStop as MonitorStop
 from multikernel.protocol._bus import Ok as Ok
+from multikernel.protocol._streams import StreamClose as StreamClose
+from multikernel.protocol._streams import StreamInfo as StreamInfo
+from multikernel.protocol._streams import StreamOpen as StreamOpen
+from multikernel.protocol._streams import StreamReaderGone as StreamReaderGone
+from multikernel.protocol._streams import StreamReady as StreamReady
+from multikernel.protocol._streams import StreamRoute as StreamRoute
+from multikernel.protocol._streams import StreamSids as StreamSids
+from multikernel.protocol._streams import StreamStart as StreamStart
 from multikernel.protocol._bus import ServiceInfo as ServiceInfo
 from multikernel.protocol._bus import SubscriptionInfo as SubscriptionInfo
 from multikernel.protocol._codes import MAGIC as MAGIC
