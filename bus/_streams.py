@@ -21,7 +21,6 @@ feeds (`served`). Messages to one endpoint's socket go out in order, from one ta
 from __future__ import annotations
 
 import fcntl
-import mmap
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,7 +54,6 @@ from multikernel.protocol import (
 from multikernel.shm._doorbell import doorbell_fds
 from multikernel.shm._stream import (
     READER_SEALS,
-    S_SEQ,
     create_cursor,
     create_stream,
     stream_position,
@@ -320,11 +318,7 @@ class StreamBroker:
     def info(self) -> tuple[StreamInfo, ...]:
         out = []
         for r in self.by_token.values():
-            frames = 0
-            if r.started:
-                with mmap.mmap(r.fd, 256, prot=mmap.PROT_READ) as mm, memoryview(mm) as m:
-                    with m.cast("Q") as q:
-                        frames = q[S_SEQ]
+            frames = stream_position(r.fd)[1] if r.started else 0
             out.append(
                 StreamInfo(
                     r.token, r.subject, r.writer.id, tuple(sorted(r.readers)), frames, r.slow,

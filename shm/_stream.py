@@ -1,4 +1,4 @@
-"""Broadcast streams: one writer, many readers, each reader at its own pace (docs/bus.md, "Streams").
+"""Broadcast streams: one writer, many readers, each at its own pace (docs/bus.md, "Streams").
 
 A stream is a ring of frames in a memfd that the writer maps read-write and every reader maps
 read-only: the writer seals it with `F_SEAL_FUTURE_WRITE` once it has mapped it, so nobody can
@@ -102,10 +102,13 @@ def stream_position(fd: int) -> tuple[int, int]:
     """(tail, next sequence number) of a sealed stream, read without trusting the writer: a
     tail that is not a multiple of 8 counts as 0. The sequence number is read after the tail
     and stored before it, so it is never less than that of the frame at the tail."""
-    with mmap.mmap(fd, HEADER, prot=mmap.PROT_READ) as mm, memoryview(mm) as whole:
-        with whole.cast("Q") as q:
-            tail = q[S_TAIL]
-            seq = q[S_SEQ]
+    with (
+        mmap.mmap(fd, HEADER, prot=mmap.PROT_READ) as mm,
+        memoryview(mm) as whole,
+        whole.cast("Q") as q,
+    ):
+        tail = q[S_TAIL]
+        seq = q[S_SEQ]
     return (0, 0) if tail & 7 else (tail, seq)
 
 
