@@ -42,6 +42,7 @@ READER_SEALS: Final = SEALS | F_SEAL_FUTURE_WRITE
 S_MAGIC, S_VERSION, S_CAPACITY, S_HEADER = 0, 1, 2, 3
 S_TAIL = 8  # line 1, the writer: bytes published since creation
 S_SEQ = 9  # the sequence number of the next frame (stored before `tail`)
+S_MARK = 10  # where a recent frame starts (once per half ring): a lapped reader resumes there
 S_RESERVE = 16  # line 2, the writer: bytes written or being written (stored before the data)
 S_FLAGS = 24  # line 3, the writer: bit 0 waiting for room, bit 1 closed
 # Cursor page slots. Line 0: written once by the hub.
@@ -277,9 +278,13 @@ class StreamReader:
         cursor = self._cursor
         if tail == cursor:
             return []
-        if tail - cursor > self.capacity:  # lapped: start again at the tail
-            self._moved(tail)
-            return []
+        if tail - cursor > self.capacity:  # lapped: resume at a recent frame (or the tail)
+            mark = self._q[S_MARK]
+            ok = tail - self.capacity < mark <= tail and not mark & 7
+            self._moved(mark if ok else tail)
+            cursor = self._cursor
+            if cursor == tail:
+                return []
         q, mm, mask, capacity = self._q, self._mm, self._mask, self.capacity
         data = HEADER // 8
         taken: list[tuple[int, int, bytes]] = []  # (start, seq, body)

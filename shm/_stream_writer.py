@@ -38,6 +38,7 @@ from multikernel.shm._stream import (
     FRAME_SEQ,
     HEADER,
     S_FLAGS,
+    S_MARK,
     S_RESERVE,
     S_SEQ,
     S_TAIL,
@@ -97,6 +98,7 @@ class StreamWriter:
         self.max_body = L.max_payload(self.capacity) - FRAME_SEQ
         self._max_n = self.max_body + FRAME_SEQ
         self._mask = self.capacity - 1
+        self._half = self.capacity >> 1
         q = self._q
         self._tail = q[S_TAIL] if not q[S_TAIL] & 7 else 0
         self._seq = q[S_SEQ]
@@ -218,6 +220,8 @@ class StreamWriter:
         self._seq += 1
         q[S_SEQ] = self._seq
         q[S_TAIL] = self._tail = end
+        if (end ^ tail) & self._half:  # crossed into the other half of the ring
+            q[S_MARK] = end - size
         self.frames += 1
         self.bytes += n - FRAME_SEQ
         self._unwoken += 1
