@@ -20,7 +20,6 @@ feeds (`served`). Messages to one endpoint's socket go out in order, from one ta
 
 from __future__ import annotations
 
-import fcntl
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,13 +50,7 @@ from multikernel.protocol import (
     subject_matches,
     validate_subject,
 )
-from multikernel.shm._doorbell import doorbell_fds
-from multikernel.shm._stream import (
-    READER_SEALS,
-    create_cursor,
-    create_stream,
-    stream_position,
-)
+from multikernel.shm import create_stream, reader_handles, sealed_for_readers, stream_position
 
 log = get_logger("multikernel.bus")
 
@@ -152,11 +145,10 @@ class StreamBroker:
     def start(self, policy: Policy, session: Session, token: int) -> int:
         """The writer mapped and sealed stream `token`: give it its readers; how many."""
         record = self._of_writer(session, token)
-        seals = fcntl.fcntl(record.fd, fcntl.F_GET_SEALS)
-        if READER_SEALS & ~seals:
+        if not sealed_for_readers(record.fd):
             raise ProtocolError(
-                f"stream {token} is not sealed against writing (seals {seals:#x}): map it, "
-                "then seal it (StreamWriter does) before StreamStart"
+                f"stream {token} is not sealed against writing: map it, then seal it "
+                "(F_SEAL_FUTURE_WRITE | F_SEAL_SEAL; StreamWriter does) before StreamStart"
             )
         record.started = True
         self.refresh(record, policy)
@@ -254,20 +246,9 @@ class StreamBroker:
 
     def _add_reader(self, record: StreamRecord, target: Session) -> bool:
         """Make a reader's cursor page and doorbells; hand them out. False if the hub cannot."""
-        made: list[int] = []
         try:
-            tail, seq = stream_position(record.fd)
-            cursor = create_cursor(tail, seq)
-            made.append(cursor)
-            bell_r, bell_w = doorbell_fds()
-            made += [bell_r, bell_w]
-            space_r, space_w = doorbell_fds()
-            made += [space_r, space_w]
-            theirs = [os.dup(record.fd), cursor, bell_r, space_w]
-            made.append(theirs[0])
-            ours = [os.dup(cursor), bell_w, space_r]
+            theirs, ours = reader_handles(record.fd)
         except OSError as exc:
-            close_fds(made)
             log.warning("cannot make a stream reader", subject=record.subject, error=str(exc))
             return False
         reader = record.next_reader

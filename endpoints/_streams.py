@@ -39,9 +39,14 @@ from multikernel.protocol import (
     encode,
     validate_subject,
 )
-from multikernel.shm import RingCorruptedError, ShmError
-from multikernel.shm._stream import StreamReader, StreamReaderStatistics
-from multikernel.shm._stream_writer import StreamWriter, StreamWriterStatistics
+from multikernel.shm import (
+    RingCorruptedError,
+    ShmError,
+    StreamReader,
+    StreamReaderStatistics,
+    StreamWriter,
+    StreamWriterStatistics,
+)
 
 log = get_logger("multikernel.endpoints")
 _encode = msgspec.msgpack.Encoder().encode

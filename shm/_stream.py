@@ -26,7 +26,12 @@ from dataclasses import dataclass
 from typing import Final
 
 from multikernel.shm import _layout as L
-from multikernel.shm._doorbell import _fence_acquire, _fence_release, check_doorbell_fd
+from multikernel.shm._doorbell import (
+    _fence_acquire,
+    _fence_release,
+    check_doorbell_fd,
+    doorbell_fds,
+)
 from multikernel.shm._errors import LayoutError, RingCorruptedError, UnsafeHandleError
 from multikernel.shm._region import SEALS
 
@@ -97,6 +102,30 @@ def create_cursor(tail: int, seq: int) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def reader_handles(stream_fd: int) -> tuple[list[int], list[int]]:
+    """The fds of a new reader of the stream `stream_fd` (the hub makes them): the reader's
+    (the stream, its cursor page starting at the tail, the read end of its doorbell, the write
+    end of the writer's) and the writer's (the cursor page, the two other ends). The caller
+    hands each list over and closes it; on failure nothing is left open."""
+    made: list[int] = []
+    try:
+        made.append(create_cursor(*stream_position(stream_fd)))
+        made += doorbell_fds()  # bell: the reader sleeps on [1], the writer rings [2]
+        made += doorbell_fds()  # space: the writer sleeps on [3], the reader rings [4]
+        made += [os.dup(stream_fd), os.dup(made[0])]
+    except BaseException:
+        for fd in made:
+            os.close(fd)
+        raise
+    cursor, bell_r, bell_w, space_r, space_w, stream, cursor_copy = made
+    return [stream, cursor, bell_r, space_w], [cursor_copy, bell_w, space_r]
+
+
+def sealed_for_readers(fd: int) -> bool:
+    """Whether nobody can map the stream `fd` writable or write it any more."""
+    return not READER_SEALS & ~_seals(fd, "stream")
 
 
 def stream_position(fd: int) -> tuple[int, int]:
