@@ -47,7 +47,8 @@ READER_SEALS: Final = SEALS | F_SEAL_FUTURE_WRITE
 S_MAGIC, S_VERSION, S_CAPACITY, S_HEADER = 0, 1, 2, 3
 S_TAIL = 8  # line 1, the writer: bytes published since creation
 S_SEQ = 9  # the sequence number of the next frame (stored before `tail`)
-S_MARK = 10  # where a recent frame starts (once per half ring): a lapped reader resumes there
+S_MARK = 10  # where the first frame in the tail's half of the ring starts: a lapped reader
+# resumes there (it is always less than a ring behind the tail)
 S_RESERVE = 16  # line 2, the writer: bytes written or being written (stored before the data)
 S_FLAGS = 24  # line 3, the writer: bit 0 waiting for room, bit 1 closed
 # Cursor page slots. Line 0: written once by the hub.

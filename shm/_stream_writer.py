@@ -99,6 +99,7 @@ class StreamWriter:
         self._max_n = self.max_body + FRAME_SEQ
         self._mask = self.capacity - 1
         self._half = self.capacity >> 1
+        self._marked = -1  # which half-ring block S_MARK points into
         q = self._q
         self._tail = q[S_TAIL] if not q[S_TAIL] & 7 else 0
         self._seq = q[S_SEQ]
@@ -220,8 +221,10 @@ class StreamWriter:
         self._seq += 1
         q[S_SEQ] = self._seq
         q[S_TAIL] = self._tail = end
-        if (end ^ tail) & self._half:  # crossed into the other half of the ring
-            q[S_MARK] = end - size
+        start = end - size
+        if start // self._half != self._marked:  # the first frame in this half of the ring
+            self._marked = start // self._half
+            q[S_MARK] = start
         self.frames += 1
         self.bytes += n - FRAME_SEQ
         self._unwoken += 1
