@@ -177,6 +177,7 @@ class StreamReaders:
         self._spawn = spawn
         self._reading: dict[tuple[int, int], _Reading] = {}
         self._sids: dict[tuple[int, int], tuple[int, ...]] = {}  # told before the reader came
+        self.ended = anyio.Event()  # set (and replaced) whenever a reader ends
 
     def on_ready(self, ready: StreamReady, fds: list[int]) -> None:
         """A reader the hub made for us (over the socket)."""
@@ -216,6 +217,8 @@ class StreamReaders:
         finally:
             self._reading.pop((reading.token, reading.reader_id), None)
             reader.close()
+            self.ended.set()
+            self.ended = anyio.Event()
 
     async def _read(self, reading: _Reading) -> None:
         reader, subject, source = reading.reader, reading.subject, reading.source

@@ -3,6 +3,7 @@ sets it up (docs/bus.md, "Streams")."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import anyio
@@ -27,13 +28,19 @@ subscribe = ["db.events.>"]
 """
 
 
-async def _until(ep: Endpoint, check: "type[object] | object") -> BusSnapshot:
+async def _until(ep: Endpoint, check: Callable[[BusSnapshot], bool]) -> BusSnapshot:
     """Introspect until `check(snapshot)` holds (each round trip waits on the hub, no sleep)."""
-    assert callable(check)
     with anyio.fail_after(10):
         while not check(snapshot := await ep.introspect()):
-            await anyio.sleep(0)
+            pass
     return snapshot
+
+
+async def _readers_ended(ep: Endpoint) -> None:
+    """Until the endpoint reads no stream (each reader's end sets an event)."""
+    with anyio.fail_after(10):
+        while ep.statistics()["stream_readers"]:
+            await ep._stream_readers.ended.wait()
 
 
 async def test_a_stream_reaches_subscribers_in_other_processes_without_the_hub(
@@ -158,7 +165,7 @@ async def test_a_stream_refused_by_policy_is_access_denied(tmp_path: Path) -> No
     async with hub_serving(tmp_path) as (hub, _):
         guest_socket = hub.open_instance_socket(instance=2)
         async with connect(fd=guest_socket.detach(), reconnect=False) as guest:
-            with pytest.raises(AccessDeniedError, match="stream on 'mk.upgrade.x' refused"):
+            with pytest.raises(AccessDeniedError, match=r"stream on 'mk\.upgrade\.x' refused"):
                 async with guest.stream("mk.upgrade.x"):  # the host's subject
                     pass
 
@@ -191,9 +198,7 @@ async def test_the_writer_going_away_ends_its_readers_and_the_stream(
             writer.proc.kill()
             await writer.exited()
         await _until(reader, lambda s: not s.streams)
-        with anyio.fail_after(10):
-            while reader.statistics()["stream_readers"]:
-                await anyio.sleep(0.001)  # the reader task sees its writer gone and ends
+        await _readers_ended(reader)  # the reader task sees its writer gone and ends
         await sub.aclose()
 
 
@@ -250,7 +255,7 @@ async def test_drop_never_waits_and_a_lapped_reader_counts_what_it_missed(
         ):
             sub = await reader.subscribe("lossy", max_pending=1 << 16, patience=0)
             async with writer.stream("lossy", slow="drop") as stream:
-                for i in range(20_000):
+                for _ in range(20_000):
                     stream._writer.try_write(b"\x00")  # never waits (no event loop turn either)
                     assert stream.statistics().full == 0
                 await stream.publish("last")
