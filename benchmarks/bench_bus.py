@@ -282,7 +282,7 @@ class Setup:
     def workers(self) -> list[Worker]:
         out = list(self.client.values()) + list(self.server.values())
         for subs in self.subs.values():
-            out += subs
+            out += [w for w in subs if w not in out]  # "stream" shares ours' subscribers
         return out
 
 
@@ -336,6 +336,11 @@ def started(cpus: tuple[int | None, int | None], systems: tuple[str, ...]) -> It
 
             setup.server[system] = spawn("server", second, "server", served)
             setup.client[system] = spawn("client", first, "client", calling)
+            if system == "stream" and "ours" in setup.subs:
+                # The same subscriber processes as ours through the hub: only the publisher
+                # differs (and 50 subscribers are not spawned twice).
+                setup.subs[system] = setup.subs["ours"]
+                continue
             setup.subs[system] = (
                 [spawn("sub", second if i % 2 == 0 else first, f"sub{i}", served)
                  for i in range(N_SUBS)]
