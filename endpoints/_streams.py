@@ -66,6 +66,7 @@ class Stream:
         self.subject = ready.subject
         self._writer = writer
         self.hub_routed = ready.hub_routed
+        self._max_body = link.max_body
         self._lock = anyio.Lock()
         self._flush = anyio.Event()
         self._count = 0
@@ -77,8 +78,8 @@ class Stream:
         """Publish `body` to every subscriber the stream reaches (and, while some take it
         only that way, through the hub). Waits while the slowest reader is a ring behind."""
         data = _encode(body)
-        if len(data) > self._link.max_body:
-            raise TooLargeError(f"a {len(data)}-byte body exceeds the bus's {self._link.max_body}")
+        if len(data) > self._max_body:
+            raise TooLargeError(f"a {len(data)}-byte body exceeds the bus's {self._max_body}")
         writer = self._writer
         if not writer.closed:
             if not writer.try_write(data):
@@ -225,15 +226,25 @@ class StreamReaders:
         subs = self._subs()
         checkpoint = anyio.lowlevel.checkpoint
         while True:
-            batch = reader.read(256)
-            if batch:
+            gap, bodies = reader.read(256)
+            if bodies:
                 sids = reading.sids
-                for gap, body in batch:
-                    message = Message(subject, source, body, gap)
-                    for sid in sids:
-                        sub = subs.get(sid)
-                        if sub is not None and not sub.try_push(message):
-                            await sub.offer(message)
+                if len(sids) == 1:  # the common case, without the inner loop
+                    sub = subs.get(sids[0])
+                    push = sub.try_push if sub is not None else None
+                    for body in bodies:
+                        message = Message(subject, source, body, gap)
+                        gap = 0
+                        if push is not None and not push(message):
+                            await sub.offer(message)  # type: ignore[union-attr]
+                else:
+                    for body in bodies:
+                        message = Message(subject, source, body, gap)
+                        gap = 0
+                        for sid in sids:
+                            sub = subs.get(sid)
+                            if sub is not None and not sub.try_push(message):
+                                await sub.offer(message)
                 await checkpoint()
                 subs = self._subs()  # rebuilt when it shrinks (`PubSub._compact_subs`)
                 continue

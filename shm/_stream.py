@@ -19,6 +19,7 @@ not explained by a lap raises `RingCorruptedError`.
 
 from __future__ import annotations
 
+import bisect
 import fcntl
 import mmap
 import os
@@ -58,6 +59,7 @@ C_SEQ = 9  # the sequence number the reader expects next
 C_FLAGS = 16  # line 2, the reader: bit 0 asleep on its doorbell, bit 1 closed
 C_MISSED = 17  # frames this reader was told it missed (for introspection)
 
+_DATA: Final = HEADER // 8  # the slot where the data area starts
 WAITING: Final = L.SIDE_SLEEPING
 CLOSED: Final = L.SIDE_CLOSED
 FRAME_SEQ: Final = 8  # bytes of sequence number at the start of every payload
@@ -235,7 +237,6 @@ def fence() -> None:
 @dataclass(frozen=True, slots=True)
 class StreamReaderStatistics:
     frames: int
-    bytes: int
     missed: int  # frames the writer overwrote before this reader read them (told as gaps)
     waits: int  # sleeps on the doorbell
     backlog: int  # bytes published and not yet read
@@ -280,7 +281,7 @@ class StreamReader:
             self.close()
             raise LayoutError("cursor page holds an unaligned cursor")
         self._tail = self._cursor
-        self.frames = self.bytes = self.missed = self.waits = 0
+        self.frames = self.missed = self.waits = 0
 
     def _corrupt(self, what: str) -> RingCorruptedError:
         return RingCorruptedError(f"the stream's writer wrote garbage: {what}")
@@ -299,30 +300,35 @@ class StreamReader:
         """Whether the writer published something this reader has not read."""
         return self._q[S_TAIL] != self._cursor
 
-    def read(self, max_frames: int = 256) -> list[tuple[int, bytes]]:
-        """Up to `max_frames` (gap, body) pairs published since the last read: `gap` is how many
-        frames were lost just before that one. Publishes the new cursor once."""
+    def read(self, max_frames: int = 256) -> tuple[int, list[bytes]]:
+        """(gap, bodies): up to `max_frames` bodies published since the last read, in order,
+        and how many frames were lost just before the first (only the first of one read can
+        follow a gap: the frames it keeps are consecutive). Publishes the new cursor once."""
         if self.closed:
             raise RuntimeError("this stream reader is closed")
         tail = self._load_tail()
         cursor = self._cursor
         if tail == cursor:
-            return []
+            return 0, []
         if tail - cursor > self.capacity:  # lapped: resume at a recent frame (or the tail)
             mark = self._q[S_MARK]
             ok = tail - self.capacity < mark <= tail and not mark & 7
             self._moved(mark if ok else tail)
             cursor = self._cursor
             if cursor == tail:
-                return []
-        q, mm, mask, capacity = self._q, self._mm, self._mask, self.capacity
-        data = HEADER // 8
-        taken: list[tuple[int, int, bytes]] = []  # (start, seq, body)
+                return 0, []
+        q, mm, mask, capacity, most = self._q, self._mm, self._mask, self.capacity, self._max
+        bodies: list[bytes] = []
+        starts: list[int] = []
+        keep, take = bodies.append, starts.append
         pos = cursor
+        seq = 0
+        left = max_frames
         bad = ""
-        while pos < tail and len(taken) < max_frames:
+        while pos < tail and left:
             off = pos & mask
-            word = q[data + (off >> 3)]
+            slot = _DATA + (off >> 3)
+            word = q[slot]
             if word >> 32:
                 if word >> 32 != L.FLAG_PADDING or off + 8 + (word & 0xFFFFFFFF) != capacity:
                     bad = f"bad frame header {word:#x} at {pos}"
@@ -330,36 +336,37 @@ class StreamReader:
                 pos += capacity - off
                 continue
             size = (word + 15) & ~7
-            if word < FRAME_SEQ or word > self._max or pos + size > tail:
+            if word < FRAME_SEQ or word > most or pos + size > tail:
                 bad = f"frame length {word} at {pos}"
                 break
+            seq = q[slot + 1]
             start = HEADER + off + 16
-            taken.append((pos, q[data + (off >> 3) + 1], mm[start : start + word - FRAME_SEQ]))
+            keep(mm[start : start + word - FRAME_SEQ])
+            take(pos)
             pos += size
+            left -= 1
         reserve = q[S_RESERVE]  # after the copies (x86: loads are not reordered with loads)
         lapped_before = reserve - capacity  # frames starting before this may be overwritten
-        if bad and pos > lapped_before:
+        if bad and pos >= lapped_before:
             raise self._corrupt(bad)
         if bad:
             pos = tail  # the garbage was an overwrite in progress: start again at the tail
-        out: list[tuple[int, bytes]] = []
-        for start, seq, body in taken:
-            if start < lapped_before:
-                continue
-            if seq != self._expected:
-                if seq < self._expected and not self._first:
-                    raise self._corrupt(f"sequence number went back to {seq}")
-                gap = max(0, seq - self._expected)
-            else:
-                gap = 0
+        if starts and starts[0] < lapped_before:
+            drop = bisect.bisect_left(starts, lapped_before)
+            del bodies[:drop]
+        gap = 0
+        if bodies:
+            first = seq - len(bodies) + 1
+            if first != self._expected:
+                if first < self._expected and not self._first:
+                    raise self._corrupt(f"sequence number went back to {first}")
+                gap = max(0, first - self._expected)
             self._first = False
             self._expected = seq + 1
             self.missed += gap
-            out.append((gap, body))
-            self.bytes += len(body)
-        self.frames += len(out)
+            self.frames += len(bodies)
         self._moved(pos)
-        return out
+        return gap, bodies
 
     def _moved(self, pos: int) -> None:
         """Publish the cursor; fence; ring the writer if it waits for room."""
@@ -392,7 +399,7 @@ class StreamReader:
 
     def statistics(self) -> StreamReaderStatistics:
         backlog = 0 if self.closed else max(0, self._q[S_TAIL] - self._cursor)
-        return StreamReaderStatistics(self.frames, self.bytes, self.missed, self.waits, backlog)
+        return StreamReaderStatistics(self.frames, self.missed, self.waits, backlog)
 
     def close(self) -> None:
         """Say we are gone (the writer stops waiting for us), unmap, close our fds."""

@@ -30,6 +30,7 @@ from multikernel.shm import _layout as L
 from multikernel.shm._doorbell import check_doorbell_fd
 from multikernel.shm._errors import FrameTooLargeError
 from multikernel.shm._stream import (
+    _DATA,
     C_CURSOR,
     C_FLAGS,
     C_MISSED,
@@ -72,7 +73,6 @@ class _Reader:
 @dataclass(frozen=True, slots=True)
 class StreamWriterStatistics:
     frames: int
-    bytes: int
     readers: int
     stalled: int  # readers the writer stopped waiting for (now)
     stalls: int  # times a reader was stalled
@@ -111,7 +111,8 @@ class StreamWriter:
         self.gone: list[int] = []  # readers dropped because they closed or died
         self._unwoken = 0
         self._waiting_on = -1  # the space doorbell `write` sleeps on now
-        self.frames = self.bytes = self.full = self.wakeups = self.stalls = 0
+        self._first_seq = self._seq
+        self.full = self.wakeups = self.stalls = 0
         self.closed = False
 
     # -- readers ------------------------------------------------------------------------------
@@ -181,55 +182,55 @@ class StreamWriter:
 
     # -- writing ------------------------------------------------------------------------------
 
-    def _frame(self, n: int) -> tuple[int, int]:
-        """(padding, frame size) for a payload of `n` bytes at the tail."""
-        size = (n + 15) & ~7
-        room = self.capacity - (self._tail & self._mask)
-        return (room if size > room else 0), size
-
     def try_write(self, body: bytes | bytearray | memoryview) -> bool:
         """Write one frame if there is room below the slowest reader we wait for; publish it."""
         n = len(body) + FRAME_SEQ
-        size = (n + 15) & ~7
-        tail = self._tail
-        off = tail & self._mask
-        room = self.capacity - off
-        pad = room if size > room else 0
-        end = tail + pad + size
         if n > self._max_n:
             raise FrameTooLargeError(
                 f"a {n - FRAME_SEQ}-byte body exceeds this stream's largest, {self.max_body}"
             )
-        if end > self._limit:
-            if self.closed:
-                raise anyio.ClosedResourceError
-            self._scan()
-            if end > self._limit:
-                self.full += 1
+        size = (n + 15) & ~7
+        tail = self._tail
+        off = tail & self._mask
+        room = self.capacity - off
+        if size > room:  # a padding frame fills the rest; the frame starts at offset 0
+            end = tail + room + size
+            if end > self._limit and not self._room(end):
+                return False
+            self._q[_DATA + (off >> 3)] = (room - 8) | L.FLAG_PADDING << 32
+            off = 0
+        else:
+            end = tail + size
+            if end > self._limit and not self._room(end):
                 return False
         q = self._q
         q[S_RESERVE] = end  # before the bytes: a lapped reader then knows they may be new
-        data = HEADER >> 3
-        if pad:
-            q[data + (off >> 3)] = (pad - 8) | L.FLAG_PADDING << 32
-            off = 0
-        slot = data + (off >> 3)
-        q[slot + 1] = self._seq
+        slot = _DATA + (off >> 3)
+        seq = self._seq
+        q[slot + 1] = seq
         start = HEADER + off + 16
         self._mm[start : start + n - FRAME_SEQ] = body
         q[slot] = n
-        self._seq += 1
-        q[S_SEQ] = self._seq
+        self._seq = seq = seq + 1
+        q[S_SEQ] = seq
         q[S_TAIL] = self._tail = end
-        start = end - size
-        if start // self._half != self._marked:  # the first frame in this half of the ring
-            self._marked = start // self._half
-            q[S_MARK] = start
-        self.frames += 1
-        self.bytes += n - FRAME_SEQ
-        self._unwoken += 1
-        if self._unwoken >= WAKE_EVERY:
+        if (end - size) // self._half != self._marked:  # the first frame in this half-ring
+            self._marked = (end - size) // self._half
+            q[S_MARK] = end - size
+        self._unwoken = unwoken = self._unwoken + 1
+        if unwoken >= WAKE_EVERY:
             self.wake_sleepers()
+        return True
+
+    def _room(self, end: int) -> bool:
+        """Whether a frame ending at `end` fits below the slowest reader we wait for, after
+        reading every cursor again."""
+        if self.closed:
+            raise anyio.ClosedResourceError
+        self._scan()
+        if end > self._limit:
+            self.full += 1
+            return False
         return True
 
     def wake_sleepers(self) -> None:
@@ -287,7 +288,7 @@ class StreamWriter:
     def statistics(self) -> StreamWriterStatistics:
         stalled = sum(r.stalled for r in self._readers.values()) if self.slow == "block" else 0
         return StreamWriterStatistics(
-            self.frames, self.bytes, len(self._readers), stalled, self.stalls, self.full,
+            self._seq - self._first_seq, len(self._readers), stalled, self.stalls, self.full,
             self.wakeups,
         )  # fmt: skip
 

@@ -78,7 +78,7 @@ def test_a_reader_cannot_write_into_the_stream_by_any_route() -> None:
         reader = StreamReader(*theirs)
         theirs = []
         try:
-            assert reader.read() == [(0, b"intact")]
+            assert reader.read() == (0, [b"intact"])
         finally:
             reader.close()
     finally:
@@ -139,9 +139,9 @@ async def test_a_reader_writing_a_bad_cursor_is_dropped_alone(tmp_path: Path, cu
             victim = _reader_of(hostile)
             garbage = {"unaligned": 8 * 300 + 3, "past the tail": 1 << 40, "backwards": 0}[cursor]
 
-            def scribble(max_frames: int = 0) -> list[tuple[int, bytes]]:
+            def scribble(max_frames: int = 0) -> tuple[int, list[bytes]]:
                 victim._c[C_CURSOR] = garbage  # instead of reading: the hostile reader's cursor
-                return []
+                return 0, []
 
             victim.read = scribble  # type: ignore[method-assign]
             with anyio.fail_after(10):
