@@ -15,8 +15,10 @@ NATS, ours, NATS, ...; each round runs every phase on both:
   outstanding) in the client process. Ours goes over the direct shared-memory channel the hub sets
   up; NATS through the server. The first 10% of each phase warms up and is not timed.
 - Pub/sub: the client publishes N 64-byte messages as fast as it can to 1 and to 4 subscriber
-  processes; throughput is delivered messages per subscriber per second, from the first publish
-  to the last arrival. Each subscriber counts what it got; missing messages, and for ours the drops
+  processes (and more with --fanout); throughput is delivered messages per subscriber per
+  second, from the first publish to the last arrival. Ours runs twice: publishing through the
+  hub (`publish`) and through a broadcast stream (`stream`, issue 15: `bus.stream(subject)`,
+  opened before the timed part, the same subscriber processes). Each subscriber counts what it got; missing messages, and for ours the drops
   counted by the hub (slow consumer) and by the endpoint, are reported. A warm-up batch of N/10
   runs first.
 - RPC only, against the other ways a Python user would make the call: ZeroMQ REQ/REP over ipc://

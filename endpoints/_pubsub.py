@@ -76,6 +76,11 @@ class PubSub:
 
     async def publish(self, subject: str, body: object = None) -> None:
         """Publish `body` (any msgspec-encodable value) on `subject` to every subscriber."""
+        if self._writing:  # a stream of ours on this subject carries it (its readers hear it)
+            for stream in self._writing.values():
+                if stream.subject == subject and not stream.closed:
+                    await stream.publish(body)
+                    return
         if subject not in self._valid_subjects:
             validate_subject(subject)
             if len(self._valid_subjects) >= VALID_SUBJECTS:

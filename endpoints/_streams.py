@@ -115,6 +115,8 @@ class Stream:
 
     def on_socket(self, body: object, fds: list[int]) -> None:
         match body:
+            case StreamReady(role="add") if self._writer.closed:
+                close_fds(fds)
             case StreamReady(role="add", reader=reader):
                 try:
                     self._writer.add_reader(reader, fds[0], fds[1], fds[2])
@@ -164,6 +166,7 @@ class _Reading:
     source: int
     reader: StreamReader
     sids: tuple[int, ...] = ()
+    told: anyio.Event = field(default_factory=anyio.Event)  # the hub said which sids
     scope: anyio.CancelScope = field(default_factory=anyio.CancelScope)
     writer_gone: bool = False
 
@@ -192,7 +195,13 @@ class StreamReaders:
             log.warning("refused a stream", subject=ready.subject, error=str(exc))
             return
         reading = _Reading(ready.token, ready.reader, ready.subject, ready.peer_id, reader)
-        reading.sids = self._sids.pop(key, ())
+        told = self._sids.pop(key, None)
+        if told is not None:
+            reading.sids = told
+            reading.told.set()
+            if not told:  # removed before it came
+                reader.close()
+                return
         self._reading[key] = reading
         self._spawn(self._run, reading)
 
@@ -205,6 +214,7 @@ class StreamReaders:
                 self._sids[(token, reader)] = sids
             return
         reading.sids = sids
+        reading.told.set()
         if not sids:
             reading.scope.cancel()
 
@@ -212,6 +222,7 @@ class StreamReaders:
         reader = reading.reader
         try:
             with reading.scope:
+                await reading.told.wait()  # frames read before would reach no subscription
                 await self._read(reading)
         except RingCorruptedError as exc:
             log.warning("stream reader stopped", subject=reading.subject, error=str(exc))

@@ -269,3 +269,18 @@ async def test_drop_never_waits_and_a_lapped_reader_counts_what_it_missed(
                 assert len(values) + missed == 20_001
             await sub.aclose()
         tg.cancel_scope.cancel()
+
+
+async def test_plain_publish_on_a_subject_the_endpoint_streams_goes_through_its_stream(
+    hub: Hub, socket_path: Path
+) -> None:
+    async with (
+        connect(socket_path, name="writer") as writer,
+        connect(socket_path, name="reader") as reader,
+    ):
+        sub = await reader.subscribe("both.ways")
+        async with writer.stream("both.ways") as stream:
+            await stream.publish(1)
+            await writer.publish("both.ways", 2)  # in order with the stream's frames
+            assert [(await sub.receive()).value() for _ in range(2)] == [1, 2]
+        await sub.aclose()
