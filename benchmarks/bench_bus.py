@@ -18,9 +18,9 @@ NATS, ours, NATS, ...; each round runs every phase on both:
   processes (and more with --fanout); throughput is delivered messages per subscriber per
   second, from the first publish to the last arrival. Ours runs twice: publishing through the
   hub (`publish`) and through a broadcast stream (`stream`, issue 15: `bus.stream(subject)`,
-  opened before the timed part, the same subscriber processes). Each subscriber counts what it got; missing messages, and for ours the drops
-  counted by the hub (slow consumer) and by the endpoint, are reported. A warm-up batch of N/10
-  runs first.
+  opened before the timed part, the same subscriber processes). Each subscriber counts what it
+  got; missing messages, and for ours the drops counted by the hub (slow consumer) and by the
+  endpoint, are reported. A warm-up batch of N/10 runs first.
 - RPC only, against the other ways a Python user would make the call: ZeroMQ REQ/REP over ipc://
   (pyzmq's asyncio sockets, one REQ socket per requester task), gRPC over a Unix socket (grpc.aio,
   a unary method on raw bytes), and the bare ring the RPC rides on (an async echo over one
