@@ -353,7 +353,7 @@ def started(cpus: tuple[int | None, int | None], systems: tuple[str, ...]) -> It
             for handle in handles:
                 handle.close()  # the workers hold them now
         for w in (*setup.server.values(), *setup.client.values()):
-            w.expect("ready", STARTUP_TIMEOUT)
+            w.expect("ready", STARTUP_TIMEOUT + N_SUBS)  # 50 subscribers start slowly
         yield setup
     finally:
         for w in setup.workers():
