@@ -178,6 +178,7 @@ class OursStream(Ours):
             ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
                 async with ep.stream(subject) as stream:
                     yield functools.partial(stream.publish, PAYLOAD)
+                    PHASE_STATS["stalls"] = stream.statistics().stalls  # readers it gave up on
 
             async def unused(subject: str) -> None:
                 raise AssertionError("a stream publishes within its phase")
@@ -443,6 +444,10 @@ class Counter:
         return {"count": self.count, "first_ns": self.first, "last_ns": self.last}
 
 
+#: What a pub/sub phase adds to its "done" report (the stream's writer: its stalls).
+PHASE_STATS: dict[str, int] = {}
+
+
 @contextlib.asynccontextmanager
 async def per_message(publish: Any, subject: str) -> AsyncIterator[Callable[[], Awaitable[None]]]:
     """A pub/sub phase that publishes each message on its own (`publish(subject)`)."""
@@ -473,7 +478,10 @@ async def run_client(
                     t1 = time.monotonic_ns()
                 if flush is not None:
                     await flush()
-            pipe.send(ev="done", start_ns=t0, end_ns=t1, flushed_ns=time.monotonic_ns())
+            pipe.send(
+                ev="done", start_ns=t0, end_ns=t1, flushed_ns=time.monotonic_ns(), **PHASE_STATS
+            )
+            PHASE_STATS.clear()
 
 
 async def rpc_phase(
