@@ -356,13 +356,8 @@ class Hub(HubPubSub):
             case MonitorStop():
                 self._monitors.stop(session)
                 self._reply(session, correlation, Ok())
-            case MonitorRecord(frame=frame, channel=token, path="stream"):
-                stream = self._streams.by_token.get(token)
-                if stream is not None and stream.writer is session and self._monitors:
-                    self._monitors.copy(
-                        stream.subject, "stream", session.id, 0, frame, token,
-                        source_name=who.name,
-                    )  # fmt: skip
+            case MonitorRecord(path="stream"):
+                self._streams.mirrored(session, body, self._monitors)
             case MonitorRecord(frame=frame, channel=token):
                 channel = self._channels.side_of(session, token)
                 if channel is not None:
@@ -370,16 +365,10 @@ class Hub(HubPubSub):
                     # what the hub recorded, not what the record says.
                     other = channel.server if session.id == channel.client else channel.client
                     self._monitors.mirrored(session, other, frame, token, channel.target)
-            case StreamOpen(subject=subject, slow=slow):
-                self._streams.open(self.policy, session, subject, slow, correlation)
-            case StreamStart(token=token):
-                readers = self._streams.start(self.policy, session, token)
-                self._reply(session, correlation, Ok(value=readers))
-            case StreamReaderGone(token=token, reader=reader, reason=reason):
-                self._streams.writer_dropped(session, token, reader, reason)
-            case StreamClose(token=token):
-                if (stream := self._streams.by_token.get(token)) and stream.writer is session:
-                    self._streams.close(token)
+            case StreamOpen() | StreamStart() | StreamReaderGone() | StreamClose():
+                answer = self._streams.control(self.policy, session, body, correlation)
+                if answer is not None:
+                    self._reply(session, correlation, answer)
             case Introspect(cursor=cursor):
                 budget = min(self.limits.max_body, session.max_frame) - PAGE_SLACK
                 self._reply(session, correlation, snapshot_page(self.snapshot(), cursor, budget))

@@ -28,6 +28,7 @@ import anyio
 import anyio.abc
 
 from multikernel.bus._delivery import publish_decisions
+from multikernel.bus._monitors import Monitors
 from multikernel.bus._policy import Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
@@ -38,14 +39,18 @@ from multikernel.protocol import (
     BusyError,
     Feature,
     Kind,
+    MonitorRecord,
+    Ok,
     ProtocolError,
     RefusedError,
     StreamClose,
     StreamInfo,
+    StreamOpen,
     StreamReaderGone,
     StreamReady,
     StreamRoute,
     StreamSids,
+    StreamStart,
     encode,
     subject_matches,
     validate_subject,
@@ -141,6 +146,34 @@ class StreamBroker:
         patience = int(self._limits.block_patience * 1000)
         ready = StreamReady(record.token, "writer", subject, slow=slow, patience_ms=patience)
         self._send(session, ready, [os.dup(fd)], correlation)
+
+    def control(
+        self, policy: Policy, session: Session, body: object, correlation: int
+    ) -> object | None:
+        """A stream request from an endpoint; the answer to send it, if any (StreamOpen's goes
+        over the socket)."""
+        match body:
+            case StreamOpen(subject=subject, slow=slow):
+                self.open(policy, session, subject, slow, correlation)
+            case StreamStart(token=token):
+                return Ok(value=self.start(policy, session, token))
+            case StreamReaderGone(token=token, reader=reader, reason=reason):
+                self.writer_dropped(session, token, reader, reason)
+            case StreamClose(token=token):
+                record = self.by_token.get(token)
+                if record is not None and record.writer is session:
+                    self.close(token)
+        return None
+
+    def mirrored(self, session: Session, record: MonitorRecord, monitors: Monitors) -> None:
+        """A copy of a frame the writer of stream `record.channel` wrote, for the monitors:
+        passed on only from that stream's own writer."""
+        stream = self.by_token.get(record.channel)
+        if stream is not None and stream.writer is session and monitors:
+            monitors.copy(
+                stream.subject, "stream", session.id, 0, record.frame, record.channel,
+                source_name=session.identity.name,
+            )  # fmt: skip
 
     def start(self, policy: Policy, session: Session, token: int) -> int:
         """The writer mapped and sealed stream `token`: give it its readers; how many."""
