@@ -336,7 +336,7 @@ class StreamReader:
                 pos += capacity - off
                 continue
             size = (word + 15) & ~7
-            if word < FRAME_SEQ or word > most or pos + size > tail:
+            if word < FRAME_SEQ or word > most or pos + size > tail or off + size > capacity:
                 bad = f"frame length {word} at {pos}"
                 break
             seq = q[slot + 1]

@@ -18,6 +18,7 @@ from multikernel.bus import Hub, Limits
 from multikernel.endpoints import Endpoint, connect
 from multikernel.protocol import ProtocolError, StreamOpen, StreamStart
 from multikernel.shm import (
+    RingCorruptedError,
     StreamReader,
     StreamWriter,
     UnsafeHandleError,
@@ -184,6 +185,43 @@ async def test_a_writer_writing_garbage_ends_its_stream_for_its_readers_alone(
             assert (await elsewhere.receive()).value() == "still here"
         await sub.aclose()
         await elsewhere.aclose()
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["unknown flags", "past the data area", "tail unaligned", "tail backwards", "padding lies"],
+)
+def test_every_kind_of_garbage_from_the_writer_is_a_corrupted_ring_never_a_crash(
+    garbage: str,
+) -> None:
+    fd = create_stream(1024)
+    kept = os.dup(fd)
+    writer = StreamWriter(fd)
+    theirs, ours = reader_handles(kept)
+    writer.add_reader(1, *ours)
+    reader = StreamReader(*theirs)
+    try:
+        assert writer.try_write(b"fine")
+        assert reader.read() == (0, [b"fine"])
+        q = writer._q
+        tail = q[S_TAIL]
+        slot = (HEADER + tail % 1024) // 8
+        if garbage == "unknown flags":
+            q[slot], q[S_TAIL] = 0xFF << 32 | 8, tail + 16
+        elif garbage == "past the data area":  # a frame whose end is beyond the ring's end
+            q[slot], q[S_TAIL] = 1000, tail + 1016
+        elif garbage == "tail unaligned":
+            q[S_TAIL] = tail + 3
+        elif garbage == "tail backwards":
+            q[S_TAIL] = tail - 8
+        else:  # a padding frame that does not end at the end of the data area
+            q[slot], q[S_TAIL] = 1 << 32 | 16, tail + 64
+        with pytest.raises(RingCorruptedError):
+            reader.read()
+    finally:
+        reader.close()
+        writer.close()
+        os.close(kept)
 
 
 async def test_a_stream_is_not_started_before_its_writer_sealed_it(tmp_path: Path) -> None:
