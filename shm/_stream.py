@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass
 from typing import Final
 
+from multikernel.shm import _core
 from multikernel.shm import _layout as L
 from multikernel.shm._doorbell import (
     _fence_acquire,
@@ -277,6 +278,7 @@ class StreamReader:
         self._cursor = self._c[C_CURSOR]
         self._expected = self._c[C_SEQ]
         self._first = True  # the first frame may be older than C_SEQ says (`stream_position`)
+        self._native = _core.native_stream_frames()
         if self._cursor & 7:
             self.close()
             raise LayoutError("cursor page holds an unaligned cursor")
@@ -317,6 +319,35 @@ class StreamReader:
             cursor = self._cursor
             if cursor == tail:
                 return 0, []
+        if self._native is not None:  # the same loop in C (_native.c, stream_frames)
+            pos, seq, bodies, drop, bad, lapped = self._native(
+                self._mm, self.capacity, cursor, tail, max_frames
+            )
+            if bad and not lapped:
+                raise self._corrupt(bad)
+            if bad:
+                pos = tail  # the garbage was an overwrite in progress: start again at the tail
+            if drop:
+                del bodies[:drop]
+        else:
+            pos, seq, bodies = self._copy(cursor, tail, max_frames)
+        gap = 0
+        if bodies:
+            first = seq - len(bodies) + 1
+            if first != self._expected:
+                if first < self._expected and not self._first:
+                    raise self._corrupt(f"sequence number went back to {first}")
+                gap = max(0, first - self._expected)
+            self._first = False
+            self._expected = seq + 1
+            self.missed += gap
+            self.frames += len(bodies)
+        self._moved(pos)
+        return gap, bodies
+
+    def _copy(self, cursor: int, tail: int, max_frames: int) -> tuple[int, int, list[bytes]]:
+        """The copy loop in Python (the reference for `_native.stream_frames`): (where the
+        reader is now, the last frame's sequence number, the bodies it can trust)."""
         q, mm, mask, capacity, most = self._q, self._mm, self._mask, self.capacity, self._max
         bodies: list[bytes] = []
         starts: list[int] = []
@@ -354,19 +385,7 @@ class StreamReader:
         if starts and starts[0] < lapped_before:
             drop = bisect.bisect_left(starts, lapped_before)
             del bodies[:drop]
-        gap = 0
-        if bodies:
-            first = seq - len(bodies) + 1
-            if first != self._expected:
-                if first < self._expected and not self._first:
-                    raise self._corrupt(f"sequence number went back to {first}")
-                gap = max(0, first - self._expected)
-            self._first = False
-            self._expected = seq + 1
-            self.missed += gap
-            self.frames += len(bodies)
-        self._moved(pos)
-        return gap, bodies
+        return pos, seq, bodies
 
     def _moved(self, pos: int) -> None:
         """Publish the cursor; fence; ring the writer if it waits for room."""
