@@ -76,7 +76,10 @@ class Stream:
 
     async def publish(self, body: object = None) -> None:
         """Publish `body` to every subscriber the stream reaches (and, while some take it
-        only that way, through the hub). Waits while the slowest reader is a ring behind."""
+        only that way, through the hub). Waits while the slowest reader is a ring behind.
+        Raises `anyio.ClosedResourceError` once the stream is closed."""
+        if self.closed:
+            raise anyio.ClosedResourceError
         data = _encode(body)
         if len(data) > self._max_body:
             raise TooLargeError(f"a {len(data)}-byte body exceeds the bus's {self._max_body}")

@@ -127,10 +127,12 @@ async def test_a_stream_subject_is_literal_and_one_per_writer(hub: Hub, socket_p
         with pytest.raises(InvalidSubjectError, match="wildcard"):
             async with ep.stream("a.*"):
                 pass
-        async with ep.stream("a.b"):
+        async with ep.stream("a.b") as stream:
             with pytest.raises(BusyError, match="already writes a stream"):
                 async with ep.stream("a.b"):
                     pass
+        with pytest.raises(anyio.ClosedResourceError):
+            await stream.publish("after its block")
 
 
 async def test_a_reader_the_policy_does_not_allow_gets_nothing_and_reload_revokes(
