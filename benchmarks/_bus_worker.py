@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import math
 import os
 import signal
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +156,34 @@ class Ours:
                         client_dropped=sub.statistics().dropped,
                         hub_dropped=hub_dropped,
                     )
+
+
+class OursStream(Ours):
+    """Our bus, publishing through a broadcast stream (`bus.stream(subject)`): no frame goes
+    through the hub; subscribers subscribe as usual. Pub/sub only: its server does nothing."""
+
+    async def serve(self, pipe: Pipe) -> None:
+        pipe.send(ev="ready")
+        while (await pipe.command())["op"] != "quit":
+            pass
+
+    async def client(self, pipe: Pipe) -> None:
+        from multikernel.endpoints import connect
+
+        async with connect(self.path, name=f"bench-stream-{os.getpid()}") as ep:
+
+            @contextlib.asynccontextmanager
+            async def phase(
+                publish: Any, subject: str
+            ) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+                async with ep.stream(subject) as stream:
+                    yield functools.partial(stream.publish, PAYLOAD)
+                    PHASE_STATS["stalls"] = stream.statistics().stalls  # readers it gave up on
+
+            async def unused(subject: str) -> None:
+                raise AssertionError("a stream publishes within its phase")
+
+            await run_client(pipe, None, unused, phase=phase)
 
 
 class Nats:
@@ -366,7 +396,9 @@ class Ring:
             await run_client(pipe, call, None)
 
 
-SYSTEMS: dict[str, Any] = {"ours": Ours, "nats": Nats, "zmq": Zmq, "grpc": Grpc, "ring": Ring}
+SYSTEMS: dict[str, Any] = {
+    "ours": Ours, "stream": OursStream, "nats": Nats, "zmq": Zmq, "grpc": Grpc, "ring": Ring,
+}  # fmt: skip
 
 
 # -- the phases ---------------------------------------------------------------------------------
@@ -412,8 +444,23 @@ class Counter:
         return {"count": self.count, "first_ns": self.first, "last_ns": self.last}
 
 
+#: What a pub/sub phase adds to its "done" report (the stream's writer: its stalls).
+PHASE_STATS: dict[str, int] = {}
+
+
+@contextlib.asynccontextmanager
+async def per_message(publish: Any, subject: str) -> AsyncIterator[Callable[[], Awaitable[None]]]:
+    """A pub/sub phase that publishes each message on its own (`publish(subject)`)."""
+    yield functools.partial(publish, subject)
+
+
 async def run_client(
-    pipe: Pipe, call: Any, publish: Any, flush: Any = None, counters: Any = None
+    pipe: Pipe,
+    call: Any,
+    publish: Any,
+    flush: Any = None,
+    counters: Any = None,
+    phase: Any = per_message,
 ) -> None:
     pipe.send(ev="ready")
     while (cmd := await pipe.command())["op"] != "quit":
@@ -424,13 +471,17 @@ async def run_client(
         elif cmd["op"] == "pub" and publish is not None:
             subject, n = cmd["subject"], cmd["n"]
             with anyio.fail_after(PHASE_CAP):
-                t0 = time.monotonic_ns()
-                for _ in range(n):
-                    await publish(subject)
-                t1 = time.monotonic_ns()
+                async with phase(publish, subject) as one:
+                    t0 = time.monotonic_ns()
+                    for _ in range(n):
+                        await one()
+                    t1 = time.monotonic_ns()
                 if flush is not None:
                     await flush()
-            pipe.send(ev="done", start_ns=t0, end_ns=t1, flushed_ns=time.monotonic_ns())
+            pipe.send(
+                ev="done", start_ns=t0, end_ns=t1, flushed_ns=time.monotonic_ns(), **PHASE_STATS
+            )
+            PHASE_STATS.clear()
 
 
 async def rpc_phase(

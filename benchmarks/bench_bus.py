@@ -15,10 +15,12 @@ NATS, ours, NATS, ...; each round runs every phase on both:
   outstanding) in the client process. Ours goes over the direct shared-memory channel the hub sets
   up; NATS through the server. The first 10% of each phase warms up and is not timed.
 - Pub/sub: the client publishes N 64-byte messages as fast as it can to 1 and to 4 subscriber
-  processes; throughput is delivered messages per subscriber per second, from the first publish
-  to the last arrival. Each subscriber counts what it got; missing messages, and for ours the drops
-  counted by the hub (slow consumer) and by the endpoint, are reported. A warm-up batch of N/10
-  runs first.
+  processes (and more with --fanout); throughput is delivered messages per subscriber per
+  second, from the first publish to the last arrival. Ours runs twice: publishing through the
+  hub (`publish`) and through a broadcast stream (`stream`, issue 15: `bus.stream(subject)`,
+  opened before the timed part, the same subscriber processes). Each subscriber counts what it
+  got; missing messages, and for ours the drops counted by the hub (slow consumer) and by the
+  endpoint, are reported. A warm-up batch of N/10 runs first.
 - RPC only, against the other ways a Python user would make the call: ZeroMQ REQ/REP over ipc://
   (pyzmq's asyncio sockets, one REQ socket per requester task), gRPC over a Unix socket (grpc.aio,
   a unary method on raw bytes), and the bare ring the RPC rides on (an async echo over one
@@ -61,9 +63,15 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE / "_bus_worker.py"
-SYSTEMS = ("ours", "nats", "zmq", "grpc", "ring")
-PUBSUB = ("ours", "nats")  # the others are measured on RPC only
-LABEL = {"ours": "ours", "nats": "NATS", "zmq": "ZeroMQ", "grpc": "gRPC", "ring": "ring"}
+SYSTEMS = ("ours", "stream", "nats", "zmq", "grpc", "ring")
+PUBSUB = ("ours", "stream", "nats")  # the others are measured on RPC only
+RPC_ONLY_NOT = ("stream",)  # pub/sub only: publishes through a broadcast stream
+#: The process that serves a system (CPU accounting): the stream's set-up is our hub's.
+INFRA = {"stream": "ours"}
+LABEL = {
+    "ours": "ours", "stream": "ours (stream)", "nats": "NATS", "zmq": "ZeroMQ", "grpc": "gRPC",
+    "ring": "ring",
+}  # fmt: skip
 NOISY_SHARE = 0.25  # other load above this share of all CPUs flags a phase (and its round)
 STARTUP_TIMEOUT = 30.0
 N_SUBS = 4
@@ -76,6 +84,8 @@ RPC_PHASES = (  # name, gap (s), outstanding
 PUB_PHASES = (("1 sub", 1), ("4 subs", 4))
 RPC_P50_GOAL = 0.10  # ours/NATS p50 at most this
 PUB_GOAL = 1.0  # ours/NATS throughput at least this
+#: Issue 15, through a stream: per subscriber with 1 and 4 subscribers, delivered with 10 and 50.
+STREAM_GOAL = {1: 3.0, 4: 3.0, 10: 1.0, 50: 1.0}
 
 
 def die_with_parent() -> None:
@@ -274,7 +284,7 @@ class Setup:
     def workers(self) -> list[Worker]:
         out = list(self.client.values()) + list(self.server.values())
         for subs in self.subs.values():
-            out += subs
+            out += [w for w in subs if w not in out]  # "stream" shares ours' subscribers
         return out
 
 
@@ -304,6 +314,7 @@ def started(cpus: tuple[int | None, int | None], systems: tuple[str, ...]) -> It
             "ours": (str(sock), str(sock)),
             "nats": (f"nats://127.0.0.1:{port}",) * 2,
             "zmq": (f"ipc://{workdir}/zmq.ipc",) * 2,
+            "stream": (str(sock), str(sock)),
             "grpc": (f"unix:{workdir}/grpc.sock",) * 2,
         }
         handles = None
@@ -327,6 +338,11 @@ def started(cpus: tuple[int | None, int | None], systems: tuple[str, ...]) -> It
 
             setup.server[system] = spawn("server", second, "server", served)
             setup.client[system] = spawn("client", first, "client", calling)
+            if system == "stream" and "ours" in setup.subs:
+                # The same subscriber processes as ours through the hub: only the publisher
+                # differs (and 50 subscribers are not spawned twice).
+                setup.subs[system] = setup.subs["ours"]
+                continue
             setup.subs[system] = (
                 [spawn("sub", second if i % 2 == 0 else first, f"sub{i}", served)
                  for i in range(N_SUBS)]
@@ -337,7 +353,7 @@ def started(cpus: tuple[int | None, int | None], systems: tuple[str, ...]) -> It
             for handle in handles:
                 handle.close()  # the workers hold them now
         for w in (*setup.server.values(), *setup.client.values()):
-            w.expect("ready", STARTUP_TIMEOUT)
+            w.expect("ready", STARTUP_TIMEOUT + N_SUBS)  # 50 subscribers start slowly
         yield setup
     finally:
         for w in setup.workers():
@@ -413,7 +429,9 @@ def run_pub(
         "slowest_sub": min(counts) / span,
         "publish_rate": n / max(1, done["end_ns"] - start) * 1e9,
         "missing": k * n - sum(counts),
-        "hub_dropped": sum(r["hub_dropped"] for r in results),
+        # through a stream, the hub drops nothing: the writer's stalls (readers it stopped
+        # waiting for after block_patience) go in this column instead
+        "hub_dropped": done.get("stalls", sum(r["hub_dropped"] for r in results)),
         "client_dropped": sum(r["client_dropped"] for r in results),
     }
     errors = [e for r in results for e in r.get("errors", [])]
@@ -422,7 +440,7 @@ def run_pub(
     cpu = {
         "client": per[client.pid],
         "server": sum(per[w.pid] for w in subs),
-        "infra": per[setup.infra[system].pid],
+        "infra": per[setup.infra[INFRA.get(system, system)].pid],
         "wall": b.when - a.when,
         "units": n,
     }
@@ -432,7 +450,7 @@ def run_pub(
 def run_round(setup: Setup, rnd: int, args: argparse.Namespace, out: list[Record]) -> None:
     for system in setup.systems:
         t0 = time.monotonic()
-        for name, gap, conc in RPC_PHASES:
+        for name, gap, conc in RPC_PHASES if system not in RPC_ONLY_NOT else ():
             out.append(run_rpc(setup, system, rnd, name, gap, conc, args.rpc_dur))
         for name, k in PUB_PHASES if system in PUBSUB else ():
             run_pub(setup, system, rnd, name, k, max(1, args.pub_n // 10), timed=False)
@@ -553,25 +571,38 @@ def rpc_table(res: Results) -> str:
 
 
 def pub_table(res: Results) -> str:
+    """Per phase: ours through a stream, ours through the hub, NATS; ratios within each round."""
     rows = []
-    for name, _ in PUB_PHASES:
+    for name, k in PUB_PHASES:
+        lost = {
+            system: "/".join(
+                num(sum(res.values(system, name, m)))
+                for m in ("missing", "hub_dropped", "client_dropped")
+            )
+            for system in ("stream", "ours")
+        }
         rows.append(
             [
                 name,
+                spread(res.values("stream", name, "per_sub")),
                 spread(res.values("ours", name, "per_sub")),
                 spread(res.values("nats", name, "per_sub")),
+                ratio_text(res.ratios(name, "per_sub", system="stream")),
                 ratio_text(res.ratios(name, "per_sub")),
+                spread([k * v for v in res.values("stream", name, "per_sub")]),
+                spread([k * v for v in res.values("nats", name, "per_sub")]),
+                spread(res.values("stream", name, "publish_rate")),
                 spread(res.values("ours", name, "publish_rate")),
                 spread(res.values("nats", name, "publish_rate")),
-                "/".join(
-                    num(sum(res.values("ours", name, m)))
-                    for m in ("missing", "hub_dropped", "client_dropped")
-                ),
+                lost["stream"],
+                lost["ours"],
                 num(sum(res.values("nats", name, "missing"))),
             ]
         )
-    headers = ["subscribers", "ours msgs/s/sub", "NATS msgs/s/sub", "ours/NATS",
-               "ours publish/s", "NATS publish/s", "ours lost/hub-drop/ep-drop",
+    headers = ["subscribers", "stream msgs/s/sub", "hub msgs/s/sub", "NATS msgs/s/sub",
+               "stream/NATS", "hub/NATS", "stream delivered/s", "NATS delivered/s",
+               "stream publish/s", "hub publish/s", "NATS publish/s",
+               "stream lost/stalls/ep-drop", "hub lost/hub-drop/ep-drop",
                "NATS lost"]  # fmt: skip
     return table(headers, rows)
 
@@ -697,6 +728,16 @@ def target_rows(res: Results, label: str) -> list[list[str]]:
         )  # fmt: skip
         rows.append([f"pub/sub {name} msgs/s", f"ours/NATS >= {PUB_GOAL}", ratio_text(ratios),
                      verdict, label])  # fmt: skip
+    for name, k in PUB_PHASES:
+        goal = STREAM_GOAL.get(k)
+        ratios = res.ratios(name, "per_sub", system="stream")
+        if goal is None or not ratios:
+            continue
+        lost = sum(res.values("stream", name, "missing"))
+        ok = statistics.median(ratios) >= goal and not lost
+        rows.append([f"stream {name} msgs/s, nothing lost", f"stream/NATS >= {goal}, lost 0",
+                     f"{ratio_text(ratios)}, lost {num(lost)}", "PASS" if ok else "FAIL",
+                     label])  # fmt: skip
     return rows
 
 
@@ -747,7 +788,7 @@ def report(records: list[Record], args: argparse.Namespace, cpus: tuple[Any, Any
         f"Load from other work (rounds flagged when > {NOISY_SHARE:.0%} of all CPUs)",
         noise_table(records, args.rounds),
         "",
-        "Targets (issue 4)",
+        "Targets (issue 4; stream rows: issue 15)",
     ]
     rows = target_rows(res, "all rounds")
     clean = set(range(args.rounds)) - noisy

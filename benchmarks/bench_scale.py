@@ -26,8 +26,10 @@ alternate ours, NATS, ours, NATS, ...; the tables give medians over rounds and, 
   published message, which is the routing cost (and, for `route.>`, one delivery each), and
   messages/s end to end.
 
-- **Fan-out** (``--fanout 10,50``): bench_bus.py's pub/sub phases with that many subscriber
-  processes, run as a child with its own report (the code is there, not copied here).
+- **Fan-out** (``--fanout 10,50``): bench_bus.py's pub/sub phases with 1, 4 and that many
+  subscriber processes, run as a child with its own report (the code is there, not copied
+  here): ours through a broadcast stream (`bus.stream`), ours through the hub, and NATS, in the
+  same run, with the ratios and losses of each.
 
 Processes outnumber CPUs (2 vCPUs: server, client, subscriber), nothing is pinned: figures are
 noisy, compare ratios within one run. Children die with the driver and are stopped in `finally`.

@@ -23,6 +23,7 @@ from typing import Final
 
 import anyio
 import anyio.abc
+import msgspec
 
 from multikernel.bus._channels import ChannelBroker
 from multikernel.bus._holds import Holds, check_may_hold, check_switch
@@ -37,6 +38,7 @@ from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
 from multikernel.bus._snapshot import build_snapshot
 from multikernel.bus._socket_access import SocketAccess
+from multikernel.bus._streams import StreamBroker
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import default_socket_path
 from multikernel.protocol import (
@@ -66,6 +68,10 @@ from multikernel.protocol import (
     ProtocolError,
     ReleaseNames,
     ServiceInfo,
+    StreamClose,
+    StreamOpen,
+    StreamReaderGone,
+    StreamStart,
     Subscribe,
     SubscribedMany,
     SubscribeMany,
@@ -136,6 +142,9 @@ class Hub(HubPubSub):
             self._sessions, self.limits, self.counters, self._fail, self.open_instance_socket
         )
         self._monitors = Monitors(self._sessions)
+        self._streams = StreamBroker(
+            self._router, lambda: self._subs, self.limits, self.counters, self._tg
+        )
         self._holds = Holds(
             self._sessions,
             self.limits,
@@ -201,6 +210,8 @@ class Hub(HubPubSub):
         self._restricted = sum(not (r.within and r.across) for r in self._subs.values())
         self._monitors.recheck(policy)
         self._channels.recheck(policy)
+        for stream in list(self._streams.by_token.values()):
+            self._streams.refresh(stream, policy)
         log.info("policy reloaded", policy=repr(policy))
 
     # -- sessions -----------------------------------------------------------------------------
@@ -216,6 +227,7 @@ class Hub(HubPubSub):
         self._owner_changes(self._names.remove_owner(session.id))  # clients hear of it first
         self._holds.holder_left(session.id)  # what waited goes to whoever owns the name now
         self._channels.forget_endpoint(session.id)
+        self._streams.forget_endpoint(session)
         for token in list(session.relays):
             end_relay(session, token)
         if session.cut_reason:
@@ -344,6 +356,8 @@ class Hub(HubPubSub):
             case MonitorStop():
                 self._monitors.stop(session)
                 self._reply(session, correlation, Ok())
+            case MonitorRecord(path="stream"):
+                self._streams.mirrored(session, body, self._monitors)
             case MonitorRecord(frame=frame, channel=token):
                 channel = self._channels.side_of(session, token)
                 if channel is not None:
@@ -351,6 +365,10 @@ class Hub(HubPubSub):
                     # what the hub recorded, not what the record says.
                     other = channel.server if session.id == channel.client else channel.client
                     self._monitors.mirrored(session, other, frame, token, channel.target)
+            case StreamOpen() | StreamStart() | StreamReaderGone() | StreamClose():
+                answer = self._streams.control(self.policy, session, body, correlation)
+                if answer is not None:
+                    self._reply(session, correlation, answer)
             case Introspect(cursor=cursor):
                 budget = min(self.limits.max_body, session.max_frame) - PAGE_SLACK
                 self._reply(session, correlation, snapshot_page(self.snapshot(), cursor, budget))
@@ -410,7 +428,7 @@ class Hub(HubPubSub):
         """What the hub knows now: endpoints, names, services, subscriptions, channels, counters."""
         self.counters["published"] = self._published
         self.counters["delivered"] = self._delivered
-        return build_snapshot(
+        snapshot = build_snapshot(
             self._sessions.values(),
             self._subs.values(),
             self._names,
@@ -418,3 +436,4 @@ class Hub(HubPubSub):
             self.counters,
             time.monotonic() - self._started,
         )
+        return msgspec.structs.replace(snapshot, streams=self._streams.info())

@@ -23,6 +23,7 @@ from multikernel.bus._name_events import SOURCE_OFFSET as _SOURCE_OFFSET
 from multikernel.bus._policy import Policy
 from multikernel.bus._router import SubjectRouter
 from multikernel.bus._session import Limits, Session, SubscriptionRecord
+from multikernel.bus._streams import StreamBroker
 from multikernel.protocol import (
     MISSED_OFFSET,
     AccessDeniedError,
@@ -61,6 +62,7 @@ class HubPubSub:
     _published: int
     _delivered: int
     _dirty: list[Session]
+    _streams: StreamBroker
 
     def _publish(self, session: Session, subject: str, correlation: int, frame: bytes) -> None:
         self._published += 1
@@ -78,6 +80,8 @@ class HubPubSub:
             decisions,
             anyone_restricted=bool(self._restricted),
         )
+        if session.streams and (stream := session.streams.get(subject)) is not None:
+            keys = [key for key in keys if key not in stream.served]  # the stream feeds them
         dirty = self._dirty
         for key in keys:
             record = subs[key]
@@ -157,6 +161,9 @@ class HubPubSub:
         self._subs_peak = max(self._subs_peak, len(self._subs))
         session.subscriptions_peak = max(session.subscriptions_peak, len(session.subscriptions))
         self._restricted += not (within and across)
+        if self._streams:
+            for stream in self._streams.matching(pattern):
+                self._streams.refresh(stream, self.policy)  # its StreamSids before our answer
         return bool(across)
 
     def _unsubscribe(self, session: Session, sid: int) -> None:
@@ -166,6 +173,9 @@ class HubPubSub:
             self._subs.pop((session.id, sid), None)
             self._router.unsubscribe((session.id, sid))
             self._subs, self._subs_peak = compacted(self._subs, self._subs_peak)
+            if self._streams:
+                for stream in self._streams.matching(record.pattern):
+                    self._streams.refresh(stream, self.policy)
             session.subscriptions, session.subscriptions_peak = compacted(
                 session.subscriptions, session.subscriptions_peak
             )

@@ -66,7 +66,7 @@ log = get_logger("multikernel.bus")
 HUB_WAIT = WaitPolicy(spin=0)
 FEATURES = (
     Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
-    | Feature.NAME_HOLDS | Feature.SUBSCRIBE_MANY
+    | Feature.NAME_HOLDS | Feature.SUBSCRIBE_MANY | Feature.STREAMS
 )  # fmt: skip
 NAMES_SUBJECT = "mk.bus.names"
 _PEERCRED = struct.Struct("3i")

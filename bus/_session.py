@@ -33,6 +33,7 @@ from multikernel.shm import Channel, PeerDiedError, ShmError, max_payload
 
 if TYPE_CHECKING:
     from multikernel.bus._relay import Relay
+    from multikernel.bus._streams import StreamRecord
 
 #: What a misbehaving endpoint can do to its own side of a session, and is cut off for.
 PEER_FAULTS = (anyio.BrokenResourceError, anyio.ClosedResourceError, ShmError)
@@ -58,6 +59,7 @@ class Limits:
     max_served_channels: int = 8192
     max_held_requests: int = 1024  # ChannelOpens waiting for one held name (BusyError beyond)
     max_hold: float = 60.0  # the longest a name may be held (HoldNames.deadline_ns)
+    max_streams: int = 64  # broadcast streams one endpoint writes at once
 
     def __post_init__(self) -> None:
         largest = self.max_body + HEADER_SIZE + MAX_SUBJECT_BYTES
@@ -120,6 +122,7 @@ class Session:
         self.subscriptions_peak = 0  # its largest size since rebuilt (compacted)
         self.services: dict[str, ServiceInfo] = {}
         self.relays: dict[int, Relay] = {}  # direct channels the hub relays for it, by token
+        self.streams: dict[str, StreamRecord] = {}  # the streams it writes, by subject
         self.monitor: str | None = None
         self.draining = False
         self.features = 0  # granted at attach (Welcome.features)

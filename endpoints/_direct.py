@@ -355,6 +355,15 @@ class Mirroring:
         self.queue.append(encode(Kind.CONTROL, record))
         self._wake.set()
 
+    def copy_frame(self, path: str, token: int, frame: bytes) -> None:
+        """A copy of a frame that travels another way than a direct channel (a stream's)."""
+        if len(self.queue) >= 4096:
+            self.dropped += 1
+            return
+        record = MonitorRecord(time.monotonic_ns(), path, 0, 0, frame, token)
+        self.queue.append(encode(Kind.CONTROL, record))
+        self._wake.set()
+
     async def wait(self) -> None:
         """Until there is something to send."""
         while not self.queue:

@@ -34,6 +34,7 @@ from multikernel.endpoints._direct import DirectChannel, Mirroring
 from multikernel.endpoints._hublink import HubLink, HubUnavailableError
 from multikernel.endpoints._pubsub import PubSub
 from multikernel.endpoints._service import Service
+from multikernel.endpoints._streams import Stream, StreamReaders
 from multikernel.endpoints._subscription import Message, Subscription
 from multikernel.endpoints.log import get_logger
 from multikernel.protocol import (
@@ -61,6 +62,7 @@ from multikernel.protocol import (
     ProtocolError,
     ReleaseNames,
     RequestNameResult,
+    StreamSids,
     SwitchNames,
     deadline_after,
     decode_body,
@@ -106,6 +108,8 @@ class Endpoint(PubSub):
         self._monitor: Subscription | None = None
         self._decoder = Decoders()
         self._valid_subjects: set[str] = set()
+        self._writing: dict[int, Stream] = {}
+        self._stream_readers = StreamReaders(lambda: self._subs, self._link.spawn)
         self.drain_requested = anyio.Event()
 
     @property
@@ -330,6 +334,7 @@ class Endpoint(PubSub):
     async def _restore(self) -> None:
         """After re-attaching to a (new) hub: subscriptions, names and services as they were."""
         self._clients.end_holds()  # a new hub holds nothing
+        self._streams_lost()
         await self._resubscribe()
         for service in self._services.values():
             if service.started and not service.draining:
@@ -356,6 +361,8 @@ class Endpoint(PubSub):
                 self._clients.name_held(name, deadline_ns)
             case NameHoldEnded(name=name):
                 self._clients.hold_ended(name)
+            case StreamSids(token=token, reader=reader, sids=sids):
+                self._stream_readers.on_sids(token, reader, sids)
             case ChannelRevoke(token=token):
                 self._clients.revoke(token)
             case Mirror(on=on):
@@ -402,6 +409,8 @@ class Endpoint(PubSub):
             "direct": self._clients.statistics(),
             "held": self._clients.held_calls(),  # names held for a switch: calls waiting
             "subscriptions": {s.pattern: s.statistics() for s in self._subs.values()},
+            "streams": {s.subject: s.statistics() for s in self._writing.values()},
+            "stream_readers": self._stream_readers.statistics(),
             "services": {
                 n: {"served": s.served, "failed": s.failed, "in_flight": s.in_flight}
                 for n, s in self._services.items()

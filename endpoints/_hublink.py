@@ -36,6 +36,10 @@ from multikernel.protocol import (
     Hello,
     Kind,
     ProtocolError,
+    StreamClose,
+    StreamReaderGone,
+    StreamReady,
+    StreamRoute,
     Welcome,
     decode_body,
     decode_header,
@@ -48,8 +52,9 @@ log = get_logger("multikernel.endpoints")
 
 FEATURES = (
     Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
-    | Feature.NAME_HOLDS | Feature.SUBSCRIBE_MANY
+    | Feature.NAME_HOLDS | Feature.SUBSCRIBE_MANY | Feature.STREAMS
 )  # fmt: skip
+_STREAM_SOCKET = (StreamReady, StreamReaderGone, StreamRoute, StreamClose)
 
 
 async def _connect(sock: socket.socket, path: str) -> None:
@@ -85,6 +90,9 @@ class LinkOwner(Protocol):
     def _on_notice(self, header: Header, frame: bytes, body: object) -> None: ...
 
     def _on_server_channel(self, ready: ChannelReady, channel: Channel) -> None: ...
+
+    def _on_stream(self, body: object, fds: list[int]) -> None:
+        """A stream's side or news of it, from the control socket (in the hub's order)."""
 
     async def _restore(self) -> None:
         """After re-attaching to a (new) hub: register again what was registered."""
@@ -348,7 +356,10 @@ class HubLink:
                 frame, fds = await receive_handle(sock)
                 header = decode_header(frame)
                 ready = decode_body(header, frame, CONTROL_DECODER)
-                if not isinstance(ready, ChannelReady) or len(fds) != (
+                if isinstance(ready, _STREAM_SOCKET):
+                    if not (header.correlation and self._calls.deliver(header, (ready, fds))):
+                        self.owner._on_stream(ready, fds)  # StreamOpen's answer goes above
+                elif not isinstance(ready, ChannelReady) or len(fds) != (
                     1 if ready.role == "attach" else HANDLE_FDS
                 ):
                     close_fds(fds)

@@ -6,17 +6,23 @@ in one table (rebuilt when it shrinks, so memory comes back), many at once in fe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import suppress
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, suppress
+from typing import Literal
 
 import anyio
 
+from multikernel.endpoints._direct import Mirroring
 from multikernel.endpoints._hublink import HubLink
+from multikernel.endpoints._streams import Stream, StreamReaders, open_stream, start_stream
 from multikernel.endpoints._subscription import DEFAULT_PATIENCE, Subscription
+from multikernel.endpoints.wire import close_fds
 from multikernel.protocol import (
     Feature,
     Kind,
     ProtocolError,
+    StreamClose,
+    StreamReady,
     Subscribe,
     SubscribedMany,
     SubscribeMany,
@@ -51,9 +57,13 @@ def _batches(subs: list[Subscription], max_body: int) -> Iterator[list[Subscript
 
 
 class PubSub:
-    """`publish`, `subscribe`, `subscribe_many`, `unsubscribe_many` of an endpoint."""
+    """`publish`, `subscribe`, `subscribe_many`, `unsubscribe_many` and `stream` of an
+    endpoint, and reading the streams the hub hands it for its subscriptions."""
 
     _link: HubLink
+    _mirror: Mirroring
+    _writing: dict[int, Stream]  # the streams this endpoint writes, by token
+    _stream_readers: StreamReaders
     _subs: dict[int, Subscription]
     _subs_peak: int  # the table's largest size since rebuilt: see `_compact_subs`
     _next_sid: int
@@ -66,12 +76,58 @@ class PubSub:
 
     async def publish(self, subject: str, body: object = None) -> None:
         """Publish `body` (any msgspec-encodable value) on `subject` to every subscriber."""
+        if self._writing:  # a stream of ours on this subject carries it (its readers hear it)
+            for stream in self._writing.values():
+                if stream.subject == subject and not stream.closed:
+                    await stream.publish(body)
+                    return
         if subject not in self._valid_subjects:
             validate_subject(subject)
             if len(self._valid_subjects) >= VALID_SUBJECTS:
                 self._valid_subjects.clear()  # a publisher of endless subjects starts over
             self._valid_subjects.add(subject)
         await self._link.to_hub(encode(Kind.PUBLISH, body, subject=subject, max_body=self.max_body))
+
+    @asynccontextmanager
+    async def stream(
+        self, subject: str, *, slow: Literal["block", "drop"] | None = None
+    ) -> AsyncIterator[Stream]:
+        """A broadcast stream on the literal `subject`: `await stream.publish(body)` writes
+        straight into memory every matching subscriber reads (docs/bus.md, "Streams"), instead
+        of a frame through the hub. `slow` is what happens to a reader that falls a whole ring
+        behind: "block" waits for it (up to the hub's `block_patience`, then it is told its gap),
+        "drop" overwrites (it is told its gap); default: the hub's slow-consumer policy."""
+        stream = await open_stream(self._link, self._mirror, subject, slow)
+        self._writing[stream.token] = stream
+        try:
+            self._link.spawn(stream.run_flusher)
+            await start_stream(self._link, stream)
+            yield stream
+        finally:
+            self._writing.pop(stream.token, None)
+            stream.close()
+            if not self._link.closing:
+                with (
+                    anyio.move_on_after(2, shield=True),
+                    suppress(anyio.BrokenResourceError, anyio.ClosedResourceError),
+                ):
+                    await self._link.to_hub(encode(Kind.CONTROL, StreamClose(stream.token)))
+
+    def _on_stream(self, body: object, fds: list[int]) -> None:
+        if isinstance(body, StreamReady) and body.role == "reader":
+            self._stream_readers.on_ready(body, fds)
+            return
+        stream = self._writing.get(getattr(body, "token", 0))
+        if stream is None:
+            close_fds(fds)  # a stream closed meanwhile
+        else:
+            stream.on_socket(body, fds)
+
+    def _streams_lost(self) -> None:
+        """After re-attaching to a (new) hub, which knows none of our streams: they publish
+        through the hub from now on; their readers see them closed."""
+        for stream in self._writing.values():
+            stream.on_socket(StreamClose(stream.token, "the hub restarted"), [])
 
     async def subscribe(
         self,

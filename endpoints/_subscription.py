@@ -97,8 +97,26 @@ class Subscription:
 
     def try_push(self, message: Message) -> bool:
         """Hand `message` over without waiting; False when the buffer is full and the caller
-        should `await offer(message)` instead (nothing was counted then)."""
-        return self._now(message, may_wait=bool(self.patience) and not self.stalled)
+        should `await offer(message)` instead (nothing was counted then).
+
+        `_now` inlined: this runs for every message a subscription gets."""
+        if self._unreported:
+            message = self._gap(message)
+        try:
+            (self._streams or self._buffer())[0].send_nowait(message)
+        except anyio.WouldBlock:
+            if self.patience and not self.stalled:
+                return False
+            self._drop(message)
+            return True
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            return True  # closed while a delivery was on its way
+        self.delivered += 1
+        if message.missed:
+            self.missed += message.missed
+        self._unreported = 0
+        self.stalled = False  # it had room again: the next full buffer waits again
+        return True
 
     def push(self, message: Message) -> None:
         """Hand `message` over, or drop it (counted, told as a gap) when the buffer is full."""

@@ -207,6 +207,14 @@ from multikernel.protocol._resource import ResourceTransactionAck as ResourceTra
 from multikernel.protocol._resource import ResourceUnavailableError as ResourceUnavailableError
 from multikernel.protocol._resource import TxRecord as TxRecord
 from multikernel.protocol._resource import UnknownGrantError as UnknownGrantError
+from multikernel.protocol._streams import StreamClose as StreamClose
+from multikernel.protocol._streams import StreamInfo as StreamInfo
+from multikernel.protocol._streams import StreamOpen as StreamOpen
+from multikernel.protocol._streams import StreamReaderGone as StreamReaderGone
+from multikernel.protocol._streams import StreamReady as StreamReady
+from multikernel.protocol._streams import StreamRoute as StreamRoute
+from multikernel.protocol._streams import StreamSids as StreamSids
+from multikernel.protocol._streams import StreamStart as StreamStart
 from multikernel.protocol._subjects import MAX_SUBJECT_BYTES as MAX_SUBJECT_BYTES
 from multikernel.protocol._subjects import MAX_SUBJECT_TOKENS as MAX_SUBJECT_TOKENS
 from multikernel.protocol._subjects import subject_matches as subject_matches

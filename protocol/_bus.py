@@ -23,6 +23,7 @@ from __future__ import annotations
 import msgspec
 
 from multikernel.protocol._fields import U32, U64, ShortStr
+from multikernel.protocol._streams import StreamInfo
 
 
 class _BusMessage(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -185,6 +186,7 @@ class BusSnapshot(_BusMessage, frozen=True, tag="bus_snapshot"):
     channels: tuple[ChannelInfo, ...] = ()
     counters: dict[str, U64] = {}
     next_cursor: U64 = 0
+    streams: tuple[StreamInfo, ...] = ()
 
 
 class EndpointCutOff(msgspec.Struct, frozen=True, omit_defaults=True):

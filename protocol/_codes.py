@@ -48,6 +48,7 @@ class Feature(IntFlag):
     MONITOR = 0x0010  # the endpoint may receive Flag.COPY frames
     NAME_HOLDS = 0x0020  # NameHeld and NameHoldEnded notices are understood
     SUBSCRIBE_MANY = 0x0040  # SubscribeMany and UnsubscribeMany are understood
+    STREAMS = 0x0080  # the endpoint reads broadcast streams (StreamReady, StreamSids)
 
 
 class ErrorCode(IntEnum):

@@ -34,6 +34,15 @@ from multikernel.protocol._bus import (
 from multikernel.protocol._codes import ReleaseNameResult, RequestNameResult
 from multikernel.protocol._envelope import DEFAULT_MAX_BODY
 from multikernel.protocol._fields import U8, U32, U64, ShortStr
+from multikernel.protocol._streams import (
+    StreamClose,
+    StreamOpen,
+    StreamReaderGone,
+    StreamReady,
+    StreamRoute,
+    StreamSids,
+    StreamStart,
+)
 
 
 class _ControlMessage(msgspec.Struct, frozen=True, omit_defaults=True):
@@ -235,6 +244,13 @@ Control: TypeAlias = (
     | NameHoldEnded
     | Heartbeat
     | Drain
+    | StreamOpen
+    | StreamReady
+    | StreamStart
+    | StreamSids
+    | StreamReaderGone
+    | StreamRoute
+    | StreamClose
 )
 
 CONTROL_DECODER: Final = msgspec.msgpack.Decoder(Control)

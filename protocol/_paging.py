@@ -31,6 +31,7 @@ def _items(snapshot: BusSnapshot) -> list[tuple[str, Any]]:
     items += [("services", s) for s in snapshot.services]
     items += [("subscriptions", s) for s in snapshot.subscriptions]
     items += [("channels", c) for c in snapshot.channels]
+    items += [("streams", s) for s in snapshot.streams]
     return items
 
 
@@ -58,6 +59,7 @@ def snapshot_page(snapshot: BusSnapshot, cursor: int, budget: int) -> BusSnapsho
         tuple(sections["channels"]),
         snapshot.counters,
         next_cursor=end if end < len(items) else 0,
+        streams=tuple(sections["streams"]),
     )
 
 
@@ -82,4 +84,5 @@ def join_snapshot_pages(pages: list[BusSnapshot]) -> BusSnapshot:
         subscriptions,
         tuple(c for page in pages for c in page.channels),
         last.counters,
+        streams=tuple(s for page in pages for s in page.streams),
     )

@@ -7,7 +7,9 @@ two sides, each in its own process. A doorbell (a pipe: the ringer holds the wri
 sleeper the read end) wakes a side that sleeps; the "sleeping" flag in the ring header lets the
 other side skip the doorbell while it is awake, and a short adaptive spin (`WaitPolicy`) keeps a
 busy side from sleeping at all. A `Channel` is two rings in one region, one per direction: an
-anyio `ObjectStream[bytes]` that works under asyncio, uvloop and trio.
+anyio `ObjectStream[bytes]` that works under asyncio, uvloop and trio. A broadcast stream
+(`StreamWriter`, `StreamReader`) is one writer and many readers on one ring the readers map
+read-only, each with a cursor page of its own.
 
 What happens on every message runs in a native core (C, built at install) where it was built, else
 in the pure-Python reference core, over the same binary layout (`native_available()`; the
@@ -73,5 +75,14 @@ from multikernel.shm._region import name_prefix as name_prefix
 from multikernel.shm._region import remove_orphans as remove_orphans
 from multikernel.shm._ring import RingStatistics as RingStatistics
 from multikernel.shm._ring import format_ring as format_ring
+from multikernel.shm._stream import StreamReader as StreamReader
+from multikernel.shm._stream import StreamReaderStatistics as StreamReaderStatistics
+from multikernel.shm._stream import create_cursor as create_cursor
+from multikernel.shm._stream import create_stream as create_stream
+from multikernel.shm._stream import reader_handles as reader_handles
+from multikernel.shm._stream import sealed_for_readers as sealed_for_readers
+from multikernel.shm._stream import stream_position as stream_position
+from multikernel.shm._stream_writer import StreamWriter as StreamWriter
+from multikernel.shm._stream_writer import StreamWriterStatistics as StreamWriterStatistics
 from multikernel.shm._wait import WaitPolicy as WaitPolicy
 from multikernel.shm._writer import RingWriter as RingWriter

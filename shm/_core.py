@@ -129,6 +129,15 @@ def chosen(wanted: Implementation | None = None) -> Implementation:
     return "python"
 
 
+def native_stream_frames() -> Callable[..., tuple[int, int, list[bytes], int, str, bool]] | None:
+    """A stream reader's copy loop in C (`_native.stream_frames`) when a new side gets the
+    native core (`chosen`), else None: the reader then runs the Python one."""
+    if chosen() == "native" and _native is not None:
+        frames: Callable[..., tuple[int, int, list[bytes], int, str, bool]] = _native.stream_frames
+        return frames
+    return None
+
+
 def writer_core(
     mm: mmap.mmap, offset: int, capacity: int, peer_bell: int, impl: Implementation | None
 ) -> WriterCore:

@@ -824,9 +824,106 @@ static PyObject *native_init(PyObject *module, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+/* -- broadcast streams -------------------------------------------------------------------------- */
+
+#define STREAM_SLOT_RESERVE 16
+
+/* stream_frames(stream, capacity, cursor, tail, max_frames)
+ *     -> (pos, seq, bodies, dropped, bad, lapped)
+ *
+ * The copy loop of a stream reader (StreamReader.read in _stream.py has the rules and the rest):
+ * copy the bodies of up to max_frames frames from `cursor` to `tail`, each header word read once
+ * and checked (flags, length, within the published bytes and the data area), then load the
+ * writer's `reserve`: the first `dropped` bodies started before `reserve - capacity` and may have
+ * been overwritten while they were copied. `seq` is the last copied frame's sequence number,
+ * `pos` where the reader is now, `bad` what was wrong with the frame at `pos` ("" if nothing),
+ * `lapped` whether `pos` is before `reserve - capacity` (then `bad` was an overwrite in
+ * progress, not garbage). `capacity` was checked at attach. */
+static PyObject *stream_frames(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 5) {
+        PyErr_SetString(PyExc_TypeError, "stream_frames takes 5 arguments");
+        return NULL;
+    }
+    unsigned long long capacity = PyLong_AsUnsignedLongLong(args[1]);
+    unsigned long long cursor = PyLong_AsUnsignedLongLong(args[2]);
+    unsigned long long tail = PyLong_AsUnsignedLongLong(args[3]);
+    Py_ssize_t max_frames = PyLong_AsSsize_t(args[4]);
+    if (PyErr_Occurred())
+        return NULL;
+    if (capacity < MIN_CAPACITY || capacity > MAX_CAPACITY || (capacity & (capacity - 1)) ||
+        max_frames < 0 || max_frames > (1 << 20)) {
+        PyErr_SetString(PyExc_ValueError, "stream_frames: bad capacity or max_frames");
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[0], &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    PyObject *bodies = NULL, *result = NULL;
+    uint64_t *starts = NULL;
+    if ((uint64_t)view.len < HEADER_SIZE + capacity) {
+        PyErr_SetString(PyExc_ValueError, "stream_frames: the mapping is smaller than the stream");
+        goto done;
+    }
+    starts = PyMem_Malloc(sizeof(uint64_t) * (size_t)(max_frames ? max_frames : 1));
+    bodies = PyList_New(0);
+    if (starts == NULL || bodies == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    volatile uint64_t *hdr = (volatile uint64_t *)view.buf;
+    const unsigned char *data = (const unsigned char *)view.buf + HEADER_SIZE;
+    uint64_t mask = capacity - 1, most = capacity / 2 - FRAME_HEADER;
+    uint64_t pos = cursor, seq = 0;
+    Py_ssize_t n = 0;
+    char bad[160] = "";
+    while (pos < tail && n < max_frames) {
+        uint64_t off = pos & mask;
+        uint64_t word = load64((volatile uint64_t *)(data + off));
+        if (word >> 32) {
+            if ((word >> 32) != FLAG_PADDING || off + FRAME_HEADER + (word & 0xFFFFFFFFull) != capacity) {
+                snprintf(bad, sizeof bad, "bad frame header %#llx at %llu", (unsigned long long)word,
+                         (unsigned long long)pos);
+                break;
+            }
+            pos += capacity - off;
+            continue;
+        }
+        uint64_t size = (word + 15) & ~(uint64_t)7;
+        if (word < 8 || word > most || pos + size > tail || off + size > capacity) {
+            snprintf(bad, sizeof bad, "frame length %llu at %llu", (unsigned long long)word,
+                     (unsigned long long)pos);
+            break;
+        }
+        seq = load64((volatile uint64_t *)(data + off + 8));
+        PyObject *body = PyBytes_FromStringAndSize((const char *)data + off + 16, (Py_ssize_t)word - 8);
+        if (body == NULL || PyList_Append(bodies, body) < 0) {
+            Py_XDECREF(body);
+            goto done;
+        }
+        Py_DECREF(body);
+        starts[n++] = pos;
+        pos += size;
+    }
+    uint64_t reserve = load64(&hdr[STREAM_SLOT_RESERVE]); /* after the copies */
+    Py_ssize_t dropped = 0;
+    int lapped = reserve > capacity && pos < reserve - capacity; /* `bad` was an overwrite */
+    if (reserve > capacity)
+        while (dropped < n && starts[dropped] < reserve - capacity)
+            dropped++;
+    result = Py_BuildValue("(KKOnsO)", (unsigned long long)pos, (unsigned long long)seq, bodies,
+                           dropped, bad, lapped ? Py_True : Py_False);
+done:
+    Py_XDECREF(bodies);
+    PyMem_Free(starts);
+    PyBuffer_Release(&view);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"init", native_init, METH_VARARGS,
      "init(corrupted, too_large, broken, closed): the error types the cores raise"},
+    {"stream_frames", (PyCFunction)(void (*)(void))stream_frames, METH_FASTCALL,
+     "a stream reader's copy loop (see _stream.py, StreamReader.read)"},
     {NULL},
 };
 

@@ -9,6 +9,8 @@ closes (the test's way of saying "stop gracefully") or when it is killed.
                             and how long a sleeping handler had before its deadline
   subscribe PATTERN [GROUP] print every message received
   publish SUBJECT COUNT     publish COUNT numbered messages, then print "done"
+  stream SUBJECT COUNT [SLOW]  the same through a broadcast stream (`Endpoint.stream`), kept
+                            open until stdin closes
   call NAME METHOD ARG      one request; print its result or its error type and message
   calls NAME [OWN]          requests in a loop until stdin closes; print each outcome
   garbage [NAME]            attach (owning NAME), then write garbage into the session channel
@@ -99,6 +101,15 @@ async def publish(ep: Endpoint, subject: str, count: str) -> None:
     await until_stdin_closes()
 
 
+async def stream(ep: Endpoint, subject: str, count: str, slow: str = "block") -> None:
+    async with ep.stream(subject, slow="drop" if slow == "drop" else "block") as writer:
+        say("ready", id=ep.id)
+        for i in range(int(count)):
+            await writer.publish(i)
+        say("done", readers=writer.statistics().readers)
+        await until_stdin_closes()
+
+
 async def call(ep: Endpoint, name: str, method: str, argument: str) -> None:
     say("ready", id=ep.id)
     try:
@@ -141,8 +152,8 @@ async def garbage(ep: Endpoint, name: str | None = None) -> None:
     await until_stdin_closes()
 
 
-ROLES = {"serve": serve, "subscribe": subscribe, "publish": publish, "call": call,
-         "calls": calls, "garbage": garbage}  # fmt: skip
+ROLES = {"serve": serve, "subscribe": subscribe, "publish": publish, "stream": stream,
+         "call": call, "calls": calls, "garbage": garbage}  # fmt: skip
 
 
 async def main() -> None:

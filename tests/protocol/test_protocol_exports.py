@@ -26,6 +26,9 @@ PUBLIC = {
     "ChannelRevoke", "EndpointInfo", "Introspect", "MethodInfo", "Mirror", "MonitorRecord",
     "MonitorStart", "MonitorStop", "Ok", "ServiceInfo", "SubscriptionInfo",
     "join_snapshot_pages", "snapshot_page",
+    # broadcast streams
+    "StreamClose", "StreamInfo", "StreamOpen", "StreamReaderGone", "StreamReady", "StreamRoute",
+    "StreamSids", "StreamStart",
     # the lifecycle actor's contract
     "AgentHello", "AgentStatus", "CreateInstance", "DeleteInstance", "ExecRequest", "ExecResult",
     "InstanceInfo", "InstanceList", "InstanceStateChanged", "KillInstance", "LoadImage",
