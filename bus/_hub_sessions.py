@@ -293,7 +293,13 @@ class Sessions:
             await self._greet_and_serve(ours, sock, frame, pid, uid, instance)
 
     async def serve_region(
-        self, instance: int, channel: Channel, *, uid: int | None = None, pid: int = 0
+        self,
+        instance: int,
+        channel: Channel,
+        *,
+        uid: int | None = None,
+        pid: int = 0,
+        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve one session over `channel`, a channel laid out in a region shared with another
         kernel (a guest's ivshmem memory), until the peer closes its side, garbage cuts it off,
@@ -303,7 +309,8 @@ class Sessions:
         say) as the caller says, never as the peer says. No fd crosses a region, so such a
         session has no control socket: direct channels to or from it are refused (docs/bus.md).
         No hello timeout: a guest says Hello once it has booted, and how long that may take is
-        the caller's cancel scope. The hub closes `channel` when the session ends.
+        the caller's cancel scope. The hub closes `channel` when the session ends. Started with
+        `task_group.start`, it is started once the peer is attached (Welcome sent).
         """
         uid = os.getuid() if uid is None else uid
         with channel:
@@ -316,7 +323,9 @@ class Sessions:
                 )
             try:
                 frame = await channel.receive()
-                await self._greet_and_serve(channel, None, frame, pid, uid, instance)
+                await self._greet_and_serve(
+                    channel, None, frame, pid, uid, instance, task_status.started
+                )
             except (ProtocolError, ShmError) as exc:
                 log.warning(
                     "endpoint refused at attach", instance=instance, region=True, error=str(exc)
@@ -335,8 +344,10 @@ class Sessions:
         pid: int,
         uid: int,
         instance: int,
+        welcomed: Callable[[], None] | None = None,
     ) -> None:
-        """Hello (`frame`, the session's first) → Welcome, then the session until it ends."""
+        """Hello (`frame`, the session's first) → Welcome (then `welcomed()`), then the session
+        until it ends."""
         header = decode_header(frame, max_body=self.limits.max_body)
         hello = decode_body(header, frame, CONTROL_DECODER) if header.kind == Kind.CONTROL else None
         if not isinstance(hello, Hello):
@@ -368,6 +379,8 @@ class Sessions:
         )
         session.deliver(welcome, droppable=False)
         self._handler.attached(session)
+        if welcomed is not None:
+            welcomed()
         log.info(
             "endpoint attached",
             endpoint=session.id,

@@ -33,6 +33,7 @@ from multikernel.endpoints._contracts import Bus
 from multikernel.endpoints._direct import DirectChannel, Mirroring
 from multikernel.endpoints._hublink import HubLink, HubUnavailableError
 from multikernel.endpoints._pubsub import PubSub
+from multikernel.endpoints._relayed import RelayedChannel
 from multikernel.endpoints._service import Service
 from multikernel.endpoints._subscription import Message, Subscription
 from multikernel.endpoints.log import get_logger
@@ -313,7 +314,7 @@ class Endpoint(PubSub):
                 return sub, message
         return None
 
-    def _on_server_channel(self, ready: ChannelReady, channel: Channel) -> None:
+    def _on_server_channel(self, ready: ChannelReady, channel: Channel | RelayedChannel) -> None:
         direct = DirectChannel(ready, channel, self._mirror)
         self._link.spawn(self._serve_direct, direct, self._services.get(ready.target))
 
@@ -356,6 +357,10 @@ class Endpoint(PubSub):
                 self._clients.hold_ended(name)
             case ChannelRevoke(token=token):
                 self._clients.revoke(token)
+            case ChannelReady(role="server", token=token) if (
+                self._link.over_region and token not in self._link.relays
+            ):  # a caller for one of our services, over a channel the hub relays for us
+                self._on_server_channel(body, self._link.relayed(token))
             case Mirror(on=on):
                 self._mirror.on = on
             case Drain():
