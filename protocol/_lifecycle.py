@@ -37,6 +37,7 @@ class CreateInstance(_LifecycleMessage, frozen=True):
     memory: U64 = 0
     restart: RestartPolicy = RestartPolicy()
     queues: tuple[ShortStr, ...] | None = None
+    platform: ShortStr = ""  # what runs it: "local" or "qemu" ("": the host's default)
 
 
 class UpdateInstance(_LifecycleMessage, frozen=True):
@@ -122,6 +123,7 @@ class InstanceInfo(_LifecycleMessage, frozen=True):
     queues: tuple[str, ...] = ()
     image_source: str = ""  # where the loaded image was read from (LoadImage.image)
     image_digest: str = ""  # "sha256:<hex>" of its signed payload
+    platform: str = ""  # what runs it: local, qemu or multikernel
 
 
 class InstanceList(_LifecycleMessage, frozen=True):

@@ -29,6 +29,7 @@ between load reports, 0: none) and MULTIKERNEL_PSI (the instance's own pressure 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -55,6 +56,7 @@ from multikernel.protocol import (
     Grant,
     Halted,
     NotFoundError,
+    RefusedError,
     ResourceTransaction,
     ResourceTransactionAck,
     Shutdown,
@@ -130,19 +132,25 @@ async def _start_workload(
     host's pipe, which this closes once the workload holds it), or hand a standby's warm gate
     (whose output is that pipe already) the attachment. None once it runs; else the status of
     a workload that could not be started (127)."""
-    attachment = await ep.attachment()
     env = dict(os.environ)
     env.pop("MULTIKERNEL_WORKLOAD", None)
     env.update(json.loads(os.environ.get("MULTIKERNEL_WORKLOAD_ENV", "{}")))
-    env["MULTIKERNEL_BUS_FD"] = str(attachment.fileno())
     env.setdefault("PYTHONUNBUFFERED", "1")  # its output in the order it was written
     try:
-        with attachment:
-            if gate is not None:
+        attachment: socket.socket | None = await ep.attachment()
+    except RefusedError as exc:  # over a region (a qemu guest): no socket crosses into it
+        log.warning("workload runs without a bus attachment", reason=str(exc))
+        attachment = None
+    if attachment is not None:
+        env["MULTIKERNEL_BUS_FD"] = str(attachment.fileno())
+    fds = [attachment.fileno()] if attachment is not None else []
+    try:
+        with attachment or contextlib.nullcontext():
+            if gate is not None and attachment is not None:
                 state.workload = await gate.open(attachment)
             else:
                 state.workload = await anyio.open_process(
-                    argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
+                    argv, cwd=cwd or None, env=env, pass_fds=fds,
                     stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                 )  # fmt: skip
     except OSError as exc:  # said where the user looks: the instance's output

@@ -82,7 +82,8 @@ from multikernel.services._instances import (
 )
 from multikernel.services._lifecycle_grants import ResourceClient, describe
 from multikernel.services._output import InstanceLog
-from multikernel.services._platform import Platform, check_name
+from multikernel.services._platform import InvalidSpecError, Platform, check_name
+from multikernel.services._platforms import Platforms
 from multikernel.services._recovery import Recovered, recover
 from multikernel.services._supervisor import Supervisor
 
@@ -259,6 +260,7 @@ class LifecycleActor:
                 self._store().next_id(),
                 restart=request.restart,
                 output=InstanceLog(self._instance_dir(name)),
+                platform=self._platform_named(request.platform),
             )
             asked = self._grants.asked(inst, request)
             grant = await self._grants.change("allocate", asked) if asked is not None else None
@@ -321,9 +323,12 @@ class LifecycleActor:
                 )
             )
             inst.image, inst.image_dir = image, dest
+            manifest = image.manifest
+            if (manifest.parameters.get("platform") == "qemu") != (inst.platform == "qemu"):
+                self._drop_image(inst)
+                raise InstanceRefusedError(_platform_mismatch(inst.name, inst.platform))
             self._states.save(inst)
             assert inst.resources is not None
-            manifest = image.manifest
             if (
                 len(inst.resources.cpus) < manifest.min_cpus
                 or inst.resources.memory < manifest.min_memory
@@ -488,8 +493,21 @@ class LifecycleActor:
         """Every instance, as `show` describes it (the host's metrics read these)."""
         return [self._info(inst) for inst in self.instances.values()]
 
+    def _platform_named(self, name: str) -> str:
+        """The name of the host's platform `name` ("": the default), or InvalidSpecError."""
+        if isinstance(self.platform, Platforms):
+            return self.platform.get(name).name
+        if name and name != self.platform.name:
+            raise InvalidSpecError(
+                f"this host has no platform {name!r}: it runs {self.platform.name!r}"
+            )
+        return self.platform.name
+
     def _info(self, inst: Instance) -> InstanceInfo:
-        caps = self.platform.capabilities()
+        platform = self.platform
+        if isinstance(platform, Platforms) and inst.platform in platform.by_name:
+            platform = platform.get(inst.platform)
+        caps = platform.capabilities()
         mechanisms = {
             "namespaces": caps.namespaces,
             "cpuset": caps.cpuset,
@@ -504,3 +522,15 @@ class LifecycleActor:
         if inst.image_dir is not None:
             shutil.rmtree(inst.image_dir, ignore_errors=True)
         inst.image = inst.image_dir = None
+
+
+def _platform_mismatch(name: str, platform: str) -> str:
+    if platform == "qemu":
+        return (
+            f"{name!r} runs on qemu, which boots a guest kernel: load an image made with "
+            'mkctl image build (its manifest says platform = "qemu")'
+        )
+    return (
+        f"this image is a guest kernel for the qemu platform and {name!r} runs on {platform}: "
+        f"mkctl create NAME --platform qemu"
+    )

@@ -46,6 +46,7 @@ class VmConfig:
     ivshmem_socket: Path | None = None  # an ivshmem server's socket: adds ivshmem-doorbell
     vectors: int = 1
     console: Path | None = None  # the serial console to this file, not to QEMU's stdout
+    console_log: Path | None = None  # a copy of the console (on QEMU's stdout) in this file
 
     def __post_init__(self) -> None:
         if self.memory_mib < 128:
@@ -55,7 +56,7 @@ class VmConfig:
         for key, value in self.args:
             if not (key.isidentifier() and value and " " not in value):
                 raise ValueError(f"bad guest argument mk.{key}={value!r}")
-        for path in (self.ivshmem_socket, self.console):
+        for path in (self.ivshmem_socket, self.console, self.console_log):
             if path is not None and "," in str(path):  # QEMU's option syntax
                 raise ValueError(f"a path QEMU is given may not contain ',': {path}")
 
@@ -64,10 +65,18 @@ def qemu_argv(config: VmConfig, qemu: str = QEMU) -> list[str]:
     """QEMU's command line for `config`."""
     append = ["console=ttyS0", "rdinit=/init", "quiet", "panic=-1"]
     append += [f"mk.{key}={value}" for key, value in config.args]
+    if config.console is not None:
+        serial = ["-serial", f"file:{config.console}"]
+    elif config.console_log is not None:  # on stdout, and a copy kept for error messages
+        serial = [
+            "-chardev", f"stdio,id=console,signal=off,logfile={config.console_log}",
+            "-serial", "chardev:console",
+        ]  # fmt: skip
+    else:
+        serial = ["-serial", "stdio"]
     argv = [
         qemu, "-accel", "tcg", "-m", str(config.memory_mib), "-smp", str(config.cpus),
-        "-display", "none", "-nodefaults", "-no-reboot",
-        "-serial", "stdio" if config.console is None else f"file:{config.console}",
+        "-display", "none", "-nodefaults", "-no-reboot", *serial,
         "-kernel", str(config.image.kernel), "-initrd", str(config.image.initramfs),
         "-append", " ".join(append),
     ]  # fmt: skip
