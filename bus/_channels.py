@@ -211,11 +211,7 @@ class ChannelBroker:
         """A new socket bound to the requester's own instance, for a process it starts there."""
         instance = session.identity.instance
         if session.sock is None:
-            error = RefusedError(
-                "an attachment is a socket, and this endpoint is attached over a region shared "
-                "with another kernel, where no file descriptor can be handed over"
-            )
-            self._fail(session, correlation, error)
+            await self._attach_in_region(session, correlation)
             return
         # Bound to the requester's instance and uid: an attachment never widens who it is.
         try:
@@ -233,6 +229,27 @@ class ChannelBroker:
             pass  # the requester went away; the served end sees EOF and ends
         finally:
             theirs.close()
+
+    async def _attach_in_region(self, session: Session, correlation: int) -> None:
+        """An attachment for an endpoint over a region: another session channel in that region,
+        laid out and served by whoever serves the region (`Hub.serve_region`'s `attach`), bound
+        to the same instance; the endpoint is told its offset."""
+        if session.attach_region is None:
+            error = RefusedError(
+                "an attachment is a socket, and this endpoint is attached over a region shared "
+                "with another kernel, where no file descriptor can be handed over (and whoever "
+                "serves the region lays out no other session channels in it)"
+            )
+            self._fail(session, correlation, error)
+            return
+        try:
+            offset = await session.attach_region()
+        except MultikernelError as exc:  # e.g. BusyError: every channel of the region is taken
+            self._fail(session, correlation, exc)
+            return
+        instance = session.identity.instance
+        ready = ChannelReady(offset, "attach", "", session.id, peer_instance=instance)
+        session.deliver(encode(Kind.CONTROL, ready, correlation=correlation), droppable=False)
 
     def side_of(self, session: Session, token: int) -> ChannelRecord | None:
         """The record of channel `token` if `session` is one of its two sides, else None."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 import socket
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -36,6 +37,10 @@ if TYPE_CHECKING:
 
 #: What a misbehaving endpoint can do to its own side of a session, and is cut off for.
 PEER_FAULTS = (anyio.BrokenResourceError, anyio.ClosedResourceError, ShmError)
+
+
+#: Lays out another session channel in a region's memory, serves it, and answers its offset.
+AttachRegion = Callable[[], Awaitable[int]]
 
 
 @dataclass(frozen=True)
@@ -120,6 +125,9 @@ class Session:
         self.subscriptions_peak = 0  # its largest size since rebuilt (compacted)
         self.services: dict[str, ServiceInfo] = {}
         self.relays: dict[int, Relay] = {}  # direct channels the hub relays for it, by token
+        #: Over a region: lays out and serves another session channel in that region (for a
+        #: process the endpoint starts in its kernel) and says where, by its offset.
+        self.attach_region: AttachRegion | None = None
         self.monitor: str | None = None
         self.draining = False
         self.features = 0  # granted at attach (Welcome.features)

@@ -60,7 +60,8 @@ async def connect(
     region shared with the hub's kernel (an ivshmem device's memory in a guest): Hello goes on
     it, nothing is looked up, there is no socket (the hub relays its direct channels, both
     ways: docs/bus.md) and no re-attach; the endpoint owns `channel`. $MULTIKERNEL_BUS_REGION
-    does the same with side 1 of the channel laid out at the start of the file it names.
+    (`PATH` or `PATH@OFFSET`) does the same with side 1 of the channel laid out in the file it
+    names, at its start or at OFFSET (an attachment: `Endpoint.region_attachment`).
     """
     inherited = False
     if channel is not None:
@@ -74,7 +75,10 @@ async def connect(
         inherited = True
     elif path is None and fd is None and channel is None and os.environ.get(ENV_REGION):
         # One owner here too: a child that opened side 1 again would read the agent's frames.
-        channel = Channel.open_path(os.environ.pop(ENV_REGION), 1, wait or REGION_WAIT)
+        file, _, offset = os.environ.pop(ENV_REGION).rpartition("@")
+        if not file or not offset.isdigit():
+            file, offset = f"{file}@{offset}" if file else offset, "0"
+        channel = Channel.open_path(file, 1, wait or REGION_WAIT, offset=int(offset))
     if channel is not None:
         reconnect = False
     if path is not None:

@@ -231,6 +231,21 @@ class Endpoint(PubSub):
         sock.setblocking(True)
         return sock
 
+    @property
+    def over_region(self) -> bool:
+        """Attached over a session channel in a region shared with another kernel (no socket)."""
+        return self._link.over_region
+
+    async def region_attachment(self) -> int:
+        """Over a region: a new session channel in the same region, for a process this endpoint
+        starts in its own kernel, bound to its instance; the answer is its offset in the region
+        (the child connects with $MULTIKERNEL_BUS_REGION=PATH@OFFSET). RefusedError when the
+        host lays out no more channels there, BusyError when every one is taken."""
+        result = await self._link.control(AttachRequest())
+        if not isinstance(result, ChannelReady) or result.role != "attach":
+            raise ProtocolError("the hub answered AttachRequest without a channel in the region")
+        return result.token
+
     # -- holding and switching names (for the upgrade actor) ----------------------------------
 
     async def hold_names(self, names: Collection[str], *, hold_for: float) -> None:

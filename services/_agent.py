@@ -49,6 +49,7 @@ from multikernel.protocol import (
     AccessDeniedError,
     AgentHello,
     AgentStatus,
+    BusyError,
     DeadlineExceededError,
     ElasticRequest,
     ExecRequest,
@@ -84,6 +85,7 @@ class AgentState:
     stop: anyio.Event = field(default_factory=anyio.Event)
     workload_started: anyio.Event = field(default_factory=anyio.Event)
     halted_reason: str = ""
+    region: str = ""  # the file of our session channel, attached over a region (a guest)
 
 
 def _cpus() -> tuple[int, ...]:
@@ -136,12 +138,14 @@ async def _start_workload(
     env.pop("MULTIKERNEL_WORKLOAD", None)
     env.update(json.loads(os.environ.get("MULTIKERNEL_WORKLOAD_ENV", "{}")))
     env.setdefault("PYTHONUNBUFFERED", "1")  # its output in the order it was written
-    try:
-        attachment: socket.socket | None = await ep.attachment()
-    except RefusedError as exc:  # over a region (a qemu guest): no socket crosses into it
-        log.warning("workload runs without a bus attachment", reason=str(exc))
-        attachment = None
-    if attachment is not None:
+    attachment: socket.socket | None = None
+    if region := state.region:  # a guest: another session channel in its ivshmem memory
+        try:
+            env["MULTIKERNEL_BUS_REGION"] = f"{region}@{await ep.region_attachment()}"
+        except (RefusedError, BusyError) as exc:
+            log.warning("workload runs without a bus attachment", reason=str(exc))
+    else:
+        attachment = await ep.attachment()
         env["MULTIKERNEL_BUS_FD"] = str(attachment.fileno())
     fds = [attachment.fileno()] if attachment is not None else []
     try:
@@ -235,6 +239,7 @@ async def run_agent() -> int:
     workload = json.loads(os.environ.get("MULTIKERNEL_WORKLOAD", "[]"))
     image_dir = os.environ.get("MULTIKERNEL_IMAGE_DIR", "")
     state = AgentState(instance, name, InstanceResources.from_environment(instance))
+    state.region = os.environ.get("MULTIKERNEL_BUS_REGION", "")  # connect() takes it
     output = _output_fd()
     status = 0
     period = float(os.environ.get("MULTIKERNEL_HEARTBEAT") or HEARTBEAT_SECONDS)

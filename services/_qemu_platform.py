@@ -4,7 +4,9 @@
 virtual CPUs (`-smp`) as the grant has CPUs, and QEMU's threads are pinned to the granted host
 CPUs. It boots `spec.boot` (the kernel and initramfs of a verified image) or the platform's
 default image. The guest gets an `ivshmem-doorbell` device whose memory is a sealed memfd of
-ours (`SHARED_MEMORY` bytes): a session channel at its start, the boot block at its end
+ours (`GUEST_MEMORY` bytes): session channels in slots from its start (the agent's in slot 0,
+one per attachment the agent asks for, for its workload, in the others), the boot block at its
+end
 (`_qemu_boot`: the spec's argv, environment and hostname, the analogue of the device tree a
 kernel boots with). QEMU joins as peer 1 of a one-client ivshmem handshake on a socket in the
 instance's own directory (the host is peer 0), so the host holds both sides' doorbell eventfds.
@@ -44,6 +46,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from multikernel.bus import Limits
+from multikernel.protocol import BusyError
 from multikernel.services._ivshmem import Peer, close_peer, make_peer, send_handshake
 from multikernel.services._local_probe import online_cpus
 from multikernel.services._namespaces import namespace_ids
@@ -59,12 +62,11 @@ from multikernel.services._platform import (
     Resources,
     launched_by,
 )
-from multikernel.services._qemu_boot import read_status, write_boot
+from multikernel.services._qemu_boot import BOOT_SIZE, read_status, write_boot
 from multikernel.services._qemu_image import GuestImage, build_image
-from multikernel.services._qemu_link import SHARED_MEMORY
 from multikernel.services._qemu_record import QemuRecords
 from multikernel.services._qemu_vm import QEMU, Vm, VmConfig
-from multikernel.shm import Channel, Region, WaitPolicy, format_channel
+from multikernel.shm import Channel, Region, WaitPolicy, channel_size, format_channel
 
 T = TypeVar("T")
 MIN_MEMORY: Final = 128 << 20
@@ -73,6 +75,8 @@ MIN_MEMORY: Final = 128 << 20
 BOOT_TIMEOUT: Final = 120.0
 #: What `wait` answers for a guest that ended without its init recording the agent's exit.
 GUEST_DOWN: Final = 1
+#: The guest's ivshmem memory: a power of two, room for five session channels and a boot block.
+GUEST_MEMORY: Final = 16 << 20
 
 
 class ServeRegion(Protocol):
@@ -84,6 +88,7 @@ class ServeRegion(Protocol):
         channel: Channel,
         *,
         pid: int = 0,
+        attach: Callable[[], Awaitable[int]] | None = None,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None: ...
 
@@ -109,8 +114,10 @@ class QemuInstance(InstanceProcess):
         self.link: socket.socket | None = None  # QEMU's ivshmem connection (its hang-up: exit)
         self.host_peer: Peer | None = None
         self.guest_peer: Peer | None = None
-        self.session = anyio.CancelScope()  # the hub's session with the guest's agent
-        self.served = anyio.Event()  # set once that session has ended
+        self.session = anyio.CancelScope()  # the hub's sessions with the guest's processes
+        self.served = anyio.Event()  # set once they have all ended
+        self.sessions: anyio.abc.TaskGroup | None = None
+        self.taken = {0}  # the slots whose session channel is in use (0: the agent's)
 
 
 class QemuPlatform:
@@ -136,6 +143,8 @@ class QemuPlatform:
         self.serve_region = serve_region
         self.policy = policy
         self.session_capacity = session_capacity
+        self.slot = -(-channel_size(session_capacity) // (1 << 20)) << 20  # whole MiBs
+        self.slots = (GUEST_MEMORY - BOOT_SIZE) // self.slot
         self.records = QemuRecords()
         self._running: dict[str, QemuInstance | None] = {}
         self._tg: anyio.abc.TaskGroup | None = None
@@ -199,7 +208,7 @@ class QemuPlatform:
             image = await self._image_for(spec)
             listener.bind(str(workdir / "ivshmem.sock"))
             listener.listen(1)
-            region = Region.create(SHARED_MEMORY)
+            region = Region.create(GUEST_MEMORY)
             with memoryview(region.mmap) as memory:
                 write_boot(memory, list(spec.argv), dict(spec.env), spec.uts_name)
             format_channel(region, self.session_capacity)
@@ -286,17 +295,58 @@ class QemuPlatform:
         *,
         task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
-        """The guest's session on the hub, started once its agent is attached, until it ends
-        or QEMU exits (`_watch` cancels it)."""
+        """The guest's sessions on the hub: its agent's (started once the agent is attached),
+        then those of its attachments, until they end or QEMU exits (`_watch` cancels them)."""
         assert self.serve_region is not None
+        attach = functools.partial(self._attach, instance)
         try:
             with instance.session:
-                await self.serve_region(
-                    instance.instance_id, channel, pid=instance.pid, task_status=task_status
-                )
+                async with anyio.create_task_group() as sessions:
+                    instance.sessions = sessions
+                    await sessions.start(
+                        functools.partial(
+                            self.serve_region,
+                            instance.instance_id,
+                            channel,
+                            pid=instance.pid,
+                            attach=attach,
+                        )
+                    )
+                    task_status.started()
         finally:
             channel.close()
             instance.served.set()
+
+    async def _attach(self, instance: QemuInstance) -> int:
+        """A session channel for a process the guest's agent starts (its workload), laid out
+        in a free slot of the guest's memory and served like the agent's; its offset."""
+        free = next((k for k in range(1, self.slots) if k not in instance.taken), None)
+        if free is None or instance.sessions is None:
+            raise BusyError(
+                f"every session channel of guest {instance.name!r} is in use ({self.slots - 1} "
+                "attachments besides its agent's): end a process that holds one"
+            )
+        offset = free * self.slot
+        with Region(os.dup(instance.region.fd), self.slot, offset=offset) as part:
+            format_channel(part, self.session_capacity)
+        channel = Channel.open_region(
+            instance.region, 0, self.policy, offset=offset, size=self.slot
+        )
+        instance.taken.add(free)
+        assert self.serve_region is not None
+        serve = self.serve_region
+
+        async def session() -> None:
+            try:
+                await serve(instance.instance_id, channel, pid=instance.pid, attach=attach)
+            finally:
+                channel.close()
+                instance.taken.discard(free)
+
+        attach = functools.partial(self._attach, instance)
+        instance.sessions.start_soon(session)
+        await anyio.lowlevel.checkpoint()
+        return offset
 
     @staticmethod
     async def _watch(instance: QemuInstance) -> None:

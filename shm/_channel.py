@@ -292,7 +292,13 @@ class Channel(ObjectStream[bytes]):
 
     @classmethod
     def open_path(
-        cls, path: str | os.PathLike[str], side: int, policy: WaitPolicy | None = None
+        cls,
+        path: str | os.PathLike[str],
+        side: int,
+        policy: WaitPolicy | None = None,
+        *,
+        offset: int = 0,
+        size: int | None = None,
     ) -> Self:
         """Open one end of a channel laid out in a file, with no doorbells (polling with back-off).
 
@@ -300,15 +306,25 @@ class Channel(ObjectStream[bytes]):
         file must already hold a channel (`format_channel`), e.g. made with `Region.create(size,
         backing="shm")` and `format_channel` by the peer. Only for peers we trust: a file cannot
         be sealed, so whoever can write it can truncate it under us (SIGBUS); `Region.open`
-        refuses a file that users other than us and root could write.
+        refuses a file that users other than us and root could write. With `offset` (and
+        `size`), the channel laid out there (several channels in one file).
         """
         if side not in (0, 1):
             raise ValueError(f"a channel has sides 0 and 1, not {side}")
-        return cls._open(Region.open(path), side, [None] * 4, None, policy)
+        return cls._open(Region.open(path, size, offset=offset), side, [None] * 4, None, policy)
 
     @classmethod
-    def open_region(cls, region: Region, side: int, policy: WaitPolicy | None = None) -> Self:
-        """Open one end of a channel laid out in `region`, with no doorbells (polling).
+    def open_region(
+        cls,
+        region: Region,
+        side: int,
+        policy: WaitPolicy | None = None,
+        *,
+        offset: int = 0,
+        size: int | None = None,
+    ) -> Self:
+        """Open one end of a channel laid out in `region` (at `offset`, `size` bytes: default
+        the rest), with no doorbells (polling).
 
         For a region we made and share through something other than a channel handle (a
         memfd QEMU maps as an ivshmem device's memory). The channel maps it again through a
@@ -316,9 +332,13 @@ class Channel(ObjectStream[bytes]):
         """
         if side not in (0, 1):
             raise ValueError(f"a channel has sides 0 and 1, not {side}")
+        if size is None:
+            size = region.size - offset
+        if offset < 0 or size <= 0 or offset + size > region.size:
+            raise ValueError(f"{size} bytes at {offset} are not within {region}")
         fd = os.dup(region.fd)
         try:
-            own = Region(fd, region.size)
+            own = Region(fd, size, offset=region.offset + offset)
         except BaseException:
             os.close(fd)
             raise

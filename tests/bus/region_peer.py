@@ -8,7 +8,8 @@ It prints one JSON line per event and exits when its stdin closes.
 
   honest     attach as "liar" (a name says nothing of who it is), print its endpoint id, serve
              requests from stdin lines: "publish SUBJECT", "call NAME", "own NAME" (serve NAME.echo,
-             which answers its argument + " from the region"), and
+             which answers its argument + " from the region"), "attach -" (ask for an
+             attachment: another session channel in the region, by offset), and
              "forge TOKEN" (a request for a relayed channel it was never given)
   garbage    write one frame of garbage on the session channel after attaching
   early      write garbage where the hub waits for Hello (never attaches)
@@ -77,6 +78,8 @@ async def main(fd: int, size: int, role: str) -> None:
                     frame = encode(Kind.REQUEST, b"", subject="echo", correlation=1)
                     await ep._link.to_hub(stamped(frame, int(arg)))
                     say("forged", token=int(arg))
+                elif verb == "attach":  # ARG: ignored
+                    say("attached", offset=await ep.region_attachment())
                 elif verb == "call":
                     say("answer", value=(await ep.request(arg, "echo", b"hi")).decode())
             except MultikernelError as exc:

@@ -5,6 +5,7 @@ guest), and the hub binds who it is from the region it handed over, not from wha
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -134,6 +135,34 @@ async def test_two_region_endpoints_call_each_other_through_the_hub(tmp_path: Pa
             tell(caller, "call in.guest")
             assert (await caller.expect("error"))["type"] == "NoRespondersError"
             await caller.stop()
+
+
+async def test_an_attachment_over_a_region_is_a_channel_laid_out_by_whoever_serves_it(
+    tmp_path: Path,
+) -> None:
+    """No socket to hand over: the hub asks `attach` (the platform) for another session
+    channel in the region and tells the endpoint its offset; without `attach`, refused."""
+    laid: list[int] = []
+
+    async def attach() -> int:
+        laid.append(3 << 20)
+        return laid[-1]
+
+    async with hub_serving(tmp_path) as (hub, tg):
+        with region_peer("honest") as (one, peer), region_peer("honest") as (two, other):
+            tg.start_soon(partial(hub.serve_region, 7, one, attach=attach))
+            tg.start_soon(hub.serve_region, 8, two)
+            await peer.expect("ready")
+            await other.expect("ready")
+            tell(peer, "attach -")
+            assert (await peer.expect("attached"))["offset"] == 3 << 20
+            assert laid == [3 << 20]
+            tell(other, "attach -")
+            refused = await other.expect("error")
+            assert refused["type"] == "RefusedError"
+            assert refused["message"].startswith("an attachment is a socket, and this endpoint")
+            await peer.stop()
+            await other.stop()
 
 
 async def test_a_region_channel_too_small_for_the_hubs_frames_is_refused(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -204,6 +205,34 @@ async def test_channel_over_a_region_we_hold_maps_its_own_copy() -> None:
         assert await b.receive() == b"over the region"
     with Region.create(channel_size(64)) as other, pytest.raises(ValueError):
         Channel.open_region(other, 2)
+
+
+async def test_several_channels_in_one_file_each_at_its_offset(tmp_path: Path) -> None:
+    """A guest's memory holds one session channel per slot: each opened at its offset (a region
+    or a file), the others untouched; an offset off the page grain or past the end is refused."""
+    import mmap
+
+    from multikernel.shm import Region, channel_size, format_channel
+
+    slot = -(-channel_size(4096) // mmap.PAGESIZE) * mmap.PAGESIZE
+    path = tmp_path / "guest-memory"
+    path.write_bytes(bytes(3 * slot))
+    policy = WaitPolicy(spin=0, poll_max=2e-3)
+    with Region.open(path) as memory:
+        for k in (1, 2):
+            with Region(os.dup(memory.fd), slot, offset=k * slot) as part:
+                format_channel(part, 4096)
+        host = [Channel.open_region(memory, 0, policy, offset=k * slot, size=slot) for k in (1, 2)]
+        with pytest.raises(ValueError, match="not within"):
+            Channel.open_region(memory, 0, offset=3 * slot)
+    with pytest.raises(ValueError, match="multiple of the page size"):
+        Region.open(path, slot, offset=slot + 8)
+    guest = [Channel.open_path(path, 1, policy, offset=k * slot) for k in (1, 2)]
+    async with host[0], host[1], guest[0], guest[1]:
+        await host[1].send(b"to slot 2")
+        await host[0].send(b"to slot 1")
+        assert [await guest[0].receive(), await guest[1].receive()] == [b"to slot 1", b"to slot 2"]
+    assert path.read_bytes()[:slot] == bytes(slot)  # slot 0 was never written
 
 
 async def test_maximum_payload_is_half_the_capacity(pair: tuple[Channel, Channel]) -> None:
