@@ -65,14 +65,15 @@ from multikernel.services._platform import (
 from multikernel.services._qemu_boot import BOOT_SIZE, read_status, write_boot
 from multikernel.services._qemu_image import GuestImage, build_image
 from multikernel.services._qemu_record import QemuRecords
-from multikernel.services._qemu_vm import QEMU, Vm, VmConfig
+from multikernel.services._qemu_vm import QEMU, Exited, Vm, VmConfig, pin, tail, unless_exited
 from multikernel.shm import Channel, Region, WaitPolicy, channel_size, format_channel
 
 T = TypeVar("T")
 MIN_MEMORY: Final = 128 << 20
-#: How long a guest may take from QEMU's start to its agent attached (TCG on a busy 2-CPU host
-#: boots in 6-15 s, and the agent's imports take 4-6 s more).
-BOOT_TIMEOUT: Final = 120.0
+#: How long a guest may take from QEMU's start to its agent attached: TCG on a 2-CPU host boots
+#: in 6-15 s and the agent's imports take 4-6 s more, but 50-80 s were seen with the machine's
+#: load at 20. A guest that fails sooner (QEMU exits) fails the launch at once.
+BOOT_TIMEOUT: Final = 300.0
 #: What `wait` answers for a guest that ended without its init recording the agent's exit.
 GUEST_DOWN: Final = 1
 #: The guest's ivshmem memory: a power of two, room for five session channels and a boot block.
@@ -223,28 +224,28 @@ class QemuPlatform:
             vm = await self._start(config, spec, workdir)
             instance = QemuInstance(self, spec, vm, workdir, image, region)
             self._running[spec.unit] = instance
-            _pin(vm.pid, spec.resources.cpus)
+            pin(vm.pid, spec.resources.cpus)
             with anyio.fail_after(BOOT_TIMEOUT):
-                await _unless_exited(vm, functools.partial(self._join, instance, listener))
+                await unless_exited(vm, functools.partial(self._join, instance, listener))
                 channel = Channel.open_region(region, 0, self.policy)
                 serve = functools.partial(self._serve, instance, channel)
-                await _unless_exited(vm, functools.partial(self._tg.start, serve))
+                await unless_exited(vm, functools.partial(self._tg.start, serve))
             self._tg.start_soon(self._watch, instance)
         except BaseException as exc:
             listener.close()
-            tail = ""
+            last = ""
             with anyio.CancelScope(shield=True):
                 if instance is not None:
                     await self.kill(instance)
-                    tail = _tail(workdir / "qemu.log") + _tail(instance.console)
+                    last = tail(workdir / "qemu.log") + tail(instance.console)
                     await self.reclaim(instance)
                 else:
                     if region is not None:
                         region.close()
                     self._running.pop(spec.unit, None)
                     shutil.rmtree(workdir, ignore_errors=True)
-            if isinstance(exc, (OSError, TimeoutError, RuntimeError, _Exited)):
-                detail = f" Its last output:\n{tail}" if tail else ""
+            if isinstance(exc, (OSError, TimeoutError, RuntimeError, Exited)):
+                detail = f" Its last output:\n{last}" if last else ""
                 raise LaunchError(f"guest {spec.unit!r} did not come up: {exc}.{detail}") from exc
             raise
         listener.close()
@@ -367,7 +368,7 @@ class QemuPlatform:
                 f"instance {instance.name!r} runs on qemu, whose guests cannot change their "
                 "memory or CPU count live yet: restart it with the new grant"
             )
-        _pin(instance.pid, resources.cpus)
+        pin(instance.pid, resources.cpus)
         instance.resources = resources
         await anyio.lowlevel.checkpoint()
 
@@ -453,35 +454,6 @@ class QemuPlatform:
         )
 
 
-class _Exited(Exception):
-    """QEMU ended while `launch` waited for its guest."""
-
-
-async def _unless_exited(vm: Vm, step: Callable[[], Awaitable[T]]) -> T:
-    """`await step()`, unless QEMU ends first (then `_Exited`, at once rather than at the boot
-    timeout). The step's own exception comes out as it is, not in a group."""
-    done: list[T] = []
-    failure: Exception | None = None
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            await vm.wait()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
-        try:
-            done.append(await step())
-        except Exception as exc:  # raised below, outside the task group
-            failure = exc
-        finally:
-            tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    if not done:
-        raise _Exited(f"QEMU exited with status {vm.process.returncode}")
-    return done[0]
-
-
 def _check_resources(resources: Resources) -> None:
     if resources.memory < MIN_MEMORY:
         raise InvalidSpecError(
@@ -489,20 +461,3 @@ def _check_resources(resources: Resources) -> None:
         )
     if missing := resources.cpus - online_cpus():
         raise InvalidSpecError(f"CPUs {sorted(missing)} are not online on this host")
-
-
-def _pin(pid: int, cpus: frozenset[int]) -> None:
-    """Pin every thread of QEMU (`pid`) to `cpus`; threads it starts later inherit it."""
-    os.sched_setaffinity(pid, cpus)
-    with contextlib.suppress(FileNotFoundError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(ProcessLookupError):
-                os.sched_setaffinity(int(tid), cpus)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:]) + "\n"

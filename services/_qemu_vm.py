@@ -5,24 +5,30 @@ stock kernels), no default devices, the guest's serial console on QEMU's stdout,
 guest that powers off or panics ends QEMU), and optionally an ivshmem device whose shared memory
 and doorbells come from an ivshmem server's socket (`_ivshmem`).
 
-`Vm` is the running process as an async context manager: `console_line` waits for a line the
-guest's program printed (those start with `multikernel-guest: `), `wait` for QEMU's exit, `kill`
-ends it; leaving the `async with` kills QEMU if it is still running and reaps it, so no test or
-benchmark leaves a guest behind. Everything QEMU prints is kept (`console`) for the error
-message of a guest that did not come up.
+`Vm` is the running process as an async context manager (started through util-linux's `setpriv
+--pdeathsig KILL` where it is installed, so a guest never outlives the process that started it:
+a restarted host does not adopt guests, and one that died mid-launch leaves none running):
+`console_line` waits for a line the guest's program printed (those start with
+`multikernel-guest: `), `wait` for QEMU's exit, `kill` ends it; leaving the `async with` kills
+QEMU if it is still running and reaps it, so no test or benchmark leaves a guest behind.
+Everything QEMU prints is kept (`console`) for the error message of a guest that did not come
+up. `unless_exited` runs a step of a launch unless QEMU ends first; `pin` pins QEMU's threads;
+`tail` is the end of a log file, for error messages.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import subprocess
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import Final, Self, TypeVar
 
 import anyio
 import anyio.abc
@@ -31,6 +37,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from multikernel.services._platform import LaunchError
 from multikernel.services._qemu_image import GuestImage
 
+T = TypeVar("T")
 QEMU: Final = "qemu-system-x86_64"
 GUEST_PREFIX: Final = "multikernel-guest: "
 
@@ -112,8 +119,11 @@ class Vm:
                 f"{QEMU} is not installed; apt-get install -y --no-install-recommends "
                 "qemu-system-x86"
             )
+        argv = qemu_argv(config, qemu)
+        if setpriv := shutil.which("setpriv"):  # util-linux: QEMU dies with its parent
+            argv = [setpriv, "--pdeathsig", "KILL", *argv]
         process = await anyio.open_process(
-            qemu_argv(config, qemu),
+            argv,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if output is None else output,
             stderr=subprocess.STDOUT,
@@ -177,3 +187,49 @@ class Vm:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+
+class Exited(Exception):
+    """QEMU ended while `launch` waited for its guest."""
+
+
+async def unless_exited(vm: Vm, step: Callable[[], Awaitable[T]]) -> T:
+    """`await step()`, unless QEMU ends first (then `Exited`, at once rather than at the boot
+    timeout). The step's own exception comes out as it is, not in a group."""
+    done: list[T] = []
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await vm.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            done.append(await step())
+        except Exception as exc:  # raised below, outside the task group
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if not done:
+        raise Exited(f"QEMU exited with status {vm.process.returncode}")
+    return done[0]
+
+
+def pin(pid: int, cpus: frozenset[int]) -> None:
+    """Pin every thread of QEMU (`pid`) to `cpus`; threads it starts later inherit it."""
+    os.sched_setaffinity(pid, cpus)
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:]) + "\n"
