@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -175,3 +176,66 @@ async def test_a_request_for_a_relay_it_was_never_given_is_refused_not_forwarded
             assert cut_offs(caplog) == []
             await honest.stop()
             await forger.stop()
+
+
+async def test_a_region_endpoint_asking_for_attachments_past_the_limit_is_told_busy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each attachment costs a channel in the region: whoever serves it bounds them (the qemu
+    platform: four), and the one past the bound is answered BusyError; the session goes on."""
+    from multikernel.protocol import BusyError
+
+    laid: list[int] = []
+
+    async def attach() -> int:
+        if len(laid) == 2:
+            raise BusyError("every session channel of this guest is in use")
+        laid.append((len(laid) + 1) << 20)
+        return laid[-1]
+
+    async with hub_serving(tmp_path) as (hub, tg):
+        with region_peer("honest") as (channel, peer):
+            tg.start_soon(partial(hub.serve_region, 7, channel, attach=attach))
+            await peer.expect("ready")
+            for offset in (1 << 20, 2 << 20):
+                tell(peer, "attach -")
+                assert (await peer.expect("attached"))["offset"] == offset
+            tell(peer, "attach -")
+            busy = await peer.expect("error")
+            assert (busy["type"], busy["message"]) == (
+                "BusyError",
+                "every session channel of this guest is in use",
+            )
+            await still_publishes(peer)
+            assert cut_offs(caplog) == []
+            await peer.stop()
+
+
+@pytest.mark.parametrize(
+    ("word", "status"),
+    [
+        (0, None),  # nothing recorded: the guest went down first
+        ((1 << 32) | 0, 0),
+        ((1 << 32) | 3, 3),
+        ((1 << 32) | ((-9) & 0xFFFFFFFF), -9),
+        ((1 << 32) | 4096, None),  # not an exit status
+        ((7 << 32) | 0, None),  # not the flag
+        ((1 << 64) - 1, None),
+    ],
+)
+def test_a_guest_writing_its_exit_word_can_say_only_an_exit_status(
+    word: int, status: int | None
+) -> None:
+    """The boot block is in the guest's memory, writable by it at any time: the host reads only
+    the exit word, and anything but the flag and an exit code or minus a signal is no status."""
+    import mmap
+
+    from multikernel.services._qemu_boot import BOOT_SIZE, read_status, write_boot
+
+    memory = mmap.mmap(-1, 2 * BOOT_SIZE)
+    with memoryview(memory) as view:
+        write_boot(view, ["/bin/python3"], {}, "g")
+        with view[-BOOT_SIZE:] as block, block.cast("Q") as words:
+            words[2] = word
+        assert read_status(view) == status
+    memory.close()
