@@ -30,8 +30,14 @@ from pathlib import Path
 import anyio
 
 from multikernel.endpoints._endpoint import Endpoint
-from multikernel.endpoints.wire import ENV_FD, ENV_REGION, ENV_SOCKET, default_socket_path
-from multikernel.shm import Channel, WaitPolicy
+from multikernel.endpoints.wire import (
+    ENV_DOORBELL,
+    ENV_FD,
+    ENV_REGION,
+    ENV_SOCKET,
+    default_socket_path,
+)
+from multikernel.shm import Channel, RegisterDoorbell, WaitPolicy
 
 #: How an endpoint waits on a session channel in a region with no doorbell: a short spin, then
 #: sleeps doubling from 10 µs to 1 ms (the defaults of `WaitPolicy`).
@@ -61,9 +67,13 @@ async def connect(
     it, nothing is looked up, there is no socket (the hub relays its direct channels, both
     ways: docs/bus.md) and no re-attach; the endpoint owns `channel`. $MULTIKERNEL_BUS_REGION
     (`PATH` or `PATH@OFFSET`) does the same with side 1 of the channel laid out in the file it
-    names, at its start or at OFFSET (an attachment: `Endpoint.region_attachment`).
+    names, at its start or at OFFSET (an attachment: `Endpoint.region_attachment`), and with
+    $MULTIKERNEL_BUS_DOORBELL (`PATH@OFFSET=VALUE`, a device register) rings the hub through it
+    whenever a send finds the hub's reader asleep (interrupt mode: the hub sleeps on the eventfd
+    the device writes, instead of polling).
     """
     inherited = False
+    bell: RegisterDoorbell | None = None
     if channel is not None:
         if path is not None or fd is not None:
             channel.close()
@@ -78,7 +88,10 @@ async def connect(
         file, _, offset = os.environ.pop(ENV_REGION).rpartition("@")
         if not file or not offset.isdigit():
             file, offset = f"{file}@{offset}" if file else offset, "0"
-        channel = Channel.open_path(file, 1, wait or REGION_WAIT, offset=int(offset))
+        if spec := os.environ.pop(ENV_DOORBELL, ""):  # interrupt mode: ring the hub's reader
+            bell = RegisterDoorbell.parse(spec)
+        ring = bell.ring if bell is not None else None
+        channel = Channel.open_path(file, 1, wait or REGION_WAIT, offset=int(offset), ring=ring)
     if channel is not None:
         reconnect = False
     if path is not None:
@@ -111,6 +124,8 @@ async def connect(
         raise _unwrapped(group) from None
     finally:
         endpoint._clients.close()
+        if bell is not None:
+            bell.close()
     if raised is not None:
         raise raised
 

@@ -86,6 +86,7 @@ class AgentState:
     workload_started: anyio.Event = field(default_factory=anyio.Event)
     halted_reason: str = ""
     region: str = ""  # the file of our session channel, attached over a region (a guest)
+    doorbell: str = ""  # the register that rings the host's reader of it (interrupt mode)
 
 
 def _cpus() -> tuple[int, ...]:
@@ -141,9 +142,14 @@ async def _start_workload(
     attachment: socket.socket | None = None
     if region := state.region:  # a guest: another session channel in its ivshmem memory
         try:
-            env["MULTIKERNEL_BUS_REGION"] = f"{region}@{await ep.region_attachment()}"
+            offset = await ep.region_attachment()
         except (RefusedError, BusyError) as exc:
             log.warning("workload runs without a bus attachment", reason=str(exc))
+        else:
+            env["MULTIKERNEL_BUS_REGION"] = f"{region}@{offset}"
+            if state.doorbell:  # the same register; the vector of a channel is its MiB offset
+                register = state.doorbell.rpartition("=")[0]
+                env["MULTIKERNEL_BUS_DOORBELL"] = f"{register}={offset >> 20}"
     else:
         attachment = await ep.attachment()
         env["MULTIKERNEL_BUS_FD"] = str(attachment.fileno())
@@ -240,6 +246,7 @@ async def run_agent() -> int:
     image_dir = os.environ.get("MULTIKERNEL_IMAGE_DIR", "")
     state = AgentState(instance, name, InstanceResources.from_environment(instance))
     state.region = os.environ.get("MULTIKERNEL_BUS_REGION", "")  # connect() takes it
+    state.doorbell = os.environ.get("MULTIKERNEL_BUS_DOORBELL", "")
     output = _output_fd()
     status = 0
     period = float(os.environ.get("MULTIKERNEL_HEARTBEAT") or HEARTBEAT_SECONDS)

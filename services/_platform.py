@@ -110,6 +110,9 @@ class LaunchSpec:
     slot: str = ""  # "": the instance's own tree; else a second tree of it (e.g. a standby)
     platform: str = ""
     boot: KernelImage | None = None
+    #: A kernel of its own rings the host's doorbell after its sends (the host sleeps on it)
+    #: rather than the host polling it; the `qemu` platform's interrupt mode.
+    interrupts: bool = False
 
     def __post_init__(self) -> None:
         check_name(self.name)

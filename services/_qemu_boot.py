@@ -10,7 +10,7 @@ bytes:
 | 0 | 8 | magic `MKBOOT\\0\\0`, written last by the host |
 | 8 | 8 | length of the JSON document at 64 |
 | 16 | 8 | the agent's exit: `1 << 32 | (status & 0xffffffff)` once it ended, 0 before (guest) |
-| 64 | length | JSON: `{"argv": [...], "env": {...}, "hostname": "..."}` (host) |
+| 64 | length | JSON: `{"argv": [...], "env": {...}, "hostname": "...", "doorbell": bool}` (host) |
 
 The kernel command line would hold the agent's command line but not its environment (2 KiB on
 x86, and the workload's JSON goes in it), hence a block of its own. The guest may write anything
@@ -37,9 +37,19 @@ def boot_offset(size: int) -> int:
     return size - BOOT_SIZE
 
 
-def write_boot(memory: memoryview, argv: list[str], env: dict[str, str], hostname: str) -> None:
-    """Fill the boot block at the end of `memory` (the host, before the guest starts)."""
-    document = json.dumps({"argv": argv, "env": env, "hostname": hostname}).encode()
+def write_boot(
+    memory: memoryview,
+    argv: list[str],
+    env: dict[str, str],
+    hostname: str,
+    *,
+    doorbell: bool = False,
+) -> None:
+    """Fill the boot block at the end of `memory` (the host, before the guest starts);
+    `doorbell`: the guest rings the host through its doorbell register (interrupt mode)."""
+    document = json.dumps(
+        {"argv": argv, "env": env, "hostname": hostname, "doorbell": doorbell}
+    ).encode()
     if len(document) > BOOT_SIZE - _DOCUMENT:
         raise ValueError(
             f"the guest's command line and environment take {len(document)} bytes, more than "

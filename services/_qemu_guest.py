@@ -17,7 +17,9 @@
 - `agent` (what the `qemu` platform boots): the same device and wait, then read the boot block
   the host wrote at the end of the memory (`_qemu_boot`: the launch spec's argv, environment
   and hostname), set the hostname, run argv (the instance agent) with that environment plus
-  `MULTIKERNEL_BUS_REGION=<the BAR>`, so its `connect()` attaches over the session channel,
+  `MULTIKERNEL_BUS_REGION=<the BAR>`, so its `connect()` attaches over the session channel
+  (and, in interrupt mode, `MULTIKERNEL_BUS_DOORBELL=<BAR 0>@12=0`: it rings the host through
+  its doorbell register when the host's reader sleeps),
   wait for it, record its exit status in the boot block for the host and say it, then return
   (which powers the guest off).
 
@@ -207,6 +209,8 @@ def agent() -> int:
         if not python.exists():
             python.symlink_to(sys.executable)
         env = {**boot["env"], "MULTIKERNEL_BUS_REGION": str(bar)}
+        if boot.get("doorbell"):  # interrupt mode: ring the host (peer 0, vector 0) via BAR 0
+            env["MULTIKERNEL_BUS_DOORBELL"] = f"{device / 'resource0'}@12={HOST_PEER << 16}"
         say(f"agent starting on {device.name}")
         try:
             status = subprocess.call(boot["argv"], env=env, cwd="/", stdin=subprocess.DEVNULL)

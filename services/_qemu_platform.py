@@ -78,6 +78,9 @@ BOOT_TIMEOUT: Final = 300.0
 GUEST_DOWN: Final = 1
 #: The guest's ivshmem memory: a power of two, room for five session channels and a boot block.
 GUEST_MEMORY: Final = 16 << 20
+#: Doorbell vectors: in interrupt mode the guest rings vector OFFSET >> 20 (the MiB a session
+#: channel starts at) after a send that finds the host's reader of that channel asleep.
+VECTORS: Final = GUEST_MEMORY >> 20
 
 
 class ServeRegion(Protocol):
@@ -211,7 +214,13 @@ class QemuPlatform:
             listener.listen(1)
             region = Region.create(GUEST_MEMORY)
             with memoryview(region.mmap) as memory:
-                write_boot(memory, list(spec.argv), dict(spec.env), spec.uts_name)
+                write_boot(
+                    memory,
+                    list(spec.argv),
+                    dict(spec.env),
+                    spec.uts_name,
+                    doorbell=spec.interrupts,
+                )
             format_channel(region, self.session_capacity)
             config = VmConfig(
                 image,
@@ -220,6 +229,7 @@ class QemuPlatform:
                 args=(("mode", "agent"),),
                 ivshmem_socket=workdir / "ivshmem.sock",
                 console_log=workdir / "console.log",
+                vectors=VECTORS,
             )
             vm = await self._start(config, spec, workdir)
             instance = QemuInstance(self, spec, vm, workdir, image, region)
@@ -227,7 +237,9 @@ class QemuPlatform:
             pin(vm.pid, spec.resources.cpus)
             with anyio.fail_after(BOOT_TIMEOUT):
                 await unless_exited(vm, functools.partial(self._join, instance, listener))
-                channel = Channel.open_region(region, 0, self.policy)
+                channel = Channel.open_region(
+                    region, 0, self.policy, size=self.slot, doorbell=_doorbell(instance, 0)
+                )
                 serve = functools.partial(self._serve, instance, channel)
                 await unless_exited(vm, functools.partial(self._tg.start, serve))
             self._tg.start_soon(self._watch, instance)
@@ -285,8 +297,8 @@ class QemuPlatform:
                 await anyio.wait_readable(listener)
         instance.link = link
         link.setblocking(False)
-        instance.host_peer = make_peer(0, 1)
-        instance.guest_peer = make_peer(1, 1)
+        instance.host_peer = make_peer(0, VECTORS)
+        instance.guest_peer = make_peer(1, VECTORS)
         await send_handshake(link, instance.guest_peer, instance.region.fd, [instance.host_peer])
 
     async def _serve(
@@ -331,7 +343,12 @@ class QemuPlatform:
         with Region(os.dup(instance.region.fd), self.slot, offset=offset) as part:
             format_channel(part, self.session_capacity)
         channel = Channel.open_region(
-            instance.region, 0, self.policy, offset=offset, size=self.slot
+            instance.region,
+            0,
+            self.policy,
+            offset=offset,
+            size=self.slot,
+            doorbell=_doorbell(instance, offset),
         )
         instance.taken.add(free)
         assert self.serve_region is not None
@@ -461,3 +478,11 @@ def _check_resources(resources: Resources) -> None:
         )
     if missing := resources.cpus - online_cpus():
         raise InvalidSpecError(f"CPUs {sorted(missing)} are not online on this host")
+
+
+def _doorbell(instance: QemuInstance, offset: int) -> int | None:
+    """In interrupt mode, the eventfd QEMU writes when the guest rings the vector of the session
+    channel at `offset` (its MiB); the hub's reader of that channel sleeps on it."""
+    if not instance.spec.interrupts or instance.host_peer is None:
+        return None
+    return instance.host_peer.vectors[offset >> 20]

@@ -31,6 +31,7 @@ from multikernel.services._local_probe import online_cpus
 from multikernel.services._platform import InvalidSpecError, LaunchError, LaunchSpec, Resources
 from multikernel.services._qemu_image import GuestImage
 from multikernel.services._qemu_platform import QemuPlatform
+from multikernel.shm import WaitPolicy
 
 pytestmark = pytest.mark.anyio
 MiB = 1 << 20
@@ -44,6 +45,7 @@ def spec(
     memory: int = 256 * MiB,
     pass_fds: tuple[int, ...] = (),
     stdout: int | None = None,
+    interrupts: bool = False,
 ) -> LaunchSpec:
     cpus = cpus if cpus is not None else frozenset({max(online_cpus())})
     env = {
@@ -55,8 +57,9 @@ def spec(
     }
     argv = ["/bin/python3", "-m", "multikernel.services.agent"]
     return LaunchSpec(
-        name, ID, argv, env, pass_fds, Resources(cpus, memory), stdout=stdout, stderr=stdout
-    )
+        name, ID, argv, env, pass_fds, Resources(cpus, memory), stdout=stdout, stderr=stdout,
+        interrupts=interrupts,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -149,6 +152,34 @@ async def test_a_guest_runs_our_agent_on_its_grant_and_stops_through_it(
     with os.fdopen(console, "rb") as out:
         text = out.read().decode(errors="replace")
     assert "multikernel-guest: agent exited 0" in text  # the console: what `mkctl logs` shows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+async def test_in_interrupt_mode_the_guest_rings_the_hub_which_never_polls(
+    guest_image: GuestImage, hub: Hub
+) -> None:
+    """The hub's readers of the guest's session channels poll every ten minutes here, so
+    everything the guest sends (its Hello, its hello, its answers) reaches the hub only because
+    the guest rang it: a store to its doorbell register, which QEMU turns into a write of the
+    eventfd the hub's reader sleeps on."""
+    never = WaitPolicy(spin=0, poll_min=600, poll_max=600)
+    async with (
+        QemuPlatform(guest_image, serve_region=hub.serve_region, policy=never) as platform,
+        connect(hub.path, name="host") as host,
+        await host.subscribe(f"mk.instance.{ID}.hello") as hellos,
+    ):
+        guest = await platform.launch(spec("rung", interrupts=True))
+        async with guest:
+            with anyio.fail_after(60):
+                await hellos.__anext__()
+            agent = f"instance.{ID}.agent"
+            for _ in range(5):
+                status = await host.request(agent, "status", None, response=AgentStatus)
+                assert status.hostname == "rung"
+            await host.request(agent, "shutdown", Shutdown(ID))
+            with anyio.fail_after(60):
+                assert await platform.wait(guest) == 0
 
 
 @pytest.mark.slow
