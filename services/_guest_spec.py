@@ -60,4 +60,5 @@ def guest_spec(inst: Instance, output: int, heartbeat: float | None = None) -> L
     return LaunchSpec(
             inst.name, inst.id, [GUEST_PYTHON, "-m", "multikernel.services.agent"], env, (),
             inst.resources, stdout=output, stderr=output, platform=inst.platform, boot=boot,
+            interrupts=inst.interrupts,
         )  # fmt: skip

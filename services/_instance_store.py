@@ -111,6 +111,7 @@ class StoredInstance(msgspec.Struct):
     queues: tuple[str, ...] = ()  # I/O queues granted
     resource_tx: int = 0  # the resource transaction its resources come from
     platform: str = "local"  # what runs it: local or qemu
+    interrupts: bool = False  # qemu: interrupt mode
 
     @property
     def resources(self) -> Resources | None:
@@ -213,6 +214,7 @@ def stored(inst: Instance) -> StoredInstance:
         queues=inst.queues,
         resource_tx=inst.resource_tx,
         platform=inst.platform,
+        interrupts=inst.interrupts,
     )
 
 
@@ -237,4 +239,5 @@ def restored(row: StoredInstance) -> Instance:
         queues=row.queues,
         resource_tx=row.resource_tx,
         platform=row.platform,
+        interrupts=row.interrupts,
     )

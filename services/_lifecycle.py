@@ -66,6 +66,7 @@ from multikernel.protocol import (
     UpdateInstance,
     format_size,
 )
+from multikernel.services._guest_spec import GUEST_PLATFORMS
 from multikernel.services._image import load_image
 from multikernel.services._instance_store import InstanceStore
 from multikernel.services._instances import (
@@ -261,7 +262,14 @@ class LifecycleActor:
                 restart=request.restart,
                 output=InstanceLog(self._instance_dir(name)),
                 platform=self._platform_named(request.platform),
+                interrupts=request.interrupts,
             )
+            if inst.interrupts and inst.platform not in GUEST_PLATFORMS:
+                raise InstanceRefusedError(
+                    f"--interrupts is for instances with a kernel of their own (--platform "
+                    f"qemu); {name!r} runs on {inst.platform}, whose channels always have "
+                    "doorbells"
+                )
             asked = self._grants.asked(inst, request)
             grant = await self._grants.change("allocate", asked) if asked is not None else None
             # Only once the resources are granted: a refusal leaves nothing behind (no record, no

@@ -82,6 +82,12 @@ async def test_a_qemu_instance_runs_through_the_lifecycle_with_mkctl(
     host: tuple[Path, Endpoint], guest_image: GuestImage
 ) -> None:
     root, _ = host
+    code, _, err = await mkctl(root, "create", "pc", "--interrupts", "--memory", "128M")
+    assert (code, err.splitlines()[0]) == (
+        4,
+        "error: --interrupts is for instances with a kernel of their own (--platform qemu); "
+        "'pc' runs on local, whose channels always have doorbells",
+    )
     await ok(root, "create", "web", "--platform", "qemu", "--cpus", "1", "--memory", "256M")
     code, _, err = await mkctl(root, "load", "web", "--image", str(root / "local"))
     assert (code, err.splitlines()[0]) == (
@@ -113,11 +119,13 @@ async def test_two_guests_and_a_local_instance_call_and_hear_each_other(
     host: tuple[Path, Endpoint],
 ) -> None:
     """RPC from guest b to a service in guest a and to one in the local instance; a subject
-    heard by all three; a negotiated stop; guest a killed in the middle of a call from b."""
+    heard by all three; a negotiated stop; guest a killed in the middle of a call from b.
+    Guest b runs in interrupt mode (it rings the hub), guest a is polled."""
     root, ep = host
-    for name, platform, image in (("a", "qemu", "guest"), ("b", "qemu", "guest")):
-        await ok(root, "create", name, "--platform", platform, "--cpus", "1", "--memory", "256M")
-        await ok(root, "load", name, "--image", str(root / image))
+    for name, mode in (("a", ()), ("b", ("--interrupts",))):  # b rings the host, a is polled
+        await ok(root, "create", name, "--platform", "qemu", *mode, "--cpus", "1", "-m", "256M")
+        await ok(root, "load", name, "--image", str(root / "guest"))
+    assert (await show(root, "b"))["interrupts"] is True
     await ok(root, "create", "lo", "--cpus", "1", "--memory", "128M")
     await ok(root, "load", "lo", "--image", str(root / "local"))
     async with await ep.subscribe("demo.result") as sub:
