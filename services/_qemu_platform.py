@@ -205,7 +205,7 @@ class QemuPlatform:
         if shutil.which(QEMU) is None:
             raise LaunchError(f"{QEMU} is not installed; apt-get install qemu-system-x86")
         self._running[spec.unit] = None
-        instance = region = None
+        instance = region = channel = None
         workdir = Path(tempfile.mkdtemp(prefix=f"mk-qemu-{spec.unit}-"))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
@@ -245,6 +245,8 @@ class QemuPlatform:
             self._tg.start_soon(self._watch, instance)
         except BaseException as exc:
             listener.close()
+            if channel is not None:
+                channel.close()  # idempotent: the hub's session closes it too, if it started
             last = ""
             with anyio.CancelScope(shield=True):
                 if instance is not None:
