@@ -36,9 +36,8 @@ import shutil
 import signal as signals
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final, Protocol, Self, TypeVar
+from typing import Final, Self
 
 import anyio
 import anyio.abc
@@ -46,7 +45,6 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from multikernel.bus import Limits
-from multikernel.protocol import BusyError
 from multikernel.services._ivshmem import Peer, close_peer, make_peer, send_handshake
 from multikernel.services._local_probe import online_cpus
 from multikernel.services._namespaces import namespace_ids
@@ -62,13 +60,18 @@ from multikernel.services._platform import (
     Resources,
     launched_by,
 )
-from multikernel.services._qemu_boot import BOOT_SIZE, read_status, write_boot
+from multikernel.services._qemu_boot import read_status, write_boot
 from multikernel.services._qemu_image import GuestImage, build_image
 from multikernel.services._qemu_record import QemuRecords
+from multikernel.services._qemu_sessions import (
+    GUEST_MEMORY,
+    VECTORS,
+    GuestSessions,
+    ServeRegion,
+)
 from multikernel.services._qemu_vm import QEMU, Exited, Vm, VmConfig, pin, tail, unless_exited
-from multikernel.shm import Channel, Region, WaitPolicy, channel_size, format_channel
+from multikernel.shm import Region, WaitPolicy, format_channel
 
-T = TypeVar("T")
 MIN_MEMORY: Final = 128 << 20
 #: How long a guest may take from QEMU's start to its agent attached: TCG on a 2-CPU host boots
 #: in 6-15 s and the agent's imports take 4-6 s more, but 50-80 s were seen with the machine's
@@ -76,25 +79,6 @@ MIN_MEMORY: Final = 128 << 20
 BOOT_TIMEOUT: Final = 300.0
 #: What `wait` answers for a guest that ended without its init recording the agent's exit.
 GUEST_DOWN: Final = 1
-#: The guest's ivshmem memory: a power of two, room for five session channels and a boot block.
-GUEST_MEMORY: Final = 16 << 20
-#: Doorbell vectors: in interrupt mode the guest rings vector OFFSET >> 20 (the MiB a session
-#: channel starts at) after a send that finds the host's reader of that channel asleep.
-VECTORS: Final = GUEST_MEMORY >> 20
-
-
-class ServeRegion(Protocol):
-    """`Hub.serve_region`: serve a session over a channel in a region, bound to `instance`."""
-
-    async def __call__(
-        self,
-        instance: int,
-        channel: Channel,
-        *,
-        pid: int = 0,
-        attach: Callable[[], Awaitable[int]] | None = None,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None: ...
 
 
 class QemuInstance(InstanceProcess):
@@ -120,7 +104,7 @@ class QemuInstance(InstanceProcess):
         self.guest_peer: Peer | None = None
         self.session = anyio.CancelScope()  # the hub's sessions with the guest's processes
         self.served = anyio.Event()  # set once they have all ended
-        self.sessions: anyio.abc.TaskGroup | None = None
+        self.sessions: anyio.abc.TaskGroup | None = None  # where they are served
         self.taken = {0}  # the slots whose session channel is in use (0: the agent's)
 
 
@@ -144,14 +128,19 @@ class QemuPlatform:
         session_capacity: int = Limits().session_capacity,
     ):
         self.image = image
-        self.serve_region = serve_region
-        self.policy = policy
-        self.session_capacity = session_capacity
-        self.slot = -(-channel_size(session_capacity) // (1 << 20)) << 20  # whole MiBs
-        self.slots = (GUEST_MEMORY - BOOT_SIZE) // self.slot
+        self.sessions = GuestSessions(serve_region, policy, session_capacity)
         self.records = QemuRecords()
         self._running: dict[str, QemuInstance | None] = {}
         self._tg: anyio.abc.TaskGroup | None = None
+
+    @property
+    def serve_region(self) -> ServeRegion | None:
+        """`Hub.serve_region` of the hub the guests' sessions are served on."""
+        return self.sessions.serve_region
+
+    @serve_region.setter
+    def serve_region(self, serve: ServeRegion | None) -> None:
+        self.sessions.serve_region = serve
 
     async def __aenter__(self) -> Self:
         self._tg = await anyio.create_task_group().__aenter__()
@@ -221,7 +210,7 @@ class QemuPlatform:
                     spec.uts_name,
                     doorbell=spec.interrupts,
                 )
-            format_channel(region, self.session_capacity)
+            format_channel(region, self.sessions.session_capacity)
             config = VmConfig(
                 image,
                 memory_mib=spec.resources.memory >> 20,
@@ -237,12 +226,10 @@ class QemuPlatform:
             pin(vm.pid, spec.resources.cpus)
             with anyio.fail_after(BOOT_TIMEOUT):
                 await unless_exited(vm, functools.partial(self._join, instance, listener))
-                channel = Channel.open_region(
-                    region, 0, self.policy, size=self.slot, doorbell=_doorbell(instance, 0)
-                )
-                serve = functools.partial(self._serve, instance, channel)
+                channel = self.sessions.agent_channel(instance)
+                serve = functools.partial(self.sessions.serve, instance, channel)
                 await unless_exited(vm, functools.partial(self._tg.start, serve))
-            self._tg.start_soon(self._watch, instance)
+            self._tg.start_soon(self.sessions.watch, instance)
         except BaseException as exc:
             listener.close()
             if channel is not None:
@@ -302,77 +289,6 @@ class QemuPlatform:
         instance.host_peer = make_peer(0, VECTORS)
         instance.guest_peer = make_peer(1, VECTORS)
         await send_handshake(link, instance.guest_peer, instance.region.fd, [instance.host_peer])
-
-    async def _serve(
-        self,
-        instance: QemuInstance,
-        channel: Channel,
-        *,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
-    ) -> None:
-        """The guest's sessions on the hub: its agent's (started once the agent is attached),
-        then those of its attachments, until they end or QEMU exits (`_watch` cancels them)."""
-        assert self.serve_region is not None
-        attach = functools.partial(self._attach, instance)
-        try:
-            with instance.session:
-                async with anyio.create_task_group() as sessions:
-                    instance.sessions = sessions
-                    await sessions.start(
-                        functools.partial(
-                            self.serve_region,
-                            instance.instance_id,
-                            channel,
-                            pid=instance.pid,
-                            attach=attach,
-                        )
-                    )
-                    task_status.started()
-        finally:
-            channel.close()
-            instance.served.set()
-
-    async def _attach(self, instance: QemuInstance) -> int:
-        """A session channel for a process the guest's agent starts (its workload), laid out
-        in a free slot of the guest's memory and served like the agent's; its offset."""
-        free = next((k for k in range(1, self.slots) if k not in instance.taken), None)
-        if free is None or instance.sessions is None:
-            raise BusyError(
-                f"every session channel of guest {instance.name!r} is in use ({self.slots - 1} "
-                "attachments besides its agent's): end a process that holds one"
-            )
-        offset = free * self.slot
-        with Region(os.dup(instance.region.fd), self.slot, offset=offset) as part:
-            format_channel(part, self.session_capacity)
-        channel = Channel.open_region(
-            instance.region,
-            0,
-            self.policy,
-            offset=offset,
-            size=self.slot,
-            doorbell=_doorbell(instance, offset),
-        )
-        instance.taken.add(free)
-        assert self.serve_region is not None
-        serve = self.serve_region
-
-        async def session() -> None:
-            try:
-                await serve(instance.instance_id, channel, pid=instance.pid, attach=attach)
-            finally:
-                channel.close()
-                instance.taken.discard(free)
-
-        attach = functools.partial(self._attach, instance)
-        instance.sessions.start_soon(session)
-        await anyio.lowlevel.checkpoint()
-        return offset
-
-    @staticmethod
-    async def _watch(instance: QemuInstance) -> None:
-        """QEMU's exit ends the guest's session: nothing else would tell the hub."""
-        await instance.vm.wait()
-        instance.session.cancel()
 
     def _mine(self, proc: InstanceProcess) -> QemuInstance:
         return launched_by(self, proc, QemuInstance)
@@ -480,11 +396,3 @@ def _check_resources(resources: Resources) -> None:
         )
     if missing := resources.cpus - online_cpus():
         raise InvalidSpecError(f"CPUs {sorted(missing)} are not online on this host")
-
-
-def _doorbell(instance: QemuInstance, offset: int) -> int | None:
-    """In interrupt mode, the eventfd QEMU writes when the guest rings the vector of the session
-    channel at `offset` (its MiB); the hub's reader of that channel sleeps on it."""
-    if not instance.spec.interrupts or instance.host_peer is None:
-        return None
-    return instance.host_peer.vectors[offset >> 20]
