@@ -8,8 +8,9 @@ session channel with the channel's token in the header's destination field; the 
 onto the direct channel (a request on a full ring is answered with BusyError rather than queued
 without bound; a reply that does not fit is dropped, and its caller's deadline ends the call), and
 a reader task sends every frame the other side writes back on the session, stamped with the token
-the same way. It works the same for a caller (requests out, replies back) and for a server
-(requests in, replies out).
+the same way, and stops reading while that session is backed up (a relay whose endpoint stays
+backed up for `Limits.block_patience` ends; the session does not). It works the same for a caller
+(requests out, replies back) and for a server (requests in, replies out).
 
 This puts the hub on the request path of these endpoints only (two more ring hops per call, four
 between two guests); endpoints with a socket keep their channels direct. A relay ends when the
@@ -101,6 +102,15 @@ async def run_relay(client: Session, token: int, relay: Relay) -> None:
                                         caller=client.id, error=str(exc))  # fmt: skip
                             return
                         client.deliver(stamped(frame, token), droppable=False)
+                    # Backpressure: read no more from the other side while the endpoint is
+                    # backed up (a flood of replies would otherwise get it cut off for what
+                    # another endpoint sent); one that stays backed up ends this relay alone.
+                    if client.backed_up and not await client.wait_unbacked(
+                        client.limits.block_patience
+                    ):
+                        log.warning("relay ended: its endpoint reads nothing", token=token,
+                                    endpoint=client.id)  # fmt: skip
+                        return
         except (anyio.EndOfStream, PeerDiedError, *PEER_FAULTS):
             pass  # the other side closed, or garbage from it: this relay ends, nothing else
         finally:

@@ -200,6 +200,27 @@ class Session:
         """Publications for it wait beyond max_pending: under `block`, its publishers wait."""
         return len(self._pending) >= self.limits.max_pending and not self.closed
 
+    @property
+    def backed_up(self) -> bool:
+        """More waits for it than a relay should add to: `max_pending` frames, or half its byte
+        budget (past all of it, it would be cut off)."""
+        limits = self.limits
+        return not self.closed and (
+            len(self._pending) >= limits.max_pending
+            or self._queued_bytes >= limits.max_queued_bytes // 2
+        )
+
+    async def wait_unbacked(self, patience: float) -> bool:
+        """Wait until it is no longer `backed_up`; False when `patience` seconds pass first.
+        (A relay's backpressure: unlike `wait_for_room`, this marks nothing stalled.)"""
+        with anyio.move_on_after(patience):
+            while self.backed_up:
+                if self._room.is_set():  # a stale one: every waiter shares the next
+                    self._room = anyio.Event()
+                await self._room.wait()
+            return True
+        return False
+
     async def wait_for_room(self, deadline: float) -> bool:
         """Wait until the queue is back to half of max_pending, or `deadline` (monotonic):
         False when the deadline passed first (the session is stalled from then on)."""

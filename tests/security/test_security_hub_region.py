@@ -5,6 +5,7 @@ to; the hub goes on serving another region's session and socket endpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from functools import partial
@@ -239,3 +240,64 @@ def test_a_guest_writing_its_exit_word_can_say_only_an_exit_status(
             words[2] = word
         assert read_status(view) == status
     memory.close()
+
+
+async def test_a_flood_of_replies_to_a_region_caller_that_reads_nothing_ends_the_relay_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server (a hostile guest, say) answers a guest caller with frames it never asked for,
+    while the caller reads nothing (stopped): the hub stops reading the server's side once the
+    caller's session is backed up, and after `block_patience` ends that relay; the caller is not
+    cut off for what another endpoint sent, and once it reads again its next call is served."""
+    import os
+    import signal
+
+    from multikernel.protocol import Kind, encode
+
+    policy = Policy.from_toml(ANYONE_MAY_SERVE)
+    async with hub_serving(tmp_path, policy) as (hub, tg), connect(hub.path) as server:
+        svc = server.service("on.host")
+
+        @svc.method
+        async def echo(data: bytes) -> bytes:
+            return data
+
+        await svc.start()
+        served: list[Channel] = []
+        on_server_channel = server._on_server_channel
+
+        def keep(ready: ChannelReady, channel: Channel) -> None:
+            served.append(channel)
+            on_server_channel(ready, channel)
+
+        server._on_server_channel = keep  # type: ignore[method-assign]
+        with region_peer("honest") as (channel, caller):
+            tg.start_soon(hub.serve_region, 7, channel)
+            endpoint = (await caller.expect("ready"))["endpoint"]
+            tell(caller, "call on.host")
+            assert (await caller.expect("answer"))["value"] == "hi"
+            os.kill(caller.proc.pid, signal.SIGSTOP)  # it reads nothing from now on
+            try:
+                unasked = encode(Kind.REPLY, b"x" * (16 << 10), correlation=999_999)
+
+                async def flood() -> None:
+                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        while True:
+                            await served[0].send(unasked)
+
+                async with anyio.create_task_group() as flooding:
+                    flooding.start_soon(flood)
+                    await wait_until(lambda: not hub.snapshot().channels)  # the relay ended
+                    flooding.cancel_scope.cancel()
+                assert endpoint in hub._sessions  # its session goes on
+                assert cut_offs(caplog) == []
+            finally:
+                os.kill(caller.proc.pid, signal.SIGCONT)
+            # Its backlog first: a call it makes before it has read the relay's ChannelRevoke
+            # goes on the ended channel and fails; the next opens another and is answered.
+            tell(caller, "call on.host")
+            first = await caller.event()
+            assert first["event"] == "answer" or first["type"] == "NoRespondersError", first
+            tell(caller, "call on.host")
+            assert (await caller.expect("answer"))["value"] == "hi"
+            await caller.stop()
