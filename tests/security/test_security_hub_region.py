@@ -5,8 +5,10 @@ to; the hub goes on serving another region's session and socket endpoints."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -175,3 +177,127 @@ async def test_a_request_for_a_relay_it_was_never_given_is_refused_not_forwarded
             assert cut_offs(caplog) == []
             await honest.stop()
             await forger.stop()
+
+
+async def test_a_region_endpoint_asking_for_attachments_past_the_limit_is_told_busy(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each attachment costs a channel in the region: whoever serves it bounds them (the qemu
+    platform: four), and the one past the bound is answered BusyError; the session goes on."""
+    from multikernel.protocol import BusyError
+
+    laid: list[int] = []
+
+    async def attach() -> int:
+        if len(laid) == 2:
+            raise BusyError("every session channel of this guest is in use")
+        laid.append((len(laid) + 1) << 20)
+        return laid[-1]
+
+    async with hub_serving(tmp_path) as (hub, tg):
+        with region_peer("honest") as (channel, peer):
+            tg.start_soon(partial(hub.serve_region, 7, channel, attach=attach))
+            await peer.expect("ready")
+            for offset in (1 << 20, 2 << 20):
+                tell(peer, "attach -")
+                assert (await peer.expect("attached"))["offset"] == offset
+            tell(peer, "attach -")
+            busy = await peer.expect("error")
+            assert (busy["type"], busy["message"]) == (
+                "BusyError",
+                "every session channel of this guest is in use",
+            )
+            await still_publishes(peer)
+            assert cut_offs(caplog) == []
+            await peer.stop()
+
+
+@pytest.mark.parametrize(
+    ("word", "status"),
+    [
+        (0, None),  # nothing recorded: the guest went down first
+        ((1 << 32) | 0, 0),
+        ((1 << 32) | 3, 3),
+        ((1 << 32) | ((-9) & 0xFFFFFFFF), -9),
+        ((1 << 32) | 4096, None),  # not an exit status
+        ((7 << 32) | 0, None),  # not the flag
+        ((1 << 64) - 1, None),
+    ],
+)
+def test_a_guest_writing_its_exit_word_can_say_only_an_exit_status(
+    word: int, status: int | None
+) -> None:
+    """The boot block is in the guest's memory, writable by it at any time: the host reads only
+    the exit word, and anything but the flag and an exit code or minus a signal is no status."""
+    import mmap
+
+    from multikernel.services._qemu_boot import BOOT_SIZE, read_status, write_boot
+
+    memory = mmap.mmap(-1, 2 * BOOT_SIZE)
+    with memoryview(memory) as view:
+        write_boot(view, ["/bin/python3"], {}, "g")
+        with view[-BOOT_SIZE:] as block, block.cast("Q") as words:
+            words[2] = word
+        assert read_status(view) == status
+    memory.close()
+
+
+async def test_a_flood_of_replies_to_a_region_caller_that_reads_nothing_ends_the_relay_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server (a hostile guest, say) answers a guest caller with frames it never asked for,
+    while the caller reads nothing (stopped): the hub stops reading the server's side once the
+    caller's session is backed up, and after `block_patience` ends that relay; the caller is not
+    cut off for what another endpoint sent, and once it reads again its next call is served."""
+    import os
+    import signal
+
+    from multikernel.protocol import Kind, encode
+
+    policy = Policy.from_toml(ANYONE_MAY_SERVE)
+    async with hub_serving(tmp_path, policy) as (hub, tg), connect(hub.path) as server:
+        svc = server.service("on.host")
+
+        @svc.method
+        async def echo(data: bytes) -> bytes:
+            return data
+
+        await svc.start()
+        served: list[Channel] = []
+        on_server_channel = server._on_server_channel
+
+        def keep(ready: ChannelReady, channel: Channel) -> None:
+            served.append(channel)
+            on_server_channel(ready, channel)
+
+        server._on_server_channel = keep  # type: ignore[method-assign]
+        with region_peer("honest") as (channel, caller):
+            tg.start_soon(hub.serve_region, 7, channel)
+            endpoint = (await caller.expect("ready"))["endpoint"]
+            tell(caller, "call on.host")
+            assert (await caller.expect("answer"))["value"] == "hi"
+            os.kill(caller.proc.pid, signal.SIGSTOP)  # it reads nothing from now on
+            try:
+                unasked = encode(Kind.REPLY, b"x" * (16 << 10), correlation=999_999)
+
+                async def flood() -> None:
+                    with contextlib.suppress(anyio.BrokenResourceError, anyio.ClosedResourceError):
+                        while True:
+                            await served[0].send(unasked)
+
+                async with anyio.create_task_group() as flooding:
+                    flooding.start_soon(flood)
+                    await wait_until(lambda: not hub.snapshot().channels)  # the relay ended
+                    flooding.cancel_scope.cancel()
+                assert endpoint in hub._sessions  # its session goes on
+                assert cut_offs(caplog) == []
+            finally:
+                os.kill(caller.proc.pid, signal.SIGCONT)
+            # Its backlog first: a call it makes before it has read the relay's ChannelRevoke
+            # goes on the ended channel and fails; the next opens another and is answered.
+            tell(caller, "call on.host")
+            first = await caller.event()
+            assert first["event"] == "answer" or first["type"] == "NoRespondersError", first
+            tell(caller, "call on.host")
+            assert (await caller.expect("answer"))["value"] == "hi"
+            await caller.stop()
