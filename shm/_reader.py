@@ -10,7 +10,8 @@ import anyio.lowlevel
 from multikernel.shm import _core
 from multikernel.shm import _layout as L
 from multikernel.shm._errors import PeerDiedError
-from multikernel.shm._ring import _RingSide, cancel_pending, cancel_point
+from multikernel.shm._ring import _RingSide
+from multikernel.shm._wait import cancel_pending, cancel_point
 
 if TYPE_CHECKING:
     import mmap

@@ -18,7 +18,6 @@ while the peer is awake (io_uring's NEED_WAKEUP): a producer rings only when the
 
 from __future__ import annotations
 
-import asyncio
 import time
 import typing
 from dataclasses import dataclass
@@ -40,11 +39,11 @@ from multikernel.shm._pycore import (
     WAIT_TIMEOUT,
     WAIT_WOKEN_EMPTY,
 )
-from multikernel.shm._wait import SpinGovernor, WaitPolicy
+from multikernel.shm._wait import SpinGovernor, WaitPolicy, checkpoint_for_spin
 
 if TYPE_CHECKING:
     import mmap
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Callable
 
     from multikernel.shm._region import Region
 
@@ -53,49 +52,6 @@ T = TypeVar("T")
 _now = time.perf_counter_ns
 #: How long an async spin stays in the native core before it lets the event loop run again.
 SLICE_NS = 5_000
-
-
-async def _asyncio_checkpoint() -> None:
-    await asyncio.sleep(0)  # what anyio's checkpoint does on asyncio, without finding the backend
-
-
-def _checkpoint() -> Callable[[], Awaitable[None]]:
-    """The cheapest way to let the running event loop run other tasks, found once per wait."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:  # trio, or another loop anyio runs on
-        return anyio.lowlevel.checkpoint
-    return _asyncio_checkpoint
-
-
-def cancel_pending() -> bool:
-    """Whether a send or receive must check for cancellation (`cancel_point`) before going on.
-
-    anyio's `checkpoint_if_cancelled` runs on every send and receive, and costs 2-4 us there
-    (finding the backend, then the task's cancel scopes through a weak-key dictionary): more
-    than the ring's round trip. Under asyncio a task that a cancel scope (or anything else)
-    cancelled has a cancellation request pending, which `Task.cancelling()` tells without an
-    await; only then does the call yield (`cancel_point`), which raises it. One case differs: a
-    task that cancels its own enclosing scope and then sends or receives without waiting raises
-    at its next wait instead of at this call (nothing is lost: the frame was handed over).
-    Under other loops (trio) the answer is always yes, and the check is anyio's own.
-    """
-    try:
-        task = asyncio.current_task()
-    except RuntimeError:  # no asyncio loop: trio, or another loop anyio runs on
-        return True
-    return task is not None and task.cancelling() > 0
-
-
-async def cancel_point() -> None:
-    """After `cancel_pending`: under asyncio yield once (the pending cancellation raises), else
-    anyio's `checkpoint_if_cancelled`."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        await anyio.lowlevel.checkpoint_if_cancelled()
-        return
-    await asyncio.sleep(0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -253,7 +209,7 @@ class _RingSide:
         """
         if not self.policy.cooperative:
             return self._spin(attempt, n)
-        checkpoint = _checkpoint()
+        checkpoint = checkpoint_for_spin()
         spin = self._core.spin
         self._nudged = False
         deadline = _now() + self._governor.spin_ns

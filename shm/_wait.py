@@ -9,11 +9,18 @@ woken, sparse traffic) it goes to sleep at once, as a plain blocking read would,
 for spinning; every `probe_every`-th wait still spins, and one that catches its answer within
 half the window brings spinning back at once.
 An idle side sleeps in the kernel and costs nothing.
+
+Also here: the cheap checks for cancellation that every async send and receive makes
+(`cancel_pending`, `cancel_point`), and how an async spin lets the event loop run.
 """
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+
+import anyio.lowlevel
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,3 +98,46 @@ class SpinGovernor:
             self._skipped = 0
         else:
             self.typical_ns += (sample - self.typical_ns) >> self._shift
+
+
+async def _asyncio_checkpoint() -> None:
+    await asyncio.sleep(0)  # what anyio's checkpoint does on asyncio, without finding the backend
+
+
+def checkpoint_for_spin() -> Callable[[], Awaitable[None]]:
+    """The cheapest way to let the running event loop run other tasks, found once per wait."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:  # trio, or another loop anyio runs on
+        return anyio.lowlevel.checkpoint
+    return _asyncio_checkpoint
+
+
+def cancel_pending() -> bool:
+    """Whether a send or receive must check for cancellation (`cancel_point`) before going on.
+
+    anyio's `checkpoint_if_cancelled` runs on every send and receive, and costs 2-4 us there
+    (finding the backend, then the task's cancel scopes through a weak-key dictionary): more
+    than the ring's round trip. Under asyncio a task that a cancel scope (or anything else)
+    cancelled has a cancellation request pending, which `Task.cancelling()` tells without an
+    await; only then does the call yield (`cancel_point`), which raises it. One case differs: a
+    task that cancels its own enclosing scope and then sends or receives without waiting raises
+    at its next wait instead of at this call (nothing is lost: the frame was handed over).
+    Under other loops (trio) the answer is always yes, and the check is anyio's own.
+    """
+    try:
+        task = asyncio.current_task()
+    except RuntimeError:  # no asyncio loop: trio, or another loop anyio runs on
+        return True
+    return task is not None and task.cancelling() > 0
+
+
+async def cancel_point() -> None:
+    """After `cancel_pending`: under asyncio yield once (the pending cancellation raises), else
+    anyio's `checkpoint_if_cancelled`."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        return
+    await asyncio.sleep(0)
