@@ -194,12 +194,24 @@ class Endpoint(PubSub):
         return service
 
     async def _start_service(self, service: Service) -> RequestNameResult:
-        reply = await self._link.control(NameRequest(service.name, service.flags))
-        assert isinstance(reply, NameRequestReply)
-        if reply.result in (RequestNameResult.PRIMARY_OWNER, RequestNameResult.ALREADY_OWNER):
-            service.primary = True
-            await self._link.control(service.info())
-        return reply.result
+        """Ask for the service's name and describe it. A hub that goes away before it answers
+        is not the caller's failure when the endpoint re-attaches: the new hub is asked again
+        (re-attaching restores started services too; asking twice answers ALREADY_OWNER)."""
+        while True:
+            try:
+                reply = await self._link.control(NameRequest(service.name, service.flags))
+                assert isinstance(reply, NameRequestReply)
+                if reply.result in (
+                    RequestNameResult.PRIMARY_OWNER,
+                    RequestNameResult.ALREADY_OWNER,
+                ):
+                    service.primary = True
+                    await self._link.control(service.info())
+            except HubUnavailableError:
+                if not self._link.reattaches:
+                    raise
+            else:
+                return reply.result
 
     async def _release_service(self, service: Service) -> None:
         service.primary = False

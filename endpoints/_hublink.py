@@ -138,6 +138,11 @@ class HubLink:
 
     # -- the link -----------------------------------------------------------------------------
 
+    @property
+    def reattaches(self) -> bool:
+        """Whether a hub that goes away is waited for (the endpoint re-attaches to the next)."""
+        return self._reconnect and not self.closing and not self._gone
+
     async def to_hub(self, frame: bytes) -> None:
         while True:
             if self._gone:

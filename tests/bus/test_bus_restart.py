@@ -137,3 +137,35 @@ async def test_endpoint_waits_for_the_hub_instead_of_failing_a_publish(socket_pa
                         with anyio.fail_after(PATIENCE):
                             while (value := (await sub.receive()).value()) != "made it":
                                 assert value == "during the outage"
+
+
+async def test_a_service_started_as_the_hub_dies_is_started_on_the_next_hub(
+    socket_path: Path,
+) -> None:
+    """The hub goes away between a service's name request and its answer: `start()` returns
+    once the next hub has it, instead of failing the workload (it re-attaches anyway)."""
+    with hub_process(socket_path) as first:
+        await listening(first)
+        async with connect(socket_path, name="late") as ep:
+            first.send_signal(signal.SIGSTOP)  # takes the request, never answers it
+            service = ep.service("late.svc")
+            started: list[object] = []
+            done = anyio.Event()
+
+            async def start() -> None:
+                started.append(await service.start())
+                done.set()
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(start)
+                await anyio.wait_all_tasks_blocked()  # the request waits for its answer
+                assert not started
+                first.kill()
+                first.wait(timeout=20)
+                with hub_process(socket_path) as second:
+                    await listening(second)
+                    with anyio.fail_after(PATIENCE):
+                        await done.wait()
+                    assert service.primary
+                    async with connect(socket_path) as caller:
+                        assert "late.svc" in (await caller.introspect()).names
