@@ -64,6 +64,9 @@ log = get_logger("multikernel.bus")
 
 #: The hub never spins: on an oversubscribed host it would steal the CPU its endpoints need.
 HUB_WAIT = WaitPolicy(spin=0)
+#: How long the hub waits for the Hello of a process it made a socket for before the process
+#: was spawned (`open_instance_socket`); a process that dies first ends the wait at once.
+SPAWN_HELLO_TIMEOUT = 60.0
 FEATURES = (
     Feature.QUEUE_GROUPS | Feature.NAME_QUEUEING | Feature.DRAIN | Feature.MONITOR
     | Feature.NAME_HOLDS | Feature.SUBSCRIBE_MANY | Feature.STREAMS
@@ -260,8 +263,15 @@ class Sessions:
             )
         if instance is None:
             instance = self._instance_of(pid)
+        # A socket the hub made for a process the host is about to spawn (`open_instance_socket`)
+        # is served at once, before that process exists: its Hello comes after the spawn, the
+        # interpreter's start and its imports, which took more than `hello_timeout` on a loaded
+        # machine. Its patience is the spawn's; a socket that connected is already running.
+        patience = self.limits.hello_timeout
+        if credentials is not None:
+            patience = max(patience, SPAWN_HELLO_TIMEOUT)
         try:
-            await self._run_session(sock, pid, uid, instance)
+            await self._run_session(sock, pid, uid, instance, patience)
         except TimeoutError:  # an OSError: before the catch-all for OSErrors below
             log.warning("endpoint refused at attach", pid=pid, uid=uid, error="no Hello in time")
         except (ProtocolError, ShmError) as exc:
@@ -276,7 +286,9 @@ class Sessions:
             log.error("endpoint cut off: internal error", pid=pid, uid=uid, error=repr(exc),
                       exc_info=True)  # fmt: skip
 
-    async def _run_session(self, sock: socket.socket, pid: int, uid: int, instance: int) -> None:
+    async def _run_session(
+        self, sock: socket.socket, pid: int, uid: int, instance: int, patience: float
+    ) -> None:
         try:
             ours, theirs = create_channel(self.limits.session_capacity, policy=HUB_WAIT)
         except OSError as exc:  # out of fds or memory: say so to the newcomer, keep serving
@@ -288,7 +300,7 @@ class Sessions:
                 await send_handle(sock, encode(Kind.CONTROL, ready), theirs)
             finally:
                 theirs.close()
-            with anyio.fail_after(self.limits.hello_timeout):
+            with anyio.fail_after(patience):
                 frame = await ours.receive()
             await self._greet_and_serve(ours, sock, frame, pid, uid, instance)
 

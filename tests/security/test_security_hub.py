@@ -235,6 +235,35 @@ async def test_an_endpoint_that_never_says_hello_is_refused_with_a_reason(
         await still_served(client)
 
 
+async def test_a_process_spawned_slower_than_hello_timeout_still_attaches(
+    tmp_path: Path,
+) -> None:
+    """The hub serves a socket it made for a process the host spawns at once: the spawn's
+    start (fork, namespaces, the interpreter's imports) is not held to `hello_timeout`."""
+    async with running_hub(tmp_path, hello_timeout=0.2) as hub:
+        spawned = hub.open_instance_socket(instance=2)
+        await anyio.sleep(1.0)  # a slow spawn: five times hello_timeout before it attaches
+        async with connect(fd=spawned.detach(), reconnect=False, name="slow") as ep:
+            assert ep.id > 0
+
+
+async def test_a_socket_made_for_a_spawn_that_never_came_ends_as_soon_as_it_closes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="multikernel.bus")
+    async with running_hub(tmp_path) as hub:
+        spawned = hub.open_instance_socket(instance=2)
+        spawned.close()  # the spawn failed: nobody will ever say Hello
+
+        def ended() -> bool:
+            messages = [json.loads(r.getMessage()) for r in caplog.records]
+            return any(m["event"] == "endpoint refused at attach" for m in messages)
+
+        await wait_until(ended)  # long before SPAWN_HELLO_TIMEOUT
+        (event,) = [json.loads(r.getMessage()) for r in caplog.records]
+        assert event["error"] != "no Hello in time"  # the socket closing ended it (EPIPE or EOF)
+
+
 async def test_writing_on_the_control_socket_cuts_the_writer_off(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
