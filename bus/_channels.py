@@ -5,9 +5,7 @@ that owner), a channel is created in shared memory, and each side gets its handl
 socket with a `ChannelReady` saying who the other side is, as the hub bound it. The record is kept
 before the hand-over, so a name that moves meanwhile is reported to the caller; a policy reload
 re-checks every record and revokes what the new policy refuses. Attachments (`AttachRequest`) are
-the same hand-over for a socket bound to the requester's instance. A side attached over a region
-(no socket: another kernel) gets no fds: the hub holds that side and relays (bus/_relay.py), for
-a caller and for a server alike.
+the same hand-over for a socket bound to the requester's instance.
 """
 
 from __future__ import annotations
@@ -85,6 +83,13 @@ class ChannelBroker:
         decision = policy.may_connect(client.identity, server.identity, target)
         if not decision:
             raise AccessDeniedError(f"calling {target!r} refused: {decision.reason}")
+        if server.sock is None:
+            raise RefusedError(
+                f"calling {target!r} needs a direct channel to its owner, which is attached "
+                "over a region shared with another kernel, where no file descriptor can be "
+                "handed over; serving from a region is not built yet (docs/bus.md, sessions "
+                "over a region)"
+            )
         self._check_limits(client, server, target)
         tg.start_soon(self._hand_over, tg, client, server, target, correlation)
 
@@ -113,29 +118,24 @@ class ChannelBroker:
     def _relay(
         self,
         tg: anyio.abc.TaskGroup,
-        session: Session,
-        peer: Session,
+        client: Session,
+        server: Session,
         token: int,
         target: str,
         handle: ChannelHandle,
-        role: str,
         correlation: int,
     ) -> None:
-        """Hold `session`'s side (`handle`, its `role`) for an endpoint over a region
-        (bus/_relay.py) and tell it the channel is ready on its session channel, with no fds.
-
-        When the relay ends by itself (the other side closed, or garbage from it), `session` is
-        told with ChannelRevoke, unless it revoked the channel itself."""
-        relay = open_relay(session, token, handle)  # takes the handle's fds
+        """Hold the caller's side for a caller over a region (bus/_relay.py) and tell it the
+        channel is ready on its session channel, with no fds."""
+        relay = open_relay(client, token, handle)  # takes the handle's fds
 
         async def run() -> None:
             try:
-                await run_relay(session, token, relay)
+                await run_relay(client, token, relay)
             finally:
-                known = self.records.pop(token, None) is not None
-                if not session.closed and (known or not relay.scope.cancel_called):
-                    reason = f"the other side of the channel to {target!r} closed it"
-                    session.deliver(
+                if self.records.pop(token, None) is not None and not client.closed:
+                    reason = f"the owner of {target!r} closed the channel"
+                    client.deliver(
                         encode(Kind.CONTROL, ChannelRevoke(token, reason=reason)),
                         droppable=False,
                     )
@@ -143,15 +143,15 @@ class ChannelBroker:
         tg.start_soon(run)
         ready = ChannelReady(
             token,
-            role,
+            "client",
             target,
-            peer.id,
-            peer.identity.name,
-            peer.identity.instance,
-            peer.identity.uid,
-            peer.identity.pid,
+            server.id,
+            server.identity.name,
+            server.identity.instance,
+            server.identity.uid,
+            server.identity.pid,
         )
-        session.deliver(encode(Kind.CONTROL, ready, correlation=correlation), droppable=False)
+        client.deliver(encode(Kind.CONTROL, ready, correlation=correlation), droppable=False)
 
     async def _hand_over(
         self,
@@ -179,8 +179,8 @@ class ChannelBroker:
                 (server, client, "server", right, 0),
                 (client, server, "client", left, correlation),
             ):
-                if session.sock is None:  # over a region: the hub holds this side
-                    self._relay(tg, session, peer, token, target, handle, role, corr)
+                if session.sock is None:  # a caller over a region: the hub holds its side
+                    self._relay(tg, session, peer, token, target, left, corr)
                     continue
                 ready = ChannelReady(
                     token,
@@ -192,6 +192,7 @@ class ChannelBroker:
                     peer.identity.uid,
                     peer.identity.pid,
                 )
+                assert session.sock is not None  # open() refuses sessions over a region
                 async with session.socket_lock:
                     await send_handle(
                         session.sock, encode(Kind.CONTROL, ready, correlation=corr), handle
@@ -211,7 +212,11 @@ class ChannelBroker:
         """A new socket bound to the requester's own instance, for a process it starts there."""
         instance = session.identity.instance
         if session.sock is None:
-            await self._attach_in_region(session, correlation)
+            error = RefusedError(
+                "an attachment is a socket, and this endpoint is attached over a region shared "
+                "with another kernel, where no file descriptor can be handed over"
+            )
+            self._fail(session, correlation, error)
             return
         # Bound to the requester's instance and uid: an attachment never widens who it is.
         try:
@@ -229,27 +234,6 @@ class ChannelBroker:
             pass  # the requester went away; the served end sees EOF and ends
         finally:
             theirs.close()
-
-    async def _attach_in_region(self, session: Session, correlation: int) -> None:
-        """An attachment for an endpoint over a region: another session channel in that region,
-        laid out and served by whoever serves the region (`Hub.serve_region`'s `attach`), bound
-        to the same instance; the endpoint is told its offset."""
-        if session.attach_region is None:
-            error = RefusedError(
-                "an attachment is a socket, and this endpoint is attached over a region shared "
-                "with another kernel, where no file descriptor can be handed over (and whoever "
-                "serves the region lays out no other session channels in it)"
-            )
-            self._fail(session, correlation, error)
-            return
-        try:
-            offset = await session.attach_region()
-        except MultikernelError as exc:  # e.g. BusyError: every channel of the region is taken
-            self._fail(session, correlation, exc)
-            return
-        instance = session.identity.instance
-        ready = ChannelReady(offset, "attach", "", session.id, peer_instance=instance)
-        session.deliver(encode(Kind.CONTROL, ready, correlation=correlation), droppable=False)
 
     def side_of(self, session: Session, token: int) -> ChannelRecord | None:
         """The record of channel `token` if `session` is one of its two sides, else None."""

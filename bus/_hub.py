@@ -35,7 +35,7 @@ from multikernel.bus._names import NameRegistry
 from multikernel.bus._policy import Identity, Policy
 from multikernel.bus._relay import end_relay, forward
 from multikernel.bus._router import SubjectRouter
-from multikernel.bus._session import AttachRegion, Limits, Session, SubscriptionRecord
+from multikernel.bus._session import Limits, Session, SubscriptionRecord
 from multikernel.bus._snapshot import build_snapshot
 from multikernel.bus._socket_access import SocketAccess
 from multikernel.bus._streams import StreamBroker
@@ -181,31 +181,18 @@ class Hub(HubPubSub):
         return self._endpoints.open_instance_socket(instance, uid=uid, pid=pid)
 
     async def serve_region(
-        self,
-        instance: int,
-        channel: Channel,
-        *,
-        uid: int | None = None,
-        pid: int = 0,
-        attach: AttachRegion | None = None,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+        self, instance: int, channel: Channel, *, uid: int | None = None, pid: int = 0
     ) -> None:
         """Serve a session over `channel`, one laid out in a region shared with another kernel
         (a guest's ivshmem memory, the analogue of the boot-time IPI buffer), until it ends.
 
         The session's identity is `instance`, `uid` (default: the hub's own) and `pid`, from
         which region the caller handed over, never from what the peer says. The protocol is a
-        socket session's (Hello, Welcome, then frames on the channel), without a socket: the
-        hub holds its side of each direct channel to or from it and relays (bus/_relay.py). Run
-        it in a task group while the hub serves (`task_group.start` returns once the peer is
-        attached); cancel it when the peer dies (QEMU exits). The hub closes `channel`.
-        `attach` makes the peer's attachments (AttachRequest: a session for a process it starts
-        in its kernel): it lays out another session channel in the region, serves it, and
-        answers its offset, which the peer is told in `ChannelReady(role="attach", token=...)`.
+        socket session's (Hello, Welcome, then frames on the channel), without a socket: direct
+        channels to or from it are refused with `RefusedError`. Run it in a task group while the
+        hub serves; cancel it when the peer dies (QEMU exits). The hub closes `channel`.
         """
-        await self._endpoints.serve_region(
-            instance, channel, uid=uid, pid=pid, attach=attach, task_status=task_status
-        )
+        await self._endpoints.serve_region(instance, channel, uid=uid, pid=pid)
 
     async def drain(self, grace: float = 10.0) -> None:
         """Lame duck: accept no one new, ask every endpoint to drain, wait `grace` s for them."""

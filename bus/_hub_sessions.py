@@ -25,7 +25,7 @@ import anyio
 import anyio.abc
 
 from multikernel.bus._policy import Identity
-from multikernel.bus._session import AttachRegion, Limits, Session, wrote_garbage
+from multikernel.bus._session import Limits, Session, wrote_garbage
 from multikernel.bus._socket_access import BIND_MODE, SocketAccess
 from multikernel.endpoints.log import get_logger
 from multikernel.endpoints.wire import (
@@ -305,14 +305,7 @@ class Sessions:
             await self._greet_and_serve(ours, sock, frame, pid, uid, instance)
 
     async def serve_region(
-        self,
-        instance: int,
-        channel: Channel,
-        *,
-        uid: int | None = None,
-        pid: int = 0,
-        attach: AttachRegion | None = None,
-        task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+        self, instance: int, channel: Channel, *, uid: int | None = None, pid: int = 0
     ) -> None:
         """Serve one session over `channel`, a channel laid out in a region shared with another
         kernel (a guest's ivshmem memory), until the peer closes its side, garbage cuts it off,
@@ -322,10 +315,7 @@ class Sessions:
         say) as the caller says, never as the peer says. No fd crosses a region, so such a
         session has no control socket: direct channels to or from it are refused (docs/bus.md).
         No hello timeout: a guest says Hello once it has booted, and how long that may take is
-        the caller's cancel scope. The hub closes `channel` when the session ends. Started with
-        `task_group.start`, it is started once the peer is attached (Welcome sent). `attach`
-        answers the peer's AttachRequest: it lays out another session channel in the region,
-        serves it, and says its offset (without it, AttachRequest is refused).
+        the caller's cancel scope. The hub closes `channel` when the session ends.
         """
         uid = os.getuid() if uid is None else uid
         with channel:
@@ -338,9 +328,7 @@ class Sessions:
                 )
             try:
                 frame = await channel.receive()
-                await self._greet_and_serve(
-                    channel, None, frame, pid, uid, instance, task_status.started, attach
-                )
+                await self._greet_and_serve(channel, None, frame, pid, uid, instance)
             except (ProtocolError, ShmError) as exc:
                 log.warning(
                     "endpoint refused at attach", instance=instance, region=True, error=str(exc)
@@ -359,11 +347,8 @@ class Sessions:
         pid: int,
         uid: int,
         instance: int,
-        welcomed: Callable[[], None] | None = None,
-        attach: AttachRegion | None = None,
     ) -> None:
-        """Hello (`frame`, the session's first) → Welcome (then `welcomed()`), then the session
-        until it ends."""
+        """Hello (`frame`, the session's first) → Welcome, then the session until it ends."""
         header = decode_header(frame, max_body=self.limits.max_body)
         hello = decode_body(header, frame, CONTROL_DECODER) if header.kind == Kind.CONTROL else None
         if not isinstance(hello, Hello):
@@ -385,7 +370,6 @@ class Sessions:
             raise ProtocolError(f"refused: {busy}")
         identity = Identity(next(self._ids), instance, uid, pid, hello.name)
         session = Session(identity, ours, sock, self.limits)
-        session.attach_region = attach
         session.features = hello.features & FEATURES
         self.by_id[session.id] = session
         self.counters["sessions"] += 1
@@ -396,8 +380,6 @@ class Sessions:
         )
         session.deliver(welcome, droppable=False)
         self._handler.attached(session)
-        if welcomed is not None:
-            welcomed()
         log.info(
             "endpoint attached",
             endpoint=session.id,

@@ -1,21 +1,17 @@
-"""Direct channels relayed by the hub, for an endpoint attached over a region.
+"""Direct channels relayed by the hub, for a caller attached over a region.
 
-An endpoint in another kernel (a session over a region, docs/bus.md) cannot be handed a direct
+A caller in another kernel (a session over a region, docs/bus.md) cannot be handed a direct
 channel: no fd crosses into its memory. So the hub stands in for it: it makes the channel as for
-any endpoint, hands the other side its end over its socket as usual (or relays it too, when both
-are over regions), and keeps this side itself. The endpoint's frames for that channel come on its
-session channel with the channel's token in the header's destination field; the hub forwards them
-onto the direct channel (a request on a full ring is answered with BusyError rather than queued
-without bound; a reply that does not fit is dropped, and its caller's deadline ends the call), and
-a reader task sends every frame the other side writes back on the session, stamped with the token
-the same way, and stops reading while that session is backed up (a relay whose endpoint stays
-backed up for `Limits.block_patience` ends; the session does not). It works the same for a caller
-(requests out, replies back) and for a server (requests in, replies out).
+any caller, hands the server its side over the server's socket as usual, and keeps the caller's
+side itself. The caller's frames for that channel come on its session channel with the channel's
+token in the header's destination field; the hub forwards them onto the direct channel (a full
+ring answers that request with BusyError rather than queue without bound), and a reader task
+sends every frame the server writes back on the session, stamped with the token the same way.
 
-This puts the hub on the request path of these endpoints only (two more ring hops per call, four
-between two guests); endpoints with a socket keep their channels direct. A relay ends when the
-other side closes its end (the endpoint is told with ChannelRevoke), when the endpoint revokes it
-or detaches, or when the hub stops.
+This puts the hub on the request path of these callers only (two more ring hops per call);
+callers with a socket keep their channels direct. A relay ends when the server closes its side
+(the caller is told with ChannelRevoke), when the caller revokes it or detaches, or when the
+hub stops.
 """
 
 from __future__ import annotations
@@ -79,17 +75,16 @@ def forward(session: Session, header: Header, frame: bytes) -> bool:
 
 
 def open_relay(client: Session, token: int, handle: ChannelHandle) -> Relay:
-    """Take one side of a channel (`handle`, which it then owns) for `client`, the endpoint over
-    a region: its frames for `token` go onto it from now on (run `run_relay` for the other
-    direction)."""
+    """Take the caller's side of a channel (`handle`, which it then owns) for `client`: its
+    frames for `token` go onto it from now on (run `run_relay` for the other direction)."""
     relay = Relay(Channel.attach(handle, RELAY_WAIT))
     client.relays[token] = relay
     return relay
 
 
 async def run_relay(client: Session, token: int, relay: Relay) -> None:
-    """Send `client` what the other side writes, until it closes its end, garbage comes from it,
-    or the relay is cancelled (`end_relay`); the hub's side is closed when it ends."""
+    """Send `client` what the server writes, until the server closes its side, garbage comes
+    from it, or the relay is cancelled (`end_relay`); the hub's side is closed when it ends."""
     with relay.channel:
         try:
             with relay.scope:
@@ -98,21 +93,12 @@ async def run_relay(client: Session, token: int, relay: Relay) -> None:
                         try:  # garbage would end the caller's whole session, not a channel
                             decode_header(frame)
                         except ProtocolError as exc:
-                            log.warning("relay ended: garbage from the other side", token=token,
+                            log.warning("relay ended: garbage from the server", token=token,
                                         caller=client.id, error=str(exc))  # fmt: skip
                             return
                         client.deliver(stamped(frame, token), droppable=False)
-                    # Backpressure: read no more from the other side while the endpoint is
-                    # backed up (a flood of replies would otherwise get it cut off for what
-                    # another endpoint sent); one that stays backed up ends this relay alone.
-                    if client.backed_up and not await client.wait_unbacked(
-                        client.limits.block_patience
-                    ):
-                        log.warning("relay ended: its endpoint reads nothing", token=token,
-                                    endpoint=client.id)  # fmt: skip
-                        return
         except (anyio.EndOfStream, PeerDiedError, *PEER_FAULTS):
-            pass  # the other side closed, or garbage from it: this relay ends, nothing else
+            pass  # the server's side closed, or garbage from it: this relay ends, nothing else
         finally:
             if client.relays.get(token) is relay:
                 del client.relays[token]

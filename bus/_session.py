@@ -22,7 +22,6 @@ from __future__ import annotations
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -38,10 +37,6 @@ if TYPE_CHECKING:
 
 #: What a misbehaving endpoint can do to its own side of a session, and is cut off for.
 PEER_FAULTS = (anyio.BrokenResourceError, anyio.ClosedResourceError, ShmError)
-
-
-#: Lays out another session channel in a region's memory, serves it, and answers its offset.
-AttachRegion = Callable[[], Awaitable[int]]
 
 
 @dataclass(frozen=True)
@@ -128,9 +123,6 @@ class Session:
         self.services: dict[str, ServiceInfo] = {}
         self.relays: dict[int, Relay] = {}  # direct channels the hub relays for it, by token
         self.streams: dict[str, StreamRecord] = {}  # the streams it writes, by subject
-        #: Over a region: lays out and serves another session channel in that region (for a
-        #: process the endpoint starts in its kernel) and says where, by its offset.
-        self.attach_region: AttachRegion | None = None
         self.monitor: str | None = None
         self.draining = False
         self.features = 0  # granted at attach (Welcome.features)
@@ -202,27 +194,6 @@ class Session:
     def congested(self) -> bool:
         """Publications for it wait beyond max_pending: under `block`, its publishers wait."""
         return len(self._pending) >= self.limits.max_pending and not self.closed
-
-    @property
-    def backed_up(self) -> bool:
-        """More waits for it than a relay should add to: `max_pending` frames, or half its byte
-        budget (past all of it, it would be cut off)."""
-        limits = self.limits
-        return not self.closed and (
-            len(self._pending) >= limits.max_pending
-            or self._queued_bytes >= limits.max_queued_bytes // 2
-        )
-
-    async def wait_unbacked(self, patience: float) -> bool:
-        """Wait until it is no longer `backed_up`; False when `patience` seconds pass first.
-        (A relay's backpressure: unlike `wait_for_room`, this marks nothing stalled.)"""
-        with anyio.move_on_after(patience):
-            while self.backed_up:
-                if self._room.is_set():  # a stale one: every waiter shares the next
-                    self._room = anyio.Event()
-                await self._room.wait()
-            return True
-        return False
 
     async def wait_for_room(self, deadline: float) -> bool:
         """Wait until the queue is back to half of max_pending, or `deadline` (monotonic):

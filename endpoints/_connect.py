@@ -1,9 +1,7 @@
 """`connect()`: find the hub, attach, and hand the caller an `Endpoint` for the block's life.
 
-The hub is found, in order, at the path given, on a connected socket given as `fd`, over the
-session channel given as `channel`, on the socket this process inherited at spawn
-($MULTIKERNEL_BUS_FD: processes started inside an instance), over the session channel in the
-file $MULTIKERNEL_BUS_REGION names (an agent in a `qemu` guest: its ivshmem BAR), or at
+The hub is found, in order, at the path given, on a connected socket given as `fd`, on the socket
+this process inherited at spawn ($MULTIKERNEL_BUS_FD: processes started inside an instance), or at
 `default_socket_path()` ($MULTIKERNEL_BUS, else a per-user or system path). Attaching happens
 before the endpoint's task group starts, so a missing hub is one clean `HubUnavailableError`.
 
@@ -30,18 +28,8 @@ from pathlib import Path
 import anyio
 
 from multikernel.endpoints._endpoint import Endpoint
-from multikernel.endpoints.wire import (
-    ENV_DOORBELL,
-    ENV_FD,
-    ENV_REGION,
-    ENV_SOCKET,
-    default_socket_path,
-)
-from multikernel.shm import Channel, RegisterDoorbell, WaitPolicy
-
-#: How an endpoint waits on a session channel in a region with no doorbell: a short spin, then
-#: sleeps doubling from 10 µs to 1 ms (the defaults of `WaitPolicy`).
-REGION_WAIT = WaitPolicy()
+from multikernel.endpoints.wire import ENV_FD, ENV_SOCKET, default_socket_path
+from multikernel.shm import Channel, WaitPolicy
 
 
 @asynccontextmanager
@@ -64,16 +52,10 @@ async def connect(
 
     With `channel`, the hub is on the other side of that session channel, already open in a
     region shared with the hub's kernel (an ivshmem device's memory in a guest): Hello goes on
-    it, nothing is looked up, there is no socket (the hub relays its direct channels, both
-    ways: docs/bus.md) and no re-attach; the endpoint owns `channel`. $MULTIKERNEL_BUS_REGION
-    (`PATH` or `PATH@OFFSET`) does the same with side 1 of the channel laid out in the file it
-    names, at its start or at OFFSET (an attachment: `Endpoint.region_attachment`), and with
-    $MULTIKERNEL_BUS_DOORBELL (`PATH@OFFSET=VALUE`, a device register) rings the hub through it
-    whenever a send finds the hub's reader asleep (interrupt mode: the hub sleeps on the eventfd
-    the device writes, instead of polling).
+    it, nothing is looked up, there is no socket (so no direct channels: calls to services are
+    refused with RefusedError) and no re-attach; the endpoint owns `channel`.
     """
     inherited = False
-    bell: RegisterDoorbell | None = None
     if channel is not None:
         if path is not None or fd is not None:
             channel.close()
@@ -83,17 +65,6 @@ async def connect(
         fd = int(env_fd)
         os.environ.pop(ENV_FD)  # one owner: children do not inherit a claim to it
         inherited = True
-    elif path is None and fd is None and channel is None and os.environ.get(ENV_REGION):
-        # One owner here too: a child that opened side 1 again would read the agent's frames.
-        file, _, offset = os.environ.pop(ENV_REGION).rpartition("@")
-        if not file or not offset.isdigit():
-            file, offset = f"{file}@{offset}" if file else offset, "0"
-        if spec := os.environ.pop(ENV_DOORBELL, ""):  # interrupt mode: ring the hub's reader
-            bell = RegisterDoorbell.parse(spec)
-        ring = bell.ring if bell is not None else None
-        channel = Channel.open_path(file, 1, wait or REGION_WAIT, offset=int(offset), ring=ring)
-    if channel is not None:
-        reconnect = False
     if path is not None:
         where: Path | None = Path(path)
     elif channel is not None:
@@ -124,8 +95,6 @@ async def connect(
         raise _unwrapped(group) from None
     finally:
         endpoint._clients.close()
-        if bell is not None:
-            bell.close()
     if raised is not None:
         raise raised
 

@@ -33,7 +33,6 @@ from multikernel.endpoints._contracts import Bus
 from multikernel.endpoints._direct import DirectChannel, Mirroring
 from multikernel.endpoints._hublink import HubLink, HubUnavailableError
 from multikernel.endpoints._pubsub import PubSub
-from multikernel.endpoints._relayed import RelayedChannel
 from multikernel.endpoints._service import Service
 from multikernel.endpoints._streams import Stream, StreamReaders
 from multikernel.endpoints._subscription import Message, Subscription
@@ -249,21 +248,6 @@ class Endpoint(PubSub):
         sock.setblocking(True)
         return sock
 
-    @property
-    def over_region(self) -> bool:
-        """Attached over a session channel in a region shared with another kernel (no socket)."""
-        return self._link.over_region
-
-    async def region_attachment(self) -> int:
-        """Over a region: a new session channel in the same region, for a process this endpoint
-        starts in its own kernel, bound to its instance; the answer is its offset in the region
-        (the child connects with $MULTIKERNEL_BUS_REGION=PATH@OFFSET). RefusedError when the
-        host lays out no more channels there, BusyError when every one is taken."""
-        result = await self._link.control(AttachRequest())
-        if not isinstance(result, ChannelReady) or result.role != "attach":
-            raise ProtocolError("the hub answered AttachRequest without a channel in the region")
-        return result.token
-
     # -- holding and switching names (for the upgrade actor) ----------------------------------
 
     async def hold_names(self, names: Collection[str], *, hold_for: float) -> None:
@@ -347,7 +331,7 @@ class Endpoint(PubSub):
                 return sub, message
         return None
 
-    def _on_server_channel(self, ready: ChannelReady, channel: Channel | RelayedChannel) -> None:
+    def _on_server_channel(self, ready: ChannelReady, channel: Channel) -> None:
         direct = DirectChannel(ready, channel, self._mirror)
         self._link.spawn(self._serve_direct, direct, self._services.get(ready.target))
 
@@ -393,10 +377,6 @@ class Endpoint(PubSub):
                 self._stream_readers.on_sids(token, reader, sids)
             case ChannelRevoke(token=token):
                 self._clients.revoke(token)
-            case ChannelReady(role="server", token=token) if (
-                self._link.over_region and token not in self._link.relays
-            ):  # a caller for one of our services, over a channel the hub relays for us
-                self._on_server_channel(body, self._link.relayed(token))
             case Mirror(on=on):
                 self._mirror.on = on
             case Drain():

@@ -122,7 +122,6 @@ class HubLink:
         self._path = path
         self._fd = fd
         self._region = channel  # a session channel in a region: used once, no socket
-        self.over_region = channel is not None  # no socket: the hub relays our direct channels
         self.wait = wait
         # An inherited socket is used once; re-attaching needs the hub's path as well.
         self._reconnect = reconnect and channel is None and (fd is None or path is not None)

@@ -23,10 +23,6 @@ from multikernel.shm import ChannelHandle
 
 ENV_SOCKET = "MULTIKERNEL_BUS"
 ENV_FD = "MULTIKERNEL_BUS_FD"
-#: A file holding the session channel, side 1 (a guest's ivshmem BAR): set for a guest's agent.
-ENV_REGION = "MULTIKERNEL_BUS_REGION"
-#: With it: the register that rings the hub when its reader sleeps (`PATH@OFFSET=VALUE`).
-ENV_DOORBELL = "MULTIKERNEL_BUS_DOORBELL"
 HANDLE_FDS = ChannelHandle.FDS  # region, four doorbell pipe ends, liveness
 _LENGTH = struct.Struct("<I")
 

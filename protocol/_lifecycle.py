@@ -37,8 +37,6 @@ class CreateInstance(_LifecycleMessage, frozen=True):
     memory: U64 = 0
     restart: RestartPolicy = RestartPolicy()
     queues: tuple[ShortStr, ...] | None = None
-    platform: ShortStr = ""  # what runs it: "local" or "qemu" ("": the host's default)
-    interrupts: bool = False  # qemu: the guest rings the host's doorbell (else the host polls)
 
 
 class UpdateInstance(_LifecycleMessage, frozen=True):
@@ -124,8 +122,6 @@ class InstanceInfo(_LifecycleMessage, frozen=True):
     queues: tuple[str, ...] = ()
     image_source: str = ""  # where the loaded image was read from (LoadImage.image)
     image_digest: str = ""  # "sha256:<hex>" of its signed payload
-    platform: str = ""  # what runs it: local, qemu or multikernel
-    interrupts: bool = False  # qemu, interrupt mode: its guest rings the host's doorbell
 
 
 class InstanceList(_LifecycleMessage, frozen=True):

@@ -29,7 +29,6 @@ between load reports, 0: none) and MULTIKERNEL_PSI (the instance's own pressure 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -49,7 +48,6 @@ from multikernel.protocol import (
     AccessDeniedError,
     AgentHello,
     AgentStatus,
-    BusyError,
     DeadlineExceededError,
     ElasticRequest,
     ExecRequest,
@@ -57,7 +55,6 @@ from multikernel.protocol import (
     Grant,
     Halted,
     NotFoundError,
-    RefusedError,
     ResourceTransaction,
     ResourceTransactionAck,
     Shutdown,
@@ -85,8 +82,6 @@ class AgentState:
     stop: anyio.Event = field(default_factory=anyio.Event)
     workload_started: anyio.Event = field(default_factory=anyio.Event)
     halted_reason: str = ""
-    region: str = ""  # the file of our session channel, attached over a region (a guest)
-    doorbell: str = ""  # the register that rings the host's reader of it (interrupt mode)
 
 
 def _cpus() -> tuple[int, ...]:
@@ -135,32 +130,19 @@ async def _start_workload(
     host's pipe, which this closes once the workload holds it), or hand a standby's warm gate
     (whose output is that pipe already) the attachment. None once it runs; else the status of
     a workload that could not be started (127)."""
+    attachment = await ep.attachment()
     env = dict(os.environ)
     env.pop("MULTIKERNEL_WORKLOAD", None)
     env.update(json.loads(os.environ.get("MULTIKERNEL_WORKLOAD_ENV", "{}")))
+    env["MULTIKERNEL_BUS_FD"] = str(attachment.fileno())
     env.setdefault("PYTHONUNBUFFERED", "1")  # its output in the order it was written
-    attachment: socket.socket | None = None
-    if region := state.region:  # a guest: another session channel in its ivshmem memory
-        try:
-            offset = await ep.region_attachment()
-        except (RefusedError, BusyError) as exc:
-            log.warning("workload runs without a bus attachment", reason=str(exc))
-        else:
-            env["MULTIKERNEL_BUS_REGION"] = f"{region}@{offset}"
-            if state.doorbell:  # the same register; the vector of a channel is its MiB offset
-                register = state.doorbell.rpartition("=")[0]
-                env["MULTIKERNEL_BUS_DOORBELL"] = f"{register}={offset >> 20}"
-    else:
-        attachment = await ep.attachment()
-        env["MULTIKERNEL_BUS_FD"] = str(attachment.fileno())
-    fds = [attachment.fileno()] if attachment is not None else []
     try:
-        with attachment or contextlib.nullcontext():
-            if gate is not None and attachment is not None:
+        with attachment:
+            if gate is not None:
                 state.workload = await gate.open(attachment)
             else:
                 state.workload = await anyio.open_process(
-                    argv, cwd=cwd or None, env=env, pass_fds=fds,
+                    argv, cwd=cwd or None, env=env, pass_fds=[attachment.fileno()],
                     stdin=subprocess.DEVNULL, stdout=output, stderr=output,
                 )  # fmt: skip
     except OSError as exc:  # said where the user looks: the instance's output
@@ -245,8 +227,6 @@ async def run_agent() -> int:
     workload = json.loads(os.environ.get("MULTIKERNEL_WORKLOAD", "[]"))
     image_dir = os.environ.get("MULTIKERNEL_IMAGE_DIR", "")
     state = AgentState(instance, name, InstanceResources.from_environment(instance))
-    state.region = os.environ.get("MULTIKERNEL_BUS_REGION", "")  # connect() takes it
-    state.doorbell = os.environ.get("MULTIKERNEL_BUS_DOORBELL", "")
     output = _output_fd()
     status = 0
     period = float(os.environ.get("MULTIKERNEL_HEARTBEAT") or HEARTBEAT_SECONDS)

@@ -38,7 +38,6 @@ hosts, demos and test runs on one machine never meet in one directory (docs/plat
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import secrets
@@ -65,8 +64,6 @@ from multikernel.services._mk_remote import connector_for, open_kernel
 from multikernel.services._mk_steps import BootImage, KernelSteps
 from multikernel.services._multikernel import MultikernelPlatform
 from multikernel.services._platform import Platform, PlatformError
-from multikernel.services._platforms import Platforms
-from multikernel.services._qemu_platform import QemuPlatform
 from multikernel.services._recovery import Recovered, recover
 from multikernel.services._resource_process import ResourceConfig, resource_argv
 
@@ -231,9 +228,8 @@ async def run_host(
         log.info("cache partitioning", resctrl=local.cache.info.describe())
         for name in local.remove_stale_cache_groups():
             log.info("stale resctrl group removed", instance=name)
-    qemu = QemuPlatform()  # chosen per instance: mkctl create NAME --platform qemu
     try:
-        await _run_host(config, Platforms(local, qemu), stop, task_status, guests=qemu)
+        await _run_host(config, local, stop, task_status)
     finally:
         local.close()  # the host's cgroup group, now that its instances are reclaimed
 
@@ -254,11 +250,7 @@ async def _run_host(
     platform: Platform,
     stop: anyio.Event | None,
     task_status: anyio.abc.TaskStatus[Hub],
-    *,
-    guests: QemuPlatform | None = None,
 ) -> None:
-    """The host with `platform`; `guests` (one of its platforms) serves its guests' sessions
-    on the hub, so it runs while the hub serves, and ends after the lifecycle actor."""
     resource = config.resource_config()
     recovered: Recovered | None = None
     instance_of: Callable[[int], int] = getattr(platform, "instance_of", lambda pid: 0)
@@ -275,18 +267,14 @@ async def _run_host(
             await tg.start(hub.serve)
             if isinstance(platform, MultikernelPlatform):  # adopted agents' sessions, again
                 platform.serve_sessions(hub.open_instance_socket)
-            async with contextlib.AsyncExitStack() as stack:
-                if guests is not None:
-                    guests.serve_region = hub.serve_region
-                    await stack.enter_async_context(guests)
-                async with anyio.create_task_group() as processes:
-                    # The resource actor first: the lifecycle actor reconciles with it at start.
-                    resource_actor = ActorProcess(
-                        "resource", lambda fd: resource_argv(resource, ready_fd=fd)
-                    )
-                    await processes.start(resource_actor.run)
-                    await _run_lifecycle(config, hub, platform, recovered, stop, task_status)
-                    processes.cancel_scope.cancel()  # the resource actor stops after instances
+            async with anyio.create_task_group() as processes:
+                # The resource actor first: the lifecycle actor reconciles with it as it starts.
+                resource_actor = ActorProcess(
+                    "resource", lambda fd: resource_argv(resource, ready_fd=fd)
+                )
+                await processes.start(resource_actor.run)
+                await _run_lifecycle(config, hub, platform, recovered, stop, task_status)
+                processes.cancel_scope.cancel()  # the resource actor stops once the instances have
             await hub.drain(grace=2.0)
             tg.cancel_scope.cancel()
     finally:

@@ -110,8 +110,6 @@ class StoredInstance(msgspec.Struct):
     output_fd: int = 0  # the running launch's agent holds its output pipe's read end there
     queues: tuple[str, ...] = ()  # I/O queues granted
     resource_tx: int = 0  # the resource transaction its resources come from
-    platform: str = "local"  # what runs it: local or qemu
-    interrupts: bool = False  # qemu: interrupt mode
 
     @property
     def resources(self) -> Resources | None:
@@ -215,8 +213,6 @@ def stored(inst: Instance) -> StoredInstance:
         output_fd=inst.output_fd if inst.proc is not None else 0,
         queues=inst.queues,
         resource_tx=inst.resource_tx,
-        platform=inst.platform,
-        interrupts=inst.interrupts,
     )
 
 
@@ -240,6 +236,4 @@ def restored(row: StoredInstance) -> Instance:
         output_fd=row.output_fd,
         queues=row.queues,
         resource_tx=row.resource_tx,
-        platform=row.platform,
-        interrupts=row.interrupts,
     )

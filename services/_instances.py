@@ -117,8 +117,6 @@ class Instance:
     output_fd: int = 0
     launching: set[str] = field(default_factory=set)  # units being launched, not yet recorded
     standby: Standby | None = None  # a warm agent ready to take the instance over
-    platform: str = "local"  # which of the host's platforms runs it (chosen at create)
-    interrupts: bool = False  # a guest rings the host's doorbell rather than being polled
 
     def grant(self, grant: Grant) -> None:
         """What the resource actor granted: the instance's CPUs, memory and queues from now on."""
@@ -161,8 +159,6 @@ class Instance:
             queues=self.queues,
             image_source=str(image.source) if image else "",
             image_digest=image.digest if image else "",
-            platform=self.platform,
-            interrupts=self.interrupts,
         )
 
 

@@ -66,7 +66,6 @@ from multikernel.protocol import (
     UpdateInstance,
     format_size,
 )
-from multikernel.services._guest_spec import GUEST_PLATFORMS
 from multikernel.services._image import load_image
 from multikernel.services._instance_store import InstanceStore
 from multikernel.services._instances import (
@@ -83,8 +82,7 @@ from multikernel.services._instances import (
 )
 from multikernel.services._lifecycle_grants import ResourceClient, describe
 from multikernel.services._output import InstanceLog
-from multikernel.services._platform import InvalidSpecError, Platform, PlatformError, check_name
-from multikernel.services._platforms import Platforms
+from multikernel.services._platform import Platform, PlatformError, check_name
 from multikernel.services._recovery import Recovered, recover
 from multikernel.services._supervisor import Supervisor
 
@@ -261,15 +259,7 @@ class LifecycleActor:
                 self._store().next_id(),
                 restart=request.restart,
                 output=InstanceLog(self._instance_dir(name)),
-                platform=self._platform_named(request.platform),
-                interrupts=request.interrupts,
             )
-            if inst.interrupts and inst.platform not in GUEST_PLATFORMS:
-                raise InstanceRefusedError(
-                    f"--interrupts is for instances with a kernel of their own (--platform "
-                    f"qemu); {name!r} runs on {inst.platform}, whose channels always have "
-                    "doorbells"
-                )
             asked = self._grants.asked(inst, request)
             grant = await self._grants.change("allocate", asked) if asked is not None else None
             # Only once the resources are granted: a refusal leaves nothing behind (no record, no
@@ -336,12 +326,9 @@ class LifecycleActor:
                 )
             )
             inst.image, inst.image_dir = image, dest
-            manifest = image.manifest
-            if (manifest.parameters.get("platform") == "qemu") != (inst.platform == "qemu"):
-                self._drop_image(inst)
-                raise InstanceRefusedError(_platform_mismatch(inst.name, inst.platform))
             self._states.save(inst)
             assert inst.resources is not None
+            manifest = image.manifest
             if (
                 len(inst.resources.cpus) < manifest.min_cpus
                 or inst.resources.memory < manifest.min_memory
@@ -409,7 +396,7 @@ class LifecycleActor:
                 lambda: shutil.rmtree(self.state_dir / "instances" / inst.name, ignore_errors=True)
             )
             try:
-                await self._platform_of(inst).release(inst.name, inst.id)
+                await self.platform.release(inst.name, inst.id)
             except PlatformError as error:  # forgotten anyway: say what is left in the kernel
                 log.warning("platform left the instance", instance=inst.name, error=str(error))
             if inst.resources is not None:
@@ -460,7 +447,7 @@ class LifecycleActor:
         first, so a refused create leaves nothing."""
         assert inst.resources is not None
         try:
-            await self._platform_of(inst).prepare(inst.name, inst.id, inst.resources, load=load)
+            await self.platform.prepare(inst.name, inst.id, inst.resources, load=load)
         except PlatformError as error:
             if undo:
                 self._store().delete(inst.name)
@@ -532,25 +519,8 @@ class LifecycleActor:
         """Every instance, as `show` describes it (the host's metrics read these)."""
         return [self._info(inst) for inst in self.instances.values()]
 
-    def _platform_named(self, name: str) -> str:
-        """The name of the host's platform `name` ("": the default), or InvalidSpecError."""
-        if isinstance(self.platform, Platforms):
-            return self.platform.get(name).name
-        if name and name != self.platform.name:
-            raise InvalidSpecError(
-                f"this host has no platform {name!r}: it runs {self.platform.name!r}"
-            )
-        return self.platform.name
-
-    def _platform_of(self, inst: Instance) -> Platform:
-        """The platform `inst` runs on: the one it was created for, on a host with several."""
-        platform = self.platform
-        if isinstance(platform, Platforms) and inst.platform in platform.by_name:
-            return platform.get(inst.platform)
-        return platform
-
     def _info(self, inst: Instance) -> InstanceInfo:
-        caps = self._platform_of(inst).capabilities()
+        caps = self.platform.capabilities()
         mechanisms = {
             "namespaces": caps.namespaces,
             "cpuset": caps.cpuset,
@@ -565,15 +535,3 @@ class LifecycleActor:
         if inst.image_dir is not None:
             shutil.rmtree(inst.image_dir, ignore_errors=True)
         inst.image = inst.image_dir = None
-
-
-def _platform_mismatch(name: str, platform: str) -> str:
-    if platform == "qemu":
-        return (
-            f"{name!r} runs on qemu, which boots a guest kernel: load an image made with "
-            'mkctl image build (its manifest says platform = "qemu")'
-        )
-    return (
-        f"this image is a guest kernel for the qemu platform and {name!r} runs on {platform}: "
-        f"mkctl create NAME --platform qemu"
-    )

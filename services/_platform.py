@@ -16,7 +16,6 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import TracebackType
 from typing import Final, Protocol, Self, TypeVar
 
@@ -93,16 +92,6 @@ class Resources:
 
 
 @dataclass(frozen=True)
-class KernelImage:
-    """A kernel an instance boots (a platform whose instances are kernels of their own): its
-    files, verified with the image that holds them, and the kernel's release."""
-
-    kernel: Path
-    initramfs: Path | None = None
-    release: str = ""
-
-
-@dataclass(frozen=True)
 class LaunchSpec:
     """How to start an instance: its agent is the first process and everything else descends
     from it.
@@ -110,9 +99,6 @@ class LaunchSpec:
     `pass_fds` are inherited by the agent under the same numbers (its bus socket, channel fds),
     the way a real kernel finds its IPI buffers in the device tree it boots with. `stdout` and
     `stderr` are fds the agent writes to (None: this process's own); its stdin is /dev/null.
-    `platform` names which of the host's platforms runs it ("": the host's default, see
-    `Platforms`); `boot` is the kernel it boots on a platform whose instances are kernels of
-    their own (None: the platform's default), where `argv` runs inside that kernel.
     """
 
     name: str
@@ -126,11 +112,6 @@ class LaunchSpec:
     stdout: int | None = None
     stderr: int | None = None
     slot: str = ""  # "": the instance's own tree; else a second tree of it (e.g. a standby)
-    platform: str = ""
-    boot: KernelImage | None = None
-    #: A kernel of its own rings the host's doorbell after its sends (the host sleeps on it)
-    #: rather than the host polling it; the `qemu` platform's interrupt mode.
-    interrupts: bool = False
 
     def __post_init__(self) -> None:
         check_name(self.name)
@@ -238,13 +219,6 @@ class IsolationReport:
     memory_limit: int | None = None  # the instance memory cgroup's limit (page-rounded)
     processes: tuple[int, ...] = ()  # host pids of every process of the instance
     cache: CacheShare | None = None  # its resctrl group's cache ways and bandwidth, if it has one
-    kernel: str = ""  # the release of a kernel of its own ("": it runs on the host's)
-    vcpus: int = 0  # the CPUs that kernel sees (a guest's virtual CPUs), with `kernel`
-
-    @property
-    def own_kernel(self) -> bool:
-        """It runs on a kernel of its own: a guest, or a multikernel instance."""
-        return bool(self.kernel)
 
     @property
     def own_pid_namespace(self) -> bool:

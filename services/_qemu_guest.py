@@ -14,14 +14,6 @@
 - `attach`: the same device and wait, then attach to the host's hub over the session channel
   the host laid there (`connect(channel=...)`, docs/bus.md "Sessions over a region"), publish,
   call `mk.call` if given (`mk.calls` more, timed), and say each step on the console.
-- `agent` (what the `qemu` platform boots): the same device and wait, then read the boot block
-  the host wrote at the end of the memory (`_qemu_boot`: the launch spec's argv, environment
-  and hostname), set the hostname, run argv (the instance agent) with that environment plus
-  `MULTIKERNEL_BUS_REGION=<the BAR>`, so its `connect()` attaches over the session channel
-  (and, in interrupt mode, `MULTIKERNEL_BUS_DOORBELL=<BAR 0>@12=0`: it rings the host through
-  its doorbell register when the host's reader sleeps),
-  wait for it, record its exit status in the boot block for the host and say it, then return
-  (which powers the guest off).
 
 The guest's serial console is the host's only view of it before the ring is up, so every line
 meant for the host starts with `multikernel-guest: `; anything else on the console is the
@@ -189,39 +181,6 @@ def attach(args: dict[str, str]) -> None:
     say("detached")
 
 
-def agent() -> int:
-    """Run the launch spec's argv as the instance's agent (see the module docstring); its exit
-    status, also written in the boot block for the host."""
-    import socket
-    import subprocess
-
-    from multikernel.services._qemu_boot import read_boot, write_status
-    from multikernel.shm import Region
-
-    device = find_ivshmem()
-    (device / "enable").write_text("1")
-    bar = device / "resource2"
-    wait_for_channel(bar)
-    with Region.open(bar) as region, memoryview(region.mmap) as memory:
-        boot = read_boot(memory)
-        socket.sethostname(boot["hostname"])
-        python = Path("/bin/python3")  # what the host names the guest's interpreter
-        if not python.exists():
-            python.symlink_to(sys.executable)
-        env = {**boot["env"], "MULTIKERNEL_BUS_REGION": str(bar)}
-        if boot.get("doorbell"):  # interrupt mode: ring the host (peer 0, vector 0) via BAR 0
-            env["MULTIKERNEL_BUS_DOORBELL"] = f"{device / 'resource0'}@12={HOST_PEER << 16}"
-        say(f"agent starting on {device.name}")
-        try:
-            status = subprocess.call(boot["argv"], env=env, cwd="/", stdin=subprocess.DEVNULL)
-        except OSError as exc:
-            say(f"agent could not start: {exc}")
-            status = 127
-        write_status(memory, status)
-    say(f"agent exited {status}")
-    return status
-
-
 def started() -> float:
     """When this process was started, in seconds since boot (field 22 of /proc/self/stat)."""
     fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
@@ -242,8 +201,6 @@ def main() -> None:
         echo(args)
     elif mode == "attach":
         attach(args)
-    elif mode == "agent":
-        agent()
     else:
         say(f"unknown mk.mode={mode}")
         os._exit(2)

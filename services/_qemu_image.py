@@ -49,8 +49,6 @@ BUSYBOX: Final = Path("/bin/busybox")
 #: What the guest imports: its entry, and what it needs at run time that a plain import misses.
 GUEST_MODULES: Final = (
     "multikernel.services.qemu_guest",
-    "multikernel.services.agent",
-    "multikernel.services._qemu_boot",
     "multikernel.shm",
     "multikernel.endpoints",
     "anyio",
@@ -213,7 +211,6 @@ def _init_script(python: str) -> bytes:
         "/bin/busybox mount -t proc proc /proc\n"
         "/bin/busybox mount -t sysfs sysfs /sys\n"
         "/bin/busybox mount -t devtmpfs devtmpfs /dev\n"
-        "/bin/busybox --install -s /bin\n"  # every applet: mkctl exec NAME -- uname -r, ps, ...
         'echo "multikernel-guest: init at $(/bin/busybox cut -d" " -f1 /proc/uptime) s"\n'
         f"{python} -I -X frozen_modules=on -m multikernel.services.qemu_guest\n"
         'echo "multikernel-guest: exit $?"\n'

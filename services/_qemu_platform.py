@@ -2,29 +2,23 @@
 
 `launch` gives a guest the instance's grant: as much memory (`-m`, at least 128 MiB) and as many
 virtual CPUs (`-smp`) as the grant has CPUs, and QEMU's threads are pinned to the granted host
-CPUs. It boots `spec.boot` (the kernel and initramfs of a verified image) or the platform's
-default image. The guest gets an `ivshmem-doorbell` device whose memory is a sealed memfd of
-ours (`GUEST_MEMORY` bytes): session channels in slots from its start (the agent's in slot 0,
-one per attachment the agent asks for, for its workload, in the others), the boot block at its
-end
-(`_qemu_boot`: the spec's argv, environment and hostname, the analogue of the device tree a
-kernel boots with). QEMU joins as peer 1 of a one-client ivshmem handshake on a socket in the
-instance's own directory (the host is peer 0), so the host holds both sides' doorbell eventfds.
+CPUs. The guest gets an `ivshmem-doorbell` device whose memory is a sealed memfd of ours
+(`SHARED_MEMORY` bytes) with a channel laid out at its start; QEMU joins as peer 1 of a
+one-client ivshmem handshake on a socket in the instance's own directory (the host is peer 0),
+so the host holds both sides' doorbell eventfds. `launch` returns once the guest's program has
+sent its first frame on that channel; `QemuInstance.channel` is the host's end (polling: no
+doorbell yet).
 
-The guest's init runs `spec.argv` (the instance agent) with `spec.env`; the agent attaches over
-the session channel, which the platform serves on the host's hub (`serve_region`, in the
-platform's task group, bound to `spec.instance_id` and QEMU's pid). `launch` returns once the
-agent is attached (its Hello answered), and the session is cancelled when QEMU exits: a region
-has no liveness of its own, so a guest that dies is seen by QEMU's exit alone. No fd crosses
-into another kernel, so `spec.pass_fds` must be empty. The serial console goes to `spec.stdout`
-(the lifecycle collects it: `mkctl logs`) and to `console.log` in the instance's directory,
-whose last lines a failed launch says.
+What the guest runs today is the echo program (`multikernel.services.qemu_guest`); the agent
+attaching to the bus through this channel is the next step (docs/platform.md, "qemu (in
+progress)"), so `spec.argv` is kept but not yet run, and `spec.pass_fds` must be empty: no fd
+crosses into another kernel. The serial console and QEMU's own messages go to
+`console.log` in the instance's directory (`logs` will read it); a launch that fails says its
+last lines.
 
-`wait` is the agent's exit status as the guest's init recorded it in the boot block before
-powering off (negative: QEMU was killed by that signal; `GUEST_DOWN` when the guest ended
-without recording one: a panic, a crash), `signal` goes to QEMU, `kill` SIGKILLs QEMU, `reclaim`
-ends the session and closes the memory, the eventfds and the socket and removes the instance's
-directory; idempotent.
+`wait` is QEMU's exit (0: the guest powered off; negative: QEMU was killed by that signal),
+`signal` goes to QEMU, `kill` SIGKILLs QEMU, `reclaim` closes the channel, the memory, the
+eventfds and the socket and removes the instance's directory; idempotent.
 """
 
 from __future__ import annotations
@@ -36,15 +30,14 @@ import shutil
 import signal as signals
 import socket
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final, Self
+from typing import Final, TypeVar
 
 import anyio
-import anyio.abc
 import anyio.lowlevel
 import anyio.to_thread
 
-from multikernel.bus import Limits
 from multikernel.services._ivshmem import Peer, close_peer, make_peer, send_handshake
 from multikernel.services._local_probe import online_cpus
 from multikernel.services._namespaces import namespace_ids
@@ -60,101 +53,48 @@ from multikernel.services._platform import (
     Resources,
     launched_by,
 )
-from multikernel.services._qemu_boot import read_status, write_boot
 from multikernel.services._qemu_image import GuestImage, build_image
-from multikernel.services._qemu_record import QemuRecords
-from multikernel.services._qemu_sessions import (
-    GUEST_MEMORY,
-    VECTORS,
-    GuestSessions,
-    ServeRegion,
-)
-from multikernel.services._qemu_vm import QEMU, Exited, Vm, VmConfig, pin, tail, unless_exited
-from multikernel.shm import Region, WaitPolicy, format_channel
+from multikernel.services._qemu_link import SHARED_MEMORY
+from multikernel.services._qemu_vm import QEMU, Vm, VmConfig
+from multikernel.shm import Channel, Region, WaitPolicy, format_channel
 
+T = TypeVar("T")
 MIN_MEMORY: Final = 128 << 20
-#: How long a guest may take from QEMU's start to its agent attached: TCG on a 2-CPU host boots
-#: in 6-15 s and the agent's imports take 4-6 s more, but 50-80 s were seen with the machine's
-#: load at 20. A guest that fails sooner (QEMU exits) fails the launch at once.
-BOOT_TIMEOUT: Final = 300.0
-#: What `wait` answers for a guest that ended without its init recording the agent's exit.
-GUEST_DOWN: Final = 1
+CAPACITY: Final = 64 << 10
+#: How long a guest may take from QEMU's start to its first frame (TCG on a busy 2-CPU host
+#: boots in 6-15 s).
+BOOT_TIMEOUT: Final = 120.0
 
 
 class QemuInstance(InstanceProcess):
-    """A guest: QEMU's process, its memory, its session on the hub, what reclaim gives back."""
+    """A guest: QEMU's process, the host's end of its channel, what reclaim gives back."""
 
-    def __init__(
-        self,
-        platform: QemuPlatform,
-        spec: LaunchSpec,
-        vm: Vm,
-        workdir: Path,
-        image: GuestImage,
-        region: Region,
-    ) -> None:
+    def __init__(self, platform: QemuPlatform, spec: LaunchSpec, vm: Vm, workdir: Path) -> None:
         super().__init__(platform, spec, vm.pid)
         self.vm = vm
         self.workdir = workdir
-        self.image = image
         self.console = workdir / "console.log"
-        self.region = region
+        self.channel: Channel | None = None
+        self.region: Region | None = None
         self.link: socket.socket | None = None  # QEMU's ivshmem connection (its hang-up: exit)
         self.host_peer: Peer | None = None
         self.guest_peer: Peer | None = None
-        self.session = anyio.CancelScope()  # the hub's sessions with the guest's processes
-        self.served = anyio.Event()  # set once they have all ended
-        self.sessions: anyio.abc.TaskGroup | None = None  # where they are served
-        self.taken = {0}  # the slots whose session channel is in use (0: the agent's)
+        self.hello = ""  # the guest's first frame
 
 
 class QemuPlatform:
-    """Instances as guests under QEMU (see the module docstring). `async with` it while the
-    hub serves: its task group holds each guest's session and watcher.
+    """Instances as guests under QEMU (see the module docstring).
 
-    `serve_region` is the hub's (`Hub.serve_region`); `image` the guest's kernel and initramfs
-    for a spec without `boot` (default: `build_image()` at the first such launch, cached per
-    user); `policy` how the hub's end of each session channel waits (polling: no doorbell yet).
+    `image` is the guest's kernel and initramfs (default: `build_image()` at the first launch,
+    cached per user); `policy` how the host's end of each channel waits.
     """
 
     name = "qemu"
 
-    def __init__(
-        self,
-        image: GuestImage | None = None,
-        *,
-        serve_region: ServeRegion | None = None,
-        policy: WaitPolicy | None = None,
-        session_capacity: int = Limits().session_capacity,
-    ):
+    def __init__(self, image: GuestImage | None = None, *, policy: WaitPolicy | None = None):
         self.image = image
-        self.sessions = GuestSessions(serve_region, policy, session_capacity)
-        self.records = QemuRecords()
-        self._running: dict[str, QemuInstance | None] = {}
-        self._tg: anyio.abc.TaskGroup | None = None
-
-    @property
-    def serve_region(self) -> ServeRegion | None:
-        """`Hub.serve_region` of the hub the guests' sessions are served on."""
-        return self.sessions.serve_region
-
-    @serve_region.setter
-    def serve_region(self, serve: ServeRegion | None) -> None:
-        self.sessions.serve_region = serve
-
-    async def __aenter__(self) -> Self:
-        self._tg = await anyio.create_task_group().__aenter__()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._tg is not None
-        with anyio.CancelScope(shield=True):
-            for inst in list(self._running.values()):
-                if inst is not None:
-                    await self.reclaim(inst)
-        self._tg.cancel_scope.cancel()
-        await self._tg.__aexit__(None, None, None)
-        self._tg = None
+        self.policy = policy
+        self._running: set[str] = set()
 
     def capabilities(self) -> Capabilities:
         warnings = [
@@ -192,97 +132,59 @@ class QemuPlatform:
 
     async def launch(self, spec: LaunchSpec) -> QemuInstance:
         self.check(spec)
-        if self._tg is None or self.serve_region is None:
-            raise LaunchError(
-                "the qemu platform serves each guest's session on the host's hub: make it with "
-                "serve_region=hub.serve_region and enter it (async with) while the hub serves"
-            )
         if spec.unit in self._running:
             raise LaunchError(f"instance {spec.unit!r} is already running: kill and reclaim it")
         if shutil.which(QEMU) is None:
             raise LaunchError(f"{QEMU} is not installed; apt-get install qemu-system-x86")
-        self._running[spec.unit] = None
-        instance = region = channel = None
+        if self.image is None:
+            self.image = await anyio.to_thread.run_sync(build_image)
+        self._running.add(spec.unit)
+        instance = None
         workdir = Path(tempfile.mkdtemp(prefix=f"mk-qemu-{spec.unit}-"))
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
-            image = await self._image_for(spec)
             listener.bind(str(workdir / "ivshmem.sock"))
             listener.listen(1)
-            region = Region.create(GUEST_MEMORY)
-            with memoryview(region.mmap) as memory:
-                write_boot(
-                    memory,
-                    list(spec.argv),
-                    dict(spec.env),
-                    spec.uts_name,
-                    doorbell=spec.interrupts,
-                )
-            format_channel(region, self.sessions.session_capacity)
+            region = Region.create(SHARED_MEMORY)
+            format_channel(region, CAPACITY)
             config = VmConfig(
-                image,
+                self.image,
                 memory_mib=spec.resources.memory >> 20,
                 cpus=len(spec.resources.cpus),
-                args=(("mode", "agent"),),
+                args=(("mode", "echo"),),
                 ivshmem_socket=workdir / "ivshmem.sock",
-                console_log=workdir / "console.log",
-                vectors=VECTORS,
+                console=workdir / "console.log",
             )
-            vm = await self._start(config, spec, workdir)
-            instance = QemuInstance(self, spec, vm, workdir, image, region)
-            self._running[spec.unit] = instance
-            pin(vm.pid, spec.resources.cpus)
+            output = os.open(workdir / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                vm = await Vm.start(config, output=output)
+            finally:
+                os.close(output)
+            instance = QemuInstance(self, spec, vm, workdir)
+            instance.region = region
+            _pin(vm.pid, spec.resources.cpus)
             with anyio.fail_after(BOOT_TIMEOUT):
-                await unless_exited(vm, functools.partial(self._join, instance, listener))
-                channel = self.sessions.agent_channel(instance)
-                serve = functools.partial(self.sessions.serve, instance, channel)
-                await unless_exited(vm, functools.partial(self._tg.start, serve))
-            self._tg.start_soon(self.sessions.watch, instance)
+                await _unless_exited(instance.vm, functools.partial(self._join, instance, listener))
+                instance.channel = channel = Channel.open_region(region, 0, self.policy)
+                hello = await _unless_exited(instance.vm, channel.receive)
+                instance.hello = hello.decode(errors="replace")
         except BaseException as exc:
             listener.close()
-            if channel is not None:
-                channel.close()  # idempotent: the hub's session closes it too, if it started
-            last = ""
+            tail = ""
             with anyio.CancelScope(shield=True):
                 if instance is not None:
                     await self.kill(instance)
-                    last = tail(workdir / "qemu.log") + tail(instance.console)
+                    tail = _tail(workdir / "qemu.log") + _tail(instance.console)
                     await self.reclaim(instance)
                 else:
-                    if region is not None:
-                        region.close()
-                    self._running.pop(spec.unit, None)
+                    self._running.discard(spec.unit)
                     shutil.rmtree(workdir, ignore_errors=True)
-            if isinstance(exc, (OSError, TimeoutError, RuntimeError, Exited)):
-                detail = f" Its last output:\n{last}" if last else ""
+            if isinstance(exc, (OSError, TimeoutError, anyio.EndOfStream, _Exited)):
+                detail = f" Its last output:\n{tail}" if tail else ""
                 raise LaunchError(f"guest {spec.unit!r} did not come up: {exc}.{detail}") from exc
             raise
         listener.close()
         return instance
-
-    async def _image_for(self, spec: LaunchSpec) -> GuestImage:
-        if spec.boot is not None:
-            if spec.boot.initramfs is None:
-                raise InvalidSpecError(
-                    f"a qemu guest boots a kernel and an initramfs; {spec.unit!r} has no "
-                    "initramfs: build its image with mkctl image build"
-                )
-            return GuestImage(spec.boot.kernel, spec.boot.initramfs, spec.boot.release, "")
-        if self.image is None:
-            self.image = await anyio.to_thread.run_sync(build_image)
-        return self.image
-
-    @staticmethod
-    async def _start(config: VmConfig, spec: LaunchSpec, workdir: Path) -> Vm:
-        """QEMU, its stdout (the console, and its own messages) on `spec.stdout` or, without
-        one, in `qemu.log`."""
-        if spec.stdout is not None:
-            return await Vm.start(config, output=spec.stdout)
-        output = os.open(workdir / "qemu.log", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            return await Vm.start(config, output=output)
-        finally:
-            os.close(output)
 
     async def _join(self, instance: QemuInstance, listener: socket.socket) -> None:
         """QEMU's ivshmem device connects: it becomes peer 1, the host peer 0."""
@@ -294,8 +196,9 @@ class QemuPlatform:
                 await anyio.wait_readable(listener)
         instance.link = link
         link.setblocking(False)
-        instance.host_peer = make_peer(0, VECTORS)
-        instance.guest_peer = make_peer(1, VECTORS)
+        assert instance.region is not None
+        instance.host_peer = make_peer(0, 1)
+        instance.guest_peer = make_peer(1, 1)
         await send_handshake(link, instance.guest_peer, instance.region.fd, [instance.host_peer])
 
     def _mine(self, proc: InstanceProcess) -> QemuInstance:
@@ -311,20 +214,13 @@ class QemuPlatform:
                 f"instance {instance.name!r} runs on qemu, whose guests cannot change their "
                 "memory or CPU count live yet: restart it with the new grant"
             )
-        pin(instance.pid, resources.cpus)
+        _pin(instance.pid, resources.cpus)
         instance.resources = resources
         await anyio.lowlevel.checkpoint()
 
     async def wait(self, proc: InstanceProcess) -> int:
-        """The agent's exit status, as the guest recorded it (see the module docstring)."""
         instance = self._mine(proc)
         status = await instance.vm.wait()
-        if status >= 0:
-            recorded = None
-            if not instance.reclaimed:
-                with memoryview(instance.region.mmap) as memory:
-                    recorded = read_status(memory)
-            status = GUEST_DOWN if recorded is None else recorded
         instance.returncode = status
         return status
 
@@ -346,42 +242,20 @@ class QemuPlatform:
             return
         await self.kill(instance)
         instance.reclaimed = True
-        instance.session.cancel()
         with anyio.CancelScope(shield=True):
             await instance.vm.aclose()
-            if self._tg is not None and instance.link is not None:
-                await instance.served.wait()  # the hub's session with it is over
-        for closable in (instance.region, instance.link):
+        for closable in (instance.channel, instance.region, instance.link):
             if closable is not None:
                 closable.close()
         for peer in (instance.host_peer, instance.guest_peer):
             if peer is not None:
                 close_peer(peer)
         shutil.rmtree(instance.workdir, ignore_errors=True)
-        self._running.pop(instance.spec.unit, None)
-
-    def record(self, proc: InstanceProcess) -> str:
-        """What a restarted host needs to end this guest (QEMU's pid and start time)."""
-        instance = self._mine(proc)
-        return self.records.record(instance.spec.unit, instance.pid, instance.workdir)
-
-    def adopt(self, spec: LaunchSpec, record: str) -> InstanceProcess | None:
-        """None: a guest's session died with the old host's hub, and its agent cannot attach
-        again yet, so a restarted host ends it (`reclaim_record`) rather than adopt it."""
-        return None
-
-    async def reclaim_record(self, record: str) -> None:
-        await self.records.reclaim(record)
-
-    async def reclaim_unit(self, unit: str) -> None:
-        """Nothing to find by name: a launch cut short left QEMU with no record of its pid
-        (it ends when the guest powers off, or is found by its directory, /tmp/mk-qemu-*)."""
-        await anyio.lowlevel.checkpoint()
+        self._running.discard(instance.spec.unit)
 
     def inspect(self, proc: InstanceProcess) -> IsolationReport:
         """What the host sees of the guest: QEMU's pid, its affinity and namespaces (the
-        host's: the isolation is the guest's own kernel, `kernel` and `vcpus`), the guest's
-        memory."""
+        host's: the isolation is the guest's own kernel), the guest's memory."""
         instance = self._mine(proc)
         threads = tuple(int(t) for t in os.listdir(f"/proc/{instance.pid}/task"))
         return IsolationReport(
@@ -392,9 +266,36 @@ class QemuPlatform:
             host_namespaces=NamespaceIds(*namespace_ids(os.getpid())),
             memory_limit=instance.resources.memory,
             processes=threads,
-            kernel=instance.image.kernel_version,
-            vcpus=len(instance.resources.cpus),
         )
+
+
+class _Exited(Exception):
+    """QEMU ended while `launch` waited for its guest."""
+
+
+async def _unless_exited(vm: Vm, step: Callable[[], Awaitable[T]]) -> T:
+    """`await step()`, unless QEMU ends first (then `_Exited`, at once rather than at the boot
+    timeout). The step's own exception comes out as it is, not in a group."""
+    done: list[T] = []
+    failure: Exception | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def watch() -> None:
+            await vm.wait()
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(watch)
+        try:
+            done.append(await step())
+        except Exception as exc:  # raised below, outside the task group
+            failure = exc
+        finally:
+            tg.cancel_scope.cancel()
+    if failure is not None:
+        raise failure
+    if not done:
+        raise _Exited(f"QEMU exited with status {vm.process.returncode}")
+    return done[0]
 
 
 def _check_resources(resources: Resources) -> None:
@@ -404,3 +305,20 @@ def _check_resources(resources: Resources) -> None:
         )
     if missing := resources.cpus - online_cpus():
         raise InvalidSpecError(f"CPUs {sorted(missing)} are not online on this host")
+
+
+def _pin(pid: int, cpus: frozenset[int]) -> None:
+    """Pin every thread of QEMU (`pid`) to `cpus`; threads it starts later inherit it."""
+    os.sched_setaffinity(pid, cpus)
+    with contextlib.suppress(FileNotFoundError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:]) + "\n"

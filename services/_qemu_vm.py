@@ -5,30 +5,24 @@ stock kernels), no default devices, the guest's serial console on QEMU's stdout,
 guest that powers off or panics ends QEMU), and optionally an ivshmem device whose shared memory
 and doorbells come from an ivshmem server's socket (`_ivshmem`).
 
-`Vm` is the running process as an async context manager (started through util-linux's `setpriv
---pdeathsig KILL` where it is installed, so a guest never outlives the process that started it:
-a restarted host does not adopt guests, and one that died mid-launch leaves none running):
-`console_line` waits for a line the guest's program printed (those start with
-`multikernel-guest: `), `wait` for QEMU's exit, `kill` ends it; leaving the `async with` kills
-QEMU if it is still running and reaps it, so no test or benchmark leaves a guest behind.
-Everything QEMU prints is kept (`console`) for the error message of a guest that did not come
-up. `unless_exited` runs a step of a launch unless QEMU ends first; `pin` pins QEMU's threads;
-`tail` is the end of a log file, for error messages.
+`Vm` is the running process as an async context manager: `console_line` waits for a line the
+guest's program printed (those start with `multikernel-guest: `), `wait` for QEMU's exit, `kill`
+ends it; leaving the `async with` kills QEMU if it is still running and reaps it, so no test or
+benchmark leaves a guest behind. Everything QEMU prints is kept (`console`) for the error
+message of a guest that did not come up.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import signal
 import subprocess
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self, TypeVar
+from typing import Final, Self
 
 import anyio
 import anyio.abc
@@ -37,7 +31,6 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 from multikernel.services._platform import LaunchError
 from multikernel.services._qemu_image import GuestImage
 
-T = TypeVar("T")
 QEMU: Final = "qemu-system-x86_64"
 GUEST_PREFIX: Final = "multikernel-guest: "
 
@@ -53,7 +46,6 @@ class VmConfig:
     ivshmem_socket: Path | None = None  # an ivshmem server's socket: adds ivshmem-doorbell
     vectors: int = 1
     console: Path | None = None  # the serial console to this file, not to QEMU's stdout
-    console_log: Path | None = None  # a copy of the console (on QEMU's stdout) in this file
 
     def __post_init__(self) -> None:
         if self.memory_mib < 128:
@@ -63,7 +55,7 @@ class VmConfig:
         for key, value in self.args:
             if not (key.isidentifier() and value and " " not in value):
                 raise ValueError(f"bad guest argument mk.{key}={value!r}")
-        for path in (self.ivshmem_socket, self.console, self.console_log):
+        for path in (self.ivshmem_socket, self.console):
             if path is not None and "," in str(path):  # QEMU's option syntax
                 raise ValueError(f"a path QEMU is given may not contain ',': {path}")
 
@@ -72,18 +64,10 @@ def qemu_argv(config: VmConfig, qemu: str = QEMU) -> list[str]:
     """QEMU's command line for `config`."""
     append = ["console=ttyS0", "rdinit=/init", "quiet", "panic=-1"]
     append += [f"mk.{key}={value}" for key, value in config.args]
-    if config.console is not None:
-        serial = ["-serial", f"file:{config.console}"]
-    elif config.console_log is not None:  # on stdout, and a copy kept for error messages
-        serial = [
-            "-chardev", f"stdio,id=console,signal=off,logfile={config.console_log}",
-            "-serial", "chardev:console",
-        ]  # fmt: skip
-    else:
-        serial = ["-serial", "stdio"]
     argv = [
         qemu, "-accel", "tcg", "-m", str(config.memory_mib), "-smp", str(config.cpus),
-        "-display", "none", "-nodefaults", "-no-reboot", *serial,
+        "-display", "none", "-nodefaults", "-no-reboot",
+        "-serial", "stdio" if config.console is None else f"file:{config.console}",
         "-kernel", str(config.image.kernel), "-initrd", str(config.image.initramfs),
         "-append", " ".join(append),
     ]  # fmt: skip
@@ -119,11 +103,8 @@ class Vm:
                 f"{QEMU} is not installed; apt-get install -y --no-install-recommends "
                 "qemu-system-x86"
             )
-        argv = qemu_argv(config, qemu)
-        if setpriv := shutil.which("setpriv"):  # util-linux: QEMU dies with its parent
-            argv = [setpriv, "--pdeathsig", "KILL", *argv]
         process = await anyio.open_process(
-            argv,
+            qemu_argv(config, qemu),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE if output is None else output,
             stderr=subprocess.STDOUT,
@@ -187,49 +168,3 @@ class Vm:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
-
-
-class Exited(Exception):
-    """QEMU ended while `launch` waited for its guest."""
-
-
-async def unless_exited(vm: Vm, step: Callable[[], Awaitable[T]]) -> T:
-    """`await step()`, unless QEMU ends first (then `Exited`, at once rather than at the boot
-    timeout). The step's own exception comes out as it is, not in a group."""
-    done: list[T] = []
-    failure: Exception | None = None
-    async with anyio.create_task_group() as tg:
-
-        async def watch() -> None:
-            await vm.wait()
-            tg.cancel_scope.cancel()
-
-        tg.start_soon(watch)
-        try:
-            done.append(await step())
-        except Exception as exc:  # raised below, outside the task group
-            failure = exc
-        finally:
-            tg.cancel_scope.cancel()
-    if failure is not None:
-        raise failure
-    if not done:
-        raise Exited(f"QEMU exited with status {vm.process.returncode}")
-    return done[0]
-
-
-def pin(pid: int, cpus: frozenset[int]) -> None:
-    """Pin every thread of QEMU (`pid`) to `cpus`; threads it starts later inherit it."""
-    os.sched_setaffinity(pid, cpus)
-    with contextlib.suppress(FileNotFoundError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(ProcessLookupError):
-                os.sched_setaffinity(int(tid), cpus)
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:]) + "\n"

@@ -36,7 +36,6 @@ import anyio.abc
 from multikernel.endpoints import Bus
 from multikernel.endpoints.log import get_logger
 from multikernel.protocol import Shutdown
-from multikernel.services._guest_spec import GUEST_PLATFORMS, guest_spec
 from multikernel.services._instances import (
     ACTIVE,
     FAILED,
@@ -187,27 +186,21 @@ class Supervisor:
                 standby.close()
             how = f"standby took over (pid {standby.proc.pid})"
         else:
-            guest = inst.platform in GUEST_PLATFORMS
-            sock = None if guest else self._open_socket(inst.id)
+            sock = self._open_socket(inst.id)
             output, output_w = os.pipe()  # the workload's stdout and stderr, read here
             inst.exited = anyio.Event()
             try:
-                if sock is None:
-                    spec = guest_spec(inst, output_w, self.heartbeat)
-                else:
-                    spec = self.spec(inst, (sock.fileno(),), output=(output, output_w))
+                spec = self.spec(inst, (sock.fileno(),), output=(output, output_w))
                 proc = await self.launch(inst, spec)
             except BaseException:
                 os.close(output)
                 self.states.save(inst)
                 raise
             finally:
-                if sock is not None:
-                    sock.close()  # the agent holds its end now
+                sock.close()  # the agent holds its end now
                 os.close(output_w)
             inst.proc, inst.proc_record = proc, launch_record(self.platform, proc)
-            # The agent holds the read end under the same number (a guest's is the console).
-            inst.output_fd = 0 if guest else output
+            inst.output_fd = output  # the agent holds the read end under the same number
             inst.started_ns = time.monotonic_ns()
             self.states.save(inst)
             self._collect(inst, output, watchers)
@@ -412,9 +405,6 @@ class Supervisor:
     ) -> None:
         """Start a warm standby for the active `inst` and wait until it is ready to take over."""
         if inst.standby is not None or inst.state != ACTIVE or not inst.restart.standby:
-            return
-        if inst.platform in GUEST_PLATFORMS:
-            log.warning("no warm standby on this platform", instance=inst.name, platform="qemu")
             return
         ours, theirs = socket.socketpair()
         sock = self._open_socket(inst.id)

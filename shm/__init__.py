@@ -73,7 +73,6 @@ from multikernel.shm._region import Region as Region
 from multikernel.shm._region import find_orphans as find_orphans
 from multikernel.shm._region import name_prefix as name_prefix
 from multikernel.shm._region import remove_orphans as remove_orphans
-from multikernel.shm._register import RegisterDoorbell as RegisterDoorbell
 from multikernel.shm._ring import RingStatistics as RingStatistics
 from multikernel.shm._ring import format_ring as format_ring
 from multikernel.shm._stream import StreamReader as StreamReader

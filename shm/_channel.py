@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
@@ -293,14 +292,7 @@ class Channel(ObjectStream[bytes]):
 
     @classmethod
     def open_path(
-        cls,
-        path: str | os.PathLike[str],
-        side: int,
-        policy: WaitPolicy | None = None,
-        *,
-        offset: int = 0,
-        size: int | None = None,
-        ring: Callable[[], None] | None = None,
+        cls, path: str | os.PathLike[str], side: int, policy: WaitPolicy | None = None
     ) -> Self:
         """Open one end of a channel laid out in a file, with no doorbells (polling with back-off).
 
@@ -308,63 +300,29 @@ class Channel(ObjectStream[bytes]):
         file must already hold a channel (`format_channel`), e.g. made with `Region.create(size,
         backing="shm")` and `format_channel` by the peer. Only for peers we trust: a file cannot
         be sealed, so whoever can write it can truncate it under us (SIGBUS); `Region.open`
-        refuses a file that users other than us and root could write. With `offset` (and
-        `size`), the channel laid out there (several channels in one file). `ring` is a doorbell
-        that is not an fd (a guest's ivshmem doorbell register, `RegisterDoorbell.ring`): called
-        after each send that finds the reader asleep (`RingWriter.ring_after_publish`).
+        refuses a file that users other than us and root could write.
         """
         if side not in (0, 1):
             raise ValueError(f"a channel has sides 0 and 1, not {side}")
-        region = Region.open(path, size, offset=offset)
-        channel = cls._open(region, side, [None] * 4, None, policy)
-        if ring is not None:
-            channel.writer.ring_after_publish(ring)
-        return channel
+        return cls._open(Region.open(path), side, [None] * 4, None, policy)
 
     @classmethod
-    def open_region(
-        cls,
-        region: Region,
-        side: int,
-        policy: WaitPolicy | None = None,
-        *,
-        offset: int = 0,
-        size: int | None = None,
-        doorbell: int | None = None,
-    ) -> Self:
-        """Open one end of a channel laid out in `region` (at `offset`, `size` bytes: default
-        the rest), with no doorbells (polling), or with `doorbell` for its reader.
+    def open_region(cls, region: Region, side: int, policy: WaitPolicy | None = None) -> Self:
+        """Open one end of a channel laid out in `region`, with no doorbells (polling).
 
         For a region we made and share through something other than a channel handle (a
         memfd QEMU maps as an ivshmem device's memory). The channel maps it again through a
         duplicate of its fd, so `region` stays the caller's to close, before or after.
-        `doorbell`: an fd that turns readable when the peer has published (the eventfd QEMU
-        writes when the guest rings its doorbell register): the reader sleeps on it (a
-        duplicate; the caller keeps its own) instead of polling. No fd of the peer's is ever
-        handed to it this way (the guest holds nothing), so the shared-description concern of
-        an eventfd does not arise; the writer still has no doorbell (the peer polls).
         """
         if side not in (0, 1):
             raise ValueError(f"a channel has sides 0 and 1, not {side}")
-        if size is None:
-            size = region.size - offset
-        if offset < 0 or size <= 0 or offset + size > region.size:
-            raise ValueError(f"{size} bytes at {offset} are not within {region}")
         fd = os.dup(region.fd)
         try:
-            own = Region(fd, size, offset=region.offset + offset)
+            own = Region(fd, region.size)
         except BaseException:
             os.close(fd)
             raise
-        bells: list[Doorbell | None] = [None] * 4
-        if doorbell is not None:
-            try:
-                bell = Doorbell(os.dup(doorbell))
-            except BaseException:
-                own.close()
-                raise
-            bells[2 if side == 0 else 0] = bell  # the data doorbell of the ring we read
-        return cls._open(own, side, bells, None, policy)
+        return cls._open(own, side, [None] * 4, None, policy)
 
     # -- anyio ObjectStream -------------------------------------------------------------------
 

@@ -129,32 +129,17 @@ class Region:
     `from_fd`, which checks it first.
     """
 
-    __slots__ = ("_closed", "_fd", "_mmap", "_owner", "offset", "path", "size")
+    __slots__ = ("_closed", "_fd", "_mmap", "_owner", "path", "size")
 
-    def __init__(
-        self,
-        fd: int,
-        size: int,
-        *,
-        path: Path | None = None,
-        owner: bool = False,
-        offset: int = 0,
-    ):
-        """Map `size` bytes of `fd` from `offset` (a multiple of the page size: one region in
-        part of a larger one, e.g. one of several channels in a guest's ivshmem memory)."""
+    def __init__(self, fd: int, size: int, *, path: Path | None = None, owner: bool = False):
         if size <= 0:
             raise ValueError(f"a region needs a positive size, got {size}")
-        if offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
-            raise ValueError(f"a region starts at a multiple of the page size, not {offset}")
         self._fd = fd
         self.size = size
-        self.offset = offset
         self.path = path
         self._owner = owner
         self._closed = False
-        self._mmap = mmap.mmap(
-            fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=offset
-        )
+        self._mmap = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
 
     @classmethod
     def create(cls, size: int, *, backing: Backing = "memfd") -> Self:
@@ -197,11 +182,8 @@ class Region:
             raise
 
     @classmethod
-    def open(
-        cls, path: str | os.PathLike[str], size: int | None = None, *, offset: int = 0
-    ) -> Self:
-        """Attach to an existing mmap-able file (a /dev/shm file, a DAX file, a PCI BAR...),
-        `size` bytes of it (default: the rest) from `offset`.
+    def open(cls, path: str | os.PathLike[str], size: int | None = None) -> Self:
+        """Attach to an existing mmap-able file (a /dev/shm file, a DAX file, a PCI BAR...).
 
         For peers we trust: a file cannot be sealed, and whoever can write it can truncate it
         and kill us with SIGBUS. A regular file that users other than us and root could write is
@@ -209,10 +191,7 @@ class Region:
         """
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            whole = _check_file(fd, path, None if size is None else offset + size)
-            if size is None:
-                size = whole - offset
-            region = cls(fd, size, offset=offset)
+            region = cls(fd, _check_file(fd, path, size))
         except BaseException:
             os.close(fd)
             raise

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import functools
-import typing
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import anyio.lowlevel
@@ -15,30 +13,6 @@ from multikernel.shm import _layout as L
 from multikernel.shm._errors import FrameTooLargeError, PeerDiedError
 from multikernel.shm._ring import _RingSide
 from multikernel.shm._wait import cancel_pending, cancel_point
-
-
-class _RingingCore:
-    """A writer core whose sends ring `ring()` when they find the reader asleep."""
-
-    def __init__(self, core: WriterCore, ring: Callable[[], None]) -> None:
-        self._inner = core
-        self._ring = ring
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def try_send(self, data: Buffer) -> bool:
-        sent = self._inner.try_send(data)
-        if sent and self._inner.peer_flags() & L.SIDE_SLEEPING:
-            self._ring()
-        return sent
-
-    def try_send_many(self, frames: Sequence[Buffer], start: int = 0) -> int:
-        sent = self._inner.try_send_many(frames, start)
-        if sent and self._inner.peer_flags() & L.SIDE_SLEEPING:
-            self._ring()
-        return sent
-
 
 if TYPE_CHECKING:
     import mmap
@@ -107,13 +81,6 @@ class RingWriter(_RingSide):
             await cancel_point()
         if not self._core.try_send(data):
             await self._await(lambda: self._sent_one(data), self._end_check, len(data))
-
-    def ring_after_publish(self, ring: Callable[[], None]) -> None:
-        """Call `ring()` after every send that finds the reader asleep: a doorbell that is not
-        an fd, such as a guest's ivshmem doorbell register (the host sleeps on the eventfd QEMU
-        writes). The core publishes, fences, then this reads the reader's sleeping flag, so a
-        reader that announced sleep before our publish is always rung."""
-        self._core = typing.cast("WriterCore", _RingingCore(self._core, ring))
 
     async def send_many(self, frames: Sequence[Buffer]) -> None:
         """Send every frame in order, publishing in batches and waiting for room as needed."""

@@ -186,34 +186,16 @@ def grant_options(cpus_help: str) -> Callable[[F], F]:
 @click.command()
 @name_argument
 @grant_options(_CPUS_HELP + " Default with --memory: 1.")
-@click.option(
-    "--platform",
-    type=click.Choice(["local", "qemu"]),
-    default=None,
-    help="What runs it: local (a process tree, the default) or qemu (a Linux kernel of its "
-    "own under QEMU, booted from a guest image: mkctl image build).",
-)
-@click.option(
-    "--interrupts",
-    is_flag=True,
-    help="qemu: the guest rings the host's doorbell after it sends, and the host sleeps on it "
-    "(interrupt mode); without it the host polls the guest.",
-)
 def create(
     name: str,
     cpus: CpuSpec | None,
     memory: int | None,
     queues: tuple[str, ...] | None,
     restart: RestartPolicy | None,
-    platform: str | None,
-    interrupts: bool,
 ) -> int:
     """Create an instance: ready at once when the resource actor grants what it asks."""
     ids, count = _split(cpus)
-    request = CreateInstance(
-        name, ids, count, memory or 0, restart or RestartPolicy(), queues, platform or "",
-        interrupts,
-    )  # fmt: skip
+    request = CreateInstance(name, ids, count, memory or 0, restart or RestartPolicy(), queues)
     return _show_one(_lifecycle("create", request))
 
 

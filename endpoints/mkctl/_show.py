@@ -15,8 +15,8 @@ from multikernel.endpoints.mkctl._output import settings, table, warn
 from multikernel.protocol import InstanceInfo, format_cpu_list, format_restart, format_size
 
 COLUMNS = ("name", "id", "state", "cpus", "memory", "image", "pid", "restart", "last exit")
-WIDE = ("name", "id", "state", "platform", "cpus", "memory", "queues", "image", "signer",
-        "pid", "agent", "restart", "gen", "restarts", "cause", "standby", "fault", "isolation",
+WIDE = ("name", "id", "state", "cpus", "memory", "queues", "image", "signer", "pid", "agent",
+        "restart", "gen", "restarts", "cause", "standby", "fault", "isolation",
         "last exit")  # fmt: skip
 
 

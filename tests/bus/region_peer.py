@@ -7,9 +7,7 @@ ivshmem memory; the process opens side 1 of it and `connect(channel=...)`: no so
 It prints one JSON line per event and exits when its stdin closes.
 
   honest     attach as "liar" (a name says nothing of who it is), print its endpoint id, serve
-             requests from stdin lines: "publish SUBJECT", "call NAME", "own NAME" (serve NAME.echo,
-             which answers its argument + " from the region"), "attach -" (ask for an
-             attachment: another session channel in the region, by offset), and
+             requests from stdin lines: "publish SUBJECT", "call NAME", "own NAME", and
              "forge TOKEN" (a request for a relayed channel it was never given)
   garbage    write one frame of garbage on the session channel after attaching
   early      write garbage where the hub waits for Hello (never attaches)
@@ -67,19 +65,12 @@ async def main(fd: int, size: int, role: str) -> None:
                     say("published", subject=arg)
                 elif verb == "own":
                     svc = ep.service(arg)
-
-                    @svc.method
-                    async def echo(data: bytes) -> bytes:
-                        return data + b" from the region"
-
                     await svc.start()
                     say("owned", name=arg)
                 elif verb == "forge":  # a request for a relayed channel it was never given
                     frame = encode(Kind.REQUEST, b"", subject="echo", correlation=1)
                     await ep._link.to_hub(stamped(frame, int(arg)))
                     say("forged", token=int(arg))
-                elif verb == "attach":  # ARG: ignored
-                    say("attached", offset=await ep.region_attachment())
                 elif verb == "call":
                     say("answer", value=(await ep.request(arg, "echo", b"hi")).decode())
             except MultikernelError as exc:

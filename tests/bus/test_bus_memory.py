@@ -509,9 +509,8 @@ async def test_a_memory_endpoint_has_the_methods_of_an_endpoint() -> None:
         }
 
     real, memory = api(Endpoint), api(MemoryEndpoint)
-    # Nothing to watch in memory, and no process to hand a bus socket (or a channel in a region
-    # shared with another kernel) to.
-    assert set(real) - set(memory) == {"monitor", "attachment", "region_attachment"}
+    # Nothing to watch in memory, and no process to hand a bus socket to.
+    assert set(real) - set(memory) == {"monitor", "attachment"}
     assert {name: memory[name] for name in real if name in memory} == {
         name: sig for name, sig in real.items() if name in memory
     }

@@ -78,8 +78,7 @@ async def test_introspect_shows_signatures_and_schemas(host: Path) -> None:
     assert lines[0].startswith("lifecycle (owner ")
     assert (
         "  create(name: str, cpus: list[int] = [], cpu_count: int = 0, memory: int = 0, "
-        "restart: RestartPolicy = {}, queues: list[str] | None = null, platform: str = \"\", "
-        "interrupts: bool = false) -> InstanceInfo"
+        "restart: RestartPolicy = {}, queues: list[str] | None = null) -> InstanceInfo"
     ) in lines
     assert '  show(name: str = "") -> InstanceList' in lines
     _, out, _ = await mkctl(host, "bus", "introspect", "lifecycle", "-o", "json")

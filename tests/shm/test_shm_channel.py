@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -213,82 +212,6 @@ async def test_channel_over_a_region_we_hold_maps_its_own_copy() -> None:
         assert await b.receive() == b"over the region"
     with Region.create(channel_size(64)) as other, pytest.raises(ValueError):
         Channel.open_region(other, 2)
-
-
-async def test_several_channels_in_one_file_each_at_its_offset(tmp_path: Path) -> None:
-    """A guest's memory holds one session channel per slot: each opened at its offset (a region
-    or a file), the others untouched; an offset off the page grain or past the end is refused."""
-    import mmap
-
-    from multikernel.shm import Region, channel_size, format_channel
-
-    slot = -(-channel_size(4096) // mmap.PAGESIZE) * mmap.PAGESIZE
-    path = tmp_path / "guest-memory"
-    path.write_bytes(bytes(3 * slot))
-    policy = WaitPolicy(spin=0, poll_max=2e-3)
-    with Region.open(path) as memory:
-        for k in (1, 2):
-            with Region(os.dup(memory.fd), slot, offset=k * slot) as part:
-                format_channel(part, 4096)
-        host = [Channel.open_region(memory, 0, policy, offset=k * slot, size=slot) for k in (1, 2)]
-        with pytest.raises(ValueError, match="not within"):
-            Channel.open_region(memory, 0, offset=3 * slot)
-    with pytest.raises(ValueError, match="multiple of the page size"):
-        Region.open(path, slot, offset=slot + 8)
-    guest = [Channel.open_path(path, 1, policy, offset=k * slot) for k in (1, 2)]
-    async with host[0], host[1], guest[0], guest[1]:
-        await host[1].send(b"to slot 2")
-        await host[0].send(b"to slot 1")
-        assert [await guest[0].receive(), await guest[1].receive()] == [b"to slot 1", b"to slot 2"]
-    assert path.read_bytes()[:slot] == bytes(slot)  # slot 0 was never written
-
-
-async def test_a_reader_sleeps_on_a_doorbell_the_peer_rings_through_a_register(
-    tmp_path: Path,
-) -> None:
-    """Interrupt mode's half that needs nothing from a guest kernel: the host's reader sleeps on
-    an eventfd (QEMU's, here our own) and the writer, which has no fd to ring, stores to a
-    register (a file standing in for the guest's BAR 0) after each send that finds the reader
-    asleep; the "device" turns the store into an eventfd write, as QEMU does."""
-    from multikernel.shm import Region, RegisterDoorbell, channel_size, format_channel
-
-    registers = tmp_path / "resource0"
-    registers.write_bytes(bytes(256))
-    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    region = Region.create(channel_size(4096))
-    format_channel(region, 4096)
-    host = Channel.open_region(region, 0, WaitPolicy(spin=0), doorbell=efd)
-    guest = Channel.open_region(region, 1, WaitPolicy(spin=0, poll_max=2e-3))
-    register = RegisterDoorbell.parse(f"{registers}@12=5")
-
-    def ring() -> None:
-        register.ring()
-        assert registers.read_bytes()[12:16] == (5).to_bytes(4, "little")
-        os.eventfd_write(efd, 1)  # what QEMU does when the guest stores to its register
-
-    guest.writer.ring_after_publish(ring)
-    region.close()
-    try:
-        async with host, guest:
-            for n in range(3):
-                async with anyio.create_task_group() as tg:
-
-                    async def send_once_asleep(n: int = n) -> None:
-                        await anyio.wait_all_tasks_blocked()  # the reader sleeps on the eventfd
-                        await guest.send(f"frame {n}".encode())
-
-                    tg.start_soon(send_once_asleep)
-                    assert await host.receive() == f"frame {n}".encode()
-            assert register.rings == 3  # the host slept each time, and was rung each time
-            assert host.statistics().received.waits == 3
-            await guest.send(b"awake")  # a reader that does not sleep is not rung
-            assert await host.receive() == b"awake"
-            assert register.rings == 3
-    finally:
-        register.close()
-        os.close(efd)
-    with pytest.raises(ValueError, match="PATH@OFFSET=VALUE"):
-        RegisterDoorbell.parse(str(registers))
 
 
 async def test_maximum_payload_is_half_the_capacity(pair: tuple[Channel, Channel]) -> None:
