@@ -213,11 +213,6 @@ class WaitSet:
             return self.fileno, -1
         return -1, -1 if self._liveness is None else self._liveness
 
-    @property
-    def on_loop(self) -> bool:
-        """The fds are registered with the running asyncio loop: the doorbell is drained there."""
-        return self._loop is not None and self._loop is running_loop()
-
     def wake(self) -> None:
         """Wake whoever sleeps here, from this process: never through the peer's pipe end."""
         if self._closed:
@@ -248,18 +243,15 @@ class WaitSet:
                 os.eventfd_read(self._own)
 
     async def wait(self) -> None:
-        """Sleep until the doorbell rings or the peer goes, without a thread (any event loop)."""
-        loop = running_loop()
-        if loop is None:  # trio, or another loop anyio runs on
-            await anyio.wait_readable(self.fileno)
-            return
-        await self.sleep(loop)
+        """Sleep until the doorbell rings or the peer goes, under trio or another loop that is
+        not asyncio (under asyncio a side sleeps with `sleep`, on the loop's own registration)."""
+        await anyio.wait_readable(self.fileno)
 
     def sleep(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
         """Under the running asyncio `loop`: a future that completes when the doorbell rings,
         the peer goes or `wake` is called (done at once if the peer is known to be gone), and
         fails with ClosedResourceError if the wait set is closed. Only the loop's callbacks
-        drain the doorbell then (`on_loop`).
+        drain the doorbell then.
         """
         if self._closed:
             raise anyio.ClosedResourceError

@@ -251,7 +251,7 @@ class _RingSide:
             return
         self._waits += 1
         waitset = self._waitset
-        if waitset is None or waitset.on_loop:  # no doorbell, or the loop's callback drains it
+        if waitset is None:
             self._core.unannounce()
         else:
             self._core.woken(waitset.bell.fd)  # clears our flag, drains the doorbell
